@@ -1,0 +1,47 @@
+"""moe_experts: one MoE experts block (grouped expert GEMMs + split LoRA), any backend."""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import Activation, get_activation
+from .backends import get_backend, select_backend
+from .lora import ExpertLoRA
+from .routing import plan_routing
+from .validation import check_inputs
+
+__all__ = ["moe_experts"]
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    lora: ExpertLoRA | None = None,
+    activation: str | Activation = "swiglu",
+    interleaved: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
+
+    x [T, H]; topk_ids, topk_weights [T, k]; gate_up [E, 2I, H]; down [E, H, I]
+    (gpt-oss stores gate_up as [E, H, 2I]: pass `.transpose(1, 2)`, a view, and interleaved=True).
+    Biases [E, 2I] and [E, H]. `lora` adds split LoRA on either or both projections; its
+    factors may be kept in a wider dtype than x (they are cast for the compute, their
+    gradients come back in their own dtype).
+
+    Gradients flow to x, topk_weights and the LoRA factors; base weights must be frozen.
+    Returns [T, H] in x's dtype.
+    """
+    check_inputs(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, lora, interleaved)
+    act = get_activation(activation)
+    name = select_backend(x.device, x.dtype, backend=backend)
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    plan = plan_routing(topk_ids, gate_up.shape[0])
+    return get_backend(name).run(x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved)

@@ -1,0 +1,115 @@
+"""Backend registry and selection.
+
+A backend is a function (x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias,
+lora, act, interleaved) -> out [T, H], plus an availability check for a device and dtype.
+
+Order of precedence: the `backend=` argument, then MOETUNE_MOE_BACKEND, then automatic:
+the first backend in PREFERENCE that is usable for the device and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import grouped_mm as _grouped_mm
+from .native import native_experts
+
+__all__ = ["Backend", "BACKENDS", "KNOWN_BACKENDS", "ENV_VAR", "available_backends", "select_backend", "get_backend"]
+
+ENV_VAR = "MOETUNE_MOE_BACKEND"
+
+# Every name a user may ask for. "triton" (moetune's fused kernels) is known but not yet
+# registered: asking for it gives a clear error until its issue lands.
+KNOWN_BACKENDS = ("native", "grouped_mm", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable[..., torch.Tensor]
+    unavailable_reason: Callable[[torch.device, torch.dtype], str | None]
+
+
+def _native_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def _grouped_mm_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return _grouped_mm.probe(device.type, device.index, dtype)
+
+
+BACKENDS: dict[str, Backend] = {
+    "grouped_mm": Backend("grouped_mm", _grouped_mm.grouped_mm_experts, _grouped_mm_reason),
+    "native": Backend("native", native_experts, _native_reason),
+}
+
+# Fastest first. grouped_mm runs each projection as one grouped GEMM over all experts;
+# native launches 4-8 small GEMMs per expert and syncs once for the row counts.
+PREFERENCE = ("grouped_mm", "native")
+
+
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if name not in BACKENDS:
+        return f"the {name} backend is not part of this moetune version yet"
+    return BACKENDS[name].unavailable_reason(device, dtype)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def available_backends(device=None, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Backends usable for `device` (default: the current GPU, else CPU) and `dtype`, fastest first."""
+    device = _resolve_device(device)
+    return [name for name in PREFERENCE if _unavailable(name, device, dtype) is None]
+
+
+def _check_name(name, source: str) -> str:
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"{source}: expected one of {', '.join(KNOWN_BACKENDS)}, got {name!r}")
+    return name
+
+
+def select_backend(
+    device=None, dtype: torch.dtype = torch.bfloat16, *, backend: str | None = None, explain: bool = False
+) -> str | tuple[str, str]:
+    """The backend moe_experts will use; with explain=True, (name, why).
+
+    backend= wins, then the MOETUNE_MOE_BACKEND environment variable, then the fastest usable one.
+    A forced backend that cannot run here raises ValueError with the reason.
+    """
+    device = _resolve_device(device)
+    forced, source = backend, "backend"
+    if forced is None and os.environ.get(ENV_VAR):
+        forced, source = os.environ[ENV_VAR].strip(), ENV_VAR
+    if forced is not None:
+        _check_name(forced, source)
+        reason = _unavailable(forced, device, dtype)
+        if reason is not None:
+            raise ValueError(f"{source}: {forced!r} cannot run on {device} with {dtype}: {reason}")
+        why = f"forced by {'the backend argument' if source == 'backend' else f'{ENV_VAR}={forced}'}"
+        return (forced, why) if explain else forced
+
+    skipped = []
+    for name in PREFERENCE:
+        reason = _unavailable(name, device, dtype)
+        if reason is None:
+            why = f"fastest usable backend on {device} for {dtype}"
+            if skipped:
+                why += " (" + "; ".join(skipped) + ")"
+            return (name, why) if explain else name
+        skipped.append(f"{name}: {reason}")
+    raise AssertionError("the native backend is always usable")
+
+
+def get_backend(name: str) -> Backend:
+    return BACKENDS[name]

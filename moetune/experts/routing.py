@@ -1,0 +1,88 @@
+"""Dispatch: top-k expert ids -> rows sorted by expert.
+
+Shape legend (used across experts/ and kernels/):
+  T tokens, K experts per token (top-k), E experts, H hidden, I expert width, R LoRA rank,
+  S = T * K routed rows (one per (token, slot) pair).
+
+A RoutingPlan is computed once per MoE layer call and read by every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RoutingPlan", "plan_routing"]
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Expert-sorted order of the S = T*K (token, slot) pairs.
+
+    perm_S:        sorted row -> flat pair index (t * K + j)            int64 [S]
+    inv_perm_S:    flat pair index -> sorted row                          int64 [S]
+    token_S:       sorted row -> token t                                  int64 [S]
+    expert_S:      sorted row -> expert e                                 int64 [S]
+    counts_E:      rows per expert                                        int64 [E]
+    offsets_E:     cumulative row counts (end of each group), the form
+                   torch._grouped_mm takes                                int32 [E]
+    """
+
+    perm_S: torch.Tensor
+    inv_perm_S: torch.Tensor
+    token_S: torch.Tensor
+    expert_S: torch.Tensor
+    counts_E: torch.Tensor
+    offsets_E: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return self.perm_S.numel()
+
+    def gather_rows(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> x[token(i)] for each sorted row i: [S, H]."""
+        return x_TH.index_select(0, self.token_S)
+
+    def sum_rows(self, y_SH: torch.Tensor, weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token (optionally weighted) sum of the K sorted rows of each token: [S, H] -> [T, H].
+
+        Deterministic (no atomics): the rows are put back in (token, slot) order, then reduced
+        with one batched product that accumulates in fp32 inside the GEMM.
+        """
+        y_TKH = y_SH.index_select(0, self.inv_perm_S).view(self.num_tokens, self.top_k, -1)
+        if weights_TK is None:
+            return y_TKH.sum(dim=1)
+        w_T1K = weights_TK.to(y_SH.dtype).view(self.num_tokens, 1, self.top_k)
+        return torch.bmm(w_T1K, y_TKH).view(self.num_tokens, -1)
+
+    def scatter_pairs(self, values_S: torch.Tensor) -> torch.Tensor:
+        """Per sorted row values [S] -> [T, K] in (token, slot) order."""
+        return values_S.index_select(0, self.inv_perm_S).view(self.num_tokens, self.top_k)
+
+
+def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """Sort the T*K pairs by expert (stable, so rows of one expert keep token order)."""
+    num_tokens, top_k = topk_ids_TK.shape
+    flat_ids = topk_ids_TK.reshape(-1).long()
+    expert_S, perm_S = torch.sort(flat_ids, stable=True)
+    inv_perm_S = torch.empty_like(perm_S)
+    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
+    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    return RoutingPlan(
+        perm_S=perm_S,
+        inv_perm_S=inv_perm_S,
+        token_S=perm_S // top_k,
+        expert_S=expert_S,
+        counts_E=counts_E,
+        offsets_E=offsets_E,
+        num_tokens=num_tokens,
+        top_k=top_k,
+    )
