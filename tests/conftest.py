@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+# Nothing in the suite may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Tests choose backends explicitly; a value left in the developer's shell must not leak in.
+os.environ.pop("MOETUNE_MOE_BACKEND", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

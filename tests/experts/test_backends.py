@@ -1,0 +1,51 @@
+"""Backend registry: availability, automatic choice, forcing by argument or environment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune.experts import available_backends, moe_experts, select_backend
+from moetune.experts.backends import grouped_mm as grouped_mm_backend
+
+
+def test_cpu_backends_fastest_first():
+    assert available_backends("cpu", torch.float32) == ["grouped_mm", "native"]
+    # grouped_mm has no float64 kernel: only the loop can run it.
+    assert available_backends("cpu", torch.float64) == ["native"]
+
+
+def test_automatic_choice_explains_itself():
+    name, why = select_backend("cpu", torch.float64, explain=True)
+    assert name == "native"
+    assert "grouped_mm" in why and "float64" in why.lower()
+    assert select_backend("cpu", torch.float32) == "grouped_mm"
+
+
+def test_environment_forces_backend(monkeypatch):
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", "native")
+    name, why = select_backend("cpu", torch.float32, explain=True)
+    assert name == "native" and "MOETUNE_MOE_BACKEND=native" in why
+    # The argument wins over the environment.
+    assert select_backend("cpu", torch.float32, backend="grouped_mm") == "grouped_mm"
+
+
+def test_environment_backend_that_cannot_run(monkeypatch):
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", "grouped_mm")
+    with pytest.raises(ValueError, match="MOETUNE_MOE_BACKEND: 'grouped_mm' cannot run on cpu with torch.float64"):
+        select_backend("cpu", torch.float64)
+
+
+def test_environment_reaches_moe_experts(monkeypatch):
+    """MOETUNE_MOE_BACKEND is honoured by moe_experts itself, not only by select_backend."""
+    calls = []
+    real = grouped_mm_backend.GroupedExpertsFunction.apply
+    monkeypatch.setattr(grouped_mm_backend.GroupedExpertsFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    x, ids, w = torch.randn(3, 16), torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
+    W1, W2 = torch.randn(4, 16, 16), torch.randn(4, 16, 8)
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", "native")
+    moe_experts(x, ids, w, W1, W2)
+    assert calls == []
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", "grouped_mm")
+    moe_experts(x, ids, w, W1, W2)
+    assert calls == [1]
