@@ -1,0 +1,241 @@
+"""Shared benchmark harness: real MoE shapes, the transformers+PEFT baseline, timing, memory, JSON rows.
+
+The baseline is what a user gets today: the model's own transformers v5 experts module with
+`config._experts_implementation = "grouped_mm"`, wrapped by PEFT LoRA through
+`target_parameters` (the delta `B @ A` is formed for every expert on each forward).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+import moetune
+from moetune.experts import ExpertLoRA
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """One experts block of a real model (dimensions from its published config)."""
+
+    name: str
+    model_type: str
+    config_class: str
+    config_kwargs: dict
+    experts_class: str
+    E: int
+    k: int
+    H: int
+    I: int
+    activation: str = "swiglu"
+    interleaved: bool = False
+    transposed: bool = False  # gate_up stored [E, H, 2I] (gpt-oss)
+    bias: bool = False
+
+
+SHAPES = {
+    "qwen3-30b-a3b": MoEShape(
+        "qwen3-30b-a3b", "qwen3_moe", "Qwen3MoeConfig",
+        dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+        "Qwen3MoeExperts", E=128, k=8, H=2048, I=768,
+    ),
+    "gpt-oss-20b": MoEShape(
+        "gpt-oss-20b", "gpt_oss", "GptOssConfig",
+        dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4),
+        "GptOssExperts", E=32, k=4, H=2880, I=2880,
+        activation="gpt_oss", interleaved=True, transposed=True, bias=True,
+    ),
+    "glm-4.7-flash": MoEShape(
+        "glm-4.7-flash", "glm4_moe_lite", "Glm4MoeLiteConfig",
+        dict(hidden_size=2048, moe_intermediate_size=1536, n_routed_experts=64, num_experts_per_tok=4),
+        "Glm4MoeLiteExperts", E=64, k=4, H=2048, I=1536,
+    ),
+}
+
+TINY = MoEShape(
+    "tiny-qwen3", "qwen3_moe", "Qwen3MoeConfig",
+    dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2),
+    "Qwen3MoeExperts", E=8, k=2, H=64, I=32,
+)
+
+
+def base_gemm_flops(shape: MoEShape, tokens: int) -> float:
+    """Forward + input-gradient GEMMs of the frozen base: 2 * (2I*H + H*I) per row, each twice."""
+    return 4.0 * tokens * shape.k * 3 * shape.H * shape.I
+
+
+# --- the baseline: transformers experts + PEFT target_parameters ------------------------------------
+
+
+def make_experts_module(shape: MoEShape, dtype, device, implementation: str = "grouped_mm") -> nn.Module:
+    """The model's own experts module from transformers, random weights, frozen."""
+    models = importlib.import_module(f"transformers.models.{shape.model_type}")
+    config = getattr(models, shape.config_class)(**shape.config_kwargs)
+    config._experts_implementation = implementation
+    modeling = importlib.import_module(f"transformers.models.{shape.model_type}.modeling_{shape.model_type}")
+    with torch.device(device):
+        experts = getattr(modeling, shape.experts_class)(config).to(dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name, p in experts.named_parameters():
+        fan_in = p.shape[-1] if not (shape.transposed and p.dim() == 3) else p.shape[-2]
+        scale = 0.5 if "bias" in name else fan_in**-0.5
+        p.data.copy_((torch.randn(p.shape, generator=gen) * scale).to(dtype))
+        p.requires_grad_(False)
+    return experts
+
+
+class _Holder(nn.Module):
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+
+
+def add_peft_lora(experts: nn.Module, rank: int, alpha: float, seed: int = 0) -> tuple[nn.Module, list[nn.Parameter]]:
+    """PEFT LoRA on gate_up_proj and down_proj via target_parameters; B made non-zero so LoRA matters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    holder = inject_adapter_in_model(config, _Holder(experts))
+    params = [p for n, p in holder.named_parameters() if "lora_" in n]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for n, p in holder.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
+    return holder.experts, params
+
+
+def peft_lora_to_expert_lora(peft_experts: nn.Module, shape: MoEShape) -> ExpertLoRA:
+    """Read PEFT's target_parameters factors into moetune's layout (shares no storage with PEFT).
+
+    PEFT: lora_A.weight [r*E, in] expert-major (row e*r + j); lora_B.weight [out, r*E] rank-major
+    (column j*E + e). moetune: A [E, r, in], B [E, out, r].
+    """
+    factors = {}
+    module = peft_experts
+    while hasattr(module, "parameter_name"):  # nested ParamWrappers, one per targeted parameter
+        A = module.lora_A["default"].weight
+        B = module.lora_B["default"].weight
+        E = shape.E
+        rank = A.shape[0] // E
+        factors[module.parameter_name] = (
+            A.detach().reshape(E, rank, A.shape[1]).clone().requires_grad_(),
+            B.detach().reshape(B.shape[0], rank, E).permute(2, 0, 1).contiguous().requires_grad_(),
+            module.scaling["default"],
+        )
+        module = module.base_layer
+    A1, B1, s = factors["gate_up_proj"]
+    A2, B2, _ = factors["down_proj"]
+    return ExpertLoRA(A1, B1, A2, B2, scaling=s)
+
+
+def base_weights(experts: nn.Module, shape: MoEShape):
+    """(gate_up [E, 2I, H] view, down [E, H, I] view, biases) of a transformers experts module."""
+    module = experts
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if shape.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    b1 = getattr(module, "gate_up_proj_bias", None)
+    b2 = getattr(module, "down_proj_bias", None)
+    return gate_up, down, b1, b2
+
+
+def make_routing(shape: MoEShape, tokens: int, device, dtype, seed: int = 0):
+    """Random router logits -> softmax -> top-k -> renormalise: balanced on average, like a random router."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(tokens, shape.E, generator=gen)
+    weights, ids = logits.softmax(-1).topk(shape.k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return ids.to(device), weights.to(device=device, dtype=dtype)
+
+
+# --- timing and memory ---------------------------------------------------------------------------------
+
+
+def measure(step, device, warmup: int, repeat: int) -> dict:
+    """Median / p20 / p80 milliseconds of `step()` and its peak memory above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    result = {
+        "ms": statistics.median(times),
+        "ms_p20": times[int(0.2 * (len(times) - 1))],
+        "ms_p80": times[int(0.8 * (len(times) - 1))],
+    }
+    if device.type == "cuda":
+        result["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+    return result
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "moetune": moetune.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        env["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return env
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def shape_dict(shape: MoEShape) -> dict:
+    d = asdict(shape)
+    d.pop("config_kwargs")
+    return d

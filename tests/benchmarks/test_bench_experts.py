@@ -1,0 +1,32 @@
+"""The experts benchmark runs end to end, and its providers compute the same function.
+
+At toy sizes of each benchmarked architecture, in fp32, moetune (reading the LoRA factors
+PEFT created) must agree with transformers' grouped_mm experts + PEFT target_parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_experts.py"
+
+
+def test_tiny_run_agrees_with_transformers_peft(tmp_path):
+    out = tmp_path / "experts.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--dtype", "float32", "--tokens", "64", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["checks"]) == {"tiny-qwen3-30b-a3b", "tiny-gpt-oss-20b", "tiny-glm-4.7-flash"}
+    for shape, errors in result["checks"].items():
+        assert set(errors) >= {"grouped_mm", "native"}
+        for backend, err in errors.items():
+            assert err["out"] < 1e-5 and err["dx"] < 1e-5, (shape, backend, err)
+    providers = {(row["shape"], row["provider"]) for row in result["rows"] if "ms" in row}
+    assert ("tiny-qwen3-30b-a3b", "baseline") in providers and ("tiny-gpt-oss-20b", "grouped_mm") in providers
+    assert result["environment"]["torch"]

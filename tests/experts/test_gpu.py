@@ -1,0 +1,38 @@
+"""The same float64-reference checks on a CUDA GPU, plus wider real-ish shapes (bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune.experts import available_backends
+
+from .cases import Case
+from .test_moe_experts import CASES, check_against_reference
+
+pytestmark = pytest.mark.gpu
+
+WIDE = {
+    # every tile dimension several tiles wide, T not a multiple of 64 or 128
+    "wide": Case(E=16, k=4, H=512, I=256, r=16, T=1000),
+    "wide_gpt_oss": Case(E=8, k=4, H=384, I=384, r=16, T=777, activation="gpt_oss", interleaved=True, bias=True),
+    "wide_skewed": Case(E=32, k=4, H=256, I=128, r=8, T=513, routing="half"),
+}
+
+
+def _cuda_backends(dtype):
+    return available_backends("cuda", dtype) if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("case_id", [*CASES, *WIDE])
+@pytest.mark.parametrize("backend", _cuda_backends(torch.bfloat16))
+def test_bf16_matches_float64_reference_on_gpu(case_id, backend):
+    case = CASES.get(case_id) or WIDE[case_id]
+    check_against_reference(case, torch.bfloat16, backend, device="cuda")
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+@pytest.mark.parametrize("backend", _cuda_backends(torch.float32))
+def test_fp32_matches_float64_reference_on_gpu(case_id, backend):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_against_reference(CASES[case_id], torch.float32, backend, device="cuda")
