@@ -99,6 +99,31 @@ def bench(run, shape, tokens, provider, args, device) -> dict:
     return result
 
 
+def profile(args, device) -> int:
+    """Print the kernels of one (shape, tokens, provider) forward+backward, most GPU time first."""
+    name, tokens, provider = args.profile[0], int(args.profile[1]), args.profile[2]
+    shape = tiny(SHAPES[name]) if args.tiny else SHAPES[name]
+    run = build(shape, args, device)
+    x, ids, w, grad_out = inputs(shape, tokens, device, getattr(torch, args.dtype))
+
+    def step():
+        out, params = run(provider, x, ids, w)
+        torch.autograd.grad(out, [x, w, *params], grad_out)
+
+    for _ in range(args.warmup):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"# {shape.name} {tokens} tokens, {provider}: 5 steps")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -110,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="toy sizes of each architecture, for a CPU smoke run")
+    parser.add_argument("--profile", nargs=3, metavar=("SHAPE", "TOKENS", "PROVIDER"), default=None,
+                        help="instead of the table: the kernels of one case, by GPU time (torch.profiler)")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/experts-<device>.json)")
     args = parser.parse_args(argv)
 
@@ -118,6 +145,8 @@ def main(argv=None) -> int:
     if args.tiny:
         args.tokens, args.repeat, args.warmup = [t for t in args.tokens if t <= 512] or [64, 256], 3, 1
     providers = args.providers or ["baseline", *available_backends(device, dtype)]
+    if args.profile:
+        return profile(args, device)
     env = harness.environment()
     rows, checks = [], {}
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}")

@@ -60,7 +60,10 @@ def _clear_of_kinks(problem, limit: float, margin: float, interleaved: bool) -> 
     if kwargs["gate_up_bias"] is not None:
         gu = gu + kwargs["gate_up_bias"].double()[ids]
     gate, up = split_gate_up(gu, interleaved)  # kinks: gate at +limit, up at -limit and +limit
-    return bool(((gate - limit).abs() > margin).all() and ((up.abs() - limit).abs() > margin).all())
+    near = torch.cat([((gate - limit).abs() <= margin).flatten(), ((up.abs() - limit).abs() <= margin).flatten()])
+    # Small problems: not one value near a kink (one flip moves a 100-value norm by percents).
+    # Wide problems always have a few; up to 1 in 10^4 shifts the norm by far less than bf16 noise.
+    return bool(near.float().mean() <= 1e-4)
 
 
 def _make_problem(case: Case, dtype, device, seed, lora_dtype, weights_dtype):

@@ -1,0 +1,47 @@
+"""The moetune command through its real entry point (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def moetune(*args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "moetune.cli", *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+def test_info_lists_versions_backends_and_choice():
+    proc = moetune("info", "--device", "cpu", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    for word in ("moetune", "torch", "transformers", "peft", "backends", "grouped_mm", "native", "selected"):
+        assert word in proc.stdout
+    assert "selected      grouped_mm: fastest usable backend" in proc.stdout
+
+
+def test_info_honours_environment_variable():
+    proc = moetune("info", "--device", "cpu", env={"MOETUNE_MOE_BACKEND": "native"})
+    assert proc.returncode == 0, proc.stderr
+    assert "selected      native: forced by MOETUNE_MOE_BACKEND=native" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("info",), {"MOETUNE_MOE_BACKEND": "fastest"}, "MOETUNE_MOE_BACKEND: expected one of native, grouped_mm, triton"),
+        (("info", "--device", "potato"), {}, "--device: expected cpu, cuda or cuda:N"),
+        (("info", "--dtype", "int8"), {}, "--dtype"),
+        (("no-such-command",), {}, "invalid choice"),
+    ],
+)
+def test_bad_input_exit_2_one_line_no_traceback(args, env, message):
+    proc = moetune(*args, env=env)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
