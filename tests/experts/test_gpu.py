@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetune.experts import available_backends
+from moetune.experts import GptOssGLU, available_backends
 
 from .cases import Case
 from .test_moe_experts import CASES, check_against_reference
@@ -15,7 +15,11 @@ pytestmark = pytest.mark.gpu
 WIDE = {
     # every tile dimension several tiles wide, T not a multiple of 64 or 128
     "wide": Case(E=16, k=4, H=512, I=256, r=16, T=1000),
-    "wide_gpt_oss": Case(E=8, k=4, H=384, I=384, r=16, T=777, activation="gpt_oss", interleaved=True, bias=True),
+    # limit 10: with 2.4M pre-activations some always sit within bf16 noise of 7.0 (the kinks are
+    # covered by the small tight-clamp case); here the point is width
+    "wide_gpt_oss": Case(
+        E=8, k=4, H=384, I=384, r=16, T=777, activation=GptOssGLU(limit=10.0), interleaved=True, bias=True
+    ),
     "wide_skewed": Case(E=32, k=4, H=256, I=128, r=8, T=513, routing="half"),
 }
 
