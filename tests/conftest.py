@@ -6,6 +6,9 @@ import torch
 # Nothing in the suite may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Without a GPU the Triton kernels run in Triton's interpreter (must be set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests choose backends explicitly; a value left in the developer's shell must not leak in.
 os.environ.pop("MOETUNE_MOE_BACKEND", None)
 

@@ -7,12 +7,23 @@ import torch
 
 from moetune.experts import available_backends, moe_experts, select_backend
 from moetune.experts.backends import grouped_mm as grouped_mm_backend
+from moetune.experts.backends import triton as triton_backend
 
 
 def test_cpu_backends_fastest_first():
-    assert available_backends("cpu", torch.float32) == ["grouped_mm", "native"]
-    # grouped_mm has no float64 kernel: only the loop can run it.
+    # conftest sets TRITON_INTERPRET=1 without a GPU: the kernels run (slowly) for tests.
+    assert available_backends("cpu", torch.float32) == ["grouped_mm", "native", "triton"]
+    # the interpreter is unreliable in bf16; grouped_mm has no float64 kernel.
+    assert available_backends("cpu", torch.bfloat16) == ["grouped_mm", "native"]
     assert available_backends("cpu", torch.float64) == ["native"]
+
+
+def test_triton_never_chosen_on_cpu_and_says_why_it_cannot_run(monkeypatch):
+    assert select_backend("cpu", torch.float32) == "grouped_mm"
+    with pytest.raises(ValueError, match="backend: 'triton' cannot run on cpu with torch.bfloat16: the Triton interpreter"):
+        select_backend("cpu", torch.bfloat16, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in triton_backend.probe.__wrapped__("cpu", None, torch.float32)
 
 
 def test_automatic_choice_explains_itself():

@@ -19,7 +19,7 @@ BASE_SEED = int(os.environ.get("MOETUNE_TEST_SEED", random.randrange(2**31)))
 # Relative error (Frobenius) allowed against float64, per compute dtype. bf16 rounds every
 # intermediate (gu, h, y, out) to 8 bits of mantissa: over 150 draws of each small case below
 # the median error was 0.7e-2 and the worst 1.7e-2 (grouped_mm and native alike).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 CASES = {
     "typical": Case(E=8, k=2, H=32, I=24, r=8, T=33),  # T not a multiple of any tile

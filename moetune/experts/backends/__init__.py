@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from . import grouped_mm as _grouped_mm
+from . import triton as _triton
 from .native import native_experts
 
 __all__ = ["Backend", "BACKENDS", "KNOWN_BACKENDS", "ENV_VAR", "available_backends", "select_backend", "get_backend"]
 
 ENV_VAR = "MOETUNE_MOE_BACKEND"
 
-# Every name a user may ask for. "triton" (moetune's fused kernels) is known but not yet
-# registered: asking for it gives a clear error until its issue lands.
+# Every name a user may ask for.
 KNOWN_BACKENDS = ("native", "grouped_mm", "triton")
 
 
@@ -42,14 +42,27 @@ def _grouped_mm_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return _grouped_mm.probe(device.type, device.index, dtype)
 
 
+def _triton_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return _triton.probe(device.type, device.index, dtype)
+
+
 BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", _triton.triton_experts, _triton_reason),
     "grouped_mm": Backend("grouped_mm", _grouped_mm.grouped_mm_experts, _grouped_mm_reason),
     "native": Backend("native", native_experts, _native_reason),
 }
 
-# Fastest first. grouped_mm runs each projection as one grouped GEMM over all experts;
-# native launches 4-8 small GEMMs per expert and syncs once for the row counts.
-PREFERENCE = ("grouped_mm", "native")
+# Fastest first, per device type. grouped_mm runs each projection as one grouped GEMM over all
+# experts; native launches 4-8 small GEMMs per expert and syncs once for the row counts. On CPU,
+# triton exists only as Triton's interpreter (for tests): usable when forced, never chosen.
+PREFERENCE = {
+    "cuda": ("triton", "grouped_mm", "native"),
+    "cpu": ("grouped_mm", "native", "triton"),
+}
+
+
+def _preference(device: torch.device) -> tuple[str, ...]:
+    return PREFERENCE.get(device.type, ("native",))
 
 
 def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -73,7 +86,7 @@ def _resolve_device(device) -> torch.device:
 def available_backends(device=None, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """Backends usable for `device` (default: the current GPU, else CPU) and `dtype`, fastest first."""
     device = _resolve_device(device)
-    return [name for name in PREFERENCE if _unavailable(name, device, dtype) is None]
+    return [name for name in _preference(device) if _unavailable(name, device, dtype) is None]
 
 
 def _check_name(name, source: str) -> str:
@@ -103,7 +116,9 @@ def select_backend(
         return (forced, why) if explain else forced
 
     skipped = []
-    for name in PREFERENCE:
+    for name in _preference(device):
+        if device.type == "cpu" and name == "triton":
+            continue
         reason = _unavailable(name, device, dtype)
         if reason is None:
             why = f"fastest usable backend on {device} for {dtype}"

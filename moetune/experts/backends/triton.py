@@ -1,0 +1,162 @@
+"""`triton`: moetune's fused kernels (moetune/kernels) behind one autograd Function.
+
+Shape legend: T tokens, K top-k, E experts, H hidden, I expert width, R rank, S = T*K rows.
+
+Forward (4 launches + a sum over k):
+    su1    = s * x[token] A1^T                      gather fused into the loads          [S, R]
+    gu, h  = x[token] W1^T + su1 B1^T (+ b1); act    LoRA, bias, activation in epilogue   [S, 2I], [S, I]
+    su2    = s * h A2^T                                                                   [S, R]
+    y_pair = w * (h W2^T + su2 B2^T (+ b2))          rows stored in (token, slot) order    [S, H]
+    out    = y_pair.view(T, K, H).sum(1)             deterministic, no atomics
+
+Saved: gu [S, 2I], su1, su2 [S, R] (as the grouped_mm backend). h is never stored for
+backward; the down-projection backward recomputes it in its epilogue from gu.
+
+Backward:
+    sv2         = s * d_out[token] B2                                                     [S, R]
+    d_gu, dots  = act'(gu) * w * (d_out[token] W2 + sv2 A2); dots = <act(gu), g>          fused epilogue
+    dB2, dA2    = K-grouped sums (d_out[token] x w*su2), (sv2 x w*act(gu))                 gather / act on load
+    sv1         = s * d_gu B1
+    dx_pair     = d_gu W1 + sv1 A1                    rows stored in (token, slot) order
+    dx          = dx_pair.view(T, K, H).sum(1)
+    dB1, dA1    = (d_gu x su1), (sv1 x x[token])
+No base-weight gradient is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..activations import Activation
+from ..lora import ExpertLoRA
+from ..routing import RoutingPlan
+
+
+@functools.lru_cache(maxsize=None)
+def probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> str | None:
+    """None if the Triton kernels can run on this device and dtype, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton; Linux only)"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cpu":
+        if not interpreted:
+            return "Triton runs on CPU only through its interpreter (TRITON_INTERPRET=1), meant for tests"
+        if dtype not in (torch.float32, torch.float16):
+            return f"the Triton interpreter is unreliable for {dtype}; use float32 or float16"
+        return None
+    if device_type != "cuda":
+        return f"no Triton kernels for {device_type}"
+    device = torch.device(device_type, device_index)
+    if torch.cuda.get_device_capability(device) < (7, 5):
+        return "moetune's Triton kernels need a GPU of compute capability 7.5 (T4) or newer"
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return "bfloat16 needs compute capability 8.0 or newer; use float16 on this GPU"
+    return None
+
+
+class TritonExpertsFunction(torch.autograd.Function):
+    """One MoE experts block with split LoRA on the fused Triton kernels. See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act, interleaved):
+        from ...kernels import act_code, grouped_gemm
+
+        dtype = x.dtype
+        ctx.factor_dtypes = tuple(None if f is None else f.dtype for f in (A1, B1, A2, B2))
+        A1, B1, A2, B2 = (None if f is None else f.to(dtype) for f in (A1, B1, A2, B2))
+        code = act_code(act)
+        S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
+        common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+        w_S = topk_weights.reshape(-1).index_select(0, plan.perm_S).to(dtype)
+
+        su1 = None
+        if A1 is not None:
+            su1 = grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=scaling, **common)
+        h, gu = grouped_gemm(
+            x, gate_up.transpose(1, 2), a_index=plan.token_S,
+            lora_u=su1, lora_b=None if B1 is None else B1.transpose(1, 2), bias=gate_up_bias,
+            epilogue=1, act=code, interleaved=interleaved, **common,
+        )
+        su2 = None
+        if A2 is not None:
+            su2 = grouped_gemm(h, A2.transpose(1, 2), alpha=scaling, **common)
+        y_pairs = grouped_gemm(
+            h, down.transpose(1, 2), lora_u=su2, lora_b=None if B2 is None else B2.transpose(1, 2),
+            bias=down_bias, out_index=plan.perm_S, row_scale=w_S, **common,
+        )
+        del h
+        out = y_pairs.view(T, K, -1).sum(dim=1)
+
+        ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
+        ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from ...kernels import grouped_gemm, grouped_wgrad
+
+        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S = ctx.saved_tensors
+        plan, s, code, interleaved = ctx.plan, ctx.scaling, ctx.code, ctx.interleaved
+        need = ctx.needs_input_grad
+        S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
+        common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+        wg = dict(num_rows=S, offsets_E=plan.offsets_E)
+        d_out = d_out.to(x.dtype).contiguous()
+        dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
+
+        sv2 = None
+        if A2 is not None:
+            sv2 = grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=s, **common)
+        d_gu, dots_S = grouped_gemm(
+            d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S,
+            epilogue=2, act=code, interleaved=interleaved, **common,
+        )
+        if need[1]:
+            if down_bias is not None:  # y includes b2: <b2[e], d_out[t]> per row
+                bias_dots_TE = d_out.float() @ down_bias.float().T
+                dots_S = dots_S + bias_dots_TE[plan.token_S, plan.expert_S]
+            d_weights = plan.scatter_pairs(dots_S).to(topk_weights.dtype)
+        if A2 is not None:
+            if need[9]:
+                dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg)
+            if need[8]:
+                dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **wg)
+
+        sv1 = None
+        if A1 is not None:
+            sv1 = grouped_gemm(d_gu, B1, alpha=s, **common)
+        if need[0]:
+            dx_pairs = grouped_gemm(d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common)
+            d_x = dx_pairs.view(T, K, -1).sum(dim=1)
+        if A1 is not None:
+            if need[7]:
+                dB1 = grouped_wgrad(d_gu, su1, **wg)
+            if need[6]:
+                dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **wg)
+
+        lora_grads = [None if d is None else d.to(dt) for d, dt in zip((dA1, dB1, dA2, dB2), ctx.factor_dtypes)]
+        return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
+
+
+def triton_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    plan: RoutingPlan,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    lora: ExpertLoRA | None,
+    act: Activation,
+    interleaved: bool,
+) -> torch.Tensor:
+    factors = lora.factors() if lora is not None else (None, None, None, None)
+    scaling = lora.scaling if lora is not None else 0.0
+    return TritonExpertsFunction.apply(
+        x.contiguous(), topk_weights, gate_up, down, gate_up_bias, down_bias, *factors, plan, scaling, act, interleaved
+    )

@@ -1,0 +1,13 @@
+"""moetune's Triton kernels for the MoE expert path (imported lazily by the triton backend).
+
+grouped_gemm.py    row-grouped GEMM over expert-sorted rows: gather, split LoRA, bias,
+                   activation (forward and backward) and weighted scatter fused
+grouped_wgrad.py   K-grouped GEMM for the LoRA factor gradients
+activations.py     the gated activations as Triton device functions
+"""
+
+from .activations import act_code
+from .grouped_gemm import grouped_gemm
+from .grouped_wgrad import grouped_wgrad
+
+__all__ = ["act_code", "grouped_gemm", "grouped_wgrad"]

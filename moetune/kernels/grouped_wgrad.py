@@ -1,0 +1,126 @@
+"""K-grouped GEMM for the LoRA factor gradients: a reduction over each expert's sorted rows.
+
+    out[e] = alpha * sum_{rows i of e} A[a_row(i), :]^T  (scale[i] * Bv(i, :))      -> [E, M, N]
+
+  A      [rows_A, M]  read at a_row(i) = a_index[i] (fused gather) or i
+  Bv     B[b_row(i), :] with b_row(i) = b_index[i] or i; or, with B_ACT, h = act(gate, up) of the
+         pre-activation GU [S, 2N] (recomputed on load, so h [S, I] is never stored)
+  scale  optional per-row factor (the routing weight)
+
+Experts with no rows get zeros. Grid: (E * M blocks, N blocks); each program walks its expert's
+rows BLOCK_K at a time. Used for dA/dB of both projections, where M or N is the LoRA rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import act_forward
+from .grouped_gemm import _pow2_at_least, dot_precision
+
+
+@triton.jit
+def grouped_wgrad_kernel(
+    a_ptr, stride_am, stride_ak,
+    a_index_ptr,
+    b_ptr, stride_bm, stride_bn,
+    b_index_ptr, scale_ptr,
+    offsets_ptr,
+    c_ptr, stride_ce, stride_cm, stride_cn,
+    M, N, alpha, act_alpha, act_limit,
+    HAS_A_INDEX: tl.constexpr, HAS_B_INDEX: tl.constexpr, HAS_SCALE: tl.constexpr,
+    B_ACT: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    e = pid // m_blocks
+    pid_m = pid % m_blocks
+    row_start = tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0)
+    row_end = tl.load(offsets_ptr + e)
+
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = ms < M
+    n_mask = ns < N
+    if B_ACT:
+        if INTERLEAVED:
+            g_cols = 2 * ns
+            u_cols = 2 * ns + 1
+        else:
+            g_cols = ns
+            u_cols = ns + N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(row_start, row_end, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        if HAS_A_INDEX:
+            a_rows = tl.load(a_index_ptr + rows64, mask=k_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rows64
+        if HAS_B_INDEX:
+            b_rows = tl.load(b_index_ptr + rows64, mask=k_mask, other=0).to(tl.int64)
+        else:
+            b_rows = rows64
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ms[None, :] * stride_ak,
+                    mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        bmask = k_mask[:, None] & n_mask[None, :]
+        if B_ACT:
+            base = b_ptr + b_rows[:, None] * stride_bm
+            gate = tl.load(base + g_cols[None, :] * stride_bn, mask=bmask, other=0.0).to(tl.float32)
+            up = tl.load(base + u_cols[None, :] * stride_bn, mask=bmask, other=0.0).to(tl.float32)
+            bv = act_forward(gate, up, ACT, act_alpha, act_limit)
+        else:
+            bv = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :] * stride_bn, mask=bmask, other=0.0)
+            bv = bv.to(tl.float32)
+        if HAS_SCALE:
+            bv = bv * tl.load(scale_ptr + rows64, mask=k_mask, other=0.0).to(tl.float32)[:, None]
+        acc = tl.dot(tl.trans(a), bv.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    acc = acc * alpha
+    tl.store(c_ptr + e.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def grouped_wgrad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets_E: torch.Tensor,
+    *,
+    num_rows: int,
+    a_index: torch.Tensor | None = None,
+    b_index: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    b_act: tuple[int, float, float] | None = None,
+    interleaved: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[E, M, N] per-expert sums of outer products over the expert's rows (see module docstring)."""
+    E = offsets_E.shape[0]
+    M = a.shape[1]
+    N = b.shape[1] // 2 if b_act is not None else b.shape[1]
+    out = torch.empty(E, M, N, device=a.device, dtype=out_dtype)
+    block_m = min(64, _pow2_at_least(M))
+    block_n = min(128 if M <= 32 else 64, _pow2_at_least(N))
+    block_k = 64 if num_rows >= 64 * E else 32
+    grid = (E * triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    act = b_act or (0, 0.0, 0.0)
+    dummy = out
+    grouped_wgrad_kernel[grid](
+        a, a.stride(0), a.stride(1),
+        a_index if a_index is not None else dummy,
+        b, b.stride(0), b.stride(1),
+        b_index if b_index is not None else dummy,
+        scale if scale is not None else dummy,
+        offsets_E,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        M, N, float(alpha), float(act[1]), float(act[2]),
+        HAS_A_INDEX=a_index is not None, HAS_B_INDEX=b_index is not None, HAS_SCALE=scale is not None,
+        B_ACT=b_act is not None, ACT=act[0], INTERLEAVED=interleaved, DOT_PRECISION=dot_precision(a.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+    )
+    return out
