@@ -1,0 +1,162 @@
+"""PEFT-format adapters for models with moetune expert LoRA, and merging an adapter into a checkpoint.
+
+The only place that knows PEFT's `target_parameters` layout (pinned by tests/test_adapters.py against
+peft itself). For one experts module with E experts and rank R:
+
+    moetune (internal)                PEFT (on disk)
+    A [E, R, in]                      lora_A.weight [R*E, in]    expert-major: row e*R + j    = A[e, j, :]
+    B [E, out, R]                     lora_B.weight [out, R*E]   rank-major:   column j*E + e = B[e, :, j]
+
+`in`/`out` are the projection's own (gate_up: H -> 2I, down: I -> H) whatever the storage layout:
+PEFT reads gpt-oss's transposed [E, H, 2I] through the module's `is_transposed`. PEFT wraps one
+ParamWrapper per target parameter in the order the experts module registers them (gate_up_proj
+first in every supported model), innermost first, so with both targets the gate_up factors sit one
+`base_layer.` deeper than the down factors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models.hook import LORA_PARAMS, expert_lora
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "expert_factors_to_peft",
+    "expert_factors_from_peft",
+    "expert_peft_keys",
+    "save_adapter",
+    "load_adapter_weights",
+    "merge",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Registration order of the parameters in transformers' experts modules: it fixes PEFT's nesting.
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def expert_factors_to_peft(A_ERin: torch.Tensor, B_EoutR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """moetune A [E, R, in], B [E, out, R] -> PEFT lora_A.weight [R*E, in], lora_B.weight [out, R*E]."""
+    num_experts, rank, fan_in = A_ERin.shape
+    A = A_ERin.reshape(num_experts * rank, fan_in)
+    B = B_EoutR.permute(1, 2, 0).reshape(B_EoutR.shape[1], rank * num_experts)
+    return A.contiguous(), B.contiguous()
+
+
+def expert_factors_from_peft(A: torch.Tensor, B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT lora_A.weight [R*E, in], lora_B.weight [out, R*E] -> moetune A [E, R, in], B [E, out, R]."""
+    if A.shape[0] % num_experts:
+        raise ValueError(f"A: expected {num_experts} experts times the rank rows, got shape {list(A.shape)}")
+    rank = A.shape[0] // num_experts
+    A_ERin = A.reshape(num_experts, rank, A.shape[1])
+    B_EoutR = B.reshape(B.shape[0], rank, num_experts).permute(2, 0, 1)
+    return A_ERin.contiguous(), B_EoutR.contiguous()
+
+
+def expert_peft_keys(module_key: str, targets: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """{parameter: (lora_A key, lora_B key)} of one experts module in PEFT's saved state dict."""
+    keys = {}
+    for i, param in enumerate(targets):
+        prefix = module_key + ".base_layer" * (len(targets) - 1 - i)
+        keys[param] = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
+    return keys
+
+
+def _expert_modules(peft_model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in peft_model.named_modules() if expert_lora(m) is not None}
+
+
+def _targets(module: nn.Module) -> tuple[str, ...]:
+    lora = expert_lora(module)
+    return tuple(p for p, present in zip(EXPERT_PARAMS, (lora.has_gate_up, lora.has_down)) if present)
+
+
+def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.experts") -> None:
+    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
+
+    Linear LoRA and modules_to_save come from peft itself; expert LoRA is converted to target_parameters.
+    """
+    from peft import get_peft_model_state_dict
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    experts = _expert_modules(peft_model)
+    targets = _targets(next(iter(experts.values()))) if experts else ()
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    if config.target_modules == DUMMY_TARGET_MODULES:  # expert-only LoRA (see fast_model.get_peft_model)
+        config.target_modules = set()
+    config.target_parameters = [f"{experts_module}.{p}" for p in targets] or None
+
+    own = {k: v for k, v in peft_model.state_dict().items() if k.rsplit(".", 1)[-1] not in LORA_PARAMS}
+    tensors = dict(get_peft_model_state_dict(peft_model, state_dict=own))
+    for name, module in experts.items():
+        lora = expert_lora(module)
+        factors = {"gate_up_proj": (lora.A_gate_up, lora.B_gate_up), "down_proj": (lora.A_down, lora.B_down)}
+        for param, (key_A, key_B) in expert_peft_keys(name, targets).items():
+            A, B = expert_factors_to_peft(*(f.detach() for f in factors[param]))
+            tensors[key_A], tensors[key_B] = A, B
+
+    os.makedirs(save_directory, exist_ok=True)
+    config.save_pretrained(save_directory)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(save_directory, ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def load_adapter_weights(peft_model, adapter_dir: str) -> None:
+    """Load a saved adapter (PEFT format) into a moetune PEFT model with the same targets, in place."""
+    from peft import set_peft_model_state_dict
+
+    tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    for name, module in _expert_modules(peft_model).items():
+        lora = expert_lora(module)
+        num_experts = (lora.A_gate_up if lora.has_gate_up else lora.A_down).shape[0]
+        own = {"gate_up_proj": ("lora_A_gate_up", "lora_B_gate_up"), "down_proj": ("lora_A_down", "lora_B_down")}
+        for param, (key_A, key_B) in expert_peft_keys(name, _targets(module)).items():
+            if key_A not in tensors:
+                raise ValueError(f"adapter_dir: expected {key_A} in {ADAPTER_WEIGHTS}; was it saved with other targets?")
+            A, B = expert_factors_from_peft(tensors.pop(key_A), tensors.pop(key_B), num_experts)
+            with torch.no_grad():
+                getattr(module, own[param][0]).copy_(A)
+                getattr(module, own[param][1]).copy_(B)
+    result = set_peft_model_state_dict(peft_model, tensors)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter_dir: unexpected keys for this model: {result.unexpected_keys[:5]}")
+
+
+# Files of a checkpoint directory that the merged checkpoint rewrites itself.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype | str = "auto") -> str:
+    """Fold a PEFT adapter into the checkpoint in model_dir and write a plain transformers checkpoint to out_dir.
+
+    The fold is peft's own `merge_and_unload` (W += s * B @ A per expert for target_parameters); tokenizer
+    and processor files are copied over. Returns out_dir.
+    """
+    import transformers
+    from peft import PeftModel
+
+    from .models.registry import get_spec
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"model_dir: expected a local checkpoint directory, got {model_dir!r}")
+    if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG)):
+        raise ValueError(f"adapter_dir: expected a directory with {ADAPTER_CONFIG}, got {adapter_dir!r}")
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    spec = get_spec(config.model_type)
+    model = getattr(transformers, spec.auto_class).from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    for entry in os.listdir(model_dir):
+        source = os.path.join(model_dir, entry)
+        if not os.path.isfile(source) or entry in _MODEL_FILES or entry.endswith((".safetensors", ".bin", ".pt")):
+            continue
+        shutil.copy2(source, os.path.join(out_dir, entry))
+    return out_dir

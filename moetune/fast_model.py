@@ -1,0 +1,279 @@
+"""FastMoEModel: load a transformers MoE model with moetune's experts, add LoRA, save PEFT adapters.
+
+    model, tokenizer = FastMoEModel.from_pretrained(model_dir_or_config)
+    model = FastMoEModel.get_peft_model(model, r=16, lora_alpha=32)
+    ...train with transformers.Trainer / trl.SFTTrainer...
+    model.save_pretrained(adapter_dir)                  # loads with plain peft
+    moetune.merge(model_dir, adapter_dir, out_dir)      # full checkpoint with LoRA folded in
+
+LoRA on Linear layers (attention, shared experts, dense MLPs) is peft's own LoRA layer; LoRA on the
+fused 3-D expert weights is moetune's split LoRA, stored as parameters on each experts module.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+import transformers
+from torch import nn
+
+from . import adapters
+from .models.hook import add_expert_lora, find_experts, install
+from .models.registry import get_spec
+from .models.spec import ArchSpec
+
+__all__ = ["FastMoEModel", "DEFAULT_TARGET_MODULES"]
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# Target names that select LoRA on the fused expert weights (gate_proj / up_proj map onto gate_up_proj,
+# which holds both); the same names also select Linear layers of that name (shared experts, dense MLPs).
+EXPERT_TARGETS = {"gate_up_proj": "gate_up", "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+# Names that are valid for some supported architecture but may be absent in another (MLA attention has
+# no k_proj/v_proj, OLMoE has no dense MLP): absent ones are skipped with a warning, not an error.
+COMMON_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", *EXPERT_TARGETS})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_SPEC_ATTR = "moetune_spec"
+
+
+def _check_local_source(source) -> str | None:
+    if isinstance(source, transformers.PretrainedConfig):
+        return None
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return os.fspath(source)
+    raise ValueError(
+        "model_dir_or_config: expected a local checkpoint directory or a transformers config object "
+        f"(moetune never downloads), got {source!r}"
+    )
+
+
+def choose_attention(spec: ArchSpec, requested: str | None, device_map) -> str:
+    """The requested attention implementation if it is correct for the model, else the spec's preferred one."""
+    if requested is not None:
+        if requested == "sdpa" and "sdpa" not in spec.attn_implementations:
+            raise ValueError(
+                f"attn_implementation: {spec.model_type} needs one of {', '.join(spec.attn_implementations)} "
+                "(sdpa has no attention sinks), got 'sdpa'"
+            )
+        return requested
+    on_cuda = torch.cuda.is_available() and device_map not in (None, "cpu") and str(device_map) != "cpu"
+    for impl in spec.attn_implementations:
+        if impl == "flex_attention" and not on_cuda:  # flex needs torch.compile on a GPU to be usable
+            continue
+        return impl
+    raise AssertionError(f"{spec.model_type}: no usable attention implementation in {spec.attn_implementations}")
+
+
+def _load_tokenizer(model_dir: str | None, max_seq_length: int):
+    if model_dir is None or not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(
+        model_dir, local_files_only=True, model_max_length=max_seq_length
+    )
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def plan_targets(model: nn.Module, spec: ArchSpec, target_modules) -> tuple[list[str], bool, bool]:
+    """(Linear module names for peft, expert gate_up LoRA?, expert down LoRA?) from the user's target names."""
+    names = (target_modules,) if isinstance(target_modules, str) else target_modules
+    if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"target_modules: expected a non-empty sequence of module names, got {target_modules!r}")
+    routers = {r.rsplit(".", 1)[-1] for r in spec.router_modules}
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - routers
+    for name in names:
+        if name in routers:
+            raise ValueError(
+                f"target_modules: {name!r} is a router; routers never get LoRA (pass train_router=True to train them)"
+            )
+        if name not in linear and name not in COMMON_TARGETS:
+            raise ValueError(
+                f"target_modules: expected names from {', '.join(sorted(linear | set(EXPERT_TARGETS)))}, got {name!r}"
+            )
+    absent = [n for n in names if n not in linear and n not in EXPERT_TARGETS]
+    if absent:
+        warnings.warn(f"target_modules: {', '.join(absent)} not in this {spec.model_type} model; skipped", stacklevel=3)
+    parts = {EXPERT_TARGETS[n] for n in names if n in EXPERT_TARGETS}
+    selected = {n for n in names if n in linear}
+    remapped = selected & peft_expert_aliases(model, selected)
+    if remapped:
+        warnings.warn(
+            f"target_modules: on {spec.model_type} peft reads {', '.join(sorted(remapped))} as the fused experts' "
+            "weights, so an adapter with LoRA on the Linear layers of that name (shared experts, dense MLPs) would "
+            "not load in peft; those Linear layers get no LoRA",
+            stacklevel=3,
+        )
+    return sorted(selected - remapped), "gate_up" in parts, "down" in parts
+
+
+def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
+    """Names peft remaps from target_modules onto the fused expert parameters for this model.
+
+    peft >= 0.19 on transformers v5 rewrites v4 expert names (gate_proj, up_proj, down_proj) in
+    target_modules to target_parameters for the qwen2_moe-pattern families (qwen3_moe, olmoe, deepseek_v3,
+    glm4_moe, ...), whether or not Linear layers of that name exist. Asking peft's own converter keeps this
+    in step with the installed peft (a peft-internal module: absent -> no remapping).
+    """
+    if not names:
+        return set()
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return set()
+    from peft import LoraConfig
+
+    config = LoraConfig(r=1, target_modules=sorted(names))
+    convert_peft_config_for_transformers(config, model=model, conversions=None)
+    return names - set(config.target_modules or ())
+
+
+def _enable_checkpointing(model) -> None:
+    # transformers >= 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable and
+    # deprecated the old name; 5.17 has only the old one.
+    kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def _peft_model_class():
+    from peft import PeftModelForCausalLM
+
+    class FastMoEPeftModel(PeftModelForCausalLM):
+        """peft's causal-LM wrapper whose adapter IO also covers moetune's expert LoRA."""
+
+        def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs) -> None:
+            """Write a PEFT adapter directory (expert LoRA in target_parameters layout).
+
+            Other peft keyword arguments (state_dict, safe_serialization, ...) are accepted and ignored:
+            the weights are read from the modules and always written as safetensors.
+            """
+            if is_main_process:
+                adapters.save_adapter(self, save_directory, experts_module=getattr(self, _SPEC_ATTR).experts_module)
+
+        def load_adapter(self, model_id: str, adapter_name: str = "default", **kwargs):
+            """Load saved weights into this model's adapter in place (what Trainer's resume calls)."""
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"adapter_name: moetune models hold one adapter, {list(self.peft_config)}, got {adapter_name!r}")
+            adapters.load_adapter_weights(self, model_id)
+
+        def merge_and_unload(self, *args, **kwargs):
+            raise NotImplementedError(
+                "merge_and_unload would drop moetune's expert LoRA: save the adapter and use moetune.merge(model_dir, adapter_dir, out_dir)"
+            )
+
+    return FastMoEPeftModel
+
+
+class FastMoEModel:
+    """Entry points (static): from_pretrained, get_peft_model."""
+
+    @staticmethod
+    def from_pretrained(
+        model_dir_or_config,
+        max_seq_length: int = 4096,
+        dtype: torch.dtype | str = torch.bfloat16,
+        device_map=None,
+        attn_implementation: str | None = None,
+        **kwargs,
+    ):
+        """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
+
+        The model is the transformers model with its expert compute routed through moetune.
+        Extra keyword arguments go to transformers' from_pretrained / from_config.
+        """
+        _check_positive_int("max_seq_length", max_seq_length)
+        model_dir = _check_local_source(model_dir_or_config)
+        if model_dir is not None:
+            config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        else:
+            config = model_dir_or_config
+        spec = get_spec(config.model_type)
+        attn = choose_attention(spec, attn_implementation, device_map)
+        auto = getattr(transformers, spec.auto_class)
+        if model_dir is not None:
+            model = auto.from_pretrained(
+                model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn, local_files_only=True, **kwargs
+            )
+        else:
+            model = auto.from_config(config, dtype=dtype, attn_implementation=attn, **kwargs)
+            if device_map is not None:
+                if not isinstance(device_map, (str, torch.device)):
+                    raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")
+                model.to(device_map)
+        install(model, spec)
+        setattr(model, _SPEC_ATTR, spec)
+        model.max_seq_length = max_seq_length
+        return model, _load_tokenizer(model_dir, max_seq_length)
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        r: int = 16,
+        lora_alpha: float = 32,
+        target_modules: Sequence[str] | str = DEFAULT_TARGET_MODULES,
+        lora_dropout: float = 0.0,
+        use_gradient_checkpointing: bool = True,
+        train_router: bool = False,
+        random_state: int | None = None,
+    ):
+        """LoRA on the target modules; everything else frozen. Returns a peft model (PeftModelForCausalLM).
+
+        r, lora_alpha: rank and alpha (scaling = lora_alpha / r), for experts and Linear layers alike.
+        lora_dropout applies to Linear LoRA only (split LoRA on experts has no dropout).
+        train_router: train router weights in full (saved as peft modules_to_save); default frozen.
+        random_state: seed for the LoRA initialisation.
+        """
+        from peft import LoraConfig
+        from peft.utils.constants import DUMMY_TARGET_MODULES
+
+        _check_positive_int("r", r)
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+            raise ValueError(f"lora_alpha: expected a number > 0, got {lora_alpha!r}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+            raise ValueError(f"lora_dropout: expected a number in [0, 1), got {lora_dropout!r}")
+        _check_bool("use_gradient_checkpointing", use_gradient_checkpointing)
+        _check_bool("train_router", train_router)
+        spec = getattr(model, _SPEC_ATTR, None)
+        if spec is None or not isinstance(model, transformers.PreTrainedModel):
+            raise ValueError(
+                f"model: expected a model from moetune.FastMoEModel.from_pretrained, got {type(model).__name__}"
+            )
+        linear, gate_up, down = plan_targets(model, spec, target_modules)
+        if lora_dropout and (gate_up or down):
+            warnings.warn("lora_dropout: applies to Linear LoRA only, not to expert LoRA", stacklevel=2)
+        if random_state is not None:
+            torch.manual_seed(random_state)
+
+        experts = find_experts(model, spec)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if use_gradient_checkpointing:
+            _enable_checkpointing(model)
+        config = LoraConfig(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none", task_type="CAUSAL_LM",
+            # peft refuses a config that targets nothing; its dummy target builds an empty LoRA model.
+            target_modules=linear or DUMMY_TARGET_MODULES,
+            modules_to_save=list(spec.router_modules) if train_router else None,
+        )
+        with warnings.catch_warnings():
+            # peft reads `is_gradient_checkpointing`, deprecated in transformers >= 5.2x: not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = _peft_model_class()(model, config)
+        if gate_up or down:
+            for module in experts.values():
+                add_expert_lora(module, r, lora_alpha, gate_up=gate_up, down=down)
+        setattr(peft_model, _SPEC_ATTR, spec)
+        return peft_model

@@ -1,0 +1,5 @@
+"""GLM-4.7-Flash (glm4_moe_lite): MLA attention, DeepSeek-style sigmoid router, shared experts."""
+
+from .spec import ArchSpec
+
+SPEC = ArchSpec(model_type="glm4_moe_lite")

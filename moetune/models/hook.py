@@ -1,0 +1,167 @@
+"""The transformers hook: moetune's expert engine behind transformers' `ExpertsInterface`.
+
+transformers v5 dispatches every `@use_experts_implementation` experts module through
+`ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. moetune registers one function there,
+"moetune", and `install` switches one model instance to it with the public
+`set_experts_implementation`: each model keeps its own router code, the expert weights stay the
+same parameters (shared storage, no copy), no class is patched, and `uninstall` switches back.
+
+Per experts module, `install` stores an `ExpertsBinding` (layout, activation) and LoRA adds four
+trainable parameters in moetune's internal layout:
+    lora_A_gate_up [E, R, H]   lora_B_gate_up [E, 2I, R]   lora_A_down [E, R, I]   lora_B_down [E, H, R]
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+from ..experts import ExpertLoRA, moe_experts
+from ..experts.activations import Activation
+from .spec import ArchSpec
+
+__all__ = [
+    "IMPLEMENTATION",
+    "ExpertsBinding",
+    "LORA_PARAMS",
+    "install",
+    "uninstall",
+    "find_experts",
+    "add_expert_lora",
+    "expert_lora",
+]
+
+IMPLEMENTATION = "moetune"
+LORA_PARAMS = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
+_BINDING = "moetune_binding"
+_PREVIOUS = "_moetune_previous_experts_implementation"
+# Used when the base expert weights are trainable (full fine-tuning): moetune never computes base-weight
+# gradients, so it hands those calls to transformers' own grouped implementation.
+_FALLBACK = "grouped_mm"
+
+
+@dataclass(frozen=True)
+class ExpertsBinding:
+    """What the moetune experts forward needs to know about one experts module."""
+
+    transposed: bool
+    interleaved: bool
+    bias: bool
+    activation: Activation
+    scaling: float = 1.0
+
+
+def expert_lora(module: nn.Module) -> ExpertLoRA | None:
+    """The module's LoRA factors as an ExpertLoRA (None when the module has none)."""
+    A1, B1, A2, B2 = (getattr(module, name, None) for name in LORA_PARAMS)
+    if A1 is None and A2 is None:
+        return None
+    return ExpertLoRA(A1, B1, A2, B2, scaling=getattr(module, _BINDING).scaling)
+
+
+def _base_weights(module: nn.Module, binding: ExpertsBinding):
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if binding.transposed:  # [E, H, 2I] / [E, I, H] -> views in moetune's [E, 2I, H] / [E, H, I]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    b1 = module.gate_up_proj_bias if binding.bias else None
+    b2 = module.down_proj_bias if binding.bias else None
+    return gate_up, down, b1, b2
+
+
+def moetune_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """ExpertsInterface entry: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+    binding: ExpertsBinding | None = getattr(self, _BINDING, None)
+    if binding is None:
+        raise ValueError(
+            f"experts_implementation: {IMPLEMENTATION!r} is set on a {type(self).__name__} that moetune did not "
+            "install; use moetune.FastMoEModel.from_pretrained or moetune.models.install"
+        )
+    gate_up, down, b1, b2 = _base_weights(self, binding)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate_up, down, b1, b2)):
+        warnings.warn(
+            "moetune: expert base weights are trainable (no LoRA applied?); running transformers' "
+            f"{_FALLBACK} experts for this call, moetune trains experts through LoRA only",
+            stacklevel=2,
+        )
+        return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
+    # Routers compute weights in fp32 or the model dtype; the engine takes either.
+    return moe_experts(
+        hidden_states, top_k_index, top_k_weights, gate_up, down,
+        gate_up_bias=b1, down_bias=b2, lora=expert_lora(self),
+        activation=binding.activation, interleaved=binding.interleaved,
+    )
+
+
+# The documented extension point of transformers' experts dispatch (a name -> function entry, no patching).
+ExpertsInterface.register(IMPLEMENTATION, moetune_experts_forward)
+
+
+def find_experts(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """Experts modules of the model, by qualified name (those ending in spec.experts_module)."""
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if (name == spec.experts_module or name.endswith("." + spec.experts_module))
+        and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+    }
+    if not found:
+        raise ValueError(
+            f"model: expected {spec.experts_module} modules with gate_up_proj for model_type {spec.model_type!r}, "
+            f"found none in {type(model).__name__}"
+        )
+    return found
+
+
+def install(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """Route the model's expert compute through moetune. Idempotent; returns the experts modules."""
+    config = spec.language_config(model.config)
+    experts = find_experts(model, spec)
+    for module in experts.values():
+        if not hasattr(module, _BINDING):
+            setattr(
+                module, _BINDING,
+                ExpertsBinding(spec.transposed, spec.interleaved, spec.bias, spec.activation(config)),
+            )
+    if not hasattr(model, _PREVIOUS):
+        setattr(model, _PREVIOUS, model.get_experts_implementation())
+    model.set_experts_implementation(IMPLEMENTATION)
+    return experts
+
+
+def uninstall(model: nn.Module) -> None:
+    """Undo `install`: previous experts implementation back, bindings and expert LoRA removed."""
+    previous = getattr(model, _PREVIOUS, None)
+    if previous is None:
+        return
+    model.set_experts_implementation(previous)
+    delattr(model, _PREVIOUS)
+    for module in model.modules():
+        if hasattr(module, _BINDING):
+            delattr(module, _BINDING)
+            for name in LORA_PARAMS:
+                if name in module._parameters:
+                    del module._parameters[name]
+
+
+def add_expert_lora(
+    module: nn.Module, rank: int, alpha: float, *, gate_up: bool, down: bool, generator: torch.Generator | None = None
+) -> None:
+    """Fresh trainable expert LoRA on one installed experts module (PEFT's init: A uniform, B = 0; fp32)."""
+    binding: ExpertsBinding = getattr(module, _BINDING)
+    gate_up_w, down_w, _, _ = _base_weights(module, binding)
+    num_experts, two_i, hidden = gate_up_w.shape
+    # fp32 factors over a bf16 base, as PEFT keeps them; the engine casts for the compute.
+    lora = ExpertLoRA.init(
+        num_experts, hidden, two_i // 2, rank, alpha=alpha, gate_up=gate_up, down=down,
+        device=gate_up_w.device, generator=generator,
+    )
+    setattr(module, _BINDING, ExpertsBinding(**{**binding.__dict__, "scaling": lora.scaling}))
+    for name, factor in zip(LORA_PARAMS, lora.factors()):
+        if factor is not None:
+            module.register_parameter(name, nn.Parameter(factor.detach(), requires_grad=True))
