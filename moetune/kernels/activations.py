@@ -11,9 +11,10 @@ import triton.language as tl
 
 SWIGLU, GPT_OSS, GEGLU_ERF, GEGLU_TANH = 0, 1, 2, 3
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
+# Triton reads globals only when they are constexpr.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 def act_code(activation) -> tuple[int, float, float]:

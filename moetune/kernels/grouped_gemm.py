@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .activations import act_backward, act_forward
 
 
@@ -73,7 +74,7 @@ def grouped_gemm_kernel(
     HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
-    LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -91,53 +92,76 @@ def grouped_gemm_kernel(
         a_rows = rows64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if EPILOGUE == 1:
-        if INTERLEAVED:
-            gate_cols = 2 * cols
-            up_cols = 2 * cols + 1
-        else:
-            gate_cols = cols
-            up_cols = cols + N
-    else:
-        gate_cols = cols
-        up_cols = cols
     ks = tl.arange(0, BLOCK_K)
     b_base = b_ptr + e_safe.to(tl.int64) * stride_be
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        k_mask = k < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_base + k[:, None] * stride_bk + gate_cols[None, :] * stride_bn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if EPILOGUE == 1:
-            b_up = tl.load(b_base + k[:, None] * stride_bk + up_cols[None, :] * stride_bn,
-                           mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-
     if HAS_LORA:
         rs = tl.arange(0, BLOCK_R)
         r_mask = rs < R
         u = tl.load(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur,
                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         lb_base = lb_ptr + e_safe.to(tl.int64) * stride_lbe
-        lb = tl.load(lb_base + rs[:, None] * stride_lbr + gate_cols[None, :] * stride_lbn,
-                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(u, lb, acc, input_precision=DOT_PRECISION)
-        if EPILOGUE == 1:
-            lb_up = tl.load(lb_base + rs[:, None] * stride_lbr + up_cols[None, :] * stride_lbn,
-                            mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            acc_up = tl.dot(u, lb_up, acc_up, input_precision=DOT_PRECISION)
-    acc = acc * alpha
     if HAS_BIAS:
         bias_base = bias_ptr + e_safe.to(tl.int64) * stride_biase
-        acc += tl.load(bias_base + gate_cols * stride_biasn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+    if EPILOGUE == 1 and INTERLEAVED:
+        # gate/up interleaved: one contiguous [BLOCK_K, 2 * BLOCK_N] tile of B per step (stride-2
+        # loads of each half would halve the load width), split after the loop.
+        pcols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        pmask = pcols < 2 * N
+        acc2 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            k_mask = (k < K) | EVEN_K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_base + k[:, None] * stride_bk + pcols[None, :] * stride_bn,
+                        mask=k_mask[:, None] & pmask[None, :], other=0.0)
+            acc2 = tl.dot(a, b, acc2, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            lb = tl.load(lb_base + rs[:, None] * stride_lbr + pcols[None, :] * stride_lbn,
+                         mask=r_mask[:, None] & pmask[None, :], other=0.0)
+            acc2 = tl.dot(u, lb, acc2, input_precision=DOT_PRECISION)
+        acc2 = acc2 * alpha
+        if HAS_BIAS:
+            acc2 += tl.load(bias_base + pcols * stride_biasn, mask=pmask, other=0.0).to(tl.float32)[None, :]
+        acc, acc_up = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N, 2)))
+        gate_cols = 2 * cols
+        up_cols = 2 * cols + 1
+    else:
         if EPILOGUE == 1:
-            acc_up += tl.load(bias_base + up_cols * stride_biasn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            gate_cols = cols
+            up_cols = cols + N
+        else:
+            gate_cols = cols
+            up_cols = cols
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            k_mask = (k < K) | EVEN_K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_base + k[:, None] * stride_bk + gate_cols[None, :] * stride_bn,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if EPILOGUE == 1:
+                b_up = tl.load(b_base + k[:, None] * stride_bk + up_cols[None, :] * stride_bn,
+                               mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            lb = tl.load(lb_base + rs[:, None] * stride_lbr + gate_cols[None, :] * stride_lbn,
+                         mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(u, lb, acc, input_precision=DOT_PRECISION)
+            if EPILOGUE == 1:
+                lb_up = tl.load(lb_base + rs[:, None] * stride_lbr + up_cols[None, :] * stride_lbn,
+                                mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+                acc_up = tl.dot(u, lb_up, acc_up, input_precision=DOT_PRECISION)
+        acc = acc * alpha
+        acc_up = acc_up * alpha
+        if HAS_BIAS:
+            acc += tl.load(bias_base + gate_cols * stride_biasn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if EPILOGUE == 1:
+                acc_up += tl.load(bias_base + up_cols * stride_biasn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
     mask = row_mask[:, None] & col_mask[None, :]
     if EPILOGUE == 0:
@@ -196,18 +220,28 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     return torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
 
 
-def pick_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> dict:
-    """Block sizes by shape. Chosen on an H100 for the Qwen3/GLM/gpt-oss expert shapes
-    (benchmarks/NOTES.md); narrow N (LoRA rank) and tiny problems get small blocks."""
+def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
+    """Block shapes to try, the heuristic favourite first (used as is in the interpreter).
+
+    Narrow N (a LoRA rank) and tiny problems get small tiles; the wide ones are the configs that
+    Triton GEMMs usually win with on Hopper/Ampere, pruned to a few so tuning stays short.
+    """
     rows_per_expert = num_rows / max(E, 1)
-    block_m = 128 if rows_per_expert >= 256 else 64 if rows_per_expert >= 48 else 32
+    bm = 128 if rows_per_expert >= 256 else 64 if rows_per_expert >= 48 else 32
+    bk = 64 if K >= 64 else _pow2_at_least(K)
+    cfg = lambda m, n, k, w, st: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)  # noqa: E731
     if N <= 64:
-        block_n = _pow2_at_least(N)
+        bn = _pow2_at_least(N)
+        return [cfg(bm, bn, bk, 4, 3), cfg(64, bn, 128, 4, 3), cfg(128, bn, 128, 4, 3), cfg(128, bn, 64, 4, 4)]
+    if gated:
+        first = cfg(bm, 64, bk, 8 if bm == 128 else 4, 3)
+        more = [cfg(128, 64, 64, 8, 4), cfg(64, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3),
+                cfg(64, 128, 64, 8, 3), cfg(128, 64, 32, 8, 4)]
     else:
-        block_n = 64 if gated else 128
-    block_k = 64 if K >= 64 else _pow2_at_least(K)
-    warps = 8 if block_m * block_n >= 128 * 128 or (gated and block_m >= 128) else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+        first = cfg(bm, 128, bk, 8 if bm == 128 else 4, 3)
+        more = [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(64, 128, 64, 4, 4),
+                cfg(64, 256, 64, 8, 3), cfg(128, 128, 32, 8, 4)]
+    return [first] + [c for c in more if c != first]
 
 
 def grouped_gemm(
@@ -239,12 +273,6 @@ def grouped_gemm(
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
     dtype = out_dtype or a.dtype
     device = a.device
-    blocks = pick_blocks(num_rows, E, N, K, gated=epilogue != 0)
-    block_m = blocks["BLOCK_M"]
-    tile_ends = tile_schedule(counts_E, block_m)
-    m_tiles = triton.cdiv(num_rows, block_m) + E
-    n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
-    dw = None
     if epilogue == 0:
         if out is None:
             out = torch.empty(num_rows, N, device=device, dtype=dtype)
@@ -254,32 +282,46 @@ def grouped_gemm(
     else:
         assert gu is not None and row_scale is not None
         out = torch.empty(num_rows, 2 * N, device=device, dtype=dtype)
-        dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32)
     rank = lora_u.shape[1] if lora_u is not None else 1
     dummy = out
     z = (0, 0, 0)
-    grouped_gemm_kernel[(m_tiles, n_blocks)](
-        a, a.stride(0), a.stride(1),
-        a_index if a_index is not None else dummy,
-        b, b.stride(0), b.stride(1), b.stride(2),
-        offsets_E, tile_ends,
-        lora_u if lora_u is not None else dummy, *(lora_u.stride() if lora_u is not None else z[:2]),
-        lora_b if lora_b is not None else dummy, *(lora_b.stride() if lora_b is not None else z),
-        bias if bias is not None else dummy, *(bias.stride() if bias is not None else z[:2]),
-        out, out.stride(0), out.stride(1),
-        out_index if out_index is not None else dummy,
-        row_scale if row_scale is not None else dummy,
-        gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
-        dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
-        N, K, rank, E, float(alpha), float(act[1]), float(act[2]),
-        HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
-        HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None,
-        EPILOGUE=epilogue, ACT=act[0], INTERLEAVED=interleaved,
-        LOG2_E=max(1, int(E).bit_length()),
-        DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_R=_pow2_at_least(rank),
-        **blocks,
-    )
+    dws = []
+
+    def launch(blocks: dict):
+        block_m = blocks["BLOCK_M"]
+        n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+        dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epilogue == 2 else None
+        dws[:] = [dw]
+        grouped_gemm_kernel[(triton.cdiv(num_rows, block_m) + E, n_blocks)](
+            a, a.stride(0), a.stride(1),
+            a_index if a_index is not None else dummy,
+            b, b.stride(0), b.stride(1), b.stride(2),
+            offsets_E, tile_schedule(counts_E, block_m),
+            lora_u if lora_u is not None else dummy, *(lora_u.stride() if lora_u is not None else z[:2]),
+            lora_b if lora_b is not None else dummy, *(lora_b.stride() if lora_b is not None else z),
+            bias if bias is not None else dummy, *(bias.stride() if bias is not None else z[:2]),
+            out, out.stride(0), out.stride(1),
+            out_index if out_index is not None else dummy,
+            row_scale if row_scale is not None else dummy,
+            gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
+            dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
+            N, K, rank, E, float(alpha), float(act[1]), float(act[2]),
+            HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
+            HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None,
+            EPILOGUE=epilogue, ACT=act[0], INTERLEAVED=interleaved,
+            LOG2_E=max(1, int(E).bit_length()),
+            DOT_PRECISION=dot_precision(a.dtype),
+            EVEN_K=K % blocks["BLOCK_K"] == 0,
+            BLOCK_R=_pow2_at_least(rank),
+            **blocks,
+        )
+
+    candidates = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
+    # Rows per expert set the best M tile: bucket them by powers of two in the key.
+    key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
+           N, K, str(a.dtype), triton.next_power_of_2(max(1, num_rows // E)))
+    launch(autotune.pick("grouped_gemm", key, candidates, launch, device))
+    dw = dws[0]
     if epilogue == 1:
         return out, gu
     if epilogue == 2:

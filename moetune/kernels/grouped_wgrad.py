@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .activations import act_forward
 from .grouped_gemm import _pow2_at_least, dot_precision
 
@@ -104,23 +105,33 @@ def grouped_wgrad(
     M = a.shape[1]
     N = b.shape[1] // 2 if b_act is not None else b.shape[1]
     out = torch.empty(E, M, N, device=a.device, dtype=out_dtype)
-    block_m = min(64, _pow2_at_least(M))
-    block_n = min(128 if M <= 32 else 64, _pow2_at_least(N))
-    block_k = 64 if num_rows >= 64 * E else 32
-    grid = (E * triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     act = b_act or (0, 0.0, 0.0)
     dummy = out
-    grouped_wgrad_kernel[grid](
-        a, a.stride(0), a.stride(1),
-        a_index if a_index is not None else dummy,
-        b, b.stride(0), b.stride(1),
-        b_index if b_index is not None else dummy,
-        scale if scale is not None else dummy,
-        offsets_E,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        M, N, float(alpha), float(act[1]), float(act[2]),
-        HAS_A_INDEX=a_index is not None, HAS_B_INDEX=b_index is not None, HAS_SCALE=scale is not None,
-        B_ACT=b_act is not None, ACT=act[0], INTERLEAVED=interleaved, DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
-    )
+
+    def launch(blocks: dict):
+        grid = (E * triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+        grouped_wgrad_kernel[grid](
+            a, a.stride(0), a.stride(1),
+            a_index if a_index is not None else dummy,
+            b, b.stride(0), b.stride(1),
+            b_index if b_index is not None else dummy,
+            scale if scale is not None else dummy,
+            offsets_E,
+            out, out.stride(0), out.stride(1), out.stride(2),
+            M, N, float(alpha), float(act[1]), float(act[2]),
+            HAS_A_INDEX=a_index is not None, HAS_B_INDEX=b_index is not None, HAS_SCALE=scale is not None,
+            B_ACT=b_act is not None, ACT=act[0], INTERLEAVED=interleaved, DOT_PRECISION=dot_precision(a.dtype),
+            **blocks,
+        )
+
+    # One of M, N is the LoRA rank (16-64): that side takes the whole rank in one block.
+    bm, bn = min(64, _pow2_at_least(M)), min(128 if M <= 32 else 64, _pow2_at_least(N))
+    bk = 64 if num_rows >= 64 * E else 32
+    cfg = lambda m, n, k, w, st: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)  # noqa: E731
+    candidates = [cfg(bm, bn, bk, 4, 3), cfg(bm, bn, 128, 4, 3), cfg(bm, bn, 32, 4, 4),
+                  cfg(bm, min(256, 2 * bn), 64, 8, 3), cfg(bm, bn, 64, 8, 4)]
+    candidates = [c for i, c in enumerate(candidates) if c not in candidates[:i]]
+    key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),
+           triton.next_power_of_2(max(1, num_rows // E)))
+    launch(autotune.pick("grouped_wgrad", key, candidates, launch, a.device))
     return out

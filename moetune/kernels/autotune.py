@@ -1,0 +1,84 @@
+"""One-time autotuning of kernel block shapes per (kernel variant, shape, dtype, GPU), cached on disk.
+
+The first call for a new key times every candidate config on the real arguments (median of
+triton.testing.do_bench), says so on stderr, and stores the winner in
+~/.cache/moetune/autotune.json (or $MOETUNE_CACHE_DIR). Later calls, in any process, read it.
+In Triton's interpreter (CPU tests) nothing is timed: the first candidate is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+_lock = threading.Lock()
+_memory: dict[str, dict] | None = None
+
+
+def cache_path() -> Path:
+    root = os.environ.get("MOETUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moetune"
+    )
+    return Path(root) / "autotune.json"
+
+
+def _load() -> dict[str, dict]:
+    global _memory
+    if _memory is None:
+        try:
+            _memory = json.loads(cache_path().read_text())
+        except (OSError, ValueError):
+            _memory = {}
+    return _memory
+
+
+def _save(entries: dict[str, dict]) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(entries, f, indent=0, sort_keys=True)
+        os.replace(f.name, path)  # atomic: a reader never sees half a file
+    except OSError as err:  # a read-only home must not stop training
+        print(f"moetune: could not write the autotune cache {path}: {err}", file=sys.stderr)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict], object], device) -> dict:
+    """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat."""
+    if interpreted() or torch.device(device).type != "cuda" or len(candidates) == 1:
+        return candidates[0]
+    import triton
+
+    gpu = torch.cuda.get_device_name(device)
+    full_key = f"{gpu}|triton {triton.__version__}|{name}|{key}"
+    with _lock:
+        hit = _load().get(full_key)
+    if hit is not None:
+        return hit
+    print(f"moetune: tuning {name} {key} on {gpu} (once; cached in {cache_path()})", file=sys.stderr)
+    timings = []
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(config), warmup=10, rep=40, return_mode="median")
+        except Exception as err:  # noqa: BLE001 - a config that does not compile/fit (e.g. out of shared memory)
+            if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
+                raise
+            continue
+        timings.append((ms, config))
+    best = min(timings, key=lambda t: t[0])[1]
+    with _lock:
+        entries = _load()
+        entries[full_key] = best
+        _save(entries)
+    return best
