@@ -119,21 +119,17 @@ def add_peft_lora(experts: nn.Module, rank: int, alpha: float, seed: int = 0) ->
 def peft_lora_to_expert_lora(peft_experts: nn.Module, shape: MoEShape) -> ExpertLoRA:
     """Read PEFT's target_parameters factors into moetune's layout (shares no storage with PEFT).
 
-    PEFT: lora_A.weight [r*E, in] expert-major (row e*r + j); lora_B.weight [out, r*E] rank-major
-    (column j*E + e). moetune: A [E, r, in], B [E, out, r].
+    The layout conversion is moetune.adapters.expert_factors_from_peft (the one place that knows it).
     """
+    from moetune.adapters import expert_factors_from_peft
+
     factors = {}
     module = peft_experts
     while hasattr(module, "parameter_name"):  # nested ParamWrappers, one per targeted parameter
-        A = module.lora_A["default"].weight
-        B = module.lora_B["default"].weight
-        E = shape.E
-        rank = A.shape[0] // E
-        factors[module.parameter_name] = (
-            A.detach().reshape(E, rank, A.shape[1]).clone().requires_grad_(),
-            B.detach().reshape(B.shape[0], rank, E).permute(2, 0, 1).contiguous().requires_grad_(),
-            module.scaling["default"],
+        A, B = expert_factors_from_peft(
+            module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach(), shape.E
         )
+        factors[module.parameter_name] = (A.requires_grad_(), B.requires_grad_(), module.scaling["default"])
         module = module.base_layer
     A1, B1, s = factors["gate_up_proj"]
     A2, B2, _ = factors["down_proj"]

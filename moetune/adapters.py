@@ -16,9 +16,11 @@ first in every supported model), innermost first, so with both targets the gate_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,6 +45,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
+@contextlib.contextmanager
+def peft_deprecation_quiet():
+    """peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers >= 5.2x: not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def expert_factors_to_peft(A_ERin: torch.Tensor, B_EoutR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """moetune A [E, R, in], B [E, out, R] -> PEFT lora_A.weight [R*E, in], lora_B.weight [out, R*E]."""
     num_experts, rank, fan_in = A_ERin.shape
@@ -52,13 +62,13 @@ def expert_factors_to_peft(A_ERin: torch.Tensor, B_EoutR: torch.Tensor) -> tuple
 
 
 def expert_factors_from_peft(A: torch.Tensor, B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT lora_A.weight [R*E, in], lora_B.weight [out, R*E] -> moetune A [E, R, in], B [E, out, R]."""
+    """PEFT lora_A.weight [R*E, in], lora_B.weight [out, R*E] -> moetune A [E, R, in], B [E, out, R] (fresh copies)."""
     if A.shape[0] % num_experts:
         raise ValueError(f"A: expected {num_experts} experts times the rank rows, got shape {list(A.shape)}")
     rank = A.shape[0] // num_experts
     A_ERin = A.reshape(num_experts, rank, A.shape[1])
     B_EoutR = B.reshape(B.shape[0], rank, num_experts).permute(2, 0, 1)
-    return A_ERin.contiguous(), B_EoutR.contiguous()
+    return A_ERin.clone(memory_format=torch.contiguous_format), B_EoutR.clone(memory_format=torch.contiguous_format)
 
 
 def expert_peft_keys(module_key: str, targets: tuple[str, ...]) -> dict[str, tuple[str, str]]:
@@ -152,7 +162,8 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = get_spec(config.model_type)
     model = getattr(transformers, spec.auto_class).from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with peft_deprecation_quiet():
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
     for entry in os.listdir(model_dir):
         source = os.path.join(model_dir, entry)

@@ -1,0 +1,112 @@
+"""Shared pieces of the model tests: tiny checkpoints on disk, a tiny tokenizer, the eager+PEFT reference."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from moetune.models import SUPPORTED_MODEL_TYPES, get_spec
+
+from .tiny import VOCAB, tiny_config
+
+SENTENCES = [
+    "the router picks two experts for every token",
+    "low rank adapters train a few million parameters",
+    "mixture of experts models are sparse and wide",
+    "split lora never forms the full delta weight",
+]
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on SENTENCES (ids < VOCAB), nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials, vocab_size=VOCAB))
+    assert tok.get_vocab_size() <= VOCAB
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def auto_class(model_type: str):
+    return getattr(transformers, get_spec(model_type).auto_class)
+
+
+def save_checkpoint(model_type: str, directory: str, *, tokenizer: bool = True, seed: int = 0) -> str:
+    """Random-init tiny model saved with save_pretrained (fp32), plus a tokenizer."""
+    torch.manual_seed(seed)
+    model = auto_class(model_type).from_config(tiny_config(model_type), dtype=torch.float32)
+    with torch.no_grad():  # routers start at zero in some models (gpt-oss): random routing exercises more experts
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.router.bias")):
+                p.normal_(0, 0.5)
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def plain_peft_model(model_dir: str, adapter_dir: str):
+    """The reference: plain transformers (eager experts, eager attention) + peft's own adapter loading."""
+    from peft import PeftModel
+
+    base = auto_class(_model_type(model_dir)).from_pretrained(
+        model_dir, dtype=torch.float32, experts_implementation="eager", attn_implementation="eager",
+        local_files_only=True,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+
+
+def _model_type(model_dir: str) -> str:
+    return transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True).model_type
+
+
+def randomize_lora_B(model, std: float = 0.05, seed: int = 1) -> None:
+    """B starts at zero (PEFT's init); make it non-zero so the LoRA path changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def token_batch(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (batch, length), generator=gen)
+
+
+# One parametrized test over the whole registry: a new architecture is tested by adding its tiny config.
+ALL_ARCHS = pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+
+_CHECKPOINTS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """model_type -> directory of a saved tiny checkpoint with a tokenizer (each built once per session)."""
+
+    def get(model_type: str) -> str:
+        if model_type not in _CHECKPOINTS:
+            _CHECKPOINTS[model_type] = save_checkpoint(model_type, str(tmp_path_factory.mktemp(model_type)))
+        return _CHECKPOINTS[model_type]
+
+    return get

@@ -1,0 +1,163 @@
+"""moetune.adapters: the PEFT target_parameters layout, adapter save/load and merge, pinned against peft itself."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+import moetune
+from moetune import FastMoEModel
+from moetune.adapters import (
+    expert_factors_from_peft,
+    expert_factors_to_peft,
+    expert_peft_keys,
+    load_adapter_weights,
+)
+from moetune.experts import ExpertLoRA, moe_experts
+from moetune.models.hook import expert_lora
+
+from .models.helpers import checkpoint  # noqa: F401  (session fixture)
+from .models.helpers import ALL_ARCHS, auto_class, plain_peft_model, randomize_lora_B, relative_error, token_batch
+from .models.tiny import tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+
+
+class _Holder(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.experts = experts
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])  # [E, 2I, H] concat; [E, H, 2I] interleaved
+def test_converter_matches_peft_param_wrapper(model_type):
+    """Factors written into PEFT's ParamWrapper via expert_factors_to_peft give moetune's output, and read back."""
+    torch.manual_seed(0)
+    config = tiny_config(model_type)
+    layer = auto_class(model_type).from_config(config, dtype=torch.float32).model.layers[-1].mlp
+    experts = layer.experts.requires_grad_(False)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    E, rank = experts.gate_up_proj.shape[0], 3
+    holder = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=6, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+        _Holder(experts),
+    )
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if model_type == "gpt_oss":
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    two_i, hidden = gate_up.shape[1], gate_up.shape[2]
+    lora = ExpertLoRA(
+        torch.randn(E, rank, hidden), torch.randn(E, two_i, rank), torch.randn(E, rank, two_i // 2),
+        torch.randn(E, hidden, rank), scaling=2.0,
+    )
+    wrapper_down, wrapper_gate_up = holder.experts, holder.experts.base_layer
+    with torch.no_grad():
+        for wrapper, A, B in ((wrapper_gate_up, lora.A_gate_up, lora.B_gate_up), (wrapper_down, lora.A_down, lora.B_down)):
+            peft_A, peft_B = expert_factors_to_peft(A, B)
+            wrapper.lora_A["default"].weight.copy_(peft_A)
+            wrapper.lora_B["default"].weight.copy_(peft_B)
+            back_A, back_B = expert_factors_from_peft(wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight, E)
+            assert torch.equal(back_A, A) and torch.equal(back_B, B)
+    assert wrapper_gate_up.parameter_name == "gate_up_proj" and wrapper_down.parameter_name == "down_proj"
+
+    x = torch.randn(7, hidden)
+    weights, ids = torch.randn(7, E).softmax(-1).topk(2, dim=-1)
+    expected = holder.experts(x, ids, weights)
+    bias = dict(gate_up_bias=experts.gate_up_proj_bias, down_bias=experts.down_proj_bias) if model_type == "gpt_oss" else {}
+    got = moe_experts(
+        x, ids, weights, gate_up, down, lora=lora, backend="native", interleaved=model_type == "gpt_oss",
+        activation=moetune.models.get_spec(model_type).activation(config), **bias,
+    )
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_peft_keys_nest_gate_up_inside_down():
+    keys = expert_peft_keys("m.experts", ("gate_up_proj", "down_proj"))
+    assert keys["gate_up_proj"] == ("m.experts.base_layer.lora_A.weight", "m.experts.base_layer.lora_B.weight")
+    assert keys["down_proj"] == ("m.experts.lora_A.weight", "m.experts.lora_B.weight")
+    assert expert_peft_keys("m.experts", ("down_proj",))["down_proj"][0] == "m.experts.lora_A.weight"
+
+
+def test_from_peft_rejects_a_rank_that_does_not_split(tmp_path):
+    with pytest.raises(ValueError, match="A: expected 4 experts"):
+        expert_factors_from_peft(torch.zeros(6, 8), torch.zeros(8, 6), 4)
+
+
+def _peft_model(model_dir, **kwargs):
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, **kwargs)
+    randomize_lora_B(model)
+    return model
+
+
+@ALL_ARCHS
+def test_merged_checkpoint_gives_the_adapters_logits(model_type, checkpoint, tmp_path):
+    model_dir = checkpoint(model_type)
+    model = _peft_model(model_dir)
+    model.save_pretrained(tmp_path / "adapter")
+    out = moetune.merge(model_dir, tmp_path / "adapter", tmp_path / "merged")
+    assert out == tmp_path / "merged"
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    merged = auto_class(model_type).from_pretrained(
+        tmp_path / "merged", dtype=torch.float32, experts_implementation="eager", local_files_only=True
+    )
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(ids).logits
+        base = auto_class(model_type).from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        assert relative_error(base(ids).logits, expected) > 1e-3  # the adapter matters
+        assert relative_error(merged(ids).logits, expected) < 1e-4
+
+
+def test_adapter_config_is_peft_target_parameters(checkpoint, tmp_path):
+    model = _peft_model(checkpoint("qwen3_moe"))
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_load_adapter_weights_round_trip(model_type, checkpoint, tmp_path):
+    """save -> load into a fresh moetune model with the same targets -> identical logits."""
+    model_dir = checkpoint(model_type)
+    model = _peft_model(model_dir)
+    model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+    fresh = FastMoEModel.get_peft_model(fresh, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    fresh.load_adapter(str(tmp_path / "adapter"), "default")
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss", "deepseek_v3"])  # shared_expert_gate; router bias; correction bias
+def test_trained_router_round_trips_through_peft(model_type, checkpoint, tmp_path):
+    """train_router=True saves routers as peft modules_to_save; plain peft loads them and gives our logits."""
+    model_dir = checkpoint(model_type)
+    model = _peft_model(model_dir, train_router=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = plain_peft_model(model_dir, tmp_path / "adapter")
+    ids = token_batch()
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, reference(ids).logits) < 1e-4
+
+
+def test_merge_rejects_bad_directories(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="model_dir"):
+        moetune.merge(str(tmp_path / "missing"), str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="adapter_dir"):
+        moetune.merge(checkpoint("qwen3_moe"), str(tmp_path), str(tmp_path / "out"))
