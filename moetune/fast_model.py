@@ -137,7 +137,7 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
     return names - set(config.target_modules or ())
 
 
-def _enable_checkpointing(model) -> None:
+def _enable_checkpointing(model, spec: ArchSpec) -> None:
     # transformers >= 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable and
     # deprecated the old name; 5.17 has only the old one.
     kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
@@ -145,7 +145,8 @@ def _enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with recompute
+    spec.language_config(model.config).use_cache = False
 
 
 def _peft_model_class():
@@ -261,16 +262,14 @@ class FastMoEModel:
         for p in model.parameters():
             p.requires_grad_(False)
         if use_gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, spec)
         config = LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none", task_type="CAUSAL_LM",
             # peft refuses a config that targets nothing; its dummy target builds an empty LoRA model.
             target_modules=linear or DUMMY_TARGET_MODULES,
             modules_to_save=list(spec.router_modules) if train_router else None,
         )
-        with warnings.catch_warnings():
-            # peft reads `is_gradient_checkpointing`, deprecated in transformers >= 5.2x: not ours to fix.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with adapters.peft_deprecation_quiet():
             peft_model = _peft_model_class()(model, config)
         if gate_up or down:
             for module in experts.values():
