@@ -74,7 +74,7 @@ def test_converter_matches_peft_param_wrapper(model_type):
     bias = dict(gate_up_bias=experts.gate_up_proj_bias, down_bias=experts.down_proj_bias) if model_type == "gpt_oss" else {}
     got = moe_experts(
         x, ids, weights, gate_up, down, lora=lora, backend="native", interleaved=model_type == "gpt_oss",
-        activation=moetune.models.get_spec(model_type).activation(config), **bias,
+        activation=moetune.models.get_spec(model_type).activation(config, experts), **bias,
     )
     assert relative_error(got, expected) < 1e-5
 

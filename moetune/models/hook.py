@@ -126,7 +126,7 @@ def install(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
         if not hasattr(module, _BINDING):
             setattr(
                 module, _BINDING,
-                ExpertsBinding(spec.transposed, spec.interleaved, spec.bias, spec.activation(config)),
+                ExpertsBinding(spec.transposed, spec.interleaved, spec.bias, spec.activation(config, module)),
             )
     if not hasattr(model, _PREVIOUS):
         setattr(model, _PREVIOUS, model.get_experts_implementation())

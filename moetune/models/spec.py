@@ -19,7 +19,7 @@ WEIGHT_LAYOUTS = ("E_out_in", "E_in_out")
 GATE_UP_PACKINGS = ("concat", "interleaved")
 
 
-def glu_from_hidden_act(config) -> Activation:
+def glu_from_hidden_act(config, experts=None) -> Activation:
     """The gated activation `act(gate) * up` named by `config.hidden_act` (what ACT2FN would pick)."""
     act = getattr(config, "hidden_act", "silu")
     if act in ("silu", "swish"):
@@ -29,9 +29,15 @@ def glu_from_hidden_act(config) -> Activation:
     raise ValueError(f"config.hidden_act: expected one of silu, swish, gelu, gelu_new, gelu_pytorch_tanh, got {act!r}")
 
 
-def gpt_oss_glu(config) -> Activation:
-    """gpt-oss's clamped GLU with the model's own alpha and limit."""
-    return GptOssGLU(alpha=float(config.swiglu_alpha), limit=float(config.swiglu_limit))
+def gpt_oss_glu(config, experts=None) -> Activation:
+    """gpt-oss's clamped GLU with the alpha and limit its experts module actually uses.
+
+    The module's own `alpha` / `limit` come first: transformers 5.17 hard-codes 1.702 / 7.0 there (and
+    its config has no swiglu_alpha), later versions copy config.swiglu_alpha / swiglu_limit into them.
+    """
+    alpha = getattr(experts, "alpha", None) or getattr(config, "swiglu_alpha", 1.702)
+    limit = getattr(experts, "limit", None) or getattr(config, "swiglu_limit", 7.0)
+    return GptOssGLU(alpha=float(alpha), limit=float(limit))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +56,8 @@ class ArchSpec:
     bias: bool = False
     """Experts carry `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H]."""
 
-    activation: Callable[[object], Activation] = glu_from_hidden_act
-    """config -> the gated activation of the experts."""
+    activation: Callable[..., Activation] = glu_from_hidden_act
+    """(config, experts module) -> the gated activation of the experts."""
 
     experts_module: str = "mlp.experts"
     """Name suffix of the experts modules (each holds gate_up_proj and down_proj)."""
