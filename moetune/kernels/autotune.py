@@ -54,9 +54,16 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict], object], device) -> dict:
+# Below this many routed rows a launch takes microseconds: the heuristic first candidate is
+# used and nothing is compiled or timed (tuning costs ~1-3 s of compilation per candidate).
+MIN_TUNE_ROWS = 8192
+
+
+def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict], object], device,
+         num_rows: int) -> dict:
     """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat."""
-    if interpreted() or torch.device(device).type != "cuda" or len(candidates) == 1:
+    small = num_rows < MIN_TUNE_ROWS
+    if small or interpreted() or torch.device(device).type != "cuda" or len(candidates) == 1:
         return candidates[0]
     import triton
 

@@ -232,15 +232,13 @@ def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list
     cfg = lambda m, n, k, w, st: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)  # noqa: E731
     if N <= 64:
         bn = _pow2_at_least(N)
-        return [cfg(bm, bn, bk, 4, 3), cfg(64, bn, 128, 4, 3), cfg(128, bn, 128, 4, 3), cfg(128, bn, 64, 4, 4)]
+        return [cfg(bm, bn, bk, 4, 3), cfg(128, bn, 128, 4, 3)]
     if gated:
         first = cfg(bm, 64, bk, 8 if bm == 128 else 4, 3)
-        more = [cfg(128, 64, 64, 8, 4), cfg(64, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3),
-                cfg(64, 128, 64, 8, 3), cfg(128, 64, 32, 8, 4)]
+        more = [cfg(128, 64, 64, 8, 4), cfg(128, 128, 64, 8, 3)]
     else:
         first = cfg(bm, 128, bk, 8 if bm == 128 else 4, 3)
-        more = [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(64, 128, 64, 4, 4),
-                cfg(64, 256, 64, 8, 3), cfg(128, 128, 32, 8, 4)]
+        more = [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 4)]
     return [first] + [c for c in more if c != first]
 
 
@@ -320,7 +318,7 @@ def grouped_gemm(
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), triton.next_power_of_2(max(1, num_rows // E)))
-    launch(autotune.pick("grouped_gemm", key, candidates, launch, device))
+    launch(autotune.pick("grouped_gemm", key, candidates, launch, device, num_rows))
     dw = dws[0]
     if epilogue == 1:
         return out, gu
