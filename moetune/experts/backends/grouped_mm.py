@@ -49,6 +49,12 @@ def _dense_layout_ok(b: torch.Tensor) -> bool:
     return False
 
 
+def _aligned_ptr(t: torch.Tensor) -> torch.Tensor:
+    """grouped_mm also wants 16-byte aligned base pointers (torch <= 2.10 checks it on CPU);
+    views into memory-mapped safetensors can be off. A fresh copy is aligned."""
+    return t if t.data_ptr() % _STRIDE_BYTES == 0 else t.contiguous().clone()
+
+
 def gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Row-grouped product: rows of group e of a [S, K] times b[e] [K, N] -> [S, N].
 
@@ -65,7 +71,7 @@ def gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, offsets_E: torch.Tensor) -> tor
         b_EKN = b_EKN.contiguous()
     if a_SK.stride(1) != 1:
         a_SK = a_SK.contiguous()
-    out = _grouped_mm_op(a_SK, b_EKN, offs=offsets_E)
+    out = _grouped_mm_op(_aligned_ptr(a_SK), _aligned_ptr(b_EKN), offs=offsets_E)
     return out[:, :num_n] if n_pad else out
 
 
@@ -78,7 +84,7 @@ def gmm_wgrad(a_SM: torch.Tensor, b_SN: torch.Tensor, plan: RoutingPlan) -> torc
         a_SM = F.pad(a_SM, (0, m_pad)) if m_pad else a_SM.contiguous()
     if n_pad or b_SN.stride(1) != 1:
         b_SN = F.pad(b_SN, (0, n_pad)) if n_pad else b_SN.contiguous()
-    out = _grouped_mm_op(a_SM.t(), b_SN, offs=plan.offsets_E)
+    out = _grouped_mm_op(_aligned_ptr(a_SM).t(), _aligned_ptr(b_SN), offs=plan.offsets_E)
     # Empty groups are not written by every grouped_mm kernel (seen on Blackwell and ROCm).
     out = out.masked_fill((plan.counts_E == 0).view(-1, 1, 1), 0)
     return out[:, :num_m, :num_n] if (m_pad or n_pad) else out

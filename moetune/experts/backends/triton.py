@@ -29,6 +29,7 @@ import functools
 import os
 
 import torch
+from packaging.version import Version
 
 from ..activations import Activation
 from ..lora import ExpertLoRA
@@ -39,13 +40,16 @@ from ..routing import RoutingPlan
 def probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> str | None:
     """None if the Triton kernels can run on this device and dtype, else why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed (pip install triton; Linux only)"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type == "cpu":
         if not interpreted:
             return "Triton runs on CPU only through its interpreter (TRITON_INTERPRET=1), meant for tests"
+        # Seen 2026-11: the 3.5 and 3.6 interpreters fail on scalar kernel arguments with numpy 2.4.
+        if Version(triton.__version__).release < (3, 9):
+            return f"the Triton {triton.__version__} interpreter cannot run these kernels; it needs triton >= 3.9"
         if dtype not in (torch.float32, torch.float16):
             return f"the Triton interpreter is unreliable for {dtype}; use float32 or float16"
         return None
