@@ -209,11 +209,12 @@ class FastMoEModel:
                 model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn, local_files_only=True, **kwargs
             )
         else:
-            model = auto.from_config(config, dtype=dtype, attn_implementation=attn, **kwargs)
-            if device_map is not None:
-                if not isinstance(device_map, (str, torch.device)):
-                    raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")
-                model.to(device_map)
+            if device_map is not None and not isinstance(device_map, (str, torch.device)):
+                raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")
+            # Build (and randomly initialise) the weights where they will live: a 30B model initialised
+            # on the CPU first would need its whole size in host memory and minutes of CPU time.
+            with torch.device(device_map or "cpu"):
+                model = auto.from_config(config, dtype=dtype, attn_implementation=attn, **kwargs)
         install(model, spec)
         setattr(model, _SPEC_ATTR, spec)
         model.max_seq_length = max_seq_length

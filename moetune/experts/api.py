@@ -40,7 +40,7 @@ def moe_experts(
     """
     check_inputs(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, lora, interleaved)
     act = get_activation(activation)
-    name = select_backend(x.device, x.dtype, backend=backend)
+    name = select_backend(x.device, x.dtype, backend=backend, num_rows=topk_ids.numel())
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     plan = plan_routing(topk_ids, gate_up.shape[0])

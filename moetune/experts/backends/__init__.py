@@ -95,12 +95,25 @@ def _check_name(name, source: str) -> str:
     return name
 
 
+# Measured on an H100 (benchmarks/results/experts-triton-H100.json, 2026-11-24): the Triton
+# kernels beat grouped_mm from 65536 routed rows up (Qwen3 16K tokens: 11.0 vs 14.8 ms, GLM-4.7-Flash
+# 16K: 10.7 vs 12.3, gpt-oss 16K: 32.6 vs 34.5) and lose below (Qwen3 4K, S = 32768: 5.6 vs 5.1 ms;
+# GLM 4K: 6.1 vs 4.5), where their tiles are short of rows per expert.
+TRITON_MIN_ROWS = 65536
+
+
 def select_backend(
-    device=None, dtype: torch.dtype = torch.bfloat16, *, backend: str | None = None, explain: bool = False
+    device=None,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    backend: str | None = None,
+    num_rows: int | None = None,
+    explain: bool = False,
 ) -> str | tuple[str, str]:
     """The backend moe_experts will use; with explain=True, (name, why).
 
-    backend= wins, then the MOETUNE_MOE_BACKEND environment variable, then the fastest usable one.
+    backend= wins, then the MOETUNE_MOE_BACKEND environment variable, then the fastest usable one
+    for the device, dtype and problem size (num_rows = tokens * top_k; None: a large problem).
     A forced backend that cannot run here raises ValueError with the reason.
     """
     device = _resolve_device(device)
@@ -117,7 +130,10 @@ def select_backend(
 
     skipped = []
     for name in _preference(device):
-        if device.type == "cpu" and name == "triton":
+        if name == "triton" and device.type == "cpu":
+            continue
+        if name == "triton" and num_rows is not None and num_rows < TRITON_MIN_ROWS:
+            skipped.append(f"triton: grouped_mm measured faster below {TRITON_MIN_ROWS} routed rows")
             continue
         reason = _unavailable(name, device, dtype)
         if reason is None:
