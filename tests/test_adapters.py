@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
-import transformers
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -17,10 +15,8 @@ from moetune.adapters import (
     expert_factors_from_peft,
     expert_factors_to_peft,
     expert_peft_keys,
-    load_adapter_weights,
 )
 from moetune.experts import ExpertLoRA, moe_experts
-from moetune.models.hook import expert_lora
 
 from .models.helpers import checkpoint  # noqa: F401  (session fixture)
 from .models.helpers import ALL_ARCHS, auto_class, plain_peft_model, randomize_lora_B, relative_error, token_batch

@@ -9,9 +9,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import moetune
 from moetune import FastMoEModel
-from moetune.models import IMPLEMENTATION, SUPPORTED_MODEL_TYPES, find_experts, get_spec, install, uninstall
+from moetune.models import IMPLEMENTATION, SUPPORTED_MODEL_TYPES, get_spec, install, uninstall
 
 from .models.helpers import checkpoint  # noqa: F401  (session fixture)
 from .models.helpers import ALL_ARCHS, auto_class, plain_peft_model, relative_error, token_batch

@@ -46,9 +46,23 @@ def _triton_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return _triton.probe(device.type, device.index, dtype)
 
 
+def _function_backend(function: type[torch.autograd.Function]) -> Callable[..., torch.Tensor]:
+    """The backend call for an autograd Function taking (x, topk_weights, gate_up, down, biases,
+    the four LoRA factors, plan, scaling, activation, interleaved)."""
+
+    def run(x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved):
+        factors = lora.factors() if lora is not None else (None, None, None, None)
+        scaling = lora.scaling if lora is not None else 0.0
+        return function.apply(
+            x, topk_weights, gate_up, down, gate_up_bias, down_bias, *factors, plan, scaling, act, interleaved
+        )
+
+    return run
+
+
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", _triton.triton_experts, _triton_reason),
-    "grouped_mm": Backend("grouped_mm", _grouped_mm.grouped_mm_experts, _grouped_mm_reason),
+    "triton": Backend("triton", _function_backend(_triton.TritonExpertsFunction), _triton_reason),
+    "grouped_mm": Backend("grouped_mm", _function_backend(_grouped_mm.GroupedExpertsFunction), _grouped_mm_reason),
     "native": Backend("native", native_experts, _native_reason),
 }
 

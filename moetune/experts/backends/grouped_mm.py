@@ -25,8 +25,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..activations import Activation
-from ..lora import ExpertLoRA
 from ..routing import RoutingPlan
 
 _STRIDE_BYTES = 16  # grouped_mm needs 16-byte aligned leading strides on every operand and output
@@ -192,21 +190,3 @@ class GroupedExpertsFunction(torch.autograd.Function):
         lora_grads = [None if d is None else d.to(dt) for d, dt in zip((dA1, dB1, dA2, dB2), ctx.factor_dtypes)]
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
 
-
-def grouped_mm_experts(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    plan: RoutingPlan,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    lora: ExpertLoRA | None,
-    act: Activation,
-    interleaved: bool,
-) -> torch.Tensor:
-    factors = lora.factors() if lora is not None else (None, None, None, None)
-    scaling = lora.scaling if lora is not None else 0.0
-    return GroupedExpertsFunction.apply(
-        x, topk_weights, gate_up, down, gate_up_bias, down_bias, *factors, plan, scaling, act, interleaved
-    )

@@ -31,9 +31,6 @@ import os
 import torch
 from packaging.version import Version
 
-from ..activations import Activation
-from ..lora import ExpertLoRA
-from ..routing import RoutingPlan
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +67,7 @@ class TritonExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act, interleaved):
         from ...kernels import act_code, grouped_gemm
 
+        x = x.contiguous()
         dtype = x.dtype
         ctx.factor_dtypes = tuple(None if f is None else f.dtype for f in (A1, B1, A2, B2))
         A1, B1, A2, B2 = (None if f is None else f.to(dtype) for f in (A1, B1, A2, B2))
@@ -146,21 +144,3 @@ class TritonExpertsFunction(torch.autograd.Function):
         lora_grads = [None if d is None else d.to(dt) for d, dt in zip((dA1, dB1, dA2, dB2), ctx.factor_dtypes)]
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
 
-
-def triton_experts(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    plan: RoutingPlan,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    lora: ExpertLoRA | None,
-    act: Activation,
-    interleaved: bool,
-) -> torch.Tensor:
-    factors = lora.factors() if lora is not None else (None, None, None, None)
-    scaling = lora.scaling if lora is not None else 0.0
-    return TritonExpertsFunction.apply(
-        x.contiguous(), topk_weights, gate_up, down, gate_up_bias, down_bias, *factors, plan, scaling, act, interleaved
-    )
