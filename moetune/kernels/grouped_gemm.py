@@ -70,15 +70,24 @@ def grouped_gemm_kernel(
     out_index_ptr, row_scale_ptr,
     gu_ptr, stride_gum, stride_gun,
     dw_ptr, stride_dwn,
-    N, K, R, E, alpha, act_alpha, act_limit,
+    N, K, R, E, M_TILES, alpha, act_alpha, act_limit,
     HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grouped launch order: GROUP_M consecutive M tiles run against every N block before the next
+    # group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB) are read from
+    # HBM once and then served from L2, instead of once per N block.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_blocks
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     e, e_safe, first_row, row_end = _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E, BLOCK_M)
     if e >= E:
         return
@@ -235,10 +244,10 @@ def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list
         return [cfg(bm, bn, bk, 4, 3), cfg(128, bn, 128, 4, 3)]
     if gated:
         first = cfg(bm, 64, bk, 8 if bm == 128 else 4, 3)
-        more = [cfg(128, 64, 64, 8, 4), cfg(128, 128, 64, 8, 3)]
+        more = [cfg(128, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(128, 64, 64, 8, 4)]
     else:
         first = cfg(bm, 128, bk, 8 if bm == 128 else 4, 3)
-        more = [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 4)]
+        more = [cfg(128, 256, 64, 8, 3), cfg(128, 256, 64, 8, 4), cfg(128, 128, 64, 8, 4)]
     return [first] + [c for c in more if c != first]
 
 
@@ -290,7 +299,8 @@ def grouped_gemm(
         n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
         dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epilogue == 2 else None
         dws[:] = [dw]
-        grouped_gemm_kernel[(triton.cdiv(num_rows, block_m) + E, n_blocks)](
+        m_tiles = triton.cdiv(num_rows, block_m) + E  # upper bound: each expert adds at most one partial tile
+        grouped_gemm_kernel[(m_tiles * n_blocks,)](
             a, a.stride(0), a.stride(1),
             a_index if a_index is not None else dummy,
             b, b.stride(0), b.stride(1), b.stride(2),
@@ -303,7 +313,7 @@ def grouped_gemm(
             row_scale if row_scale is not None else dummy,
             gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
             dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
-            N, K, rank, E, float(alpha), float(act[1]), float(act[2]),
+            N, K, rank, E, m_tiles, float(alpha), float(act[1]), float(act[2]),
             HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
             HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None,
             EPILOGUE=epilogue, ACT=act[0], INTERLEAVED=interleaved,
@@ -311,6 +321,7 @@ def grouped_gemm(
             DOT_PRECISION=dot_precision(a.dtype),
             EVEN_K=K % blocks["BLOCK_K"] == 0,
             BLOCK_R=_pow2_at_least(rank),
+            GROUP_M=8,
             **blocks,
         )
 
@@ -318,7 +329,8 @@ def grouped_gemm(
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), triton.next_power_of_2(max(1, num_rows // E)))
-    launch(autotune.pick("grouped_gemm", key, candidates, launch, device, num_rows))
+    # "v2": the grouped launch order; bump when a kernel change invalidates tuned configs
+    launch(autotune.pick("grouped_gemm/v2", key, candidates, launch, device, num_rows))
     dw = dws[0]
     if epilogue == 1:
         return out, gu
