@@ -163,13 +163,13 @@ def make_routing(shape: MoEShape, tokens: int, device, dtype, seed: int = 0):
 
 def measure(step, device, warmup: int, repeat: int) -> dict:
     """Median / p20 / p80 milliseconds of `step()` and its peak memory above what was allocated before."""
+    for _ in range(warmup):  # includes one-time work (autotuning: do_bench's 256 MiB L2-flush buffer)
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
+        torch.cuda.reset_peak_memory_stats()  # steady-state peak of a step, after warm-up
     times = []
     for _ in range(repeat):
         if device.type == "cuda":

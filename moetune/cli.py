@@ -1,13 +1,15 @@
 """The `moetune` command. Thin: parses, calls the library, prints.
 
-Subcommands so far: `info`. (`train` and `merge` arrive with the training and
-integration work.) User errors exit with code 2 and one line on stderr, never a traceback.
+Subcommands: `train` (fine-tune; the built-in demo without arguments), `merge` (fold an adapter into a
+checkpoint), `info` (device, versions, backends). User errors exit with code 2 and one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 
@@ -54,6 +56,48 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    # The demo and every --model are local: nothing may reach a model hub (set before transformers loads).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .training import config as train_config
+    from .training import train
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    config = train_config.resolve_config(flags, args.config)
+    try:
+        summary = train(config)
+    except KeyboardInterrupt:
+        print(f"moetune train: interrupted; continue with --resume --output-dir {config.output_dir}", file=sys.stderr)
+        return 130
+    print(f"done: {summary['steps']} steps on {summary['device']} ({summary['moe_backend']} experts), "
+          f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
+          f"{summary['train_seconds_this_session']:.1f} s, peak {summary['peak_memory_gib']:.2f} GiB")
+    out = summary["outputs"]
+    print(f"adapter       {out['adapter']}")
+    print(f"metrics       {out['metrics']}")
+    print(f"plots         {out['loss_plot']}, {out['expert_load_plot']}")
+    print(f"summary       {os.path.join(config.output_dir, 'summary.json')}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .adapters import merge
+
+    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
+        raise ValueError(f"out_dir: {args.out_dir} exists and is not empty; choose a new directory")
+    if args.dtype != "auto":
+        dtype = _DTYPES[args.dtype]
+    else:
+        dtype = "auto"
+    try:
+        merge(args.model_dir, args.adapter_dir, args.out_dir, dtype=dtype)
+    except OSError as err:
+        raise ValueError(f"cannot read the checkpoint or adapter: {str(err).splitlines()[0]}") from None
+    print(f"merged {args.adapter_dir} into {args.model_dir} -> {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moetune", description="Fast, memory-lean LoRA fine-tuning of Mixture-of-Experts LLMs."
@@ -70,7 +114,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if there is one)")
     info.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES), help="compute dtype (default: bfloat16)")
     info.set_defaults(func=cmd_info)
+    _add_train(sub)
+    _add_merge(sub)
     return parser
+
+
+def _add_train(sub) -> None:
+    from .training.config import add_arguments
+
+    train = sub.add_parser(
+        "train",
+        help="LoRA fine-tuning (no arguments: the built-in demo)",
+        description="LoRA fine-tuning of a Mixture-of-Experts model. Without arguments it trains the built-in demo "
+        "(a tiny random-init Qwen3-MoE on a small instruction set) and writes the adapter, metrics.jsonl, "
+        "loss.png, expert_load.png and summary.json into ./moetune-output. Every flag is also a key of --config "
+        "(same name with underscores); flags given on the command line win.",
+    )
+    train.add_argument("--config", default=None, metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of settings")
+    add_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+
+def _add_merge(sub) -> None:
+    merge = sub.add_parser(
+        "merge",
+        help="fold a PEFT adapter into a checkpoint (a plain transformers model)",
+        description="Fold the LoRA adapter in ADAPTER_DIR into the checkpoint in MODEL_DIR and write a plain "
+        "transformers checkpoint (tokenizer files copied) to OUT_DIR, which must be new or empty.",
+    )
+    merge.add_argument("model_dir", help="base checkpoint directory the adapter was trained on")
+    merge.add_argument("adapter_dir", help="adapter directory (e.g. moetune-output/adapter)")
+    merge.add_argument("out_dir", help="where the merged checkpoint goes")
+    merge.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+                       help="dtype of the merged weights (default: auto, as stored in MODEL_DIR)")
+    merge.set_defaults(func=cmd_merge)
 
 
 def main(argv: list[str] | None = None) -> int:

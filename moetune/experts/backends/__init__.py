@@ -109,11 +109,11 @@ def _check_name(name, source: str) -> str:
     return name
 
 
-# Measured on an H100 (benchmarks/results/experts-triton-H100.json, 2026-11-24): the Triton
-# kernels beat grouped_mm from 65536 routed rows up (Qwen3 16K tokens: 11.0 vs 14.8 ms, GLM-4.7-Flash
-# 16K: 10.7 vs 12.3, gpt-oss 16K: 32.6 vs 34.5) and lose below (Qwen3 4K, S = 32768: 5.6 vs 5.1 ms;
-# GLM 4K: 6.1 vs 4.5), where their tiles are short of rows per expert.
-TRITON_MIN_ROWS = 65536
+# Measured on an H100 (benchmarks/results/experts-triton-H100.json, 2026-11-24, run 7): the Triton
+# kernels beat grouped_mm from 32768 routed rows (Qwen3 4K tokens: 3.8 vs 5.1 ms; 16K: 9.0 vs 14.5;
+# GLM-4.7-Flash 16K: 8.8 vs 12.4; gpt-oss 16K: 31.3 vs 34.3) and tie at 16384 (GLM 4K: 4.48 vs 4.52,
+# gpt-oss 4K: 10.04 vs 10.02). Below that, untested: grouped_mm.
+TRITON_MIN_ROWS = 16384
 
 
 def select_backend(

@@ -1,0 +1,115 @@
+"""Checkpoints: written atomically, enough to continue a run exactly where it stopped.
+
+    checkpoints/step-000040/
+        adapter/            the PEFT adapter at that step (usable on its own)
+        state.pt            trainable parameters (exact fp32 copies), optimizer, scheduler, RNG states, step
+
+Each checkpoint is written into `checkpoints/.tmp-step-N` and renamed into place, so a checkpoint
+directory that exists is complete: a run killed while saving leaves only a `.tmp-` directory,
+which the next save removes. The data position is not stored: the order of each epoch is a function
+of (seed, epoch) and the step number fixes where in it the run was.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+
+import torch
+
+__all__ = ["CHECKPOINTS", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "atomic_dir"]
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def atomic_dir(final: str, write) -> None:
+    """Call write(tmp_dir), then rename tmp_dir to final (replacing an older final)."""
+    parent, name = os.path.split(final)
+    tmp = os.path.join(parent, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(final):
+        old = os.path.join(parent, f".old-{name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int) -> str:
+    root = os.path.join(output_dir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(os.path.join(tmp, "adapter"))
+        state = {
+            "step": step,
+            "trainable": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+        }
+        torch.save(state, os.path.join(tmp, "state.pt"))
+
+    atomic_dir(final, write)
+    for old in _checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old[1])
+    return final
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = _checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"--resume: cannot read checkpoint {path}: {err}") from None
+    params = dict(model.named_parameters())
+    if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
+        raise ValueError(f"--resume: checkpoint {path} was trained with other LoRA targets or rank than this run")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"--resume: checkpoint {path} has {name} of shape {list(value.shape)}, this run {list(params[name].shape)}")
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,254 @@
+"""TrainConfig: every setting of `moetune train`, written once.
+
+The CLI flags (`--max-seq-length`) and the config-file keys (`max_seq_length`, YAML or TOML) are generated
+from the fields below, and their help text is the docstring under each field. Precedence: field default <
+config file < command-line flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import os
+import typing
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig", "field_docs", "add_arguments", "resolve_config", "load_config_file"]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A fine-tuning run. The defaults train the built-in demo in well under a minute on 2 CPU cores."""
+
+    model: str | None = None
+    """Local checkpoint directory of a supported MoE model (default: the built-in demo, a tiny random-init Qwen3-MoE)."""
+
+    data: str | None = None
+    """JSONL training data: {"text"}, {"messages": [{"role", "content"}]} or {"instruction", "input", "output"} per line (default: the built-in demo dataset)."""
+
+    output_dir: str = "moetune-output"
+    """Where the adapter, checkpoints, metrics.jsonl, plots and summary.json go."""
+
+    max_seq_length: int = 512
+    """Longest training sequence in tokens; a longer record is an error (its file and line are named)."""
+
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides --epochs when given."""
+
+    epochs: float = 3.0
+    """Passes over the data (fractions allowed) when --max-steps is not given."""
+
+    lr: float = 3e-3
+    """Peak learning rate (AdamW), reached after warm-up and decayed on a cosine to a tenth of it."""
+
+    warmup_steps: int = 5
+    """Steps of linear learning-rate warm-up."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA parameters."""
+
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the loss is averaged over all their response tokens)."""
+
+    r: int = 16
+    """LoRA rank (experts and Linear layers alike)."""
+
+    lora_alpha: float = 32.0
+    """LoRA alpha; the LoRA update is scaled by lora_alpha / r."""
+
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+    """Modules that get LoRA: gate_up_proj / down_proj select split LoRA on the experts, other names Linear layers."""
+
+    train_router: bool = False
+    """Train the router weights in full (saved as peft modules_to_save)."""
+
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: less memory, about a third more compute."""
+
+    packing: bool = False
+    """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
+
+    seed: int = 0
+    """Seed for the LoRA initialisation, the data order and the demo model's random weights."""
+
+    dtype: str = "auto"
+    """Compute dtype: auto (bfloat16 on a GPU, float32 on CPU), bfloat16, float16 or float32."""
+
+    device: str = "auto"
+    """cpu, cuda or cuda:N (auto: the GPU if there is one)."""
+
+    logging_steps: int = 1
+    """Write a metrics.jsonl row (loss, lr, tokens/s, memory, expert load) every this many steps."""
+
+    save_steps: int = 20
+    """Write a checkpoint every this many steps (and at the end)."""
+
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep on disk."""
+
+    resume: bool = False
+    """Continue the run in --output-dir from its newest checkpoint."""
+
+    overwrite: bool = False
+    """Replace a run already in --output-dir instead of refusing to start."""
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+POSITIVE_INTS = ("max_seq_length", "batch_size", "grad_accum", "r", "logging_steps", "save_steps", "keep_checkpoints")
+
+
+@functools.cache
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """{field name: the docstring written under it} read from the class source (Python keeps no field docs)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    missing = {f.name for f in dataclasses.fields(cls)} - set(docs)
+    assert not missing, f"TrainConfig fields without a docstring: {missing}"
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """int for `int | None`, str for `tuple[str, ...]`: the type one value on the command line converts to."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return args[0]
+    if args:
+        return args[0]
+    return annotation
+
+
+def _types() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults are left unset so that a config file can fill them."""
+    docs = field_docs()
+    for field in dataclasses.fields(TrainConfig):
+        annotation = _types()[field.name]
+        default = field.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help_text = f"{docs[field.name]} (default: {shown})".replace("%", "%%")
+        kwargs = dict(default=argparse.SUPPRESS, help=help_text, dest=field.name)
+        if annotation is bool:
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(annotation) is tuple:
+            parser.add_argument(_flag(field.name), nargs="+", metavar="NAME", **kwargs)
+        else:
+            choices = DTYPES if field.name == "dtype" else None
+            parser.add_argument(_flag(field.name), type=_base_type(annotation), choices=choices, **kwargs)
+
+
+def load_config_file(path: str) -> dict:
+    """Keys and values of a YAML (.yaml/.yml) or TOML (.toml) file, keys normalised to field names."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml", ".toml"):
+        raise ValueError(f"--config: expected a .yaml, .yml or .toml file, got {path!r}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ValueError(f"--config: cannot read {path}: {err.strerror}") from None
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            values = tomllib.loads(raw.decode("utf-8"))
+        else:
+            import yaml
+
+            values = yaml.safe_load(raw) or {}
+    except Exception as err:  # yaml and tomllib raise their own error classes; both mean a malformed file
+        detail = " ".join(str(err).split())
+        raise ValueError(f"--config: {path} is not valid {ext[1:].upper()}: {detail}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of settings, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    normalised = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--config: unknown key {key!r} in {path}; expected one of {', '.join(sorted(known))}")
+        normalised[name] = value
+    return normalised
+
+
+def _coerce(name: str, value):
+    """A config-file value checked (and converted where lossless) to the field's type."""
+    annotation = _types()[name]
+    base = _base_type(annotation)
+    if value is None and type(None) in typing.get_args(annotation):
+        return None
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name}: expected a list of names, got {value!r}")
+        return tuple(value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Range checks; a bad value raises ValueError naming the flag."""
+    for name in POSITIVE_INTS:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{_flag(name)}: expected an integer >= 1, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
+    if not config.epochs > 0:
+        raise ValueError(f"--epochs: expected a number > 0, got {config.epochs}")
+    if not config.lr > 0:
+        raise ValueError(f"--lr: expected a number > 0, got {config.lr}")
+    if not config.lora_alpha > 0:
+        raise ValueError(f"--lora-alpha: expected a number > 0, got {config.lora_alpha}")
+    if config.warmup_steps < 0 or config.weight_decay < 0:
+        raise ValueError("--warmup-steps and --weight-decay: expected values >= 0")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if not config.target_modules:
+        raise ValueError("--target-modules: expected at least one module name")
+    if config.resume and config.overwrite:
+        raise ValueError("--resume and --overwrite: pick one (continue the run, or replace it)")
+    return config
+
+
+def resolve_config(flags: dict, config_file: str | None = None) -> TrainConfig:
+    """TrainConfig from defaults, then the config file, then the flags given on the command line."""
+    values = load_config_file(config_file) if config_file else {}
+    values = {name: _coerce(name, value) for name, value in values.items()}
+    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()})
+    return validate(TrainConfig(**values))

@@ -1,0 +1,227 @@
+"""Training data: JSONL records -> token ids with labels -> micro-batches.
+
+Formats (decided by the first record; every record of a file must match it):
+    {"text": "..."}                                       loss on every token
+    {"messages": [{"role": ..., "content": ...}, ...]}    rendered with the tokenizer's chat template;
+                                                          loss on the assistant turns only
+    {"instruction": ..., "input": ..., "output": ...}     user turn = instruction (+ input), assistant
+                                                          turn = output; loss on the output only
+
+Labels use -100 for tokens without loss (transformers' ignore index); the model shifts them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Example", "load_examples", "make_units", "epoch_steps", "collate", "IGNORE"]
+
+IGNORE = -100
+FORMATS = {"text": ("text",), "messages": ("messages",), "instruction": ("instruction", "output")}
+# Used only when an instruction record meets a tokenizer without a chat template (base models).
+PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+PLAIN_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record, tokenised. labels[i] is input_ids[i] where the loss applies, else IGNORE."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    if not os.path.isfile(path):
+        raise ValueError(f"--data: no such file: {path}")
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"--data: {path}, line {line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"--data: {path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
+                records.append((line_no, record))
+    except UnicodeDecodeError:
+        raise ValueError(f"--data: {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise ValueError(f"--data: cannot read {path}: {err.strerror}") from None
+    if not records:
+        raise ValueError(f"--data: {path} holds no records (empty dataset)")
+    return records
+
+
+def _detect_format(path: str, line_no: int, record: dict) -> str:
+    for name, keys in FORMATS.items():
+        if all(k in record for k in keys):
+            return name
+    raise ValueError(
+        f"--data: {path}, line {line_no}: expected a record with \"text\", \"messages\" or "
+        f"\"instruction\" + \"output\", got keys {sorted(record)}"
+    )
+
+
+def _where(path: str, line_no: int) -> str:
+    return f"--data: {path}, line {line_no}"
+
+
+def _as_messages(fmt: str, record: dict, where: str) -> list[dict]:
+    if fmt == "messages":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: \"messages\" must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: messages[{i}] needs string \"role\" and \"content\" fields")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: no \"assistant\" message, so nothing to train on")
+        return messages
+    for key in ("instruction", "input", "output"):
+        if not isinstance(record.get(key, ""), str):
+            raise ValueError(f"{where}: \"{key}\" must be a string")
+    if not record["output"]:
+        raise ValueError(f"{where}: \"output\" is empty, so nothing to train on")
+    user = record["instruction"] + ("\n\n" + record["input"] if record.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def _render(tokenizer, messages, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def _chat_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, character spans of the assistant turns), each span from after the generation prompt
+    to the end of the turn (its end-of-turn marker included: the model must learn to stop)."""
+    full = _render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        turn = _render(tokenizer, messages[: i + 1])
+        # Templates that rewrite earlier turns (e.g. dropping old reasoning) break the prefix property;
+        # response-only labels cannot be placed then, so say so rather than train on the wrong tokens.
+        if not (full.startswith(turn) and turn.startswith(prompt)):
+            raise ValueError(f"{where}: the chat template does not render turns as prefixes; use {{\"text\"}} records")
+        spans.append((len(prompt), len(turn)))
+    return full, spans
+
+
+def _tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]] | None) -> Example:
+    enc = tokenizer(text, add_special_tokens=spans is None, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if spans is None:  # plain text: loss everywhere, and an end-of-sequence token to learn where text ends
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        return Example(ids, list(ids))
+    labels = [IGNORE] * len(ids)
+    for i, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans):
+            labels[i] = ids[i]
+    return Example(ids, labels)
+
+
+def _tokenize(tokenizer, fmt: str, record: dict, where: str) -> Example:
+    if fmt == "text":
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise ValueError(f"{where}: \"text\" must be a non-empty string")
+        return _tokenize_spans(tokenizer, record["text"], None)
+    messages = _as_messages(fmt, record, where)
+    if tokenizer.chat_template:
+        text, spans = _chat_spans(tokenizer, messages, where)
+        return _tokenize_spans(tokenizer, text, spans)
+    if fmt == "messages":
+        raise ValueError(f"{where}: \"messages\" records need a tokenizer with a chat template; this one has none")
+    template = PLAIN_PROMPT_INPUT if record.get("input") else PLAIN_PROMPT
+    prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
+    answer = record["output"] + (tokenizer.eos_token or "")
+    return _tokenize_spans(tokenizer, prompt + answer, [(len(prompt), len(prompt) + len(answer))])
+
+
+def load_examples(path: str, tokenizer, max_seq_length: int) -> tuple[str, list[Example]]:
+    """(format name, tokenised examples) of a JSONL file; any bad record raises ValueError naming its line."""
+    records = _read_jsonl(path)
+    fmt = _detect_format(path, *records[0])
+    examples = []
+    for line_no, record in records:
+        where = _where(path, line_no)
+        if not all(k in record for k in FORMATS[fmt]):
+            missing = [k for k in FORMATS[fmt] if k not in record]
+            raise ValueError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (line {records[0][0]} is {fmt!r} format)")
+        example = _tokenize(tokenizer, fmt, record, where)
+        if len(example.input_ids) > max_seq_length:
+            raise ValueError(
+                f"{where}: {len(example.input_ids)} tokens, longer than --max-seq-length {max_seq_length}"
+            )
+        if all(label == IGNORE for label in example.labels[1:]):
+            raise ValueError(f"{where}: no tokens to train on after tokenisation")
+        examples.append(example)
+    return fmt, examples
+
+
+def make_units(examples: list[Example], max_seq_length: int, packing: bool) -> list[list[Example]]:
+    """Training rows as lists of examples: one example each, or (packing) consecutive examples filling
+    up to max_seq_length tokens. Packed once, in file order, so every epoch has the same number of steps."""
+    if not packing:
+        return [[e] for e in examples]
+    units, row, used = [], [], 0
+    for e in examples:
+        if row and used + len(e.input_ids) > max_seq_length:
+            units.append(row)
+            row, used = [], 0
+        row.append(e)
+        used += len(e.input_ids)
+    units.append(row)
+    return units
+
+
+def steps_per_epoch(num_units: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(num_units / (batch_size * grad_accum))
+
+
+def epoch_steps(num_units: int, batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """Unit indices of each optimizer step of one epoch: [step][micro-batch][row].
+
+    The order is a pure function of (seed, epoch): a resumed run finds its data position from the step
+    number alone, with no sampler state to save.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_units, generator=gen).tolist()
+    micro = [order[i : i + batch_size] for i in range(0, num_units, batch_size)]
+    return [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]
+
+
+def collate(units: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-padded tensors. Unpacked rows get an attention_mask; packed rows get position_ids that restart
+    at every example, from which transformers builds a block-diagonal causal mask (no cross-example attention)."""
+    length = max(sum(len(e.input_ids) for e in unit) for unit in units)
+    ids, labels, positions, mask = [], [], [], []
+    for unit in units:
+        row_ids, row_labels, row_pos = [], [], []
+        for e in unit:
+            row_ids += e.input_ids
+            # The first token of an example is not predicted from the previous example's last token.
+            row_labels += [IGNORE] + e.labels[1:]
+            row_pos += list(range(len(e.input_ids)))
+        pad = length - len(row_ids)
+        mask.append([1] * len(row_ids) + [0] * pad)
+        ids.append(row_ids + [pad_id] * pad)
+        labels.append(row_labels + [IGNORE] * pad)
+        positions.append(row_pos + list(range(pad)))  # padding is a segment of its own
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if packed:
+        batch["position_ids"] = torch.tensor(positions)
+    else:
+        batch["attention_mask"] = torch.tensor(mask)
+    batch["token_mask"] = torch.tensor(mask, dtype=torch.bool)
+    return batch

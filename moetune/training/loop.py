@@ -1,0 +1,238 @@
+"""The training loop of `moetune train`: a lean loop of our own over a FastMoEModel peft model.
+
+    summary = train(TrainConfig(...))     # validates everything first (prepare.py), then trains
+
+Per optimizer step: grad_accum micro-batches, loss = sum of token losses / response tokens in the whole
+step (transformers' num_items_in_batch), AdamW on the LoRA parameters, gradient clipping at
+max_grad_norm 1.0, linear warm-up then cosine decay to lr/10. Writes metrics.jsonl rows, checkpoints
+(checkpoint.py), and at the end the adapter, loss.png, expert_load.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+
+import torch
+
+from . import data as data_mod
+from .checkpoint import atomic_dir, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import ExpertLoad, MetricsLog, peak_memory_gib, read_metrics
+from .prepare import RUN_FILES, Plan, prepare
+
+__all__ = ["train", "run"]
+
+MAX_GRAD_NORM = 1.0  # the usual LoRA setting (peft/TRL examples); keeps the first steps at a high lr stable
+MIN_LR_RATIO = 0.1
+
+
+def train(config: TrainConfig, console=None) -> dict:
+    """Check the inputs, train, write the outputs; returns the run summary."""
+    return run(prepare(config), console)
+
+
+def _schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _write_demo_model(plan: Plan, directory: str) -> None:
+    """The demo base model: Qwen3-MoE from the shipped config, random weights from the run's seed. Written
+    out so the adapter has a base to load onto (and `moetune merge` has a checkpoint to merge into)."""
+    import transformers
+
+    torch.manual_seed(plan.config.seed)
+    model = transformers.AutoModelForCausalLM.from_config(plan.model_config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    plan.tokenizer.save_pretrained(directory)
+
+
+def _base_model_dir(plan: Plan) -> str:
+    if plan.model_dir is not None:
+        return plan.model_dir
+    demo_dir = os.path.join(plan.config.output_dir, "demo-model")
+    if not os.path.isfile(os.path.join(demo_dir, "config.json")):  # a resumed demo run reuses its model
+        atomic_dir(demo_dir, lambda tmp: _write_demo_model(plan, tmp))
+    return demo_dir
+
+
+def _build_model(plan: Plan, model_dir: str):
+    from ..fast_model import FastMoEModel
+
+    config = plan.config
+    try:
+        model, _ = FastMoEModel.from_pretrained(
+            model_dir, max_seq_length=config.max_seq_length, dtype=plan.dtype, device_map=str(plan.device)
+        )
+    except OSError as err:
+        raise ValueError(f"--model: cannot load the weights in {model_dir}: {str(err).splitlines()[0]}") from None
+    with warnings.catch_warnings():
+        # peft 0.21 reads an attribute transformers >= 5.2x deprecates; not actionable for the user.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = FastMoEModel.get_peft_model(
+            model, r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+            use_gradient_checkpointing=config.gradient_checkpointing, train_router=config.train_router,
+            random_state=config.seed,
+        )
+    return model, peft_model
+
+
+def _clear_old_run(output_dir: str) -> None:
+    for name in RUN_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _progress(console, total: int, start: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console or Console(stderr=True), transient=False,
+    )
+
+
+def run(plan: Plan, console=None) -> dict:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its load/save bars would interleave with ours
+    config = plan.config
+    device = plan.device
+    torch.manual_seed(config.seed)
+    if plan.resume_from is None and config.overwrite:
+        _clear_old_run(config.output_dir)
+    os.makedirs(config.output_dir, exist_ok=True)
+    model_dir = _base_model_dir(plan)
+    base_model, peft_model = _build_model(plan, model_dir)
+    spec = base_model.moetune_spec
+    from ..models.hook import find_experts
+
+    units = data_mod.make_units(plan.examples, config.max_seq_length, config.packing)
+    per_epoch = data_mod.steps_per_epoch(len(units), config.batch_size, config.grad_accum)
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
+    start = 0
+    if plan.resume_from is not None:
+        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler)
+    metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
+    metrics = MetricsLog(metrics_path, start if plan.resume_from else None)
+    load = ExpertLoad(find_experts(base_model, spec), device)
+    pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    peft_model.train()
+    epoch_plan, epoch_of_plan = None, None
+    tokens_interval, loss_interval, steps_interval = 0, torch.zeros((), device=device), 0
+    t_interval = t_start = time.perf_counter()
+    tokens_total = 0
+    with _progress(console, total, start) as progress:
+        task = progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+        for step in range(start, total):
+            epoch, index = divmod(step, per_epoch)
+            if epoch != epoch_of_plan:
+                epoch_plan = data_mod.epoch_steps(len(units), config.batch_size, config.grad_accum, config.seed, epoch)
+                epoch_of_plan = epoch
+            batches = [data_mod.collate([units[i] for i in mb], pad_id, config.packing) for mb in epoch_plan[index]]
+            num_labels = sum(int((b["labels"] != data_mod.IGNORE).sum()) for b in batches)
+            for batch in batches:
+                token_mask = batch.pop("token_mask")
+                tokens_interval += int(token_mask.sum())
+                load.token_mask = token_mask.reshape(-1).to(device, non_blocking=True)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
+                loss.backward()
+                loss_interval += loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps_interval += 1
+            done = step + 1
+            if done % config.logging_steps == 0 or done == total:
+                now = time.perf_counter()
+                row = {
+                    "step": done,
+                    "epoch": round(done / per_epoch, 4),
+                    "loss": float(loss_interval) / steps_interval,
+                    "lr": lr,
+                    "tokens_per_s": tokens_interval / (now - t_interval),
+                    "peak_memory_gib": round(peak_memory_gib(device), 4),
+                    "expert_load": {str(layer): shares for layer, shares in zip(load.layers, load.take())},
+                }
+                metrics.write(row)
+                progress.update(task, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:,.0f}")
+                tokens_total += tokens_interval
+                tokens_interval, steps_interval, t_interval = 0, 0, now
+                loss_interval.zero_()
+            if done % config.save_steps == 0 or done == total:
+                save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints)
+            progress.update(task, completed=done)
+    elapsed = time.perf_counter() - t_start
+    return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total)
+
+
+def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens) -> dict:
+    from .plots import plot_expert_load, plot_loss
+
+    config = plan.config
+    out = config.output_dir
+    atomic_dir(os.path.join(out, "adapter"), peft_model.save_pretrained)
+    rows = read_metrics(metrics_path)
+    plot_loss(rows, os.path.join(out, "loss.png"))
+    plot_expert_load(_mean_load(rows), load.layers, os.path.join(out, "expert_load.png"))
+    load.remove()
+    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    summary = {
+        "model": config.model or "built-in demo (Qwen3-MoE, random init)",
+        "base_model_dir": os.path.abspath(model_dir),
+        "data": plan.data_path,
+        "data_format": plan.data_format,
+        "records": len(plan.examples),
+        "steps": total,
+        "epochs": round(total / per_epoch, 4),
+        "resumed_from_step": start if plan.resume_from else None,
+        "trainable_parameters": trainable,
+        "device": str(plan.device),
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "moe_backend": plan.backend,
+        "train_seconds_this_session": round(elapsed, 2),
+        "tokens_per_s_this_session": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "loss_first": sum(r["loss"] for r in head) / len(head),
+        "loss_last": sum(r["loss"] for r in tail) / len(tail),
+        "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
+        "outputs": {
+            "adapter": os.path.join(out, "adapter"), "metrics": metrics_path,
+            "loss_plot": os.path.join(out, "loss.png"), "expert_load_plot": os.path.join(out, "expert_load.png"),
+        },
+    }
+    tmp = os.path.join(out, ".tmp-summary.json")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(out, "summary.json"))  # written last: its presence marks a finished run
+    return summary
+
+
+def _mean_load(rows: list[dict]) -> list[list[float]]:
+    """Expert load over the whole run: the mean of the logged shares (a resumed run's rows included)."""
+    layers = sorted(rows[0]["expert_load"], key=int)
+    return [[sum(r["expert_load"][layer][e] for r in rows) / len(rows) for e in range(len(rows[0]["expert_load"][layer]))] for layer in layers]

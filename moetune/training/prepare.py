@@ -1,0 +1,160 @@
+"""Everything a run checks before it writes anything: device, backend, model, tokenizer, data, output dir.
+
+A user error anywhere here raises ValueError with one line naming the flag (and file and line for data),
+so a bad run stops before the output directory holds anything that looks like a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from ..experts import select_backend
+from . import data as data_mod
+from .checkpoint import latest_checkpoint
+from .config import TrainConfig
+
+__all__ = ["Plan", "prepare", "DEMO_DIR", "RUN_FILES"]
+
+DEMO_DIR = str(resources.files("moetune") / "demo")
+# What a run writes into --output-dir; --overwrite removes exactly these and nothing else.
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "expert_load.png", "summary.json", "demo-model")
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    backend_why: str
+    model_dir: str | None  # None: the demo model, built from DEMO_DIR/config.json with the seed
+    model_config: object
+    tokenizer: object
+    data_path: str
+    data_format: str
+    examples: list
+    resume_from: str | None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name} asked for, but torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPU matmuls in bf16 are slower than fp32 on most CPUs, and the demo is small enough for fp32.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def _model_config(model_dir: str):
+    import transformers
+
+    from ..models.registry import SUPPORTED_MODEL_TYPES
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"--model: no such directory: {model_dir}")
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--model: {model_dir} has no config.json (expected a transformers checkpoint directory)")
+    try:
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model: cannot read {config_path}: {err}") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"--model: {model_dir} is a {model_type!r} model, not a supported MoE architecture; "
+            f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model: cannot load the config in {model_dir}: {str(err).splitlines()[0]}") from None
+
+
+def _tokenizer(model_dir: str, max_seq_length: int):
+    import transformers
+
+    from ..fast_model import TOKENIZER_FILES
+
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"--model: {model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_dir, local_files_only=True, model_max_length=max_seq_length
+        )
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model: cannot load the tokenizer in {model_dir}: {str(err).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"--model: the tokenizer in {model_dir} is not a fast tokenizer (tokenizer.json needed)")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError(f"--model: the tokenizer in {model_dir} has neither a pad nor an eos token")
+    return tokenizer
+
+
+def _max_positions(model_config) -> int | None:
+    from ..models.registry import get_spec
+
+    language = get_spec(model_config.model_type).language_config(model_config)
+    return getattr(language, "max_position_embeddings", None)
+
+
+def _check_output_dir(config: TrainConfig) -> str | None:
+    """The checkpoint to resume from (None: a fresh run); refuses to mix a new run into an old one."""
+    out = config.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output-dir: {out} exists and is not a directory")
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if config.resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise ValueError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}")
+        return checkpoint
+    if present and not config.overwrite:
+        raise ValueError(
+            f"--output-dir: {out} already holds a run ({', '.join(present)}); "
+            "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
+        )
+    return None
+
+
+def prepare(config: TrainConfig) -> Plan:
+    device = _device(config.device)
+    dtype = _dtype(config.dtype, device)
+    backend, why = select_backend(device, dtype, explain=True)  # a bad MOETUNE_MOE_BACKEND fails here
+    if config.model is None:
+        model_dir, source = None, DEMO_DIR
+        model_config = _model_config(DEMO_DIR)
+    else:
+        model_dir = source = config.model
+        model_config = _model_config(model_dir)
+    limit = _max_positions(model_config)
+    if limit is not None and config.max_seq_length > limit:
+        raise ValueError(f"--max-seq-length: {config.max_seq_length} is longer than the model allows ({limit} positions)")
+    tokenizer = _tokenizer(source, config.max_seq_length)
+    data_path = config.data or os.path.join(DEMO_DIR, "data.jsonl")
+    data_format, examples = data_mod.load_examples(data_path, tokenizer, config.max_seq_length)
+    resume_from = _check_output_dir(config)
+    return Plan(
+        config=config, device=device, dtype=dtype, backend=backend, backend_why=why, model_dir=model_dir,
+        model_config=model_config, tokenizer=tokenizer, data_path=data_path, data_format=data_format,
+        examples=examples, resume_from=resume_from,
+    )
