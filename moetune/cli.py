@@ -98,8 +98,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage of `train` runs to a screenful)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moetune", description="Fast, memory-lean LoRA fine-tuning of Mixture-of-Experts LLMs."
     )
     parser.add_argument("--version", action="version", version=f"moetune {__version__}")

@@ -147,8 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         annotation = _types()[field.name]
         default = field.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        help_text = f"{docs[field.name]} (default: {shown})".replace("%", "%%")
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        help_text = docs[field.name] if default is None else f"{docs[field.name]} (default: {shown})"
+        help_text = help_text.replace("%", "%%")
         kwargs = dict(default=argparse.SUPPRESS, help=help_text, dest=field.name)
         if annotation is bool:
             parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)

@@ -95,20 +95,25 @@ def _as_messages(fmt: str, record: dict, where: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
 
 
-def _render(tokenizer, messages, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+def _render(tokenizer, messages, where: str, **kwargs) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as err:  # templates raise on conversations they reject (roles, order)
+        raise ValueError(f"{where}: the chat template rejects this conversation: {err}") from None
 
 
 def _chat_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, character spans of the assistant turns), each span from after the generation prompt
     to the end of the turn (its end-of-turn marker included: the model must learn to stop)."""
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        turn = _render(tokenizer, messages[: i + 1])
+        prompt = _render(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
+        turn = _render(tokenizer, messages[: i + 1], where)
         # Templates that rewrite earlier turns (e.g. dropping old reasoning) break the prefix property;
         # response-only labels cannot be placed then, so say so rather than train on the wrong tokens.
         if not (full.startswith(turn) and turn.startswith(prompt)):
@@ -118,7 +123,8 @@ def _chat_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
 
 
 def _tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]] | None) -> Example:
-    enc = tokenizer(text, add_special_tokens=spans is None, return_offsets_mapping=True)
+    # verbose=False: an over-long record gets our error naming its line, not transformers' warning too.
+    enc = tokenizer(text, add_special_tokens=spans is None, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     if spans is None:  # plain text: loss everywhere, and an end-of-sequence token to learn where text ends
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 
@@ -57,16 +58,22 @@ def _write_demo_model(plan: Plan, directory: str) -> None:
     plan.tokenizer.save_pretrained(directory)
 
 
-def _base_model_dir(plan: Plan) -> str:
+def _base_model_dir(plan: Plan) -> tuple[str, str | None]:
+    """(directory to load the base model from, temporary directory to move into the output or None)."""
     if plan.model_dir is not None:
-        return plan.model_dir
+        return plan.model_dir, None
     demo_dir = os.path.join(plan.config.output_dir, "demo-model")
-    if not os.path.isfile(os.path.join(demo_dir, "config.json")):  # a resumed demo run reuses its model
-        atomic_dir(demo_dir, lambda tmp: _write_demo_model(plan, tmp))
-    return demo_dir
+    if plan.resume_from is not None and os.path.isfile(os.path.join(demo_dir, "config.json")):
+        return demo_dir, None  # a resumed demo run continues on the very weights it started with
+    # Written outside --output-dir first: it moves in only once the model and its LoRA set-up are valid.
+    tmp = tempfile.mkdtemp(prefix="moetune-demo-model-")
+    _write_demo_model(plan, tmp)
+    return tmp, tmp
 
 
 def _build_model(plan: Plan, model_dir: str):
+    from safetensors import SafetensorError
+
     from ..fast_model import FastMoEModel
 
     config = plan.config
@@ -74,7 +81,7 @@ def _build_model(plan: Plan, model_dir: str):
         model, _ = FastMoEModel.from_pretrained(
             model_dir, max_seq_length=config.max_seq_length, dtype=plan.dtype, device_map=str(plan.device)
         )
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         raise ValueError(f"--model: cannot load the weights in {model_dir}: {str(err).splitlines()[0]}") from None
     with warnings.catch_warnings():
         # peft 0.21 reads an attribute transformers >= 5.2x deprecates; not actionable for the user.
@@ -114,11 +121,20 @@ def run(plan: Plan, console=None) -> dict:
     config = plan.config
     device = plan.device
     torch.manual_seed(config.seed)
+    model_dir, demo_tmp = _base_model_dir(plan)
+    try:  # the model and its LoRA set-up load (or fail on bad input) before anything is written
+        base_model, peft_model = _build_model(plan, model_dir)
+    except BaseException:
+        if demo_tmp:
+            shutil.rmtree(demo_tmp, ignore_errors=True)
+        raise
     if plan.resume_from is None and config.overwrite:
         _clear_old_run(config.output_dir)
     os.makedirs(config.output_dir, exist_ok=True)
-    model_dir = _base_model_dir(plan)
-    base_model, peft_model = _build_model(plan, model_dir)
+    if demo_tmp:
+        model_dir = os.path.join(config.output_dir, "demo-model")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.move(demo_tmp, model_dir)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 

@@ -101,7 +101,7 @@ def _tokenizer(model_dir: str, max_seq_length: int):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, model_max_length=max_seq_length
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception for a corrupt tokenizer.json
         raise ValueError(f"--model: cannot load the tokenizer in {model_dir}: {str(err).splitlines()[0]}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"--model: the tokenizer in {model_dir} is not a fast tokenizer (tokenizer.json needed)")

@@ -109,11 +109,11 @@ def _check_name(name, source: str) -> str:
     return name
 
 
-# Measured on an H100 (benchmarks/results/experts-triton-H100.json, 2026-11-24, run 7): the Triton
-# kernels beat grouped_mm from 32768 routed rows (Qwen3 4K tokens: 3.8 vs 5.1 ms; 16K: 9.0 vs 14.5;
-# GLM-4.7-Flash 16K: 8.8 vs 12.4; gpt-oss 16K: 31.3 vs 34.3) and tie at 16384 (GLM 4K: 4.48 vs 4.52,
-# gpt-oss 4K: 10.04 vs 10.02). Below that, untested: grouped_mm.
-TRITON_MIN_ROWS = 16384
+# Measured on an H100 (benchmarks/results/experts-triton-H100.json, 2026-11-24, runs 7 and 8): the
+# Triton kernels beat grouped_mm from 32768 routed rows (Qwen3 4K tokens: 3.7 vs 5.1 ms; 16K: 8.9 vs
+# 14.4; GLM-4.7-Flash 16K: 8.6 vs 11.8; gpt-oss 16K: 31.3 vs 34.0). At 16384 rows it went either way
+# between runs (GLM 4K: 4.48/4.58 vs 4.52/4.23 ms; gpt-oss 4K: 10.0/9.4 vs 10.0/10.1): grouped_mm there.
+TRITON_MIN_ROWS = 32768
 
 
 def select_backend(
