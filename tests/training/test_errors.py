@@ -1,0 +1,114 @@
+"""Bad input to `moetune train` / `merge`: exit code 2, one line on stderr naming the problem, no traceback,
+and nothing written that looks like a run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ..models.helpers import save_checkpoint
+from .helpers import DEMO_RECORD, run_cli, run_subprocess, write_jsonl
+
+GOOD = [DEMO_RECORD] * 3
+
+
+def _llama_dir(tmp_path) -> str:
+    path = tmp_path / "llama"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    return str(path)
+
+
+def _broken_weights_dir(tmp_path) -> str:
+    path = save_checkpoint("qwen3_moe", str(tmp_path / "broken"))
+    with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    return path
+
+
+def _data(tmp_path, records=(), raw=(), name="d.jsonl") -> str:
+    return write_jsonl(tmp_path / name, records, raw)
+
+
+# Each case: (builder of extra arguments from tmp_path, text the one-line message must contain).
+CASES = {
+    "missing data file": (lambda t: ["--data", t / "nope.jsonl"], "--data: no such file"),
+    "data is a directory": (lambda t: ["--data", t], "--data: no such file"),
+    "not utf-8": (lambda t: ["--data", _binary(t)], "is not UTF-8 text"),
+    "malformed json line": (lambda t: ["--data", _data(t, GOOD, ['{"messages": [']) ], "line 4: not valid JSON"),
+    "json array line": (lambda t: ["--data", _data(t, GOOD, ["[1, 2]"])], "line 4: expected a JSON object"),
+    "unknown format": (lambda t: ["--data", _data(t, [{"prompt": "a", "completion": "b"}])], "line 1: expected a record with"),
+    "missing field": (lambda t: ["--data", _data(t, [*GOOD, {"text": "x"}])], "line 4: missing field 'messages'"),
+    "message without content": (lambda t: ["--data", _data(t, [{"messages": [{"role": "user"}]}])], "line 1: messages[0] needs"),
+    "no assistant turn": (lambda t: ["--data", _data(t, [{"messages": [{"role": "user", "content": "hi"}]}])], "no \"assistant\" message"),
+    "empty output": (lambda t: ["--data", _data(t, [{"instruction": "a", "output": ""}])], "\"output\" is empty"),
+    "text not a string": (lambda t: ["--data", _data(t, [{"text": 5}])], "\"text\" must be a non-empty string"),
+    "empty dataset": (lambda t: ["--data", _data(t, raw=["", "  "])], "holds no records (empty dataset)"),
+    "record too long": (lambda t: ["--data", _data(t, GOOD), "--max-seq-length", "8"], "line 1: 22 tokens, longer than --max-seq-length 8"),
+    "longer than the model": (lambda t: ["--max-seq-length", "100000"], "longer than the model allows (512 positions)"),
+    "missing model dir": (lambda t: ["--model", t / "none"], "--model: no such directory"),
+    "no config.json": (lambda t: ["--model", t], "has no config.json"),
+    "non-MoE model": (lambda t: ["--model", _llama_dir(t)], "is a 'llama' model, not a supported MoE architecture"),
+    "broken weights": (lambda t: ["--model", _broken_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "cannot load the weights"),
+    "missing config file": (lambda t: ["--config", t / "x.yaml"], "--config: cannot read"),
+    "bad config key": (lambda t: ["--config", _yaml(t, "learning_rate: 1\n")], "unknown key 'learning_rate'"),
+    "bad flag value": (lambda t: ["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    "flag type": (lambda t: ["--max-steps", "three"], "argument --max-steps: invalid int value"),
+    "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
+    "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
+}
+
+
+def _binary(tmp_path) -> str:
+    path = tmp_path / "bin.jsonl"
+    path.write_bytes(b"\xff\xfe\x00garbage\n")
+    return str(path)
+
+
+def _yaml(tmp_path, text) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, case):
+    build, message = CASES[case]
+    out = tmp_path / "out"
+    extra = build(tmp_path)
+    capsys.readouterr()  # drop what building the inputs printed (checkpoint save progress)
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", out, *extra)
+    assert code == 2, stderr
+    assert message in stderr, stderr
+    assert stderr.startswith("moetune train: error:") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    # Nothing that looks like a run: at most an empty output directory.
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_existing_run_is_not_overwritten_silently(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out)
+    assert code == 2 and "already holds a run (summary.json)" in stderr
+    assert os.listdir(out) == ["summary.json"]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("train",), {"MOETUNE_MOE_BACKEND": "fastest"}, "MOETUNE_MOE_BACKEND: expected one of native, grouped_mm, triton"),
+        (("train", "--data", "/no/such.jsonl"), {}, "--data: no such file: /no/such.jsonl"),
+        (("merge", "/no/model", "/no/adapter", "out"), {}, "model_dir: expected a local checkpoint directory"),
+        (("train", "--lr"), {}, "argument --lr: expected one argument"),
+    ],
+)
+def test_real_entry_point_errors(tmp_path, args, env, message):
+    proc = run_subprocess(*args, cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,130 @@
+"""`moetune train` and `moetune merge` through the real entry point: the demo, data formats, outputs,
+checkpoints and resume, config files, merge. Bad input is in test_errors.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from ..models.helpers import save_checkpoint
+from .helpers import metrics, run_cli, run_subprocess, summary, write_jsonl
+
+
+def test_default_demo_run_within_budget(tmp_path):
+    """`moetune train`, no arguments, in a fresh interpreter: the issue's 3-minute acceptance run."""
+    start = time.perf_counter()
+    proc = run_subprocess("train", cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 180, f"default run took {seconds:.0f} s"
+    out = tmp_path / "moetune-output"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "expert_load.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert "train" in proc.stderr and "tok/s" in proc.stderr and "ETA" in proc.stderr  # the progress bar
+    assert "Traceback" not in proc.stderr
+    rows = metrics(out)
+    assert {"step", "loss", "lr", "tokens_per_s", "peak_memory_gib", "expert_load"} <= set(rows[0])
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    first, last = sum(r["loss"] for r in rows[:10]) / 10, sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.6 * first, (first, last)  # the loss goes down, clearly
+    for shares in rows[-1]["expert_load"].values():  # per MoE layer: one share per expert, summing to 1
+        assert len(shares) == 8 and abs(sum(shares) - 1) < 1e-9
+    assert len(rows[-1]["expert_load"]) == 4
+    s = summary(out)
+    assert s["data_format"] == "messages" and s["loss_last"] < s["loss_first"]
+    # The adapter loads with plain peft onto the demo base model the run wrote.
+    from ..models.helpers import plain_peft_model
+
+    model = plain_peft_model(s["base_model_dir"], str(out / "adapter"))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+FORMAT_RECORDS = {
+    "text": [{"text": f"the opposite of hot is cold {i}"} for i in range(6)],
+    "messages": [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"}, {"role": "assistant", "content": f"{i + 1}."}]} for i in range(6)],
+    "instruction": [{"instruction": "Reverse these words:", "input": f"token {i}", "output": f"{i} token"} for i in range(6)],
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_RECORDS))
+def test_each_data_format_trains(tmp_path, capsys, fmt):
+    data_path = write_jsonl(tmp_path / "d.jsonl", FORMAT_RECORDS[fmt])
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "train", "--data", data_path, "--output-dir", out, "--max-steps", 3,
+                                   "--batch-size", 2, "--save-steps", 2)
+    assert code == 0, stderr
+    assert "done: 3 steps" in stdout
+    assert summary(out)["data_format"] == fmt
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-000002", "step-000003"]
+
+
+def test_own_model_directory_packing_and_yaml_config(tmp_path, capsys):
+    model_dir = save_checkpoint("qwen3_moe", str(tmp_path / "model"))  # word-level tokenizer, no chat template
+    data_path = write_jsonl(tmp_path / "d.jsonl", [{"text": "the router picks two experts for every token"}] * 12)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model_dir}\ndata: {data_path}\nmax_steps: 2\nbatch_size: 2\npacking: true\n"
+                      "max_seq_length: 64\nr: 4\ntarget_modules: [q_proj, gate_up_proj]\nlr: 0.5\n")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--config", config, "--lr", "0.002", "--output-dir", out)
+    assert code == 0, stderr
+    rows = metrics(out)
+    assert len(rows) == 2 and rows[0]["lr"] < 0.002 + 1e-12  # the flag's lr, not the file's 0.5
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["target_parameters"] == ["mlp.experts.gate_up_proj"]
+    # 12 records of 9 tokens (+eos) pack 6 to a 64-token row: 2 rows -> one batch of 2 per step.
+    assert summary(out)["epochs"] == 2.0
+
+
+def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path):
+    args = ("train", "--max-steps", 8, "--save-steps", 4, "--batch-size", 4, "--grad-accum", 2, "--keep-checkpoints", 3)
+    full = tmp_path / "full"
+    proc = run_subprocess(*args, "--output-dir", full)
+    assert proc.returncode == 0, proc.stderr
+    # An interrupted run: what the full run had on disk right after its step-4 checkpoint (metrics logged
+    # to step 6 included, as if it died there), and a half-written checkpoint that must be ignored.
+    cut = tmp_path / "cut"
+    os.makedirs(cut / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step-000004", cut / "checkpoints" / "step-000004")
+    shutil.copytree(full / "checkpoints" / "step-000008", cut / "checkpoints" / ".tmp-step-000008")
+    shutil.copytree(full / "demo-model", cut / "demo-model")
+    rows = metrics(full)
+    write_jsonl(cut / "metrics.jsonl", rows[:6])
+    proc = run_subprocess(*args, "--output-dir", cut, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    resumed = metrics(cut)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    # Same data order, optimizer and schedule state: the same losses (CPU float32 is deterministic).
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in rows]
+    assert summary(cut)["resumed_from_step"] == 4
+    saved_full = torch.load(full / "checkpoints" / "step-000008" / "state.pt", weights_only=False)["trainable"]
+    saved_cut = torch.load(cut / "checkpoints" / "step-000008" / "state.pt", weights_only=False)["trainable"]
+    assert all(torch.equal(saved_full[k], saved_cut[k]) for k in saved_full)
+
+
+def test_merge_subcommand_folds_the_adapter(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 2, "--lr", "0.05")
+    assert code == 0, stderr
+    merged = tmp_path / "merged"
+    proc = run_subprocess("merge", out / "demo-model", out / "adapter", merged)
+    assert proc.returncode == 0, proc.stderr
+    import transformers
+
+    from ..models.helpers import plain_peft_model
+
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged, local_files_only=True, dtype=torch.float32)
+    peft_model = plain_peft_model(str(out / "demo-model"), str(out / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, peft_model(input_ids=ids).logits, atol=1e-4)
+    assert (merged / "tokenizer.json").is_file()
+    proc = run_subprocess("merge", out / "demo-model", out / "adapter", merged)  # refuses to overwrite
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
