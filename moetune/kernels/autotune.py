@@ -8,6 +8,7 @@ In Triton's interpreter (CPU tests) nothing is timed: the first candidate is use
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -50,6 +51,11 @@ def _save(entries: dict[str, dict]) -> None:
         print(f"moetune: could not write the autotune cache {path}: {err}", file=sys.stderr)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -67,7 +73,8 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
         return candidates[0]
     import triton
 
-    gpu = torch.cuda.get_device_name(device)
+    device = torch.device(device)
+    gpu = _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
     full_key = f"{gpu}|triton {triton.__version__}|{name}|{key}"
     with _lock:
         hit = _load().get(full_key)

@@ -109,11 +109,13 @@ def _check_name(name, source: str) -> str:
     return name
 
 
-# Measured on an H100 (benchmarks/results/experts-triton-H100.json, 2026-11-24, runs 7 and 8): the
-# Triton kernels beat grouped_mm from 32768 routed rows (Qwen3 4K tokens: 3.7 vs 5.1 ms; 16K: 8.9 vs
-# 14.4; GLM-4.7-Flash 16K: 8.6 vs 11.8; gpt-oss 16K: 31.3 vs 34.0). At 16384 rows it went either way
-# between runs (GLM 4K: 4.48/4.58 vs 4.52/4.23 ms; gpt-oss 4K: 10.0/9.4 vs 10.0/10.1): grouped_mm there.
-TRITON_MIN_ROWS = 32768
+# Measured (2026-11-24): on an H100 one experts block (benchmarks/results/experts-triton-H100.json)
+# runs faster on the Triton kernels from 32768 routed rows (Qwen3 4K tokens: 3.7 vs 5.1 ms; 16K: 8.9
+# vs 14.4; GLM-4.7-Flash 16K: 8.6 vs 11.8; gpt-oss 16K: 31.3 vs 34.0). But the whole Qwen3-30B-A3B
+# at 4K tokens a step (32768 rows a layer) trained slower with triton on an H200 (4,486 vs 5,199
+# tok/s), while 8K and 16K (65536+ rows) were faster (36,129 vs 35,718; 34,245 vs 33,094). Until
+# that 4K gap is understood (host launch overhead is the suspect), triton from 65536 rows.
+TRITON_MIN_ROWS = 65536
 
 
 def select_backend(
