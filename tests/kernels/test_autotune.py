@@ -1,0 +1,30 @@
+"""The autotune cache: where it lives, that small or interpreted problems are never timed."""
+
+from __future__ import annotations
+
+import json
+
+from moetune.kernels import autotune
+
+
+def test_cache_path_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    assert autotune.cache_path() == tmp_path / "autotune.json"
+    monkeypatch.delenv("MOETUNE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_path() == tmp_path / "xdg" / "moetune" / "autotune.json"
+
+
+def test_small_or_cpu_problems_take_the_first_candidate_without_timing():
+    launched = []
+    candidates = [{"BLOCK_M": 32}, {"BLOCK_M": 64}]
+    pick = autotune.pick("k", (1,), candidates, launched.append, "cpu", num_rows=10**6)
+    assert pick == candidates[0] and launched == []
+    assert autotune.pick("k", (1,), candidates, launched.append, "cpu", num_rows=10) == candidates[0]
+
+
+def test_save_is_atomic_and_readable(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    autotune._save({"gpu|triton|k|(1,)": {"BLOCK_M": 64}})
+    assert json.loads((tmp_path / "autotune.json").read_text()) == {"gpu|triton|k|(1,)": {"BLOCK_M": 64}}
+    assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temp file left behind
