@@ -88,6 +88,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def profile_step(model, optimizer, ids, device) -> None:
+    """One more step under torch.profiler: where GPU time goes and how busy the host is."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), flush=True)
+
+
 def run(provider, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     model = (build_moetune if provider == "moetune" else build_baseline)(config, args.rank, args.alpha, device)
@@ -112,6 +126,8 @@ def run(provider, config, seq, args, device) -> dict:
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+        if args.profile and provider == "moetune":
+            profile_step(model, optimizer, ids, device)
         result = {
             "step_s": statistics.median(times),
             "tokens_per_s": seq / statistics.median(times),
@@ -138,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="after timing, print the top kernels of one moetune step")
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
