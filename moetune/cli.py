@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"moetune train: interrupted; continue with --resume --output-dir {config.output_dir}", file=sys.stderr)
         return 130
-    print(f"done: {summary['steps']} steps on {summary['device']} ({summary['moe_backend']} experts), "
+    print(f"done: {summary['steps']} steps on {summary['device']} (experts backend {summary['moe_backend']}), "
           f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
           f"{summary['train_seconds_this_session']:.1f} s, peak {summary['peak_memory_gib']:.2f} GiB")
     out = summary["outputs"]

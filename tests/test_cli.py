@@ -45,3 +45,28 @@ def test_bad_input_exit_2_one_line_no_traceback(args, env, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "command, words",
+    [
+        ("train", ("--model", "--data", "--max-seq-length", "--max-steps", "--epochs", "--lr", "--batch-size",
+                   "--grad-accum", "--r", "--lora-alpha", "--target-modules", "--packing", "--seed", "--output-dir",
+                   "--config", "--resume", "built-in demo", "chat template")),
+        ("merge", ("model_dir", "adapter_dir", "out_dir", "--dtype")),
+        ("info", ("--device", "--dtype", "MOETUNE_MOE_BACKEND")),
+    ],
+)
+def test_help_of_each_subcommand(command, words):
+    proc = moetune(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for word in words:
+        assert word in text, word
+
+
+def test_top_level_help_lists_subcommands():
+    proc = moetune("--help")
+    assert proc.returncode == 0
+    for command in ("train", "merge", "info"):
+        assert command in proc.stdout

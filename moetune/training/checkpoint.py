@@ -60,7 +60,13 @@ def atomic_dir(final: str, write) -> None:
         os.replace(tmp, final)
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int) -> str:
+# Settings that fix the data order, the batches or the parameters: a resumed run must keep them to
+# continue the same trajectory (max_steps, lr and the like may change).
+RESUME_KEYS = ("model", "data", "batch_size", "grad_accum", "seed", "packing", "max_seq_length", "r", "lora_alpha",
+               "target_modules", "train_router")
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int, settings: dict) -> str:
     root = os.path.join(output_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
@@ -73,6 +79,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, kee
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
+            "settings": {k: settings[k] for k in RESUME_KEYS},
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
 
@@ -95,12 +102,16 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> int:
+def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict) -> int:
     """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step."""
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"--resume: cannot read checkpoint {path}: {err}") from None
+    for key, saved in state["settings"].items():
+        if settings[key] != saved:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: {path} was trained with {flag} {saved!r}, this run has {settings[key]!r}")
     params = dict(model.named_parameters())
     if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
         raise ValueError(f"--resume: checkpoint {path} was trained with other LoRA targets or rank than this run")

@@ -27,7 +27,7 @@ class TrainConfig:
     """Local checkpoint directory of a supported MoE model (default: the built-in demo, a tiny random-init Qwen3-MoE)."""
 
     data: str | None = None
-    """JSONL training data: {"text"}, {"messages": [{"role", "content"}]} or {"instruction", "input", "output"} per line (default: the built-in demo dataset)."""
+    """JSONL training data, one record per line: {"text"} (loss on all tokens), {"messages": [{"role", "content"}]} (rendered with the tokenizer's chat template) or {"instruction", "input", "output"}; chat and instruction records train on the responses only (default: the built-in demo dataset)."""
 
     output_dir: str = "moetune-output"
     """Where the adapter, checkpoints, metrics.jsonl, plots and summary.json go."""

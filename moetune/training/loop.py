@@ -10,6 +10,7 @@ max_grad_norm 1.0, linear warm-up then cosine decay to lr/10. Writes metrics.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -146,7 +147,7 @@ def run(plan: Plan, console=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
     start = 0
     if plan.resume_from is not None:
-        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler)
+        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, dataclasses.asdict(config))
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path, start if plan.resume_from else None)
     load = ExpertLoad(find_experts(base_model, spec), device)
@@ -200,7 +201,8 @@ def run(plan: Plan, console=None) -> dict:
                 tokens_interval, steps_interval, t_interval = 0, 0, now
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
-                save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints)
+                save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
+                                dataclasses.asdict(config))
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total)
@@ -230,7 +232,10 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         "trainable_parameters": trainable,
         "device": str(plan.device),
         "dtype": str(plan.dtype).removeprefix("torch."),
+        # What select_backend prefers for this device and dtype; each experts call may still pick another by
+        # its routed-row count (on CUDA triton only from its measured threshold up).
         "moe_backend": plan.backend,
+        "moe_backend_why": plan.backend_why,
         "train_seconds_this_session": round(elapsed, 2),
         "tokens_per_s_this_session": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "loss_first": sum(r["loss"] for r in head) / len(head),

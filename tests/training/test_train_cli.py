@@ -82,7 +82,7 @@ def test_own_model_directory_packing_and_yaml_config(tmp_path, capsys):
     assert summary(out)["epochs"] == 2.0
 
 
-def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path):
+def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path, capsys):
     args = ("train", "--max-steps", 8, "--save-steps", 4, "--batch-size", 4, "--grad-accum", 2, "--keep-checkpoints", 3)
     full = tmp_path / "full"
     proc = run_subprocess(*args, "--output-dir", full)
@@ -107,6 +107,12 @@ def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path):
     saved_full = torch.load(full / "checkpoints" / "step-000008" / "state.pt", weights_only=False)["trainable"]
     saved_cut = torch.load(cut / "checkpoints" / "step-000008" / "state.pt", weights_only=False)["trainable"]
     assert all(torch.equal(saved_full[k], saved_cut[k]) for k in saved_full)
+    # Resuming with a setting that changes the batches would not continue the same run: refused.
+    before = (cut / "metrics.jsonl").read_text()
+    code, _, stderr = run_cli(capsys, *args[:-6], "--batch-size", 2, "--grad-accum", 2, "--keep-checkpoints", 3,
+                              "--output-dir", cut, "--resume")
+    assert code == 2 and "was trained with --batch-size 4, this run has 2" in stderr
+    assert (cut / "metrics.jsonl").read_text() == before
 
 
 def test_merge_subcommand_folds_the_adapter(tmp_path, capsys):
