@@ -74,7 +74,9 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     expert_S, perm_S = torch.sort(flat_ids, stable=True)
     inv_perm_S = torch.empty_like(perm_S)
     inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
-    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    # Not torch.bincount: on CUDA it reads the max id back to the host (a sync per MoE layer).
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device)
+    counts_E.index_add_(0, flat_ids, torch.ones_like(flat_ids))
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
     return RoutingPlan(
         perm_S=perm_S,

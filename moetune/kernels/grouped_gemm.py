@@ -225,8 +225,15 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
-    """Cumulative M-tile counts per expert (int32 [E]); computed on the device, no sync."""
-    return torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
+    """Cumulative M-tile counts per expert (int32 [E]); computed on the device, no sync.
+
+    Memoised on the counts tensor: the 6-8 launches of one MoE call share their routing, and each
+    recomputation is three small kernel launches of host time (the 4K-token step is host-bound).
+    """
+    cache = counts_E.__dict__.setdefault("_moetune_tile_ends", {})
+    if block_m not in cache:
+        cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
+    return cache[block_m]
 
 
 def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
