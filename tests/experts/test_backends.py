@@ -62,3 +62,16 @@ def test_environment_reaches_moe_experts(monkeypatch):
     monkeypatch.setenv("MOETUNE_MOE_BACKEND", "grouped_mm")
     moe_experts(x, ids, w, W1, W2)
     assert calls == [1]
+
+
+def test_cuda_choice_by_problem_size(monkeypatch):
+    """On CUDA triton is chosen from TRITON_MIN_ROWS routed rows (measured), grouped_mm below."""
+    from moetune.experts import backends
+
+    monkeypatch.setattr(backends, "_resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(backends, "_unavailable", lambda name, device, dtype: None)
+    big, small = backends.TRITON_MIN_ROWS, backends.TRITON_MIN_ROWS - 1
+    assert select_backend("cuda", torch.bfloat16, num_rows=big) == "triton"
+    name, why = select_backend("cuda", torch.bfloat16, num_rows=small, explain=True)
+    assert name == "grouped_mm" and "measured faster below" in why
+    assert select_backend("cuda", torch.bfloat16) == "triton"  # size unknown: the large-problem choice
