@@ -62,12 +62,6 @@ SHAPES = {
     ),
 }
 
-TINY = MoEShape(
-    "tiny-qwen3", "qwen3_moe", "Qwen3MoeConfig",
-    dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2),
-    "Qwen3MoeExperts", E=8, k=2, H=64, I=32,
-)
-
 
 def base_gemm_flops(shape: MoEShape, tokens: int) -> float:
     """Forward + input-gradient GEMMs of the frozen base: 2 * (2I*H + H*I) per row, each twice."""

@@ -87,3 +87,14 @@ class ExpertLoRA:
             B_down=make_B(hidden) if down else None,
             scaling=scaling,
         )
+
+
+def cast_factors(factors, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    """(factors cast to the compute dtype, their own dtypes): adapters may be kept wider than the base."""
+    own = tuple(None if f is None else f.dtype for f in factors)
+    return tuple(None if f is None else f.to(dtype) for f in factors), own
+
+
+def grads_in(grads, dtypes) -> list:
+    """Factor gradients back in each factor's own dtype (None stays None)."""
+    return [None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)]

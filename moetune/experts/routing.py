@@ -62,6 +62,18 @@ class RoutingPlan:
         w_T1K = weights_TK.to(y_SH.dtype).view(self.num_tokens, 1, self.top_k)
         return torch.bmm(w_T1K, y_TKH).view(self.num_tokens, -1)
 
+    def routing_weight_grad(
+        self, dots_S: torch.Tensor, d_out_TH: torch.Tensor, down_bias_EH: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """d topk_weights [T, K] from dots_S = <y - b2, d_out[token]> per sorted row (fp32).
+
+        The bias part <b2[e], d_out[t]> comes from one small [T, E] product instead of an [S, H] gather.
+        """
+        if down_bias_EH is not None:
+            bias_dots_TE = d_out_TH.float() @ down_bias_EH.float().T
+            dots_S = dots_S + bias_dots_TE[self.token_S, self.expert_S]
+        return self.scatter_pairs(dots_S).to(dtype)
+
     def scatter_pairs(self, values_S: torch.Tensor) -> torch.Tensor:
         """Per sorted row values [S] -> [T, K] in (token, slot) order."""
         return values_S.index_select(0, self.inv_perm_S).view(self.num_tokens, self.top_k)

@@ -56,6 +56,11 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def block_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict:
+    """One candidate: the tile shape (constexprs of the kernel) and its launch parameters."""
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

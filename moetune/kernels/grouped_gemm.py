@@ -245,7 +245,7 @@ def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list
     rows_per_expert = num_rows / max(E, 1)
     bm = 128 if rows_per_expert >= 256 else 64 if rows_per_expert >= 48 else 32
     bk = 64 if K >= 64 else _pow2_at_least(K)
-    cfg = lambda m, n, k, w, st: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)  # noqa: E731
+    cfg = autotune.block_config
     if N <= 64:
         bn = _pow2_at_least(N)
         return [cfg(bm, bn, bk, 4, 3), cfg(128, bn, 128, 4, 3)]

@@ -127,7 +127,7 @@ def grouped_wgrad(
     # One of M, N is the LoRA rank (16-64): that side takes the whole rank in one block.
     bm, bn = min(64, _pow2_at_least(M)), min(128 if M <= 32 else 64, _pow2_at_least(N))
     bk = 64 if num_rows >= 64 * E else 32
-    cfg = lambda m, n, k, w, st: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)  # noqa: E731
+    cfg = autotune.block_config
     candidates = [cfg(bm, bn, bk, 4, 3), cfg(bm, bn, 128, 4, 3), cfg(bm, min(256, 2 * bn), 64, 8, 3)]
     candidates = [c for i, c in enumerate(candidates) if c not in candidates[:i]]
     key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),

@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..lora import cast_factors, grads_in
 from ..routing import RoutingPlan
 
 _STRIDE_BYTES = 16  # grouped_mm needs 16-byte aligned leading strides on every operand and output
@@ -113,8 +114,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act, interleaved):
         dtype = x.dtype
-        ctx.factor_dtypes = tuple(None if f is None else f.dtype for f in (A1, B1, A2, B2))
-        A1, B1, A2, B2 = (None if f is None else f.to(dtype) for f in (A1, B1, A2, B2))
+        (A1, B1, A2, B2), ctx.factor_dtypes = cast_factors((A1, B1, A2, B2), dtype)
         offs = plan.offsets_E
 
         x_SH = plan.gather_rows(x)
@@ -160,10 +160,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
         h = act.forward(gu, interleaved)
         if need[1]:
             dots_S = torch.sum(h * g, dim=-1, dtype=torch.float32)
-            if down_bias is not None:
-                bias_dots_TE = d_out.float() @ down_bias.float().T
-                dots_S += bias_dots_TE[plan.token_S, plan.expert_S]
-            d_weights = plan.scatter_pairs(dots_S).to(topk_weights.dtype)
+            d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
         if A2 is not None:
             if need[9]:
                 dB2 = gmm_wgrad(dout_SH, su2 * w_S1, plan)
@@ -187,6 +184,6 @@ class GroupedExpertsFunction(torch.autograd.Function):
         if need[0]:
             d_x = plan.sum_rows(dx_SH)
 
-        lora_grads = [None if d is None else d.to(dt) for d, dt in zip((dA1, dB1, dA2, dB2), ctx.factor_dtypes)]
+        lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
 

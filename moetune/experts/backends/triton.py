@@ -31,6 +31,8 @@ import os
 import torch
 from packaging.version import Version
 
+from ..lora import cast_factors, grads_in
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,8 +71,7 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         x = x.contiguous()
         dtype = x.dtype
-        ctx.factor_dtypes = tuple(None if f is None else f.dtype for f in (A1, B1, A2, B2))
-        A1, B1, A2, B2 = (None if f is None else f.to(dtype) for f in (A1, B1, A2, B2))
+        (A1, B1, A2, B2), ctx.factor_dtypes = cast_factors((A1, B1, A2, B2), dtype)
         code = act_code(act)
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
@@ -119,10 +120,7 @@ class TritonExpertsFunction(torch.autograd.Function):
             epilogue=2, act=code, interleaved=interleaved, **common,
         )
         if need[1]:
-            if down_bias is not None:  # y includes b2: <b2[e], d_out[t]> per row
-                bias_dots_TE = d_out.float() @ down_bias.float().T
-                dots_S = dots_S + bias_dots_TE[plan.token_S, plan.expert_S]
-            d_weights = plan.scatter_pairs(dots_S).to(topk_weights.dtype)
+            d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
         if A2 is not None:
             if need[9]:
                 dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg)
@@ -141,6 +139,6 @@ class TritonExpertsFunction(torch.autograd.Function):
             if need[6]:
                 dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **wg)
 
-        lora_grads = [None if d is None else d.to(dt) for d, dt in zip((dA1, dB1, dA2, dB2), ctx.factor_dtypes)]
+        lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
 
