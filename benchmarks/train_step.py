@@ -32,11 +32,34 @@ MODELS = {
         head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
         max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
     ),
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        sliding_window=128, attention_bias=True, swiglu_limit=7.0, rope_theta=150000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                      "truncate": False, "original_max_position_embeddings": 4096},
+    ),
+    "glm-4.7-flash": dict(
+        model_type="glm4_moe_lite", vocab_size=154880, hidden_size=2048, intermediate_size=10240,
+        moe_intermediate_size=1536, num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20,
+        n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
+        q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+        routed_scaling_factor=1.8, norm_topk_prob=True, n_group=1, topk_group=1, rope_theta=1000000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=202752, tie_word_embeddings=False,
+    ),
 }
-LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# LoRA on the attention projections ("q/k/v/o"); GLM's multi-head latent attention names them differently.
+LINEAR_TARGETS = {
+    "qwen3-30b-a3b": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt-oss-20b": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "glm-4.7-flash": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+}
 # --tiny: the same architecture at toy width, so the script itself can be checked on a CPU.
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_local_experts=8,
+            n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16)
 
 
 def make_config(name: str, layers: int | None, tiny: bool = False):
@@ -45,36 +68,65 @@ def make_config(name: str, layers: int | None, tiny: bool = False):
     kwargs = dict(MODELS[name])
     if tiny:
         kwargs.update({k: v for k, v in TINY.items() if k in kwargs})
+        if kwargs["model_type"] == "glm4_moe_lite":  # latent attention: as many key/value heads as query heads
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     model_type = kwargs.pop("model_type")
     if layers:
         kwargs["num_hidden_layers"] = layers
     return transformers.AutoConfig.for_model(model_type, **kwargs)
 
 
-def build_moetune(config, rank, alpha, device):
+def baseline_attention(config) -> str:
+    """sdpa, except where the model needs attention sinks (gpt-oss): flex attention on CUDA, eager on CPU."""
+    if config.model_type != "gpt_oss":
+        return "sdpa"
+    return "flex_attention" if torch.cuda.is_available() else "eager"
+
+
+def save_checkpoint(config, path: str, device) -> None:
+    """A random-initialised checkpoint on disk (built on the device: a CPU init of 30B weights takes minutes)."""
+    import transformers
+
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPE[device.type])
+    model.save_pretrained(path)
+    del model
+
+
+def build_moetune(source, name, rank, alpha, device):
     import moetune
 
-    model, _ = moetune.FastMoEModel.from_pretrained(config, dtype=DTYPE[device.type], device_map=device)
+    model, _ = moetune.FastMoEModel.from_pretrained(source, dtype=DTYPE[device.type], device_map=device)
     return moetune.FastMoEModel.get_peft_model(
-        model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS, "gate_up_proj", "down_proj"),
+        model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
         use_gradient_checkpointing=True,
     )
 
 
-def build_baseline(config, rank, alpha, device):
+def build_baseline(source, name, rank, alpha, device):
     import copy
 
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    config = copy.deepcopy(config)
-    config._experts_implementation = "grouped_mm"
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPE[device.type], attn_implementation="sdpa")
+    dtype = DTYPE[device.type]
+    if isinstance(source, str):
+        config = transformers.AutoConfig.from_pretrained(source)
+        config._experts_implementation = "grouped_mm"
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, device_map=device, attn_implementation=baseline_attention(config),
+        )
+    else:
+        config = copy.deepcopy(source)
+        config._experts_implementation = "grouped_mm"
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=baseline_attention(config)
+            )
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=LINEAR_TARGETS,
+        r=rank, lora_alpha=alpha, target_modules=LINEAR_TARGETS[name],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     return get_peft_model(model, lora)
@@ -88,23 +140,57 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def profile_step(model, optimizer, ids, device) -> None:
-    """One more step under torch.profiler: where GPU time goes and how busy the host is."""
+# Kernel-name patterns -> the part of the model they belong to (first match wins).
+KERNEL_GROUPS = (
+    ("experts (moetune triton)", r"grouped_gemm|grouped_wgrad|_act_"),
+    ("attention", r"flash|fmha|attention|flex"),
+    ("cross-entropy / softmax", r"softmax|nll|cross_entropy|log_softmax|logsumexp"),
+    ("GEMM (dense, grouped_mm)", r"gemm|gemv|cutlass|nvjet|xmma|sm90|sm80|grouped_mm"),
+    ("copies, casts, gathers", r"copy|cast|index|gather|scatter|cat|fill"),
+    ("elementwise / reductions", r"elementwise|vectorized|reduce|norm|mul|add|pow|rsqrt|silu|sigmoid"),
+)
+
+
+def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
+    """One more step under torch.profiler: GPU time per kernel group, the top kernels, and host vs GPU time."""
+    import re
+
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    _sync(device)
+    t0 = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), flush=True)
+    wall = time.perf_counter() - t0
+    kernels = [
+        (e.key, e.count, e.self_device_time_total / 1e3)
+        for e in prof.key_averages()
+        if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith(("aten::", "autograd::"))
+    ]
+    kernels.sort(key=lambda k: -k[2])
+    groups: dict[str, float] = {}
+    for name, _, ms in kernels:
+        group = next((g for g, pattern in KERNEL_GROUPS if re.search(pattern, name, re.I)), "other")
+        groups[group] = groups.get(group, 0.0) + ms
+    busy = sum(ms for _, _, ms in kernels)
+    print(f"profiled step: wall {wall * 1e3:.0f} ms (under the profiler), GPU busy {busy:.0f} ms, "
+          f"{sum(c for _, c, _ in kernels)} kernel launches", flush=True)
+    for group, ms in sorted(groups.items(), key=lambda g: -g[1]):
+        print(f"  {group:28s} {ms:8.1f} ms  {100 * ms / max(busy, 1e-9):5.1f}%")
+    for name, count, ms in kernels[:rows]:
+        print(f"  {ms:8.2f} ms {count:6d}x  {name[:110]}")
+    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "groups_ms": groups,
+            "top_kernels": [{"name": n, "count": c, "ms": ms} for n, c, ms in kernels[:rows]]}
 
 
-def run(provider, config, seq, args, device) -> dict:
+def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
-    model = (build_moetune if provider == "moetune" else build_baseline)(config, args.rank, args.alpha, device)
+    build = build_moetune if provider == "moetune" else build_baseline
+    model = build(source, args.model, args.rank, args.alpha, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -126,8 +212,7 @@ def run(provider, config, seq, args, device) -> dict:
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
             losses.append(loss.item())
-        if args.profile and provider == "moetune":
-            profile_step(model, optimizer, ids, device)
+        profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         result = {
             "step_s": statistics.median(times),
             "tokens_per_s": seq / statistics.median(times),
@@ -135,6 +220,8 @@ def run(provider, config, seq, args, device) -> dict:
             "trainable_params": sum(p.numel() for p in params),
             "losses": losses,
         }
+        if profile:
+            result["profile"] = profile
     except torch.OutOfMemoryError:
         result = {"oom": True}
     del model, optimizer, params
@@ -154,20 +241,30 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--profile", action="store_true", help="after timing, print the top kernels of one moetune step")
+    parser.add_argument("--profile", nargs="*", default=[], choices=["moetune", "baseline"],
+                        help="after timing, profile one more step of these providers (GPU time per kernel group)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
+    parser.add_argument("--checkpoint", default=None,
+                        help="load both models from this checkpoint directory (created, random-initialised, if missing)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA GPU (or --tiny)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = make_config(args.model, args.layers, args.tiny)
+    source = config
+    if args.checkpoint:
+        if not os.path.isdir(args.checkpoint):
+            t0 = time.perf_counter()
+            save_checkpoint(config, args.checkpoint, device)
+            print(f"saved a random-initialised checkpoint to {args.checkpoint} in {time.perf_counter() - t0:.0f} s", flush=True)
+        source = args.checkpoint
     env = harness.environment()
     rows = []
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}")
     for seq in args.seq:
         for provider in args.providers:
-            result = run(provider, config, seq, args, device)
+            result = run(provider, source, config, seq, args, device)
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider, **result})
             if result.get("oom"):
                 print(f"{args.model} x{config.num_hidden_layers} seq {seq} {provider}: out of memory", flush=True)
