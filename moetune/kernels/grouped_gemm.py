@@ -74,7 +74,7 @@ def grouped_gemm_kernel(
     HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
-    LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -95,10 +95,13 @@ def grouped_gemm_kernel(
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     rows64 = rows.to(tl.int64)
+    # A loads use clamped row indices instead of masks (rows past the expert's end read its last row):
+    # nothing they produce is stored, and unmasked loads pipeline better.
+    safe_rows = tl.minimum(rows, row_end - 1).to(tl.int64)
     if HAS_A_INDEX:
-        a_rows = tl.load(a_index_ptr + rows64, mask=row_mask, other=0).to(tl.int64)
+        a_rows = tl.load(a_index_ptr + safe_rows).to(tl.int64)
     else:
-        a_rows = rows64
+        a_rows = safe_rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -112,65 +115,46 @@ def grouped_gemm_kernel(
     if HAS_BIAS:
         bias_base = bias_ptr + e_safe.to(tl.int64) * stride_biase
 
-    if EPILOGUE == 1 and INTERLEAVED:
-        # gate/up interleaved: one contiguous [BLOCK_K, 2 * BLOCK_N] tile of B per step (stride-2
-        # loads of each half would halve the load width), split after the loop.
-        pcols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
-        pmask = pcols < 2 * N
-        acc2 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + ks
-            k_mask = (k < K) | EVEN_K
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_base + k[:, None] * stride_bk + pcols[None, :] * stride_bn,
-                        mask=k_mask[:, None] & pmask[None, :], other=0.0)
-            acc2 = tl.dot(a, b, acc2, input_precision=DOT_PRECISION)
-        if HAS_LORA:
-            lb = tl.load(lb_base + rs[:, None] * stride_lbr + pcols[None, :] * stride_lbn,
-                         mask=r_mask[:, None] & pmask[None, :], other=0.0)
-            acc2 = tl.dot(u, lb, acc2, input_precision=DOT_PRECISION)
-        acc2 = acc2 * alpha
-        if HAS_BIAS:
-            acc2 += tl.load(bias_base + pcols * stride_biasn, mask=pmask, other=0.0).to(tl.float32)[None, :]
-        acc, acc_up = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N, 2)))
-        gate_cols = 2 * cols
-        up_cols = 2 * cols + 1
-    else:
-        if EPILOGUE == 1:
-            gate_cols = cols
-            up_cols = cols + N
+    if EPILOGUE == 1:
+        # Gated: one [BLOCK_K, 2 * BLOCK_N] tile of B holds the gate and the up column of each output
+        # column, paired (j even: gate, j odd: up), so one wide dot replaces two narrow ones and the
+        # accumulator splits in registers. Interleaved weights store the pairs contiguously; concat ones
+        # are K-contiguous here (a transposed [E, 2N, K] weight), so picking columns costs nothing.
+        j = tl.arange(0, 2 * BLOCK_N)
+        pair = pid_n * BLOCK_N + j // 2
+        if INTERLEAVED:
+            b_cols = pid_n * 2 * BLOCK_N + j
         else:
-            gate_cols = cols
-            up_cols = cols
+            b_cols = pair + (j % 2) * N
+        b_col_mask = pair < N
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    else:
+        b_cols = cols
+        b_col_mask = col_mask
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + ks
-            k_mask = (k < K) | EVEN_K
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :] * stride_ak,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_base + k[:, None] * stride_bk + gate_cols[None, :] * stride_bn,
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if EPILOGUE == 1:
-                b_up = tl.load(b_base + k[:, None] * stride_bk + up_cols[None, :] * stride_bn,
-                               mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-        if HAS_LORA:
-            lb = tl.load(lb_base + rs[:, None] * stride_lbr + gate_cols[None, :] * stride_lbn,
-                         mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(u, lb, acc, input_precision=DOT_PRECISION)
-            if EPILOGUE == 1:
-                lb_up = tl.load(lb_base + rs[:, None] * stride_lbr + up_cols[None, :] * stride_lbn,
-                                mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-                acc_up = tl.dot(u, lb_up, acc_up, input_precision=DOT_PRECISION)
-        acc = acc * alpha
-        acc_up = acc_up * alpha
-        if HAS_BIAS:
-            acc += tl.load(bias_base + gate_cols * stride_biasn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if EPILOGUE == 1:
-                acc_up += tl.load(bias_base + up_cols * stride_biasn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_base + ks[:, None] * stride_bk + b_cols[None, :].to(tl.int64) * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            if EVEN_N:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=b_col_mask[None, :], other=0.0)
+        else:
+            k_mask = k0 + ks < K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_LORA:
+        lb = tl.load(lb_base + rs[:, None] * stride_lbr + b_cols[None, :] * stride_lbn,
+                     mask=r_mask[:, None] & b_col_mask[None, :], other=0.0)
+        acc = tl.dot(u, lb, acc, input_precision=DOT_PRECISION)
+    acc = acc * alpha
+    if HAS_BIAS:
+        acc += tl.load(bias_base + b_cols * stride_biasn, mask=b_col_mask, other=0.0).to(tl.float32)[None, :]
 
     mask = row_mask[:, None] & col_mask[None, :]
     if EPILOGUE == 0:
@@ -183,11 +167,14 @@ def grouped_gemm_kernel(
         tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn,
                  acc.to(c_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == 1:
-        gate = acc.to(gu_ptr.dtype.element_ty)
-        up = acc_up.to(gu_ptr.dtype.element_ty)
+        gu_tile = acc.to(gu_ptr.dtype.element_ty)
+        gate, up = tl.split(tl.reshape(gu_tile, (BLOCK_M, BLOCK_N, 2)))
         gu_rows = gu_ptr + rows64[:, None] * stride_gum
-        tl.store(gu_rows + gate_cols[None, :] * stride_gun, gate, mask=mask)
-        tl.store(gu_rows + up_cols[None, :] * stride_gun, up, mask=mask)
+        if INTERLEAVED:  # the tile is already in gu's column order
+            tl.store(gu_rows + b_cols[None, :] * stride_gun, gu_tile, mask=row_mask[:, None] & b_col_mask[None, :])
+        else:
+            tl.store(gu_rows + cols[None, :] * stride_gun, gate, mask=mask)
+            tl.store(gu_rows + (cols + N)[None, :] * stride_gun, up, mask=mask)
         # h from the rounded gu, exactly as backward will recompute it
         h = act_forward(gate.to(tl.float32), up.to(tl.float32), ACT, act_alpha, act_limit)
         tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cn,
@@ -327,6 +314,7 @@ def grouped_gemm(
             LOG2_E=max(1, int(E).bit_length()),
             DOT_PRECISION=dot_precision(a.dtype),
             EVEN_K=K % blocks["BLOCK_K"] == 0,
+            EVEN_N=N % blocks["BLOCK_N"] == 0,
             BLOCK_R=_pow2_at_least(rank),
             GROUP_M=8,
             **blocks,
@@ -336,8 +324,8 @@ def grouped_gemm(
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), triton.next_power_of_2(max(1, num_rows // E)))
-    # "v2": the grouped launch order; bump when a kernel change invalidates tuned configs
-    launch(autotune.pick("grouped_gemm/v2", key, candidates, launch, device, num_rows))
+    # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
+    launch(autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     dw = dws[0]
     if epilogue == 1:
         return out, gu

@@ -1,0 +1,166 @@
+"""Each launch of the triton backend's MoE block timed alone: ms, TFLOP/s, GB/s against the ceilings.
+
+    python benchmarks/bench_kernels.py                                # GPU: Qwen3 and gpt-oss, 16K tokens
+    python benchmarks/bench_kernels.py --shapes glm-4.7-flash --tokens 4096 16384
+    python benchmarks/bench_kernels.py --kernels path/to/grouped_gemm.py   # time another version of the kernel
+    python benchmarks/bench_kernels.py --tiny                         # CPU smoke run (TRITON_INTERPRET=1)
+
+The launches are the ones TritonExpertsFunction makes (same arguments, same order), so the sum is
+close to the block's kernel time. FLOPs count the multiply-adds of the launch (base and LoRA
+products); bytes count each operand read once and each output written once, the minimum traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+
+if "--tiny" in sys.argv:  # before triton is imported: the interpreter is chosen at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+from harness import SHAPES  # noqa: E402
+
+from moetune.experts.routing import plan_routing  # noqa: E402
+from moetune.kernels import act_code  # noqa: E402
+from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
+
+PEAK_TFLOPS = 800.0  # dense bf16 an H100/H200 reaches
+PEAK_GBS = 3350.0  # H100 SXM HBM3
+
+
+def load_kernels(path: str | None):
+    if path is None:
+        from moetune.kernels import grouped_gemm
+
+        return grouped_gemm
+    spec = importlib.util.spec_from_file_location("alt_grouped_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.grouped_gemm
+
+
+def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
+    """[(name, thunk, flops, bytes)] for one forward + backward of the block."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*size, scale=0.02):
+        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+
+    E, k, H, I, R = shape.E, shape.k, shape.H, shape.I, rank
+    ids, weights = harness.make_routing(shape, tokens, device, dtype)
+    plan = plan_routing(ids, E)
+    S = plan.num_rows
+    x, d_out = rand(tokens, H, scale=1.0), rand(tokens, H, scale=1.0)
+    # moetune's internal layout: gate_up [E, 2I, H], down [E, H, I] (transposed views for gpt-oss cost nothing)
+    if shape.transposed:
+        gate_up, down = rand(E, H, 2 * I).transpose(1, 2), rand(E, I, H).transpose(1, 2)
+    else:
+        gate_up, down = rand(E, 2 * I, H), rand(E, H, I)
+    b1 = rand(E, 2 * I) if shape.bias else None
+    b2 = rand(E, H) if shape.bias else None
+    A1, B1, A2, B2 = rand(E, R, H), rand(E, 2 * I, R), rand(E, R, I), rand(E, H, R)
+    act = act_code(GptOssGLU() if shape.activation == "gpt_oss" else SwiGLU())
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    w_S = weights.reshape(-1).index_select(0, plan.perm_S)
+    su1 = grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common)
+    h, gu = grouped_gemm(x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2),
+                         bias=b1, epilogue=1, act=act, interleaved=shape.interleaved, **common)
+    su2 = grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common)
+    sv2 = grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common)
+    d_gu, _ = grouped_gemm(d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S,
+                           epilogue=2, act=act, interleaved=shape.interleaved, **common)
+    sv1 = grouped_gemm(d_gu, B1, alpha=2.0, **common)
+    b = dtype.itemsize if hasattr(dtype, "itemsize") else 2
+    mm = lambda m, n, kk: 2.0 * m * n * kk  # noqa: E731
+    return [
+        ("fwd  x@A1 (lora, gather)", lambda: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common),
+         mm(S, R, H), b * (S * H + S * R)),
+        ("fwd  gate_up + act (gather, lora)", lambda: grouped_gemm(
+            x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2), bias=b1,
+            epilogue=1, act=act, interleaved=shape.interleaved, **common),
+         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I)),
+        ("fwd  h@A2 (lora)", lambda: grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common),
+         mm(S, R, I), b * (S * I + S * R)),
+        ("fwd  down (lora, scale, scatter)", lambda: grouped_gemm(
+            h, down.transpose(1, 2), lora_u=su2, lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S,
+            row_scale=w_S, **common),
+         mm(S, H, I + R), b * (S * I + E * H * I + S * H)),
+        ("bwd  d_out@B2 (lora, gather)", lambda: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common),
+         mm(S, R, H), b * (S * H + S * R)),
+        ("bwd  down^T + act' (gather, lora, dot)", lambda: grouped_gemm(
+            d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
+            interleaved=shape.interleaved, **common),
+         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I)),
+        ("bwd  d_gu@B1 (lora)", lambda: grouped_gemm(d_gu, B1, alpha=2.0, **common),
+         mm(S, R, 2 * I), b * (S * 2 * I + S * R)),
+        ("bwd  gate_up^T (lora, scatter)", lambda: grouped_gemm(
+            d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common),
+         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H)),
+    ]
+
+
+def time_ms(fn, device, warmup: int = 3, repeat: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        return float("nan")
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "gpt-oss-20b"], choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[16384])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--kernels", default=None, help="a grouped_gemm.py to time instead of moetune's")
+    parser.add_argument("--label", default="current")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --tiny)")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    grouped_gemm = load_kernels(args.kernels)
+    rows = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        if args.tiny:
+            import dataclasses
+
+            shape = dataclasses.replace(shape, E=4, k=2, H=48, I=40)
+        for tokens in (args.tokens if not args.tiny else [37]):
+            total = 0.0
+            print(f"# {name} {tokens} tokens, rank {args.rank}, {args.label}")
+            for label, fn, flops, nbytes in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+                ms = time_ms(fn, device)
+                total += ms
+                tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
+                print(f"  {label:40s} {ms:7.3f} ms  {tflops:6.0f} TFLOP/s ({100 * tflops / PEAK_TFLOPS:3.0f}%)  "
+                      f"{gbs:6.0f} GB/s ({100 * gbs / PEAK_GBS:3.0f}%)", flush=True)
+                rows.append({"shape": name, "tokens": tokens, "launch": label, "ms": ms, "tflops": tflops,
+                             "gbs": gbs, "label": args.label})
+            print(f"  {'sum':40s} {total:7.3f} ms")
+    if args.out:
+        harness.write_json(args.out, {"environment": harness.environment(), "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
