@@ -6,7 +6,9 @@
 The model is a random-initialised Qwen3-30B-A3B-shaped checkpoint cut to --layers layers (full
 vocabulary) loaded from disk; if --checkpoint does not exist it is made first (random init on the
 GPU, `save_pretrained`, plus a tiny word-level tokenizer, since Unsloth's loader insists on one),
-in a child process so that transformers is not imported before Unsloth.
+in a child process so that transformers is not imported before Unsloth. A checkpoint that
+`train_step.py --checkpoint` made (no tokenizer) gets the tokenizer added, so both scripts can
+train the same weights.
 
 Unsloth's own path: `FastModel.from_pretrained` (what `FastLanguageModel` delegates qwen3_moe to),
 16-bit LoRA, then `FastModel.get_peft_model` with r=16, alpha 32 and the target list of its
@@ -72,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "explicit: q/k/v/o + target_parameters mlp.experts.gate_up_proj/down_proj")
     parser.add_argument("--out", default=None, help="JSON, rewritten after each sequence length")
     parser.add_argument("--tiny", action="store_true", help="toy widths for a made checkpoint (checks the script)")
-    parser.add_argument("--create-only", action="store_true", help="make the checkpoint, then stop (no Unsloth)")
+    parser.add_argument("--create-only", action="store_true",
+                        help="make the checkpoint (or add the tokenizer to one without), then stop (no Unsloth)")
     return parser.parse_args(argv)
 
 
@@ -127,16 +130,26 @@ def create_checkpoint(path: str, model: str = "qwen3-30b-a3b", layers: int = 8, 
     return path
 
 
-def ensure_checkpoint(args) -> int:
-    """Make --checkpoint in a child process when it is missing, so this process imports Unsloth first.
+def has_tokenizer(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "tokenizer_config.json"))
 
-    Returns the child's exit status (0 when the checkpoint was already there).
+
+def add_tokenizer(path: str) -> None:
+    """make_tokenizer() into an existing checkpoint that has none (one that train_step.py --checkpoint made)."""
+    make_tokenizer().save_pretrained(path)
+
+
+def ensure_checkpoint(args) -> int:
+    """Make --checkpoint (or add its tokenizer) in a child process, so this process imports Unsloth first.
+
+    Returns the child's exit status (0 when the checkpoint was ready already).
     """
-    if os.path.isdir(args.checkpoint):
+    if os.path.isdir(args.checkpoint) and has_tokenizer(args.checkpoint):
         return 0
     cmd = [sys.executable, os.path.abspath(__file__), "--create-only", "--checkpoint", args.checkpoint,
            "--model", args.model, "--layers", str(args.layers)] + (["--tiny"] if args.tiny else [])
-    print(f"# making {args.checkpoint}: {args.model} x{args.layers}, random init", flush=True)
+    what = "a tokenizer for" if os.path.isdir(args.checkpoint) else f"{args.model} x{args.layers}, random init, at"
+    print(f"# making {what} {args.checkpoint}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, check=False).returncode
     if rc == 0:
@@ -263,6 +276,10 @@ def moe_backend() -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.create_only:
+        if os.path.isdir(args.checkpoint):
+            if not has_tokenizer(args.checkpoint):
+                add_tokenizer(args.checkpoint)
+            return 0
         import torch
 
         if not (args.tiny or torch.cuda.is_available()):

@@ -91,6 +91,22 @@ def test_existing_checkpoint_is_kept(checkpoint):
     assert os.stat(checkpoint / "model.safetensors").st_mtime_ns == stamp
 
 
+def test_tokenizer_added_to_a_checkpoint_without_one(tmp_path):
+    """A checkpoint train_step.py --checkpoint saved (weights only) gets the tokenizer Unsloth's loader needs."""
+    import train_step
+    import transformers
+
+    path = tmp_path / "weights-only"
+    config = train_step.make_config("qwen3-30b-a3b", 1, tiny=True)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    stamp = os.stat(path / "model.safetensors").st_mtime_ns
+    assert not unsloth_step.has_tokenizer(str(path))
+    assert unsloth_step.ensure_checkpoint(unsloth_step.parse_args(["--checkpoint", str(path), "--tiny"])) == 0
+    assert unsloth_step.has_tokenizer(str(path))
+    assert os.stat(path / "model.safetensors").st_mtime_ns == stamp
+    assert transformers.AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"
+
+
 def test_lora_count_and_targets_match_peft(checkpoint):
     """The arithmetic Unsloth's count is checked against equals PEFT's own at r=16 on q/k/v/o + experts."""
     import transformers
