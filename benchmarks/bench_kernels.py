@@ -13,8 +13,10 @@ products); bytes count each operand read once and each output written once, the 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
+import re
 import statistics
 import sys
 
@@ -28,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
+from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
 from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import act_code  # noqa: E402
-from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
+from moetune.kernels.grouped_gemm import candidates_for  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # dense bf16 an H100/H200 reaches
 PEAK_GBS = 3350.0  # H100 SXM HBM3
@@ -48,13 +51,13 @@ def load_kernels(path: str | None):
 
 
 def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
-    """[(name, thunk, flops, bytes)] for one forward + backward of the block."""
+    """[(name, thunk(**grouped_gemm_kwargs), flops, bytes, (epilogue, N, K))] for one forward + backward."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=0.02):
         return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
 
-    E, k, H, I, R = shape.E, shape.k, shape.H, shape.I, rank
+    E, H, I, R = shape.E, shape.H, shape.I, rank
     ids, weights = harness.make_routing(shape, tokens, device, dtype)
     plan = plan_routing(ids, E)
     S = plan.num_rows
@@ -81,29 +84,29 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     b = dtype.itemsize if hasattr(dtype, "itemsize") else 2
     mm = lambda m, n, kk: 2.0 * m * n * kk  # noqa: E731
     return [
-        ("fwd  x@A1 (lora, gather)", lambda: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common),
-         mm(S, R, H), b * (S * H + S * R)),
-        ("fwd  gate_up + act (gather, lora)", lambda: grouped_gemm(
+        ("fwd  x@A1 (lora, gather)", lambda **kw: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common, **kw),
+         mm(S, R, H), b * (S * H + S * R), (0, R, H)),
+        ("fwd  gate_up + act (gather, lora)", lambda **kw: grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2), bias=b1,
-            epilogue=1, act=act, interleaved=shape.interleaved, **common),
-         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I)),
-        ("fwd  h@A2 (lora)", lambda: grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common),
-         mm(S, R, I), b * (S * I + S * R)),
-        ("fwd  down (lora, scale, scatter)", lambda: grouped_gemm(
+            epilogue=1, act=act, interleaved=shape.interleaved, **common, **kw),
+         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I), (1, I, H)),
+        ("fwd  h@A2 (lora)", lambda **kw: grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common, **kw),
+         mm(S, R, I), b * (S * I + S * R), (0, R, I)),
+        ("fwd  down (lora, scale, scatter)", lambda **kw: grouped_gemm(
             h, down.transpose(1, 2), lora_u=su2, lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S,
-            row_scale=w_S, **common),
-         mm(S, H, I + R), b * (S * I + E * H * I + S * H)),
-        ("bwd  d_out@B2 (lora, gather)", lambda: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common),
-         mm(S, R, H), b * (S * H + S * R)),
-        ("bwd  down^T + act' (gather, lora, dot)", lambda: grouped_gemm(
+            row_scale=w_S, **common, **kw),
+         mm(S, H, I + R), b * (S * I + E * H * I + S * H), (0, H, I)),
+        ("bwd  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
+         mm(S, R, H), b * (S * H + S * R), (0, R, H)),
+        ("bwd  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
             d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
-            interleaved=shape.interleaved, **common),
-         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I)),
-        ("bwd  d_gu@B1 (lora)", lambda: grouped_gemm(d_gu, B1, alpha=2.0, **common),
-         mm(S, R, 2 * I), b * (S * 2 * I + S * R)),
-        ("bwd  gate_up^T (lora, scatter)", lambda: grouped_gemm(
-            d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common),
-         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H)),
+            interleaved=shape.interleaved, **common, **kw),
+         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), (2, I, H)),
+        ("bwd  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
+         mm(S, R, 2 * I), b * (S * 2 * I + S * R), (0, R, 2 * I)),
+        ("bwd  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
+            d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common, **kw),
+         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), (0, H, 2 * I)),
     ]
 
 
@@ -130,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--kernels", default=None, help="a grouped_gemm.py to time instead of moetune's")
     parser.add_argument("--label", default="current")
+    parser.add_argument("--sweep", default=None, metavar="REGEX",
+                        help="also time every candidate config of the launches whose name matches")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -148,8 +153,16 @@ def main(argv=None) -> int:
         for tokens in (args.tokens if not args.tiny else [37]):
             total = 0.0
             print(f"# {name} {tokens} tokens, rank {args.rank}, {args.label}")
-            for label, fn, flops, nbytes in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+            for label, fn, flops, nbytes, (epilogue, n, k) in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
                 ms = time_ms(fn, device)
+                if args.sweep and re.search(args.sweep, label):
+                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k):
+                        try:
+                            cms = time_ms(functools.partial(fn, config=config), device)
+                        except Exception as err:  # noqa: BLE001 - e.g. out of shared memory
+                            print(f"    {config}: {type(err).__name__}")
+                            continue
+                        print(f"    {cms:7.3f} ms  {flops / cms / 1e9:6.0f} TFLOP/s  {config}", flush=True)
                 total += ms
                 tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
                 print(f"  {label:40s} {ms:7.3f} ms  {tflops:6.0f} TFLOP/s ({100 * tflops / PEAK_TFLOPS:3.0f}%)  "

@@ -180,23 +180,70 @@ def grouped_gemm_kernel(
         tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cn,
                  h.to(c_ptr.dtype.element_ty), mask=mask)
     else:
-        if INTERLEAVED:
-            g_cols = 2 * cols
-            u_cols = 2 * cols + 1
-        else:
-            g_cols = cols
-            u_cols = cols + N
         gu_rows = gu_ptr + rows64[:, None] * stride_gum
-        gate = tl.load(gu_rows + g_cols[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gu_rows + u_cols[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
+        c_rows = c_ptr + rows64[:, None] * stride_cm
+        if INTERLEAVED:  # one contiguous [BLOCK_M, 2 * BLOCK_N] tile of pairs, not two stride-2 loads
+            pcols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            pmask = row_mask[:, None] & (pcols < 2 * N)[None, :]
+            pairs = tl.load(gu_rows + pcols[None, :] * stride_gun, mask=pmask, other=0.0).to(tl.float32)
+            gate, up = tl.split(tl.reshape(pairs, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            gate = tl.load(gu_rows + cols[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(gu_rows + (cols + N)[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
         h = act_forward(gate, up, ACT, act_alpha, act_limit)
         dot = tl.sum(tl.where(mask, h * acc, 0.0), axis=1)
         tl.store(dw_ptr + pid_n * stride_dwn + rows64, dot, mask=row_mask)
         w = tl.load(row_scale_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
         d_gate, d_up = act_backward(gate, up, acc * w[:, None], ACT, act_alpha, act_limit)
-        c_rows = c_ptr + rows64[:, None] * stride_cm
-        tl.store(c_rows + g_cols[None, :] * stride_cn, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_rows + u_cols[None, :] * stride_cn, d_up.to(c_ptr.dtype.element_ty), mask=mask)
+        d_gate = d_gate.to(c_ptr.dtype.element_ty)
+        d_up = d_up.to(c_ptr.dtype.element_ty)
+        if INTERLEAVED:
+            tl.store(c_rows + pcols[None, :] * stride_cn, tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N)),
+                     mask=pmask)
+        else:
+            tl.store(c_rows + cols[None, :] * stride_cn, d_gate, mask=mask)
+            tl.store(c_rows + (cols + N)[None, :] * stride_cn, d_up, mask=mask)
+
+
+@triton.jit
+def gated_backward_kernel(
+    g_ptr, stride_gm, gu_ptr, stride_gum, w_ptr, dgu_ptr, stride_dm, dots_ptr,
+    S, N, act_alpha, act_limit,
+    ACT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The activation-gradient epilogue as its own pass (the "split" variant of epilogue 2).
+
+    g [S, N] = d_h / w from a plain GEMM; writes d_gu [S, 2N] = act'(gu) * (g * w) and dots [S] = <act(gu), g>.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < S
+    rows64 = rows.to(tl.int64)
+    w = tl.load(w_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:  # one contiguous [BLOCK_M, 2 * BLOCK_N] tile, split in registers
+            pcols = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
+            pmask = row_mask[:, None] & (pcols < 2 * N)[None, :]
+            pairs = tl.load(gu_ptr + rows64[:, None] * stride_gum + pcols[None, :], mask=pmask, other=0.0)
+            gate, up = tl.split(tl.reshape(pairs.to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
+        else:
+            gate = tl.load(gu_ptr + rows64[:, None] * stride_gum + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(gu_ptr + rows64[:, None] * stride_gum + (cols + N)[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = act_forward(gate, up, ACT, act_alpha, act_limit)
+        dot += tl.sum(tl.where(mask, h * g, 0.0), axis=1)
+        d_gate, d_up = act_backward(gate, up, g * w[:, None], ACT, act_alpha, act_limit)
+        d_gate = d_gate.to(dgu_ptr.dtype.element_ty)
+        d_up = d_up.to(dgu_ptr.dtype.element_ty)
+        if INTERLEAVED:
+            d_pairs = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N))
+            tl.store(dgu_ptr + rows64[:, None] * stride_dm + pcols[None, :], d_pairs, mask=pmask)
+        else:
+            tl.store(dgu_ptr + rows64[:, None] * stride_dm + cols[None, :], d_gate, mask=mask)
+            tl.store(dgu_ptr + rows64[:, None] * stride_dm + (cols + N)[None, :], d_up, mask=mask)
+    tl.store(dots_ptr + rows64, dot, mask=row_mask)
 
 
 # --- launcher ----------------------------------------------------------------------------------------
@@ -221,6 +268,18 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     if block_m not in cache:
         cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
     return cache[block_m]
+
+
+def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int) -> list[dict]:
+    """Configs to tune over for one launch. The activation-gradient epilogue (2) may also run "split":
+    a plain GEMM into a [S, N] buffer, then gated_backward_kernel; which wins depends on the shape
+    (run 14: the fused epilogue ran at 108-201 TFLOP/s where the plain GEMM reaches 330-470)."""
+    fused = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
+    if epilogue != 2:
+        return fused
+    plain = candidate_blocks(num_rows, E, N, K, gated=False)
+    narrow = autotune.block_config(128, 32, 64, 4, 4)  # fewer live epilogue registers per thread
+    return fused + [narrow] + [dict(config, SPLIT=True) for config in plain[:3]]
 
 
 def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
@@ -265,10 +324,12 @@ def grouped_gemm(
     act: tuple[int, float, float] = (0, 0.0, 0.0),
     interleaved: bool = False,
     out_dtype: torch.dtype | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring. Returns C (epilogue 0 and 2), (h, gu) (epilogue 1), (d_gu, dots_S) (2).
+    """See the module docstring. Returns C (epilogue 0), (h, gu) (epilogue 1), (d_gu, dots_S) (epilogue 2).
 
     b is [E, K, N_b]: for epilogue 1, N_b = 2N (gate/up pairs) and C has N columns.
+    config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
     E, K = b.shape[0], b.shape[1]
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
@@ -286,13 +347,16 @@ def grouped_gemm(
     rank = lora_u.shape[1] if lora_u is not None else 1
     dummy = out
     z = (0, 0, 0)
-    dws = []
+    results = []  # epilogue 2: the partial dots [n_blocks, S] (fused) or the dots [S] (split)
 
-    def launch(blocks: dict):
+    def launch(config: dict):
+        blocks = {k: v for k, v in config.items() if k != "SPLIT"}
+        split = config.get("SPLIT", False)
+        epi = 0 if split else epilogue
+        c = torch.empty(num_rows, N, device=device, dtype=dtype) if split else out
         block_m = blocks["BLOCK_M"]
         n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
-        dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epilogue == 2 else None
-        dws[:] = [dw]
+        dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epi == 2 else None
         m_tiles = triton.cdiv(num_rows, block_m) + E  # upper bound: each expert adds at most one partial tile
         grouped_gemm_kernel[(m_tiles * n_blocks,)](
             a, a.stride(0), a.stride(1),
@@ -302,15 +366,15 @@ def grouped_gemm(
             lora_u if lora_u is not None else dummy, *(lora_u.stride() if lora_u is not None else z[:2]),
             lora_b if lora_b is not None else dummy, *(lora_b.stride() if lora_b is not None else z),
             bias if bias is not None else dummy, *(bias.stride() if bias is not None else z[:2]),
-            out, out.stride(0), out.stride(1),
+            c, c.stride(0), c.stride(1),
             out_index if out_index is not None else dummy,
-            row_scale if row_scale is not None else dummy,
+            row_scale if row_scale is not None and not split else dummy,
             gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
             dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
             N, K, rank, E, m_tiles, float(alpha), float(act[1]), float(act[2]),
             HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
-            HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None,
-            EPILOGUE=epilogue, ACT=act[0], INTERLEAVED=interleaved,
+            HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None and not split,
+            EPILOGUE=epi, ACT=act[0], INTERLEAVED=interleaved,
             LOG2_E=max(1, int(E).bit_length()),
             DOT_PRECISION=dot_precision(a.dtype),
             EVEN_K=K % blocks["BLOCK_K"] == 0,
@@ -319,16 +383,26 @@ def grouped_gemm(
             GROUP_M=8,
             **blocks,
         )
+        if split:
+            dots = torch.empty(num_rows, device=device, dtype=torch.float32)
+            gated_backward_kernel[(triton.cdiv(num_rows, 16),)](
+                c, c.stride(0), gu, gu.stride(0), row_scale, out, out.stride(0), dots,
+                num_rows, N, float(act[1]), float(act[2]),
+                ACT=act[0], INTERLEAVED=interleaved, BLOCK_M=16, BLOCK_N=64, num_warps=4,
+            )
+            results[:] = [dots]
+        elif dw is not None:
+            results[:] = [dw]
 
-    candidates = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
+    candidates = candidates_for(epilogue, num_rows, E, N, K)
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), triton.next_power_of_2(max(1, num_rows // E)))
     # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
-    launch(autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
-    dw = dws[0]
+    launch(config or autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     if epilogue == 1:
         return out, gu
     if epilogue == 2:
-        return out, dw.sum(0)
+        dots = results[0]
+        return out, dots if dots.dim() == 1 else dots.sum(0)
     return out

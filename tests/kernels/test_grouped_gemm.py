@@ -59,9 +59,11 @@ def test_plain_with_gather_lora_bias_scale_and_scatter():
     close(out, scattered)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("interleaved, act", [(False, SwiGLU()), (True, GptOssGLU(limit=1.5))])
-def test_gated_forward_and_backward_epilogues(interleaved, act):
+def test_gated_forward_and_backward_epilogues(interleaved, act, split):
     from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels.grouped_gemm import candidates_for
 
     plan, gen = problem(seed=1)
     S, K, I = plan.num_rows, 32, 20
@@ -74,8 +76,9 @@ def test_gated_forward_and_backward_epilogues(interleaved, act):
 
     # backward epilogue: d_gu = act'(gu) * (g * w) with g = d_out[token] @ W2[e]; dots = <act(gu), g>
     d_out, w2, w = rand(gen, plan.num_tokens, K), rand(gen, 5, K, I), rand(gen, S)
+    configs = [c for c in candidates_for(2, S, 5, I, K) if c.get("SPLIT", False) == split]
     d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2,
-                              act=act_code(act), interleaved=interleaved, **common)
+                              act=act_code(act), interleaved=interleaved, config=configs[0], **common)
     g = reference_rows(plan, d_out, w2, plan.token_S)
     gu64 = gu.double()
     close(d_gu, act.backward(gu64, g * w.double()[:, None], interleaved))
