@@ -1,0 +1,225 @@
+"""A fast path for peft's LoRA Linear layers (attention q/k/v/o, shared experts, dense MLPs).
+
+peft keeps adapter weights in fp32 (autocast_adapter_dtype) and its `lora.Linear.forward` casts
+x [N, in] to fp32, runs lora_A and lora_B as fp32 GEMMs (no tensor cores), scales, adds and casts
+back, in forward, again in the checkpointing recompute, and in backward, with every fp32
+intermediate saved by autograd. Here the same layer is one autograd Function in the activation
+dtype:
+
+    y  = x W^T (+ b) + s * (x A^T) B^T          W [out, in] frozen   A [R, in]   B [out, R]
+    dx = dy W + s * (dy B) A
+    dA = s * (dy B)^T x                         returned in A's own dtype (fp32 master weights)
+    dB = s * dy^T (x A^T)                       returned in B's own dtype
+    db = sum_N dy                               only when the base bias is trainable
+
+A and B are cast to x's dtype for the products; the AdamW update stays on the fp32 parameters.
+N is every leading dimension of x flattened.
+
+Precision (bf16 activations, fp32 master factors):
+- The LoRA branch is added inside the second GEMM (addmm with beta=1, alpha=s): the sum of the base
+  output and the LoRA term is rounded to bf16 once, as in peft (which adds in fp32 and casts back).
+- dA and dB are reductions over all N tokens: on CUDA their GEMMs write fp32 directly (torch.mm with
+  out_dtype, fp32 accumulation and no bf16 rounding of the [R, in] / [out, R] results); elsewhere the
+  operands are upcast to fp32 first (CPU tests only, same result or better).
+- The [N, R] intermediates (x A^T and dy B) are rounded to bf16 like any activation.
+
+install_fast_lora_linear(peft_model) swaps this in per instance (no class patch) on the lora.Linear
+layers it covers exactly; each call re-checks the layer's state and hands anything else to peft's
+own forward. Parameters, state dict keys and peft save/load are untouched.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype active for this device type, or None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, without rounding it to a's (b)f16 first."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, torch.float32)  # out_dtype: fp32 accumulate and store (CUDA only)
+    return a.float() @ b.float()
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = F.linear(x, W, b) + s * F.linear(F.linear(x, A), B) in x's dtype; W gets no gradient.
+
+    x [..., in], W [out, in] (must not require grad), b [out] or None, A [R, in], B [out, R] in any
+    float dtype (cast to x's dtype for the products), s a Python number.
+    Saved: x, W (the parameter itself, no copy), A and B cast to x's dtype ([R, in] and [out, R]),
+    u = x A^T [N, R] (cheaper to keep than to recompute: recomputing reads all of x again).
+    Recomputed in backward: nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        assert not weight.requires_grad, "frozen base weight expected: trainable ones take peft's path"
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        A_c, B_c = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        y = F.linear(x2, weight, bias)
+        u = x2 @ A_c.t()
+        y.addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
+        ctx.save_for_backward(x, weight, A_c, B_c, u)
+        ctx.scaling = scaling
+        ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A_c, B_c, u = ctx.saved_tensors
+        s = ctx.scaling
+        bias_dtype, A_dtype, B_dtype = ctx.dtypes
+        need_x, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = db = dA = dB = None
+        if need_x or need_A:
+            g = dy2 @ B_c  # [N, R]; s is applied where it is cheapest
+            if need_x:
+                dx = (dy2 @ weight).addmm_(g, A_c, alpha=s).reshape(x.shape)
+            if need_A:
+                dA = _mm_fp32(g.t(), x2).mul_(s).to(A_dtype)
+        if need_B:
+            dB = _mm_fp32(dy2.t(), u).mul_(s).to(B_dtype)
+        if need_b:
+            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
+        return dx, None, db, dA, dB, None
+
+
+def linear_with_lora(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_A), lora_B), see LoRALinearFunction.
+
+    Under torch.autocast everything is cast to the autocast dtype first, as autocast's own F.linear
+    would, and the Function runs with autocast off (forward and backward).
+    """
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+
+
+# --- peft integration --------------------------------------------------------------------------------
+
+
+def _lora_linear_class():
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # ZeRO-3 / offloading gather parameters in pre-hooks; peft's own forward runs them, ours would not.
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _plain_lora(layer, name: str):
+    """(lora_A, lora_B) Linear modules when `name` is plain LoRA on this layer, else None.
+
+    Plain: no variant (DoRA, ...), no lora_B bias (lora_bias), no dropout, a numeric scale.
+    """
+    # This runs on every call: submodules and parameters are read from their dicts directly, since
+    # nn.Module.__getattr__ costs ~1 us a lookup on the 2-core test host (the whole check: ~7.5 us -> ~2 us).
+    modules = layer._modules
+    A = modules["lora_A"]._modules.get(name)
+    if A is None or name in layer.lora_variant or layer.lora_bias.get(name, False):
+        return None
+    B = modules["lora_B"]._modules[name]
+    if (
+        type(A) is not nn.Linear
+        or type(B) is not nn.Linear
+        or A._parameters["bias"] is not None
+        or B._parameters["bias"] is not None
+        or type(modules["lora_dropout"]._modules[name]) is not nn.Identity
+        or not isinstance(layer.scaling[name], (int, float))
+    ):
+        return None
+    return A, B
+
+
+def _fast_args(layer):
+    """(base Linear, lora_A, lora_B, scaling) when the fast path gives exactly peft's result now, else None."""
+    if layer.disable_adapters or layer.merged or not getattr(layer, "cast_input_dtype_enabled", True):
+        return None
+    active = layer.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    lora = _plain_lora(layer, name)
+    if lora is None:
+        return None
+    A, B = lora
+    base = layer._modules["base_layer"]
+    # type: a parametrization registered after install swaps the class (and moves the weight).
+    if type(base) is not nn.Linear or base._parameters["weight"].requires_grad:
+        return None
+    if _has_hooks(base) or _has_hooks(A) or _has_hooks(B):
+        return None
+    return base, A, B, layer.scaling[name]
+
+
+def _fast_forward(self, x, *args, **kwargs):
+    # Extra arguments (adapter_names for mixed batches, aLoRA offsets, ...) are peft's business.
+    fast = None if args or kwargs else _fast_args(self)
+    if fast is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base, A, B, scaling = fast
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
+    return linear_with_lora(x, weight, bias, A._parameters["weight"], B._parameters["weight"], scaling)
+
+
+def _is_installed(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _fast_forward
+
+
+def install_fast_lora_linear(peft_model: nn.Module) -> int:
+    """Route peft's lora.Linear layers (nn.Linear base, plain LoRA, no dropout) through LoRALinearFunction.
+
+    Per instance: each layer's `forward` attribute is replaced; the class is untouched. Layers with
+    dropout > 0, DoRA or another variant, lora_bias, several active adapters, a non-Linear base (or a
+    forward already replaced by someone else) keep peft's forward. Installed layers still take peft's
+    path, checked at every call, while adapters are disabled (disable_adapter()) or merged, for a
+    trainable base weight, extra forward arguments (adapter_names), hooks on the wrapped Linear layers,
+    or disable_input_dtype_casting. Idempotent. Returns the number of layers on the fast path.
+    """
+    linear_class = _lora_linear_class()
+    count = 0
+    for module in peft_model.modules():
+        if type(module) is not linear_class or type(module.base_layer) is not nn.Linear:
+            continue
+        if _is_installed(module):
+            count += 1
+            continue
+        active = module.active_adapters
+        if "forward" in module.__dict__ or len(active) != 1 or _plain_lora(module, active[0]) is None:
+            continue
+        module.forward = types.MethodType(_fast_forward, module)
+        count += 1
+    return count
+
+
+def uninstall_fast_lora_linear(peft_model: nn.Module) -> int:
+    """Give every layer back peft's own forward. Returns the number of layers changed."""
+    count = 0
+    for module in peft_model.modules():
+        if _is_installed(module):
+            del module.forward
+            count += 1
+    return count

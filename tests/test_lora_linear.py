@@ -1,0 +1,321 @@
+"""moetune.lora_linear: the LoRA Linear Function against a float64 reference, and the peft fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from moetune import FastMoEModel, lora_linear
+from moetune.lora_linear import (
+    LoRALinearFunction,
+    install_fast_lora_linear,
+    linear_with_lora,
+    uninstall_fast_lora_linear,
+)
+
+from .models import helpers
+from .models.helpers import (
+    plain_peft_model,
+    randomize_lora_B,
+    relative_error,
+    token_batch,
+)
+
+checkpoint = helpers.checkpoint  # session fixture: tiny checkpoints on disk
+
+pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+
+# Relative (Frobenius) error against float64 computed from the same rounded inputs. bf16: inputs and
+# the [N, R] intermediates are rounded to 8 mantissa bits (2^-9 = 2e-3 each); measured <= 4e-3.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _reference(x, weight, bias, A, B, s):
+    """Float64 y = x W^T + b + s (x A^T) B^T, with its gradients by autograd."""
+    x, weight, A, B = (t.detach().double().requires_grad_() for t in (x, weight, A, B))
+    bias = None if bias is None else bias.detach().double().requires_grad_()
+    y = x @ weight.t() + s * (x @ A.t()) @ B.t()
+    if bias is not None:
+        y = y + bias
+    return y, [x, A, B] + ([bias] if bias is not None else [])
+
+
+def _factors(lead, d_in, d_out, rank, dtype, bias, gen):
+    x = torch.randn(*lead, d_in, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(dtype)
+    b = (torch.randn(d_out, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    A = (torch.randn(rank, d_in, generator=gen) / d_in**0.5).requires_grad_()  # fp32 master factors
+    B = (torch.randn(d_out, rank, generator=gen) * 0.3).requires_grad_()
+    return x, weight, b, A, B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lead, d_in, d_out, rank, bias",
+    [
+        ((13,), 17, 11, 1, False),   # [T, in], r=1, odd sizes
+        ((2, 9), 24, 40, 4, True),   # [B, T, in], trainable base bias, out > in
+        ((1,), 8, 5, 3, False),      # T=1
+        ((3, 1, 5), 33, 7, 16, True),  # three leading dims, rank > out
+    ],
+)
+def test_function_matches_float64(dtype, lead, d_in, d_out, rank, bias):
+    gen = torch.Generator().manual_seed(0)
+    x, weight, b, A, B = _factors(lead, d_in, d_out, rank, dtype, bias, gen)
+    s = 2.5
+    y = linear_with_lora(x, weight, b, A, B, s)
+    assert y.dtype == dtype and y.shape == (*lead, d_out)
+    y_ref, inputs_ref = _reference(x, weight, b, A, B, s)
+    dy = torch.randn(y.shape, generator=gen)
+    inputs = [x, A, B] + ([b] if bias else [])
+    grads = torch.autograd.grad(y, inputs, dy.to(dtype))
+    grads_ref = torch.autograd.grad(y_ref, inputs_ref, dy.double())
+    tol = TOLERANCE[dtype]
+    assert relative_error(y, y_ref) < tol
+    for name, g, g_ref, t in zip(("x", "A", "B", "bias"), grads, grads_ref, inputs):
+        assert g.dtype == t.dtype, name  # dA, dB in the factors' fp32
+        assert relative_error(g, g_ref) < tol, name
+
+
+def test_function_skips_unneeded_gradients_and_refuses_a_trainable_base():
+    gen = torch.Generator().manual_seed(0)
+    x, weight, _, A, B = _factors((6,), 8, 4, 2, torch.float32, False, gen)
+    (dB,) = torch.autograd.grad(linear_with_lora(x.detach(), weight, None, A, B, 1.0).sum(), [B])
+    assert dB.shape == B.shape
+    with pytest.raises(AssertionError, match="frozen base weight"):
+        LoRALinearFunction.apply(x, weight.requires_grad_(), None, A, B, 1.0)
+
+
+def test_autocast_casts_like_autocast_linear():
+    """Under CPU bf16 autocast with fp32 weights: bf16 output, fp32 factor grads, peft's result."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight, b, A, B = _factors((2, 5), 16, 12, 4, torch.float32, True, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_with_lora(x, weight, b, A, B, 2.0)
+        y_peft = torch.nn.functional.linear(x, weight, b) + torch.nn.functional.linear(
+            torch.nn.functional.linear(x, A), B
+        ) * 2.0
+    assert y.dtype == y_peft.dtype == torch.bfloat16
+    y_ref, _ = _reference(x, weight, b, A, B, 2.0)
+    assert relative_error(y, y_ref) < TOLERANCE[torch.bfloat16]
+    grads = torch.autograd.grad(y.float().sum(), [x, b, A, B])
+    grads_peft = torch.autograd.grad(y_peft.float().sum(), [x, b, A, B])
+    for g, g_peft in zip(grads, grads_peft):
+        assert g.dtype == torch.float32 and relative_error(g, g_peft) < TOLERANCE[torch.bfloat16]
+
+
+# --- peft layers: what is covered, what falls back -------------------------------------------------------
+
+
+class _Tiny(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.q_proj = nn.Linear(12, 10, bias=True, dtype=dtype)
+        self.o_proj = nn.Linear(10, 12, bias=False, dtype=dtype)
+
+    def forward(self, x, **kwargs):
+        return self.o_proj(self.q_proj(x, **kwargs), **kwargs)
+
+
+def _tiny_peft(dtype=torch.float32, **config):
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(
+        LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "o_proj"], **config), _Tiny(dtype)
+    )
+    model.requires_grad_(False)
+    randomize_lora_B(model, std=0.3)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # what PeftModel's autocast_adapter_dtype does on a bf16 base
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts calls into the fast path."""
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return linear_with_lora(*args)
+
+    monkeypatch.setattr(lora_linear, "linear_with_lora", spy)
+    return calls
+
+
+def _outputs_and_grads(model, x, **kwargs):
+    x = x.detach().requires_grad_()
+    out = model(x, **kwargs)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    return [out, *torch.autograd.grad(out.float().square().sum(), params, materialize_grads=True)]
+
+
+def _same_as_peft(model, x, **kwargs):
+    """Installed vs peft's own forward on the same layers: output and every trainable gradient."""
+    fast = _outputs_and_grads(model, x, **kwargs)
+    uninstall_fast_lora_linear(model)
+    peft = _outputs_and_grads(model, x, **kwargs)
+    install_fast_lora_linear(model)
+    return max(relative_error(a, b) for a, b in zip(fast, peft))
+
+
+@pytest.mark.parametrize("config", [{}, {"use_rslora": True}])  # rsLoRA: only the scaling number differs
+def test_install_is_per_instance_idempotent_and_reversible(config, fast_calls):
+    model, other = _tiny_peft(**config), _tiny_peft()
+    peft_forward = LoraLinear.forward
+    assert install_fast_lora_linear(model) == 2 and install_fast_lora_linear(model) == 2
+    assert "forward" not in other.q_proj.__dict__ and LoraLinear.forward is peft_forward
+    keys = set(model.state_dict())
+    x = torch.randn(2, 4, 12)
+    assert _same_as_peft(model, x) < 1e-6 and fast_calls
+    assert set(model.state_dict()) == keys
+    assert uninstall_fast_lora_linear(model) == 2 and "forward" not in model.q_proj.__dict__
+
+
+def test_bf16_base_with_fp32_adapters_close_to_peft():
+    """peft keeps the factors in fp32 on a bf16 base; the fast path computes in bf16, grads stay fp32."""
+    model = _tiny_peft(dtype=torch.bfloat16)
+    assert model.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert install_fast_lora_linear(model) == 2
+    x = torch.randn(3, 7, 12, dtype=torch.bfloat16)
+    assert _same_as_peft(model, x) < TOLERANCE[torch.bfloat16]
+    out, dx, *grads = _outputs_and_grads(model, x)
+    assert out.dtype == dx.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+
+
+def _disable(model):
+    for m in (model.q_proj, model.o_proj):
+        m.enable_adapters(False)
+
+
+def _merge(model):
+    for m in (model.q_proj, model.o_proj):
+        m.merge()
+
+
+def _second_adapter_active(model):
+    config = LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"])
+    with pytest.warns(UserWarning, match="multiple adapters"):
+        inject_adapter_in_model(config, model, adapter_name="other")
+    randomize_lora_B(model, std=0.3, seed=2)
+    for m in (model.q_proj, model.o_proj):
+        m.set_adapter("other")
+
+
+def _two_adapters_active(model):
+    _second_adapter_active(model)
+    for m in (model.q_proj, model.o_proj):
+        m.set_adapter(["default", "other"])
+
+
+def _trainable_base(model):
+    model.q_proj.base_layer.weight.requires_grad_(True)
+
+
+def _hooked_base(model):
+    model.q_proj.base_layer.register_forward_pre_hook(lambda module, args: None)
+
+
+@pytest.mark.parametrize(
+    "change, fast",
+    [
+        (_disable, 0),                 # disable_adapter(): base output
+        (_merge, 0),                   # merged: base layer alone
+        (_second_adapter_active, 2),   # set_adapter: the fast path follows the active adapter and its scaling
+        (_two_adapters_active, 0),     # several active adapters: peft sums them
+        (_trainable_base, 1),          # q_proj's base weight needs a gradient: peft's path there
+        (_hooked_base, 1),             # a hook on the base Linear (ZeRO-3 style) must run
+    ],
+)
+def test_state_changes_after_install_are_checked_at_call_time(change, fast, fast_calls):
+    model = _tiny_peft()
+    assert install_fast_lora_linear(model) == 2
+    change(model)
+    assert _same_as_peft(model, torch.randn(5, 12)) < 1e-6
+    assert len(fast_calls) == fast
+
+
+def test_extra_forward_arguments_take_peft_path(fast_calls):
+    """Mixed-batch adapter_names arrive as a keyword argument (peft's pre-hook): peft's own forward."""
+    model = _tiny_peft()
+    install_fast_lora_linear(model)
+    assert _same_as_peft(model, torch.randn(2, 3, 12), adapter_names=["default", "__base__"]) < 1e-6
+    assert not fast_calls
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"lora_dropout": 0.1}, {"use_dora": True}, {"lora_bias": True}],
+)
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+def test_uncovered_variants_are_not_installed(config):
+    assert install_fast_lora_linear(_tiny_peft(**config)) == 0
+
+
+# --- whole moetune model -----------------------------------------------------------------------------
+
+
+def _lora_model(model_dir, **kwargs):
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, **kwargs)
+    randomize_lora_B(model)
+    return model
+
+
+def _logits_and_lora_grads(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, [dict(model.named_parameters())[n] for n in names])
+    return out.logits, dict(zip(names, grads))
+
+
+def test_model_logits_and_every_lora_gradient_unchanged(checkpoint, fast_calls):
+    """qwen3_moe, q/k/v/o + dense MLP Linear LoRA + expert LoRA, gradient checkpointing on."""
+    model = _lora_model(checkpoint("qwen3_moe"))
+    model.train()
+    ids = token_batch()
+    logits, grads = _logits_and_lora_grads(model, ids)
+    linear = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert install_fast_lora_linear(model) == len(linear) > 0
+    fast_logits, fast_grads = _logits_and_lora_grads(model, ids)
+    assert len(fast_calls) >= 2 * len(linear)  # forward and checkpointing recompute
+    assert relative_error(fast_logits, logits) < 1e-5
+    assert any("experts.lora_" in n for n in grads) and any("q_proj.lora_A" in n for n in grads)
+    for name, g in grads.items():
+        assert relative_error(fast_grads[name], g) < 1e-5, name
+
+
+def test_model_disable_merge_and_plain_peft_load(checkpoint, tmp_path, fast_calls):
+    model_dir = checkpoint("qwen3_moe")
+    base, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+    ids = token_batch()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    model = _lora_model(model_dir, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert install_fast_lora_linear(model) > 0
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert fast_calls and relative_error(logits, base_logits) > 1e-2
+        fast_calls.clear()
+        with model.disable_adapter():
+            assert relative_error(model(ids).logits, base_logits) < 1e-6
+        model.merge_adapter()
+        assert relative_error(model(ids).logits, logits) < 1e-5
+        assert not fast_calls
+        model.unmerge_adapter()
+        assert relative_error(model(ids).logits, logits) < 1e-5 and fast_calls
+    model.save_pretrained(tmp_path)
+    reference = plain_peft_model(model_dir, str(tmp_path))
+    with torch.no_grad():
+        assert relative_error(reference(ids).logits, logits) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:lora_dropout. applies to Linear LoRA only")
+def test_model_with_dropout_keeps_peft_path(checkpoint):
+    model = _lora_model(checkpoint("qwen3_moe"), lora_dropout=0.1)
+    assert install_fast_lora_linear(model) == 0
