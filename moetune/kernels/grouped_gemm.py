@@ -34,6 +34,7 @@ import triton.language as tl
 
 from . import autotune
 from .activations import act_backward, act_forward
+from .sizes import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -255,7 +256,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(int(n)))
+    return max(floor, next_power_of_2(int(n)))
 
 
 def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -355,9 +356,9 @@ def grouped_gemm(
         epi = 0 if split else epilogue
         c = torch.empty(num_rows, N, device=device, dtype=dtype) if split else out
         block_m = blocks["BLOCK_M"]
-        n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+        n_blocks = cdiv(N, blocks["BLOCK_N"])
         dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epi == 2 else None
-        m_tiles = triton.cdiv(num_rows, block_m) + E  # upper bound: each expert adds at most one partial tile
+        m_tiles = cdiv(num_rows, block_m) + E  # upper bound: each expert adds at most one partial tile
         grouped_gemm_kernel[(m_tiles * n_blocks,)](
             a, a.stride(0), a.stride(1),
             a_index if a_index is not None else dummy,
@@ -385,7 +386,7 @@ def grouped_gemm(
         )
         if split:
             dots = torch.empty(num_rows, device=device, dtype=torch.float32)
-            gated_backward_kernel[(triton.cdiv(num_rows, 16),)](
+            gated_backward_kernel[(cdiv(num_rows, 16),)](
                 c, c.stride(0), gu, gu.stride(0), row_scale, out, out.stride(0), dots,
                 num_rows, N, float(act[1]), float(act[2]),
                 ACT=act[0], INTERLEAVED=interleaved, BLOCK_M=16, BLOCK_N=64, num_warps=4,
@@ -397,7 +398,7 @@ def grouped_gemm(
     candidates = candidates_for(epilogue, num_rows, E, N, K)
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
-           N, K, str(a.dtype), triton.next_power_of_2(max(1, num_rows // E)))
+           N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)))
     # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
     launch(config or autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     if epilogue == 1:

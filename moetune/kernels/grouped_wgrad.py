@@ -20,6 +20,7 @@ import triton.language as tl
 from . import autotune
 from .activations import act_forward
 from .grouped_gemm import _pow2_at_least, dot_precision
+from .sizes import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -109,7 +110,7 @@ def grouped_wgrad(
     dummy = out
 
     def launch(blocks: dict):
-        grid = (E * triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+        grid = (E * cdiv(M, blocks["BLOCK_M"]), cdiv(N, blocks["BLOCK_N"]))
         grouped_wgrad_kernel[grid](
             a, a.stride(0), a.stride(1),
             a_index if a_index is not None else dummy,
@@ -131,6 +132,6 @@ def grouped_wgrad(
     candidates = [cfg(bm, bn, bk, 4, 3), cfg(bm, bn, 128, 4, 3), cfg(bm, min(256, 2 * bn), 64, 8, 3)]
     candidates = [c for i, c in enumerate(candidates) if c not in candidates[:i]]
     key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),
-           triton.next_power_of_2(max(1, num_rows // E)))
+           next_power_of_2(max(1, num_rows // E)))
     launch(autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
     return out

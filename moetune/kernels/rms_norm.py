@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sizes import cdiv, next_power_of_2
+
 __all__ = ["MAX_H", "RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
 
 # Liger-Kernel's limit for one row in registers (MAX_FUSED_SIZE); wider norms stay on transformers' path.
@@ -137,9 +139,9 @@ def _row_layout(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 def _blocks(num_cols: int, num_rows: int, block_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_H, num_warps)."""
-    block_h = triton.next_power_of_2(num_cols)
+    block_h = next_power_of_2(num_cols)
     if not block_rows:
-        block_rows = min(max(1, TILE_ELEMENTS // block_h), triton.next_power_of_2(max(num_rows, 1)))
+        block_rows = min(max(1, TILE_ELEMENTS // block_h), next_power_of_2(max(num_rows, 1)))
     if block_rows & (block_rows - 1):
         raise ValueError(f"block_rows: expected a power of 2, got {block_rows}")
     # Liger-Kernel's calculate_settings (num_warps by block size), taken as it is.
@@ -169,7 +171,7 @@ def _forward(x, weight, eps, cast_before_weight, block_rows=0):
         return y, rstd
     x, inner, stride_outer, stride_inner = _row_layout(x)
     block_m, block_h, num_warps = _blocks(num_cols, num_rows, block_rows)
-    rms_norm_forward_kernel[(triton.cdiv(num_rows, block_m),)](
+    rms_norm_forward_kernel[(cdiv(num_rows, block_m),)](
         x, inner, stride_outer, stride_inner,
         weight, y, rstd,
         num_rows, num_cols, float(eps),
@@ -196,7 +198,7 @@ def _backward(dy, x, weight, rstd, cast_before_weight, compute_dw, block_rows=0)
     x, x_inner, x_stride_outer, x_stride_inner = _row_layout(x)
     dy, dy_inner, dy_stride_outer, dy_stride_inner = _row_layout(dy)
     block_m, block_h, num_warps = _blocks(num_cols, num_rows, block_rows)
-    num_blocks = triton.cdiv(num_rows, block_m)
+    num_blocks = cdiv(num_rows, block_m)
     programs = _num_dw_programs(x.device, num_blocks) if compute_dw else num_blocks
     dw_partial = torch.empty(programs, num_cols, device=x.device, dtype=torch.float32) if compute_dw else rstd
     rms_norm_backward_kernel[(programs,)](
