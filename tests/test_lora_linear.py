@@ -80,6 +80,24 @@ def test_function_matches_float64(dtype, lead, d_in, d_out, rank, bias):
         assert relative_error(g, g_ref) < tol, name
 
 
+@pytest.mark.gpu
+def test_function_cuda_bf16_at_real_size():
+    """Qwen3-30B-A3B q_proj (2048 -> 4096, r=16), 4096 tokens: the CUDA fp32-output GEMMs for dA, dB."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight, b, A, B = (
+        None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
+        for t in _factors((2, 2048), 2048, 4096, 16, torch.bfloat16, False, gen)
+    )
+    y = linear_with_lora(x, weight, b, A, B, 2.0)
+    y_ref, inputs_ref = _reference(x, weight, b, A, B, 2.0)
+    dy = torch.randn(y.shape, device="cuda")
+    grads = torch.autograd.grad(y, [x, A, B], dy.bfloat16())
+    grads_ref = torch.autograd.grad(y_ref, inputs_ref, dy.double())
+    assert relative_error(y, y_ref) < TOLERANCE[torch.bfloat16]
+    for g, g_ref, dtype in zip(grads, grads_ref, (torch.bfloat16, torch.float32, torch.float32)):
+        assert g.dtype == dtype and relative_error(g, g_ref) < TOLERANCE[torch.bfloat16]
+
+
 def test_function_skips_unneeded_gradients_and_refuses_a_trainable_base():
     gen = torch.Generator().manual_seed(0)
     x, weight, _, A, B = _factors((6,), 8, 4, 2, torch.float32, False, gen)
