@@ -4,6 +4,7 @@ grouped_gemm.py    row-grouped GEMM over expert-sorted rows: gather, split LoRA,
                    activation (forward and backward) and weighted scatter fused
 grouped_wgrad.py   K-grouped GEMM for the LoRA factor gradients
 activations.py     the gated activations as Triton device functions
+cross_entropy.py   cross-entropy loss and gradient of one logits chunk, in place (moetune/linear_cross_entropy.py)
 """
 
 from .activations import act_code
