@@ -6,6 +6,9 @@
     model.save_pretrained(adapter_dir)                  # loads with plain peft
     moetune.merge(model_dir, adapter_dir, out_dir)      # full checkpoint with LoRA folded in
 
+In training, a forward with labels computes the loss with moetune's fused linear cross-entropy (models/fused_loss.py):
+no [tokens, vocab] logits are materialised and `outputs.logits` is a zero placeholder; eval keeps real logits.
+
 LoRA on Linear layers (attention, shared experts, dense MLPs) is peft's own LoRA layer; LoRA on the
 fused 3-D expert weights is moetune's split LoRA, stored as parameters on each experts module.
 """
@@ -21,6 +24,7 @@ import transformers
 from torch import nn
 
 from . import adapters
+from .models import fused_loss
 from .models.hook import add_expert_lora, find_experts, install
 from .models.registry import get_spec
 from .models.spec import ArchSpec
@@ -188,14 +192,19 @@ class FastMoEModel:
         dtype: torch.dtype | str = torch.bfloat16,
         device_map=None,
         attn_implementation: str | None = None,
+        fused_cross_entropy: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
 
         The model is the transformers model with its expert compute routed through moetune.
+        fused_cross_entropy: in training (model.train(), grad enabled, labels given) compute the loss chunk by
+          chunk from the hidden states and lm_head's weight, never holding the [tokens, vocab] logits; the output's
+          `logits` is then a zero placeholder (stride 0). False: transformers' own lm_head + loss.
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
+        _check_bool("fused_cross_entropy", fused_cross_entropy)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
             config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -216,6 +225,8 @@ class FastMoEModel:
             with torch.device(device_map or "cpu"):
                 model = auto.from_config(config, dtype=dtype, attn_implementation=attn, **kwargs)
         install(model, spec)
+        if fused_cross_entropy:
+            fused_loss.install(model)
         setattr(model, _SPEC_ATTR, spec)
         model.max_seq_length = max_seq_length
         return model, _load_tokenizer(model_dir, max_seq_length)
