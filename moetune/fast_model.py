@@ -24,7 +24,9 @@ import transformers
 from torch import nn
 
 from . import adapters
+from .lora_linear import install_fast_lora_linear
 from .models import fused_loss
+from .models.fast_norms import install_fast_norms
 from .models.hook import add_expert_lora, find_experts, install
 from .models.registry import get_spec
 from .models.spec import ArchSpec
@@ -193,6 +195,7 @@ class FastMoEModel:
         device_map=None,
         attn_implementation: str | None = None,
         fused_cross_entropy: bool = True,
+        fused_norms: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -201,10 +204,13 @@ class FastMoEModel:
         fused_cross_entropy: in training (model.train(), grad enabled, labels given) compute the loss chunk by
           chunk from the hidden states and lm_head's weight, never holding the [tokens, vocab] logits; the output's
           `logits` is then a zero placeholder (stride 0). False: transformers' own lm_head + loss.
+        fused_norms: run the RMSNorms through moetune's Triton kernel (one launch forward, one backward) where
+          Triton runs (CUDA); False keeps transformers' own.
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
         _check_bool("fused_cross_entropy", fused_cross_entropy)
+        _check_bool("fused_norms", fused_norms)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
             config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -227,6 +233,8 @@ class FastMoEModel:
         install(model, spec)
         if fused_cross_entropy:
             fused_loss.install(model)
+        if fused_norms:
+            install_fast_norms(model)
         setattr(model, _SPEC_ATTR, spec)
         model.max_seq_length = max_seq_length
         return model, _load_tokenizer(model_dir, max_seq_length)
@@ -286,5 +294,8 @@ class FastMoEModel:
         if gate_up or down:
             for module in experts.values():
                 add_expert_lora(module, r, lora_alpha, gate_up=gate_up, down=down)
+        # peft's Linear LoRA runs its adapters in fp32 (CUDA-core GEMMs, casts, fp32 copies of x saved): one
+        # autograd Function in the activation dtype instead, wherever the layer's state allows (else peft's path).
+        install_fast_lora_linear(peft_model)
         setattr(peft_model, _SPEC_ATTR, spec)
         return peft_model

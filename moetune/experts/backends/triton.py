@@ -32,7 +32,6 @@ from packaging.version import Version
 from ..lora import cast_factors, grads_in
 
 
-
 @functools.lru_cache(maxsize=None)
 def probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> str | None:
     """None if the Triton kernels can run on this device and dtype, else why not."""
