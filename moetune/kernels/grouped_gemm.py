@@ -65,7 +65,6 @@ def grouped_gemm_kernel(
     b_ptr, stride_be, stride_bk, stride_bn,
     offsets_ptr, tile_ends_ptr,
     u_ptr, stride_um, stride_ur,
-    la_ptr, stride_lae, stride_lak, stride_lar, lora_scale,
     lb_ptr, stride_lbe, stride_lbr, stride_lbn,
     bias_ptr, stride_biase, stride_biasn,
     c_ptr, stride_cm, stride_cn,
@@ -73,7 +72,7 @@ def grouped_gemm_kernel(
     gu_ptr, stride_gum, stride_gun,
     dw_ptr, stride_dwn,
     N, K, R, E, M_TILES, alpha, act_alpha, act_limit,
-    HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, LORA_A_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
@@ -111,16 +110,9 @@ def grouped_gemm_kernel(
     if HAS_LORA:
         rs = tl.arange(0, BLOCK_R)
         r_mask = rs < R
+        u = tl.load(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur,
+                    mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         lb_base = lb_ptr + e_safe.to(tl.int64) * stride_lbe
-        if LORA_A_IN_LOOP:
-            # U = lora_scale * A[a_row] @ LA[e] accumulates in the main loop from the A tiles already
-            # loaded (R extra columns: 6-12% more MMA work) instead of a separate bandwidth-bound launch
-            # that reads all of A again; the N-block-0 program stores it for the weight gradients.
-            la_ptrs = la_ptr + e_safe.to(tl.int64) * stride_lae + ks[:, None] * stride_lak + rs[None, :] * stride_lar
-            u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        else:
-            u = tl.load(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur,
-                        mask=row_mask[:, None] & r_mask[None, :], other=0.0)
     if HAS_BIAS:
         bias_base = bias_ptr + e_safe.to(tl.int64) * stride_biase
 
@@ -155,21 +147,9 @@ def grouped_gemm_kernel(
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if LORA_A_IN_LOOP:
-            if EVEN_K:
-                la = tl.load(la_ptrs, mask=r_mask[None, :], other=0.0)
-            else:
-                la = tl.load(la_ptrs, mask=(k0 + ks < K)[:, None] & r_mask[None, :], other=0.0)
-            u_acc = tl.dot(a, la, u_acc, input_precision=DOT_PRECISION)
-            la_ptrs += BLOCK_K * stride_lak
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if HAS_LORA:
-        if LORA_A_IN_LOOP:  # rounded exactly as a stored U would be
-            u = (u_acc * lora_scale).to(u_ptr.dtype.element_ty)
-            if pid_n == 0:
-                tl.store(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur, u,
-                         mask=row_mask[:, None] & r_mask[None, :])
         lb = tl.load(lb_base + rs[:, None] * stride_lbr + b_cols[None, :] * stride_lbn,
                      mask=r_mask[:, None] & b_col_mask[None, :], other=0.0)
         acc = tl.dot(u, lb, acc, input_precision=DOT_PRECISION)
@@ -334,8 +314,6 @@ def grouped_gemm(
     num_rows: int,
     a_index: torch.Tensor | None = None,
     lora_u: torch.Tensor | None = None,
-    lora_a: torch.Tensor | None = None,
-    lora_scale: float = 1.0,
     lora_b: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     alpha: float = 1.0,
@@ -352,11 +330,8 @@ def grouped_gemm(
     """See the module docstring. Returns C (epilogue 0), (h, gu) (epilogue 1), (d_gu, dots_S) (epilogue 2).
 
     b is [E, K, N_b]: for epilogue 1, N_b = 2N (gate/up pairs) and C has N columns.
-    lora_u [S, R]: the split-LoRA first product U, read; or, with lora_a [E, K, R], a buffer the kernel
-    fills with U = lora_scale * A[a_row] @ lora_a[e], computed in its main loop and then used as read.
     config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
-    assert lora_a is None or lora_u is not None, "lora_a needs lora_u, the buffer U is written to"
     E, K = b.shape[0], b.shape[1]
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
     dtype = out_dtype or a.dtype
@@ -390,7 +365,6 @@ def grouped_gemm(
             b, b.stride(0), b.stride(1), b.stride(2),
             offsets_E, tile_schedule(counts_E, block_m),
             lora_u if lora_u is not None else dummy, *(lora_u.stride() if lora_u is not None else z[:2]),
-            lora_a if lora_a is not None else dummy, *(lora_a.stride() if lora_a is not None else z), float(lora_scale),
             lora_b if lora_b is not None else dummy, *(lora_b.stride() if lora_b is not None else z),
             bias if bias is not None else dummy, *(bias.stride() if bias is not None else z[:2]),
             c, c.stride(0), c.stride(1),
@@ -399,8 +373,7 @@ def grouped_gemm(
             gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
             dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
             N, K, rank, E, m_tiles, float(alpha), float(act[1]), float(act[2]),
-            HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None,
-            LORA_A_IN_LOOP=lora_a is not None, HAS_BIAS=bias is not None,
+            HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
             HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None and not split,
             EPILOGUE=epi, ACT=act[0], INTERLEAVED=interleaved,
             LOG2_E=max(1, int(E).bit_length()),
@@ -424,10 +397,10 @@ def grouped_gemm(
 
     candidates = candidates_for(epilogue, num_rows, E, N, K)
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
-    key = (epilogue, interleaved, a_index is not None, lora_u is not None, lora_a is not None, out_index is not None,
+    key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)))
-    # "v4": LoRA A-product in the main loop; bump when a kernel change invalidates tuned configs
-    launch(config or autotune.pick("grouped_gemm/v4", key, candidates, launch, device, num_rows))
+    # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
+    launch(config or autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     if epilogue == 1:
         return out, gu
     if epilogue == 2:

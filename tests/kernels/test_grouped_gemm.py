@@ -114,36 +114,3 @@ def test_wgrad_modes_and_empty_experts(mode):
     ref.index_add_(0, plan.expert_S, torch.einsum("sm,sn->smn", a_rows.double(), b_rows.double()))
     close(out, ref)
     assert out[3].abs().sum() == 0  # the empty expert
-
-
-@pytest.mark.parametrize("epilogue, split", [(0, False), (1, False), (2, False), (2, True)],
-                         ids=["plain", "gated", "act_bwd_fused", "act_bwd_split"])
-def test_lora_a_product_in_the_main_loop(epilogue, split):
-    """U = s * A[a_row] @ LA[e] computed in the main loop: written out, and the result equals the two-launch one."""
-    from moetune.kernels import act_code, grouped_gemm
-    from moetune.kernels.grouped_gemm import candidates_for
-
-    plan, gen = problem(seed=3)
-    S, K, N, R, s = plan.num_rows, 40, 12, 3, 0.7  # K not a multiple of BLOCK_K, R of BLOCK_R
-    x = rand(gen, plan.num_tokens, K)
-    la = rand(gen, 5, K, R)
-    n_b = 2 * N if epilogue == 1 else N
-    b, lb = rand(gen, 5, K, n_b), rand(gen, 5, R, n_b)
-    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E, a_index=plan.token_S)
-    extra = {}
-    if epilogue:
-        extra = dict(epilogue=epilogue, act=act_code(SwiGLU()))
-    if epilogue == 2:
-        extra.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S))
-        extra["config"] = [c for c in candidates_for(2, S, 5, N, K) if c.get("SPLIT", False) == split][0]
-
-    u_ref = s * reference_rows(plan, x, la, plan.token_S)
-    u_sep = grouped_gemm(x, la, alpha=s, **common)
-    close(u_sep, u_ref)
-    separate = grouped_gemm(x, b, lora_u=u_sep, lora_b=lb, **common, **extra)
-    u_out = torch.full((S, R), float("nan"), device=DEVICE)
-    fused = grouped_gemm(x, b, lora_u=u_out, lora_a=la, lora_scale=s, lora_b=lb, **common, **extra)
-    close(u_out, u_ref)
-    for got, ref in zip(fused if isinstance(fused, tuple) else (fused,),
-                        separate if isinstance(separate, tuple) else (separate,)):
-        close(got, ref.double())

@@ -2,20 +2,22 @@
 
 Shape legend: T tokens, K top-k, E experts, H hidden, I expert width, R rank, S = T*K rows.
 
-Forward (2 launches + a sum over k; each LoRA first product U is accumulated in the main loop of
-the GEMM that reads the same rows, and stored for backward):
-    gu, h  = x[token] W1^T + su1 B1^T (+ b1); act    su1 = s * x[token] A1^T in the loop   [S, 2I], [S, I]
-    y_pair = w * (h W2^T + su2 B2^T (+ b2))          su2 = s * h A2^T in the loop          [S, H]
-                                                     rows stored in (token, slot) order
+Forward (4 launches + a sum over k):
+    su1    = s * x[token] A1^T                      gather fused into the loads          [S, R]
+    gu, h  = x[token] W1^T + su1 B1^T (+ b1); act    LoRA, bias, activation in epilogue   [S, 2I], [S, I]
+    su2    = s * h A2^T                                                                   [S, R]
+    y_pair = w * (h W2^T + su2 B2^T (+ b2))          rows stored in (token, slot) order    [S, H]
     out    = y_pair.view(T, K, H).sum(1)             deterministic, no atomics
 
 Saved: gu [S, 2I], su1, su2 [S, R] (as the grouped_mm backend). h is never stored for
 backward; the down-projection backward recomputes it in its epilogue from gu.
 
 Backward:
-    d_gu, dots  = act'(gu) * w * (d_out[token] W2 + sv2 A2); dots = <act(gu), g>          sv2 = s * d_out[token] B2 in the loop
+    sv2         = s * d_out[token] B2                                                     [S, R]
+    d_gu, dots  = act'(gu) * w * (d_out[token] W2 + sv2 A2); dots = <act(gu), g>          fused epilogue
     dB2, dA2    = K-grouped sums (d_out[token] x w*su2), (sv2 x w*act(gu))                 gather / act on load
-    dx_pair     = d_gu W1 + sv1 A1                    sv1 = s * d_gu B1 in the loop; rows stored in (token, slot) order
+    sv1         = s * d_gu B1
+    dx_pair     = d_gu W1 + sv1 A1                    rows stored in (token, slot) order
     dx          = dx_pair.view(T, K, H).sum(1)
     dB1, dA1    = (d_gu x su1), (sv1 x x[token])
 No base-weight gradient is computed.
@@ -74,21 +76,20 @@ class TritonExpertsFunction(torch.autograd.Function):
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
         w_S = topk_weights.reshape(-1).index_select(0, plan.perm_S).to(dtype)
 
-        # The LoRA first products (su1, su2) are computed inside the GEMMs that read the same rows.
-        su1 = su2 = None
-        lora1 = lora2 = {}
+        su1 = None
         if A1 is not None:
-            su1 = torch.empty(S, A1.shape[1], device=x.device, dtype=dtype)
-            lora1 = dict(lora_u=su1, lora_a=A1.transpose(1, 2), lora_scale=scaling, lora_b=B1.transpose(1, 2))
+            su1 = grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=scaling, **common)
         h, gu = grouped_gemm(
-            x, gate_up.transpose(1, 2), a_index=plan.token_S, bias=gate_up_bias,
-            epilogue=1, act=code, interleaved=interleaved, **lora1, **common,
+            x, gate_up.transpose(1, 2), a_index=plan.token_S,
+            lora_u=su1, lora_b=None if B1 is None else B1.transpose(1, 2), bias=gate_up_bias,
+            epilogue=1, act=code, interleaved=interleaved, **common,
         )
+        su2 = None
         if A2 is not None:
-            su2 = torch.empty(S, A2.shape[1], device=x.device, dtype=dtype)
-            lora2 = dict(lora_u=su2, lora_a=A2.transpose(1, 2), lora_scale=scaling, lora_b=B2.transpose(1, 2))
+            su2 = grouped_gemm(h, A2.transpose(1, 2), alpha=scaling, **common)
         y_pairs = grouped_gemm(
-            h, down.transpose(1, 2), bias=down_bias, out_index=plan.perm_S, row_scale=w_S, **lora2, **common,
+            h, down.transpose(1, 2), lora_u=su2, lora_b=None if B2 is None else B2.transpose(1, 2),
+            bias=down_bias, out_index=plan.perm_S, row_scale=w_S, **common,
         )
         del h
         out = y_pairs.view(T, K, -1).sum(dim=1)
@@ -110,14 +111,12 @@ class TritonExpertsFunction(torch.autograd.Function):
         d_out = d_out.to(x.dtype).contiguous()
         dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
 
-        sv2 = sv1 = None
-        lora2 = lora1 = {}
+        sv2 = None
         if A2 is not None:
-            sv2 = torch.empty(S, A2.shape[1], device=d_out.device, dtype=d_out.dtype)
-            lora2 = dict(lora_u=sv2, lora_a=B2, lora_scale=s, lora_b=A2)
+            sv2 = grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=s, **common)
         d_gu, dots_S = grouped_gemm(
-            d_out, down, a_index=plan.token_S, gu=gu, row_scale=w_S,
-            epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
+            d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S,
+            epilogue=2, act=code, interleaved=interleaved, **common,
         )
         if need[1]:
             d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
@@ -127,14 +126,12 @@ class TritonExpertsFunction(torch.autograd.Function):
             if need[8]:
                 dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **wg)
 
+        sv1 = None
         if A1 is not None:
-            sv1 = torch.empty(S, A1.shape[1], device=d_out.device, dtype=d_out.dtype)
-            lora1 = dict(lora_u=sv1, lora_a=B1, lora_scale=s, lora_b=A1)
+            sv1 = grouped_gemm(d_gu, B1, alpha=s, **common)
         if need[0]:
-            dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
+            dx_pairs = grouped_gemm(d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common)
             d_x = dx_pairs.view(T, K, -1).sum(dim=1)
-        elif A1 is not None:  # no dx GEMM to compute sv1 in
-            grouped_gemm(d_gu, B1, alpha=s, out=sv1, **common)
         if A1 is not None:
             if need[7]:
                 dB1 = grouped_wgrad(d_gu, su1, **wg)
