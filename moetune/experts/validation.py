@@ -31,7 +31,7 @@ def _need_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], expected: st
 def check_inputs(
     x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, lora, interleaved
 ) -> None:
-    """Validate everything cheap to check, plus the id range (one device sync)."""
+    """Validate everything cheap to check, plus the id range (on CPU at once; on CUDA without a host sync)."""
     _need_tensor("x", x, 2, "[T, H]")
     _need_tensor("topk_ids", topk_ids, 2, "[T, k]")
     _need_tensor("topk_weights", topk_weights, 2, "[T, k]")
@@ -89,7 +89,14 @@ def check_inputs(
 
     if topk_ids.numel():
         lo, hi = torch.aminmax(topk_ids)
-        lo, hi = int(lo), int(hi)  # the one host sync of this call
+        if topk_ids.is_cuda:
+            # A host sync per MoE layer call would stop the host from queueing kernels ahead of the GPU (the
+            # whole-model step went idle between layers): check on the device instead. A bad id then stops the
+            # process with a device-side assert carrying this message, as CUDA's own index checks would.
+            torch._assert_async((lo >= 0) & (hi < num_experts),
+                                f"topk_ids: expected expert ids in [0, {num_experts - 1}]")
+            return
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"topk_ids: expected expert ids in [0, {num_experts - 1}], got values in [{lo}, {hi}]")
 
