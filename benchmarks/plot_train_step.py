@@ -1,0 +1,66 @@
+"""Plot whole-model training-step JSONs (train_step.py, unsloth_step.py): tokens/s and peak GiB per context.
+
+    python benchmarks/plot_train_step.py OUT.png RESULT.json [RESULT.json ...]
+
+Rows of every file are pooled by (provider, seq); a later file's row replaces an earlier one's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"moetune": "tab:green", "baseline": "tab:gray", "unsloth": "tab:orange"}
+LABELS = {"moetune": "moetune", "baseline": "transformers + PEFT", "unsloth": "Unsloth"}
+
+
+def load_rows(paths: list[Path]) -> tuple[dict, dict]:
+    rows, env = {}, {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        env = env or data.get("environment", {})
+        for row in data["rows"]:
+            rows[(row["provider"], row["seq"])] = row
+    return rows, env
+
+
+def plot(out: Path, paths: list[Path]) -> Path:
+    rows, env = load_rows(paths)
+    providers = [p for p in COLORS if any(k[0] == p for k in rows)]
+    seqs = sorted({seq for _, seq in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(len(providers), 1)
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
+                           (axes[1], "peak_gib", "peak GiB, max_memory_allocated (lower is better)")):
+        for i, provider in enumerate(providers):
+            for j, seq in enumerate(seqs):
+                row = rows.get((provider, seq))
+                x = j + (i - (len(providers) - 1) / 2) * width
+                if row is None or row.get("oom"):
+                    ax.text(x, 0, "OOM" if row else "-", ha="center", va="bottom", fontsize=7, rotation=90)
+                    continue
+                ax.bar(x, row[key], width, color=COLORS[provider], label=LABELS[provider] if j == 0 else None)
+                ax.text(x, row[key], f"{row[key]:,.0f}" if key == "tokens_per_s" else f"{row[key]:.1f}",
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(seqs)), [f"{s // 1024}K" for s in seqs])
+        ax.set_xlabel("context (tokens, batch 1)")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    model = next(iter(rows.values()))
+    fig.suptitle(f"{model['model']} x{model['layers']} layers, LoRA r=16 q/k/v/o + experts, AdamW - "
+                 f"{env.get('device', '')}, {env.get('date', '')[:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    print(plot(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]))
