@@ -204,8 +204,8 @@ class FastMoEModel:
         fused_cross_entropy: in training (model.train(), grad enabled, labels given) compute the loss chunk by
           chunk from the hidden states and lm_head's weight, never holding the [tokens, vocab] logits; the output's
           `logits` is then a zero placeholder (stride 0). False: transformers' own lm_head + loss.
-        fused_norms: run the RMSNorms through moetune's Triton kernel (one launch forward, one backward) where
-          Triton runs (CUDA); False keeps transformers' own.
+        fused_norms: run the RMSNorms through moetune's Triton kernel (one launch forward, one backward) on CUDA
+          GPUs (each call falls back to transformers' forward where the kernel cannot run); False keeps transformers' own.
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
@@ -233,7 +233,7 @@ class FastMoEModel:
         install(model, spec)
         if fused_cross_entropy:
             fused_loss.install(model)
-        if fused_norms:
+        if fused_norms and torch.cuda.is_available():  # never Triton's CPU interpreter here: minutes instead of seconds
             install_fast_norms(model)
         setattr(model, _SPEC_ATTR, spec)
         model.max_seq_length = max_seq_length
