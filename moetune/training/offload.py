@@ -1,0 +1,196 @@
+"""Gradient checkpointing whose saved layer inputs wait in pinned host memory, copied on a side CUDA stream.
+
+With checkpointing, what a decoder layer leaves on the GPU between forward and backward is its input hidden
+state [B, T, H]. Qwen3-30B-A3B (48 layers, H=2048) at 32K tokens in bf16 keeps 48 x 128 MiB = 6 GiB of them on
+top of 59 GiB of weights. `offloaded_checkpoint` copies each layer input to pinned host memory while the layer
+computes and brings it back in backward, one layer ahead: the copy of layer i-1's input runs during layer i's
+recompute and backward. The GPU then holds at most two layer inputs (the one in use and the prefetched one).
+
+Design: torch.utils.checkpoint (non-reentrant) unchanged, inside a `saved_tensors_hooks` context. The
+non-reentrant checkpoint saves the function's positional tensor arguments as autograd saved tensors before it
+installs its own hook (which turns everything saved inside the function into recompute placeholders), so the
+outer hook sees exactly those arguments: in transformers' convention
+`_gradient_checkpointing_func(partial(forward, **kwargs), hidden_states)`, the hidden state. Keyword arguments
+(masks, position embeddings, position ids: shared by all layers) live in the partial's closure and stay on the
+GPU. Everything else is torch's own code: RNG stash and restore (dropout), autocast state, gradients of the
+parameters inside the layer when its input does not require grad (the first layer after a frozen embedding),
+`torch.autograd.grad`, outputs of any structure. The gradients are bitwise those of torch.utils.checkpoint: the
+same autograd nodes run on the same values, only where the input waits in between changes.
+A custom autograd.Function (Unsloth's offloaded checkpointer) is the reentrant design instead: it needs a dummy
+input that requires grad so LoRA weights of the first layer get gradients, runs a nested backward whose
+parameter gradients bypass `torch.autograd.grad`, and redoes the RNG handling.
+transformers >= 5.17 `activation_checkpointing_enable(offload=True)` is the same composition with torch's
+`save_on_cpu`: both copies run on the compute stream, so the layers' kernels wait for them (and torch 2.9's
+device-to-host copy is blocking: the host waits for the GPU to reach each layer), and nothing is prefetched.
+
+Stream safety (CUDA), for a layer input x:
+  forward   side waits for compute (x is written there); side: pinned.copy_(x, non_blocking);
+            x.record_stream(side): x is freed as soon as the next layer is done with it, and the caching
+            allocator must not hand its block to a new tensor before the copy has read it.
+  backward  x' = empty on compute; side waits for compute (x' may reuse a block compute-stream kernels still
+            use); side: x'.copy_(pinned, non_blocking); event; x'.record_stream(side) (x' may be dropped
+            unused); compute waits for the event before the recompute reads x'.
+The pinned buffers come from torch's caching host allocator, which keeps each block until the copies recorded on
+it are done. Elsewhere (CPU in the tests, other devices) "offload" is a plain copy into an ordinary host tensor
+and back, through the same code.
+
+Limits: eager mode (the hooks are Python); an in-place change of a layer input after its layer ran raises at
+backward time (as autograd's own version check does), not during the race with the copy; one prefetch per
+unpack, in the order inputs were packed on this thread (two graphs alive at once still prefetch correctly when
+backward runs through them in reverse packing order, otherwise a prefetched input waits until it is used or its
+graph is freed).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["disable_offloaded_checkpointing", "enable_offloaded_checkpointing", "offloaded_checkpoint"]
+
+_STANDARD_ATTR = "_moetune_standard_checkpointing_func"
+_side_streams: dict[int, torch.cuda.Stream] = {}
+_thread = threading.local()  # .last: weakref to the _Stash packed last on this thread
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+class _Stash:
+    """One offloaded layer input: its host copy, and its device copy while fetched but not yet used."""
+
+    __slots__ = ("__weakref__", "device", "fetched", "host", "previous", "ready", "source", "version")
+
+    def __init__(self, x: torch.Tensor):
+        self.device = x.device
+        # Weak: the stash must not keep the device tensor alive (freeing it is the point); kept to detect an
+        # in-place change, as autograd does for the tensors it saves itself.
+        self.source = weakref.ref(x)
+        self.version = x._version
+        self.fetched = self.ready = None
+        last = getattr(_thread, "last", None)
+        self.previous = last  # weakref or None: the input packed before this one, fetched after it
+        _thread.last = weakref.ref(self)
+        cuda = x.device.type == "cuda"
+        self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=cuda)
+        if cuda:
+            side = _side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                self.host.copy_(x, non_blocking=True)
+            x.record_stream(side)
+        else:
+            self.host.copy_(x)
+
+    def fetch(self) -> None:
+        """Start the copy back to the device (no-op when already started)."""
+        if self.fetched is not None:
+            return
+        x = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        if self.device.type == "cuda":
+            side = _side_stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                x.copy_(self.host, non_blocking=True)
+                self.ready = side.record_event()
+            x.record_stream(side)
+        else:
+            x.copy_(self.host)
+        self.fetched = x
+
+    def take(self) -> torch.Tensor:
+        """The device copy, usable on the current stream; then start fetching the previous input."""
+        source = self.source()
+        if source is not None and source._version != self.version:
+            raise RuntimeError(
+                "offloaded_checkpoint: a layer input was modified by an inplace operation after its layer ran "
+                f"(version {self.version} -> {source._version}); its gradients would be wrong"
+            )
+        self.fetch()
+        x, self.fetched = self.fetched, None  # a second backward (retain_graph) fetches again
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            self.ready = None
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None and previous.device == self.device:
+            previous.fetch()
+        return x
+
+
+def _unpack(packed):
+    return packed.take() if isinstance(packed, _Stash) else packed
+
+
+def offloaded_checkpoint(function, *args, use_reentrant: bool = False, **kwargs):
+    """torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs), with the positional
+    tensor arguments held on the host between forward and backward.
+
+    Same calling convention as transformers' `_gradient_checkpointing_func`. Keyword arguments of `function`
+    belong in a partial (they are not offloaded); `kwargs` are checkpoint's own options.
+    """
+    if use_reentrant:
+        raise ValueError("use_reentrant: offloaded checkpointing builds on the non-reentrant checkpoint; got True")
+    if not torch.is_grad_enabled():  # nothing is saved
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    # Cleared on exit: autograd keeps the pack hook alive with every tensor it packed, and a hook holding the
+    # arguments would keep them on the device.
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+
+    def pack(t: torch.Tensor):
+        # Older torch (2.9) also saves checkpoint's own 0-element dummy here: keep anything else as it is.
+        return _Stash(t) if any(t is a for a in inputs) else t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    finally:
+        inputs.clear()
+
+
+def _checkpointed_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def enable_offloaded_checkpointing(model) -> int:
+    """Switch every checkpointed decoder layer of `model` (transformers model, bare or peft-wrapped) to
+    `offloaded_checkpoint`; returns the number of layers. Checkpointing must be enabled already; checkpoint
+    options set then (transformers' partial keywords) are kept. Idempotent."""
+    layers = _checkpointed_layers(model)
+    if not layers:
+        raise ValueError(
+            "model: no decoder layer has gradient checkpointing enabled; enable it first "
+            "(FastMoEModel.get_peft_model(use_gradient_checkpointing=True) or activation_checkpointing_enable)"
+        )
+    for layer in layers:
+        func = layer._gradient_checkpointing_func
+        if isinstance(func, functools.partial) and func.func is offloaded_checkpoint:
+            continue
+        options = dict(func.keywords) if isinstance(func, functools.partial) else {}
+        if options.get("use_reentrant"):
+            raise ValueError("model: checkpointing uses use_reentrant=True; offloading needs the non-reentrant one")
+        options.pop("use_reentrant", None)
+        setattr(layer, _STANDARD_ATTR, func)
+        layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, **options)
+    return len(layers)
+
+
+def disable_offloaded_checkpointing(model) -> int:
+    """Give every layer switched by enable_offloaded_checkpointing its previous checkpointing function back;
+    returns the number of layers restored."""
+    restored = 0
+    for module in model.modules():
+        func = module.__dict__.pop(_STANDARD_ATTR, None)
+        if func is not None:
+            module._gradient_checkpointing_func = func
+            restored += 1
+    return restored

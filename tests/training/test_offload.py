@@ -1,0 +1,283 @@
+"""Offloaded checkpointing (moetune/training/offload.py): the same loss and gradients as torch.utils.checkpoint,
+layer inputs released after forward, the copy back one layer ahead, enable/disable on transformers models."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import weakref
+
+import pytest
+import torch
+import transformers
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from moetune import FastMoEModel
+from moetune.training import offload
+from moetune.training.offload import (
+    disable_offloaded_checkpointing,
+    enable_offloaded_checkpointing,
+    offloaded_checkpoint,
+)
+
+from ..models.helpers import (
+    checkpoint,  # noqa: F401  (session fixture)
+    randomize_lora_B,
+    relative_error,
+    token_batch,
+)
+from ..models.tiny import VOCAB, tiny_config
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:lora_dropout.*:UserWarning"),
+]
+
+
+def _decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _peft_model(model_dir_or_config, **kwargs):
+    model, _ = FastMoEModel.from_pretrained(model_dir_or_config, dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, **kwargs)
+    randomize_lora_B(model)  # B = 0 would make every lora_A gradient zero
+    disable_offloaded_checkpointing(model)  # the reference: torch's checkpoint, whatever get_peft_model chose
+    return model.train()
+
+
+def _step(model, ids, embeds: bool = False):
+    """(loss, {trainable name: grad}, [layer input still alive after forward, per layer]) of one step.
+
+    embeds: pass inputs_embeds that do not require grad (transformers' enable_input_require_grads hook on the
+    embedding makes the embedding output a leaf that requires grad, and peft registers it a second time)."""
+    model.zero_grad(set_to_none=True)
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+             for layer in _decoder_layers(model)]
+    torch.manual_seed(3)  # the same LoRA dropout masks in both runs
+    if embeds:  # no reference kept here: the layer input may be freed after forward
+        out = model(inputs_embeds=model.get_input_embeddings()(ids).detach(), labels=ids)
+    else:
+        out = model(input_ids=ids, labels=ids)
+    for hook in hooks:
+        hook.remove()
+    gc.collect()
+    alive = [ref() is not None for ref in inputs]
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads, alive
+
+
+# --- on the models --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type, input_requires_grad", [
+    ("qwen3_moe", True),  # transformers' default: the embedding output is a leaf that requires grad
+    ("qwen3_moe", False),  # inputs_embeds: the first layer's input needs no grad, its LoRA weights still do
+    ("gpt_oss", True),  # more layer kwargs: sliding-window and full masks, sinks, biased experts
+    ("gpt_oss", False),
+])
+def test_loss_and_lora_gradients_are_those_of_checkpointing(model_type, input_requires_grad, checkpoint):
+    model = _peft_model(checkpoint(model_type), lora_dropout=0.1)  # dropout: the recompute replays the RNG
+    ids, embeds = token_batch(), not input_requires_grad
+    loss, grads, alive = _step(model, ids, embeds)
+    assert alive == [True, True]  # checkpointing keeps every layer input until backward
+
+    assert enable_offloaded_checkpointing(model) == 2
+    offloaded_loss, offloaded_grads, offloaded_alive = _step(model, ids, embeds)
+    # Exactly equal: the same autograd nodes run on the same values; only where the inputs wait changes.
+    assert torch.equal(offloaded_loss, loss)
+    assert any("experts.lora" in n for n in grads) and any("proj.lora" in n for n in grads)
+    for name, grad in grads.items():
+        assert torch.equal(offloaded_grads[name], grad), name
+    first = [g for n, g in offloaded_grads.items() if ".layers.0." in n]
+    assert first and all(g.abs().sum() > 0 for g in first)
+    # Released after forward. A leaf that requires grad (the embedding output under transformers'
+    # enable_input_require_grads) is held by its gradient accumulator whatever the checkpointing does.
+    assert offloaded_alive == [input_requires_grad, False]
+
+    assert disable_offloaded_checkpointing(model) == 2
+    _, _, alive = _step(model, ids, embeds)
+    assert alive == [True, True]
+
+
+def test_eval_and_no_grad_forward(checkpoint):
+    model = _peft_model(checkpoint("qwen3_moe"))
+    ids = token_batch()
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+    enable_offloaded_checkpointing(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)  # eval: no checkpointing at all
+        model.train()  # checkpointing on, but nothing saved under no_grad
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_enable_and_disable_on_peft_and_bare_models(checkpoint):
+    model = _peft_model(checkpoint("qwen3_moe"))
+    layers = _decoder_layers(model)
+    standard = [layer._gradient_checkpointing_func for layer in layers]
+    bare = model.get_base_model()
+    assert enable_offloaded_checkpointing(bare) == 2
+    assert enable_offloaded_checkpointing(model) == 2  # idempotent: the standard function is kept once
+    for layer in layers:
+        func = layer._gradient_checkpointing_func
+        assert func.func is offloaded_checkpoint and func.keywords == {}  # use_reentrant=False dropped
+    assert disable_offloaded_checkpointing(model) == 2
+    assert [layer._gradient_checkpointing_func for layer in layers] == standard
+    assert disable_offloaded_checkpointing(bare) == 0
+
+
+def test_enable_refuses_models_it_cannot_switch():
+    model, _ = FastMoEModel.from_pretrained(tiny_config("qwen3_moe"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="no decoder layer has gradient checkpointing enabled"):
+        enable_offloaded_checkpointing(model)
+    reentrant = {"use_reentrant": True}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; 5.17 has the old name only
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        enable_offloaded_checkpointing(model)
+
+
+# --- the function itself --------------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    """x -> x + dropout(tanh(x W^T * scale)): a parameter, a shared keyword tensor, RNG."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x, *, scale):
+        return x + torch.nn.functional.dropout(torch.tanh(self.linear(x) * scale), 0.3)
+
+
+def _run_blocks(blocks, x, scale, checkpoint_func):
+    for block in blocks:
+        x = checkpoint_func(functools.partial(block, scale=scale), x)
+    return x
+
+
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+def test_function_matches_checkpoint(x_requires_grad):
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(_Block(8) for _ in range(3))
+    x = torch.randn(4, 8, requires_grad=x_requires_grad)
+    scale = torch.rand(8, requires_grad=True)  # a keyword tensor with a gradient of its own
+    wrt = [*blocks.parameters(), scale, *([x] if x_requires_grad else [])]
+
+    def grads(checkpoint_func):
+        torch.manual_seed(1)
+        y = _run_blocks(blocks, x, scale, checkpoint_func)
+        dy = torch.randn_like(y)
+        first = torch.autograd.grad(y, wrt, dy, retain_graph=True)
+        return (y, *first, *torch.autograd.grad(y, wrt, dy))  # a second backward over the kept graph
+
+    expected = grads(functools.partial(torch_checkpoint, use_reentrant=False))
+    for got, want in zip(grads(offloaded_checkpoint), expected, strict=True):
+        assert torch.equal(got, want)
+    assert all(t.abs().sum() > 0 for t in expected)
+
+
+def test_only_positional_tensors_are_offloaded_and_inputs_come_back_one_ahead(monkeypatch):
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(_Block(8) for _ in range(3))
+    x, scale = torch.randn(4, 8), torch.rand(8)
+    stashes, events = [], []
+    init, fetch, take = offload._Stash.__init__, offload._Stash.fetch, offload._Stash.take
+
+    def spy_init(self, t):
+        init(self, t)
+        stashes.append(self)
+
+    def spy_fetch(self):
+        if self.fetched is None:
+            events.append(("copy", stashes.index(self)))
+        fetch(self)
+
+    def spy_take(self):
+        x = take(self)
+        events.append(("use", stashes.index(self)))  # the block's recompute comes next
+        return x
+
+    monkeypatch.setattr(offload._Stash, "__init__", spy_init)
+    monkeypatch.setattr(offload._Stash, "fetch", spy_fetch)
+    monkeypatch.setattr(offload._Stash, "take", spy_take)
+    y = _run_blocks(blocks, x, scale, offloaded_checkpoint)
+    assert [tuple(s.host.shape) for s in stashes] == [(4, 8)] * 3  # x per block; never `scale`
+    y.sum().backward()
+    # The last block's input is copied when needed, each other one before the block after it recomputes.
+    assert events == [("copy", 2), ("copy", 1), ("use", 2), ("copy", 0), ("use", 1), ("use", 0)]
+
+
+def test_inplace_change_of_an_offloaded_input_raises():
+    block = _Block(8)
+    x = torch.randn(4, 8)
+    y = offloaded_checkpoint(functools.partial(block, scale=1.0), x)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_reentrant_is_refused():
+    with pytest.raises(ValueError, match="use_reentrant"):
+        offloaded_checkpoint(torch.tanh, torch.randn(2), use_reentrant=True)
+
+
+# --- GPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_memory_drops_by_the_layer_inputs_and_gradients_stay():
+    """8 layers, T = 8192, H = 512 in fp32: each layer input is 16 MiB.
+
+    Between forward and backward the GPU holds one layer input instead of eight: the first stays, a leaf that
+    requires grad (transformers' enable_input_require_grads) held by its gradient accumulator. The peak of the
+    step drops by nearly as much: in backward the input in use and the prefetched one are back, and in forward
+    an input is freed only once its copy to the host is done (a few may be in flight at these tiny layer sizes).
+    """
+    num_layers, tokens, hidden = 8, 8192, 512
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=tokens, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model, _ = FastMoEModel.from_pretrained(config, dtype=torch.float32, device_map="cuda")
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    randomize_lora_B(model)
+    disable_offloaded_checkpointing(model)
+    model.train()
+    ids, other_ids = (torch.randint(4, VOCAB, (1, tokens), device="cuda") for _ in range(2))
+    layer_input = tokens * hidden * 4
+
+    def step(ids):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # also frees the inputs whose copies to the host are done
+        held = torch.cuda.memory_allocated()
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return held, torch.cuda.max_memory_allocated(), grads
+
+    step(other_ids)  # warm-up: autotuning, compilation, the allocators' first blocks
+    held, peak, grads = step(ids)
+    assert enable_offloaded_checkpointing(model) == num_layers
+    step(other_ids)  # the host buffers reused below hold other data: a copy read too early shows
+    offloaded_held, offloaded_peak, offloaded_grads = step(ids)
+    for name, grad in grads.items():  # fp32 sums by atomics may come out in another order: not bitwise
+        assert relative_error(offloaded_grads[name], grad) < 1e-5, name
+    assert abs((held - offloaded_held) / layer_input - (num_layers - 1)) < 0.25
+    assert num_layers - 4 <= (peak - offloaded_peak) / layer_input <= num_layers + 0.25
