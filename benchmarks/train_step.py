@@ -187,13 +187,22 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
             "top_kernels": [{"name": n, "count": c, "ms": ms} for n, c, ms in kernels[:rows]]}
 
 
+def make_optimizer(params, name: str):
+    """AdamW (fp32 states, 8 bytes per trainable parameter) or bitsandbytes' 8-bit AdamW (2 bytes)."""
+    if name == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
 def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     build = build_moetune if provider == "moetune" else build_baseline
     model = build(source, args.model, args.rank, args.alpha, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(params, args.optim)
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
     times, losses = [], []
@@ -244,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", nargs="*", default=[], choices=["moetune", "baseline"],
                         help="after timing, profile one more step of these providers (GPU time per kernel group)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
+                        help="optimizer for both providers (adamw8bit needs bitsandbytes)")
     parser.add_argument("--checkpoint", default=None,
                         help="load both models from this checkpoint directory (created, random-initialised, if missing)")
     parser.add_argument("--out", default=None)
