@@ -38,6 +38,15 @@ def train(config: TrainConfig, console=None) -> dict:
     return run(prepare(config), console)
 
 
+def make_optimizer(params, config):
+    """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit)."""
+    if config.optim == "adamw_8bit":
+        import bitsandbytes  # checked importable, with a CUDA device, by prepare.check_optimizer
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def _schedule(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -143,7 +152,7 @@ def run(plan: Plan, console=None) -> dict:
     per_epoch = data_mod.steps_per_epoch(len(units), config.batch_size, config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
     start = 0
     if plan.resume_from is not None:

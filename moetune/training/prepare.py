@@ -64,6 +64,17 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _check_optimizer(name: str, device: torch.device) -> None:
+    if name != "adamw_8bit":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"--optim: adamw_8bit runs on a CUDA GPU (bitsandbytes), but the device is {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("--optim: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
+
+
 def _model_config(model_dir: str):
     import transformers
 
@@ -140,6 +151,7 @@ def prepare(config: TrainConfig) -> Plan:
     device = _device(config.device)
     dtype = _dtype(config.dtype, device)
     backend, why = select_backend(device, dtype, explain=True)  # a bad MOETUNE_MOE_BACKEND fails here
+    _check_optimizer(config.optim, device)
     if config.model is None:
         model_dir, source = None, DEMO_DIR
         model_config = _model_config(DEMO_DIR)

@@ -58,6 +58,8 @@ CASES = {
     "flag type": (lambda t: ["--max-steps", "three"], "argument --max-steps: invalid int value"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
+    "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),
+    "8-bit optimizer on the CPU": (lambda t: ["--optim", "adamw_8bit", "--device", "cpu"], "--optim: adamw_8bit runs on a CUDA GPU"),
 }
 
 
