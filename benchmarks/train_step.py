@@ -93,13 +93,13 @@ def save_checkpoint(config, path: str, device) -> None:
     del model
 
 
-def build_moetune(source, name, rank, alpha, device):
+def build_moetune(source, name, rank, alpha, device, offload=None):
     import moetune
 
     model, _ = moetune.FastMoEModel.from_pretrained(source, dtype=DTYPE[device.type], device_map=device)
     return moetune.FastMoEModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
-        use_gradient_checkpointing=True,
+        use_gradient_checkpointing=True, offload_checkpoints=offload,
     )
 
 
@@ -198,8 +198,11 @@ def make_optimizer(params, name: str):
 
 def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
-    build = build_moetune if provider == "moetune" else build_baseline
-    model = build(source, args.model, args.rank, args.alpha, device)
+    if provider == "moetune":
+        offload = {"auto": None, "on": True, "off": False}[args.offload]
+        model = build_moetune(source, args.model, args.rank, args.alpha, device, offload)
+    else:
+        model = build_baseline(source, args.model, args.rank, args.alpha, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.optim)
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", nargs="*", default=[], choices=["moetune", "baseline"],
                         help="after timing, profile one more step of these providers (GPU time per kernel group)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
+    parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
+                        help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
                         help="optimizer for both providers (adamw8bit needs bitsandbytes)")
     parser.add_argument("--checkpoint", default=None,

@@ -137,6 +137,7 @@ def test_from_pretrained_rejects_bad_input(kwargs, match):
         (dict(target_modules=("q_proj", "gate")), "target_modules: 'gate' is a router"),
         (dict(use_gradient_checkpointing="yes"), "use_gradient_checkpointing: expected True or False"),
         (dict(train_router=1), "train_router: expected True or False"),
+        (dict(offload_checkpoints="auto"), "offload_checkpoints: expected True or False"),
     ],
 )
 def test_get_peft_model_rejects_bad_input(kwargs, match):
@@ -280,3 +281,29 @@ def test_trl_sft_trainer(checkpoint, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0]
     _trained_adapter_matches_peft(model, model_dir, tmp_path / "adapter")
+
+
+def test_offloaded_checkpoints_follow_the_device_unless_asked():
+    """Offloading is on by default only for a model on CUDA; asked for, it runs on CPU too with the same loss."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from moetune.training.offload import offloaded_checkpoint
+
+    def offloading(peft_model) -> list[bool]:
+        layers = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        assert layers
+        return [getattr(m._gradient_checkpointing_func, "func", None) is offloaded_checkpoint for m in layers]
+
+    ids = torch.arange(24).reshape(2, 12) % 5 + 10
+    losses = []
+    for offload in (None, True):
+        torch.manual_seed(0)  # the same random base model both times
+        model, _ = _load(tiny_config("qwen3_moe"))
+        peft_model = FastMoEModel.get_peft_model(model, r=4, random_state=0, offload_checkpoints=offload)
+        assert all(offloading(peft_model)) if offload else not any(offloading(peft_model))
+        peft_model.train()
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append((loss.item(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
+    assert losses[0][0] == losses[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))
