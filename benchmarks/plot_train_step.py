@@ -42,8 +42,9 @@ def plot(out: Path, paths: list[Path]) -> Path:
             for j, seq in enumerate(seqs):
                 row = rows.get((provider, seq))
                 x = j + (i - (len(providers) - 1) / 2) * width
-                if row is None or row.get("oom"):
-                    ax.text(x, 0, "OOM" if row else "-", ha="center", va="bottom", fontsize=7, rotation=90)
+                if row is None or row.get("oom") or row.get(key) is None:  # not run, out of memory, no CUDA
+                    note = "-" if row is None else "OOM" if row.get("oom") else "n/a"
+                    ax.text(x, 0, note, ha="center", va="bottom", fontsize=7, rotation=90)
                     continue
                 ax.bar(x, row[key], width, color=COLORS[provider], label=LABELS[provider] if j == 0 else None)
                 ax.text(x, row[key], f"{row[key]:,.0f}" if key == "tokens_per_s" else f"{row[key]:.1f}",

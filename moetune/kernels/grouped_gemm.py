@@ -302,6 +302,8 @@ def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list
     else:
         first = cfg(bm, 128, bk, 8 if bm == 128 else 4, 3)
         more = [cfg(128, 256, 64, 8, 3), cfg(128, 256, 64, 8, 4), cfg(128, 128, 64, 8, 4)]
+    if rows_per_expert <= 512:  # few rows per expert (4K-token steps): more, shorter tiles keep the GPU full
+        more.append(cfg(64, 128, 64, 4, 4))
     return [first] + [c for c in more if c != first]
 
 
