@@ -29,8 +29,8 @@ from .models import fused_loss
 from .models.fast_norms import install_fast_norms
 from .models.hook import add_expert_lora, find_experts, install
 from .models.registry import get_spec
-from .training.offload import enable_offloaded_checkpointing
 from .models.spec import ArchSpec
+from .training.offload import enable_offloaded_checkpointing
 
 __all__ = ["FastMoEModel", "DEFAULT_TARGET_MODULES"]
 

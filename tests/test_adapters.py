@@ -18,8 +18,15 @@ from moetune.adapters import (
 )
 from moetune.experts import ExpertLoRA, moe_experts
 
-from .models.helpers import checkpoint  # noqa: F401  (session fixture)
-from .models.helpers import ALL_ARCHS, auto_class, plain_peft_model, randomize_lora_B, relative_error, token_batch
+from .models.helpers import (
+    ALL_ARCHS,
+    auto_class,
+    checkpoint,  # noqa: F401  (session fixture)
+    plain_peft_model,
+    randomize_lora_B,
+    relative_error,
+    token_batch,
+)
 from .models.tiny import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")

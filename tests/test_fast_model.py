@@ -12,8 +12,14 @@ from safetensors.torch import load_file, save_file
 from moetune import FastMoEModel
 from moetune.models import IMPLEMENTATION, SUPPORTED_MODEL_TYPES, get_spec, install, uninstall
 
-from .models.helpers import checkpoint  # noqa: F401  (session fixture)
-from .models.helpers import ALL_ARCHS, auto_class, plain_peft_model, relative_error, token_batch
+from .models.helpers import (
+    ALL_ARCHS,
+    auto_class,
+    checkpoint,  # noqa: F401  (session fixture)
+    plain_peft_model,
+    relative_error,
+    token_batch,
+)
 from .models.tiny import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")

@@ -28,3 +28,12 @@ def test_save_is_atomic_and_readable(monkeypatch, tmp_path):
     autotune._save({"gpu|triton|k|(1,)": {"BLOCK_M": 64}})
     assert json.loads((tmp_path / "autotune.json").read_text()) == {"gpu|triton|k|(1,)": {"BLOCK_M": 64}}
     assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temp file left behind
+
+
+def test_a_near_tie_keeps_the_favourite_and_a_clear_win_replaces_it():
+    from moetune.kernels.autotune import MARGIN, _choose
+
+    favourite, other = {"name": "favourite"}, {"name": "other"}
+    assert _choose([(1.0, favourite), (1.0 / (1 + MARGIN / 2), other)]) is favourite
+    assert _choose([(1.0, favourite), (0.9, other)]) is other
+    assert _choose([(0.8, favourite), (1.0, other)]) is favourite
