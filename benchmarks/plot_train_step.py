@@ -20,18 +20,19 @@ COLORS = {"moetune": "tab:green", "baseline": "tab:gray", "unsloth": "tab:orange
 LABELS = {"moetune": "moetune", "baseline": "transformers + PEFT", "unsloth": "Unsloth"}
 
 
-def load_rows(paths: list[Path]) -> tuple[dict, dict]:
-    rows, env = {}, {}
+def load_rows(paths: list[Path]) -> tuple[dict, dict, dict]:
+    rows, env, args = {}, {}, {}
     for path in paths:
         data = json.loads(path.read_text())
         env = env or data.get("environment", {})
+        args = args or data.get("args", {})
         for row in data["rows"]:
             rows[(row["provider"], row["seq"])] = row
-    return rows, env
+    return rows, env, args
 
 
 def plot(out: Path, paths: list[Path]) -> Path:
-    rows, env = load_rows(paths)
+    rows, env, args = load_rows(paths)
     providers = [p for p in COLORS if any(k[0] == p for k in rows)]
     seqs = sorted({seq for _, seq in rows})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -54,7 +55,8 @@ def plot(out: Path, paths: list[Path]) -> Path:
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
     model = next(iter(rows.values()))
-    fig.suptitle(f"{model['model']} x{model['layers']} layers, LoRA r=16 q/k/v/o + experts, AdamW - "
+    rank, optim = args.get("rank", 16), args.get("optim", "adamw")
+    fig.suptitle(f"{model['model']} x{model['layers']} layers, LoRA r={rank} q/k/v/o + experts, {optim} - "
                  f"{env.get('device', '')}, {env.get('date', '')[:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

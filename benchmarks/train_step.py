@@ -3,10 +3,13 @@
     python benchmarks/train_step.py --model qwen3-30b-a3b --seq 4096             # all 48 layers
     python benchmarks/train_step.py --model qwen3-30b-a3b --layers 8 --seq 8192 16384
 
-A step = forward + backward + AdamW step, batch 1, random tokens, LoRA r=16 (alpha 32) on q/k/v/o
-and the experts, gradient checkpointing, bf16 weights, random initialisation on the GPU (nothing
-is downloaded). Reported: median seconds per step after warm-up, tokens/s, and peak
-torch.cuda.max_memory_allocated over the timed steps (weights included).
+A step = forward + backward + optimizer step (AdamW, or 8-bit AdamW with --optim adamw_8bit), batch 1,
+random tokens, LoRA r=16 (alpha 32) on q/k/v/o and the experts, gradient checkpointing, bf16 weights.
+Weights: random initialisation on the GPU, or with --checkpoint a random-initialised checkpoint saved once
+and loaded from disk by every provider (nothing is downloaded). Both providers get the same base weights
+and data; their LoRA factors are drawn separately (B = 0, so both start from the same function).
+Reported: median seconds per step after warm-up, tokens/s, and peak torch.cuda.max_memory_allocated over
+the timed steps (weights included).
 """
 
 from __future__ import annotations
@@ -189,11 +192,24 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
 
 def make_optimizer(params, name: str):
     """AdamW (fp32 states, 8 bytes per trainable parameter) or bitsandbytes' 8-bit AdamW (2 bytes)."""
-    if name == "adamw8bit":
+    if name == "adamw_8bit":
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, lr=1e-4)
     return torch.optim.AdamW(params, lr=1e-4)
+
+
+def save_baseline_lora_init(source, args, device) -> str:
+    """The LoRA factors transformers+PEFT draws (under run()'s seed), saved as a PEFT adapter for moetune to load."""
+    import tempfile
+
+    torch.manual_seed(0)
+    model = build_baseline(source, args.model, args.rank, args.alpha, device)
+    path = tempfile.mkdtemp(prefix="moetune-lora-init-")
+    model.save_pretrained(path)
+    del model
+    gc.collect()
+    return path
 
 
 def run(provider, source, config, seq, args, device) -> dict:
@@ -201,6 +217,10 @@ def run(provider, source, config, seq, args, device) -> dict:
     if provider == "moetune":
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(source, args.model, args.rank, args.alpha, device, offload)
+        if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
+            from moetune.adapters import load_adapter_weights
+
+            load_adapter_weights(model, args.lora_init_dir)
     else:
         model = build_baseline(source, args.model, args.rank, args.alpha, device)
     model.train()
@@ -258,7 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                         help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
-    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
+    parser.add_argument("--same-lora-init", action="store_true",
+                        help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],
                         help="optimizer for both providers (adamw8bit needs bitsandbytes)")
     parser.add_argument("--checkpoint", default=None,
                         help="load both models from this checkpoint directory (created, random-initialised, if missing)")
@@ -275,6 +297,9 @@ def main(argv=None) -> int:
             save_checkpoint(config, args.checkpoint, device)
             print(f"saved a random-initialised checkpoint to {args.checkpoint} in {time.perf_counter() - t0:.0f} s", flush=True)
         source = args.checkpoint
+    args.lora_init_dir = None
+    if args.same_lora_init:
+        args.lora_init_dir = save_baseline_lora_init(source, args, device)
     env = harness.environment()
     rows = []
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}")

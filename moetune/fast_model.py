@@ -288,6 +288,8 @@ class FastMoEModel:
         experts = find_experts(model, spec)
         for p in model.parameters():
             p.requires_grad_(False)
+        if offload_checkpoints and not use_gradient_checkpointing:
+            warnings.warn("offload_checkpoints: needs use_gradient_checkpointing=True; ignored", stacklevel=2)
         if use_gradient_checkpointing:
             _enable_checkpointing(model, spec)
             if offload_checkpoints is None:

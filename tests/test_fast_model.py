@@ -313,3 +313,9 @@ def test_offloaded_checkpoints_follow_the_device_unless_asked():
         losses.append((loss.item(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
     assert losses[0][0] == losses[1][0]
     assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))
+
+
+def test_offloading_without_checkpointing_warns_and_does_nothing():
+    model, _ = _load(tiny_config("qwen3_moe"))
+    with pytest.warns(UserWarning, match="offload_checkpoints: needs use_gradient_checkpointing=True"):
+        FastMoEModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, offload_checkpoints=True)

@@ -1,4 +1,8 @@
-"""Input checks for moe_experts: one ValueError naming the argument and what was expected."""
+"""Input checks for moe_experts: one ValueError naming the argument and what was expected.
+
+One exception: on CUDA the expert-id range is checked on the device (a host sync per MoE layer would stall the
+step), so an out-of-range id stops the process with a device-side assert carrying the same message.
+"""
 
 from __future__ import annotations
 

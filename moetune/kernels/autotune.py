@@ -9,6 +9,7 @@ In Triton's interpreter (CPU tests) nothing is timed: the first candidate is use
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -70,13 +71,16 @@ def interpreted() -> bool:
 MIN_TUNE_ROWS = 8192
 
 
-# A candidate must beat the one listed first (the heuristic favourite) by this much to replace it: timings of
-# configs within a few percent swap places from run to run, and a cached pick should not be a coin toss.
+# A candidate must beat the first one that ran (the heuristic favourite, unless it did not fit) by this much to
+# replace it: timings of configs within a few percent swap places from run to run, and a cached pick should not
+# be a coin toss.
 MARGIN = 0.03
 
 
 def _choose(timings: list[tuple[float, dict]]) -> dict:
     """The fastest config, unless the first timed one is within MARGIN of it."""
+    if not timings:
+        raise RuntimeError("moetune autotune: no candidate config fits this GPU (all ran out of resources)")
     fastest_ms, fastest = min(timings, key=lambda t: t[0])
     first_ms, first = timings[0]
     return first if first_ms <= fastest_ms * (1 + MARGIN) else fastest
@@ -92,7 +96,10 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
 
     device = torch.device(device)
     gpu = _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
-    full_key = f"{gpu}|triton {triton.__version__}|{name}|{key}"
+    # The candidate list is part of the key: a release that changes what is tried re-tunes instead of
+    # reusing a winner picked from an older list.
+    digest = hashlib.sha1(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:8]
+    full_key = f"{gpu}|triton {triton.__version__}|{name}|{key}|{digest}"
     with _lock:
         hit = _load().get(full_key)
     if hit is not None:

@@ -22,8 +22,9 @@ Epilogues (EPILOGUE constexpr):
                deterministic, no atomics). That dot is the routing-weight gradient.
 Gate/up columns: concat g(n) = n, u(n) = N + n; interleaved g(n) = 2n, u(n) = 2n + 1.
 
-Scheduling: grid (M tiles upper bound, N blocks). M tile t belongs to the expert e with
-tile_ends[e-1] <= t < tile_ends[e] (binary search over E); tiles past the last exit at once.
+Scheduling: a 1-D grid of (M tiles upper bound) x (N blocks) programs in grouped order (GROUP_M M tiles
+sweep all N blocks before the next group). M tile t belongs to the expert e with tile_ends[e-1] <= t <
+tile_ends[e] (binary search over E); tiles past the last exit at once.
 """
 
 from __future__ import annotations
@@ -334,6 +335,8 @@ def grouped_gemm(
     b is [E, K, N_b]: for epilogue 1, N_b = 2N (gate/up pairs) and C has N columns.
     config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
+    if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
+        raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
     E, K = b.shape[0], b.shape[1]
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
     dtype = out_dtype or a.dtype

@@ -63,7 +63,7 @@ def atomic_dir(final: str, write) -> None:
 # Settings that fix the data order, the batches or the parameters: a resumed run must keep them to
 # continue the same trajectory (max_steps, lr and the like may change).
 RESUME_KEYS = ("model", "data", "batch_size", "grad_accum", "seed", "packing", "max_seq_length", "r", "lora_alpha",
-               "target_modules", "train_router")
+               "target_modules", "train_router", "optim")  # optimizer states of one kind do not load into the other
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int, settings: dict) -> str:

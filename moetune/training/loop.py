@@ -41,7 +41,7 @@ def train(config: TrainConfig, console=None) -> dict:
 def make_optimizer(params, config):
     """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit)."""
     if config.optim == "adamw_8bit":
-        import bitsandbytes  # checked importable, with a CUDA device, by prepare.check_optimizer
+        import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
 
         return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

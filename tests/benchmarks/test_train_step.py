@@ -42,3 +42,14 @@ def test_tiny_whole_model_step_from_a_checkpoint(model, tmp_path):
 def test_kernel_benchmark_runs_in_the_interpreter():
     proc = _run(str(BENCH / "bench_kernels.py"), "--tiny", "--shapes", "qwen3-30b-a3b", "--sweep", "fwd  down")
     assert proc.stdout.count("ms") > 8 and "SPLIT" not in proc.stdout  # the plain launch's candidates only
+
+
+def test_same_lora_init_gives_the_same_loss_curve(tmp_path):
+    """From the LoRA factors PEFT draws, moetune follows transformers+PEFT's loss curve step for step (fp32)."""
+    out = tmp_path / "losses.json"
+    _run(str(BENCH / "train_step.py"), "--tiny", "--layers", "2", "--seq", "48", "--warmup", "0", "--steps", "20",
+         "--same-lora-init", "--out", str(out))
+    curves = {row["provider"]: row["losses"] for row in json.loads(out.read_text())["rows"]}
+    assert curves["moetune"][-1] < curves["moetune"][0] - 0.05  # it trains
+    gap = max(abs(a - b) for a, b in zip(curves["moetune"], curves["baseline"]))
+    assert gap < 1e-4, (gap, curves)

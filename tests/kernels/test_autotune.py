@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moetune.kernels import autotune
 
 
@@ -37,3 +39,10 @@ def test_a_near_tie_keeps_the_favourite_and_a_clear_win_replaces_it():
     assert _choose([(1.0, favourite), (1.0 / (1 + MARGIN / 2), other)]) is favourite
     assert _choose([(1.0, favourite), (0.9, other)]) is other
     assert _choose([(0.8, favourite), (1.0, other)]) is favourite
+
+
+def test_no_fitting_candidate_is_a_clear_error():
+    from moetune.kernels.autotune import _choose
+
+    with pytest.raises(RuntimeError, match="no candidate config fits"):
+        _choose([])

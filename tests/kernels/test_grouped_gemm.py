@@ -114,3 +114,13 @@ def test_wgrad_modes_and_empty_experts(mode):
     ref.index_add_(0, plan.expert_S, torch.einsum("sm,sn->smn", a_rows.double(), b_rows.double()))
     close(out, ref)
     assert out[3].abs().sum() == 0  # the empty expert
+
+
+def test_split_config_is_refused_outside_the_activation_gradient_epilogue():
+    from moetune.kernels import grouped_gemm
+
+    plan, gen = problem()
+    x, b = rand(gen, plan.num_tokens, 8), rand(gen, 5, 8, 8)
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "SPLIT": True}
+    with pytest.raises(ValueError, match="config: SPLIT applies to the activation-gradient epilogue"):
+        grouped_gemm(x, b, plan.offsets_E, plan.counts_E, num_rows=plan.num_rows, a_index=plan.token_S, config=config)
