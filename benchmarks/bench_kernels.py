@@ -17,7 +17,6 @@ import functools
 import importlib.util
 import os
 import re
-import statistics
 import sys
 
 if "--tiny" in sys.argv:  # before triton is imported: the interpreter is chosen at import
@@ -111,19 +110,11 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
 
 
 def time_ms(fn, device, warmup: int = 3, repeat: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
+    """harness.measure's median on CUDA; on CPU (the interpreter, a smoke run) one call and no timing."""
     if device.type != "cuda":
-        return float("nan")
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return float("nan")
+    return harness.measure(fn, device, warmup, repeat)["ms"]
 
 
 def main(argv=None) -> int:

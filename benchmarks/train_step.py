@@ -191,12 +191,35 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
 
 
 def make_optimizer(params, name: str):
-    """AdamW (fp32 states, 8 bytes per trainable parameter) or bitsandbytes' 8-bit AdamW (2 bytes)."""
-    if name == "adamw_8bit":
-        import bitsandbytes
+    """moetune train's optimizer (adamw or adamw_8bit) at lr 1e-4 and both libraries' default weight decay."""
+    from types import SimpleNamespace
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=1e-4)
-    return torch.optim.AdamW(params, lr=1e-4)
+    from moetune.training.loop import make_optimizer as train_optimizer
+
+    return train_optimizer(params, SimpleNamespace(optim=name, lr=1e-4, weight_decay=0.01))
+
+
+def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[list[float], list[float], float]:
+    """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
+    seconds of the warm-up). Peak-memory stats restart after the warm-up."""
+    times, losses = [], []
+    t_warmup, warmup_s = time.perf_counter(), 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            warmup_s = time.perf_counter() - t_warmup
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return times, losses, warmup_s
 
 
 def save_baseline_lora_init(source, args, device) -> str:
@@ -228,22 +251,8 @@ def run(provider, source, config, seq, args, device) -> dict:
     optimizer = make_optimizer(params, args.optim)
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
-    times, losses = [], []
     try:
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                _sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
+        times, losses, _ = time_steps(model, optimizer, ids, args.warmup, args.steps, device)
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         result = {
             "step_s": statistics.median(times),

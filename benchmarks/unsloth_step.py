@@ -100,30 +100,25 @@ def make_tokenizer(words: int = 61):
 def create_checkpoint(path: str, model: str = "qwen3-30b-a3b", layers: int = 8, tiny: bool = False, device=None) -> str:
     """Random-initialised `model` shape cut to `layers` layers (full vocabulary unless tiny), saved at `path`.
 
-    Built on the GPU in bf16 when there is one (fp32 on a CPU), saved with `save_pretrained`, with
+    Built by train_step.save_checkpoint (on the GPU in bf16 when there is one, fp32 on a CPU), with
     make_tokenizer() beside it. Written to a temporary folder first, so a killed run leaves no half one.
     """
     import shutil
 
     import torch
     import train_step
-    import transformers
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = train_step.DTYPE[device.type]
     config = train_step.make_config(model, layers, tiny)
     tokenizer = make_tokenizer()
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = None
     torch.manual_seed(0)
-    with torch.device(device):
-        net = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     tmp = path.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(tmp)
+    train_step.save_checkpoint(config, tmp, device)
     tokenizer.save_pretrained(tmp)
-    del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
     os.replace(tmp, path)
@@ -215,6 +210,7 @@ def _is_oom(error: BaseException) -> bool:
 def run(checkpoint: str, vocab_size: int, seq: int, args) -> dict:
     """train_step.run() with the model built by Unsloth: same seeds, ids, loop, timing and peak memory."""
     import torch
+    import train_step
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -227,23 +223,8 @@ def run(checkpoint: str, vocab_size: int, seq: int, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, vocab_size, (1, seq), generator=gen).to(device)
-    times, losses = [], []
-    warmup_s, t_warmup = 0.0, time.perf_counter()
     try:
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                torch.cuda.synchronize()
-                warmup_s = time.perf_counter() - t_warmup
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if step >= args.warmup:
-                times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
+        times, losses, warmup_s = train_step.time_steps(model, optimizer, ids, args.warmup, args.steps, device)
         result = {
             "step_s": statistics.median(times),
             "tokens_per_s": seq / statistics.median(times),
