@@ -22,6 +22,8 @@ import torch
 
 _lock = threading.Lock()
 _memory: dict[str, dict] | None = None
+# (device index, kernel name, key) -> (the candidate list, its pick): the per-launch lookup, no disk key built
+_picked: dict[tuple, tuple[list[dict], dict]] = {}
 
 
 def cache_path() -> Path:
@@ -95,7 +97,12 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
     import triton
 
     device = torch.device(device)
-    gpu = _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # Every launch comes through here: answer repeats from memory before building the disk key.
+    seen = _picked.get((index, name, key))
+    if seen is not None and seen[0] == candidates:
+        return seen[1]
+    gpu = _gpu_name(index)
     # The candidate list is part of the key: a release that changes what is tried re-tunes instead of
     # reusing a winner picked from an older list.
     digest = hashlib.sha1(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:8]
@@ -103,6 +110,7 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
     with _lock:
         hit = _load().get(full_key)
     if hit is not None:
+        _picked[(index, name, key)] = (candidates, hit)
         return hit
     print(f"moetune: tuning {name} {key} on {gpu} (once; cached in {cache_path()})", file=sys.stderr)
     timings = []
@@ -119,4 +127,5 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
         entries = _load()
         entries[full_key] = best
         _save(entries)
+    _picked[(index, name, key)] = (candidates, best)
     return best
