@@ -96,10 +96,12 @@ def save_checkpoint(config, path: str, device) -> None:
     del model
 
 
-def build_moetune(source, name, rank, alpha, device, offload=None):
+def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True):
     import moetune
 
-    model, _ = moetune.FastMoEModel.from_pretrained(source, dtype=DTYPE[device.type], device_map=device)
+    model, _ = moetune.FastMoEModel.from_pretrained(
+        source, dtype=DTYPE[device.type], device_map=device, fused_rotary=fused_rotary
+    )
     return moetune.FastMoEModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
         use_gradient_checkpointing=True, offload_checkpoints=offload,
@@ -147,6 +149,7 @@ def _sync(device):
 KERNEL_GROUPS = (
     ("experts (moetune triton)", r"grouped_gemm|grouped_wgrad|_act_"),
     ("attention", r"flash|fmha|attention|flex"),
+    ("rotary (moetune)", r"rotary_kernel"),
     ("cross-entropy / softmax", r"softmax|nll|cross_entropy|log_softmax|logsumexp"),
     ("GEMM (dense, grouped_mm)", r"gemm|gemv|cutlass|nvjet|xmma|sm90|sm80|grouped_mm"),
     ("copies, casts, gathers", r"copy|cast|index|gather|scatter|cat|fill"),
@@ -163,7 +166,7 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     _sync(device)
     t0 = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -186,8 +189,19 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
         print(f"  {group:28s} {ms:8.1f} ms  {100 * ms / max(busy, 1e-9):5.1f}%")
     for name, count, ms in kernels[:rows]:
         print(f"  {ms:8.2f} ms {count:6d}x  {name[:110]}")
+    # The torch ops that launched the time, by input shapes: which tensors the copies and elementwise kernels touch.
+    ops = [
+        (e.key, str(e.input_shapes)[:160], e.count, e.self_device_time_total / 1e3)
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key.startswith("aten::") and getattr(e, "self_device_time_total", 0) > 0
+    ]
+    ops.sort(key=lambda o: -o[3])
+    print("  top torch ops by their own GPU time (input shapes):")
+    for name, shapes, count, ms in ops[:2 * rows]:
+        print(f"  {ms:8.2f} ms {count:6d}x  {name:32s} {shapes}")
     return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "groups_ms": groups,
-            "top_kernels": [{"name": n, "count": c, "ms": ms} for n, c, ms in kernels[:rows]]}
+            "top_kernels": [{"name": n, "count": c, "ms": ms} for n, c, ms in kernels[:rows]],
+            "top_ops": [{"name": n, "input_shapes": sh, "count": c, "ms": ms} for n, sh, c, ms in ops[:2 * rows]]}
 
 
 def make_optimizer(params, name: str):
@@ -239,7 +253,7 @@ def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     if provider == "moetune":
         offload = {"auto": None, "on": True, "off": False}[args.offload]
-        model = build_moetune(source, args.model, args.rank, args.alpha, device, offload)
+        model = build_moetune(source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on")
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
 
@@ -265,6 +279,10 @@ def run(provider, source, config, seq, args, device) -> dict:
             result["profile"] = profile
     except torch.OutOfMemoryError:
         result = {"oom": True}
+    if provider == "moetune":
+        from moetune.models.fast_rotary import uninstall_fast_rotary
+
+        uninstall_fast_rotary()  # process-wide: the baseline must run transformers' own rotary
     del model, optimizer, params
     gc.collect()
     if device.type == "cuda":
@@ -287,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                         help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
+    parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
+                        help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--same-lora-init", action="store_true",
                         help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],

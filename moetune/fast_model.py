@@ -27,6 +27,7 @@ from . import adapters
 from .lora_linear import install_fast_lora_linear
 from .models import fused_loss
 from .models.fast_norms import install_fast_norms
+from .models.fast_rotary import install_fast_rotary
 from .models.hook import add_expert_lora, find_experts, install
 from .models.registry import get_spec
 from .models.spec import ArchSpec
@@ -197,6 +198,7 @@ class FastMoEModel:
         attn_implementation: str | None = None,
         fused_cross_entropy: bool = True,
         fused_norms: bool = True,
+        fused_rotary: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -207,11 +209,16 @@ class FastMoEModel:
           `logits` is then a zero placeholder (stride 0). False: transformers' own lm_head + loss.
         fused_norms: run the RMSNorms through moetune's Triton kernel (one launch forward, one backward) on CUDA
           GPUs (each call falls back to transformers' forward where the kernel cannot run); False keeps transformers' own.
+        fused_rotary: on CUDA GPUs, the rotary embedding of the attention as one Triton launch each way instead of
+          several elementwise ones. transformers looks the function up in its modeling module, so it is swapped
+          there, for every model of that architecture in the process (bitwise the same results; see
+          moetune.models.fast_rotary, whose uninstall_fast_rotary() restores it).
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
         _check_bool("fused_cross_entropy", fused_cross_entropy)
         _check_bool("fused_norms", fused_norms)
+        _check_bool("fused_rotary", fused_rotary)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
             config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -236,6 +243,8 @@ class FastMoEModel:
             fused_loss.install(model)
         if fused_norms and torch.cuda.is_available():  # never Triton's CPU interpreter here: minutes instead of seconds
             install_fast_norms(model)
+        if fused_rotary and torch.cuda.is_available():
+            install_fast_rotary(model)
         setattr(model, _SPEC_ATTR, spec)
         model.max_seq_length = max_seq_length
         return model, _load_tokenizer(model_dir, max_seq_length)

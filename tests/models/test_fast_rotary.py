@@ -1,0 +1,134 @@
+"""install_fast_rotary: which architectures get the fused rotary, and that the model computes bitwise the same.
+
+Every architecture in the registry (fp32, Triton's interpreter on CPU): the form each modeling module is
+recognised as, the same logits and input-embedding gradients with the kernel as without, the kernel running
+once per attention forward and backward, and uninstalling restoring transformers' function.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from moetune.experts.backends import triton as triton_backend
+from moetune.models.fast_rotary import (
+    install_fast_rotary,
+    installed_modules,
+    rotary_variant,
+    uninstall_fast_rotary,
+)
+
+from .helpers import ALL_ARCHS, auto_class, token_batch
+from .tiny import tiny_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
+    reason="no Triton that can run here",
+)
+
+# The form of each modeling module's apply_rotary_pos_emb; glm4_moe's is partial (rotary on part of the head).
+VARIANT = {
+    "qwen3_moe": "llama", "qwen2_moe": "llama", "mixtral": "llama", "olmoe": "llama", "deepseek_v3": "llama",
+    "glm4_moe": None, "glm4_moe_lite": "llama", "gpt_oss": "gpt_oss", "qwen3_vl_moe": "llama",
+}
+# Kernel launches per forward (q and k per layer, 2 layers). deepseek_v3 / glm4_moe_lite call the function only
+# with rope_interleave=False, as the tiny configs below set.
+LAUNCHES = {t: (0 if v is None else 4) for t, v in VARIANT.items()}
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    uninstall_fast_rotary()
+
+
+def tiny_model(model_type: str):
+    torch.manual_seed(0)
+    config = tiny_config(model_type)
+    if hasattr(config, "rope_interleave"):
+        config.rope_interleave = False
+    return auto_class(model_type).from_config(config, dtype=torch.float32).to(DEVICE)
+
+
+def forward_backward(model, ids):
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    weights = torch.linspace(-1, 1, logits.numel(), device=logits.device).reshape(logits.shape)
+    (grad,) = torch.autograd.grad((logits * weights).sum(), embeds)
+    return logits.detach(), grad
+
+
+def count_launches(monkeypatch) -> dict[str, int]:
+    from moetune.kernels import rotary as kernel
+
+    calls = {"forward": 0, "backward": 0}
+    launch = kernel._launch
+
+    def counted(x, cos, sin, backward, contiguous):
+        calls["backward" if backward else "forward"] += 1
+        return launch(x, cos, sin, backward, contiguous)
+
+    monkeypatch.setattr(kernel, "_launch", counted)
+    return calls
+
+
+@ALL_ARCHS
+def test_each_modeling_module_is_recognised_by_its_code(model_type):
+    module = type(tiny_model(model_type)).__module__
+    assert rotary_variant(module) == VARIANT[model_type]
+
+
+@needs_triton
+@ALL_ARCHS
+def test_fused_rotary_leaves_the_model_bitwise_unchanged(model_type, monkeypatch):
+    model = tiny_model(model_type)
+    ids = token_batch().to(DEVICE)
+    logits_ref, grad_ref = forward_backward(model, ids)
+    module = type(model).__module__
+    original = sys.modules[module].apply_rotary_pos_emb
+
+    calls = count_launches(monkeypatch)
+    fused = install_fast_rotary(model)
+    assert fused == ([] if VARIANT[model_type] is None else [module])
+    assert install_fast_rotary(model) == fused  # idempotent
+    assert installed_modules() == fused
+    logits, grad = forward_backward(model, ids)
+    assert calls == {"forward": LAUNCHES[model_type], "backward": LAUNCHES[model_type]}
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+
+    assert uninstall_fast_rotary() == len(fused)
+    assert sys.modules[module].apply_rotary_pos_emb is original
+    calls.update(forward=0, backward=0)
+    forward_backward(model, ids)
+    assert calls == {"forward": 0, "backward": 0}
+
+
+@needs_triton
+def test_dispatcher_falls_back_where_the_kernel_cannot_run(monkeypatch):
+    """unsqueeze_dim=2 (a [B, T, heads, D] layout), tables requiring grad: transformers' own code, same result."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as modeling
+
+    original = modeling.apply_rotary_pos_emb
+    install_fast_rotary(tiny_model("qwen3_moe"))
+    calls = count_launches(monkeypatch)
+    q = torch.randn(1, 5, 2, 8, device=DEVICE)
+    cos, sin = torch.randn(1, 5, 8, device=DEVICE), torch.randn(1, 5, 8, device=DEVICE)
+    for got, ref in zip(modeling.apply_rotary_pos_emb(q, q, cos, sin, 2), original(q, q, cos, sin, 2)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    cos.requires_grad_()
+    q_t = q.transpose(1, 2)
+    for got, ref in zip(modeling.apply_rotary_pos_emb(q_t, q_t, cos, sin), original(q_t, q_t, cos, sin)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert calls == {"forward": 0, "backward": 0}
+
+
+def test_nothing_is_installed_where_no_kernel_can_run(monkeypatch):
+    from moetune.models import fast_norms
+
+    monkeypatch.setattr(fast_norms, "fast_norm_available", lambda: False)
+    assert install_fast_rotary(tiny_model("qwen3_moe")) == []
+    assert installed_modules() == []
