@@ -96,7 +96,7 @@ def save_checkpoint(config, path: str, device) -> None:
     del model
 
 
-def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True):
+def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None):
     import moetune
 
     model, _ = moetune.FastMoEModel.from_pretrained(
@@ -104,7 +104,7 @@ def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=
     )
     return moetune.FastMoEModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
-        use_gradient_checkpointing=True, offload_checkpoints=offload,
+        use_gradient_checkpointing=True, offload_checkpoints=offload, checkpoint_layers=checkpoint_layers,
     )
 
 
@@ -253,7 +253,9 @@ def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     if provider == "moetune":
         offload = {"auto": None, "on": True, "off": False}[args.offload]
-        model = build_moetune(source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on")
+        model = build_moetune(
+            source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on", args.checkpoint_layers
+        )
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
 
@@ -305,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                         help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
+    parser.add_argument("--checkpoint-layers", type=int, default=None,
+                        help="moetune: checkpoint only this many decoder layers (default all; the rest are not recomputed)")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--same-lora-init", action="store_true",

@@ -144,6 +144,9 @@ def test_from_pretrained_rejects_bad_input(kwargs, match):
         (dict(use_gradient_checkpointing="yes"), "use_gradient_checkpointing: expected True or False"),
         (dict(train_router=1), "train_router: expected True or False"),
         (dict(offload_checkpoints="auto"), "offload_checkpoints: expected True or False"),
+        (dict(checkpoint_layers=-1), "checkpoint_layers: expected None or an integer >= 0"),
+        (dict(checkpoint_layers=True), "checkpoint_layers: expected None or an integer >= 0"),
+        (dict(checkpoint_layers=3), "checkpoint_layers: expected at most the model's 2 decoder layers, got 3"),
     ],
 )
 def test_get_peft_model_rejects_bad_input(kwargs, match):
@@ -319,3 +322,39 @@ def test_offloading_without_checkpointing_warns_and_does_nothing():
     model, _ = _load(tiny_config("qwen3_moe"))
     with pytest.warns(UserWarning, match="offload_checkpoints: needs use_gradient_checkpointing=True"):
         FastMoEModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, offload_checkpoints=True)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpoint_layers_leaves_the_last_layers_unrecomputed_with_the_same_gradients(offload):
+    """checkpoint_layers=N checkpoints the first N decoder layers only (offloading those); loss and every LoRA
+    gradient equal full checkpointing's bitwise, and the layers left out run once per step, not twice."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    ids = torch.arange(24).reshape(2, 12) % 5 + 10
+    results = {}
+    for layers in (None, 1, 0):
+        torch.manual_seed(0)
+        model, _ = _load(tiny_config("qwen3_moe"))
+        peft_model = FastMoEModel.get_peft_model(
+            model, r=4, random_state=0, offload_checkpoints=offload, checkpoint_layers=layers
+        )
+        decoder = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert [m.gradient_checkpointing for m in decoder] == {None: [True, True], 1: [True, False], 0: [False, False]}[layers]
+        calls = []
+        for i, layer in enumerate(decoder):
+            # a pre-hook: the recompute stops early once it has rebuilt what backward needs (no forward hook then)
+            layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+        peft_model.train()
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[layers] = (loss.item(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad])
+        assert sorted(calls) == {None: [0, 0, 1, 1], 1: [0, 0, 1], 0: [0, 1]}[layers]
+    for layers in (1, 0):
+        assert results[layers][0] == results[None][0]
+        assert all(torch.equal(a, b) for a, b in zip(results[layers][1], results[None][1]))
+
+
+def test_checkpoint_layers_without_checkpointing_warns():
+    model, _ = _load(tiny_config("qwen3_moe"))
+    with pytest.warns(UserWarning, match="checkpoint_layers: needs use_gradient_checkpointing=True"):
+        FastMoEModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, checkpoint_layers=1)

@@ -74,6 +74,10 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory, about a third more compute."""
 
+    checkpoint_layers: int | None = None
+    """With checkpointing, checkpoint only this many decoder layers (from the first; default all): the others keep
+    their activations on the GPU and skip the recompute (faster, more memory)."""
+
     packing: bool = False
     """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
 
@@ -232,6 +236,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name in POSITIVE_INTS:
         if getattr(config, name) < 1:
             raise ValueError(f"{_flag(name)}: expected an integer >= 1, got {getattr(config, name)}")
+    if config.checkpoint_layers is not None and config.checkpoint_layers < 0:
+        raise ValueError(f"--checkpoint-layers: expected an integer >= 0, got {config.checkpoint_layers}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:

@@ -98,7 +98,8 @@ def _build_model(plan: Plan, model_dir: str):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = FastMoEModel.get_peft_model(
             model, r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-            use_gradient_checkpointing=config.gradient_checkpointing, train_router=config.train_router,
+            use_gradient_checkpointing=config.gradient_checkpointing, checkpoint_layers=config.checkpoint_layers,
+            train_router=config.train_router,
             random_state=config.seed,
         )
     return model, peft_model
