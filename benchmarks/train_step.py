@@ -339,7 +339,12 @@ def main(argv=None) -> int:
     for seq in args.seq:
         for provider in args.providers:
             result = run(provider, source, config, seq, args, device)
-            rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider, **result})
+            settings = {}
+            if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
+                settings = {"checkpoint_layers": args.checkpoint_layers, "fused_rotary": args.fused_rotary == "on",
+                            "offload": args.offload}
+            rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
+                         **settings, **result})
             if result.get("oom"):
                 print(f"{args.model} x{config.num_hidden_layers} seq {seq} {provider}: out of memory", flush=True)
             else:

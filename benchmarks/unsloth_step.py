@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", choices=["notebook", "explicit"], default="notebook",
                         help="notebook: target_modules q/k/v/o + gate/up/down (Unsloth maps them onto the experts); "
                              "explicit: q/k/v/o + target_parameters mlp.experts.gate_up_proj/down_proj")
+    parser.add_argument("--gradient-checkpointing", choices=["unsloth", "off"], default="unsloth",
+                        help="Unsloth's offloaded checkpointing (its default), or none")
     parser.add_argument("--out", default=None, help="JSON, rewritten after each sequence length")
     parser.add_argument("--tiny", action="store_true", help="toy widths for a made checkpoint (checks the script)")
     parser.add_argument("--create-only", action="store_true",
@@ -180,22 +182,25 @@ def expected_trainable_params(config: dict, rank: int) -> int:
     return rank * (attention + experts) * config["num_hidden_layers"]
 
 
-def build_unsloth(checkpoint: str, seq: int, rank: int, alpha: float, targets: str = "notebook"):
-    """Unsloth's own loading and LoRA: FastModel (FastLanguageModel hands qwen3_moe to it), 16-bit, "unsloth" checkpointing."""
+def build_unsloth(checkpoint: str, seq: int, rank: int, alpha: float, targets: str = "notebook",
+                  checkpointing: str = "unsloth"):
+    """Unsloth's own loading and LoRA: FastModel (FastLanguageModel hands qwen3_moe to it), 16-bit, "unsloth"
+    (offloaded) checkpointing, or none with checkpointing="off"."""
     import torch
     from unsloth import FastModel
 
+    use_checkpointing = {"unsloth": "unsloth", "off": False}[checkpointing]
     model, _tokenizer = FastModel.from_pretrained(
         model_name=checkpoint, max_seq_length=seq, dtype=torch.bfloat16,
         load_in_4bit=False, load_in_8bit=False, load_in_16bit=True, full_finetuning=False,
-        use_gradient_checkpointing="unsloth", local_files_only=True,
+        use_gradient_checkpointing=use_checkpointing, local_files_only=True,
     )
     lora = {"target_modules": TARGET_MODULES}
     if targets == "explicit":
         lora = {"target_modules": TARGET_MODULES[:4], "target_parameters": EXPERT_PARAMETERS}
     return FastModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, lora_dropout=0, bias="none", **lora,
-        use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=seq,
+        use_gradient_checkpointing=use_checkpointing, random_state=3407, max_seq_length=seq,
     )
 
 
@@ -215,7 +220,7 @@ def run(checkpoint: str, vocab_size: int, seq: int, args) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     t_build = time.perf_counter()
-    model = build_unsloth(checkpoint, seq, args.rank, args.alpha, args.targets)
+    model = build_unsloth(checkpoint, seq, args.rank, args.alpha, args.targets, args.gradient_checkpointing)
     build_s = time.perf_counter() - t_build
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -301,7 +306,8 @@ def main(argv=None) -> int:
     for seq in args.seq:
         result = run(args.checkpoint, config["vocab_size"], seq, args)
         backend = moe_backend()
-        rows.append({"model": name, "layers": layers, "seq": seq, "provider": "unsloth", "moe_backend": backend, **result})
+        rows.append({"model": name, "layers": layers, "seq": seq, "provider": "unsloth", "moe_backend": backend,
+                     "gradient_checkpointing": args.gradient_checkpointing, **result})
         if result.get("oom"):
             print(f"{name} x{layers} seq {seq} unsloth: out of memory", flush=True)
         else:

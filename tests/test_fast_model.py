@@ -343,7 +343,7 @@ def test_checkpoint_layers_leaves_the_last_layers_unrecomputed_with_the_same_gra
         calls = []
         for i, layer in enumerate(decoder):
             # a pre-hook: the recompute stops early once it has rebuilt what backward needs (no forward hook then)
-            layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+            layer.self_attn.register_forward_pre_hook(lambda *_, i=i, calls=calls: calls.append(i))
         peft_model.train()
         loss = peft_model(input_ids=ids, labels=ids).loss
         loss.backward()

@@ -97,8 +97,11 @@ def test_fused_rotary_leaves_the_model_bitwise_unchanged(model_type, monkeypatch
     assert installed_modules() == fused
     logits, grad = forward_backward(model, ids)
     assert calls == {"forward": LAUNCHES[model_type], "backward": LAUNCHES[model_type]}
-    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
-    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+    # Bitwise on CPU; on CUDA transformers' own expert code accumulates with atomics (gpt-oss's index_add_), so
+    # two runs of the same model differ in the last bits (tests/kernels/test_rotary.py checks the kernel bitwise).
+    tol = 0 if DEVICE == "cpu" else 1e-5
+    torch.testing.assert_close(logits, logits_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad, grad_ref, rtol=tol, atol=tol)
 
     assert uninstall_fast_rotary() == len(fused)
     assert sys.modules[module].apply_rotary_pos_emb is original
