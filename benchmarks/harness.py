@@ -209,7 +209,8 @@ def environment() -> dict:
         pass
     try:
         env["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            # "-dirty" where the files differ from HEAD (the device copy of a working tree carries an older HEAD)
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
