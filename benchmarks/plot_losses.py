@@ -33,7 +33,8 @@ def plot(path: Path) -> tuple[Path, float]:
         gap_ax.set_xlabel("step")
         gap_ax.set_ylabel("moetune - baseline")
     env = data.get("environment", {})
-    fig.suptitle(f"same base weights and data, LoRA B = 0 in both - {env.get('device', '')}, {env.get('date', '')[:10]}",
+    init = "the same LoRA factors" if data.get("args", {}).get("same_lora_init") else "LoRA B = 0 in both"
+    fig.suptitle(f"same base weights and data, {init} - {env.get('device', '')}, {env.get('date', '')[:10]}",
                  fontsize=10)
     fig.tight_layout()
     out = path.with_name(path.stem + "-losses.png")

@@ -13,7 +13,7 @@ Shape legend: B batch, Hh heads, T tokens, D head dim (even), D2 = D // 2.
 
     x     [B, Hh, T, D]  fp32 / fp16 / bf16, any strides with the last dim contiguous (attention's query is the
                          transposed view of a [B, T, Hh, D] tensor); y and dx get x's strides (empty_like)
-    cos   [Bc, T, W]     Bc = B or 1, last dim contiguous, x's dtype (transformers casts it to x's dtype);
+    cos   [Bc, T, W]     Bc = B or 1, any strides (transformers 5.17's gpt-oss table is a transposed view), x's dtype;
     sin   [Bc, T, W]     W = D (c1, c2 its halves), or W = D2: gpt-oss's form, one table for both halves
 
 Forward, per row, the halves of y:
@@ -51,7 +51,7 @@ def _round(v, dtype: tl.constexpr):
 def rotary_kernel(
     x_ptr, sx_b, sx_h, sx_t,
     y_ptr, sy_b, sy_h, sy_t,
-    cos_ptr, sin_ptr, sc_b, sc_t,
+    cos_ptr, sin_ptr, sc_b, sc_t, sc_d,
     R, Hh, T, D2, C2,
     BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
@@ -68,11 +68,11 @@ def rotary_kernel(
     x_rows = (b * sx_b + h * sx_h + t * sx_t)[:, None] + cols[None, :]
     x1 = tl.load(x_ptr + x_rows, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_rows + D2, mask=mask, other=0.0).to(tl.float32)
-    c_rows = (b * sc_b + t * sc_t)[:, None] + cols[None, :]
+    c_rows = (b * sc_b + t * sc_t)[:, None] + cols[None, :] * sc_d
     c1 = tl.load(cos_ptr + c_rows, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + c_rows + C2, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + c_rows + C2 * sc_d, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + c_rows, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + c_rows + C2, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + c_rows + C2 * sc_d, mask=mask, other=0.0).to(tl.float32)
 
     if BACKWARD:
         y1 = _round(x1 * c1, dtype) + _round(x2 * s2, dtype)
@@ -100,7 +100,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     rotary_kernel[(cdiv(R, block_r),)](
         x, x.stride(0), x.stride(1), x.stride(2),
         y, y.stride(0), y.stride(1), y.stride(2),
-        cos, sin, sc_b, cos.stride(1),
+        cos, sin, sc_b, cos.stride(1), cos.stride(2),
         R, Hh, T, D2, D2 if cos.shape[-1] == D else 0,
         BACKWARD=backward, BLOCK_R=block_r, BLOCK_D2=block_d2,
         enable_fp_fusion=False,
@@ -117,8 +117,8 @@ def check_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str |
         return f"shapes x {tuple(x.shape)}, cos {tuple(cos.shape)} do not match"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or cos.dtype != x.dtype or sin.dtype != x.dtype:
         return f"dtypes x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}: expected one of fp32/fp16/bf16 for all three"
-    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        return "the last dim of x, cos and sin must be contiguous and cos, sin laid out alike"
+    if x.stride(-1) != 1 or sin.stride() != cos.stride():
+        return "the last dim of x must be contiguous and cos, sin laid out alike"
     if not (x.device == cos.device == sin.device):
         return "x, cos and sin must be on one device"
     return None

@@ -37,14 +37,17 @@ def rotary(*args, **kwargs):
     return rotary(*args, **kwargs)
 
 
-def make(shape, dtype, form, seed=0):
-    """q, k as attention gets them (the transposed view of [B, T, heads, D]), cos and sin like rotary_emb's."""
+def make(shape, dtype, form, seed=0, transposed_tables=False):
+    """q, k as attention gets them (the transposed view of [B, T, heads, D]), cos and sin like rotary_emb's
+    (transposed views with transposed_tables, as transformers 5.17's gpt-oss rotary returns them)."""
     B, Hq, Hk, T, D, Bc = shape
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, Hq, D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
     k = torch.randn(B, T, Hk, D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
     width = D if form == "llama" else D // 2
     angles = torch.rand(Bc, T, width, generator=gen) * 6.3
+    if transposed_tables:
+        angles = angles.transpose(1, 2).contiguous().transpose(1, 2)
     cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
     return q.requires_grad_(), k.requires_grad_(), cos, sin
 
@@ -58,12 +61,13 @@ def reference(x, cos, sin):
     return x64 * c + torch.cat((-x64[..., half:], x64[..., :half]), -1) * s
 
 
+@pytest.mark.parametrize("transposed_tables", [False, True])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bitwise_equal_to_transformers(shape, dtype, form):
+def test_bitwise_equal_to_transformers(shape, dtype, form, transposed_tables):
     """Forward and backward round where torch rounds: equal to the last bit, output layouts included."""
-    q, k, cos, sin = make(shape, dtype, form)
+    q, k, cos, sin = make(shape, dtype, form, transposed_tables=transposed_tables)
     q_ref, k_ref = FORMS[form](q, k, cos, sin)
     gen = torch.Generator().manual_seed(1)
     dq_out = torch.randn(q_ref.shape, generator=gen).to(DEVICE, dtype)
@@ -136,6 +140,8 @@ def test_bad_dtypes_layouts_and_grad_tables_are_errors():
         rotary(x, cos.half(), cos.half())
     with pytest.raises(ValueError, match="rotary: the last dim"):
         rotary(x.transpose(2, 3), torch.zeros(1, 8, 4, device=DEVICE), torch.zeros(1, 8, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="cos, sin laid out alike"):
+        rotary(x, cos, torch.zeros(1, 8, 4, device=DEVICE).transpose(1, 2))
     with pytest.raises(ValueError, match="rotary: cos and sin must not require grad"):
         rotary(x, cos.requires_grad_(), cos)
 
@@ -144,4 +150,4 @@ def test_bad_dtypes_layouts_and_grad_tables_are_errors():
 @pytest.mark.parametrize("form, heads, kv_heads, head_dim", [("llama", 32, 4, 128), ("gpt_oss", 64, 8, 64)])
 def test_real_shapes_bf16_bitwise_gpu(form, heads, kv_heads, head_dim):
     """Qwen3-30B-A3B's and gpt-oss-20b's attention at 4K tokens in bf16: bitwise transformers'."""
-    test_bitwise_equal_to_transformers((1, heads, kv_heads, 4096, head_dim, 1), torch.bfloat16, form)
+    test_bitwise_equal_to_transformers((1, heads, kv_heads, 4096, head_dim, 1), torch.bfloat16, form, False)
