@@ -2,7 +2,9 @@
 
     python benchmarks/plot_train_step.py OUT.png RESULT.json [RESULT.json ...]
 
-Rows of every file are pooled by (provider, seq); a later file's row replaces an earlier one's.
+Rows of every file are pooled by (variant, seq); a later file's row replaces an earlier one's. A variant is the
+provider and its checkpointing: moetune with checkpoint_layers=0 and Unsloth with --gradient-checkpointing off
+are bars of their own.
 """
 
 from __future__ import annotations
@@ -16,8 +18,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"moetune": "tab:green", "baseline": "tab:gray", "unsloth": "tab:orange"}
-LABELS = {"moetune": "moetune", "baseline": "transformers + PEFT", "unsloth": "Unsloth"}
+COLORS = {"baseline": "tab:gray", "unsloth": "tab:orange", "unsloth-nockpt": "moccasin", "moetune": "tab:green",
+          "moetune-nockpt": "darkgreen"}
+LABELS = {"baseline": "transformers + PEFT", "unsloth": "Unsloth", "unsloth-nockpt": "Unsloth, no checkpointing",
+          "moetune": "moetune", "moetune-nockpt": "moetune, no checkpointing"}
+
+
+def variant(row: dict) -> str:
+    """The provider, with "-nockpt" where no layer was checkpointed (partial checkpointing is not plotted apart)."""
+    off = row.get("checkpoint_layers") == 0 or row.get("gradient_checkpointing") == "off"
+    return row["provider"] + ("-nockpt" if off else "")
 
 
 def load_rows(paths: list[Path]) -> tuple[dict, dict, dict]:
@@ -27,7 +37,7 @@ def load_rows(paths: list[Path]) -> tuple[dict, dict, dict]:
         env = env or data.get("environment", {})
         args = args or data.get("args", {})
         for row in data["rows"]:
-            rows[(row["provider"], row["seq"])] = row
+            rows[(variant(row), row["seq"])] = row
     return rows, env, args
 
 
@@ -35,11 +45,12 @@ def plot(out: Path, paths: list[Path]) -> Path:
     rows, env, args = load_rows(paths)
     providers = [p for p in COLORS if any(k[0] == p for k in rows)]
     seqs = sorted({seq for _, seq in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     width = 0.8 / max(len(providers), 1)
     for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
                            (axes[1], "peak_gib", "peak GiB, max_memory_allocated (lower is better)")):
         for i, provider in enumerate(providers):
+            labelled = False
             for j, seq in enumerate(seqs):
                 row = rows.get((provider, seq))
                 x = j + (i - (len(providers) - 1) / 2) * width
@@ -47,7 +58,8 @@ def plot(out: Path, paths: list[Path]) -> Path:
                     note = "-" if row is None else "OOM" if row.get("oom") else "n/a"
                     ax.text(x, 0, note, ha="center", va="bottom", fontsize=7, rotation=90)
                     continue
-                ax.bar(x, row[key], width, color=COLORS[provider], label=LABELS[provider] if j == 0 else None)
+                ax.bar(x, row[key], width, color=COLORS[provider], label=None if labelled else LABELS[provider])
+                labelled = True
                 ax.text(x, row[key], f"{row[key]:,.0f}" if key == "tokens_per_s" else f"{row[key]:.1f}",
                         ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(seqs)), [f"{s // 1024}K" for s in seqs])
