@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from moetune.experts.backends import triton as triton_backend
 from moetune.models import SUPPORTED_MODEL_TYPES, get_spec
 
 from .tiny import VOCAB, tiny_config
@@ -109,3 +110,11 @@ def checkpoint(tmp_path_factory):
         return _CHECKPOINTS[model_type]
 
     return get
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Tests of moetune's Triton kernels inside models: on a GPU, or on CPU in Triton's interpreter.
+needs_triton = pytest.mark.skipif(
+    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
+    reason="no Triton that can run here",
+)

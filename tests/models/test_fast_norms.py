@@ -14,21 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from moetune.experts.backends import triton as triton_backend
 from moetune.models.fast_norms import (
     install_fast_norms,
     norm_variant,
     uninstall_fast_norms,
 )
 
-from .helpers import ALL_ARCHS, auto_class, relative_error, token_batch
+from .helpers import ALL_ARCHS, DEVICE, auto_class, needs_triton, relative_error, token_batch
 from .tiny import tiny_config
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
-    reason="no Triton that can run here",
-)
 
 # Norms per tiny model (2 decoder layers + the final norm). "in/post": input_layernorm, post_attention_layernorm.
 EXPECTED = {

@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 
-from moetune.experts.backends import triton as triton_backend
 from moetune.models.fast_rotary import (
     install_fast_rotary,
     installed_modules,
@@ -20,14 +19,8 @@ from moetune.models.fast_rotary import (
     uninstall_fast_rotary,
 )
 
-from .helpers import ALL_ARCHS, auto_class, token_batch
+from .helpers import ALL_ARCHS, DEVICE, auto_class, needs_triton, token_batch
 from .tiny import tiny_config
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
-    reason="no Triton that can run here",
-)
 
 # The form of each modeling module's apply_rotary_pos_emb; glm4_moe's is partial (rotary on part of the head).
 VARIANT = {
