@@ -134,3 +134,18 @@ def test_merge_subcommand_folds_the_adapter(tmp_path, capsys):
     assert (merged / "tokenizer.json").is_file()
     proc = run_subprocess("merge", out / "demo-model", out / "adapter", merged)  # refuses to overwrite
     assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_layers_gives_the_same_run(tmp_path, capsys):
+    """--checkpoint-layers (here: recompute only the first of the demo's 4 layers) changes speed and memory, not
+    the training: the same losses as full checkpointing."""
+    losses = {}
+    for layers in (None, 1):
+        out = tmp_path / f"out-{layers}"
+        extra = () if layers is None else ("--checkpoint-layers", layers)
+        code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 3, *extra)
+        assert code == 0, stderr
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses[layers] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    assert len(losses[None]) == 3
+    assert losses[1] == pytest.approx(losses[None], abs=1e-6)
