@@ -282,8 +282,9 @@ def run(provider, source, config, seq, args, device) -> dict:
     except torch.OutOfMemoryError:
         result = {"oom": True}
     if provider == "moetune":
-        from moetune.models.fast_rotary import uninstall_fast_rotary
+        from moetune.models.fast_rotary import installed_modules, uninstall_fast_rotary
 
+        result["fused_rotary"] = bool(installed_modules())  # what ran (never on CPU)
         uninstall_fast_rotary()  # process-wide: the baseline must run transformers' own rotary
     del model, optimizer, params
     gc.collect()
@@ -341,8 +342,7 @@ def main(argv=None) -> int:
             result = run(provider, source, config, seq, args, device)
             settings = {}
             if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
-                settings = {"checkpoint_layers": args.checkpoint_layers, "fused_rotary": args.fused_rotary == "on",
-                            "offload": args.offload}
+                settings = {"checkpoint_layers": args.checkpoint_layers, "offload": args.offload}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

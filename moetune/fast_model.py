@@ -27,7 +27,7 @@ from . import adapters
 from .lora_linear import install_fast_lora_linear
 from .models import fused_loss
 from .models.fast_norms import install_fast_norms
-from .models.fast_rotary import install_fast_rotary
+from .models.fast_rotary import install_fast_rotary, installed_modules
 from .models.hook import add_expert_lora, find_experts, install
 from .models.registry import get_spec
 from .models.spec import ArchSpec
@@ -225,8 +225,9 @@ class FastMoEModel:
           GPUs (each call falls back to transformers' forward where the kernel cannot run); False keeps transformers' own.
         fused_rotary: on CUDA GPUs, the rotary embedding of the attention as one Triton launch each way instead of
           several elementwise ones. transformers looks the function up in its modeling module, so it is swapped
-          there, for every model of that architecture in the process (bitwise the same results; see
-          moetune.models.fast_rotary, whose uninstall_fast_rotary() restores it).
+          there, for every model of that architecture in the process (bitwise the same results); False does
+          not undo an earlier model's swap (moetune.models.fast_rotary.uninstall_fast_rotary() does; a warning
+          says so).
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
@@ -259,6 +260,12 @@ class FastMoEModel:
             install_fast_norms(model)
         if fused_rotary and torch.cuda.is_available():
             install_fast_rotary(model)
+        elif not fused_rotary and type(model).__module__ in installed_modules():
+            warnings.warn(
+                "fused_rotary=False: an earlier model of this architecture swapped in the fused rotary for the whole "
+                "process (bitwise the same results); moetune.models.fast_rotary.uninstall_fast_rotary() removes it",
+                stacklevel=2,
+            )
         setattr(model, _SPEC_ATTR, spec)
         model.max_seq_length = max_seq_length
         return model, _load_tokenizer(model_dir, max_seq_length)
@@ -288,8 +295,8 @@ class FastMoEModel:
         checkpoint_layers: with checkpointing, how many decoder layers, counted from the first, are checkpointed
           (None: all). The others keep their activations on the GPU from forward to backward and are not
           recomputed, as Megatron-LM's block recompute does: each layer left out saves its forward's time in
-          every step (about a quarter of a layer's step time) and costs its activations in memory, some 600 MiB
-          per 8K tokens for Qwen3-30B-A3B. For models with memory to spare (few layers, short contexts).
+          every step (about a quarter of a layer's step time) and costs its activations in memory, 0.45 GiB
+          per 8K tokens for Qwen3-30B-A3B (measured). For models with memory to spare (few layers, short contexts).
         """
         from peft import LoraConfig
         from peft.utils.constants import DUMMY_TARGET_MODULES

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .sizes import cdiv, next_power_of_2
 
@@ -145,6 +146,7 @@ class RotaryFunction(torch.autograd.Function):
         return rotary_forward(x, cos, sin, contiguous)
 
     @staticmethod
+    @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
         return rotary_backward(dy, cos, sin), None, None, None

@@ -96,18 +96,28 @@ def _body(function) -> str | None:
 
 
 @functools.cache
-def _module_variant(module_name: str) -> str | None:
-    module = sys.modules.get(module_name)
-    function = getattr(module, _NAME, None)
-    if not isinstance(function, types.FunctionType) or function.__module__ != module_name:
-        return None  # absent, or replaced (by us, or by the kernels hub)
+def _function_variant(function, helpers: tuple) -> str | None:
+    """The VARIANTS name of `function` given the module's helper functions [(name, function)], or None."""
     for variant, bodies in _KNOWN.items():
-        if all(
-            isinstance(getattr(module, name, None), types.FunctionType) and _body(getattr(module, name)) == body
-            for name, body in bodies.items()
-        ):
+        found = dict(helpers) | {_NAME: function}
+        if all(isinstance(found.get(name), types.FunctionType) and _body(found[name]) == body for name, body in bodies.items()):
             return variant
     return None
+
+
+def _module_variant(module_name: str) -> str | None:
+    """The form of the function the module holds now (classified by the function object, so a function replaced
+    since an earlier look is classified anew)."""
+    module = sys.modules.get(module_name)
+    function = getattr(module, _NAME, None)
+    # Not a plain function of this module, or a wrapper (functools.wraps copies __module__, and inspect.getsource
+    # follows __wrapped__ to the wrapped function's source): somebody else's replacement, left alone.
+    if not isinstance(function, types.FunctionType) or function.__module__ != module_name or hasattr(function, "__wrapped__"):
+        return None
+    helpers = tuple(
+        (name, getattr(module, name, None)) for bodies in VARIANTS.values() for name in bodies if name != _NAME
+    )
+    return _function_variant(function, helpers)
 
 
 def rotary_variant(module_name: str) -> str | None:

@@ -146,6 +146,15 @@ def test_bad_dtypes_layouts_and_grad_tables_are_errors():
         rotary(x, cos.requires_grad_(), cos)
 
 
+def test_double_backward_raises():
+    """The backward is not itself differentiable: create_graph=True must not silently drop the graph."""
+    q = torch.randn(1, 2, 3, 4, device=DEVICE, requires_grad=True)
+    cos = torch.randn(1, 3, 4, device=DEVICE)
+    (dq,) = torch.autograd.grad(rotary(q, cos, cos).pow(2).sum(), q, create_graph=True)  # dy depends on q
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("form, heads, kv_heads, head_dim", [("llama", 32, 4, 128), ("gpt_oss", 64, 8, 64)])
 def test_real_shapes_bf16_bitwise_gpu(form, heads, kv_heads, head_dim):

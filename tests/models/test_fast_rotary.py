@@ -34,6 +34,8 @@ LAUNCHES = {t: (0 if v is None else 4) for t, v in VARIANT.items()}
 
 @pytest.fixture(autouse=True)
 def _restore():
+    # Before too: on a GPU, FastMoEModel.from_pretrained in earlier tests installs it (process-wide).
+    uninstall_fast_rotary()
     yield
     uninstall_fast_rotary()
 
@@ -128,3 +130,43 @@ def test_nothing_is_installed_where_no_kernel_can_run(monkeypatch):
     monkeypatch.setattr(fast_norms, "fast_norm_available", lambda: False)
     assert install_fast_rotary(tiny_model("qwen3_moe")) == []
     assert installed_modules() == []
+
+
+@needs_triton
+def test_a_replacement_made_by_someone_else_is_left_alone():
+    """After uninstalling, another library's replacement (plain, or a functools.wraps wrapper) is not taken for
+    transformers' function."""
+    import functools
+
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as modeling
+
+    model = tiny_model("qwen3_moe")
+    assert install_fast_rotary(model) and uninstall_fast_rotary() == 1
+    original = modeling.apply_rotary_pos_emb
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    def other(q, k, cos, sin, unsqueeze_dim=1):
+        return q, k
+
+    try:
+        for replacement in (wrapped, other):
+            modeling.apply_rotary_pos_emb = replacement
+            assert rotary_variant(modeling.__name__) is None
+            assert install_fast_rotary(model) == []
+            assert modeling.apply_rotary_pos_emb is replacement
+    finally:
+        modeling.apply_rotary_pos_emb = original
+    assert rotary_variant(modeling.__name__) == "llama"
+
+
+
+@needs_triton
+def test_fused_rotary_false_warns_when_an_earlier_model_installed_it():
+    from moetune import FastMoEModel
+
+    assert install_fast_rotary(tiny_model("qwen3_moe"))
+    with pytest.warns(UserWarning, match="fused_rotary=False: an earlier model of this architecture"):
+        FastMoEModel.from_pretrained(tiny_config("qwen3_moe"), dtype=torch.float32, fused_rotary=False)
