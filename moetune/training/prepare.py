@@ -121,11 +121,11 @@ def _tokenizer(model_dir: str, max_seq_length: int):
     return tokenizer
 
 
-def _max_positions(model_config) -> int | None:
+def _language_setting(model_config, name: str) -> int | None:
+    """A setting of the language model's config (the text config of a vision-language model)."""
     from ..models.registry import get_spec
 
-    language = get_spec(model_config.model_type).language_config(model_config)
-    return getattr(language, "max_position_embeddings", None)
+    return getattr(get_spec(model_config.model_type).language_config(model_config), name, None)
 
 
 def _check_output_dir(config: TrainConfig) -> str | None:
@@ -158,9 +158,14 @@ def prepare(config: TrainConfig) -> Plan:
     else:
         model_dir = source = config.model
         model_config = _model_config(model_dir)
-    limit = _max_positions(model_config)
+    limit = _language_setting(model_config, "max_position_embeddings")
     if limit is not None and config.max_seq_length > limit:
         raise ValueError(f"--max-seq-length: {config.max_seq_length} is longer than the model allows ({limit} positions)")
+    layers = _language_setting(model_config, "num_hidden_layers")
+    if config.checkpoint_layers is not None and layers is not None and config.checkpoint_layers > layers:
+        raise ValueError(
+            f"--checkpoint-layers: expected at most the model's {layers} decoder layers, got {config.checkpoint_layers}"
+        )
     tokenizer = _tokenizer(source, config.max_seq_length)
     data_path = config.data or os.path.join(DEMO_DIR, "data.jsonl")
     data_format, examples = data_mod.load_examples(data_path, tokenizer, config.max_seq_length)

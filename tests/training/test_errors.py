@@ -57,7 +57,7 @@ CASES = {
     "bad flag value": (lambda t: ["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
     "flag type": (lambda t: ["--max-steps", "three"], "argument --max-steps: invalid int value"),
     "negative checkpoint layers": (lambda t: ["--checkpoint-layers", "-1"], "--checkpoint-layers: expected an integer >= 0"),
-    "more checkpoint layers than the model": (lambda t: ["--checkpoint-layers", "9"], "checkpoint_layers: expected at most the model's 4 decoder layers, got 9"),
+    "more checkpoint layers than the model": (lambda t: ["--checkpoint-layers", "9"], "--checkpoint-layers: expected at most the model's 4 decoder layers, got 9"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
     "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),
