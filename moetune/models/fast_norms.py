@@ -24,16 +24,15 @@ model moved between devices stays correct.
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
 import os
-import textwrap
 import types
 import warnings
 
 import torch
 from torch import nn
+
+from .code_match import body_dump, parse_function, source_body_dump
 
 __all__ = ["VARIANTS", "fast_norm_available", "install_fast_norms", "norm_variant", "uninstall_fast_norms"]
 
@@ -53,30 +52,19 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 }
 
 
-def _body_dump(statements: list[ast.stmt]) -> str:
-    if statements and isinstance(statements[0], ast.Expr) and isinstance(statements[0].value, ast.Constant) \
-            and isinstance(statements[0].value.value, str):
-        statements = statements[1:]  # docstring
-    return ast.dump(ast.Module(body=statements, type_ignores=[]))
-
-
-_KNOWN_BODIES = {_body_dump(ast.parse(source).body): name for name, (source, _) in VARIANTS.items()}
+_KNOWN_BODIES = {source_body_dump(source): name for name, (source, _) in VARIANTS.items()}
 
 
 @functools.cache
 def _forward_variant(forward) -> str | None:
     """The VARIANTS name whose body `forward` (a function) has, or None."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError):  # no source (built at runtime, C function)
-        return None
-    function = tree.body[0] if tree.body else None
-    if not isinstance(function, ast.FunctionDef) or function.decorator_list:
+    function = parse_function(forward)
+    if function is None or function.decorator_list:
         return None
     args = function.args
     if [a.arg for a in args.args] != ["self", "hidden_states"] or args.vararg or args.kwarg or args.kwonlyargs:
         return None
-    return _KNOWN_BODIES.get(_body_dump(function.body))
+    return _KNOWN_BODIES.get(body_dump(function.body))
 
 
 def norm_variant(module: nn.Module) -> str | None:

@@ -23,15 +23,14 @@ already replaced by the kernels hub) keeps transformers' code.
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
 import sys
-import textwrap
 import types
 
 import torch
 from torch import nn
+
+from .code_match import body_dump, parse_function, source_body_dump
 
 __all__ = ["VARIANTS", "install_fast_rotary", "installed_modules", "rotary_variant", "uninstall_fast_rotary"]
 
@@ -74,25 +73,12 @@ _NAME = "apply_rotary_pos_emb"
 _originals: dict[str, tuple[types.FunctionType, str]] = {}  # modeling module name -> (original, variant)
 
 
-def _dump(statements: list[ast.stmt]) -> str:
-    if statements and isinstance(statements[0], ast.Expr) and isinstance(statements[0].value, ast.Constant) \
-            and isinstance(statements[0].value.value, str):
-        statements = statements[1:]  # docstring
-    return ast.dump(ast.Module(body=statements, type_ignores=[]))
-
-
-_KNOWN = {
-    variant: {name: _dump(ast.parse(body).body) for name, body in bodies.items()} for variant, bodies in VARIANTS.items()
-}
+_KNOWN = {variant: {name: source_body_dump(body) for name, body in bodies.items()} for variant, bodies in VARIANTS.items()}
 
 
 def _body(function) -> str | None:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    node = tree.body[0] if tree.body else None
-    return _dump(node.body) if isinstance(node, ast.FunctionDef) else None
+    node = parse_function(function)
+    return None if node is None else body_dump(node.body)
 
 
 @functools.cache
@@ -156,7 +142,6 @@ def _dispatcher(module_name: str):
             return RotaryFunction.apply(q, cos, sin, contiguous), RotaryFunction.apply(k, cos, sin, contiguous)
         return original(q, k, cos, sin, unsqueeze_dim)
 
-    apply_rotary_pos_emb._moetune_fused = True
     return apply_rotary_pos_emb
 
 
