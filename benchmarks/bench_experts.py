@@ -112,6 +112,8 @@ def profile(args, device) -> int:
 
     for _ in range(args.warmup):
         step()
+    if args.host:
+        return host_profile(step, f"{shape.name} {tokens} tokens, {provider}")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -121,6 +123,21 @@ def profile(args, device) -> int:
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(f"# {shape.name} {tokens} tokens, {provider}: 5 steps")
     print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    return 0
+
+
+def host_profile(step, title: str, steps: int = 20) -> int:
+    """Where the host time of a step goes (cProfile, by own time): for steps the GPU finishes before the host."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    print(f"# {title}: host time of {steps} steps by function (cProfile)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     return 0
 
 
@@ -137,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy sizes of each architecture, for a CPU smoke run")
     parser.add_argument("--profile", nargs=3, metavar=("SHAPE", "TOKENS", "PROVIDER"), default=None,
                         help="instead of the table: the kernels of one case, by GPU time (torch.profiler)")
+    parser.add_argument("--host", action="store_true", help="with --profile: the host time by Python function instead")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/experts-<device>.json)")
     args = parser.parse_args(argv)
 
@@ -150,7 +168,7 @@ def main(argv=None) -> int:
     env = harness.environment()
     rows, checks = [], {}
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}")
-    print(f"{'shape':<22}{'tokens':>7}  {'provider':<11}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'x base':>8}")
+    print(f"{'shape':<22}{'tokens':>7}  {'provider':<11}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'x base':>8}{'host ms':>9}")
     for name in args.shapes:
         shape = tiny(SHAPES[name]) if args.tiny else SHAPES[name]
         run = build(shape, args, device)
@@ -172,7 +190,7 @@ def main(argv=None) -> int:
                 peak = f"{result['peak_gib']:.2f}" if "peak_gib" in result else "-"
                 print(
                     f"{shape.name:<22}{tokens:>7}  {provider:<11}{result['ms']:>9.2f}{result['tflops']:>9.1f}"
-                    f"{peak:>10}{result.get('speedup', 1.0):>8.2f}"
+                    f"{peak:>10}{result.get('speedup', 1.0):>8.2f}{result.get('host_ms', float('nan')):>9.2f}"
                 )
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print("correctness vs baseline (relative error):", checks)

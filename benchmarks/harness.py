@@ -156,7 +156,8 @@ def make_routing(shape: MoEShape, tokens: int, device, dtype, seed: int = 0):
 
 
 def measure(step, device, warmup: int, repeat: int) -> dict:
-    """Median / p20 / p80 milliseconds of `step()` and its peak memory above what was allocated before."""
+    """Median / p20 / p80 milliseconds of `step()`, the host time to issue it, and its peak memory above what was
+    allocated before."""
     for _ in range(warmup):  # includes one-time work (autotuning: do_bench's 256 MiB L2-flush buffer)
         step()
     if device.type == "cuda":
@@ -164,13 +165,15 @@ def measure(step, device, warmup: int, repeat: int) -> dict:
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()  # steady-state peak of a step, after warm-up
-    times = []
+    times, host = [], []
     for _ in range(repeat):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             step()
             end.record()
+            host.append((time.perf_counter() - t0) * 1e3)  # host time to issue the step: ~ms when host-bound
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
@@ -184,6 +187,7 @@ def measure(step, device, warmup: int, repeat: int) -> dict:
         "ms_p80": times[int(0.8 * (len(times) - 1))],
     }
     if device.type == "cuda":
+        result["host_ms"] = statistics.median(host)
         result["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
     return result
 

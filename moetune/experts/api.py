@@ -40,7 +40,8 @@ def moe_experts(
     """
     check_inputs(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, lora, interleaved)
     act = get_activation(activation)
-    name = select_backend(x.device, x.dtype, backend=backend, num_rows=topk_ids.numel())
+    gemm_size = topk_ids.numel() * x.shape[1] * down.shape[2]  # routed rows x hidden x expert width
+    name = select_backend(x.device, x.dtype, backend=backend, gemm_size=gemm_size)
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     plan = plan_routing(topk_ids, gate_up.shape[0])

@@ -65,13 +65,36 @@ def test_environment_reaches_moe_experts(monkeypatch):
 
 
 def test_cuda_choice_by_problem_size(monkeypatch):
-    """On CUDA triton is chosen from TRITON_MIN_ROWS routed rows (measured), grouped_mm below."""
+    """On CUDA triton is chosen from TRITON_MIN_GEMM_SIZE (rows x hidden x expert width, measured), grouped_mm below."""
     from moetune.experts import backends
 
     monkeypatch.setattr(backends, "_resolve_device", lambda device: torch.device("cuda", 0))
     monkeypatch.setattr(backends, "_unavailable", lambda name, device, dtype: None)
-    big, small = backends.TRITON_MIN_ROWS, backends.TRITON_MIN_ROWS - 1
-    assert select_backend("cuda", torch.bfloat16, num_rows=big) == "triton"
-    name, why = select_backend("cuda", torch.bfloat16, num_rows=small, explain=True)
-    assert name == "grouped_mm" and "measured faster below" in why
+    big, small = backends.TRITON_MIN_GEMM_SIZE, backends.TRITON_MIN_GEMM_SIZE - 1
+    assert select_backend("cuda", torch.bfloat16, gemm_size=big) == "triton"
+    name, why = select_backend("cuda", torch.bfloat16, gemm_size=small, explain=True)
+    assert name == "grouped_mm" and "as fast or faster below" in why
+    qwen3 = lambda tokens: tokens * 8 * 2048 * 768  # noqa: E731
+    gpt_oss = lambda tokens: tokens * 4 * 2880 * 2880  # noqa: E731
+    assert select_backend("cuda", torch.bfloat16, gemm_size=qwen3(4096)) == "grouped_mm"
+    assert select_backend("cuda", torch.bfloat16, gemm_size=qwen3(8192)) == "triton"
+    assert select_backend("cuda", torch.bfloat16, gemm_size=gpt_oss(4096)) == "triton"
     assert select_backend("cuda", torch.bfloat16) == "triton"  # size unknown: the large-problem choice
+
+
+def test_moe_experts_passes_its_projection_size(monkeypatch):
+    """moe_experts asks for a backend with rows x hidden x expert width of its own call."""
+    from moetune.experts import api
+
+    seen = []
+
+    def record(device, dtype, *, backend=None, gemm_size=None):
+        seen.append(gemm_size)
+        return "native"
+
+    monkeypatch.setattr(api, "select_backend", record)
+    T, H, I, E, k = 5, 12, 6, 4, 2
+    x = torch.randn(T, H)
+    ids = torch.randint(0, E, (T, k))
+    moe_experts(x, ids, torch.rand(T, k), torch.randn(E, 2 * I, H), torch.randn(E, H, I))
+    assert seen == [T * k * H * I]

@@ -109,13 +109,17 @@ def _check_name(name, source: str) -> str:
     return name
 
 
-# Measured (2026-11-24): on an H100 one experts block (benchmarks/results/experts-triton-H100.json)
-# runs faster on the Triton kernels from 32768 routed rows (Qwen3 4K tokens: 3.7 vs 5.1 ms; 16K: 8.9
-# vs 14.4; GLM-4.7-Flash 16K: 8.6 vs 11.8; gpt-oss 16K: 31.3 vs 34.0). But the whole Qwen3-30B-A3B
-# at 4K tokens a step (32768 rows a layer) trained slower with triton on an H200 (4,486 vs 5,199
-# tok/s), while 8K and 16K (65536+ rows) were faster (36,129 vs 35,718; 34,245 vs 33,094). Until
-# that 4K gap is understood (host launch overhead is the suspect), triton from 65536 rows.
-TRITON_MIN_ROWS = 65536
+# Measured: one experts block (forward + backward) runs faster on the Triton kernels at every shape
+# benchmarked from 4K tokens (H100 run 24, H200 run 31: Qwen3 4K 3.5 vs 4.7 ms, gpt-oss 4K 6.8 vs 9.0).
+# In whole models the host's launch overhead also counts, and small problems are host-bound:
+#   Qwen3-30B-A3B 4K tokens (32768 rows x 2048 x 768): triton slower on an H100 (run 23: 34.5k/32.7k vs
+#     37.9k/39.0k tok/s), a tie or faster on an H200 (run 32: 53.9k/49.2k vs 40.8k/48.1k);
+#   GLM-4.7-Flash 8K (32768 x 2048 x 1536): a tie on an H200 (80.7k vs 81.7k tok/s, run 32);
+#   gpt-oss-20b 8K (32768 x 2880 x 2880): triton 16% faster (59.7k vs 51.6k tok/s, run 32);
+#   Qwen3 8K and 16K (65536+ rows x 2048 x 768): triton faster (runs 9, 16).
+# So the choice goes by one projection's size, rows x hidden x expert width, not by rows alone:
+# triton from Qwen3's 8K size (3 * 2**35 ~ 1.03e11) up.
+TRITON_MIN_GEMM_SIZE = 3 * 2**35
 
 
 def select_backend(
@@ -123,13 +127,14 @@ def select_backend(
     dtype: torch.dtype = torch.bfloat16,
     *,
     backend: str | None = None,
-    num_rows: int | None = None,
+    gemm_size: int | None = None,
     explain: bool = False,
 ) -> str | tuple[str, str]:
     """The backend moe_experts will use; with explain=True, (name, why).
 
     backend= wins, then the MOETUNE_MOE_BACKEND environment variable, then the fastest usable one
-    for the device, dtype and problem size (num_rows = tokens * top_k; None: a large problem).
+    for the device, dtype and problem size (gemm_size = routed rows * hidden * expert width, the
+    multiply-adds of one projection; None: a large problem).
     A forced backend that cannot run here raises ValueError with the reason.
     """
     device = _resolve_device(device)
@@ -148,8 +153,9 @@ def select_backend(
     for name in _preference(device):
         if name == "triton" and device.type == "cpu":
             continue
-        if name == "triton" and num_rows is not None and num_rows < TRITON_MIN_ROWS:
-            skipped.append(f"triton: grouped_mm measured faster below {TRITON_MIN_ROWS} routed rows")
+        if name == "triton" and gemm_size is not None and gemm_size < TRITON_MIN_GEMM_SIZE:
+            skipped.append(f"triton: grouped_mm measured as fast or faster below {TRITON_MIN_GEMM_SIZE:.2e} "
+                           "routed rows x hidden x expert width (host-bound)")
             continue
         reason = _unavailable(name, device, dtype)
         if reason is None:
