@@ -252,6 +252,10 @@ def save_baseline_lora_init(source, args, device) -> str:
 def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     if provider == "moetune":
+        from moetune.models import hook, recompute
+
+        # off: measure what the recompute skip gains (the experts' down projection in each recompute)
+        hook.recomputing = recompute.recomputing if args.recompute_skip == "on" else (lambda: False)
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on", args.checkpoint_layers
@@ -312,6 +316,8 @@ def main(argv=None) -> int:
                         help="moetune: checkpoint only this many decoder layers (default all; the rest are not recomputed)")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
+    parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],
+                        help="moetune: checkpoint recomputes skip the experts' output (off: recompute it all)")
     parser.add_argument("--same-lora-init", action="store_true",
                         help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],
@@ -342,7 +348,8 @@ def main(argv=None) -> int:
             result = run(provider, source, config, seq, args, device)
             settings = {}
             if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
-                settings = {"checkpoint_layers": args.checkpoint_layers, "offload": args.offload}
+                settings = {"checkpoint_layers": args.checkpoint_layers, "offload": args.offload,
+                            "recompute_skip": args.recompute_skip}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

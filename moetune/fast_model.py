@@ -15,17 +15,19 @@ fused 3-D expert weights is moetune's split LoRA, stored as parameters on each e
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 import transformers
 from torch import nn
 
 from . import adapters
 from .lora_linear import install_fast_lora_linear
-from .models import fused_loss
+from .models import fused_loss, recompute
 from .models.fast_norms import install_fast_norms
 from .models.fast_rotary import install_fast_rotary, installed_modules
 from .models.hook import add_expert_lora, find_experts, install
@@ -155,10 +157,23 @@ def _enable_checkpointing(model, spec: ArchSpec, checkpoint_layers: int | None =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with recompute
     spec.language_config(model.config).use_cache = False
+    _mark_recomputes(model)
     if checkpoint_layers is not None:
         # transformers checks the flag on each layer at call time (GradientCheckpointingLayer.__call__).
         for layer in _decoder_layers(model)[checkpoint_layers:]:
             layer.gradient_checkpointing = False
+
+
+def _mark_recomputes(model) -> None:
+    """Run each layer's checkpoint through moetune.models.recompute.checkpoint (torch's, with the recompute
+    marked, so the experts skip what only the discarded output needs). transformers installs
+    partial(torch.utils.checkpoint.checkpoint, **options) on each layer; anything else is left as it is."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None) if isinstance(module, GradientCheckpointingLayer) else None
+        if isinstance(func, functools.partial) and func.func is torch.utils.checkpoint.checkpoint:
+            module._gradient_checkpointing_func = functools.partial(recompute.checkpoint, *func.args, **func.keywords)
 
 
 def _decoder_layers(model) -> list:

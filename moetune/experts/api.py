@@ -26,6 +26,7 @@ def moe_experts(
     activation: str | Activation = "swiglu",
     interleaved: bool = False,
     backend: str | None = None,
+    only_for_backward: bool = False,
 ) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
 
@@ -37,6 +38,10 @@ def moe_experts(
 
     Gradients flow to x, topk_weights and the LoRA factors; base weights must be frozen.
     Returns [T, H] in x's dtype.
+
+    only_for_backward=True: the caller discards the output values and runs this call only for what backward
+    saves (a checkpoint's recompute, where only additions follow). The grouped_mm and triton backends then
+    skip the down projection and the sum over k and return zeros; the gradients are the same.
     """
     check_inputs(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, lora, interleaved)
     act = get_activation(activation)
@@ -45,4 +50,6 @@ def moe_experts(
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     plan = plan_routing(topk_ids, gate_up.shape[0])
-    return get_backend(name).run(x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved)
+    return get_backend(name).run(
+        x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved, only_for_backward
+    )

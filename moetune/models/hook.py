@@ -22,6 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 
 from ..experts import ExpertLoRA, moe_experts
 from ..experts.activations import Activation
+from .recompute import recomputing
 from .spec import ArchSpec
 
 __all__ = [
@@ -95,6 +96,7 @@ def moetune_experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up, down,
         gate_up_bias=b1, down_bias=b2, lora=expert_lora(self),
         activation=binding.activation, interleaved=binding.interleaved,
+        only_for_backward=recomputing(),  # see recompute.py: only additions follow in every supported architecture
     )
 
 

@@ -48,7 +48,8 @@ import threading
 import weakref
 
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from ..models.recompute import checkpoint
 
 __all__ = ["disable_offloaded_checkpointing", "enable_offloaded_checkpointing", "offloaded_checkpoint"]
 

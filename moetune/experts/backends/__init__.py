@@ -1,7 +1,9 @@
 """Backend registry and selection.
 
 A backend is a function (x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias,
-lora, act, interleaved) -> out [T, H], plus an availability check for a device and dtype.
+lora, act, interleaved, only_for_backward) -> out [T, H], plus an availability check for a device and
+dtype. only_for_backward: the output values will be discarded (see moe_experts); a backend may skip
+computing them.
 
 Order of precedence: the `backend=` argument, then MOETUNE_MOE_BACKEND, then automatic:
 the first backend in PREFERENCE that is usable for the device and dtype.
@@ -48,13 +50,14 @@ def _triton_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def _function_backend(function: type[torch.autograd.Function]) -> Callable[..., torch.Tensor]:
     """The backend call for an autograd Function taking (x, topk_weights, gate_up, down, biases,
-    the four LoRA factors, plan, scaling, activation, interleaved)."""
+    the four LoRA factors, plan, scaling, activation, interleaved, only_for_backward)."""
 
-    def run(x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved):
+    def run(x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved, only_for_backward):
         factors = lora.factors() if lora is not None else (None, None, None, None)
         scaling = lora.scaling if lora is not None else 0.0
         return function.apply(
-            x, topk_weights, gate_up, down, gate_up_bias, down_bias, *factors, plan, scaling, act, interleaved
+            x, topk_weights, gate_up, down, gate_up_bias, down_bias, *factors, plan, scaling, act, interleaved,
+            only_for_backward,
         )
 
     return run

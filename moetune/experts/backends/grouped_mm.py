@@ -112,7 +112,8 @@ class GroupedExpertsFunction(torch.autograd.Function):
     """One MoE experts block with split LoRA. See the module docstring for what is saved."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act, interleaved):
+    def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act,
+                interleaved, only_for_backward=False):
         dtype = x.dtype
         (A1, B1, A2, B2), ctx.factor_dtypes = cast_factors((A1, B1, A2, B2), dtype)
         offs = plan.offsets_E
@@ -127,19 +128,21 @@ class GroupedExpertsFunction(torch.autograd.Function):
         if gate_up_bias is not None:
             gu.add_(gate_up_bias.index_select(0, plan.expert_S))
         h = act.forward(gu, interleaved)
-        y = gmm(h, down.transpose(1, 2), offs)
         su2 = None
         if A2 is not None:
             su2 = gmm(h, A2.transpose(1, 2), offs).mul_(scaling)
+        ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2)
+        ctx.plan, ctx.scaling, ctx.act, ctx.interleaved = plan, scaling, act, interleaved
+        if only_for_backward:  # a recompute: backward needs only what is saved above
+            return x.new_zeros(x.shape)
+
+        y = gmm(h, down.transpose(1, 2), offs)
+        if A2 is not None:
             y.add_(gmm(su2, B2.transpose(1, 2), offs))
         del h
         if down_bias is not None:
             y.add_(down_bias.index_select(0, plan.expert_S))
-        out = plan.sum_rows(y, topk_weights)
-
-        ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2)
-        ctx.plan, ctx.scaling, ctx.act, ctx.interleaved = plan, scaling, act, interleaved
-        return out
+        return plan.sum_rows(y, topk_weights)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -185,5 +188,5 @@ class GroupedExpertsFunction(torch.autograd.Function):
             d_x = plan.sum_rows(dx_SH)
 
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
-        return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
+        return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
 

@@ -25,6 +25,7 @@ def native_experts(
     lora: ExpertLoRA | None,
     act: Activation,
     interleaved: bool,
+    only_for_backward: bool = False,  # autograd saves what it needs as it goes: nothing to skip here
 ) -> torch.Tensor:
     A1 = B1 = A2 = B2 = None
     if lora is not None:

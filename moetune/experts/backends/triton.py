@@ -11,6 +11,8 @@ Forward (4 launches + a sum over k):
 
 Saved: gu [S, 2I], su1, su2 [S, R] (as the grouped_mm backend). h is never stored for
 backward; the down-projection backward recomputes it in its epilogue from gu.
+only_for_backward (a checkpoint's recompute): stops after su2, everything backward reads; the down
+projection and the sum over k (a quarter of the forward's GEMM work at Qwen3's shape) are skipped.
 
 Backward:
     sv2         = s * d_out[token] B2                                                     [S, R]
@@ -65,7 +67,8 @@ class TritonExpertsFunction(torch.autograd.Function):
     """One MoE experts block with split LoRA on the fused Triton kernels. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act, interleaved):
+    def forward(ctx, x, topk_weights, gate_up, down, gate_up_bias, down_bias, A1, B1, A2, B2, plan, scaling, act,
+                interleaved, only_for_backward=False):
         from ...kernels import act_code, grouped_gemm
 
         x = x.contiguous()
@@ -87,16 +90,17 @@ class TritonExpertsFunction(torch.autograd.Function):
         su2 = None
         if A2 is not None:
             su2 = grouped_gemm(h, A2.transpose(1, 2), alpha=scaling, **common)
+        ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
+        ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
+        if only_for_backward:  # a recompute: backward needs only what is saved above
+            return x.new_zeros(x.shape)
+
         y_pairs = grouped_gemm(
             h, down.transpose(1, 2), lora_u=su2, lora_b=None if B2 is None else B2.transpose(1, 2),
             bias=down_bias, out_index=plan.perm_S, row_scale=w_S, **common,
         )
         del h
-        out = y_pairs.view(T, K, -1).sum(dim=1)
-
-        ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
-        ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
-        return out
+        return y_pairs.view(T, K, -1).sum(dim=1)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -139,5 +143,5 @@ class TritonExpertsFunction(torch.autograd.Function):
                 dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **wg)
 
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
-        return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None)
+        return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
 

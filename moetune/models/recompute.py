@@ -1,0 +1,54 @@
+"""Which decoder-layer calls are gradient-checkpoint recomputes.
+
+A checkpointed layer runs twice: in forward, and again in backward to rebuild the tensors its backward
+saved. The second run's output is thrown away (non-reentrant checkpoint keeps only what is saved; the
+reentrant one backpropagates through it, which reads no output values either). In every architecture
+moetune supports, the routed experts' output meets only additions before the layer ends (the residual,
+shared experts), so no saved tensor depends on its values: during a recompute the experts may skip the
+down projection and the sum over k (see moe_experts' only_for_backward). tests/models/test_recompute.py
+checks that gradients stay bitwise equal for every registered architecture.
+
+`checkpoint` is torch.utils.checkpoint.checkpoint with the function marked: its first call is the forward,
+later calls (one per backward through it) run with `recomputing()` true on their thread (the autograd
+device thread runs the recompute).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch.utils.checkpoint
+
+__all__ = ["checkpoint", "marked", "recomputing"]
+
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    """True inside a checkpointed function's second or later call (its recompute in backward)."""
+    return getattr(_state, "active", False)
+
+
+def marked(function):
+    """`function`, with every call after the first run as a recompute."""
+    calls = 0
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return function(*args, **kwargs)
+        previous, _state.active = recomputing(), True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _state.active = previous
+
+    return run
+
+
+def checkpoint(function, *args, **kwargs):
+    """torch.utils.checkpoint.checkpoint(function, *args, **kwargs), with its recompute marked."""
+    return torch.utils.checkpoint.checkpoint(marked(function), *args, **kwargs)

@@ -1,0 +1,125 @@
+"""Checkpoint recomputes skip the experts' output (moetune/models/recompute.py): the gradients stay bitwise
+those of a full recompute, for every registered architecture, and the skip really happens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune import FastMoEModel
+from moetune.experts import api
+from moetune.models import hook, recompute
+
+from .helpers import ALL_ARCHS, DEVICE, needs_triton, randomize_lora_B, token_batch
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:lora_dropout.*:UserWarning"),
+]
+
+
+def test_marked_function_runs_its_later_calls_as_recomputes():
+    seen = []
+    run = recompute.marked(lambda: seen.append(recompute.recomputing()))
+    run()
+    run()
+    run()
+    assert seen == [False, True, True]
+    assert recompute.recomputing() is False
+
+    def fail():
+        raise KeyError("stop")  # the checkpoint's early stop leaves the recompute by an exception
+
+    failing = recompute.marked(fail)
+    with pytest.raises(KeyError):
+        failing()
+    with pytest.raises(KeyError):
+        failing()
+    assert recompute.recomputing() is False
+
+
+def _grads(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _model(model_dir: str, **kwargs):
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32, device_map=DEVICE)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, lora_dropout=0.0, **kwargs)
+    randomize_lora_B(model)
+    return model.train()
+
+
+def _spy(monkeypatch) -> list[bool]:
+    calls = []
+    real = api.moe_experts
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("only_for_backward", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hook, "moe_experts", spy)
+    return calls
+
+
+@ALL_ARCHS
+def test_recompute_skips_the_experts_output_with_the_same_gradients(model_type, checkpoint, monkeypatch):
+    model = _model(checkpoint(model_type))
+    ids = token_batch().to(DEVICE)
+    calls = _spy(monkeypatch)
+    skipped = _grads(model, ids)
+    layers = sum(1 for m in model.modules() if getattr(m, "moetune_binding", None) is not None)
+    assert calls.count(True) == layers and calls.count(False) == layers  # every MoE layer recomputed once, skipping
+    monkeypatch.setattr(hook, "recomputing", lambda: False)  # the reference: a full recompute
+    full = _grads(model, ids)
+    assert skipped.keys() == full.keys()
+    for name in full:
+        assert torch.equal(skipped[name], full[name]), name
+
+
+def _checkpointed_moe_layers(model) -> int:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(
+        any(getattr(m, "moetune_binding", None) is not None for m in layer.modules())
+        for layer in model.modules()
+        if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing
+    )
+
+
+@pytest.mark.parametrize(
+    "model_type, kwargs",
+    [("qwen3_moe", {"offload_checkpoints": True}), ("mixtral", {"checkpoint_layers": 1})],  # mixtral: no dense layer
+    ids=["offload", "partial"],
+)
+def test_offloaded_and_partial_checkpointing_skip_too(model_type, kwargs, checkpoint, monkeypatch):
+    model = _model(checkpoint(model_type), **kwargs)
+    ids = token_batch().to(DEVICE)
+    calls = _spy(monkeypatch)
+    skipped = _grads(model, ids)
+    assert calls.count(True) == _checkpointed_moe_layers(model) > 0
+    monkeypatch.setattr(hook, "recomputing", lambda: False)
+    full = _grads(model, ids)
+    for name in full:
+        assert torch.equal(skipped[name], full[name]), name
+
+
+def test_without_checkpointing_nothing_is_skipped(checkpoint, monkeypatch):
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32, device_map=DEVICE)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    calls = _spy(monkeypatch)
+    model.train()(input_ids=token_batch().to(DEVICE), labels=token_batch().to(DEVICE)).loss.backward()
+    assert calls and not any(calls)
+
+
+@needs_triton
+def test_recompute_skip_on_the_triton_kernels(checkpoint, monkeypatch):
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", "triton")
+    model = _model(checkpoint("qwen3_moe"))
+    ids = token_batch().to(DEVICE)
+    skipped = _grads(model, ids)
+    monkeypatch.setattr(hook, "recomputing", lambda: False)
+    full = _grads(model, ids)
+    for name in full:
+        assert torch.equal(skipped[name], full[name]), name
