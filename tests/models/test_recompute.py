@@ -10,7 +10,7 @@ from moetune import FastMoEModel
 from moetune.experts import api
 from moetune.models import hook, recompute
 
-from .helpers import ALL_ARCHS, DEVICE, needs_triton, randomize_lora_B, token_batch
+from .helpers import ALL_ARCHS, DEVICE, needs_triton, randomize_lora_B, relative_error, token_batch
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
@@ -44,8 +44,23 @@ def _grads(model, ids) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_same_gradients(model, ids, skipped: dict, monkeypatch) -> None:
+    """skipped against a full recompute: bitwise where two full runs agree bitwise (always on CPU); where the
+    device runs some op of the model non-deterministically (atomics), within that run-to-run noise."""
+    monkeypatch.setattr(hook, "recomputing", lambda: False)
+    full, again = _grads(model, ids), _grads(model, ids)
+    assert skipped.keys() == full.keys()
+    for name in full:
+        if torch.equal(full[name], again[name]):
+            assert torch.equal(skipped[name], full[name]), name
+        else:
+            noise = relative_error(again[name], full[name])
+            assert relative_error(skipped[name], full[name]) <= 4 * noise, f"{name}: beyond run-to-run noise {noise:.1e}"
+
+
 def _model(model_dir: str, **kwargs):
-    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32, device_map=DEVICE)
+    # eager attention: the tiny configs' head dim (8) is below what flex attention compiles for on CUDA (16)
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32, device_map=DEVICE, attn_implementation="eager")
     model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, lora_dropout=0.0, **kwargs)
     randomize_lora_B(model)
     return model.train()
@@ -71,11 +86,7 @@ def test_recompute_skips_the_experts_output_with_the_same_gradients(model_type, 
     skipped = _grads(model, ids)
     layers = sum(1 for m in model.modules() if getattr(m, "moetune_binding", None) is not None)
     assert calls.count(True) == layers and calls.count(False) == layers  # every MoE layer recomputed once, skipping
-    monkeypatch.setattr(hook, "recomputing", lambda: False)  # the reference: a full recompute
-    full = _grads(model, ids)
-    assert skipped.keys() == full.keys()
-    for name in full:
-        assert torch.equal(skipped[name], full[name]), name
+    _assert_same_gradients(model, ids, skipped, monkeypatch)
 
 
 def _checkpointed_moe_layers(model) -> int:
@@ -99,10 +110,7 @@ def test_offloaded_and_partial_checkpointing_skip_too(model_type, kwargs, checkp
     calls = _spy(monkeypatch)
     skipped = _grads(model, ids)
     assert calls.count(True) == _checkpointed_moe_layers(model) > 0
-    monkeypatch.setattr(hook, "recomputing", lambda: False)
-    full = _grads(model, ids)
-    for name in full:
-        assert torch.equal(skipped[name], full[name]), name
+    _assert_same_gradients(model, ids, skipped, monkeypatch)
 
 
 def test_without_checkpointing_nothing_is_skipped(checkpoint, monkeypatch):
@@ -118,8 +126,4 @@ def test_recompute_skip_on_the_triton_kernels(checkpoint, monkeypatch):
     monkeypatch.setenv("MOETUNE_MOE_BACKEND", "triton")
     model = _model(checkpoint("qwen3_moe"))
     ids = token_batch().to(DEVICE)
-    skipped = _grads(model, ids)
-    monkeypatch.setattr(hook, "recomputing", lambda: False)
-    full = _grads(model, ids)
-    for name in full:
-        assert torch.equal(skipped[name], full[name]), name
+    _assert_same_gradients(model, ids, _grads(model, ids), monkeypatch)
