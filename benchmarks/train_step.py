@@ -204,6 +204,15 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
             "top_ops": [{"name": n, "input_shapes": sh, "count": c, "ms": ms} for n, sh, c, ms in ops[:2 * rows]]}
 
 
+def _layers_or_auto(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+
+
 def make_optimizer(params, name: str):
     """moetune train's optimizer (adamw or adamw_8bit) at lr 1e-4 and both libraries' default weight decay."""
     from types import SimpleNamespace
@@ -251,6 +260,7 @@ def save_baseline_lora_init(source, args, device) -> str:
 
 def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
+    plan = None
     if provider == "moetune":
         from moetune.models import hook, recompute
 
@@ -258,8 +268,14 @@ def run(provider, source, config, seq, args, device) -> dict:
         hook.recomputing = recompute.recomputing if args.recompute_skip == "on" else (lambda: False)
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
-            source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on", args.checkpoint_layers
+            source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
+            None if args.checkpoint_layers == "auto" else args.checkpoint_layers,
         )
+        if args.checkpoint_layers == "auto":  # measured for this step's shape (one probe step)
+            import moetune
+
+            plan = moetune.FastMoEModel.fit_checkpoint_layers(model, 1, seq, optimizer=args.optim)
+            print(f"checkpoint_layers auto: {plan}", flush=True)
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
 
@@ -289,6 +305,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         from moetune.models.fast_rotary import installed_modules, uninstall_fast_rotary
 
         result["fused_rotary"] = bool(installed_modules())  # what ran (never on CPU)
+        if plan is not None:
+            result["checkpoint_plan"] = plan
         uninstall_fast_rotary()  # process-wide: the baseline must run transformers' own rotary
     del model, optimizer, params
     gc.collect()
@@ -312,8 +330,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                         help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
-    parser.add_argument("--checkpoint-layers", type=int, default=None,
-                        help="moetune: checkpoint only this many decoder layers (default all; the rest are not recomputed)")
+    parser.add_argument("--checkpoint-layers", type=_layers_or_auto, default=None,
+                        help="moetune: checkpoint only this many decoder layers (default all; the rest are not recomputed); "
+                             "auto: as many as memory needs (FastMoEModel.fit_checkpoint_layers)")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],

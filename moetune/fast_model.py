@@ -371,3 +371,19 @@ class FastMoEModel:
         install_fast_lora_linear(peft_model)
         setattr(peft_model, _SPEC_ATTR, spec)
         return peft_model
+
+    @staticmethod
+    def fit_checkpoint_layers(
+        model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, optimizer: str = "adamw"
+    ) -> dict:
+        """Checkpoint only as many decoder layers as the GPU needs for steps of [batch_size, seq_len] tokens.
+
+        Runs one probe step (forward + backward, no optimizer step), measures the peak and one layer's
+        activations, and leaves out of checkpointing as many layers as fit in memory_fraction of the device's
+        memory with the optimizer's state (adamw: 8 bytes per trainable parameter, adamw_8bit: 2). Layers
+        left out skip their recompute (faster). Returns the measurements and the choice
+        (moetune/checkpoint_plan.py); on CPU it changes nothing.
+        """
+        from .checkpoint_plan import fit_checkpoint_layers
+
+        return fit_checkpoint_layers(model, batch_size, seq_len, memory_fraction=memory_fraction, optimizer=optimizer)

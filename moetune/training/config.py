@@ -74,9 +74,10 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory, about a third more compute."""
 
-    checkpoint_layers: int | None = None
+    checkpoint_layers: int | str | None = None
     """With checkpointing, checkpoint only this many decoder layers (from the first; default all): the others keep
-    their activations on the GPU and skip the recompute (faster, more memory)."""
+    their activations on the GPU and skip the recompute (faster, more memory). auto: measure one probe step at
+    --batch-size x --max-seq-length and keep as many layers out as fit in 90% of the GPU's memory (CUDA)."""
 
     packing: bool = False
     """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
@@ -163,9 +164,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is tuple:
             parser.add_argument(_flag(field.name), nargs="+", metavar="NAME", **kwargs)
+        elif field.name == "checkpoint_layers":
+            parser.add_argument(_flag(field.name), type=_layers_or_auto, metavar="{N,auto}", **kwargs)
         else:
             choices = {"dtype": DTYPES, "optim": OPTIMIZERS}.get(field.name)
             parser.add_argument(_flag(field.name), type=_base_type(annotation), choices=choices, **kwargs)
+
+
+def _layers_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
 
 
 def load_config_file(path: str) -> dict:
@@ -208,6 +220,10 @@ def _coerce(name: str, value):
     base = _base_type(annotation)
     if value is None and type(None) in typing.get_args(annotation):
         return None
+    if name == "checkpoint_layers" and isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name}: expected an integer or auto, got {value!r}")
+        return value
     if typing.get_origin(annotation) is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -236,8 +252,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name in POSITIVE_INTS:
         if getattr(config, name) < 1:
             raise ValueError(f"{_flag(name)}: expected an integer >= 1, got {getattr(config, name)}")
-    if config.checkpoint_layers is not None and config.checkpoint_layers < 0:
-        raise ValueError(f"--checkpoint-layers: expected an integer >= 0, got {config.checkpoint_layers}")
+    layers = config.checkpoint_layers
+    if layers is not None and layers != "auto" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+        raise ValueError(f"--checkpoint-layers: expected an integer >= 0 or auto, got {layers!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:

@@ -98,7 +98,8 @@ def _build_model(plan: Plan, model_dir: str):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = FastMoEModel.get_peft_model(
             model, r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-            use_gradient_checkpointing=config.gradient_checkpointing, checkpoint_layers=config.checkpoint_layers,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            checkpoint_layers=None if config.checkpoint_layers == "auto" else config.checkpoint_layers,
             train_router=config.train_router,
             random_state=config.seed,
         )
@@ -155,6 +156,15 @@ def run(plan: Plan, console=None) -> dict:
         shutil.move(demo_tmp, model_dir)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
+
+    checkpoint_plan = None
+    if config.checkpoint_layers == "auto" and config.gradient_checkpointing:
+        from ..fast_model import FastMoEModel
+
+        # Planned for the longest batch this run can see: batch_size sequences of max_seq_length tokens.
+        checkpoint_plan = FastMoEModel.fit_checkpoint_layers(
+            peft_model, config.batch_size, config.max_seq_length, optimizer=config.optim
+        )
 
     units = data_mod.make_units(plan.examples, config.max_seq_length, config.packing)
     per_epoch = data_mod.steps_per_epoch(len(units), config.batch_size, config.grad_accum)
@@ -222,10 +232,12 @@ def run(plan: Plan, console=None) -> dict:
                                 dataclasses.asdict(config))
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
-    return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total)
+    return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,
+                   checkpoint_plan)
 
 
-def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens) -> dict:
+def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens,
+            checkpoint_plan=None) -> dict:
     from .plots import plot_expert_load, plot_loss
 
     config = plan.config
@@ -250,7 +262,8 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         "device": str(plan.device),
         "dtype": str(plan.dtype).removeprefix("torch."),
         # What select_backend prefers for this device and dtype; each experts call may still pick another by
-        # its routed-row count (on CUDA triton only from its measured threshold up).
+        # its size (on CUDA triton only from its measured threshold up).
+        "checkpoint_layers": checkpoint_plan if checkpoint_plan is not None else config.checkpoint_layers,
         "moe_backend": plan.backend,
         "moe_backend_why": plan.backend_why,
         "train_seconds_this_session": round(elapsed, 2),

@@ -162,7 +162,7 @@ def prepare(config: TrainConfig) -> Plan:
     if limit is not None and config.max_seq_length > limit:
         raise ValueError(f"--max-seq-length: {config.max_seq_length} is longer than the model allows ({limit} positions)")
     layers = _language_setting(model_config, "num_hidden_layers")
-    if config.checkpoint_layers is not None and layers is not None and config.checkpoint_layers > layers:
+    if isinstance(config.checkpoint_layers, int) and layers is not None and config.checkpoint_layers > layers:
         raise ValueError(
             f"--checkpoint-layers: expected at most the model's {layers} decoder layers, got {config.checkpoint_layers}"
         )

@@ -140,7 +140,7 @@ def test_checkpoint_layers_gives_the_same_run(tmp_path, capsys):
     """--checkpoint-layers (here: recompute only the first of the demo's 4 layers) changes speed and memory, not
     the training: the same losses as full checkpointing."""
     losses = {}
-    for layers in (None, 1):
+    for layers in (None, 1, "auto"):  # auto: on CPU there is no memory to plan for, every layer stays checkpointed
         out = tmp_path / f"out-{layers}"
         extra = () if layers is None else ("--checkpoint-layers", layers)
         code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 3, *extra)
@@ -149,3 +149,6 @@ def test_checkpoint_layers_gives_the_same_run(tmp_path, capsys):
         losses[layers] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     assert len(losses[None]) == 3
     assert losses[1] == pytest.approx(losses[None], abs=1e-6)
+    assert losses["auto"] == losses[None]
+    summary = json.loads((tmp_path / "out-auto" / "summary.json").read_text())
+    assert summary["checkpoint_layers"]["checkpoint_layers"] is None and "cpu" in summary["checkpoint_layers"]["why"]

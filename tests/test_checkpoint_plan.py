@@ -1,0 +1,64 @@
+"""checkpoint_layers from a measured probe step (moetune/checkpoint_plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune import FastMoEModel
+from moetune.checkpoint_plan import choose_checkpoint_layers
+
+from .models.helpers import checkpoint  # noqa: F401  (session fixture)
+
+GiB = 2**30
+
+pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+
+
+def test_choice_from_the_probe():
+    # 8 layers, 0.5 GiB each; the probe peaked at 13 GiB with one layer kept; optimizer state 1 GiB.
+    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 80 * GiB) == 0  # plenty: nothing recomputed
+    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 15 * GiB) == 5  # 1 GiB spare: the probe's + 2 kept
+    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 14 * GiB) == 7  # just the probe's own layer
+    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 13 * GiB) == 8  # not even that: all checkpointed
+
+
+def _model(model_dir, device):
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32, device_map=device)
+    return FastMoEModel.get_peft_model(model, r=4, lora_alpha=8)
+
+
+def test_bad_arguments_and_cpu(checkpoint):
+    model = _model(checkpoint("qwen3_moe"), "cpu")
+    for kwargs, match in (
+        (dict(batch_size=0, seq_len=8), "batch_size: expected an integer >= 1"),
+        (dict(batch_size=1, seq_len=8, memory_fraction=1.5), r"memory_fraction: expected a number in \(0, 1\]"),
+        (dict(batch_size=1, seq_len=8, optimizer="sgd"), "optimizer: expected one of adamw, adamw_8bit"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            FastMoEModel.fit_checkpoint_layers(model, **kwargs)
+    plan = FastMoEModel.fit_checkpoint_layers(model, 1, 8)
+    assert plan["checkpoint_layers"] is None and "cpu" in plan["why"]
+    no_ckpt, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    no_ckpt = FastMoEModel.get_peft_model(no_ckpt, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="model: expected gradient checkpointing enabled"):
+        FastMoEModel.fit_checkpoint_layers(no_ckpt, 1, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_on_the_gpu(checkpoint):
+    from moetune.fast_model import _decoder_layers
+
+    model = _model(checkpoint("qwen3_moe"), "cuda")
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 64)
+    assert plan["checkpoint_layers"] == 0  # a tiny model fits many times over
+    assert plan["activation_bytes_per_layer"] > 0 and plan["probe_peak_bytes"] > 0
+    assert not any(layer.gradient_checkpointing for layer in _decoder_layers(model))
+    # A budget below the probe's own peak keeps every layer checkpointed.
+    tiny = plan["probe_peak_bytes"] / torch.cuda.get_device_properties(0).total_memory / 2
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 64, memory_fraction=tiny)
+    assert plan["checkpoint_layers"] == plan["layers"]
+    assert all(layer.gradient_checkpointing for layer in _decoder_layers(model))
+    ids = torch.randint(0, 100, (2, 16), device="cuda")
+    model(input_ids=ids, labels=ids).loss.backward()  # still trains
