@@ -61,7 +61,9 @@ def fit_checkpoint_layers(
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
     layers = _layers(model)
-    if not layers or not any(layer.gradient_checkpointing for layer in layers):
+    # Enabled once by get_peft_model (the layer's checkpoint function); the flags are what a plan changes, so
+    # planning again (another length) works.
+    if not layers or not all(getattr(layer, "_gradient_checkpointing_func", None) for layer in layers):
         raise ValueError("model: expected gradient checkpointing enabled (get_peft_model(use_gradient_checkpointing=True))")
     device = next(p.device for p in model.parameters())
     if device.type != "cuda":

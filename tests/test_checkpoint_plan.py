@@ -9,6 +9,7 @@ from moetune import FastMoEModel
 from moetune.checkpoint_plan import choose_checkpoint_layers
 
 from .models.helpers import checkpoint  # noqa: F401  (session fixture)
+from .models.tiny import VOCAB
 
 GiB = 2**30
 
@@ -60,5 +61,5 @@ def test_probe_on_the_gpu(checkpoint):
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 64, memory_fraction=tiny)
     assert plan["checkpoint_layers"] == plan["layers"]
     assert all(layer.gradient_checkpointing for layer in _decoder_layers(model))
-    ids = torch.randint(0, 100, (2, 16), device="cuda")
+    ids = torch.randint(0, VOCAB, (2, 16), device="cuda")
     model(input_ids=ids, labels=ids).loss.backward()  # still trains
