@@ -9,7 +9,7 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    bytes the last layer's forward keeps alive (its activations, from forward to backward).
 2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added.
 3. Layers left out: (budget - peak - optimizer state) // activations per layer, budget = a fraction of the
-   device's memory. The first `layers - left out` layers stay checkpointed (get_peft_model's checkpoint_layers).
+   device's memory (at most what is free plus what this process's allocator holds). The first `layers - left out` layers stay checkpointed (get_peft_model's checkpoint_layers).
 
 Attention is flash/sdpa (linear in tokens), so a shorter batch later needs less; a longer one than planned
 may not fit: plan for the longest batch. Not on CPU (no memory to plan for): everything stays checkpointed.
@@ -109,7 +109,10 @@ def fit_checkpoint_layers(
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = trainable * OPTIMIZER_STATE_BYTES[optimizer]
-    budget = int(memory_fraction * torch.cuda.get_device_properties(device).total_memory)
+    free, total = torch.cuda.mem_get_info(device)
+    # What this process may use: a fraction of the device, and no more than is free now plus what torch's caching
+    # allocator already holds (other processes on the same GPU keep theirs).
+    budget = int(min(memory_fraction * total, free + torch.cuda.memory_reserved(device)))
     per_layer = max(int(kept["bytes"]), 1)
     checkpointed = choose_checkpoint_layers(len(layers), per_layer, peak, state, budget)
     for i, layer in enumerate(layers):

@@ -74,10 +74,11 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory, about a third more compute."""
 
-    checkpoint_layers: int | str | None = None
-    """With checkpointing, checkpoint only this many decoder layers (from the first; default all): the others keep
-    their activations on the GPU and skip the recompute (faster, more memory). auto: measure one probe step at
-    --batch-size x --max-seq-length and keep as many layers out as fit in 90% of the GPU's memory (CUDA)."""
+    checkpoint_layers: int | str | None = "auto"
+    """With checkpointing, checkpoint only this many decoder layers (from the first): the others keep their
+    activations on the GPU and skip the recompute (faster, more memory). auto: measure one probe step at
+    --batch-size x --max-seq-length and keep as many layers out as fit in 90% of the GPU's memory (on CUDA; on a
+    CPU every layer is checkpointed)."""
 
     packing: bool = False
     """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
