@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
+from moetune.training.config import layers_or_auto  # noqa: E402
+
 # Published configs (config.json of each model), so the shapes are the real ones.
 MODELS = {
     "qwen3-30b-a3b": dict(
@@ -204,15 +206,6 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
             "top_ops": [{"name": n, "input_shapes": sh, "count": c, "ms": ms} for n, sh, c, ms in ops[:2 * rows]]}
 
 
-def _layers_or_auto(value: str):
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
-
-
 def make_optimizer(params, name: str):
     """moetune train's optimizer (adamw or adamw_8bit) at lr 1e-4 and both libraries' default weight decay."""
     from types import SimpleNamespace
@@ -330,7 +323,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                         help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
-    parser.add_argument("--checkpoint-layers", type=_layers_or_auto, default=None,
+    parser.add_argument("--checkpoint-layers", type=layers_or_auto, default=None,
                         help="moetune: checkpoint only this many decoder layers (default all; the rest are not recomputed); "
                              "auto: as many as memory needs (FastMoEModel.fit_checkpoint_layers)")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],

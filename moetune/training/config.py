@@ -166,13 +166,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(annotation) is tuple:
             parser.add_argument(_flag(field.name), nargs="+", metavar="NAME", **kwargs)
         elif field.name == "checkpoint_layers":
-            parser.add_argument(_flag(field.name), type=_layers_or_auto, metavar="{N,auto}", **kwargs)
+            parser.add_argument(_flag(field.name), type=layers_or_auto, metavar="{N,auto}", **kwargs)
         else:
             choices = {"dtype": DTYPES, "optim": OPTIMIZERS}.get(field.name)
             parser.add_argument(_flag(field.name), type=_base_type(annotation), choices=choices, **kwargs)
 
 
-def _layers_or_auto(value: str) -> int | str:
+def layers_or_auto(value: str) -> int | str:
+    """--checkpoint-layers: an integer or "auto" (argparse type)."""
     if value == "auto":
         return value
     try:
