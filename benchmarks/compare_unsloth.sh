@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #6's side-by-side in one device call: one random-initialised checkpoint (Qwen3-30B-A3B cut to 8 layers),
 # then transformers+PEFT, Unsloth 2026.10.9 (its offloaded checkpointing, and none) and moetune (every layer
-# checkpointed, and none) on it, one process per variant (each runs every context), then the plot. On the GPU
+# checkpointed, and `--checkpoint-layers auto`, moetune train's default: as few as memory needs) on it, one process per variant (each runs every context), then the plot. On the GPU
 # machine, from the repo root, with the wheels of benchmarks/unsloth_wheels.sh carried as .whl/unsloth:
 #
 #     bash benchmarks/compare_unsloth.sh [SEQ ...]        # default 4096 8192 16384 32768; writes to $OUT
@@ -31,7 +31,7 @@ unsloth() {  # unsloth NAME ARGS...: one unsloth_step.py process
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$name")
 }
 step moetune --providers moetune
-step moetune-nockpt --providers moetune --checkpoint-layers 0
+step moetune-auto --providers moetune --checkpoint-layers auto
 step baseline --providers baseline
 if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/unsloth-site \
         .whl/unsloth/*.whl; then
@@ -41,7 +41,7 @@ else
     failed+=("unsloth (wheels: bash benchmarks/unsloth_wheels.sh, carry .whl/unsloth)")
 fi
 results=()
-for name in baseline unsloth unsloth-nockpt moetune moetune-nockpt; do
+for name in baseline unsloth unsloth-nockpt moetune moetune-auto; do
     [ -f "$OUT/$name.json" ] && results+=("$OUT/$name.json")
 done
 [ ${#results[@]} -gt 0 ] && python3 benchmarks/plot_train_step.py "$OUT/compare.png" "${results[@]}"

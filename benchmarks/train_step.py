@@ -360,8 +360,9 @@ def main(argv=None) -> int:
             result = run(provider, source, config, seq, args, device)
             settings = {}
             if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
-                settings = {"checkpoint_layers": args.checkpoint_layers, "offload": args.offload,
-                            "recompute_skip": args.recompute_skip}
+                chosen = result.get("checkpoint_plan", {}).get("checkpoint_layers", args.checkpoint_layers)
+                settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
+                            "offload": args.offload, "recompute_skip": args.recompute_skip}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

@@ -69,3 +69,10 @@ def test_checkpoint_layers_setting_is_recorded(tmp_path):
     (row_full,) = json.loads(full.read_text())["rows"]
     assert row_full["checkpoint_layers"] is None
     assert row_full["losses"] == pytest.approx(row["losses"], abs=1e-6)
+    auto = tmp_path / "auto.json"  # on CPU the planner keeps every layer checkpointed, and says why
+    _run(str(BENCH / "train_step.py"), "--tiny", "--layers", "2", "--seq", "32", "--warmup", "0", "--steps", "3",
+         "--providers", "moetune", "--checkpoint-layers", "auto", "--out", str(auto))
+    (row_auto,) = json.loads(auto.read_text())["rows"]
+    assert row_auto["checkpoint_layers_asked"] == "auto" and row_auto["checkpoint_layers"] is None
+    assert "cpu" in row_auto["checkpoint_plan"]["why"]
+    assert row_auto["losses"] == row_full["losses"]
