@@ -27,7 +27,8 @@ LABELS = {"baseline": "transformers + PEFT", "unsloth": "Unsloth", "unsloth-nock
 def variant(row: dict) -> str:
     """The provider, with "-nockpt" where no layer was checkpointed (also where checkpoint_layers auto chose none;
     partial checkpointing is not plotted apart)."""
-    off = row.get("checkpoint_layers") == 0 or row.get("gradient_checkpointing") == "off"
+    layers = (row.get("checkpoint_plan") or {}).get("checkpoint_layers", row.get("checkpoint_layers"))
+    off = layers == 0 or row.get("gradient_checkpointing") == "off"
     return row["provider"] + ("-nockpt" if off else "")
 
 

@@ -76,3 +76,25 @@ def test_checkpoint_layers_setting_is_recorded(tmp_path):
     assert row_auto["checkpoint_layers_asked"] == "auto" and row_auto["checkpoint_layers"] is None
     assert "cpu" in row_auto["checkpoint_plan"]["why"]
     assert row_auto["losses"] == row_full["losses"]
+
+
+def test_whole_model_plot(tmp_path):
+    """plot_whole_models.py draws one group per model from train_step rows (and refuses mixed contexts)."""
+    rows = [
+        {"model": "qwen3-30b-a3b", "layers": 48, "seq": 8192, "provider": "baseline", "tokens_per_s": 4836.0,
+         "peak_gib": 79.6},
+        {"model": "qwen3-30b-a3b", "layers": 48, "seq": 8192, "provider": "moetune", "tokens_per_s": 10807.0,
+         "peak_gib": 69.1, "checkpoint_layers": None},
+        {"model": "qwen3-30b-a3b", "layers": 48, "seq": 8192, "provider": "moetune", "tokens_per_s": 16090.0,
+         "peak_gib": 91.7, "checkpoint_layers": "auto", "checkpoint_plan": {"checkpoint_layers": 0}},
+    ]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps({"environment": {"device": "test"}, "rows": rows}))
+    png = tmp_path / "whole.png"
+    _run(str(BENCH / "plot_whole_models.py"), str(png), str(data))
+    assert png.stat().st_size > 10_000
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({"rows": [dict(rows[0], seq=4096), rows[1]]}))
+    proc = subprocess.run([sys.executable, str(BENCH / "plot_whole_models.py"), str(png), str(mixed)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "expected rows of one context" in proc.stderr
