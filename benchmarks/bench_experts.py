@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--host", action="store_true", help="with --profile: the host time by Python function instead")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/experts-<device>.json)")
     args = parser.parse_args(argv)
+    if args.host and not args.profile:
+        parser.error("--host: goes with --profile SHAPE TOKENS PROVIDER")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -3,8 +3,8 @@
     python benchmarks/plot_train_step.py OUT.png RESULT.json [RESULT.json ...]
 
 Rows of every file are pooled by (variant, seq); a later file's row replaces an earlier one's. A variant is the
-provider and its checkpointing: moetune with checkpoint_layers=0 and Unsloth with --gradient-checkpointing off
-are bars of their own.
+provider and its checkpointing: moetune with checkpoint_layers=0 (or some layers only) and Unsloth with
+--gradient-checkpointing off are bars of their own.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"baseline": "tab:gray", "unsloth": "tab:orange", "unsloth-nockpt": "moccasin", "moetune": "tab:green",
-          "moetune-nockpt": "darkgreen"}
+          "moetune-partial": "mediumseagreen", "moetune-nockpt": "darkgreen"}
 LABELS = {"baseline": "transformers + PEFT", "unsloth": "Unsloth", "unsloth-nockpt": "Unsloth, no checkpointing",
-          "moetune": "moetune", "moetune-nockpt": "moetune, no checkpointing"}
+          "moetune": "moetune", "moetune-partial": "moetune, some layers checkpointed",
+          "moetune-nockpt": "moetune, no checkpointing"}
 
 
 def variant(row: dict) -> str:
-    """The provider, with "-nockpt" where no layer was checkpointed (also where checkpoint_layers auto chose none;
-    partial checkpointing is not plotted apart)."""
+    """The provider, with "-nockpt" where no layer was checkpointed and "-partial" where some were (as chosen,
+    also by checkpoint_layers auto)."""
     layers = (row.get("checkpoint_plan") or {}).get("checkpoint_layers", row.get("checkpoint_layers"))
-    off = layers == 0 or row.get("gradient_checkpointing") == "off"
-    return row["provider"] + ("-nockpt" if off else "")
+    if layers == 0 or row.get("gradient_checkpointing") == "off":
+        return row["provider"] + "-nockpt"
+    if isinstance(layers, int) and layers < row.get("layers", layers + 1):
+        return row["provider"] + "-partial"
+    return row["provider"]
 
 
 def load_rows(paths: list[Path]) -> tuple[dict, dict, dict]:

@@ -55,10 +55,10 @@ def plot(out: Path, paths: list[Path]) -> Path:
                 labelled = True
                 ax.text(x, row[key], f"{row[key]:,.0f}" if index == 0 else f"{row[key]:.1f}",
                         ha="center", va="bottom", fontsize=7)
-        for j, model in enumerate(models):
-            if model in TARGETS:
-                ax.hlines(TARGETS[model][index], j - 0.45, j + 0.45, colors="black", linewidth=1.5,
-                          label="issue #6 target" if j == 0 else None)
+        targeted = [(j, m) for j, m in enumerate(models) if m in TARGETS]
+        for j, model in targeted:
+            ax.hlines(TARGETS[model][index], j - 0.45, j + 0.45, colors="black", linewidth=1.5,
+                      label="issue #6 target" if (j, model) == targeted[0] else None)
         layers = {m: next(r["layers"] for (mm, _), r in rows.items() if mm == m) for m in models}
         ax.set_xticks(range(len(models)), [f"{m}\n{layers[m]} layers" for m in models], fontsize=8)
         ax.set_title(title, fontsize=10)

@@ -17,11 +17,67 @@ pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
 
 
 def test_choice_from_the_probe():
-    # 8 layers, 0.5 GiB each; the probe peaked at 13 GiB with one layer kept; optimizer state 1 GiB.
-    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 80 * GiB) == 0  # plenty: nothing recomputed
-    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 15 * GiB) == 5  # 1 GiB spare: the probe's + 2 kept
-    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 14 * GiB) == 7  # just the probe's own layer
-    assert choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, 13 * GiB) == 8  # not even that: all checkpointed
+    # 8 layers, 0.5 GiB each; the probe peaked at 13 GiB with two layers kept; optimizer state 1 GiB.
+    def choose(budget):
+        return choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, budget, probed=2)
+
+    assert choose(80 * GiB) == 0  # plenty: nothing recomputed
+    assert choose(15 * GiB) == 4  # 1 GiB spare: the probe's two + two more kept
+    assert choose(14 * GiB) == 6  # just the probe's own two
+    assert choose(13 * GiB) == 8  # not even those: all checkpointed
+    assert choose_checkpoint_layers(8, 0, 13 * GiB, GiB, 80 * GiB) == 8  # a measurement of nothing: all checkpointed
+
+
+class FakeMemory:
+    """Allocator figures for a CPU run of the probe: each read of `allocated` is 1000 bytes more."""
+
+    def __init__(self, peak=10_000, available=100_000, fail=False):
+        self.reads, self.peak_bytes, self.available_bytes, self.fail = 0, peak, available, fail
+
+    def allocated(self):
+        self.reads += 1
+        return 1000 * self.reads
+
+    def start(self):
+        pass
+
+    def peak(self):
+        if self.fail:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return self.peak_bytes
+
+    def available(self):
+        return self.available_bytes
+
+    def release(self):
+        pass
+
+
+def _flags(model):
+    from moetune.fast_model import _decoder_layers
+
+    return [layer.gradient_checkpointing for layer in _decoder_layers(model)]
+
+
+def test_probe_measures_both_ends_and_plans(checkpoint):
+    model = _model(checkpoint("mixtral"), "cpu")
+    rng = torch.get_rng_state()
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory())
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe's random ids leave the caller's stream alone
+    hidden = 2 * 9 * model.config.hidden_size * 4  # each probed layer: 1000 bytes kept + its fp32 input
+    assert plan["activation_bytes_per_layer"] == 1000 + hidden and plan["probe_peak_bytes"] == 10_000
+    assert plan["checkpoint_layers"] == 0 and _flags(model) == [False, False]
+    assert all(p.grad is None for p in model.parameters())
+    # Planned again with no memory to spare (budget 0.9 x 10_000 below the probe's peak): all checkpointed.
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=10_000))
+    assert plan["checkpoint_layers"] == 2 and _flags(model) == [True, True]
+
+
+def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
+    model = _model(checkpoint("mixtral"), "cpu")
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(fail=True))
+    assert plan["checkpoint_layers"] == 2 and "ran out of memory" in plan["why"]
+    assert _flags(model) == [True, True]
 
 
 def _model(model_dir, device):

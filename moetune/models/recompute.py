@@ -38,9 +38,8 @@ def marked(function):
     def run(*args, **kwargs):
         nonlocal calls
         calls += 1
-        if calls == 1:
-            return function(*args, **kwargs)
-        previous, _state.active = recomputing(), True
+        # Set either way: a checkpoint nested inside another's recompute runs its own first call as a forward.
+        previous, _state.active = recomputing(), calls > 1
         try:
             return function(*args, **kwargs)
         finally:

@@ -78,7 +78,7 @@ class TrainConfig:
     """With checkpointing, checkpoint only this many decoder layers (from the first): the others keep their
     activations on the GPU and skip the recompute (faster, more memory). auto: measure one probe step at
     --batch-size x --max-seq-length and keep as many layers out as fit in 90% of the GPU's memory (on CUDA; on a
-    CPU every layer is checkpointed)."""
+    CPU every layer is checkpointed). all: every layer."""
 
     packing: bool = False
     """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
@@ -166,20 +166,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(annotation) is tuple:
             parser.add_argument(_flag(field.name), nargs="+", metavar="NAME", **kwargs)
         elif field.name == "checkpoint_layers":
-            parser.add_argument(_flag(field.name), type=layers_or_auto, metavar="{N,auto}", **kwargs)
+            parser.add_argument(_flag(field.name), type=layers_or_auto, metavar="{N,auto,all}", **kwargs)
         else:
             choices = {"dtype": DTYPES, "optim": OPTIMIZERS}.get(field.name)
             parser.add_argument(_flag(field.name), type=_base_type(annotation), choices=choices, **kwargs)
 
 
-def layers_or_auto(value: str) -> int | str:
-    """--checkpoint-layers: an integer or "auto" (argparse type)."""
-    if value == "auto":
-        return value
+def layers_or_auto(value: str) -> int | str | None:
+    """--checkpoint-layers: an integer, "auto", or "all" (every layer: None)."""
+    if value in ("auto", "all"):
+        return None if value == "all" else value
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, auto or all, got {value!r}") from None
 
 
 def load_config_file(path: str) -> dict:
@@ -223,9 +223,10 @@ def _coerce(name: str, value):
     if value is None and type(None) in typing.get_args(annotation):
         return None
     if name == "checkpoint_layers" and isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"{name}: expected an integer or auto, got {value!r}")
-        return value
+        try:
+            return layers_or_auto(value.strip())
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"{name}: {err}") from None
     if typing.get_origin(annotation) is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

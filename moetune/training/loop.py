@@ -143,6 +143,14 @@ def run(plan: Plan, console=None) -> dict:
     model_dir, demo_tmp = _base_model_dir(plan)
     try:  # the model and its LoRA set-up load (or fail on bad input) before anything is written
         base_model, peft_model = _build_model(plan, model_dir)
+        checkpoint_plan = None
+        if config.checkpoint_layers == "auto" and config.gradient_checkpointing:
+            from ..fast_model import FastMoEModel
+
+            # Planned for the longest batch this run can see: batch_size sequences of max_seq_length tokens.
+            checkpoint_plan = FastMoEModel.fit_checkpoint_layers(
+                peft_model, config.batch_size, config.max_seq_length, optimizer=config.optim
+            )
     except BaseException:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)
@@ -157,14 +165,6 @@ def run(plan: Plan, console=None) -> dict:
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 
-    checkpoint_plan = None
-    if config.checkpoint_layers == "auto" and config.gradient_checkpointing:
-        from ..fast_model import FastMoEModel
-
-        # Planned for the longest batch this run can see: batch_size sequences of max_seq_length tokens.
-        checkpoint_plan = FastMoEModel.fit_checkpoint_layers(
-            peft_model, config.batch_size, config.max_seq_length, optimizer=config.optim
-        )
 
     units = data_mod.make_units(plan.examples, config.max_seq_length, config.packing)
     per_epoch = data_mod.steps_per_epoch(len(units), config.batch_size, config.grad_accum)
@@ -261,9 +261,9 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         "trainable_parameters": trainable,
         "device": str(plan.device),
         "dtype": str(plan.dtype).removeprefix("torch."),
+        "checkpoint_layers": checkpoint_plan if checkpoint_plan is not None else config.checkpoint_layers,
         # What select_backend prefers for this device and dtype; each experts call may still pick another by
         # its size (on CUDA triton only from its measured threshold up).
-        "checkpoint_layers": checkpoint_plan if checkpoint_plan is not None else config.checkpoint_layers,
         "moe_backend": plan.backend,
         "moe_backend_why": plan.backend_why,
         "train_seconds_this_session": round(elapsed, 2),

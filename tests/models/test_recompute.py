@@ -38,6 +38,24 @@ def test_marked_function_runs_its_later_calls_as_recomputes():
     assert recompute.recomputing() is False
 
 
+def test_checkpoint_nested_in_a_recompute_runs_its_first_call_as_a_forward():
+    seen = []
+
+    def inner(x):
+        seen.append(recompute.recomputing())
+        return x.sin()
+
+    def outer(x):
+        return recompute.checkpoint(inner, x, use_reentrant=False).cos()
+
+    x = torch.linspace(-1, 1, 5, requires_grad=True)
+    recompute.checkpoint(outer, x, use_reentrant=False).sum().backward()
+    # outer's forward runs inner's forward; outer's recompute runs inner again as a new checkpoint's first call
+    # (a forward: its output is used), and only inner's own recompute after that is a recompute.
+    assert seen[:2] == [False, False] and all(seen[2:]) and len(seen) >= 3
+    assert torch.allclose(x.grad, -torch.sin(torch.sin(x.detach())) * torch.cos(x.detach()))
+
+
 def _grads(model, ids) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -126,4 +144,7 @@ def test_recompute_skip_on_the_triton_kernels(checkpoint, monkeypatch):
     monkeypatch.setenv("MOETUNE_MOE_BACKEND", "triton")
     model = _model(checkpoint("qwen3_moe"))
     ids = token_batch().to(DEVICE)
-    _assert_same_gradients(model, ids, _grads(model, ids), monkeypatch)
+    calls = _spy(monkeypatch)
+    skipped = _grads(model, ids)
+    assert True in calls
+    _assert_same_gradients(model, ids, skipped, monkeypatch)

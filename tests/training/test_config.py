@@ -61,7 +61,7 @@ def test_config_file_then_flags_override(tmp_path, name, text):
         ("a.yaml", "a: [1,\n", "is not valid YAML"),
         ("a.json", "{}", "expected a .yaml, .yml or .toml file"),
         ("a.yaml", "batch_size: 0\n", "--batch-size: expected an integer >= 1"),
-        ("a.yaml", "checkpoint_layers: most\n", "checkpoint_layers: expected an integer or auto, got 'most'"),
+        ("a.yaml", "checkpoint_layers: most\n", "checkpoint_layers: expected an integer, auto or all, got 'most'"),
     ],
 )
 def test_bad_config_files_name_the_problem(tmp_path, name, text, message):
@@ -82,3 +82,7 @@ def test_checkpoint_layers_auto_from_a_config_file(tmp_path):
     assert resolve_config({}, str(path)).checkpoint_layers == "auto"
     path.write_text("checkpoint_layers: 3\n")
     assert resolve_config({}, str(path)).checkpoint_layers == 3
+    path.write_text('checkpoint_layers: "3"\n')  # as the flag takes it
+    assert resolve_config({}, str(path)).checkpoint_layers == 3
+    path.write_text("checkpoint_layers: all\n")
+    assert resolve_config({}, str(path)).checkpoint_layers is None

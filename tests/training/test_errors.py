@@ -57,7 +57,7 @@ CASES = {
     "bad flag value": (lambda t: ["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
     "flag type": (lambda t: ["--max-steps", "three"], "argument --max-steps: invalid int value"),
     "negative checkpoint layers": (lambda t: ["--checkpoint-layers", "-1"], "--checkpoint-layers: expected an integer >= 0"),
-    "checkpoint layers neither number nor auto": (lambda t: ["--checkpoint-layers", "most"], "argument --checkpoint-layers: expected an integer or auto, got 'most'"),
+    "checkpoint layers neither number nor auto": (lambda t: ["--checkpoint-layers", "most"], "argument --checkpoint-layers: expected an integer, auto or all, got 'most'"),
     "more checkpoint layers than the model": (lambda t: ["--checkpoint-layers", "9"], "--checkpoint-layers: expected at most the model's 4 decoder layers, got 9"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
