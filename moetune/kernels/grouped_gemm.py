@@ -22,6 +22,10 @@ Epilogues (EPILOGUE constexpr):
                deterministic, no atomics). That dot is the routing-weight gradient.
 Gate/up columns: concat g(n) = n, u(n) = N + n; interleaved g(n) = 2n, u(n) = 2n + 1.
 
+Weight loads: pointers (the default); experimentally (B_TMA, tried by autotuning only with MOETUNE_TRITON_TMA=1,
+plain GEMMs only) through a host TMA descriptor over the weight's own 2-D rows. A box may overrun an expert's
+rows into the next expert's: past N those columns are never stored, past K they meet A's zero-masked columns.
+
 Scheduling: a 1-D grid of (M tiles upper bound) x (N blocks) programs in grouped order (GROUP_M M tiles
 sweep all N blocks before the next group). M tile t belongs to the expert e with tile_ends[e-1] <= t <
 tile_ends[e] (binary search over E); tiles past the last exit at once.
@@ -29,9 +33,16 @@ tile_ends[e] (binary search over E); tiles past the last exit at once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from . import autotune
 from .activations import act_backward, act_forward
@@ -72,13 +83,14 @@ def grouped_gemm_kernel(
     out_index_ptr, row_scale_ptr,
     gu_ptr, stride_gum, stride_gun,
     dw_ptr, stride_dwn,
+    b_desc,
     N, K, R, E, M_TILES, alpha, act_alpha, act_limit,
     HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0,
 ):
     # Grouped launch order: GROUP_M consecutive M tiles run against every N block before the next
     # group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB) are read from
@@ -137,7 +149,16 @@ def grouped_gemm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_base + ks[:, None] * stride_bk + b_cols[None, :].to(tl.int64) * stride_bn
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
+        if B_TMA != 0:  # experimental (MOETUNE_TRITON_TMA=1): the weight through a TMA descriptor
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + ks < K)[None, :], other=0.0)
+            if B_TMA == 1:  # weight rows are output columns (K-contiguous): a [BLOCK_N, BLOCK_K] box, transposed
+                b = b_desc.load([e_safe * N + pid_n * BLOCK_N, k0]).T
+            else:  # weight rows are the reduction dim (N-contiguous): a [BLOCK_K, BLOCK_N] box
+                b = b_desc.load([e_safe * K + k0, pid_n * BLOCK_N])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             if EVEN_N:
                 b = tl.load(b_ptrs)
@@ -260,6 +281,34 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, next_power_of_2(int(n)))
 
 
+def tma_candidates() -> bool:
+    """Whether autotuning also tries the weight operand through TMA descriptors (MOETUNE_TRITON_TMA=1).
+
+    Experimental, off by default: measured in the interpreter only so far (tests/kernels), not yet on a GPU.
+    """
+    return os.environ.get("MOETUNE_TRITON_TMA") == "1" and TensorDescriptor is not None
+
+
+def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
+    """(B_TMA mode, descriptor) for the [E, K, N] weight view b, or (0, None) where TMA cannot read it.
+
+    Mode 1: b is a transposed view of a contiguous [E, N, K] weight, read as [E*N, K] rows in [block_n, block_k]
+    boxes; mode 2: b is a contiguous [E, K, N] weight, read as [E*K, N] rows in [block_k, block_n] boxes. TMA
+    needs a 16-byte aligned base and row pitch; reads past the 2-D tensor's end are zeros.
+    """
+    if TensorDescriptor is None:
+        return 0, None
+    E, K, N = b.shape
+    size = b.element_size()
+    if b.data_ptr() % 16:
+        return 0, None
+    if b.stride() == (N * K, 1, K) and (K * size) % 16 == 0:
+        return 1, TensorDescriptor.from_tensor(b.transpose(1, 2).reshape(E * N, K), [block_n, block_k])
+    if b.stride() == (K * N, N, 1) and (N * size) % 16 == 0:
+        return 2, TensorDescriptor.from_tensor(b.reshape(E * K, N), [block_k, block_n])
+    return 0, None
+
+
 def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     """Cumulative M-tile counts per expert (int32 [E]); computed on the device, no sync.
 
@@ -277,11 +326,13 @@ def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int) -> list
     a plain GEMM into a [S, N] buffer, then gated_backward_kernel; which wins depends on the shape
     (run 14: the fused epilogue ran at 108-201 TFLOP/s where the plain GEMM reaches 330-470)."""
     fused = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
+    tma = tma_candidates() and N > 64  # not for the rank-wide LoRA products
     if epilogue != 2:
-        return fused
+        return fused + ([dict(config, TMA_B=True) for config in fused] if tma and epilogue == 0 else [])
     plain = candidate_blocks(num_rows, E, N, K, gated=False)
     narrow = autotune.block_config(128, 32, 64, 4, 4)  # fewer live epilogue registers per thread
-    return fused + [narrow] + [dict(config, SPLIT=True) for config in plain[:3]]
+    split = [dict(config, SPLIT=True) for config in plain[:3]]
+    return fused + [narrow] + split + ([dict(config, TMA_B=True) for config in split] if tma else [])
 
 
 def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
@@ -337,6 +388,8 @@ def grouped_gemm(
     """
     if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
         raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
+    if config is not None and config.get("TMA_B") and epilogue != 0 and not config.get("SPLIT"):
+        raise ValueError("config: TMA_B applies to the plain GEMM (epilogue 0, or the SPLIT variant of 2) only")
     E, K = b.shape[0], b.shape[1]
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
     dtype = out_dtype or a.dtype
@@ -356,9 +409,12 @@ def grouped_gemm(
     results = []  # epilogue 2: the partial dots [n_blocks, S] (fused) or the dots [S] (split)
 
     def launch(config: dict):
-        blocks = {k: v for k, v in config.items() if k != "SPLIT"}
+        blocks = {k: v for k, v in config.items() if k not in ("SPLIT", "TMA_B")}
         split = config.get("SPLIT", False)
         epi = 0 if split else epilogue
+        b_tma, b_desc = 0, dummy
+        if config.get("TMA_B") and epi == 0:
+            b_tma, b_desc = weight_descriptor(b, blocks["BLOCK_N"], blocks["BLOCK_K"])
         c = torch.empty(num_rows, N, device=device, dtype=dtype) if split else out
         block_m = blocks["BLOCK_M"]
         n_blocks = cdiv(N, blocks["BLOCK_N"])
@@ -377,6 +433,7 @@ def grouped_gemm(
             row_scale if row_scale is not None and not split else dummy,
             gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
             dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
+            b_desc,
             N, K, rank, E, m_tiles, float(alpha), float(act[1]), float(act[2]),
             HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
             HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None and not split,
@@ -386,7 +443,7 @@ def grouped_gemm(
             EVEN_K=K % blocks["BLOCK_K"] == 0,
             EVEN_N=N % blocks["BLOCK_N"] == 0,
             BLOCK_R=_pow2_at_least(rank),
-            GROUP_M=8,
+            GROUP_M=8, B_TMA=b_tma,
             **blocks,
         )
         if split:

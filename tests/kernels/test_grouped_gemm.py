@@ -124,3 +124,70 @@ def test_split_config_is_refused_outside_the_activation_gradient_epilogue():
     config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "SPLIT": True}
     with pytest.raises(ValueError, match="config: SPLIT applies to the activation-gradient epilogue"):
         grouped_gemm(x, b, plan.offsets_E, plan.counts_E, num_rows=plan.num_rows, a_index=plan.token_S, config=config)
+
+
+@pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
+def test_weight_through_tma_descriptors(layout):
+    """The experimental TMA path for the weight (MOETUNE_TRITON_TMA=1 adds it to tuning): both weight layouts,
+    tails in K and N (boxes past an expert's rows read the next expert's, which the masks must neutralise)."""
+    from moetune.kernels import grouped_gemm
+    from moetune.kernels.grouped_gemm import TensorDescriptor, weight_descriptor
+
+    if TensorDescriptor is None:
+        pytest.skip("this Triton has no host TMA descriptors")
+    plan, gen = problem(seed=3)
+    S, K, N, R = plan.num_rows, 40, 24, 3  # tails for 16-wide tiles; rows 16-byte aligned in fp32
+    x = rand(gen, plan.num_tokens, K)
+    if layout == "k_contiguous":  # a transposed view of an [E, N, K] weight (gate_up and down forward)
+        b = rand(gen, 5, N, K).transpose(1, 2)
+    else:  # a contiguous [E, K, N] weight (the backward's dgrad)
+        b = rand(gen, 5, K, N)
+    mode, _ = weight_descriptor(b, 16, 16)
+    assert mode == (1 if layout == "k_contiguous" else 2)
+    u, lb, bias, scale = rand(gen, S, R), rand(gen, 5, R, N), rand(gen, 5, N), rand(gen, S)
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "TMA_B": True}
+    out = grouped_gemm(x, b, a_index=plan.token_S, lora_u=u, lora_b=lb, bias=bias, alpha=0.5,
+                       row_scale=scale, out_index=plan.perm_S, config=config, **common)
+    ref = reference_rows(plan, x, b, plan.token_S) + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
+    ref = (0.5 * ref + bias.double()[plan.expert_S]) * scale.double()[:, None]
+    scattered = torch.empty_like(ref)
+    scattered[plan.perm_S] = ref
+    close(out, scattered)
+    # An unaligned view falls back to pointer loads.
+    assert weight_descriptor(rand(gen, 5, 7, 5).transpose(1, 2), 16, 16) == (0, None)
+
+
+def test_tma_split_activation_gradient_and_refusals():
+    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for
+
+    if TensorDescriptor is None:
+        pytest.skip("this Triton has no host TMA descriptors")
+    plan, gen = problem(seed=4)
+    S, K, I = plan.num_rows, 32, 20
+    act = SwiGLU()
+    gu, d_out, w2, w = rand(gen, S, 2 * I), rand(gen, plan.num_tokens, K), rand(gen, 5, K, I), rand(gen, S)
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    split = next(c for c in candidates_for(2, S, 5, I, K) if c.get("SPLIT"))
+    d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2, act=act_code(act),
+                              config=dict(split, TMA_B=True), **common)
+    g = reference_rows(plan, d_out, w2, plan.token_S)
+    close(d_gu, act.backward(gu.double(), g * w.double()[:, None]))
+    close(dots, (act.forward(gu.double()) * g).sum(-1))
+    with pytest.raises(ValueError, match="config: TMA_B applies to the plain GEMM"):
+        grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2, act=act_code(act),
+                     config={"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2,
+                             "TMA_B": True}, **common)
+
+
+def test_tma_candidates_only_when_asked(monkeypatch):
+    from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for
+
+    monkeypatch.delenv("MOETUNE_TRITON_TMA", raising=False)
+    assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 2048, 768))
+    monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")
+    with_tma = candidates_for(0, 65536, 128, 2048, 768)
+    assert any(c.get("TMA_B") for c in with_tma) == (TensorDescriptor is not None)
+    assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 16, 2048))  # rank-wide LoRA products
+    assert not any(c.get("TMA_B") for c in candidates_for(1, 65536, 128, 768, 2048))  # the gated epilogue
