@@ -46,3 +46,24 @@ def test_no_fitting_candidate_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="no candidate config fits"):
         _choose([])
+
+
+def test_a_failing_tma_candidate_is_skipped_and_other_failures_raise(monkeypatch, tmp_path, capsys):
+    """MOETUNE_TRITON_TMA's candidates are experimental: one that fails to compile drops out of tuning."""
+    import triton.testing
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tune as on a GPU, with fakes for the GPU parts
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", None)
+    monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
+
+    def launch(config):
+        if config.get("TMA_B") or config.get("broken"):
+            raise RuntimeError("PassManager::run failed")
+
+    candidates = [{"BLOCK_M": 64}, {"BLOCK_M": 64, "TMA_B": True}]
+    assert autotune.pick("k", ("tma-skip",), candidates, launch, "cuda:0", num_rows=10**6) == candidates[0]
+    assert "skipping TMA config" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="PassManager"):
+        autotune.pick("k", ("tma-raise",), [{"BLOCK_M": 64}, {"broken": True}], launch, "cuda:0", num_rows=10**6)
