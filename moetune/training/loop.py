@@ -165,7 +165,6 @@ def run(plan: Plan, console=None) -> dict:
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 
-
     units = data_mod.make_units(plan.examples, config.max_seq_length, config.packing)
     per_epoch = data_mod.steps_per_epoch(len(units), config.batch_size, config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))

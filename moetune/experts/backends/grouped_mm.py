@@ -127,15 +127,13 @@ class GroupedExpertsFunction(torch.autograd.Function):
         del x_SH
         if gate_up_bias is not None:
             gu.add_(gate_up_bias.index_select(0, plan.expert_S))
-        ctx.plan, ctx.scaling, ctx.act, ctx.interleaved = plan, scaling, act, interleaved
-        if only_for_backward and A2 is None:  # a recompute needs only what backward reads: gu (and su1)
-            ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, None)
-            return x.new_zeros(x.shape)
-        h = act.forward(gu, interleaved)
+        # h feeds the down projection and its LoRA input su2; a recompute (only_for_backward) needs only su2.
+        h = act.forward(gu, interleaved) if A2 is not None or not only_for_backward else None
         su2 = None
         if A2 is not None:
             su2 = gmm(h, A2.transpose(1, 2), offs).mul_(scaling)
         ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2)
+        ctx.plan, ctx.scaling, ctx.act, ctx.interleaved = plan, scaling, act, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
             return x.new_zeros(x.shape)
 
