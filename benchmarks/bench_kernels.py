@@ -32,7 +32,7 @@ from harness import SHAPES  # noqa: E402
 from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
 from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import act_code  # noqa: E402
-from moetune.kernels.grouped_gemm import candidates_for  # noqa: E402
+from moetune.kernels.grouped_gemm import candidates_for, tma_candidates  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # dense bf16 an H100/H200 reaches
 PEAK_GBS = 3350.0  # H100 SXM HBM3
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             for label, fn, flops, nbytes, (epilogue, n, k) in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
                 ms = time_ms(fn, device)
                 if args.sweep and re.search(args.sweep, label):
-                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k):
+                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k, tma_candidates(device)):
                         try:
                             cms = time_ms(functools.partial(fn, config=config), device)
                         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory

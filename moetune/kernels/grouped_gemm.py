@@ -22,9 +22,10 @@ Epilogues (EPILOGUE constexpr):
                deterministic, no atomics). That dot is the routing-weight gradient.
 Gate/up columns: concat g(n) = n, u(n) = N + n; interleaved g(n) = 2n, u(n) = 2n + 1.
 
-Weight loads: pointers (the default); experimentally (B_TMA, tried by autotuning only with MOETUNE_TRITON_TMA=1,
-plain GEMMs only) through a host TMA descriptor over the weight's own 2-D rows. A box may overrun an expert's
-rows into the next expert's: past N those columns are never stored, past K they meet A's zero-masked columns.
+Weight loads: pointers, or (B_TMA, tried by autotuning on sm90+, see tma_candidates) a host TMA descriptor over
+the weight's own 2-D rows, every epilogue. A box may overrun an expert's rows into the next expert's: past N
+those columns are never stored, past K they meet A's zero-masked columns. Gated concat weights take two boxes
+per step (gate, up) into two accumulators, paired after the loop.
 
 Scheduling: a 1-D grid of (M tiles upper bound) x (N blocks) programs in grouped order (GROUP_M M tiles
 sweep all N blocks before the next group). M tile t belongs to the expert e with tile_ends[e-1] <= t <
@@ -33,6 +34,7 @@ tile_ends[e] (binary search over E); tiles past the last exit at once.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -90,7 +92,7 @@ def grouped_gemm_kernel(
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0,
+    GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0, TMA_GATE_UP: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M consecutive M tiles run against every N block before the next
     # group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB) are read from
@@ -148,16 +150,32 @@ def grouped_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_base + ks[:, None] * stride_bk + b_cols[None, :].to(tl.int64) * stride_bn
+    if B_TMA != 0:
+        # Box origin along the weight's output columns: gated interleaved tiles are one [., 2 * BLOCK_N] box of
+        # pairs; gated concat tiles are two boxes, the gate columns here and the up columns N further on.
+        if EPILOGUE == 1:
+            n_b = 2 * N  # the weight's columns
+            box_col = pid_n * 2 * BLOCK_N if INTERLEAVED else pid_n * BLOCK_N
+        else:
+            n_b = N
+            box_col = pid_n * BLOCK_N
+        if TMA_GATE_UP:  # two accumulators, paired up once after the loop
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if B_TMA != 0:  # experimental (MOETUNE_TRITON_TMA=1): the weight through a TMA descriptor
+        if B_TMA != 0:  # the weight through a TMA descriptor over its own 2-D rows
             if EVEN_K:
                 a = tl.load(a_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=(k0 + ks < K)[None, :], other=0.0)
-            if B_TMA == 1:  # weight rows are output columns (K-contiguous): a [BLOCK_N, BLOCK_K] box, transposed
-                b = b_desc.load([e_safe * N + pid_n * BLOCK_N, k0]).T
-            else:  # weight rows are the reduction dim (N-contiguous): a [BLOCK_K, BLOCK_N] box
-                b = b_desc.load([e_safe * K + k0, pid_n * BLOCK_N])
+            if B_TMA == 1:  # weight rows are output columns (K-contiguous): [box, BLOCK_K] boxes, transposed
+                b = b_desc.load([e_safe * n_b + box_col, k0]).T
+                if TMA_GATE_UP:
+                    b_up = b_desc.load([e_safe * n_b + N + box_col, k0]).T
+            else:  # weight rows are the reduction dim (N-contiguous): [BLOCK_K, box] boxes
+                b = b_desc.load([e_safe * K + k0, box_col])
+                if TMA_GATE_UP:
+                    b_up = b_desc.load([e_safe * K + k0, N + box_col])
         elif EVEN_K:
             a = tl.load(a_ptrs)
             if EVEN_N:
@@ -168,9 +186,15 @@ def grouped_gemm_kernel(
             k_mask = k0 + ks < K
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if TMA_GATE_UP:
+            acc_gate = tl.dot(a, b, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if TMA_GATE_UP:  # the paired layout of the one-wide-dot path: column 2n is gate n, 2n + 1 is up n
+        acc = tl.reshape(tl.join(acc_gate, acc_up), (BLOCK_M, 2 * BLOCK_N))
     if HAS_LORA:
         lb = tl.load(lb_base + rs[:, None] * stride_lbr + b_cols[None, :] * stride_lbn,
                      mask=r_mask[:, None] & b_col_mask[None, :], other=0.0)
@@ -281,12 +305,25 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, next_power_of_2(int(n)))
 
 
-def tma_candidates() -> bool:
-    """Whether autotuning also tries the weight operand through TMA descriptors (MOETUNE_TRITON_TMA=1).
+def tma_candidates(device) -> bool:
+    """Whether autotuning also tries the weight operand through TMA descriptors: on Hopper and newer
+    (sm90+, where TMA exists) unless MOETUNE_TRITON_TMA=0; MOETUNE_TRITON_TMA=1 forces it (the interpreter's tests).
 
-    Experimental, off by default: measured in the interpreter only so far (tests/kernels), not yet on a GPU.
+    Run 36 (H200, 16K tokens): the TMA candidate won the down projection forward (gpt-oss +16%), the
+    activation-gradient GEMM and the dgrad of gate_up (+5%); autotuning keeps whichever config is faster.
     """
-    return os.environ.get("MOETUNE_TRITON_TMA") == "1" and TensorDescriptor is not None
+    setting = os.environ.get("MOETUNE_TRITON_TMA")
+    if TensorDescriptor is None or setting == "0":
+        return False
+    if setting == "1":
+        return True
+    device = torch.device(device)
+    return device.type == "cuda" and _capability(device.index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
@@ -321,18 +358,22 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     return cache[block_m]
 
 
-def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int) -> list[dict]:
-    """Configs to tune over for one launch. The activation-gradient epilogue (2) may also run "split":
-    a plain GEMM into a [S, N] buffer, then gated_backward_kernel; which wins depends on the shape
-    (run 14: the fused epilogue ran at 108-201 TFLOP/s where the plain GEMM reaches 330-470)."""
+@functools.lru_cache(maxsize=None)
+def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False) -> list[dict]:
+    """Configs to tune over for one launch (memoised: asked on every launch; treat as read-only).
+
+    The activation-gradient epilogue (2) may also run "split": a plain GEMM into a [S, N] buffer, then
+    gated_backward_kernel; which wins depends on the shape (run 14: the fused epilogue ran at 108-201 TFLOP/s
+    where the plain GEMM reaches 330-470). tma (see tma_candidates) adds the same tiles with the weight read
+    through TMA descriptors; never for the rank-wide LoRA products."""
     fused = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
-    tma = tma_candidates() and N > 64  # not for the rank-wide LoRA products
+    with_tma = (lambda configs: [dict(config, TMA_B=True) for config in configs]) if tma and N > 64 else (lambda _: [])
     if epilogue != 2:
-        return fused + ([dict(config, TMA_B=True) for config in fused] if tma and epilogue == 0 else [])
+        return fused + with_tma(fused)
     plain = candidate_blocks(num_rows, E, N, K, gated=False)
     narrow = autotune.block_config(128, 32, 64, 4, 4)  # fewer live epilogue registers per thread
     split = [dict(config, SPLIT=True) for config in plain[:3]]
-    return fused + [narrow] + split + ([dict(config, TMA_B=True) for config in split] if tma else [])
+    return fused + [narrow] + split + with_tma(fused[:2] + split)
 
 
 def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
@@ -388,8 +429,6 @@ def grouped_gemm(
     """
     if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
         raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
-    if config is not None and config.get("TMA_B") and epilogue != 0 and not config.get("SPLIT"):
-        raise ValueError("config: TMA_B applies to the plain GEMM (epilogue 0, or the SPLIT variant of 2) only")
     E, K = b.shape[0], b.shape[1]
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
     dtype = out_dtype or a.dtype
@@ -413,8 +452,9 @@ def grouped_gemm(
         split = config.get("SPLIT", False)
         epi = 0 if split else epilogue
         b_tma, b_desc = 0, dummy
-        if config.get("TMA_B") and epi == 0:
-            b_tma, b_desc = weight_descriptor(b, blocks["BLOCK_N"], blocks["BLOCK_K"])
+        if config.get("TMA_B"):  # a gated interleaved tile is one box of BLOCK_N (gate, up) pairs
+            box_n = 2 * blocks["BLOCK_N"] if epi == 1 and interleaved else blocks["BLOCK_N"]
+            b_tma, b_desc = weight_descriptor(b, box_n, blocks["BLOCK_K"])
         c = torch.empty(num_rows, N, device=device, dtype=dtype) if split else out
         block_m = blocks["BLOCK_M"]
         n_blocks = cdiv(N, blocks["BLOCK_N"])
@@ -443,7 +483,7 @@ def grouped_gemm(
             EVEN_K=K % blocks["BLOCK_K"] == 0,
             EVEN_N=N % blocks["BLOCK_N"] == 0,
             BLOCK_R=_pow2_at_least(rank),
-            GROUP_M=8, B_TMA=b_tma,
+            GROUP_M=8, B_TMA=b_tma, TMA_GATE_UP=b_tma != 0 and epi == 1 and not interleaved,
             **blocks,
         )
         if split:
@@ -457,7 +497,7 @@ def grouped_gemm(
         elif dw is not None:
             results[:] = [dw]
 
-    candidates = candidates_for(epilogue, num_rows, E, N, K)
+    candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device))
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)))

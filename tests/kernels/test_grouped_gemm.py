@@ -126,10 +126,12 @@ def test_split_config_is_refused_outside_the_activation_gradient_epilogue():
         grouped_gemm(x, b, plan.offsets_E, plan.counts_E, num_rows=plan.num_rows, a_index=plan.token_S, config=config)
 
 
+TMA_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "TMA_B": True}
+
+
 @pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
 def test_weight_through_tma_descriptors(layout):
-    """The experimental TMA path for the weight (MOETUNE_TRITON_TMA=1 adds it to tuning): both weight layouts,
-    tails in K and N (boxes past an expert's rows read the next expert's, which the masks must neutralise)."""
+    """The TMA path for the weight in the plain GEMM: both weight layouts, tails in K and N (boxes past an expert's rows read the next expert's, which the masks must neutralise)."""
     from moetune.kernels import grouped_gemm
     from moetune.kernels.grouped_gemm import TensorDescriptor, weight_descriptor
 
@@ -146,9 +148,8 @@ def test_weight_through_tma_descriptors(layout):
     assert mode == (1 if layout == "k_contiguous" else 2)
     u, lb, bias, scale = rand(gen, S, R), rand(gen, 5, R, N), rand(gen, 5, N), rand(gen, S)
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    config = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "TMA_B": True}
     out = grouped_gemm(x, b, a_index=plan.token_S, lora_u=u, lora_b=lb, bias=bias, alpha=0.5,
-                       row_scale=scale, out_index=plan.perm_S, config=config, **common)
+                       row_scale=scale, out_index=plan.perm_S, config=TMA_CONFIG, **common)
     ref = reference_rows(plan, x, b, plan.token_S) + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
     ref = (0.5 * ref + bias.double()[plan.expert_S]) * scale.double()[:, None]
     scattered = torch.empty_like(ref)
@@ -158,36 +159,98 @@ def test_weight_through_tma_descriptors(layout):
     assert weight_descriptor(rand(gen, 5, 7, 5).transpose(1, 2), 16, 16) == (0, None)
 
 
-def test_tma_split_activation_gradient_and_refusals():
+@pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
+@pytest.mark.parametrize("interleaved, act", [(False, SwiGLU()), (True, GptOssGLU(limit=1.5))])
+def test_tma_gated_forward_and_backward_epilogues(interleaved, act, layout):
+    """TMA weight loads in the gated epilogues: concat gate/up as two boxes (two accumulators), interleaved pairs
+    as one box twice as wide, in both weight layouts; then the fused and the split activation gradient."""
     from moetune.kernels import act_code, grouped_gemm
     from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for
 
     if TensorDescriptor is None:
         pytest.skip("this Triton has no host TMA descriptors")
     plan, gen = problem(seed=4)
-    S, K, I = plan.num_rows, 32, 20
-    act = SwiGLU()
-    gu, d_out, w2, w = rand(gen, S, 2 * I), rand(gen, plan.num_tokens, K), rand(gen, 5, K, I), rand(gen, S)
+    S, K, I = plan.num_rows, 40, 20  # tails for 16-wide tiles in K and in the h columns
+    x = rand(gen, plan.num_tokens, K)
+    if layout == "k_contiguous":  # Qwen3's gate_up [E, 2I, K], read transposed
+        w1 = rand(gen, 5, 2 * I, K).transpose(1, 2)
+    else:  # gpt-oss's gate_up [E, K, 2I]
+        w1 = rand(gen, 5, K, 2 * I)
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    split = next(c for c in candidates_for(2, S, 5, I, K) if c.get("SPLIT"))
-    d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2, act=act_code(act),
-                              config=dict(split, TMA_B=True), **common)
+    h, gu = grouped_gemm(x, w1, a_index=plan.token_S, epilogue=1, act=act_code(act), interleaved=interleaved,
+                         config=TMA_CONFIG, **common)
+    gu_ref = reference_rows(plan, x, w1, plan.token_S)
+    close(gu, gu_ref)
+    close(h, act.forward(gu_ref, interleaved))
+
+    d_out, w = rand(gen, plan.num_tokens, K), rand(gen, S)
+    w2 = rand(gen, 5, I, K).transpose(1, 2) if layout == "k_contiguous" else rand(gen, 5, K, I)
     g = reference_rows(plan, d_out, w2, plan.token_S)
-    close(d_gu, act.backward(gu.double(), g * w.double()[:, None]))
-    close(dots, (act.forward(gu.double()) * g).sum(-1))
-    with pytest.raises(ValueError, match="config: TMA_B applies to the plain GEMM"):
-        grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2, act=act_code(act),
-                     config={"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2,
-                             "TMA_B": True}, **common)
+    split = next(c for c in candidates_for(2, S, 5, I, K) if c.get("SPLIT"))
+    for config in (TMA_CONFIG, dict(split, TMA_B=True)):
+        d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2,
+                                  act=act_code(act), interleaved=interleaved, config=config, **common)
+        close(d_gu, act.backward(gu.double(), g * w.double()[:, None], interleaved))
+        close(dots, (act.forward(gu.double(), interleaved) * g).sum(-1))
 
 
-def test_tma_candidates_only_when_asked(monkeypatch):
-    from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for
+def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
+    from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for, tma_candidates
 
-    monkeypatch.delenv("MOETUNE_TRITON_TMA", raising=False)
-    assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 2048, 768))
+    monkeypatch.setenv("MOETUNE_TRITON_TMA", "0")
+    assert not tma_candidates("cuda")
+    monkeypatch.delenv("MOETUNE_TRITON_TMA")
+    assert not tma_candidates("cpu")  # no TMA on the CPU unless forced (the interpreter's tests)
     monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")
-    with_tma = candidates_for(0, 65536, 128, 2048, 768)
-    assert any(c.get("TMA_B") for c in with_tma) == (TensorDescriptor is not None)
-    assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 16, 2048))  # rank-wide LoRA products
-    assert not any(c.get("TMA_B") for c in candidates_for(1, 65536, 128, 768, 2048))  # the gated epilogue
+    assert tma_candidates("cpu") == (TensorDescriptor is not None)
+    assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 2048, 768))
+    for epilogue in (0, 1, 2):
+        configs = candidates_for(epilogue, 65536, 128, 2048, 768, True)
+        assert any(c.get("TMA_B") for c in configs) and not configs[0].get("TMA_B")  # the heuristic pick first
+    assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 16, 2048, True))  # rank-wide LoRA products
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["plain_k_contiguous", "plain_n_contiguous", "gated_concat", "gated_interleaved"])
+def test_every_candidate_config_in_bf16_on_gpu(launch):
+    """Autotuning may pick any candidate (TMA ones included on sm90+): each one against float64 in bf16."""
+    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels.grouped_gemm import candidates_for, tma_candidates
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    E, K, I, T, k = 8, 320, 200, 700, 4  # nothing a multiple of 128; ~350 rows per expert
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    plan = plan_routing(ids.cuda(), E)
+    S = plan.num_rows
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+
+    def bf16(*shape):
+        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+
+    x, w = bf16(T, K), bf16(S)
+    interleaved = launch == "gated_interleaved"
+    act = GptOssGLU(limit=10.0) if interleaved else SwiGLU()
+    tma = tma_candidates("cuda")
+    if launch.startswith("plain"):
+        b = bf16(E, I, K).transpose(1, 2) if launch == "plain_k_contiguous" else bf16(E, K, I)
+        ref = reference_rows(plan, x, b, plan.token_S)
+        for config in candidates_for(0, S, E, I, K, tma):
+            close(grouped_gemm(x, b, a_index=plan.token_S, config=config, **common), ref, tol=1e-2)
+        return
+    w1 = bf16(E, K, 2 * I) if interleaved else bf16(E, 2 * I, K).transpose(1, 2)  # gpt-oss's and Qwen3's layouts
+    gu_ref = reference_rows(plan, x, w1, plan.token_S)
+    for config in candidates_for(1, S, E, I, K, tma):
+        h, gu = grouped_gemm(x, w1, a_index=plan.token_S, epilogue=1, act=act_code(act), interleaved=interleaved,
+                             config=config, **common)
+        close(gu, gu_ref, tol=1e-2)
+        close(h, act.forward(gu.double(), interleaved), tol=1e-2)
+    d_out = bf16(T, K)
+    w2 = bf16(E, I, K).transpose(1, 2) if interleaved else bf16(E, K, I)
+    g = reference_rows(plan, d_out, w2, plan.token_S)
+    for config in candidates_for(2, S, E, I, K, tma):
+        d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2,
+                                  act=act_code(act), interleaved=interleaved, config=config, **common)
+        close(d_gu, act.backward(gu.double(), g * w.double()[:, None], interleaved), tol=1e-2)
+        close(dots, (act.forward(gu.double(), interleaved) * g).sum(-1), tol=1e-2)
