@@ -50,7 +50,7 @@ def load_kernels(path: str | None):
 
 
 def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
-    """[(name, thunk(**grouped_gemm_kwargs), flops, bytes, (epilogue, N, K))] for one forward + backward."""
+    """[(name, thunk(**grouped_gemm_kwargs), flops, bytes, (epilogue, N, K, A gathered))] for one forward + backward."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=0.02):
@@ -84,28 +84,28 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     mm = lambda m, n, kk: 2.0 * m * n * kk  # noqa: E731
     return [
         ("fwd  x@A1 (lora, gather)", lambda **kw: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common, **kw),
-         mm(S, R, H), b * (S * H + S * R), (0, R, H)),
+         mm(S, R, H), b * (S * H + S * R), (0, R, H, True)),
         ("fwd  gate_up + act (gather, lora)", lambda **kw: grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2), bias=b1,
             epilogue=1, act=act, interleaved=shape.interleaved, **common, **kw),
-         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I), (1, I, H)),
+         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I), (1, I, H, True)),
         ("fwd  h@A2 (lora)", lambda **kw: grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common, **kw),
-         mm(S, R, I), b * (S * I + S * R), (0, R, I)),
+         mm(S, R, I), b * (S * I + S * R), (0, R, I, False)),
         ("fwd  down (lora, scale, scatter)", lambda **kw: grouped_gemm(
             h, down.transpose(1, 2), lora_u=su2, lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S,
             row_scale=w_S, **common, **kw),
-         mm(S, H, I + R), b * (S * I + E * H * I + S * H), (0, H, I)),
+         mm(S, H, I + R), b * (S * I + E * H * I + S * H), (0, H, I, False)),
         ("bwd  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
-         mm(S, R, H), b * (S * H + S * R), (0, R, H)),
+         mm(S, R, H), b * (S * H + S * R), (0, R, H, True)),
         ("bwd  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
             d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
             interleaved=shape.interleaved, **common, **kw),
-         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), (2, I, H)),
+         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), (2, I, H, True)),
         ("bwd  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
-         mm(S, R, 2 * I), b * (S * 2 * I + S * R), (0, R, 2 * I)),
+         mm(S, R, 2 * I), b * (S * 2 * I + S * R), (0, R, 2 * I, False)),
         ("bwd  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
             d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common, **kw),
-         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), (0, H, 2 * I)),
+         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), (0, H, 2 * I, False)),
     ]
 
 
@@ -144,10 +144,10 @@ def main(argv=None) -> int:
         for tokens in (args.tokens if not args.tiny else [37]):
             total = 0.0
             print(f"# {name} {tokens} tokens, rank {args.rank}, {args.label}")
-            for label, fn, flops, nbytes, (epilogue, n, k) in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+            for label, fn, flops, nbytes, (epilogue, n, k, gathered) in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
                 ms = time_ms(fn, device)
                 if args.sweep and re.search(args.sweep, label):
-                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k, tma_candidates(device)):
+                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k, tma_candidates(device), gathered):
                         try:
                             cms = time_ms(functools.partial(fn, config=config), device)
                         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory

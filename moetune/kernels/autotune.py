@@ -118,7 +118,7 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
         try:
             ms = triton.testing.do_bench(functools.partial(launch, config), warmup=10, rep=40, return_mode="median")
         except Exception as err:  # noqa: BLE001 - a config that does not compile/fit (e.g. out of shared memory)
-            if config.get("TMA_B"):  # TMA descriptors vary across Triton/driver versions: drop the candidate, not the run
+            if config.get("TMA_B") or config.get("TMA_A"):  # TMA descriptors vary across Triton/driver versions: drop the candidate, not the run
                 print(f"moetune: skipping TMA config {config} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
                       file=sys.stderr)
                 continue

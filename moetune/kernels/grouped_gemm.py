@@ -25,7 +25,9 @@ Gate/up columns: concat g(n) = n, u(n) = N + n; interleaved g(n) = 2n, u(n) = 2n
 Weight loads: pointers, or (B_TMA, tried by autotuning on sm90+, see tma_candidates) a host TMA descriptor over
 the weight's own 2-D rows, every epilogue. A box may overrun an expert's rows into the next expert's: past N
 those columns are never stored, past K they meet A's zero-masked columns. Gated concat weights take two boxes
-per step (gate, up) into two accumulators, paired after the loop.
+per step (gate, up) into two accumulators, paired after the loop. Plain GEMMs over sorted rows (no gather) may
+read the activations through TMA too (A_TMA): a box past an expert's last row reads the next expert's rows,
+whose results are never stored.
 
 Scheduling: a 1-D grid of (M tiles upper bound) x (N blocks) programs in grouped order (GROUP_M M tiles
 sweep all N blocks before the next group). M tile t belongs to the expert e with tile_ends[e-1] <= t <
@@ -85,14 +87,14 @@ def grouped_gemm_kernel(
     out_index_ptr, row_scale_ptr,
     gu_ptr, stride_gum, stride_gun,
     dw_ptr, stride_dwn,
-    b_desc,
+    b_desc, a_desc,
     N, K, R, E, M_TILES, alpha, act_alpha, act_limit,
     HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0, TMA_GATE_UP: tl.constexpr = False,
+    GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0, TMA_GATE_UP: tl.constexpr = False, A_TMA: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M consecutive M tiles run against every N block before the next
     # group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB) are read from
@@ -163,29 +165,27 @@ def grouped_gemm_kernel(
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if B_TMA != 0:  # the weight through a TMA descriptor over its own 2-D rows
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=(k0 + ks < K)[None, :], other=0.0)
-            if B_TMA == 1:  # weight rows are output columns (K-contiguous): [box, BLOCK_K] boxes, transposed
-                b = b_desc.load([e_safe * n_b + box_col, k0]).T
-                if TMA_GATE_UP:
-                    b_up = b_desc.load([e_safe * n_b + N + box_col, k0]).T
-            else:  # weight rows are the reduction dim (N-contiguous): [BLOCK_K, box] boxes
-                b = b_desc.load([e_safe * K + k0, box_col])
-                if TMA_GATE_UP:
-                    b_up = b_desc.load([e_safe * K + k0, N + box_col])
+        if A_TMA:  # sorted rows, no gather: rows past the expert's end are the next expert's (never stored)
+            a = a_desc.load([first_row, k0])
         elif EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + ks < K)[None, :], other=0.0)
+        if B_TMA == 1:  # weight rows are output columns (K-contiguous): [box, BLOCK_K] boxes, transposed
+            b = b_desc.load([e_safe * n_b + box_col, k0]).T
+            if TMA_GATE_UP:
+                b_up = b_desc.load([e_safe * n_b + N + box_col, k0]).T
+        elif B_TMA == 2:  # weight rows are the reduction dim (N-contiguous): [BLOCK_K, box] boxes
+            b = b_desc.load([e_safe * K + k0, box_col])
+            if TMA_GATE_UP:
+                b_up = b_desc.load([e_safe * K + k0, N + box_col])
+        elif EVEN_K:
             if EVEN_N:
                 b = tl.load(b_ptrs)
             else:
                 b = tl.load(b_ptrs, mask=b_col_mask[None, :], other=0.0)
         else:
-            k_mask = k0 + ks < K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + ks < K)[:, None] & b_col_mask[None, :], other=0.0)
         if TMA_GATE_UP:
             acc_gate = tl.dot(a, b, acc_gate, input_precision=DOT_PRECISION)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
@@ -346,6 +346,15 @@ def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
     return 0, None
 
 
+def rows_descriptor(a: torch.Tensor, block_m: int, block_k: int):
+    """A TMA descriptor over the [rows, K] operand a in [block_m, block_k] boxes, or None where TMA cannot read it
+    (needs unit column stride, a 16-byte aligned base and row pitch)."""
+    size = a.element_size()
+    if TensorDescriptor is None or a.stride(1) != 1 or a.data_ptr() % 16 or (a.stride(0) * size) % 16:
+        return None
+    return TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, block_k])
+
+
 def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     """Cumulative M-tile counts per expert (int32 [E]); computed on the device, no sync.
 
@@ -359,21 +368,27 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False) -> list[dict]:
+def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False,
+                   gathered: bool = True) -> list[dict]:
     """Configs to tune over for one launch (memoised: asked on every launch; treat as read-only).
 
     The activation-gradient epilogue (2) may also run "split": a plain GEMM into a [S, N] buffer, then
     gated_backward_kernel; which wins depends on the shape (run 14: the fused epilogue ran at 108-201 TFLOP/s
     where the plain GEMM reaches 330-470). tma (see tma_candidates) adds the same tiles with the weight read
-    through TMA descriptors; never for the rank-wide LoRA products."""
+    through TMA descriptors, and for plain GEMMs over sorted rows (gathered=False) with the activations read
+    through TMA as well; neither for the rank-wide LoRA products."""
     fused = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
-    with_tma = (lambda configs: [dict(config, TMA_B=True) for config in configs]) if tma and N > 64 else (lambda _: [])
-    if epilogue != 2:
-        return fused + with_tma(fused)
+    tma_b = (lambda configs: [dict(config, TMA_B=True) for config in configs]) if tma and N > 64 else (lambda _: [])
+    if epilogue == 0:
+        # Not for the LoRA products either: run 38 measured their activations through TMA 5-20% slower.
+        tma_a = [dict(config, TMA_A=True, TMA_B=True) for config in fused] if tma and not gathered and N > 64 else []
+        return fused + tma_b(fused) + tma_a
+    if epilogue == 1:
+        return fused + tma_b(fused)
     plain = candidate_blocks(num_rows, E, N, K, gated=False)
     narrow = autotune.block_config(128, 32, 64, 4, 4)  # fewer live epilogue registers per thread
     split = [dict(config, SPLIT=True) for config in plain[:3]]
-    return fused + [narrow] + split + with_tma(fused[:2] + split)
+    return fused + [narrow] + split + tma_b(fused[:2] + split)
 
 
 def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
@@ -448,13 +463,16 @@ def grouped_gemm(
     results = []  # epilogue 2: the partial dots [n_blocks, S] (fused) or the dots [S] (split)
 
     def launch(config: dict):
-        blocks = {k: v for k, v in config.items() if k not in ("SPLIT", "TMA_B")}
+        blocks = {k: v for k, v in config.items() if k not in ("SPLIT", "TMA_B", "TMA_A")}
         split = config.get("SPLIT", False)
         epi = 0 if split else epilogue
         b_tma, b_desc = 0, dummy
         if config.get("TMA_B"):  # a gated interleaved tile is one box of BLOCK_N (gate, up) pairs
             box_n = 2 * blocks["BLOCK_N"] if epi == 1 and interleaved else blocks["BLOCK_N"]
             b_tma, b_desc = weight_descriptor(b, box_n, blocks["BLOCK_K"])
+        a_desc = None
+        if config.get("TMA_A") and a_index is None:
+            a_desc = rows_descriptor(a, blocks["BLOCK_M"], blocks["BLOCK_K"])
         c = torch.empty(num_rows, N, device=device, dtype=dtype) if split else out
         block_m = blocks["BLOCK_M"]
         n_blocks = cdiv(N, blocks["BLOCK_N"])
@@ -473,7 +491,7 @@ def grouped_gemm(
             row_scale if row_scale is not None and not split else dummy,
             gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
             dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
-            b_desc,
+            b_desc, a_desc if a_desc is not None else dummy,
             N, K, rank, E, m_tiles, float(alpha), float(act[1]), float(act[2]),
             HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
             HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None and not split,
@@ -484,6 +502,7 @@ def grouped_gemm(
             EVEN_N=N % blocks["BLOCK_N"] == 0,
             BLOCK_R=_pow2_at_least(rank),
             GROUP_M=8, B_TMA=b_tma, TMA_GATE_UP=b_tma != 0 and epi == 1 and not interleaved,
+            A_TMA=a_desc is not None,
             **blocks,
         )
         if split:
@@ -497,7 +516,7 @@ def grouped_gemm(
         elif dw is not None:
             results[:] = [dw]
 
-    candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device))
+    candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device), a_index is not None)
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)))
