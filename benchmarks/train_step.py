@@ -267,7 +267,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         if args.checkpoint_layers == "auto":  # measured for this step's shape (one probe step)
             import moetune
 
-            plan = moetune.FastMoEModel.fit_checkpoint_layers(model, 1, seq, optimizer=args.optim)
+            plan = moetune.FastMoEModel.fit_checkpoint_layers(model, 1, seq, optimizer=args.optim,
+                                                              max_memory_gib=args.max_memory)
             print(f"checkpoint_layers auto: {plan}", flush=True)
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
@@ -326,6 +327,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint-layers", type=layers_or_auto, default=None,
                         help="moetune: checkpoint only this many decoder layers (default all; the rest are not recomputed); "
                              "auto: as many as memory needs (FastMoEModel.fit_checkpoint_layers)")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="moetune with --checkpoint-layers auto: plan the step to peak within this many GiB")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],

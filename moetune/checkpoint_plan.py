@@ -12,7 +12,8 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
 2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added.
 3. Layers left out: (budget - peak - optimizer state) // bytes per layer, more than the two the probe left out;
    budget = memory_fraction of what this process can have (the device, or what is free plus what torch's
-   allocator holds, whichever is less). The first `layers - left out` layers stay checkpointed.
+   allocator holds, whichever is less), or max_memory_gib if that is less (a smaller card to plan for, a GPU
+   shared with another job). The first `layers - left out` layers stay checkpointed.
 
 If the probe itself runs out of memory, every layer stays checkpointed. Attention is flash/sdpa (linear in
 tokens), so a shorter batch later needs less; a longer one than planned may not fit: plan for the longest batch.
@@ -74,12 +75,14 @@ def _layers(model) -> list:
 
 
 def fit_checkpoint_layers(
-    model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, optimizer: str = "adamw", memory=None
+    model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, max_memory_gib: float | None = None,
+    optimizer: str = "adamw", memory=None,
 ) -> dict:
     """Measure one probe step and set how many decoder layers stay checkpointed (see the module docstring).
 
     model: from FastMoEModel.get_peft_model(..., use_gradient_checkpointing=True), on one CUDA device. The probe
-    clears the parameters' .grad and the device's peak-memory statistics. memory: for tests (CudaMemory's methods).
+    clears the parameters' .grad and the device's peak-memory statistics. max_memory_gib: a cap on the budget in GiB
+    (torch.cuda.max_memory_allocated's measure). memory: for tests (CudaMemory's methods).
     Returns what was measured and chosen: {"checkpoint_layers", "layers", "activation_bytes_per_layer",
     "probe_peak_bytes", "optimizer_state_bytes", "budget_bytes"}, or {"checkpoint_layers", "layers", "why"} when
     nothing was measured (CPU: checkpoint_layers None, nothing changed; probe out of memory: all layers).
@@ -89,6 +92,11 @@ def fit_checkpoint_layers(
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction: expected a number in (0, 1], got {memory_fraction!r}")
+    if max_memory_gib is not None and (
+        isinstance(max_memory_gib, bool) or not isinstance(max_memory_gib, (int, float))
+        or not 0 < max_memory_gib < float("inf")
+    ):
+        raise ValueError(f"max_memory_gib: expected None or a number of GiB > 0, got {max_memory_gib!r}")
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
     layers = _layers(model)
@@ -148,6 +156,8 @@ def fit_checkpoint_layers(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = trainable * OPTIMIZER_STATE_BYTES[optimizer]
     budget = int(memory_fraction * memory.available())
+    if max_memory_gib is not None:
+        budget = min(budget, int(max_memory_gib * 2**30))
     per_layer = max(kept.values(), default=0)
     checkpointed = choose_checkpoint_layers(len(layers), per_layer, peak, state, budget, probed=len(probed))
     for i, layer in enumerate(layers):

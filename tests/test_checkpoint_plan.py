@@ -71,6 +71,11 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     # Planned again with no memory to spare (budget 0.9 x 10_000 below the probe's peak): all checkpointed.
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=10_000))
     assert plan["checkpoint_layers"] == 2 and _flags(model) == [True, True]
+    # Plenty on the device, but a cap below the probe's peak (a smaller card to plan for): all checkpointed.
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=9_000 / GiB, memory=FakeMemory())
+    assert plan["budget_bytes"] == 9_000 and plan["checkpoint_layers"] == 2 and _flags(model) == [True, True]
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=1.0, memory=FakeMemory())
+    assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 
 
 def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
@@ -91,6 +96,8 @@ def test_bad_arguments_and_cpu(checkpoint):
         (dict(batch_size=0, seq_len=8), "batch_size: expected an integer >= 1"),
         (dict(batch_size=1, seq_len=8, memory_fraction=1.5), r"memory_fraction: expected a number in \(0, 1\]"),
         (dict(batch_size=1, seq_len=8, optimizer="sgd"), "optimizer: expected one of adamw, adamw_8bit"),
+        (dict(batch_size=1, seq_len=8, max_memory_gib=0), "max_memory_gib: expected None or a number of GiB > 0"),
+        (dict(batch_size=1, seq_len=8, max_memory_gib=float("inf")), "max_memory_gib: expected None or a number"),
     ):
         with pytest.raises(ValueError, match=match):
             FastMoEModel.fit_checkpoint_layers(model, **kwargs)

@@ -80,6 +80,10 @@ class TrainConfig:
     --batch-size x --max-seq-length and keep as many layers out as fit in 90% of the GPU's memory (on CUDA; on a
     CPU every layer is checkpointed). all: every layer."""
 
+    max_memory: float | None = None
+    """With --checkpoint-layers auto: plan the step to peak at most this many GiB (torch's allocated memory), e.g.
+    for a smaller card than this one or a GPU shared with another job."""
+
     packing: bool = False
     """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
 
@@ -258,6 +262,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     layers = config.checkpoint_layers
     if layers is not None and layers != "auto" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
         raise ValueError(f"--checkpoint-layers: expected an integer >= 0 or auto, got {layers!r}")
+    if config.max_memory is not None and not 0 < config.max_memory < float("inf"):
+        raise ValueError(f"--max-memory: expected a number of GiB > 0, got {config.max_memory}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:

@@ -59,6 +59,8 @@ CASES = {
     "negative checkpoint layers": (lambda t: ["--checkpoint-layers", "-1"], "--checkpoint-layers: expected an integer >= 0"),
     "checkpoint layers neither number nor auto": (lambda t: ["--checkpoint-layers", "most"], "argument --checkpoint-layers: expected an integer, auto or all, got 'most'"),
     "more checkpoint layers than the model": (lambda t: ["--checkpoint-layers", "9"], "--checkpoint-layers: expected at most the model's 4 decoder layers, got 9"),
+    "memory cap not positive": (lambda t: ["--max-memory", "0"], "--max-memory: expected a number of GiB > 0, got 0.0"),
+    "memory cap not a number": (lambda t: ["--max-memory", "lots"], "argument --max-memory: invalid float value: 'lots'"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
     "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),
