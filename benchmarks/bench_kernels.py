@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             for label, fn, flops, nbytes, (epilogue, n, k, gathered) in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
                 ms = time_ms(fn, device)
                 if args.sweep and re.search(args.sweep, label):
-                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k, tma_candidates(device), gathered):
+                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k, tma_candidates(device, dtype), gathered):
                         try:
                             cms = time_ms(functools.partial(fn, config=config), device)
                         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory

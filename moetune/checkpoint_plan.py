@@ -162,7 +162,7 @@ def fit_checkpoint_layers(
     checkpointed = choose_checkpoint_layers(len(layers), per_layer, peak, state, budget, probed=len(probed))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < checkpointed
-    return {
+    plan = {
         "checkpoint_layers": checkpointed,
         "layers": len(layers),
         "activation_bytes_per_layer": per_layer,
@@ -170,3 +170,9 @@ def fit_checkpoint_layers(
         "optimizer_state_bytes": state,
         "budget_bytes": budget,
     }
+    # Every layer checkpointed: the probe's peak less the layers it left out, plus the optimizer state.
+    least = peak - len(probed) * per_layer + state
+    if least > budget:
+        plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "
+                       f"over the budget of {budget / 2**30:.1f} GiB: it may not fit")
+    return plan

@@ -74,6 +74,7 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     # Plenty on the device, but a cap below the probe's peak (a smaller card to plan for): all checkpointed.
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=9_000 / GiB, memory=FakeMemory())
     assert plan["budget_bytes"] == 9_000 and plan["checkpoint_layers"] == 2 and _flags(model) == [True, True]
+    assert "even with every layer checkpointed the step is estimated at" in plan["why"]  # said, not silent
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=1.0, memory=FakeMemory())
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 

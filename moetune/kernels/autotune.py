@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch
 _lock = threading.Lock()
 _memory: dict[str, dict] | None = None
 # (device index, kernel name, key) -> (the candidate list, its pick): the per-launch lookup, no disk key built
-_picked: dict[tuple, tuple[list[dict], dict]] = {}
+_picked: dict[tuple, tuple[Sequence[dict], dict]] = {}
 
 
 def cache_path() -> Path:
@@ -88,7 +88,18 @@ def _choose(timings: list[tuple[float, dict]]) -> dict:
     return first if first_ms <= fastest_ms * (1 + MARGIN) else fastest
 
 
-def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict], object], device,
+def _device_fault(err: Exception) -> bool:
+    """A failure of the GPU itself (illegal address, launch failure), as opposed to one config not compiling."""
+    text = str(err).lower()
+    return isinstance(err, getattr(torch, "AcceleratorError", ())) or any(fault in text for fault in _FAULTS)
+
+
+# Sticky CUDA errors: after one, the context is unusable (a descriptor that fails to encode is not one of them).
+_FAULTS = ("illegal memory access", "illegal address", "unspecified launch failure", "misaligned address",
+           "illegal instruction", "device-side assert")
+
+
+def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], object], device,
          num_rows: int) -> dict:
     """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat."""
     small = num_rows < MIN_TUNE_ROWS
@@ -118,6 +129,8 @@ def pick(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
         try:
             ms = triton.testing.do_bench(functools.partial(launch, config), warmup=10, rep=40, return_mode="median")
         except Exception as err:  # noqa: BLE001 - a config that does not compile/fit (e.g. out of shared memory)
+            if _device_fault(err):  # the CUDA context is broken (a bad access): no later candidate could run
+                raise
             if config.get("TMA_B") or config.get("TMA_A"):  # TMA descriptors vary across Triton/driver versions: drop the candidate, not the run
                 print(f"moetune: skipping TMA config {config} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
                       file=sys.stderr)

@@ -305,9 +305,10 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, next_power_of_2(int(n)))
 
 
-def tma_candidates(device) -> bool:
-    """Whether autotuning also tries the weight operand through TMA descriptors: on Hopper and newer
-    (sm90+, where TMA exists) unless MOETUNE_TRITON_TMA=0; MOETUNE_TRITON_TMA=1 forces it (the interpreter's tests).
+def tma_candidates(device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether autotuning also tries the weight operand through TMA descriptors: on NVIDIA Hopper and newer
+    (sm90+, where TMA exists) for 2-byte dtypes (the ones measured and GPU-tested) unless MOETUNE_TRITON_TMA=0;
+    MOETUNE_TRITON_TMA=1 forces it for any dtype (the interpreter's fp32 tests).
 
     Run 36 (H200, 16K tokens): the TMA candidate won the down projection forward (gpt-oss +16%), the
     activation-gradient GEMM and the dgrad of gate_up (+5%); autotuning keeps whichever config is faster.
@@ -318,7 +319,9 @@ def tma_candidates(device) -> bool:
     if setting == "1":
         return True
     device = torch.device(device)
-    return device.type == "cuda" and _capability(device.index) >= (9, 0)
+    if device.type != "cuda" or torch.version.hip is not None or dtype.itemsize != 2:
+        return False
+    return _capability(device.index) >= (9, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,9 +334,10 @@ def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
 
     Mode 1: b is a transposed view of a contiguous [E, N, K] weight, read as [E*N, K] rows in [block_n, block_k]
     boxes; mode 2: b is a contiguous [E, K, N] weight, read as [E*K, N] rows in [block_k, block_n] boxes. TMA
-    needs a 16-byte aligned base and row pitch; reads past the 2-D tensor's end are zeros.
+    needs a 16-byte aligned base and row pitch and boxes of at most 256 per dimension; reads past the 2-D tensor's
+    end are zeros.
     """
-    if TensorDescriptor is None:
+    if TensorDescriptor is None or max(block_n, block_k) > 256:
         return 0, None
     E, K, N = b.shape
     size = b.element_size()
@@ -346,13 +350,17 @@ def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
     return 0, None
 
 
-def rows_descriptor(a: torch.Tensor, block_m: int, block_k: int):
-    """A TMA descriptor over the [rows, K] operand a in [block_m, block_k] boxes, or None where TMA cannot read it
-    (needs unit column stride, a 16-byte aligned base and row pitch)."""
+def rows_descriptor(a: torch.Tensor, K: int, block_m: int, block_k: int):
+    """A TMA descriptor over the first K columns of the activations a in [block_m, block_k] boxes, or None where
+    TMA cannot read it (needs unit column stride, a 16-byte aligned base and row pitch, boxes of at most 256).
+
+    Its width is K, not a's: columns past K must read as zeros, since a [E*K, N] weight's box past K holds the
+    next expert's rows."""
     size = a.element_size()
-    if TensorDescriptor is None or a.stride(1) != 1 or a.data_ptr() % 16 or (a.stride(0) * size) % 16:
+    if (TensorDescriptor is None or a.shape[1] < K or a.stride(1) != 1 or a.data_ptr() % 16
+            or (a.stride(0) * size) % 16 or max(block_m, block_k) > 256):
         return None
-    return TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, block_k])
+    return TensorDescriptor(a, [a.shape[0], K], list(a.stride()), [block_m, block_k])
 
 
 def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -367,37 +375,48 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     return cache[block_m]
 
 
-@functools.lru_cache(maxsize=None)
 def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False,
-                   gathered: bool = True) -> list[dict]:
-    """Configs to tune over for one launch (memoised: asked on every launch; treat as read-only).
+                   gathered: bool = True) -> tuple[dict, ...]:
+    """Configs to tune over for one launch (memoised per rows-per-expert class: asked on every launch, and
+    batch lengths vary; treat as read-only)."""
+    return _candidates(epilogue, _rows_class(num_rows, E), N, K, tma, gathered)
+
+
+def _rows_class(num_rows: int, E: int) -> int:
+    """One rows-per-expert figure per class that candidate_blocks tells apart (its thresholds 48, 256, 512)."""
+    per_expert = num_rows / max(E, 1)
+    return 1024 if per_expert > 512 else 256 if per_expert >= 256 else 48 if per_expert >= 48 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(epilogue: int, rows_per_expert: int, N: int, K: int, tma: bool, gathered: bool) -> tuple[dict, ...]:
+    """candidates_for's configs for one class of rows per expert.
 
     The activation-gradient epilogue (2) may also run "split": a plain GEMM into a [S, N] buffer, then
     gated_backward_kernel; which wins depends on the shape (run 14: the fused epilogue ran at 108-201 TFLOP/s
     where the plain GEMM reaches 330-470). tma (see tma_candidates) adds the same tiles with the weight read
     through TMA descriptors, and for plain GEMMs over sorted rows (gathered=False) with the activations read
     through TMA as well; neither for the rank-wide LoRA products."""
-    fused = candidate_blocks(num_rows, E, N, K, gated=epilogue != 0)
+    fused = candidate_blocks(rows_per_expert, N, K, gated=epilogue != 0)
     tma_b = (lambda configs: [dict(config, TMA_B=True) for config in configs]) if tma and N > 64 else (lambda _: [])
     if epilogue == 0:
-        # Not for the LoRA products either: run 38 measured their activations through TMA 5-20% slower.
+        # N > 64: not the rank-wide LoRA products, whose activations through TMA ran 5-20% slower (run 38).
         tma_a = [dict(config, TMA_A=True, TMA_B=True) for config in fused] if tma and not gathered and N > 64 else []
-        return fused + tma_b(fused) + tma_a
+        return tuple(fused + tma_b(fused) + tma_a)
     if epilogue == 1:
-        return fused + tma_b(fused)
-    plain = candidate_blocks(num_rows, E, N, K, gated=False)
+        return tuple(fused + tma_b(fused))
+    plain = candidate_blocks(rows_per_expert, N, K, gated=False)
     narrow = autotune.block_config(128, 32, 64, 4, 4)  # fewer live epilogue registers per thread
     split = [dict(config, SPLIT=True) for config in plain[:3]]
-    return fused + [narrow] + split + tma_b(fused[:2] + split)
+    return tuple(fused + [narrow] + split + tma_b(fused[:2] + split))
 
 
-def candidate_blocks(num_rows: int, E: int, N: int, K: int, gated: bool) -> list[dict]:
+def candidate_blocks(rows_per_expert: float, N: int, K: int, gated: bool) -> list[dict]:
     """Block shapes to try, the heuristic favourite first (used as is in the interpreter).
 
     Narrow N (a LoRA rank) and tiny problems get small tiles; the wide ones are the configs that
     Triton GEMMs usually win with on Hopper/Ampere, pruned to a few so tuning stays short.
     """
-    rows_per_expert = num_rows / max(E, 1)
     bm = 128 if rows_per_expert >= 256 else 64 if rows_per_expert >= 48 else 32
     bk = 64 if K >= 64 else _pow2_at_least(K)
     cfg = autotune.block_config
@@ -470,9 +489,10 @@ def grouped_gemm(
         if config.get("TMA_B"):  # a gated interleaved tile is one box of BLOCK_N (gate, up) pairs
             box_n = 2 * blocks["BLOCK_N"] if epi == 1 and interleaved else blocks["BLOCK_N"]
             b_tma, b_desc = weight_descriptor(b, box_n, blocks["BLOCK_K"])
+            b_desc = dummy if b_desc is None else b_desc  # no TMA for this weight: pointer loads
         a_desc = None
         if config.get("TMA_A") and a_index is None:
-            a_desc = rows_descriptor(a, blocks["BLOCK_M"], blocks["BLOCK_K"])
+            a_desc = rows_descriptor(a, K, blocks["BLOCK_M"], blocks["BLOCK_K"])
         c = torch.empty(num_rows, N, device=device, dtype=dtype) if split else out
         block_m = blocks["BLOCK_M"]
         n_blocks = cdiv(N, blocks["BLOCK_N"])
@@ -516,7 +536,7 @@ def grouped_gemm(
         elif dw is not None:
             results[:] = [dw]
 
-    candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device), a_index is not None)
+    candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)))

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -156,6 +157,8 @@ def run(plan: Plan, console=None) -> dict:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)
         raise
+    if checkpoint_plan is not None and "why" in checkpoint_plan:
+        print(f"moetune: checkpoint plan: {checkpoint_plan['why']}", file=sys.stderr)
     if plan.resume_from is None and config.overwrite:
         _clear_old_run(config.output_dir)
     os.makedirs(config.output_dir, exist_ok=True)

@@ -67,3 +67,22 @@ def test_a_failing_tma_candidate_is_skipped_and_other_failures_raise(monkeypatch
     assert "skipping TMA config" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="PassManager"):
         autotune.pick("k", ("tma-raise",), [{"BLOCK_M": 64}, {"broken": True}], launch, "cuda:0", num_rows=10**6)
+
+
+def test_a_gpu_fault_in_a_tma_candidate_is_not_skipped(monkeypatch, tmp_path):
+    """A bad memory access leaves the CUDA context unusable: tuning must stop there, not time the next config."""
+    import triton.testing
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", None)
+    monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
+
+    def launch(config):
+        if config.get("TMA_B"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    candidates = [{"BLOCK_M": 64}, {"BLOCK_M": 64, "TMA_B": True}]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        autotune.pick("k", ("tma-fault",), candidates, launch, "cuda:0", num_rows=10**6)

@@ -129,14 +129,39 @@ def test_split_config_is_refused_outside_the_activation_gradient_epilogue():
 TMA_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "TMA_B": True}
 
 
+@pytest.fixture
+def doubled_tma(monkeypatch):
+    """Descriptors built over twice the operand they are asked for: a kernel that reads through TMA gives twice
+    that operand's product, one that silently falls back to pointer loads does not. Counts what was built."""
+    import importlib
+
+    module = importlib.import_module("moetune.kernels.grouped_gemm")
+    if module.TensorDescriptor is None:
+        pytest.skip("this Triton has no host TMA descriptors")
+    weight_descriptor, rows_descriptor = module.weight_descriptor, module.rows_descriptor
+    built = {"weight": 0, "rows": 0}
+
+    def doubled_weight(b, block_n, block_k):
+        mode, desc = weight_descriptor(2 * b, block_n, block_k)  # 2 * b keeps b's strides (its layout)
+        built["weight"] += mode != 0
+        return mode, desc
+
+    def doubled_rows(a, K, block_m, block_k):
+        desc = rows_descriptor(2 * a, K, block_m, block_k)
+        built["rows"] += desc is not None
+        return desc
+
+    monkeypatch.setattr(module, "weight_descriptor", doubled_weight)
+    monkeypatch.setattr(module, "rows_descriptor", doubled_rows)
+    return built
+
+
 @pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
-def test_weight_through_tma_descriptors(layout):
+def test_weight_through_tma_descriptors(layout, doubled_tma):
     """The TMA path for the weight in the plain GEMM: both weight layouts, tails in K and N (boxes past an expert's rows read the next expert's, which the masks must neutralise)."""
     from moetune.kernels import grouped_gemm
-    from moetune.kernels.grouped_gemm import TensorDescriptor, weight_descriptor
+    from moetune.kernels.grouped_gemm import weight_descriptor
 
-    if TensorDescriptor is None:
-        pytest.skip("this Triton has no host TMA descriptors")
     plan, gen = problem(seed=3)
     S, K, N, R = plan.num_rows, 40, 24, 3  # tails for 16-wide tiles; rows 16-byte aligned in fp32
     x = rand(gen, plan.num_tokens, K)
@@ -146,79 +171,89 @@ def test_weight_through_tma_descriptors(layout):
         b = rand(gen, 5, K, N)
     mode, _ = weight_descriptor(b, 16, 16)
     assert mode == (1 if layout == "k_contiguous" else 2)
+    doubled_tma["weight"] = 0
     u, lb, bias, scale = rand(gen, S, R), rand(gen, 5, R, N), rand(gen, 5, N), rand(gen, S)
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
     out = grouped_gemm(x, b, a_index=plan.token_S, lora_u=u, lora_b=lb, bias=bias, alpha=0.5,
                        row_scale=scale, out_index=plan.perm_S, config=TMA_CONFIG, **common)
-    ref = reference_rows(plan, x, b, plan.token_S) + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
+    assert doubled_tma == {"weight": 1, "rows": 0}
+    ref = 2 * reference_rows(plan, x, b, plan.token_S) + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
     ref = (0.5 * ref + bias.double()[plan.expert_S]) * scale.double()[:, None]
     scattered = torch.empty_like(ref)
     scattered[plan.perm_S] = ref
     close(out, scattered)
-    # An unaligned view falls back to pointer loads.
+    # An unaligned view falls back to pointer loads; so does a box wider than TMA's 256.
     assert weight_descriptor(rand(gen, 5, 7, 5).transpose(1, 2), 16, 16) == (0, None)
+    assert weight_descriptor(b, 512, 16) == (0, None)
 
 
 @pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
 @pytest.mark.parametrize("interleaved, act", [(False, SwiGLU()), (True, GptOssGLU(limit=1.5))])
-def test_tma_gated_forward_and_backward_epilogues(interleaved, act, layout):
+def test_tma_gated_forward_and_backward_epilogues(interleaved, act, layout, doubled_tma):
     """TMA weight loads in the gated epilogues: concat gate/up as two boxes (two accumulators), interleaved pairs
-    as one box twice as wide, in both weight layouts; then the fused and the split activation gradient."""
+    as one box twice as wide, in both weight layouts, with LoRA and bias; then the fused and the split activation
+    gradient."""
     from moetune.kernels import act_code, grouped_gemm
-    from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for
+    from moetune.kernels.grouped_gemm import candidates_for
 
-    if TensorDescriptor is None:
-        pytest.skip("this Triton has no host TMA descriptors")
     plan, gen = problem(seed=4)
-    S, K, I = plan.num_rows, 40, 20  # tails for 16-wide tiles in K and in the h columns
+    S, K, I, R = plan.num_rows, 40, 20, 3  # tails for 16-wide tiles in K and in the h columns
     x = rand(gen, plan.num_tokens, K)
     if layout == "k_contiguous":  # Qwen3's gate_up [E, 2I, K], read transposed
         w1 = rand(gen, 5, 2 * I, K).transpose(1, 2)
     else:  # gpt-oss's gate_up [E, K, 2I]
         w1 = rand(gen, 5, K, 2 * I)
+    u, lb, bias = rand(gen, S, R), rand(gen, 5, R, 2 * I), rand(gen, 5, 2 * I)
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    h, gu = grouped_gemm(x, w1, a_index=plan.token_S, epilogue=1, act=act_code(act), interleaved=interleaved,
-                         config=TMA_CONFIG, **common)
-    gu_ref = reference_rows(plan, x, w1, plan.token_S)
+    h, gu = grouped_gemm(x, w1, a_index=plan.token_S, lora_u=u, lora_b=lb, bias=bias, alpha=0.5, epilogue=1,
+                         act=act_code(act), interleaved=interleaved, config=TMA_CONFIG, **common)
+    assert doubled_tma["weight"] == 1
+    lora = torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
+    gu_ref = 0.5 * (2 * reference_rows(plan, x, w1, plan.token_S) + lora) + bias.double()[plan.expert_S]
     close(gu, gu_ref)
     close(h, act.forward(gu_ref, interleaved))
 
     d_out, w = rand(gen, plan.num_tokens, K), rand(gen, S)
     w2 = rand(gen, 5, I, K).transpose(1, 2) if layout == "k_contiguous" else rand(gen, 5, K, I)
-    g = reference_rows(plan, d_out, w2, plan.token_S)
+    g = 2 * reference_rows(plan, d_out, w2, plan.token_S)
     split = next(c for c in candidates_for(2, S, 5, I, K) if c.get("SPLIT"))
-    for config in (TMA_CONFIG, dict(split, TMA_B=True)):
+    for built, config in enumerate((TMA_CONFIG, dict(split, TMA_B=True)), start=2):
         d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2,
                                   act=act_code(act), interleaved=interleaved, config=config, **common)
+        assert doubled_tma["weight"] == built
         close(d_gu, act.backward(gu.double(), g * w.double()[:, None], interleaved))
         close(dots, (act.forward(gu.double(), interleaved) * g).sum(-1))
 
 
+@pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
 @pytest.mark.parametrize("N", [24, 12], ids=["wide", "rank_wide"])
-def test_sorted_rows_through_tma_descriptors(N):
+def test_sorted_rows_through_tma_descriptors(N, layout, doubled_tma):
     """Activations through TMA (plain GEMMs over sorted rows, no gather): boxes past an expert's rows read the
-    next expert's, which must never be stored; the weight through TMA too where it is wider than a LoRA rank."""
+    next expert's, which must never be stored; the weight through TMA too where it is wider than a LoRA rank, in
+    both layouts (the down projection's [E, K, N] weight reads the next expert's rows past K: A must be zero there,
+    even when A is wider than K)."""
     from moetune.kernels import grouped_gemm
-    from moetune.kernels.grouped_gemm import TensorDescriptor, candidates_for, rows_descriptor
+    from moetune.kernels.grouped_gemm import candidates_for, rows_descriptor
 
-    if TensorDescriptor is None:
-        pytest.skip("this Triton has no host TMA descriptors")
     plan, gen = problem(seed=6)
     S, K, R = plan.num_rows, 40, 3
-    h, b = rand(gen, S, K), rand(gen, 5, N, K).transpose(1, 2)
+    wide = rand(gen, S, K + 8)  # A wider than K: its first K columns are the operand
+    h = wide[:, :K]
+    b = rand(gen, 5, N, K).transpose(1, 2) if layout == "k_contiguous" else rand(gen, 5, K, N)
     u, lb, scale = rand(gen, S, R), rand(gen, 5, R, N), rand(gen, S)
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
     config = dict(TMA_CONFIG, TMA_A=True, TMA_B=N > 16)
-    out = grouped_gemm(h, b, lora_u=u, lora_b=lb, row_scale=scale, out_index=plan.perm_S, config=config, **common)
-    ref = reference_rows(plan, h, b) + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
-    ref = ref * scale.double()[:, None]
+    out = grouped_gemm(wide, b, lora_u=u, lora_b=lb, row_scale=scale, out_index=plan.perm_S, config=config, **common)
+    assert doubled_tma == {"weight": int(N > 16), "rows": 1}
+    ref = 2 ** (1 + (N > 16)) * reference_rows(plan, h, b)
+    ref = (ref + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])) * scale.double()[:, None]
     scattered = torch.empty_like(ref)
     scattered[plan.perm_S] = ref
     close(out, scattered)
     assert any(c.get("TMA_A") for c in candidates_for(0, S, 5, 128, K, True, False))
     assert not any(c.get("TMA_A") for c in candidates_for(0, S, 5, 128, K, True, True))  # gathered rows
     assert not any(c.get("TMA_A") for c in candidates_for(0, S, 5, 16, K, True, False))  # a LoRA product
-    assert rows_descriptor(h[:, 1:], 16, 16) is None  # unaligned rows: pointer loads
+    assert rows_descriptor(wide[:, 1:], K, 16, 16) is None  # unaligned rows: pointer loads
 
 
 def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
@@ -228,8 +263,17 @@ def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
     assert not tma_candidates("cuda")
     monkeypatch.delenv("MOETUNE_TRITON_TMA")
     assert not tma_candidates("cpu")  # no TMA on the CPU unless forced (the interpreter's tests)
+    if TensorDescriptor is not None:  # the GPU's answer, with a fake compute capability
+        import importlib
+
+        module = importlib.import_module("moetune.kernels.grouped_gemm")
+        monkeypatch.setattr(module, "_capability", lambda index: (9, 0))
+        assert tma_candidates("cuda") and tma_candidates("cuda:1", torch.float16)
+        assert not tma_candidates("cuda", torch.float32)  # measured and GPU-tested in 2-byte dtypes only
+        monkeypatch.setattr(module, "_capability", lambda index: (8, 0))
+        assert not tma_candidates("cuda")  # Ampere: no TMA
     monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")
-    assert tma_candidates("cpu") == (TensorDescriptor is not None)
+    assert tma_candidates("cpu", torch.float32) == (TensorDescriptor is not None)
     assert not any(c.get("TMA_B") for c in candidates_for(0, 65536, 128, 2048, 768))
     for epilogue in (0, 1, 2):
         configs = candidates_for(epilogue, 65536, 128, 2048, 768, True)
@@ -264,10 +308,10 @@ def test_every_candidate_config_in_bf16_on_gpu(launch):
     if launch == "plain_sorted":  # the down projection's and the dgrad's A: sorted rows, TMA-readable
         h = bf16(S, K)
         for n in (I, 16):  # and a rank-wide LoRA product
-            b = bf16(E, n, K).transpose(1, 2)
-            ref = reference_rows(plan, h, b)
-            for config in candidates_for(0, S, E, n, K, tma, False):
-                close(grouped_gemm(h, b, config=config, **common), ref, tol=1e-2)
+            for b in (bf16(E, n, K).transpose(1, 2), bf16(E, K, n)):  # Qwen3's down weight, gpt-oss's
+                ref = reference_rows(plan, h, b)
+                for config in candidates_for(0, S, E, n, K, tma, False):
+                    close(grouped_gemm(h, b, config=config, **common), ref, tol=1e-2)
         return
     if launch.startswith("plain"):
         b = bf16(E, I, K).transpose(1, 2) if launch == "plain_k_contiguous" else bf16(E, K, I)
