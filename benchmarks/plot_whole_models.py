@@ -3,7 +3,8 @@
     python benchmarks/plot_whole_models.py OUT.png RESULT.json [RESULT.json ...]
 
 One group of bars per model (the rows' context must be one and the same): transformers + PEFT, moetune with
-every layer checkpointed, moetune without recompute (checkpoint_layers 0, e.g. chosen by auto); the target is a
+every layer checkpointed, moetune with some layers checkpointed, moetune without recompute (checkpoint_layers 0; both
+as chosen by auto, e.g. under --max-memory); the target is a
 black tick. A later file's row replaces an earlier one's for the same model and variant.
 """
 
@@ -21,7 +22,7 @@ from plot_train_step import COLORS, LABELS, variant  # noqa: E402
 
 # Issue #6, whole models on one H200 at 8K: (tokens/s, peak GiB).
 TARGETS = {"qwen3-30b-a3b": (13_500, 66), "gpt-oss-20b": (18_000, 46), "glm-4.7-flash": (14_000, 64)}
-VARIANTS = ("baseline", "moetune", "moetune-nockpt")
+VARIANTS = ("baseline", "moetune", "moetune-partial", "moetune-nockpt")
 
 
 def load(paths: list[Path]) -> tuple[dict, dict, set]:
