@@ -5,8 +5,8 @@
     python benchmarks/bench_kernels.py --kernels path/to/grouped_gemm.py   # time another version of the kernel
     python benchmarks/bench_kernels.py --tiny                         # CPU smoke run (TRITON_INTERPRET=1)
 
-The launches are the ones TritonExpertsFunction makes (same arguments, same order), so the sum is
-close to the block's kernel time. FLOPs count the multiply-adds of the launch (base and LoRA
+The launches are the ones TritonExpertsFunction makes (same arguments; the eight grouped GEMMs in the block's
+order, then its four LoRA weight-gradient launches), so the sum is close to the block's kernel time. FLOPs count the multiply-adds of the launch (base and LoRA
 products); bytes count each operand read once and each output written once, the minimum traffic.
 """
 
@@ -31,8 +31,9 @@ from harness import SHAPES  # noqa: E402
 
 from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
 from moetune.experts.routing import plan_routing  # noqa: E402
-from moetune.kernels import act_code  # noqa: E402
+from moetune.kernels import act_code, grouped_wgrad  # noqa: E402
 from moetune.kernels.grouped_gemm import candidates_for, tma_candidates  # noqa: E402
+from moetune.kernels.grouped_wgrad import wgrad_candidates  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # dense bf16 an H100/H200 reaches
 PEAK_GBS = 3350.0  # H100 SXM HBM3
@@ -50,7 +51,8 @@ def load_kernels(path: str | None):
 
 
 def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
-    """[(name, thunk(**grouped_gemm_kwargs), flops, bytes, (epilogue, N, K, A gathered))] for one forward + backward."""
+    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates())] for one forward + backward: the eight
+    grouped_gemm launches, then the four LoRA weight-gradient (grouped_wgrad) launches."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=0.02):
@@ -82,30 +84,51 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     sv1 = grouped_gemm(d_gu, B1, alpha=2.0, **common)
     b = dtype.itemsize if hasattr(dtype, "itemsize") else 2
     mm = lambda m, n, kk: 2.0 * m * n * kk  # noqa: E731
-    return [
+    tma = tma_candidates(device, dtype)
+
+    def gemm(epilogue, n, k, gathered):  # grouped_gemm's candidates for one launch
+        return lambda: candidates_for(epilogue, S, E, n, k, tma, gathered)
+
+    def wgrad(m, n):
+        return lambda: wgrad_candidates(m, n, S, E)
+
+    wg = dict(num_rows=S, offsets_E=plan.offsets_E)
+    launches = [
         ("fwd  x@A1 (lora, gather)", lambda **kw: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common, **kw),
-         mm(S, R, H), b * (S * H + S * R), (0, R, H, True)),
+         mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
         ("fwd  gate_up + act (gather, lora)", lambda **kw: grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2), bias=b1,
             epilogue=1, act=act, interleaved=shape.interleaved, **common, **kw),
-         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I), (1, I, H, True)),
+         mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I), gemm(1, I, H, True)),
         ("fwd  h@A2 (lora)", lambda **kw: grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common, **kw),
-         mm(S, R, I), b * (S * I + S * R), (0, R, I, False)),
+         mm(S, R, I), b * (S * I + S * R), gemm(0, R, I, False)),
         ("fwd  down (lora, scale, scatter)", lambda **kw: grouped_gemm(
             h, down.transpose(1, 2), lora_u=su2, lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S,
             row_scale=w_S, **common, **kw),
-         mm(S, H, I + R), b * (S * I + E * H * I + S * H), (0, H, I, False)),
+         mm(S, H, I + R), b * (S * I + E * H * I + S * H), gemm(0, H, I, False)),
         ("bwd  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
-         mm(S, R, H), b * (S * H + S * R), (0, R, H, True)),
+         mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
         ("bwd  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
             d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
             interleaved=shape.interleaved, **common, **kw),
-         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), (2, I, H, True)),
+         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
         ("bwd  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
-         mm(S, R, 2 * I), b * (S * 2 * I + S * R), (0, R, 2 * I, False)),
+         mm(S, R, 2 * I), b * (S * 2 * I + S * R), gemm(0, R, 2 * I, False)),
         ("bwd  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
             d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common, **kw),
-         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), (0, H, 2 * I, False)),
+         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
+    ]
+    # The LoRA factor gradients (fp32 [E, ., .] outputs), as the backward calls them.
+    return launches + [
+        ("bwd  dB2 (wgrad, gather, scale)", lambda **kw: grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg, **kw),
+         mm(S, H, R), b * (S * H + S * R + S) + 4 * E * H * R, wgrad(H, R)),
+        ("bwd  dA2 (wgrad, act on load)", lambda **kw: grouped_wgrad(
+            sv2, gu, b_act=act, interleaved=shape.interleaved, scale=w_S, **wg, **kw),
+         mm(S, R, I), b * (S * R + S * 2 * I + S) + 4 * E * R * I, wgrad(R, I)),
+        ("bwd  dB1 (wgrad)", lambda **kw: grouped_wgrad(d_gu, su1, **wg, **kw),
+         mm(S, 2 * I, R), b * (S * 2 * I + S * R) + 4 * E * 2 * I * R, wgrad(2 * I, R)),
+        ("bwd  dA1 (wgrad, gather)", lambda **kw: grouped_wgrad(sv1, x, b_index=plan.token_S, **wg, **kw),
+         mm(S, R, H), b * (S * R + S * H) + 4 * E * R * H, wgrad(R, H)),
     ]
 
 
@@ -144,10 +167,10 @@ def main(argv=None) -> int:
         for tokens in (args.tokens if not args.tiny else [37]):
             total = 0.0
             print(f"# {name} {tokens} tokens, rank {args.rank}, {args.label}")
-            for label, fn, flops, nbytes, (epilogue, n, k, gathered) in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+            for label, fn, flops, nbytes, candidates in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
                 ms = time_ms(fn, device)
                 if args.sweep and re.search(args.sweep, label):
-                    for config in candidates_for(epilogue, tokens * shape.k, shape.E, n, k, tma_candidates(device, dtype), gathered):
+                    for config in candidates():
                         try:
                             cms = time_ms(functools.partial(fn, config=config), device)
                         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory

@@ -13,6 +13,8 @@ rows BLOCK_K at a time. Used for dA/dB of both projections, where M or N is the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,12 +51,9 @@ def grouped_wgrad_kernel(
     m_mask = ms < M
     n_mask = ns < N
     if B_ACT:
-        if INTERLEAVED:
-            g_cols = 2 * ns
-            u_cols = 2 * ns + 1
-        else:
-            g_cols = ns
-            u_cols = ns + N
+        if INTERLEAVED:  # (gate, up) pairs side by side: one contiguous [BLOCK_K, 2 * BLOCK_N] tile per step
+            p_cols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            p_mask = p_cols < 2 * N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(row_start, row_end, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
@@ -73,8 +72,14 @@ def grouped_wgrad_kernel(
         bmask = k_mask[:, None] & n_mask[None, :]
         if B_ACT:
             base = b_ptr + b_rows[:, None] * stride_bm
-            gate = tl.load(base + g_cols[None, :] * stride_bn, mask=bmask, other=0.0).to(tl.float32)
-            up = tl.load(base + u_cols[None, :] * stride_bn, mask=bmask, other=0.0).to(tl.float32)
+            if INTERLEAVED:
+                # Two stride-2 loads (gate at 2n, up at 2n + 1) cannot be vectorised: run 41 measured gpt-oss's
+                # dA2 at 16K tokens at 2.1 ms, 11% of bandwidth. Load the pairs whole, split in registers.
+                pairs = tl.load(base + p_cols[None, :] * stride_bn, mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+                gate, up = tl.split(tl.reshape(pairs.to(tl.float32), (BLOCK_K, BLOCK_N, 2)))
+            else:
+                gate = tl.load(base + ns[None, :] * stride_bn, mask=bmask, other=0.0).to(tl.float32)
+                up = tl.load(base + (ns + N)[None, :] * stride_bn, mask=bmask, other=0.0).to(tl.float32)
             bv = act_forward(gate, up, ACT, act_alpha, act_limit)
         else:
             bv = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :] * stride_bn, mask=bmask, other=0.0)
@@ -85,6 +90,28 @@ def grouped_wgrad_kernel(
     acc = acc * alpha
     tl.store(c_ptr + e.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def wgrad_candidates(M: int, N: int, num_rows: int, E: int) -> tuple[dict, ...]:
+    """Configs to tune over (the heuristic favourite first): one of M, N is the LoRA rank (16-64) and takes the
+    whole rank in one block; the other, wide side (H or I) is tried in 64- to 256-column blocks. Wider blocks
+    read longer runs of each (gathered) row: these launches are bandwidth-bound (run 40: the four of a Qwen3
+    layer took 1.2 ms at 16K tokens where their ~1.9 GB need ~0.5)."""
+    return _wgrad_candidates(M, N, num_rows >= 64 * E)
+
+
+@functools.lru_cache(maxsize=None)
+def _wgrad_candidates(M: int, N: int, many_rows: bool) -> tuple[dict, ...]:
+    cfg = autotune.block_config
+    bm, bn = min(64, _pow2_at_least(M)), min(128 if M <= 32 else 64, _pow2_at_least(N))
+    bk = 64 if many_rows else 32
+
+    def widened(width: int) -> tuple[int, int]:  # the wide side's block `width` columns, the rank's as it is
+        return (min(width, _pow2_at_least(M)), bn) if M > N else (bm, min(width, _pow2_at_least(N)))
+
+    candidates = [cfg(bm, bn, bk, 4, 3), cfg(bm, bn, 128, 4, 3), cfg(*widened(128), 64, 4, 4),
+                  cfg(*widened(256), 64, 8, 3), cfg(*widened(256), 32, 8, 4)]
+    return tuple(c for i, c in enumerate(candidates) if c not in candidates[:i])
 
 
 def grouped_wgrad(
@@ -100,8 +127,11 @@ def grouped_wgrad(
     b_act: tuple[int, float, float] | None = None,
     interleaved: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """[E, M, N] per-expert sums of outer products over the expert's rows (see module docstring)."""
+    """[E, M, N] per-expert sums of outer products over the expert's rows (see module docstring).
+
+    config: one of wgrad_candidates(...) to use instead of the tuned one (tests, benchmarks)."""
     E = offsets_E.shape[0]
     M = a.shape[1]
     N = b.shape[1] // 2 if b_act is not None else b.shape[1]
@@ -125,13 +155,8 @@ def grouped_wgrad(
             **blocks,
         )
 
-    # One of M, N is the LoRA rank (16-64): that side takes the whole rank in one block.
-    bm, bn = min(64, _pow2_at_least(M)), min(128 if M <= 32 else 64, _pow2_at_least(N))
-    bk = 64 if num_rows >= 64 * E else 32
-    cfg = autotune.block_config
-    candidates = [cfg(bm, bn, bk, 4, 3), cfg(bm, bn, 128, 4, 3), cfg(bm, min(256, 2 * bn), 64, 8, 3)]
-    candidates = [c for i, c in enumerate(candidates) if c not in candidates[:i]]
+    candidates = wgrad_candidates(M, N, num_rows, E)
     key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),
            next_power_of_2(max(1, num_rows // E)))
-    launch(autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
+    launch(config or autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
     return out

@@ -85,35 +85,85 @@ def test_gated_forward_and_backward_epilogues(interleaved, act, split):
     close(dots, (act.forward(gu64, interleaved) * g).sum(-1))
 
 
-@pytest.mark.parametrize("mode", ["plain", "gather_a_scale", "gather_b", "act_b"])
+def wgrad_case(mode, plan, gen, M, N, make=rand):
+    """(kwargs for grouped_wgrad, a_rows, b_rows): one mode of the launch and its operands row by row."""
+    from moetune.kernels import act_code
+
+    S, act = plan.num_rows, SwiGLU()
+    if mode == "plain":
+        a, b = make(gen, S, M), make(gen, S, N)
+        return dict(a=a, b=b, alpha=2.0), 2.0 * a.double(), b.double()
+    if mode == "gather_a_scale":
+        a, b, scale = make(gen, plan.num_tokens, M), make(gen, S, N), make(gen, S)
+        return (dict(a=a, b=b, a_index=plan.token_S, scale=scale), a.double()[plan.token_S],
+                b.double() * scale.double()[:, None])
+    if mode == "gather_b":
+        a, b = make(gen, S, M), make(gen, plan.num_tokens, N)
+        return dict(a=a, b=b, b_index=plan.token_S), a.double(), b.double()[plan.token_S]
+    interleaved = mode == "act_b_interleaved"  # gpt-oss's (gate, up) pairs, clamped
+    act = GptOssGLU(limit=1.5) if interleaved else act
+    a, gu = make(gen, S, M), make(gen, S, 2 * N)
+    return (dict(a=a, b=gu, b_act=act_code(act), interleaved=interleaved), a.double(),
+            act.forward(gu.double(), interleaved))
+
+
+def wgrad_reference(plan, E, a_rows, b_rows):
+    ref = torch.zeros(E, a_rows.shape[1], b_rows.shape[1], dtype=torch.float64, device=a_rows.device)
+    return ref.index_add_(0, plan.expert_S, torch.einsum("sm,sn->smn", a_rows, b_rows))
+
+
+@pytest.mark.parametrize("mode", ["plain", "gather_a_scale", "gather_b", "act_b", "act_b_interleaved"])
 def test_wgrad_modes_and_empty_experts(mode):
-    from moetune.kernels import act_code, grouped_wgrad
+    """Each mode against float64, with every candidate config autotuning may pick (the interpreter runs them all)."""
+    from moetune.kernels import grouped_wgrad
+    from moetune.kernels.grouped_wgrad import wgrad_candidates
 
     plan, gen = problem(seed=2)
     S, M, N = plan.num_rows, 17, 12
-    kwargs = dict(num_rows=S, offsets_E=plan.offsets_E)
-    act = SwiGLU()
-    if mode == "plain":
-        a, b = rand(gen, S, M), rand(gen, S, N)
-        a_rows, b_rows = a, b
-        out = grouped_wgrad(a, b, alpha=2.0, **kwargs)
-        a_rows = 2.0 * a_rows
-    elif mode == "gather_a_scale":
-        a, b, scale = rand(gen, plan.num_tokens, M), rand(gen, S, N), rand(gen, S)
-        out = grouped_wgrad(a, b, a_index=plan.token_S, scale=scale, **kwargs)
-        a_rows, b_rows = a[plan.token_S], b * scale[:, None]
-    elif mode == "gather_b":
-        a, b = rand(gen, S, M), rand(gen, plan.num_tokens, N)
-        out = grouped_wgrad(a, b, b_index=plan.token_S, **kwargs)
-        a_rows, b_rows = a, b[plan.token_S]
-    else:
-        a, gu = rand(gen, S, M), rand(gen, S, 2 * N)
-        out = grouped_wgrad(a, gu, b_act=act_code(act), **kwargs)
-        a_rows, b_rows = a, act.forward(gu.double())
-    ref = torch.zeros(5, M, N, dtype=torch.float64, device=DEVICE)
-    ref.index_add_(0, plan.expert_S, torch.einsum("sm,sn->smn", a_rows.double(), b_rows.double()))
-    close(out, ref)
-    assert out[3].abs().sum() == 0  # the empty expert
+    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, M, N)
+    ref = wgrad_reference(plan, 5, a_rows, b_rows)
+    configs = wgrad_candidates(M, N, S, 5)
+    assert len(configs) >= 3
+    for config in (None, *configs):
+        out = grouped_wgrad(num_rows=S, offsets_E=plan.offsets_E, config=config, **kwargs)
+        close(out, ref)
+        assert out[3].abs().sum() == 0  # the empty expert
+
+
+def test_wgrad_candidates_widen_the_wide_side():
+    """The rank side keeps one block; the wide side (H or I) is tried up to 256 columns wide."""
+    from moetune.kernels.grouped_wgrad import wgrad_candidates
+
+    for M, N, wide, rank in ((2048, 16, "BLOCK_M", "BLOCK_N"), (16, 768, "BLOCK_N", "BLOCK_M")):
+        configs = wgrad_candidates(M, N, 131072, 128)
+        assert {c[rank] for c in configs} == {16}
+        assert max(c[wide] for c in configs) == 256 and configs[0][wide] < 256
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["plain", "gather_a_scale", "gather_b", "act_b", "act_b_interleaved"])
+@pytest.mark.parametrize("wide", ["M", "N"])
+def test_every_wgrad_candidate_in_bf16_on_gpu(mode, wide):
+    """Autotuning may pick any wgrad candidate: each one against float64 in bf16, the wide side not a multiple of
+    any block (and the rank side 16)."""
+    from moetune.kernels import grouped_wgrad
+    from moetune.kernels.grouped_wgrad import wgrad_candidates
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    E, T, k = 8, 700, 4
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    plan = plan_routing(ids.cuda(), E)
+    M, N = (333, 16) if wide == "M" else (16, 333)
+
+    def bf16(gen, *shape):
+        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+
+    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, M, N, make=bf16)
+    ref = wgrad_reference(plan, E, a_rows, b_rows)
+    for config in wgrad_candidates(M, N, plan.num_rows, E):
+        close(grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, config=config, **kwargs), ref, tol=1e-2)
 
 
 def test_split_config_is_refused_outside_the_activation_gradient_epilogue():
