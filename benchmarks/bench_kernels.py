@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py                                # GPU: Qwen3 and gpt-oss, 16K tokens
     python benchmarks/bench_kernels.py --shapes glm-4.7-flash --tokens 4096 16384
-    python benchmarks/bench_kernels.py --kernels path/to/grouped_gemm.py   # time another version of the kernel
+    python benchmarks/bench_kernels.py --kernels path/to/grouped_gemm.py   # another grouped_gemm (wgrad: moetune's)
     python benchmarks/bench_kernels.py --tiny                         # CPU smoke run (TRITON_INTERPRET=1)
 
 The launches are the ones TritonExpertsFunction makes (same arguments; the eight grouped GEMMs in the block's

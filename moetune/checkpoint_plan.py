@@ -84,8 +84,9 @@ def fit_checkpoint_layers(
     clears the parameters' .grad and the device's peak-memory statistics. max_memory_gib: a cap on the budget in GiB
     (torch.cuda.max_memory_allocated's measure). memory: for tests (CudaMemory's methods).
     Returns what was measured and chosen: {"checkpoint_layers", "layers", "activation_bytes_per_layer",
-    "probe_peak_bytes", "optimizer_state_bytes", "budget_bytes"}, or {"checkpoint_layers", "layers", "why"} when
-    nothing was measured (CPU: checkpoint_layers None, nothing changed; probe out of memory: all layers).
+    "probe_peak_bytes", "optimizer_state_bytes", "budget_bytes"}, plus "why" where even every layer checkpointed
+    is estimated over the budget; or {"checkpoint_layers", "layers", "why"} when nothing was measured (CPU:
+    checkpoint_layers None, nothing changed; probe out of memory: all layers).
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -170,8 +171,8 @@ def fit_checkpoint_layers(
         "optimizer_state_bytes": state,
         "budget_bytes": budget,
     }
-    # Every layer checkpointed: the probe's peak less the layers it left out, plus the optimizer state.
-    least = peak - len(probed) * per_layer + state
+    # Every layer checkpointed: the probe's peak less what the layers it left out kept, plus the optimizer state.
+    least = peak - sum(kept.values()) + state
     if least > budget:
         plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "
                        f"over the budget of {budget / 2**30:.1f} GiB: it may not fit")

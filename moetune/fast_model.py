@@ -385,7 +385,8 @@ class FastMoEModel:
         a smaller card to plan for, a shared GPU), with the optimizer's state (adamw: 8 bytes per trainable
         parameter, adamw_8bit: 2). Layers left out skip their recompute (faster). Returns
         the measurements and the choice (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe
-        runs out of memory every layer stays checkpointed. memory: a stand-in for the CUDA allocator (tests).
+        runs out of memory every layer stays checkpointed; "why" says so, or that even every layer checkpointed is
+        estimated over the budget. memory: a stand-in for the CUDA allocator (tests).
         """
         from .checkpoint_plan import fit_checkpoint_layers
 

@@ -66,7 +66,7 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     assert torch.equal(torch.get_rng_state(), rng)  # the probe's random ids leave the caller's stream alone
     hidden = 2 * 9 * model.config.hidden_size * 4  # each probed layer: 1000 bytes kept + its fp32 input
     assert plan["activation_bytes_per_layer"] == 1000 + hidden and plan["probe_peak_bytes"] == 10_000
-    assert plan["checkpoint_layers"] == 0 and _flags(model) == [False, False]
+    assert plan["checkpoint_layers"] == 0 and _flags(model) == [False, False] and "why" not in plan
     assert all(p.grad is None for p in model.parameters())
     # Planned again with no memory to spare (budget 0.9 x 10_000 below the probe's peak): all checkpointed.
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=10_000))
@@ -75,6 +75,11 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=9_000 / GiB, memory=FakeMemory())
     assert plan["budget_bytes"] == 9_000 and plan["checkpoint_layers"] == 2 and _flags(model) == [True, True]
     assert "even with every layer checkpointed the step is estimated at" in plan["why"]  # said, not silent
+    # The estimate for every layer checkpointed: the probe's peak less what its two layers kept, plus the state.
+    least = plan["probe_peak_bytes"] - 2 * plan["activation_bytes_per_layer"] + plan["optimizer_state_bytes"]
+    for cap, said in ((least - 1, True), (least, False)):
+        plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=cap / GiB, memory=FakeMemory())
+        assert plan["checkpoint_layers"] == 2 and ("why" in plan) == said, (cap, plan)
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=1.0, memory=FakeMemory())
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 

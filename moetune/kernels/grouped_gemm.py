@@ -307,7 +307,7 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 def tma_candidates(device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether autotuning also tries the weight operand through TMA descriptors: on NVIDIA Hopper and newer
-    (sm90+, where TMA exists) for 2-byte dtypes (the ones measured and GPU-tested) unless MOETUNE_TRITON_TMA=0;
+    (sm90+, where TMA exists) in bfloat16 (the dtype measured and GPU-tested) unless MOETUNE_TRITON_TMA=0;
     MOETUNE_TRITON_TMA=1 forces it for any dtype (the interpreter's fp32 tests).
 
     Run 36 (H200, 16K tokens): the TMA candidate won the down projection forward (gpt-oss +16%), the
@@ -319,7 +319,7 @@ def tma_candidates(device, dtype: torch.dtype = torch.bfloat16) -> bool:
     if setting == "1":
         return True
     device = torch.device(device)
-    if device.type != "cuda" or torch.version.hip is not None or dtype.itemsize != 2:
+    if device.type != "cuda" or torch.version.hip is not None or dtype != torch.bfloat16:
         return False
     return _capability(device.index) >= (9, 0)
 
@@ -539,9 +539,9 @@ def grouped_gemm(
     candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
-           N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)))
+           N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)), _rows_class(num_rows, E))
     # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
-    launch(config or autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
+    launch(config if config is not None else autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     if epilogue == 1:
         return out, gu
     if epilogue == 2:

@@ -93,8 +93,8 @@ def grouped_wgrad_kernel(
 
 
 def wgrad_candidates(M: int, N: int, num_rows: int, E: int) -> tuple[dict, ...]:
-    """Configs to tune over (the heuristic favourite first): one of M, N is the LoRA rank (16-64) and takes the
-    whole rank in one block; the other, wide side (H or I) is tried in 64- to 256-column blocks. Wider blocks
+    """Configs to tune over (the heuristic favourite first): one of M, N is the LoRA rank and takes it in one
+    block up to rank 64 (more in blocks of 64); the other, wide side (H or I) is tried in 64- to 256-column blocks. Wider blocks
     read longer runs of each (gathered) row: these launches are bandwidth-bound (run 40: the four of a Qwen3
     layer took 1.2 ms at 16K tokens where their ~1.9 GB need ~0.5)."""
     return _wgrad_candidates(M, N, num_rows >= 64 * E)
@@ -157,6 +157,6 @@ def grouped_wgrad(
 
     candidates = wgrad_candidates(M, N, num_rows, E)
     key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),
-           next_power_of_2(max(1, num_rows // E)))
-    launch(config or autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
+           next_power_of_2(max(1, num_rows // E)), num_rows >= 64 * E)
+    launch(config if config is not None else autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
     return out

@@ -266,9 +266,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--max-memory: expected a number of GiB > 0, got {config.max_memory}")
     if config.max_memory is not None and (layers != "auto" or not config.gradient_checkpointing):
         # The cap is the automatic plan's budget; without that plan it would be silently ignored.
-        given = "all" if layers is None else layers
-        raise ValueError(f"--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, "
-                         f"got --checkpoint-layers {given}")
+        given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
+                 else f"--checkpoint-layers {'all' if layers is None else layers}")
+        raise ValueError(f"--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:

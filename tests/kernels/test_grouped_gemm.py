@@ -130,6 +130,19 @@ def test_wgrad_modes_and_empty_experts(mode):
         assert out[3].abs().sum() == 0  # the empty expert
 
 
+@pytest.mark.parametrize("mode", ["plain", "gather_a_scale", "gather_b", "act_b", "act_b_interleaved"])
+def test_wgrad_over_several_blocks(mode):
+    """Several M and N blocks (16-wide blocks over 40 columns, tails included): each block's offsets, the
+    interleaved pairs' included."""
+    from moetune.kernels import grouped_wgrad
+
+    plan, gen = problem(seed=9)
+    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, 40, 40)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    out = grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, config=config, **kwargs)
+    close(out, wgrad_reference(plan, 5, a_rows, b_rows))
+
+
 def test_wgrad_candidates_widen_the_wide_side():
     """The rank side keeps one block; the wide side (H or I) is tried up to 256 columns wide."""
     from moetune.kernels.grouped_wgrad import wgrad_candidates
@@ -232,9 +245,6 @@ def test_weight_through_tma_descriptors(layout, doubled_tma):
     scattered = torch.empty_like(ref)
     scattered[plan.perm_S] = ref
     close(out, scattered)
-    # An unaligned view falls back to pointer loads; so does a box wider than TMA's 256.
-    assert weight_descriptor(rand(gen, 5, 7, 5).transpose(1, 2), 16, 16) == (0, None)
-    assert weight_descriptor(b, 512, 16) == (0, None)
 
 
 @pytest.mark.parametrize("layout", ["k_contiguous", "n_contiguous"])
@@ -283,7 +293,7 @@ def test_sorted_rows_through_tma_descriptors(N, layout, doubled_tma):
     both layouts (the down projection's [E, K, N] weight reads the next expert's rows past K: A must be zero there,
     even when A is wider than K)."""
     from moetune.kernels import grouped_gemm
-    from moetune.kernels.grouped_gemm import candidates_for, rows_descriptor
+    from moetune.kernels.grouped_gemm import candidates_for
 
     plan, gen = problem(seed=6)
     S, K, R = plan.num_rows, 40, 3
@@ -303,7 +313,39 @@ def test_sorted_rows_through_tma_descriptors(N, layout, doubled_tma):
     assert any(c.get("TMA_A") for c in candidates_for(0, S, 5, 128, K, True, False))
     assert not any(c.get("TMA_A") for c in candidates_for(0, S, 5, 128, K, True, True))  # gathered rows
     assert not any(c.get("TMA_A") for c in candidates_for(0, S, 5, 16, K, True, False))  # a LoRA product
-    assert rows_descriptor(wide[:, 1:], K, 16, 16) is None  # unaligned rows: pointer loads
+
+
+def test_descriptors_refuse_what_tma_cannot_read():
+    """Where TMA cannot read an operand the launcher gets no descriptor and loads through pointers."""
+    from moetune.kernels.grouped_gemm import TensorDescriptor, rows_descriptor, weight_descriptor
+
+    if TensorDescriptor is None:
+        pytest.skip("this Triton has no host TMA descriptors")
+    gen = torch.Generator().manual_seed(8)
+    b = rand(gen, 5, 24, 40).transpose(1, 2)  # K = 40, N = 24: 16-byte rows in fp32
+    assert weight_descriptor(b, 16, 16)[0] == 1
+    assert weight_descriptor(rand(gen, 5, 7, 5).transpose(1, 2), 16, 16) == (0, None)  # 28-byte rows
+    assert weight_descriptor(rand(gen, 5 * 24 * 40 + 1)[1:].view(5, 24, 40).transpose(1, 2), 16, 16) == (0, None)  # base
+    assert weight_descriptor(b, 512, 16) == (0, None)  # a box over TMA's 256
+    a = rand(gen, 30, 48)
+    assert rows_descriptor(a, 40, 16, 16) is not None
+    assert rows_descriptor(rand(gen, 30 * 48 + 4)[4:].view(30, 48), 40, 16, 16) is not None  # 16-byte offset: fine
+    assert rows_descriptor(rand(gen, 30 * 48 + 1)[1:].view(30, 48), 40, 16, 16) is None  # unaligned base, aligned pitch
+    assert rows_descriptor(a[:, 1:], 40, 16, 16) is None  # unaligned base and pitch
+    assert rows_descriptor(a, 56, 16, 16) is None  # narrower than K
+    assert rows_descriptor(a, 40, 512, 16) is None  # a box over 256
+
+
+@pytest.mark.parametrize("per_expert", [47.9, 48, 255.9, 256, 512, 512.5])
+def test_candidates_keep_the_thresholds_of_candidate_blocks(per_expert):
+    """candidates_for is memoised per class of rows per expert: each class gives the blocks of its own rows."""
+    from moetune.kernels.grouped_gemm import candidate_blocks, candidates_for
+
+    E = 10
+    num_rows = round(per_expert * E)
+    for epilogue in (0, 1):
+        got = candidates_for(epilogue, num_rows, E, 768, 2048)
+        assert list(got) == candidate_blocks(num_rows / E, 768, 2048, gated=epilogue == 1)
 
 
 def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
@@ -318,8 +360,12 @@ def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
 
         module = importlib.import_module("moetune.kernels.grouped_gemm")
         monkeypatch.setattr(module, "_capability", lambda index: (9, 0))
-        assert tma_candidates("cuda") and tma_candidates("cuda:1", torch.float16)
-        assert not tma_candidates("cuda", torch.float32)  # measured and GPU-tested in 2-byte dtypes only
+        assert tma_candidates("cuda") and tma_candidates("cuda:1", torch.bfloat16)
+        assert not tma_candidates("cuda", torch.float32)
+        assert not tma_candidates("cuda", torch.float16)  # only bfloat16 was measured and GPU-tested
+        monkeypatch.setattr(torch.version, "hip", "6.4")
+        assert not tma_candidates("cuda")  # ROCm: no NVIDIA TMA
+        monkeypatch.setattr(torch.version, "hip", None)
         monkeypatch.setattr(module, "_capability", lambda index: (8, 0))
         assert not tma_candidates("cuda")  # Ampere: no TMA
     monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")

@@ -61,6 +61,7 @@ CASES = {
     "more checkpoint layers than the model": (lambda t: ["--checkpoint-layers", "9"], "--checkpoint-layers: expected at most the model's 4 decoder layers, got 9"),
     "memory cap not positive": (lambda t: ["--max-memory", "0"], "--max-memory: expected a number of GiB > 0, got 0.0"),
     "memory cap without the auto plan": (lambda t: ["--max-memory", "40", "--checkpoint-layers", "all"], "--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got --checkpoint-layers all"),
+    "memory cap without checkpointing": (lambda t: ["--max-memory", "40", "--no-gradient-checkpointing"], "--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got --no-gradient-checkpointing"),
     "memory cap not a number": (lambda t: ["--max-memory", "lots"], "argument --max-memory: invalid float value: 'lots'"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
