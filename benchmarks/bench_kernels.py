@@ -6,8 +6,9 @@
     python benchmarks/bench_kernels.py --tiny                         # CPU smoke run (TRITON_INTERPRET=1)
 
 The launches are the ones TritonExpertsFunction makes (same arguments; the eight grouped GEMMs in the block's
-order, then its four LoRA weight-gradient launches), so the sum is close to the block's kernel time. FLOPs count the multiply-adds of the launch (base and LoRA
-products); bytes count each operand read once and each output written once, the minimum traffic.
+order, then its four LoRA weight-gradient launches), so the sum is close to the block's kernel time. FLOPs count
+the multiply-adds of the launch (base and LoRA products); bytes count each operand read once and each output
+written once, the minimum traffic.
 """
 
 from __future__ import annotations

@@ -324,6 +324,10 @@ def tma_candidates(device, dtype: torch.dtype = torch.bfloat16) -> bool:
     return _capability(device.index) >= (9, 0)
 
 
+# TMA boxes are at most 256 elements along each dimension: a larger tile loads through pointers instead.
+TMA_MAX_BOX = 256
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -337,7 +341,7 @@ def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
     needs a 16-byte aligned base and row pitch and boxes of at most 256 per dimension; reads past the 2-D tensor's
     end are zeros.
     """
-    if TensorDescriptor is None or max(block_n, block_k) > 256:
+    if TensorDescriptor is None or max(block_n, block_k) > TMA_MAX_BOX:
         return 0, None
     E, K, N = b.shape
     size = b.element_size()
@@ -358,7 +362,7 @@ def rows_descriptor(a: torch.Tensor, K: int, block_m: int, block_k: int):
     next expert's rows."""
     size = a.element_size()
     if (TensorDescriptor is None or a.shape[1] < K or a.stride(1) != 1 or a.data_ptr() % 16
-            or (a.stride(0) * size) % 16 or max(block_m, block_k) > 256):
+            or (a.stride(0) * size) % 16 or max(block_m, block_k) > TMA_MAX_BOX):
         return None
     return TensorDescriptor(a, [a.shape[0], K], list(a.stride()), [block_m, block_k])
 
