@@ -25,7 +25,9 @@ CASES = {
     "typical": Case(E=8, k=2, H=32, I=24, r=8, T=33),  # T not a multiple of any tile
     "T=1": Case(E=6, k=2, H=64, I=32, r=16, T=1),  # a single token; wide enough that bf16 norms average
     "k=1": Case(E=5, k=1, H=16, I=16, r=4, T=17),
-    "k=E": Case(E=4, k=4, H=16, I=8, r=2, T=9),  # every expert on every token
+    # Every expert on every token. T=9, r=2 put B_down's bf16 gradient over 2e-2 in 3 of 1,501 draws (a fresh-clone
+    # CI run hit one: grouped_mm and native alike, 2.7e-2); T=32, r=4: none in 2,101.
+    "k=E": Case(E=4, k=4, H=16, I=8, r=4, T=32),
     "prime_E_empty_experts": Case(E=7, k=2, H=24, I=16, r=8, T=11, routing="half"),
     "one_expert_takes_all": Case(E=6, k=1, H=16, I=16, r=4, T=19, routing="one"),
     "one_expert_set_takes_all": Case(E=6, k=2, H=16, I=8, r=4, T=12, routing="one"),
