@@ -1,4 +1,5 @@
-"""How many decoder layers to checkpoint so that one training step fits the GPU (`checkpoint_layers="auto"`).
+"""How many decoder layers to checkpoint so that one training step fits the GPU (`checkpoint_layers="auto"`),
+and how many of those keep their attention output (moetune/models/kept_attention.py).
 
 Checkpointing every layer costs each step one more forward of every layer (about a quarter of the step);
 a layer left out keeps its activations on the GPU instead. Which is better depends on spare memory, and
@@ -6,40 +7,54 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
 
 1. One probe step (forward + backward, no optimizer step) on random token ids of the planned [batch, length]
    shape, every layer checkpointed except the first and the last decoder layer (dense and MoE layers differ in
-   some models: both ends are measured, the larger counts). The step's peak memory is measured, and for those two
-   layers the bytes their forward keeps alive plus their input (which a checkpointed, offloaded layer would not
-   keep on the GPU).
+   some models: both ends are measured, the larger counts); the checkpointed ones keep their attention output.
+   The step's peak memory is measured; for the two ends, the bytes their forward keeps alive plus their input
+   (which a checkpointed, offloaded layer would not keep on the GPU); for the others, the attention output kept.
 2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added.
-3. Layers left out: (budget - peak - optimizer state) // bytes per layer, more than the two the probe left out;
+3. From the spare memory (budget - the estimate for every layer checkpointed, none keeping attention): first
+   checkpointed layers keep their attention output, then layers are left out of checkpointing, each for its
+   activations less the attention output it no longer keeps. Kept attention comes first because it buys more
+   time per byte: its output is a small part of a layer's activations (Qwen3-30B-A3B at 8K: 64 of ~460 MiB)
+   and the kernel a large part of its recompute (~0.85 of ~3.4 ms), and the ratio grows with the length.
    budget = memory_fraction of what this process can have (the device, or what is free plus what torch's
    allocator holds, whichever is less), or max_memory_gib if that is less (a smaller card to plan for, a GPU
-   shared with another job). The first `layers - left out` layers stay checkpointed.
+   shared with another job). The first `checkpoint_layers` layers stay checkpointed, the first
+   `kept_attention_layers` of them keep their attention.
 
-If the probe itself runs out of memory, every layer stays checkpointed. Attention is flash/sdpa (linear in
-tokens), so a shorter batch later needs less; a longer one than planned may not fit: plan for the longest batch.
-Not on CPU (no memory to plan for): everything stays checkpointed. Calling transformers'
+If the probe itself runs out of memory, every layer stays checkpointed and none keeps attention. Attention is
+flash/sdpa (linear in tokens), so a shorter batch later needs less; a longer one than planned may not fit: plan
+for the longest batch. Not on CPU (no memory to plan for): everything stays checkpointed. Calling transformers'
 gradient_checkpointing_enable again afterwards (HF Trainer does, when its gradient_checkpointing is on)
-checkpoints every layer again.
+checkpoints every layer again and drops the kept attention.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["fit_checkpoint_layers", "choose_checkpoint_layers", "OPTIMIZER_STATE_BYTES"]
+from .models import kept_attention
+
+__all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
 # Optimizer state per trainable parameter, allocated at the first step: AdamW's two fp32 moments; 8-bit AdamW's.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2}
 
 
-def choose_checkpoint_layers(layers: int, per_layer: int, probe_peak: int, state: int, budget: int,
-                             probed: int = 1) -> int:
-    """Layers to keep checkpointed, from a probe step that left `probed` layers (per_layer bytes each) out."""
-    spare = budget - probe_peak - state
-    if spare < 0 or per_layer <= 0:  # the probe's own layers do not fit, or nothing sensible was measured
-        return layers
-    left_out = probed + spare // per_layer
-    return max(0, layers - left_out)
+def choose_plan(layers: int, per_layer: int, least: int, budget: int, attention: int = 0) -> tuple[int, int]:
+    """(layers checkpointed, of those keeping their attention) for a step estimated at `least` bytes with every
+    layer checkpointed and none keeping attention; per_layer: the activations of a layer left out; attention:
+    the output a checkpointed layer keeps (0: none can)."""
+    spare = budget - least
+    if spare < 0 or per_layer <= 0:  # over budget already, or nothing sensible was measured
+        return layers, 0
+    if attention > 0:
+        if spare < layers * attention:
+            return layers, int(spare // attention)
+        spare -= layers * attention
+        extra = per_layer - attention  # a layer left out drops its kept output, holds all its activations
+        checkpointed = max(0, layers - int(spare // extra)) if extra > 0 else 0
+        return checkpointed, checkpointed
+    return max(0, layers - int(spare // per_layer)), 0
 
 
 class CudaMemory:
@@ -76,17 +91,20 @@ def _layers(model) -> list:
 
 def fit_checkpoint_layers(
     model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, max_memory_gib: float | None = None,
-    optimizer: str = "adamw", memory=None,
+    optimizer: str = "adamw", keep_attention: bool = True, memory=None,
 ) -> dict:
-    """Measure one probe step and set how many decoder layers stay checkpointed (see the module docstring).
+    """Measure one probe step and set how many decoder layers stay checkpointed, and how many of those keep their
+    attention output (see the module docstring).
 
     model: from FastMoEModel.get_peft_model(..., use_gradient_checkpointing=True), on one CUDA device. The probe
     clears the parameters' .grad and the device's peak-memory statistics. max_memory_gib: a cap on the budget in GiB
-    (torch.cuda.max_memory_allocated's measure). memory: for tests (CudaMemory's methods).
-    Returns what was measured and chosen: {"checkpoint_layers", "layers", "activation_bytes_per_layer",
-    "probe_peak_bytes", "optimizer_state_bytes", "budget_bytes"}, plus "why" where even every layer checkpointed
-    is estimated over the budget; or {"checkpoint_layers", "layers", "why"} when nothing was measured (CPU:
-    checkpoint_layers None, nothing changed; probe out of memory: all layers).
+    (torch.cuda.max_memory_allocated's measure). keep_attention: False plans without kept attention (every
+    checkpointed layer recomputes it). memory: for tests (CudaMemory's methods).
+    Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
+    "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
+    "budget_bytes"}, plus "why" where even every layer checkpointed is estimated over the budget; or
+    {"checkpoint_layers", "layers", "why"} when nothing was measured (CPU: checkpoint_layers None, nothing changed;
+    probe out of memory: all layers, none keeping attention).
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,6 +118,8 @@ def fit_checkpoint_layers(
         raise ValueError(f"max_memory_gib: expected None or a number of GiB > 0, got {max_memory_gib!r}")
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
+    if not isinstance(keep_attention, bool):
+        raise ValueError(f"keep_attention: expected True or False, got {keep_attention!r}")
     layers = _layers(model)
     # Enabled once by get_peft_model (the layer's checkpoint function); the flags are what a plan changes, so
     # planning again (another length) works.
@@ -117,6 +137,8 @@ def fit_checkpoint_layers(
     probed = [layers[0], layers[-1]] if len(layers) > 1 else [layers[0]]
     for layer in layers:
         layer.gradient_checkpointing = not any(layer is p for p in probed)
+    kept_attention.keep_attention(layers, len(layers) if keep_attention else 0)
+    kept_attention.reset_kept_bytes()
     kept: dict[int, int] = {}
 
     def before(module, args, kwargs):
@@ -149,9 +171,10 @@ def fit_checkpoint_layers(
         if peak is None:
             for layer in layers:
                 layer.gradient_checkpointing = True
+            kept_attention.keep_attention(layers, 0)
         memory.release()
     if peak is None:
-        return {"checkpoint_layers": len(layers), "layers": len(layers),
+        return {"checkpoint_layers": len(layers), "kept_attention_layers": 0, "layers": len(layers),
                 "why": f"the probe step ran out of memory at batch {batch_size} x {seq_len} tokens"}
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -160,19 +183,24 @@ def fit_checkpoint_layers(
     if max_memory_gib is not None:
         budget = min(budget, int(max_memory_gib * 2**30))
     per_layer = max(kept.values(), default=0)
-    checkpointed = choose_checkpoint_layers(len(layers), per_layer, peak, state, budget, probed=len(probed))
+    attention = kept_attention.largest_kept_bytes()
+    # Every layer checkpointed, none keeping attention: the probe's peak less what the layers it left out kept
+    # and the attention its checkpointed layers kept, plus the optimizer state.
+    least = peak - sum(kept.values()) - (len(layers) - len(probed)) * attention + state
+    checkpointed, keeping = choose_plan(len(layers), per_layer, least, budget, attention)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < checkpointed
+    keeping = kept_attention.keep_attention(layers, keeping)
     plan = {
         "checkpoint_layers": checkpointed,
+        "kept_attention_layers": keeping,
         "layers": len(layers),
         "activation_bytes_per_layer": per_layer,
+        "attention_bytes_per_layer": attention,
         "probe_peak_bytes": peak,
         "optimizer_state_bytes": state,
         "budget_bytes": budget,
     }
-    # Every layer checkpointed: the probe's peak less what the layers it left out kept, plus the optimizer state.
-    least = peak - sum(kept.values()) + state
     if least > budget:
         plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "
                        f"over the budget of {budget / 2**30:.1f} GiB: it may not fit")

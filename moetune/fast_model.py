@@ -375,22 +375,25 @@ class FastMoEModel:
     @staticmethod
     def fit_checkpoint_layers(
         model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, max_memory_gib: float | None = None,
-        optimizer: str = "adamw", memory=None,
+        optimizer: str = "adamw", keep_attention: bool = True, memory=None,
     ) -> dict:
-        """Checkpoint only as many decoder layers as the GPU needs for steps of [batch_size, seq_len] tokens.
+        """Checkpoint only as many decoder layers as the GPU needs for steps of [batch_size, seq_len] tokens, and
+        let checkpointed layers keep their attention output where memory allows (their recompute then skips the
+        attention kernel; sdpa attention only).
 
         Runs one probe step (forward + backward, no optimizer step; clears .grad and the peak-memory statistics),
-        measures the peak and the first and last layers' activations, and leaves out of checkpointing as many
-        layers as fit in memory_fraction of the memory this process can have (or in max_memory_gib GiB, if less:
-        a smaller card to plan for, a shared GPU), with the optimizer's state (adamw: 8 bytes per trainable
-        parameter, adamw_8bit: 2). Layers left out skip their recompute (faster). Returns
-        the measurements and the choice (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe
-        runs out of memory every layer stays checkpointed; "why" says so, or that even every layer checkpointed is
-        estimated over the budget. memory: a stand-in for the CUDA allocator (tests).
+        measures the peak, the first and last layers' activations and the attention output a checkpointed layer
+        keeps, and spends what fits in memory_fraction of the memory this process can have (or in max_memory_gib
+        GiB, if less: a smaller card to plan for, a shared GPU), with the optimizer's state (adamw: 8 bytes per
+        trainable parameter, adamw_8bit: 2): first on kept attention, then on layers left out of checkpointing
+        (they skip their recompute). keep_attention=False: no layer keeps it. Returns the measurements and the
+        choice (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe runs out of memory every
+        layer stays checkpointed; "why" says so, or that even every layer checkpointed is estimated over the
+        budget. memory: a stand-in for the CUDA allocator (tests).
         """
         from .checkpoint_plan import fit_checkpoint_layers
 
         return fit_checkpoint_layers(
             model, batch_size, seq_len, memory_fraction=memory_fraction, max_memory_gib=max_memory_gib,
-            optimizer=optimizer, memory=memory,
+            optimizer=optimizer, keep_attention=keep_attention, memory=memory,
         )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moetune import FastMoEModel
-from moetune.checkpoint_plan import choose_checkpoint_layers
+from moetune.checkpoint_plan import choose_plan
 
 from .models.helpers import checkpoint  # noqa: F401  (session fixture)
 from .models.tiny import VOCAB
@@ -17,15 +17,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
 
 
 def test_choice_from_the_probe():
-    # 8 layers, 0.5 GiB each; the probe peaked at 13 GiB with two layers kept; optimizer state 1 GiB.
-    def choose(budget):
-        return choose_checkpoint_layers(8, GiB // 2, 13 * GiB, GiB, budget, probed=2)
+    # 8 layers, 0.5 GiB each; every layer checkpointed is estimated at 13 GiB with the optimizer state.
+    def choose(budget, attention=0):
+        return choose_plan(8, GiB // 2, 13 * GiB, budget, attention)
 
-    assert choose(80 * GiB) == 0  # plenty: nothing recomputed
-    assert choose(15 * GiB) == 4  # 1 GiB spare: the probe's two + two more kept
-    assert choose(14 * GiB) == 6  # just the probe's own two
-    assert choose(13 * GiB) == 8  # not even those: all checkpointed
-    assert choose_checkpoint_layers(8, 0, 13 * GiB, GiB, 80 * GiB) == 8  # a measurement of nothing: all checkpointed
+    assert choose(80 * GiB) == (0, 0)  # plenty: nothing recomputed
+    assert choose(15 * GiB) == (4, 0)  # 2 GiB spare: four layers left out
+    assert choose(14 * GiB) == (6, 0)
+    assert choose(13 * GiB) == (8, 0)  # nothing spare: all checkpointed
+    assert choose(12 * GiB, GiB // 8) == (8, 0)  # over budget already
+    assert choose_plan(8, 0, 13 * GiB, 80 * GiB) == (8, 0)  # a measurement of nothing: all checkpointed
+    # Kept attention (1/8 GiB a layer) first: 0.5 GiB spare keeps it in four checkpointed layers.
+    assert choose(13 * GiB + GiB // 2, GiB // 8) == (8, 4)
+    assert choose(14 * GiB, GiB // 8) == (8, 8)  # all eight keep it
+    # 2 GiB spare: 1 GiB for all eight, then each layer left out costs 3/8 GiB more: two of them.
+    assert choose(15 * GiB, GiB // 8) == (6, 6)
+    assert choose(80 * GiB, GiB // 8) == (0, 0)
 
 
 class FakeMemory:
@@ -84,6 +91,41 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 
 
+def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
+    import transformers
+
+    from moetune.fast_model import _decoder_layers
+    from moetune.models import kept_attention
+
+    from .models.tiny import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    config.num_hidden_layers, config.mlp_only_layers = 4, []
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    model = _model(str(tmp_path), "cpu")
+    layers = _decoder_layers(model)
+    output = 2 * config.num_attention_heads * 9 * config.head_dim * 4  # [batch, heads, length, head dim] fp32
+
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=2**30))
+    attention = plan["attention_bytes_per_layer"]
+    assert output <= attention < 2 * output  # the output and its log-sum-exp
+    assert plan["checkpoint_layers"] == 0 and plan["kept_attention_layers"] == 0  # plenty of room
+    # Room for exactly three kept outputs over every layer checkpointed: all checkpointed, three keep.
+    least = (plan["probe_peak_bytes"] - 2 * plan["activation_bytes_per_layer"] - 2 * attention
+             + plan["optimizer_state_bytes"])
+    cap = (least + 3 * attention) / GiB
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=cap, memory=FakeMemory(available=2**30))
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 3), plan
+    assert _flags(model) == [True] * 4 and kept_attention.kept_attention_layers(layers) == 3
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=cap, keep_attention=False,
+                                              memory=FakeMemory(available=2**30))
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], plan["attention_bytes_per_layer"]) == (4, 0, 0)
+    assert kept_attention.kept_attention_layers(layers) == 0
+    ids = torch.randint(0, VOCAB, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()  # trains as planned
+
+
 def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
     model = _model(checkpoint("mixtral"), "cpu")
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(fail=True))
@@ -104,6 +146,7 @@ def test_bad_arguments_and_cpu(checkpoint):
         (dict(batch_size=1, seq_len=8, optimizer="sgd"), "optimizer: expected one of adamw, adamw_8bit"),
         (dict(batch_size=1, seq_len=8, max_memory_gib=0), "max_memory_gib: expected None or a number of GiB > 0"),
         (dict(batch_size=1, seq_len=8, max_memory_gib=float("inf")), "max_memory_gib: expected None or a number"),
+        (dict(batch_size=1, seq_len=8, keep_attention="yes"), "keep_attention: expected True or False"),
     ):
         with pytest.raises(ValueError, match=match):
             FastMoEModel.fit_checkpoint_layers(model, **kwargs)
