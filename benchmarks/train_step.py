@@ -264,11 +264,17 @@ def run(provider, source, config, seq, args, device) -> dict:
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
             None if args.checkpoint_layers == "auto" else args.checkpoint_layers,
         )
+        if args.keep_attention == "all":
+            from moetune.fast_model import _decoder_layers
+            from moetune.models.kept_attention import keep_attention
+
+            print(f"kept attention in {keep_attention(_decoder_layers(model), 10**6)} layers", flush=True)
         if args.checkpoint_layers == "auto":  # measured for this step's shape (one probe step)
             import moetune
 
             plan = moetune.FastMoEModel.fit_checkpoint_layers(model, 1, seq, optimizer=args.optim,
-                                                              max_memory_gib=args.max_memory)
+                                                              max_memory_gib=args.max_memory,
+                                                              keep_attention=args.keep_attention == "on")
             print(f"checkpoint_layers auto: {plan}", flush=True)
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
@@ -286,6 +292,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         result = {
             "step_s": statistics.median(times),
+            "step_times_s": times,
             "tokens_per_s": seq / statistics.median(times),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
             "trainable_params": sum(p.numel() for p in params),
@@ -329,6 +336,10 @@ def main(argv=None) -> int:
                              "auto: as many as memory needs (FastMoEModel.fit_checkpoint_layers)")
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                         help="moetune with --checkpoint-layers auto: plan the step to peak within this many GiB")
+    parser.add_argument("--keep-attention", default="on", choices=["on", "off", "all"],
+                        help="moetune with --checkpoint-layers auto: checkpointed layers may keep their attention "
+                             "output where memory allows (off: every checkpointed layer recomputes it); "
+                             "all: every checkpointed layer keeps it, no plan")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],
@@ -365,7 +376,8 @@ def main(argv=None) -> int:
             if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
                 chosen = result.get("checkpoint_plan", {}).get("checkpoint_layers", args.checkpoint_layers)
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
-                            "offload": args.offload, "recompute_skip": args.recompute_skip}
+                            "offload": args.offload, "recompute_skip": args.recompute_skip,
+                            "keep_attention": args.keep_attention}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):
