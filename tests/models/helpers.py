@@ -118,3 +118,19 @@ needs_triton = pytest.mark.skipif(
     triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
     reason="no Triton that can run here",
 )
+
+
+def spy_only_for_backward(monkeypatch) -> list[bool]:
+    """Records each moe_experts call's only_for_backward flag (True: a checkpoint's recompute, skipping)."""
+    from moetune.experts import api
+    from moetune.models import hook
+
+    calls = []
+    real = api.moe_experts
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("only_for_backward", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hook, "moe_experts", spy)
+    return calls

@@ -10,9 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetune import FastMoEModel
 from moetune.fast_model import _decoder_layers
-from moetune.models import hook, kept_attention
+from moetune.models import kept_attention
 
-from .helpers import DEVICE, randomize_lora_B, token_batch
+from .helpers import DEVICE, randomize_lora_B, spy_only_for_backward, token_batch
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
@@ -58,14 +58,7 @@ def test_kept_attention_skips_the_kernel_in_the_recompute_with_the_same_gradient
         pytest.skip("no fused attention kernel runs for this shape on this device")
     assert full_runs == 2 * len(layers)  # forward and recompute
 
-    only_for_backward = []
-    real = hook.moe_experts
-
-    def spy(*args, **kwargs):
-        only_for_backward.append(kwargs.get("only_for_backward", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hook, "moe_experts", spy)
+    only_for_backward = spy_only_for_backward(monkeypatch)
     assert kept_attention.keep_attention(layers, len(layers)) == len(layers)
     assert kept_attention.kept_attention_layers(layers) == len(layers)
     kept_attention.reset_kept_bytes()

@@ -7,10 +7,17 @@ import pytest
 import torch
 
 from moetune import FastMoEModel
-from moetune.experts import api
 from moetune.models import hook, recompute
 
-from .helpers import ALL_ARCHS, DEVICE, needs_triton, randomize_lora_B, relative_error, token_batch
+from .helpers import (
+    ALL_ARCHS,
+    DEVICE,
+    needs_triton,
+    randomize_lora_B,
+    relative_error,
+    spy_only_for_backward,
+    token_batch,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
@@ -84,23 +91,11 @@ def _model(model_dir: str, **kwargs):
     return model.train()
 
 
-def _spy(monkeypatch) -> list[bool]:
-    calls = []
-    real = api.moe_experts
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("only_for_backward", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hook, "moe_experts", spy)
-    return calls
-
-
 @ALL_ARCHS
 def test_recompute_skips_the_experts_output_with_the_same_gradients(model_type, checkpoint, monkeypatch):
     model = _model(checkpoint(model_type))
     ids = token_batch().to(DEVICE)
-    calls = _spy(monkeypatch)
+    calls = spy_only_for_backward(monkeypatch)
     skipped = _grads(model, ids)
     layers = sum(1 for m in model.modules() if getattr(m, "moetune_binding", None) is not None)
     assert calls.count(True) == layers and calls.count(False) == layers  # every MoE layer recomputed once, skipping
@@ -125,7 +120,7 @@ def _checkpointed_moe_layers(model) -> int:
 def test_offloaded_and_partial_checkpointing_skip_too(model_type, kwargs, checkpoint, monkeypatch):
     model = _model(checkpoint(model_type), **kwargs)
     ids = token_batch().to(DEVICE)
-    calls = _spy(monkeypatch)
+    calls = spy_only_for_backward(monkeypatch)
     skipped = _grads(model, ids)
     assert calls.count(True) == _checkpointed_moe_layers(model) > 0
     _assert_same_gradients(model, ids, skipped, monkeypatch)
@@ -134,7 +129,7 @@ def test_offloaded_and_partial_checkpointing_skip_too(model_type, kwargs, checkp
 def test_without_checkpointing_nothing_is_skipped(checkpoint, monkeypatch):
     model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32, device_map=DEVICE)
     model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
-    calls = _spy(monkeypatch)
+    calls = spy_only_for_backward(monkeypatch)
     model.train()(input_ids=token_batch().to(DEVICE), labels=token_batch().to(DEVICE)).loss.backward()
     assert calls and not any(calls)
 
@@ -144,7 +139,7 @@ def test_recompute_skip_on_the_triton_kernels(checkpoint, monkeypatch):
     monkeypatch.setenv("MOETUNE_MOE_BACKEND", "triton")
     model = _model(checkpoint("qwen3_moe"))
     ids = token_batch().to(DEVICE)
-    calls = _spy(monkeypatch)
+    calls = spy_only_for_backward(monkeypatch)
     skipped = _grads(model, ids)
     assert True in calls
     _assert_same_gradients(model, ids, skipped, monkeypatch)
