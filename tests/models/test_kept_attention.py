@@ -108,3 +108,34 @@ def test_nothing_is_kept_where_it_cannot_be_used(checkpoint):
     kept_attention.keep_attention(_decoder_layers(model), 0)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, kept_logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_attention_on_the_gpu_in_bfloat16(tmp_path):
+    """The fused kernels CUDA picks for bf16 at head dim 64 (flash or cuDNN): kept in forward, the recompute runs
+    none, gradients within the run-to-run noise of a full recompute (their backward may use atomics)."""
+    import transformers
+
+    from .helpers import relative_error
+    from .tiny import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    config.head_dim, config.num_hidden_layers, config.mlp_only_layers = 64, 3, []
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    model, _ = FastMoEModel.from_pretrained(str(tmp_path), dtype=torch.bfloat16, device_map="cuda",
+                                            attn_implementation="sdpa")
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, lora_dropout=0.0).train()
+    randomize_lora_B(model)
+    layers = _decoder_layers(model)
+    ids = token_batch(2, 120).cuda()  # within the tiny config's 128 positions
+    full, runs = _step(model, ids)
+    again, _ = _step(model, ids)
+    assert runs == 2 * len(layers)
+    assert kept_attention.keep_attention(layers, len(layers)) == len(layers)
+    kept, runs = _step(model, ids)
+    assert runs == len(layers)
+    for name in full:
+        noise = relative_error(again[name], full[name])
+        assert relative_error(kept[name], full[name]) <= max(4 * noise, 1e-6), name
