@@ -32,6 +32,7 @@ def test_choice_from_the_probe():
     assert choose(14 * GiB, GiB // 8) == (8, 8)  # all eight keep it
     # 2 GiB spare: 1 GiB for all eight, then each layer left out costs 3/8 GiB more: two of them.
     assert choose(15 * GiB, GiB // 8) == (6, 6)
+    assert choose(15 * GiB + GiB // 2, GiB // 8) == (4, 4)  # 1.5 GiB after the kept outputs: four out
     assert choose(80 * GiB, GiB // 8) == (0, 0)
 
 
@@ -109,7 +110,7 @@ def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
 
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=2**30))
     attention = plan["attention_bytes_per_layer"]
-    assert output <= attention < 2 * output  # the output and its log-sum-exp
+    assert output < attention < 2 * output  # the output and its log-sum-exp
     assert plan["checkpoint_layers"] == 0 and plan["kept_attention_layers"] == 0  # plenty of room
     # Room for exactly three kept outputs over every layer checkpointed: all checkpointed, three keep.
     least = (plan["probe_peak_bytes"] - 2 * plan["activation_bytes_per_layer"] - 2 * attention
@@ -124,6 +125,10 @@ def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
     assert kept_attention.kept_attention_layers(layers) == 0
     ids = torch.randint(0, VOCAB, (2, 9))
     model(input_ids=ids, labels=ids).loss.backward()  # trains as planned
+    # A probe that runs out of memory leaves every layer checkpointed and none keeping attention.
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(fail=True))
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
+    assert _flags(model) == [True] * 4 and kept_attention.kept_attention_layers(layers) == 0
 
 
 def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):

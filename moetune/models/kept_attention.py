@@ -18,8 +18,10 @@ checkpoint call it runs under a dispatch mode that stores or replays the outputs
 (SDPA's flash, memory-efficient, cuDNN and CPU kernels), a handful of ops; elsewhere it is the original
 function. Attention outside those ops (eager, flex attention) is recomputed as before.
 
-Each stored output is handed back once and released: a second backward through the same graph
-(retain_graph=True) raises, as torch's selective checkpointing does.
+Stored outputs live as long as the checkpoint call that stored them (its recompute context holds them): until
+autograd releases that layer's saved tensors, so a second backward through the same graph (retain_graph=True)
+replays them again. A fused op called with dropout runs again in the recompute (its random draws must repeat
+in order for everything after it), and a layer whose attention module has dropout in training keeps nothing.
 """
 
 from __future__ import annotations
@@ -42,26 +44,37 @@ _NAMES = (
 )
 ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _NAMES if hasattr(torch.ops.aten, name))
 
-_ATTR = "_moetune_keeps_attention"
 _state = threading.local()  # .stash: the running checkpoint call's _Stash, or None; .largest: see largest_kept_bytes
 
 
-class _Stash:
-    """The attention outputs of one checkpoint call, in call order."""
+_RERUN = object()  # a stash entry for a call with dropout: the recompute runs the kernel again
 
-    __slots__ = ("outputs", "next", "replaying", "nbytes")
+
+class _Stash:
+    """The fused attention calls of one checkpoint call, in call order: (op, outputs or _RERUN)."""
+
+    __slots__ = ("entries", "next", "replaying", "nbytes")
 
     def __init__(self):
-        self.outputs: list = []
+        self.entries: list = []
         self.next = 0
         self.replaying = False
         self.nbytes = 0
 
-    def store(self, out) -> None:
-        out = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
-        self.outputs.append(out)
-        self.nbytes += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        _state.largest = max(getattr(_state, "largest", 0), self.nbytes)
+    def store(self, func, out) -> None:
+        if out is not _RERUN:
+            out = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+            self.nbytes += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            _state.largest = max(getattr(_state, "largest", 0), self.nbytes)
+        self.entries.append((func, out))
+
+
+def _has_dropout(func, args, kwargs) -> bool:
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.name == "dropout_p":
+            value = args[i] if i < len(args) else (kwargs or {}).get("dropout_p", 0.0)
+            return bool(value)
+    return False
 
 
 class _StoreOrReplay(TorchDispatchMode):
@@ -78,17 +91,18 @@ class _StoreOrReplay(TorchDispatchMode):
         stash = self.stash
         if not stash.replaying:
             out = func(*args, **(kwargs or {}))
-            stash.store(out)
+            stash.store(func, _RERUN if _has_dropout(func, args, kwargs) else out)
             return out
-        if stash.next >= len(stash.outputs) or stash.outputs[stash.next] is None:
+        if stash.next >= len(stash.entries) or stash.entries[stash.next][0] is not func:
+            asked = stash.entries[stash.next][0] if stash.next < len(stash.entries) else "nothing"
             raise RuntimeError(
-                "kept attention: the recompute asked for an attention output the forward did not keep (a second "
-                "backward through the same graph, or a layer whose attention calls changed between forward and "
-                "recompute); fit_checkpoint_layers(..., keep_attention=False) plans without keeping"
+                f"kept attention: the recompute ran {func} where the forward ran {asked} (the attention calls "
+                "changed between forward and recompute, e.g. an SDPA backend context active in one only); "
+                "keep_attention(layers, 0) or fit_checkpoint_layers(..., keep_attention=False) turns keeping off"
             )
-        out, stash.outputs[stash.next] = stash.outputs[stash.next], None  # released once handed back
+        out = stash.entries[stash.next][1]
         stash.next += 1
-        return out
+        return func(*args, **(kwargs or {})) if out is _RERUN else out
 
 
 class _Phase:
@@ -139,7 +153,10 @@ def _wrap_sdpa() -> bool:
 
 def _set_context(layer, keep: bool) -> bool:
     """Add or remove the context_fn on the layer's checkpoint function (a functools.partial, as transformers and
-    moetune install it); False where the layer cannot keep its attention."""
+    moetune install it; also on the standard one offloading keeps to restore); False where the layer cannot
+    keep its attention."""
+    from ..training.offload import STANDARD_ATTR
+
     func = getattr(layer, "_gradient_checkpointing_func", None)
     attention = getattr(layer, "self_attn", None)
     if not isinstance(func, functools.partial) or attention is None:
@@ -148,33 +165,44 @@ def _set_context(layer, keep: bool) -> bool:
     # op to keep.
     if getattr(getattr(attention, "config", None), "_attn_implementation", None) != "sdpa":
         return False
-    options = dict(func.keywords)
-    if options.get("use_reentrant"):
-        return False  # the reentrant checkpoint takes no context_fn
-    if keep:
-        if not _wrap_sdpa():
-            return False
-        options["context_fn"] = _context_fn
-    elif options.get("context_fn") is _context_fn:
-        del options["context_fn"]
-    layer._gradient_checkpointing_func = functools.partial(func.func, *func.args, **options)
-    setattr(layer, _ATTR, keep)
+    if getattr(attention, "attention_dropout", 0.0):  # transformers passes it to SDPA in training
+        return False
+    if func.keywords.get("use_reentrant") or func.keywords.get("context_fn", _context_fn) is not _context_fn:
+        return False  # the reentrant checkpoint takes no context_fn; a caller's own context_fn stays
+    if keep and not _wrap_sdpa():
+        return False
+    for name in ("_gradient_checkpointing_func", STANDARD_ATTR):
+        func = layer.__dict__.get(name) if name == STANDARD_ATTR else getattr(layer, name)
+        if isinstance(func, functools.partial):
+            options = {k: v for k, v in func.keywords.items() if k != "context_fn"}
+            if keep:
+                options["context_fn"] = _context_fn
+            setattr(layer, name, functools.partial(func.func, *func.args, **options))
     return True
 
 
+def _keeps(layer) -> bool:
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return isinstance(func, functools.partial) and func.keywords.get("context_fn") is _context_fn
+
+
 def keep_attention(layers: list, count: int) -> int:
-    """Make the first `count` of these checkpointed decoder layers keep their attention output (the rest
-    recompute it); returns how many keep it. A layer must have gradient checkpointing enabled (its checkpoint
-    function installed) and a `self_attn` module; where checkpointing is off for a layer the setting waits
-    until it is on."""
-    kept = 0
+    """Set the first `count` of these decoder layers to keep their attention output when checkpointed (the rest
+    recompute it); returns how many are set to. A layer needs gradient checkpointing enabled (its checkpoint
+    function installed), a `self_attn` module on sdpa attention without dropout; the output is kept where SDPA
+    runs a fused kernel (not its math path: then nothing is stored, see largest_kept_bytes)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count: expected an integer >= 0, got {count!r}")
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"layers: expected a list of decoder layers, got {type(layers).__name__}")
     for i, layer in enumerate(layers):
-        kept += _set_context(layer, i < count) and i < count
-    return kept
+        _set_context(layer, i < count)
+    return kept_attention_layers(layers[:count])
 
 
 def kept_attention_layers(layers: list) -> int:
-    return sum(bool(getattr(layer, _ATTR, False)) for layer in layers)
+    """How many of these layers are set to keep their attention output (read from their checkpoint function)."""
+    return sum(_keeps(layer) for layer in layers)
 
 
 def reset_kept_bytes() -> None:

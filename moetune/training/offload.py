@@ -53,7 +53,7 @@ from ..models.recompute import checkpoint
 
 __all__ = ["disable_offloaded_checkpointing", "enable_offloaded_checkpointing", "offloaded_checkpoint"]
 
-_STANDARD_ATTR = "_moetune_standard_checkpointing_func"
+STANDARD_ATTR = "_moetune_standard_checkpointing_func"  # the checkpoint function offloading replaced
 _side_streams: dict[int, torch.cuda.Stream] = {}
 _thread = threading.local()  # .last: weakref to the _Stash packed last on this thread
 
@@ -180,7 +180,7 @@ def enable_offloaded_checkpointing(model) -> int:
         if options.get("use_reentrant"):
             raise ValueError("model: checkpointing uses use_reentrant=True; offloading needs the non-reentrant one")
         options.pop("use_reentrant", None)
-        setattr(layer, _STANDARD_ATTR, func)
+        setattr(layer, STANDARD_ATTR, func)
         layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, **options)
     return len(layers)
 
@@ -190,7 +190,7 @@ def disable_offloaded_checkpointing(model) -> int:
     returns the number of layers restored."""
     restored = 0
     for module in model.modules():
-        func = module.__dict__.pop(_STANDARD_ATTR, None)
+        func = module.__dict__.pop(STANDARD_ATTR, None)
         if func is not None:
             module._gradient_checkpointing_func = func
             restored += 1

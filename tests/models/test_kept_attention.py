@@ -4,6 +4,8 @@ recompute skip, and nothing is kept where it cannot be used."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -81,17 +83,103 @@ def test_kept_attention_skips_the_kernel_in_the_recompute_with_the_same_gradient
     assert runs == 2 * len(layers) and all(torch.equal(again[n], full[n]) for n in full)
 
 
-def test_a_second_backward_through_kept_attention_says_why(checkpoint):
+def test_a_second_backward_replays_the_kept_outputs_again(checkpoint):
     model = _model(checkpoint("qwen3_moe"))
     layers = _decoder_layers(model)
-    kept_attention.keep_attention(layers, len(layers))
     ids = token_batch().to(DEVICE)
-    if DEVICE == "cuda":
-        pytest.skip("CUDA runs SDPA's math path for the tiny head dim in fp32: nothing is kept")
-    loss = model(input_ids=ids).logits.square().mean()  # (the fused loss allows one backward itself)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="kept attention: the recompute asked for an attention output"):
-        loss.backward()
+
+    def two_backwards():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits  # (the fused loss allows one backward itself)
+        logits[..., :10].square().mean().backward(retain_graph=True)
+        logits[..., 10:].abs().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = two_backwards()
+    kept_attention.keep_attention(layers, len(layers))
+    kept = two_backwards()
+    assert all(torch.equal(kept[n], full[n]) for n in full)
+
+
+def _attention(q, k, v, dropout_p=0.0):
+    return kept_attention._keeping_sdpa(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+                                        dropout_p=dropout_p, is_causal=True)
+
+
+def _checkpointed_twice(context_fn, dropout_p=0.0, backward_thread=False):
+    """Gradients of a checkpointed function with two fused attention calls (the second with dropout_p), and
+    the attention kernels run."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+
+    def function(q, k, v):
+        first = _attention(q, k, v)
+        return _attention(first * 2, k.sin(), v, dropout_p=dropout_p).cos().sum()
+
+    with _CountAttention() as count:
+        torch.manual_seed(1)
+        kwargs = {"context_fn": context_fn} if context_fn else {}
+        out = torch.utils.checkpoint.checkpoint(function, q, k, v, use_reentrant=False, **kwargs)
+        if backward_thread:  # as the CUDA autograd engine does: the recompute on another thread
+            import threading
+
+            worker = threading.Thread(target=out.backward)
+            worker.start()
+            worker.join()
+        else:
+            out.backward()
+    return [t.grad for t in (q, k, v)], count.runs
+
+
+@pytest.mark.parametrize("backward_thread", [False, True], ids=["same-thread", "other-thread"])
+def test_every_fused_call_of_a_checkpoint_replays_in_order(backward_thread):
+    full, full_runs = _checkpointed_twice(None)
+    kept, kept_runs = _checkpointed_twice(kept_attention._context_fn, backward_thread=backward_thread)
+    if full_runs == 0:
+        pytest.skip("no fused attention kernel for this shape on this device")
+    assert (full_runs, kept_runs) == (4, 2)
+    assert all(torch.equal(a, b) for a, b in zip(kept, full))
+
+
+def test_a_call_with_dropout_runs_again_in_the_recompute():
+    full, full_runs = _checkpointed_twice(None, dropout_p=0.3)
+    kept, kept_runs = _checkpointed_twice(kept_attention._context_fn, dropout_p=0.3)
+    if full_runs == 0:
+        pytest.skip("no fused attention kernel for this shape on this device")
+    # CPU runs SDPA with dropout through its math path (no fused op): only the first call is fused.
+    assert kept_runs == full_runs - 1
+    assert all(torch.equal(a, b) for a, b in zip(kept, full))
+
+
+def test_dropout_is_read_from_the_op_schema_and_such_calls_run_again():
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    q = torch.randn(1, 2, 16, 8)
+    assert kept_attention._has_dropout(op, (q, q, q, 0.3), {})
+    assert kept_attention._has_dropout(op, (q, q, q), {"dropout_p": 0.3})
+    assert not kept_attention._has_dropout(op, (q, q, q), {})
+    assert not kept_attention._has_dropout(torch.ops.aten.mm.default, (q, q), {})
+    # A call stored as "run again" (the forward had dropout) reaches the kernel in the recompute.
+    stash = kept_attention._Stash()
+    stash.store(op, kept_attention._RERUN)
+    assert stash.nbytes == 0
+    with kept_attention._Phase(stash, True), _CountAttention() as count:
+        out = kept_attention._StoreOrReplay(stash)
+        with out:
+            replayed = op(q, q, q)[0]
+    assert count.runs == 1 and torch.equal(replayed, op(q, q, q)[0])
+
+
+def test_a_recompute_that_calls_another_kernel_says_so():
+    stash = kept_attention._Stash()
+    forward, recompute = kept_attention._Phase(stash, False), kept_attention._Phase(stash, True)
+    q = torch.randn(1, 2, 16, 8)
+    with forward:
+        _attention(q, q, q)
+    if not stash.entries:
+        pytest.skip("no fused attention kernel for this shape on this device")
+    stash.entries[0] = (torch.ops.aten.mm.default, stash.entries[0][1])  # as if the forward ran another op
+    with recompute, pytest.raises(RuntimeError, match="kept attention: the recompute ran aten"):
+        _attention(q, q, q)
 
 
 def test_nothing_is_kept_where_it_cannot_be_used(checkpoint):
@@ -99,15 +187,48 @@ def test_nothing_is_kept_where_it_cannot_be_used(checkpoint):
     assert kept_attention.keep_attention(_decoder_layers(eager), 2) == 0
     unchecked = _model(checkpoint("qwen3_moe"), use_gradient_checkpointing=False)  # no checkpoint function
     assert kept_attention.keep_attention(_decoder_layers(unchecked), 2) == 0
-    # Without checkpointing the wrapped attention module runs as before (eval, no grad: no checkpoint call).
     model = _model(checkpoint("qwen3_moe"))
-    kept_attention.keep_attention(_decoder_layers(model), 2)
+    layers = _decoder_layers(model)
+    reentrant = layers[0]._gradient_checkpointing_func
+    layers[0]._gradient_checkpointing_func = functools.partial(reentrant.func, use_reentrant=True)
+    assert kept_attention.keep_attention(layers, 2) == 1  # the reentrant checkpoint takes no context_fn
+    layers[0]._gradient_checkpointing_func = reentrant
+    layers[0].self_attn.attention_dropout = 0.1  # transformers passes it to SDPA in training
+    assert kept_attention.keep_attention(layers, 2) == 1
+    layers[0].self_attn.attention_dropout = 0.0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="count: expected an integer >= 0"):
+            kept_attention.keep_attention(layers, bad)
+    with pytest.raises(ValueError, match="layers: expected a list of decoder layers"):
+        kept_attention.keep_attention(model, 1)
+    # Without checkpointing the wrapped sdpa function runs as before (eval, no grad: no checkpoint call).
+    assert kept_attention.keep_attention(layers, 2) == 2
     ids = token_batch().to(DEVICE)
     with torch.no_grad():
         kept_logits = model.eval()(input_ids=ids).logits
-    kept_attention.keep_attention(_decoder_layers(model), 0)
+    kept_attention.keep_attention(layers, 0)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, kept_logits)
+
+
+def test_the_setting_follows_the_checkpoint_function_through_offloading(checkpoint):
+    from moetune.training.offload import disable_offloaded_checkpointing
+
+    model = _model(checkpoint("qwen3_moe"), offload_checkpoints=True)
+    layers = _decoder_layers(model)
+    assert kept_attention.keep_attention(layers, 2) == 2
+    disable_offloaded_checkpointing(model)  # back to the standard checkpoint: still keeping
+    assert kept_attention.kept_attention_layers(layers) == 2
+    model = _model(checkpoint("qwen3_moe"), offload_checkpoints=True)
+    layers = _decoder_layers(model)
+    kept_attention.keep_attention(layers, 2)
+    kept_attention.keep_attention(layers, 0)
+    disable_offloaded_checkpointing(model)  # nothing left keeping in the restored function either
+    assert kept_attention.kept_attention_layers(layers) == 0
+    base = model.get_base_model()  # transformers' own enable (renamed in 5.2x): a fresh checkpoint function
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    assert kept_attention.kept_attention_layers(layers) == 0
 
 
 @pytest.mark.gpu
