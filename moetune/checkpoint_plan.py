@@ -21,7 +21,8 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    shared with another job). The first `checkpoint_layers` layers stay checkpointed, the first
    `kept_attention_layers` of them keep their attention.
 
-If the probe itself runs out of memory, every layer stays checkpointed and none keeps attention. Attention is
+A model of one or two decoder layers has no layer the probe checkpoints, so nothing measures kept attention and
+none keeps it. If the probe itself runs out of memory, every layer stays checkpointed and none keeps attention. Attention is
 flash/sdpa (linear in tokens), so a shorter batch later needs less; a longer one than planned may not fit: plan
 for the longest batch. Not on CPU (no memory to plan for): everything stays checkpointed. Calling transformers'
 gradient_checkpointing_enable again afterwards (HF Trainer does, when its gradient_checkpointing is on)
