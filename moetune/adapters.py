@@ -161,7 +161,9 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
         raise ValueError(f"adapter_dir: expected a directory with {ADAPTER_CONFIG}, got {adapter_dir!r}")
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = get_spec(config.model_type)
-    model = getattr(transformers, spec.auto_class).from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = getattr(transformers, spec.auto_class).from_pretrained(
+        model_dir, dtype=dtype, local_files_only=True, use_kernels=False  # no Hub kernels (5.25's default): offline
+    )
     with peft_deprecation_quiet():
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)

@@ -258,6 +258,9 @@ class FastMoEModel:
         attn = choose_attention(spec, attn_implementation, device_map)
         auto = getattr(transformers, spec.auto_class)
         if model_dir is not None:
+            # transformers >= 5.25 swaps in the `kernels` library's Hub kernels by default (downloaded at load time,
+            # replacing modules moetune patches); moetune brings its own. Accepted (default off) since 5.17.
+            kwargs.setdefault("use_kernels", False)
             model = auto.from_pretrained(
                 model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn, local_files_only=True, **kwargs
             )

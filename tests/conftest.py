@@ -6,6 +6,8 @@ import torch
 # Nothing in the suite may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# transformers >= 5.25 loads Hub kernels by default (the `kernels` package): the references here are plain transformers.
+os.environ["USE_HUB_KERNELS"] = "NO"
 # Without a GPU the Triton kernels run in Triton's interpreter (must be set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

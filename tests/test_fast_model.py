@@ -40,6 +40,22 @@ def test_from_directory_returns_tokenizer_and_routes_experts_through_moetune(che
     assert tokenizer("the router picks two experts")["input_ids"]
 
 
+def test_loading_asks_for_no_hub_kernels(checkpoint, monkeypatch):
+    # transformers >= 5.25 loads the `kernels` library's Hub kernels unless told not to (the suite turns them off
+    # through USE_HUB_KERNELS for its plain-transformers references): moetune's own loading must not need that.
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    seen = {}
+    real = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    assert seen.get("use_kernels") is False and not model.use_kernels
+
+
 def test_from_config_is_random_init_without_tokenizer():
     model, tokenizer = _load(tiny_config("gpt_oss"))
     assert tokenizer is None
