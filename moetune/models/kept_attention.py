@@ -94,9 +94,9 @@ class _StoreOrReplay(TorchDispatchMode):
             stash.store(func, _RERUN if _has_dropout(func, args, kwargs) else out)
             return out
         if stash.next >= len(stash.entries) or stash.entries[stash.next][0] is not func:
-            asked = stash.entries[stash.next][0] if stash.next < len(stash.entries) else "nothing"
+            ran = stash.entries[stash.next][0] if stash.next < len(stash.entries) else "nothing"
             raise RuntimeError(
-                f"kept attention: the recompute ran {func} where the forward ran {asked} (the attention calls "
+                f"kept attention: the recompute ran {func} where the forward ran {ran} (the attention calls "
                 "changed between forward and recompute, e.g. an SDPA backend context active in one only); "
                 "keep_attention(layers, 0) or fit_checkpoint_layers(..., keep_attention=False) turns keeping off"
             )
