@@ -84,6 +84,10 @@ class TrainConfig:
     """With --checkpoint-layers auto: plan the step to peak at most this many GiB (torch's allocated memory), e.g.
     for a smaller card than this one or a GPU shared with another job."""
 
+    keep_attention: bool = True
+    """With --checkpoint-layers auto: checkpointed layers may keep their attention output where memory allows,
+    so their recompute skips the attention kernel (sdpa attention; the plan spends spare memory on this first)."""
+
     packing: bool = False
     """Pack several records into each sequence of --max-seq-length tokens (attention stays within a record)."""
 
@@ -269,6 +273,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
                  else f"--checkpoint-layers {'all' if layers is None else layers}")
         raise ValueError(f"--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
+    if not config.keep_attention and (layers != "auto" or not config.gradient_checkpointing):
+        given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
+                 else f"--checkpoint-layers {'all' if layers is None else layers}")
+        raise ValueError(f"--no-keep-attention: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:

@@ -151,7 +151,7 @@ def run(plan: Plan, console=None) -> dict:
             # Planned for the longest batch this run can see: batch_size sequences of max_seq_length tokens.
             checkpoint_plan = FastMoEModel.fit_checkpoint_layers(
                 peft_model, config.batch_size, config.max_seq_length, optimizer=config.optim,
-                max_memory_gib=config.max_memory,
+                max_memory_gib=config.max_memory, keep_attention=config.keep_attention,
             )
     except BaseException:
         if demo_tmp:

@@ -63,6 +63,7 @@ CASES = {
     "memory cap without the auto plan": (lambda t: ["--max-memory", "40", "--checkpoint-layers", "all"], "--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got --checkpoint-layers all"),
     "memory cap without checkpointing": (lambda t: ["--max-memory", "40", "--no-gradient-checkpointing"], "--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got --no-gradient-checkpointing"),
     "memory cap not a number": (lambda t: ["--max-memory", "lots"], "argument --max-memory: invalid float value: 'lots'"),
+    "no kept attention without the auto plan": (lambda t: ["--no-keep-attention", "--checkpoint-layers", "2"], "--no-keep-attention: applies to --checkpoint-layers auto with gradient checkpointing on, got --checkpoint-layers 2"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
     "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),

@@ -152,3 +152,20 @@ def test_checkpoint_layers_gives_the_same_run(tmp_path, capsys):
     assert losses["auto"] == losses[None]
     summary = json.loads((tmp_path / "out-auto" / "summary.json").read_text())
     assert summary["checkpoint_layers"]["checkpoint_layers"] is None and "cpu" in summary["checkpoint_layers"]["why"]
+
+
+def test_the_plan_gets_the_memory_cap_and_the_kept_attention_switch(tmp_path, capsys, monkeypatch):
+    from moetune import FastMoEModel
+
+    asked = []
+
+    def plan(model, batch_size, seq_len, **kwargs):
+        asked.append((batch_size, seq_len, kwargs))
+        return {"checkpoint_layers": None, "layers": 4, "why": "test"}
+
+    monkeypatch.setattr(FastMoEModel, "fit_checkpoint_layers", staticmethod(plan))
+    for extra, keep in (((), True), (("--no-keep-attention", "--max-memory", "30"), False)):
+        code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / f"out-{keep}", "--max-steps", 1, *extra)
+        assert code == 0, stderr
+        assert asked[-1][2]["keep_attention"] is keep
+    assert asked[-1][2]["max_memory_gib"] == 30
