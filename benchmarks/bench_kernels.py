@@ -94,7 +94,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
         return lambda: wgrad_candidates(m, n, S, E)
 
     wg = dict(num_rows=S, offsets_E=plan.offsets_E)
-    launches = [
+    gemms = [
         ("fwd  x@A1 (lora, gather)", lambda **kw: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common, **kw),
          mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
         ("fwd  gate_up + act (gather, lora)", lambda **kw: grouped_gemm(
@@ -120,7 +120,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
          mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
     ]
     # The LoRA factor gradients (fp32 [E, ., .] outputs), as the backward calls them.
-    return launches + [
+    return gemms + [
         ("bwd  dB2 (wgrad, gather, scale)", lambda **kw: grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg, **kw),
          mm(S, H, R), b * (S * H + S * R + S) + 4 * E * H * R, wgrad(H, R)),
         ("bwd  dA2 (wgrad, act on load)", lambda **kw: grouped_wgrad(

@@ -268,7 +268,8 @@ def run(provider, source, config, seq, args, device) -> dict:
             from moetune.fast_model import _decoder_layers
             from moetune.models.kept_attention import keep_attention
 
-            print(f"kept attention in {keep_attention(_decoder_layers(model), 10**6)} layers", flush=True)
+            layers = _decoder_layers(model)
+            print(f"kept attention in {keep_attention(layers, len(layers))} layers", flush=True)
         if args.checkpoint_layers == "auto":  # measured for this step's shape (one probe step)
             import moetune
 

@@ -172,7 +172,7 @@ def _set_context(layer, keep: bool) -> bool:
     if keep and not _wrap_sdpa():
         return False
     for name in ("_gradient_checkpointing_func", STANDARD_ATTR):
-        func = layer.__dict__.get(name) if name == STANDARD_ATTR else getattr(layer, name)
+        func = getattr(layer, name, None)
         if isinstance(func, functools.partial):
             options = {k: v for k, v in func.keywords.items() if k != "context_fn"}
             if keep:

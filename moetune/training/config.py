@@ -268,15 +268,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"--checkpoint-layers: expected an integer >= 0 or auto, got {layers!r}")
     if config.max_memory is not None and not 0 < config.max_memory < float("inf"):
         raise ValueError(f"--max-memory: expected a number of GiB > 0, got {config.max_memory}")
-    if config.max_memory is not None and (layers != "auto" or not config.gradient_checkpointing):
-        # The cap is the automatic plan's budget; without that plan it would be silently ignored.
-        given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
-                 else f"--checkpoint-layers {'all' if layers is None else layers}")
-        raise ValueError(f"--max-memory: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
-    if not config.keep_attention and (layers != "auto" or not config.gradient_checkpointing):
-        given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
-                 else f"--checkpoint-layers {'all' if layers is None else layers}")
-        raise ValueError(f"--no-keep-attention: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
+    # Settings of the automatic plan; without that plan they would be silently ignored.
+    planned = layers == "auto" and config.gradient_checkpointing
+    given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
+             else f"--checkpoint-layers {'all' if layers is None else layers}")
+    for flag, asked in (("--max-memory", config.max_memory is not None), ("--no-keep-attention", not config.keep_attention)):
+        if asked and not planned:
+            raise ValueError(f"{flag}: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:
