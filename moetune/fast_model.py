@@ -239,7 +239,8 @@ class FastMoEModel:
         fused_norms: run the RMSNorms through moetune's Triton kernel (one launch forward, one backward) on CUDA
           GPUs (each call falls back to transformers' forward where the kernel cannot run); False keeps transformers' own.
         fused_rotary: on CUDA GPUs, the rotary embedding of the attention as one Triton launch each way instead of
-          several elementwise ones. transformers looks the function up in its modeling module, so it is swapped
+          several elementwise ones (MLA attention, deepseek_v3 and glm4_moe_lite: the rotary, query, key and value
+          in one launch each way). transformers looks the function up in its modeling module, so it is swapped
           there, for every model of that architecture in the process (bitwise the same results); False does
           not undo an earlier model's swap (moetune.models.fast_rotary.uninstall_fast_rotary() does; a warning
           says so).

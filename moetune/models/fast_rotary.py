@@ -149,7 +149,8 @@ def install_fast_rotary(model: nn.Module) -> list[str]:
     """Route `apply_rotary_pos_emb` of the modeling modules of `model`'s classes through the fused kernel.
 
     Returns the modeling modules now fused (those whose function is a known form; already fused ones included).
-    Idempotent. Nothing is changed where no kernel can run (no CUDA GPU and no Triton interpreter).
+    MLA attention classes (deepseek_v3, glm4_moe_lite) get their rotary fused with their query/key/value
+    (moetune/models/fast_mla.py). Idempotent. Nothing is changed where no kernel can run (no CUDA GPU and no Triton interpreter).
     """
     from .fast_norms import fast_norm_available
 
@@ -168,6 +169,9 @@ def install_fast_rotary(model: nn.Module) -> list[str]:
         _originals[name] = (getattr(module, _NAME), variant)
         setattr(module, _NAME, _dispatcher(name))
         fused.append(name)
+    from .fast_mla import install_fast_mla
+
+    install_fast_mla(model)  # MLA attention fuses its rotary with the query/key/value it feeds
     return fused
 
 
@@ -177,7 +181,11 @@ def installed_modules() -> list[str]:
 
 
 def uninstall_fast_rotary() -> int:
-    """Give every modeling module its original `apply_rotary_pos_emb` back; returns how many were restored."""
+    """Give every modeling module its original `apply_rotary_pos_emb` back (and every MLA attention class its
+    forward); returns how many modeling modules were restored."""
+    from .fast_mla import uninstall_fast_mla
+
+    uninstall_fast_mla()
     restored = 0
     for name, (original, _) in list(_originals.items()):
         setattr(sys.modules[name], _NAME, original)
