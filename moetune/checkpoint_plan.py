@@ -20,6 +20,12 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    allocator holds, whichever is less), or max_memory_gib if that is less (a smaller card to plan for, a GPU
    shared with another job). The first `checkpoint_layers` layers stay checkpointed, the first
    `kept_attention_layers` of them keep their attention.
+4. The estimate in 3 assumes the step peaks where the probe did; it need not (GLM-4.7-Flash at 8K under a 64 GiB
+   cap: planned within it, measured 1.1 GiB over). So a plan beyond every layer checkpointed without kept
+   attention is checked by a second probe step with the plan itself (its peak plus the optimizer state); while
+   that is over the budget, layers go back to checkpointing (they buy the least time per byte), then kept
+   attention is dropped, by as many as the excess needs, and the check repeats; a plan still over after three
+   checks, or a check that runs out of memory, falls back to every layer checkpointed, none keeping attention.
 
 A model of one or two decoder layers has no layer the probe checkpoints, so nothing measures kept attention and
 none keeps it. If the probe itself runs out of memory, every layer stays checkpointed and none keeps attention. Attention is
@@ -39,6 +45,7 @@ __all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
 # Optimizer state per trainable parameter, allocated at the first step: AdamW's two fp32 moments; 8-bit AdamW's.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2}
+CHECKS = 3  # probe steps at most that check a plan (step 4 of the module docstring)
 
 
 def choose_plan(layers: int, per_layer: int, least: int, budget: int, attention: int = 0) -> tuple[int, int]:
@@ -103,7 +110,8 @@ def fit_checkpoint_layers(
     checkpointed layer recomputes it). memory: for tests (CudaMemory's methods).
     Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
     "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
-    "budget_bytes"}, plus "why" where even every layer checkpointed is estimated over the budget; or
+    "budget_bytes", "verified_peak_bytes" (the checked plan's peak with the state; None when the plan is every
+    layer checkpointed without kept attention, which is not checked)}, plus "why" where even every layer checkpointed is estimated over the budget; or
     {"checkpoint_layers", "layers", "why"} when nothing was measured (CPU: checkpoint_layers None, nothing changed;
     probe out of memory: all layers, none keeping attention).
     """
@@ -151,30 +159,16 @@ def fit_checkpoint_layers(
 
     hooks = [h for layer in probed for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
                                              layer.register_forward_hook(after, with_kwargs=True))]
-    was_training = model.training
-    peak = None
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
-            ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, seq_len), device=device)
-            model.train()
-            model.zero_grad(set_to_none=True)
-            memory.start()
-            model(input_ids=ids, labels=ids).loss.backward()
-            peak = memory.peak()
-            del ids
-    except torch.OutOfMemoryError:
-        pass  # below: every layer checkpointed, as before the probe
+        peak = _probe_step(model, memory, device, batch_size, seq_len)
+    except BaseException:
+        _apply(layers, len(layers), 0)  # as before the probe
+        raise
     finally:
         for hook in hooks:
             hook.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-        if peak is None:
-            for layer in layers:
-                layer.gradient_checkpointing = True
-            kept_attention.keep_attention(layers, 0)
-        memory.release()
     if peak is None:
+        _apply(layers, len(layers), 0)
         return {"checkpoint_layers": len(layers), "kept_attention_layers": 0, "layers": len(layers),
                 "why": f"the probe step ran out of memory at batch {batch_size} x {seq_len} tokens"}
 
@@ -189,9 +183,21 @@ def fit_checkpoint_layers(
     # and the attention its checkpointed layers kept, plus the optimizer state.
     least = peak - sum(kept.values()) - (len(layers) - len(probed)) * attention + state
     checkpointed, keeping = choose_plan(len(layers), per_layer, least, budget, attention)
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < checkpointed
-    keeping = kept_attention.keep_attention(layers, keeping)
+    keeping = _apply(layers, checkpointed, keeping)
+    verified = None
+    for check in range(CHECKS):
+        if (checkpointed, keeping) == (len(layers), 0):  # the floor: nothing the estimate added to check
+            break
+        measured = _probe_step(model, memory, device, batch_size, seq_len)
+        verified = None if measured is None else measured + state
+        if verified is not None and verified <= budget:
+            break
+        if verified is None or check == CHECKS - 1:  # out of memory, or still over: the floor, unchecked
+            checkpointed, keeping, verified = len(layers), 0, None
+        else:
+            checkpointed, keeping = _give_back(len(layers), checkpointed, keeping, per_layer, attention,
+                                               verified - budget)
+        keeping = _apply(layers, checkpointed, keeping)
     plan = {
         "checkpoint_layers": checkpointed,
         "kept_attention_layers": keeping,
@@ -201,8 +207,51 @@ def fit_checkpoint_layers(
         "probe_peak_bytes": peak,
         "optimizer_state_bytes": state,
         "budget_bytes": budget,
+        "verified_peak_bytes": verified,
     }
     if least > budget:
         plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "
                        f"over the budget of {budget / 2**30:.1f} GiB: it may not fit")
     return plan
+
+
+def _apply(layers, checkpointed: int, keeping: int) -> int:
+    """Checkpoint the first `checkpointed` layers, the first `keeping` of them keeping attention; returns how
+    many keep it."""
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < checkpointed
+    return kept_attention.keep_attention(layers, keeping)
+
+
+def _give_back(layers: int, checkpointed: int, keeping: int, per_layer: int, attention: int, over: int):
+    """(checkpointed, keeping) with `over` bytes less: layers left out return to checkpointing first (keeping
+    attention where the others do), then kept attention goes."""
+    if checkpointed < layers:
+        keeps = keeping == checkpointed  # choose_plan's plans: every checkpointed layer keeps, or none
+        saved = per_layer - (attention if keeps else 0)
+        more = min(layers - checkpointed, -(-over // saved) if saved > 0 else layers)
+        return checkpointed + more, keeping + (more if keeps else 0)
+    if attention > 0 and keeping > 0:
+        return checkpointed, max(0, keeping - -(-over // attention))
+    return layers, 0
+
+
+def _probe_step(model, memory, device, batch_size: int, seq_len: int) -> int | None:
+    """The peak of one forward + backward on random ids of the planned shape (None: out of memory). The caller's
+    RNG, training mode and the parameters' .grad (cleared) are left as they were."""
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, seq_len), device=device)
+            model.train()
+            model.zero_grad(set_to_none=True)
+            memory.start()
+            model(input_ids=ids, labels=ids).loss.backward()
+            del ids
+            return memory.peak()
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        memory.release()

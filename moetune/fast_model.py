@@ -385,13 +385,14 @@ class FastMoEModel:
         let checkpointed layers keep their attention output where memory allows (their recompute then skips the
         attention kernel; sdpa attention only).
 
-        Runs one probe step (forward + backward, no optimizer step; clears .grad and the peak-memory statistics),
+        Runs a probe step (forward + backward, no optimizer step; clears .grad and the peak-memory statistics),
         measures the peak, the first and last layers' activations and the attention output a checkpointed layer
         keeps, and spends what fits in memory_fraction of the memory this process can have (or in max_memory_gib
         GiB, if less: a smaller card to plan for, a shared GPU), with the optimizer's state (adamw: 8 bytes per
         trainable parameter, adamw_8bit: 2): first on kept attention, then on layers left out of checkpointing
-        (they skip their recompute). keep_attention=False: no layer keeps it. Returns the measurements and the
-        choice (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe runs out of memory every
+        (they skip their recompute). A plan beyond every layer checkpointed is then checked by a probe step with
+        the plan itself and cut back while that is over the budget (up to three probes in all after the first).
+        keep_attention=False: no layer keeps it. Returns the measurements and the choice (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe runs out of memory every
         layer stays checkpointed; "why" says so, or that even every layer checkpointed is estimated over the
         budget. memory: a stand-in for the CUDA allocator (tests).
         """

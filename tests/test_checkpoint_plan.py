@@ -37,10 +37,12 @@ def test_choice_from_the_probe():
 
 
 class FakeMemory:
-    """Allocator figures for a CPU run of the probe: each read of `allocated` is 1000 bytes more."""
+    """Allocator figures for a CPU run of the probe: each read of `allocated` is 1000 bytes more. The first probe
+    peaks at `peak`; the probes that check a plan at `checks` in turn (the last repeated; None: out of memory)."""
 
-    def __init__(self, peak=10_000, available=100_000, fail=False):
+    def __init__(self, peak=10_000, available=100_000, fail=False, checks=(0,)):
         self.reads, self.peak_bytes, self.available_bytes, self.fail = 0, peak, available, fail
+        self.peaks, self.checks = [peak, *checks], 0
 
     def allocated(self):
         self.reads += 1
@@ -52,7 +54,11 @@ class FakeMemory:
     def peak(self):
         if self.fail:
             raise torch.OutOfMemoryError("fake: out of memory")
-        return self.peak_bytes
+        peak = self.peaks[min(self.checks, len(self.peaks) - 1)]
+        self.checks += 1
+        if peak is None:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return peak
 
     def available(self):
         return self.available_bytes
@@ -129,6 +135,54 @@ def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(fail=True))
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
     assert _flags(model) == [True] * 4 and kept_attention.kept_attention_layers(layers) == 0
+
+
+def test_a_plan_above_the_floor_is_checked_by_a_probe_with_itself(tmp_path):
+    """The estimate assumes the step peaks where the probe did: a second probe with the plan checks it, and while
+    it is over the budget, layers go back to checkpointing first, then kept attention goes."""
+    import transformers
+
+    from moetune.fast_model import _decoder_layers
+    from moetune.models import kept_attention
+
+    from .models.tiny import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    config.num_hidden_layers, config.mlp_only_layers = 4, []
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    model = _model(str(tmp_path), "cpu")
+    layers = _decoder_layers(model)
+
+    def plan_with(checks, **kwargs):
+        memory = FakeMemory(available=2**30, checks=checks)
+        plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=memory, **kwargs)
+        assert _flags(model) == [i < plan["checkpoint_layers"] for i in range(4)]
+        assert kept_attention.kept_attention_layers(layers) == plan["kept_attention_layers"]
+        return plan, memory.checks - 1  # probes after the first
+
+    plan, checks = plan_with([0])
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (0, 0, 1)  # checked, fits
+    assert plan["verified_peak_bytes"] == plan["optimizer_state_bytes"]  # the check's peak (0) plus the state
+    per_layer, attention, state = (plan[k] for k in ("activation_bytes_per_layer", "attention_bytes_per_layer",
+                                                     "optimizer_state_bytes"))
+    budget = plan["budget_bytes"]
+    # Over by two layers' worth (each back in checkpointing frees its activations less the attention it keeps).
+    plan, checks = plan_with([budget - state + 2 * (per_layer - attention), 0])
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (2, 2, 2)
+    # Over by more than the layers left out free: all back, then kept attention drops too, checked each time.
+    plan, checks = plan_with([budget - state + 4 * (per_layer - attention) + attention + 1,
+                              budget - state + attention + 1, budget - state])
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 2, 3)
+    assert plan["verified_peak_bytes"] == budget
+    # Still over after three checks, or a check out of memory: every layer checkpointed, none keeping, unchecked.
+    for failing in ([budget - state + 1], [None]):
+        plan, _ = plan_with(failing)
+        assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
+        assert plan["verified_peak_bytes"] is None
+    # Every layer checkpointed without kept attention (the floor) is not checked.
+    plan, checks = plan_with([None], keep_attention=False, max_memory_gib=1e-6)
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 0)
 
 
 def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
