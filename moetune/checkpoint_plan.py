@@ -111,7 +111,8 @@ def fit_checkpoint_layers(
     Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
     "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
     "budget_bytes", "verified_peak_bytes" (the checked plan's peak with the state; None when the plan is every
-    layer checkpointed without kept attention, which is not checked)}, plus "why" where even every layer checkpointed is estimated over the budget; or
+    layer checkpointed without kept attention, which is not checked)}, plus "why" where even every layer checkpointed
+    is estimated over the budget, or where the checks fell back to it (still over, or out of memory); or
     {"checkpoint_layers", "layers", "why"} when nothing was measured (CPU: checkpoint_layers None, nothing changed;
     probe out of memory: all layers, none keeping attention).
     """
@@ -184,15 +185,21 @@ def fit_checkpoint_layers(
     least = peak - sum(kept.values()) - (len(layers) - len(probed)) * attention + state
     checkpointed, keeping = choose_plan(len(layers), per_layer, least, budget, attention)
     keeping = _apply(layers, checkpointed, keeping)
-    verified = None
+    verified, unfit = None, None
     for check in range(CHECKS):
         if (checkpointed, keeping) == (len(layers), 0):  # the floor: nothing the estimate added to check
+            verified = None  # (a measurement of a plan given back to the floor says nothing about the floor)
             break
-        measured = _probe_step(model, memory, device, batch_size, seq_len)
+        try:
+            measured = _probe_step(model, memory, device, batch_size, seq_len)
+        except BaseException:
+            _apply(layers, len(layers), 0)
+            raise
         verified = None if measured is None else measured + state
         if verified is not None and verified <= budget:
             break
         if verified is None or check == CHECKS - 1:  # out of memory, or still over: the floor, unchecked
+            unfit = "ran out of memory" if verified is None else f"peaked at {verified / 2**30:.1f} GiB"
             checkpointed, keeping, verified = len(layers), 0, None
         else:
             checkpointed, keeping = _give_back(len(layers), checkpointed, keeping, per_layer, attention,
@@ -212,6 +219,9 @@ def fit_checkpoint_layers(
     if least > budget:
         plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "
                        f"over the budget of {budget / 2**30:.1f} GiB: it may not fit")
+    elif unfit is not None:
+        plan["why"] = (f"a probe step with a plan above every layer checkpointed {unfit} (budget "
+                       f"{budget / 2**30:.1f} GiB): every layer checkpointed, none keeping attention")
     return plan
 
 

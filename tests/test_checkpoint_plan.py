@@ -176,10 +176,14 @@ def test_a_plan_above_the_floor_is_checked_by_a_probe_with_itself(tmp_path):
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 2, 3)
     assert plan["verified_peak_bytes"] == budget
     # Still over after three checks, or a check out of memory: every layer checkpointed, none keeping, unchecked.
-    for failing in ([budget - state + 1], [None]):
+    for failing, said in (([budget - state + 1], "peaked at"), ([None], "ran out of memory")):
         plan, _ = plan_with(failing)
         assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
-        assert plan["verified_peak_bytes"] is None
+        assert plan["verified_peak_bytes"] is None and said in plan["why"]
+    # Given back to the floor by a check: the over-budget measurement was of the plan before, not reported.
+    plan, checks = plan_with([budget - state + 4 * per_layer + 4 * attention])
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 2)  # layers, then attention
+    assert plan["verified_peak_bytes"] is None and "why" not in plan
     # Every layer checkpointed without kept attention (the floor) is not checked.
     plan, checks = plan_with([None], keep_attention=False, max_memory_gib=1e-6)
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 0)

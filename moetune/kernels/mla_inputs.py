@@ -98,7 +98,7 @@ def mla_inputs_forward_kernel(
     n = tl.arange(0, BLOCK_NOPE)
     v = tl.arange(0, BLOCK_V)
     for h0 in range(0, Hh, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
+        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # h * stride: past 2**31 in a [B, H, T, D] layout
         h_mask = (h < Hh)[:, None]
         nope_mask = h_mask & (n < NOPE)[None, :]
         rot_mask = h_mask & j_mask[None, :]
@@ -162,7 +162,7 @@ def mla_inputs_backward_kernel(
     key_sum1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     key_sum2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     for h0 in range(0, Hh, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
+        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # h * stride: past 2**31 in a [B, H, T, D] layout
         h_mask = (h < Hh)[:, None]
         nope_mask = h_mask & (n < NOPE)[None, :]
         rot_mask = h_mask & j_mask[None, :]

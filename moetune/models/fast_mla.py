@@ -141,27 +141,27 @@ def _function_known(function, form: str) -> bool:
 
 
 @functools.cache
-def _class_recognised(cls: type, forward, module_functions: tuple) -> bool:
-    from .fast_rotary import rotary_variant
-
-    interleave = dict(module_functions).get("apply_rotary_pos_emb_interleave")
+def _class_recognised(cls: type, forward, expand_kv, interleave, rotary: str | None) -> bool:
+    """Keyed by every function the original forward runs, so a later patch of any of them is looked at anew."""
     return (
-        _forward_known(forward)
-        and _function_known(getattr(cls, "expand_kv", None), "expand_kv")
-        and interleave is not None and _function_known(interleave, "interleave")
-        and rotary_variant(cls.__module__) == "llama"
+        _forward_known(forward) and _function_known(expand_kv, "expand_kv")
+        and interleave is not None and _function_known(interleave, "interleave") and rotary == "llama"
     )
 
 
 def mla_class_recognised(cls: type) -> bool:
     """True when cls (an attention class) is transformers' MLA attention in a form this module reproduces."""
+    from .fast_rotary import rotary_variant
+
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         return False
     if cls in _originals:
         return True
     module = sys.modules.get(cls.__module__)
-    functions = (("apply_rotary_pos_emb_interleave", getattr(module, "apply_rotary_pos_emb_interleave", None)),)
-    return _class_recognised(cls, cls.__dict__.get("forward"), functions)
+    return _class_recognised(
+        cls, cls.__dict__.get("forward"), cls.__dict__.get("expand_kv"),
+        getattr(module, "apply_rotary_pos_emb_interleave", None), rotary_variant(cls.__module__),
+    )
 
 
 def _kernel_can_run(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -188,7 +188,9 @@ def _query_key_value(attention, q, kv, k_rot, cos, sin):
     rotary = module.apply_rotary_pos_emb_interleave if interleave else module.apply_rotary_pos_emb
     q, kv = q.transpose(1, 2), kv.transpose(1, 2)
     q_rot, k_rot = rotary(q[..., nope:], k_rot.unsqueeze(1), cos, sin)
-    key = torch.cat((kv[..., :nope], k_rot.expand(-1, kv.shape[1], -1, -1)), dim=-1)
+    key = kv.new_empty(*kv.shape[:-1], q.shape[-1])  # kv's dtype, as expand_kv's (a cat would promote)
+    key[..., :nope].copy_(kv[..., :nope])
+    key[..., nope:].copy_(k_rot.expand(-1, kv.shape[1], -1, -1))
     return torch.cat((q[..., :nope], q_rot), dim=-1), key, kv[..., nope:]
 
 
@@ -224,7 +226,8 @@ def _dispatcher(original):
     def forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs):
         cos_sin = position_embeddings if isinstance(position_embeddings, (tuple, list)) else ()
         if (
-            args or any(kwargs.get(name) is not None for name in _CACHE_NAMES) or len(cos_sin) != 2
+            type(self) not in _originals  # a subclass inheriting this forward was not itself recognised
+            or args or any(kwargs.get(name) is not None for name in _CACHE_NAMES) or len(cos_sin) != 2
             or not _kernel_can_run(hidden_states, *cos_sin)
         ):
             return original(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)

@@ -140,6 +140,41 @@ def test_a_forward_changed_by_someone_else_is_left_alone():
     assert mla_class_recognised(cls)
 
 
+@needs_triton
+def test_an_unrecognised_subclass_keeps_the_original_forward(monkeypatch):
+    """A subclass inheriting the swapped forward but changing what it calls is not fused."""
+    model = tiny_model("glm4_moe_lite")
+    cls = attention_class(model)
+
+    class Changed(cls):
+        def expand_kv(self, kv_nope, k_rot):
+            key, value = super().expand_kv(kv_nope, k_rot)
+            return key, value * 2
+
+    model.model.layers[0].self_attn.__class__ = Changed
+    ids = token_batch().to(DEVICE)
+    expected, _ = forward_backward(model, ids)
+    assert install_fast_mla(model) == [f"{cls.__module__}.{cls.__qualname__}"]  # not Changed
+    calls = count_launches(monkeypatch)
+    got, _ = forward_backward(model, ids)
+    assert calls == {"forward": 1, "backward": 1}  # the second layer only
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_mixed_dtypes_under_autocast_take_the_torch_path(monkeypatch):
+    """bf16 projections with fp32 rotary tables (an fp32 model under autocast): transformers' math, its dtypes."""
+    model = tiny_model("deepseek_v3")
+    ids = token_batch().to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        expected = model(ids).logits
+        install_fast_mla(model)
+        calls = count_launches(monkeypatch)
+        got = model(ids).logits
+    assert calls == {"forward": 0, "backward": 0}
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_nothing_is_installed_where_no_kernel_can_run(monkeypatch):
     from moetune.models import fast_norms
 
