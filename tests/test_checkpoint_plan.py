@@ -98,20 +98,26 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 
 
-def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
+def _four_moe_layers(directory):
+    """(config, model, its decoder layers): a tiny Qwen3-MoE of four MoE layers, saved and loaded for LoRA."""
     import transformers
 
     from moetune.fast_model import _decoder_layers
-    from moetune.models import kept_attention
 
     from .models.tiny import tiny_config
 
     config = tiny_config("qwen3_moe")
     config.num_hidden_layers, config.mlp_only_layers = 4, []
     torch.manual_seed(0)
-    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
-    model = _model(str(tmp_path), "cpu")
-    layers = _decoder_layers(model)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(directory)
+    model = _model(str(directory), "cpu")
+    return config, model, _decoder_layers(model)
+
+
+def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
+    from moetune.models import kept_attention
+
+    config, model, layers = _four_moe_layers(tmp_path)
     output = 2 * config.num_attention_heads * 9 * config.head_dim * 4  # [batch, heads, length, head dim] fp32
 
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=2**30))
@@ -140,19 +146,9 @@ def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
 def test_a_plan_above_the_floor_is_checked_by_a_probe_with_itself(tmp_path):
     """The estimate assumes the step peaks where the probe did: a second probe with the plan checks it, and while
     it is over the budget, layers go back to checkpointing first, then kept attention goes."""
-    import transformers
-
-    from moetune.fast_model import _decoder_layers
     from moetune.models import kept_attention
 
-    from .models.tiny import tiny_config
-
-    config = tiny_config("qwen3_moe")
-    config.num_hidden_layers, config.mlp_only_layers = 4, []
-    torch.manual_seed(0)
-    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
-    model = _model(str(tmp_path), "cpu")
-    layers = _decoder_layers(model)
+    _, model, layers = _four_moe_layers(tmp_path)
 
     def plan_with(checks, **kwargs):
         memory = FakeMemory(available=2**30, checks=checks)

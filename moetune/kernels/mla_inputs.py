@@ -61,6 +61,25 @@ def _pair_offsets(j, INTERLEAVE: tl.constexpr, HALF):
 
 
 @triton.jit
+def _tables(cos_ptr, sin_ptr, offset, sc_d, C2, j, j_mask):
+    """One token's (c1, c2, s1, s2) in fp32: the table entries of pair j (C2: where the second half's start)."""
+    c1 = tl.load(cos_ptr + offset + j * sc_d, mask=j_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + offset + (j + C2) * sc_d, mask=j_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + offset + j * sc_d, mask=j_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + offset + (j + C2) * sc_d, mask=j_mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
+def _head_block(h0, Hh, NOPE, n, j_mask, BLOCK_H: tl.constexpr):
+    """Heads h0 .. h0 + BLOCK_H (int64: h * stride passes 2**31 in a [B, H, T, D] layout), their row mask, and
+    the masks of the non-rotary and rotary columns."""
+    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+    h_mask = (h < Hh)[:, None]
+    return h, h_mask, h_mask & (n < NOPE)[None, :], h_mask & j_mask[None, :]
+
+
+@triton.jit
 def mla_inputs_forward_kernel(
     q_ptr, sq_b, sq_t, sq_h,
     kv_ptr, skv_b, skv_t, skv_h,
@@ -81,12 +100,7 @@ def mla_inputs_forward_kernel(
     j = tl.arange(0, BLOCK_HALF)
     j_mask = j < HALF
     i1, i2 = _pair_offsets(j, INTERLEAVE, HALF)
-    c_row = cos_ptr + b * sc_b + t * sc_t
-    s_row = sin_ptr + b * sc_b + t * sc_t
-    c1 = tl.load(c_row + j * sc_d, mask=j_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_row + (j + C2) * sc_d, mask=j_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_row + j * sc_d, mask=j_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_row + (j + C2) * sc_d, mask=j_mask, other=0.0).to(tl.float32)
+    c1, c2, s1, s2 = _tables(cos_ptr, sin_ptr, b * sc_b + t * sc_t, sc_d, C2, j, j_mask)
 
     # The shared rotary key: one head, broadcast to every head below.
     kr_row = kr_ptr + b * skr_b + t * skr_t
@@ -98,10 +112,7 @@ def mla_inputs_forward_kernel(
     n = tl.arange(0, BLOCK_NOPE)
     v = tl.arange(0, BLOCK_V)
     for h0 in range(0, Hh, BLOCK_H):
-        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # h * stride: past 2**31 in a [B, H, T, D] layout
-        h_mask = (h < Hh)[:, None]
-        nope_mask = h_mask & (n < NOPE)[None, :]
-        rot_mask = h_mask & j_mask[None, :]
+        h, h_mask, nope_mask, rot_mask = _head_block(h0, Hh, NOPE, n, j_mask, BLOCK_H)
         q_head = q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h
         kv_head = kv_ptr + b * skv_b + t * skv_t + h[:, None] * skv_h
         out_head = (row * Hh + h[:, None]) * DQK  # query and key: contiguous [B, T, Hh, DQK]
@@ -150,22 +161,14 @@ def mla_inputs_backward_kernel(
     j = tl.arange(0, BLOCK_HALF)
     j_mask = j < HALF
     i1, i2 = _pair_offsets(j, INTERLEAVE, HALF)
-    c_row = cos_ptr + b * sc_b + t * sc_t
-    s_row = sin_ptr + b * sc_b + t * sc_t
-    c1 = tl.load(c_row + j * sc_d, mask=j_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_row + (j + C2) * sc_d, mask=j_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_row + j * sc_d, mask=j_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_row + (j + C2) * sc_d, mask=j_mask, other=0.0).to(tl.float32)
+    c1, c2, s1, s2 = _tables(cos_ptr, sin_ptr, b * sc_b + t * sc_t, sc_d, C2, j, j_mask)
 
     n = tl.arange(0, BLOCK_NOPE)
     v = tl.arange(0, BLOCK_V)
     key_sum1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     key_sum2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     for h0 in range(0, Hh, BLOCK_H):
-        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # h * stride: past 2**31 in a [B, H, T, D] layout
-        h_mask = (h < Hh)[:, None]
-        nope_mask = h_mask & (n < NOPE)[None, :]
-        rot_mask = h_mask & j_mask[None, :]
+        h, h_mask, nope_mask, rot_mask = _head_block(h0, Hh, NOPE, n, j_mask, BLOCK_H)
         dq_head = dq_ptr + b * sdq_b + t * sdq_t + h[:, None] * sdq_h
         dk_head = dk_ptr + b * sdk_b + t * sdk_t + h[:, None] * sdk_h
         gq_head = gq_ptr + (row * Hh + h[:, None]) * DQK

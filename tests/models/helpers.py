@@ -134,3 +134,12 @@ def spy_only_for_backward(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(hook, "moe_experts", spy)
     return calls
+
+
+def logits_and_input_grad(model, ids):
+    """The logits and the gradient of a fixed weighting of them with respect to the input embeddings."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    weights = torch.linspace(-1, 1, logits.numel(), device=logits.device).reshape(logits.shape)
+    (grad,) = torch.autograd.grad((logits * weights).sum(), embeds)
+    return logits.detach(), grad

@@ -15,7 +15,7 @@ import torch
 from moetune.models.fast_mla import install_fast_mla, installed_classes, mla_class_recognised, uninstall_fast_mla
 from moetune.models.fast_rotary import install_fast_rotary, uninstall_fast_rotary
 
-from .helpers import ALL_ARCHS, DEVICE, auto_class, needs_triton, randomize_lora_B, token_batch
+from .helpers import ALL_ARCHS, DEVICE, auto_class, logits_and_input_grad, needs_triton, randomize_lora_B, token_batch
 from .tiny import tiny_config
 
 MLA = ("deepseek_v3", "glm4_moe_lite")
@@ -40,14 +40,6 @@ def tiny_model(model_type: str, interleave: bool = True):
 
 def attention_class(model):
     return next(type(m) for name, m in model.named_modules() if name.endswith("layers.0.self_attn"))
-
-
-def forward_backward(model, ids):
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-    logits = model(inputs_embeds=embeds).logits
-    weights = torch.linspace(-1, 1, logits.numel(), device=logits.device).reshape(logits.shape)
-    (grad,) = torch.autograd.grad((logits * weights).sum(), embeds)
-    return logits.detach(), grad
 
 
 def count_launches(monkeypatch) -> dict[str, int]:
@@ -78,14 +70,14 @@ def test_the_mla_classes_are_recognised_by_their_code(model_type):
 def test_fused_mla_computes_what_transformers_computes(model_type, interleave, monkeypatch):
     model = tiny_model(model_type, interleave)
     ids = token_batch().to(DEVICE)
-    logits_ref, grad_ref = forward_backward(model, ids)
+    logits_ref, grad_ref = logits_and_input_grad(model, ids)
     cls = attention_class(model)
     original = cls.forward
 
     calls = count_launches(monkeypatch)
     assert install_fast_mla(model) == [f"{cls.__module__}.{cls.__qualname__}"]
     assert install_fast_mla(model) == installed_classes()  # idempotent
-    logits, grad = forward_backward(model, ids)
+    logits, grad = logits_and_input_grad(model, ids)
     assert calls == {"forward": 2, "backward": 2}  # one per layer each way
     # Same values into attention, laid out [B, T, heads, D] instead of [B, heads, T, D]: the attention's own
     # reductions may round differently.
@@ -94,7 +86,7 @@ def test_fused_mla_computes_what_transformers_computes(model_type, interleave, m
 
     assert uninstall_fast_mla() == 1 and cls.forward is original
     calls.update(forward=0, backward=0)
-    forward_backward(model, ids)
+    logits_and_input_grad(model, ids)
     assert calls == {"forward": 0, "backward": 0}
 
 
@@ -153,10 +145,10 @@ def test_an_unrecognised_subclass_keeps_the_original_forward(monkeypatch):
 
     model.model.layers[0].self_attn.__class__ = Changed
     ids = token_batch().to(DEVICE)
-    expected, _ = forward_backward(model, ids)
+    expected, _ = logits_and_input_grad(model, ids)
     assert install_fast_mla(model) == [f"{cls.__module__}.{cls.__qualname__}"]  # not Changed
     calls = count_launches(monkeypatch)
-    got, _ = forward_backward(model, ids)
+    got, _ = logits_and_input_grad(model, ids)
     assert calls == {"forward": 1, "backward": 1}  # the second layer only
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

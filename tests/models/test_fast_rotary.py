@@ -19,7 +19,7 @@ from moetune.models.fast_rotary import (
     uninstall_fast_rotary,
 )
 
-from .helpers import ALL_ARCHS, DEVICE, auto_class, needs_triton, token_batch
+from .helpers import ALL_ARCHS, DEVICE, auto_class, logits_and_input_grad, needs_triton, token_batch
 from .tiny import tiny_config
 
 # The form of each modeling module's apply_rotary_pos_emb; glm4_moe's is partial (rotary on part of the head).
@@ -48,14 +48,6 @@ def tiny_model(model_type: str):
     return auto_class(model_type).from_config(config, dtype=torch.float32).to(DEVICE)
 
 
-def forward_backward(model, ids):
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-    logits = model(inputs_embeds=embeds).logits
-    weights = torch.linspace(-1, 1, logits.numel(), device=logits.device).reshape(logits.shape)
-    (grad,) = torch.autograd.grad((logits * weights).sum(), embeds)
-    return logits.detach(), grad
-
-
 def count_launches(monkeypatch) -> dict[str, int]:
     from moetune.kernels import rotary as kernel
 
@@ -81,7 +73,7 @@ def test_each_modeling_module_is_recognised_by_its_code(model_type):
 def test_fused_rotary_leaves_the_model_bitwise_unchanged(model_type, monkeypatch):
     model = tiny_model(model_type)
     ids = token_batch().to(DEVICE)
-    logits_ref, grad_ref = forward_backward(model, ids)
+    logits_ref, grad_ref = logits_and_input_grad(model, ids)
     module = type(model).__module__
     original = sys.modules[module].apply_rotary_pos_emb
 
@@ -90,7 +82,7 @@ def test_fused_rotary_leaves_the_model_bitwise_unchanged(model_type, monkeypatch
     assert fused == ([] if VARIANT[model_type] is None else [module])
     assert install_fast_rotary(model) == fused  # idempotent
     assert installed_modules() == fused
-    logits, grad = forward_backward(model, ids)
+    logits, grad = logits_and_input_grad(model, ids)
     assert calls == {"forward": LAUNCHES[model_type], "backward": LAUNCHES[model_type]}
     # Bitwise on CPU; on CUDA transformers' own expert code accumulates with atomics (gpt-oss's index_add_), so
     # two runs of the same model differ in the last bits (tests/kernels/test_rotary.py checks the kernel bitwise).
@@ -101,7 +93,7 @@ def test_fused_rotary_leaves_the_model_bitwise_unchanged(model_type, monkeypatch
     assert uninstall_fast_rotary() == len(fused)
     assert sys.modules[module].apply_rotary_pos_emb is original
     calls.update(forward=0, backward=0)
-    forward_backward(model, ids)
+    logits_and_input_grad(model, ids)
     assert calls == {"forward": 0, "backward": 0}
 
 
