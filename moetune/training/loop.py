@@ -40,12 +40,18 @@ def train(config: TrainConfig, console=None) -> dict:
 
 
 def make_optimizer(params, config):
-    """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit)."""
+    """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit).
+
+    On CUDA torch's fused kernel: its default there (foreach) allocates a temporary the size of the state's
+    second moment (4 bytes per trainable parameter: 2.4 GiB for Qwen3-30B-A3B's 643M) at the step, on top of the
+    gradients, which can make the optimizer step the peak of the whole training step."""
     if config.optim == "adamw_8bit":
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
 
         return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def _schedule(warmup: int, total: int):
