@@ -158,13 +158,17 @@ def fit_checkpoint_layers(
         hidden = args[0] if args else kwargs.get("hidden_states")
         kept[id(module)] += memory.allocated() + (hidden.nbytes if isinstance(hidden, torch.Tensor) else 0)
 
+    def probe() -> int | None:
+        try:
+            return _probe_step(model, memory, device, batch_size, seq_len)
+        except BaseException:
+            _apply(layers, len(layers), 0)  # every layer checkpointed, as before the probe
+            raise
+
     hooks = [h for layer in probed for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
                                              layer.register_forward_hook(after, with_kwargs=True))]
     try:
-        peak = _probe_step(model, memory, device, batch_size, seq_len)
-    except BaseException:
-        _apply(layers, len(layers), 0)  # as before the probe
-        raise
+        peak = probe()
     finally:
         for hook in hooks:
             hook.remove()
@@ -190,11 +194,7 @@ def fit_checkpoint_layers(
         if (checkpointed, keeping) == (len(layers), 0):  # the floor: nothing the estimate added to check
             verified = None  # (a measurement of a plan given back to the floor says nothing about the floor)
             break
-        try:
-            measured = _probe_step(model, memory, device, batch_size, seq_len)
-        except BaseException:
-            _apply(layers, len(layers), 0)
-            raise
+        measured = probe()
         verified = None if measured is None else measured + state
         if verified is not None and verified <= budget:
             break

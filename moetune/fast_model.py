@@ -392,9 +392,10 @@ class FastMoEModel:
         trainable parameter, adamw_8bit: 2): first on kept attention, then on layers left out of checkpointing
         (they skip their recompute). A plan beyond every layer checkpointed is then checked by a probe step with
         the plan itself and cut back while that is over the budget (up to three probes in all after the first).
-        keep_attention=False: no layer keeps it. Returns the measurements and the choice (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe runs out of memory every
-        layer stays checkpointed; "why" says so, or that even every layer checkpointed is estimated over the
-        budget. memory: a stand-in for the CUDA allocator (tests).
+        keep_attention=False: no layer keeps it. Returns the measurements and the choice
+        (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe runs out of memory every layer stays
+        checkpointed; "why" says so, or that even every layer checkpointed is estimated over the budget, or that
+        the checks fell back to it. memory: a stand-in for the CUDA allocator (tests).
         """
         from .checkpoint_plan import fit_checkpoint_layers
 

@@ -38,18 +38,13 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .rotary import rotate_pair, table_strides
 from .sizes import next_power_of_2
 
 __all__ = ["MLAInputsFunction", "check_inputs", "mla_inputs", "mla_inputs_backward", "mla_inputs_forward"]
 
 # Elements of one head-block of a program's widest tile [BLOCK_H, BLOCK_V]
 TILE_ELEMENTS = 4096
-
-
-@triton.jit
-def _round(v, dtype: tl.constexpr):
-    """v rounded to the tensors' dtype, back in fp32: where torch's elementwise ops round."""
-    return v.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -106,8 +101,8 @@ def mla_inputs_forward_kernel(
     kr_row = kr_ptr + b * skr_b + t * skr_t
     k1 = tl.load(kr_row + i1, mask=j_mask, other=0.0).to(tl.float32)
     k2 = tl.load(kr_row + i2, mask=j_mask, other=0.0).to(tl.float32)
-    ky1 = (_round(k1 * c1, dtype) - _round(k2 * s1, dtype)).to(dtype)
-    ky2 = (_round(k2 * c2, dtype) + _round(k1 * s2, dtype)).to(dtype)
+    ky1, ky2 = rotate_pair(k1, k2, c1, c2, s1, s2, dtype, False)
+    ky1, ky2 = ky1.to(dtype), ky2.to(dtype)
 
     n = tl.arange(0, BLOCK_NOPE)
     v = tl.arange(0, BLOCK_V)
@@ -121,8 +116,7 @@ def mla_inputs_forward_kernel(
         tl.store(query_ptr + out_head + n[None, :], q_pass, mask=nope_mask)
         x1 = tl.load(q_head + NOPE + i1[None, :], mask=rot_mask, other=0.0).to(tl.float32)
         x2 = tl.load(q_head + NOPE + i2[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-        y1 = _round(x1 * c1[None, :], dtype) - _round(x2 * s1[None, :], dtype)
-        y2 = _round(x2 * c2[None, :], dtype) + _round(x1 * s2[None, :], dtype)
+        y1, y2 = rotate_pair(x1, x2, c1[None, :], c2[None, :], s1[None, :], s2[None, :], dtype, False)
         tl.store(query_ptr + out_head + NOPE + j[None, :], y1.to(dtype), mask=rot_mask)
         tl.store(query_ptr + out_head + NOPE + HALF + j[None, :], y2.to(dtype), mask=rot_mask)
 
@@ -177,8 +171,7 @@ def mla_inputs_backward_kernel(
         tl.store(gq_head + n[None, :], tl.load(dq_head + n[None, :], mask=nope_mask, other=0.0), mask=nope_mask)
         g1 = tl.load(dq_head + NOPE + j[None, :], mask=rot_mask, other=0.0).to(tl.float32)
         g2 = tl.load(dq_head + NOPE + HALF + j[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-        dx1 = _round(g1 * c1[None, :], dtype) + _round(g2 * s2[None, :], dtype)
-        dx2 = _round(g2 * c2[None, :], dtype) - _round(g1 * s1[None, :], dtype)
+        dx1, dx2 = rotate_pair(g1, g2, c1[None, :], c2[None, :], s1[None, :], s2[None, :], dtype, True)
         tl.store(gq_head + NOPE + i1[None, :], dx1.to(dtype), mask=rot_mask)
         tl.store(gq_head + NOPE + i2[None, :], dx2.to(dtype), mask=rot_mask)
 
@@ -192,10 +185,10 @@ def mla_inputs_backward_kernel(
         dv_head = dv_ptr + b * sdv_b + t * sdv_t + h[:, None] * sdv_h
         tl.store(gkv_head + NOPE + v[None, :], tl.load(dv_head + v[None, :], mask=v_mask, other=0.0), mask=v_mask)
 
-    gk1 = _round(key_sum1, dtype)
-    gk2 = _round(key_sum2, dtype)
-    dk1 = _round(gk1 * c1, dtype) + _round(gk2 * s2, dtype)
-    dk2 = _round(gk2 * c2, dtype) - _round(gk1 * s1, dtype)
+    # rounded once, as torch's sum of the expanded key's gradient is
+    gk1 = key_sum1.to(dtype).to(tl.float32)
+    gk2 = key_sum2.to(dtype).to(tl.float32)
+    dk1, dk2 = rotate_pair(gk1, gk2, c1, c2, s1, s2, dtype, True)
     gkr_row = gkr_ptr + row * 2 * HALF
     tl.store(gkr_row + i1, dk1.to(dtype), mask=j_mask)
     tl.store(gkr_row + i2, dk2.to(dtype), mask=j_mask)
@@ -233,11 +226,6 @@ def _blocks(Hh: int, nope: int, half: int, v: int) -> dict:
     )
 
 
-def _table_strides(cos: torch.Tensor) -> tuple[int, int, int]:
-    # cos / sin broadcast over the batch when their batch dim is 1
-    return (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1), cos.stride(2)
-
-
 def mla_inputs_forward(q, kv, k_rot, cos, sin, nope: int, interleave: bool):
     """(query, key, value), each new and contiguous [B, T, heads, D]; no autograd. See the module docstring."""
     B, T, Hh, DQK = q.shape
@@ -250,7 +238,7 @@ def mla_inputs_forward(q, kv, k_rot, cos, sin, nope: int, interleave: bool):
             q, q.stride(0), q.stride(1), q.stride(2),
             kv, kv.stride(0), kv.stride(1), kv.stride(2),
             k_rot, k_rot.stride(0), k_rot.stride(1),
-            cos, sin, *_table_strides(cos), 0 if interleave else half,
+            cos, sin, *table_strides(cos), 0 if interleave else half,
             query, key, value,
             T, Hh, nope, half, v,
             INTERLEAVE=interleave, **_blocks(Hh, nope, half, v), enable_fp_fusion=False,
@@ -271,7 +259,7 @@ def mla_inputs_backward(d_query, d_key, d_value, cos, sin, nope: int, interleave
             d_query, d_query.stride(0), d_query.stride(1), d_query.stride(2),
             d_key, d_key.stride(0), d_key.stride(1), d_key.stride(2),
             d_value, d_value.stride(0), d_value.stride(1), d_value.stride(2),
-            cos, sin, *_table_strides(cos), 0 if interleave else half,
+            cos, sin, *table_strides(cos), 0 if interleave else half,
             d_q, d_kv, d_k_rot,
             T, Hh, nope, half, v,
             INTERLEAVE=interleave, **_blocks(Hh, nope, half, v), enable_fp_fusion=False,

@@ -49,6 +49,15 @@ def _round(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def rotate_pair(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr, BACKWARD: tl.constexpr):
+    """The pair's halves (y1, y2) in fp32, rounded where torch rounds (see the module docstring); BACKWARD: the
+    input's gradient from the output's (x1, x2 are then g1, g2)."""
+    if BACKWARD:
+        return _round(x1 * c1, dtype) + _round(x2 * s2, dtype), _round(x2 * c2, dtype) - _round(x1 * s1, dtype)
+    return _round(x1 * c1, dtype) - _round(x2 * s1, dtype), _round(x2 * c2, dtype) + _round(x1 * s2, dtype)
+
+
+@triton.jit
 def rotary_kernel(
     x_ptr, sx_b, sx_h, sx_t,
     y_ptr, sy_b, sy_h, sy_t,
@@ -75,15 +84,15 @@ def rotary_kernel(
     s1 = tl.load(sin_ptr + c_rows, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + c_rows + C2 * sc_d, mask=mask, other=0.0).to(tl.float32)
 
-    if BACKWARD:
-        y1 = _round(x1 * c1, dtype) + _round(x2 * s2, dtype)
-        y2 = _round(x2 * c2, dtype) - _round(x1 * s1, dtype)
-    else:
-        y1 = _round(x1 * c1, dtype) - _round(x2 * s1, dtype)
-        y2 = _round(x2 * c2, dtype) + _round(x1 * s2, dtype)
+    y1, y2 = rotate_pair(x1, x2, c1, c2, s1, s2, dtype, BACKWARD)
     y_rows = (b * sy_b + h * sy_h + t * sy_t)[:, None] + cols[None, :]
     tl.store(y_ptr + y_rows, y1.to(dtype), mask=mask)
     tl.store(y_ptr + y_rows + D2, y2.to(dtype), mask=mask)
+
+
+def table_strides(cos: torch.Tensor) -> tuple[int, int, int]:
+    """cos's (batch, token, dim) strides for the kernels: batch 0 where one table serves every batch row."""
+    return (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1), cos.stride(2)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, contiguous: bool) -> torch.Tensor:
@@ -96,12 +105,10 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         return y
     block_d2 = next_power_of_2(D2)
     block_r = max(1, min(TILE_ELEMENTS // block_d2, next_power_of_2(R)))
-    # cos / sin broadcast over the batch when their batch dim is 1
-    sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
     rotary_kernel[(cdiv(R, block_r),)](
         x, x.stride(0), x.stride(1), x.stride(2),
         y, y.stride(0), y.stride(1), y.stride(2),
-        cos, sin, sc_b, cos.stride(1), cos.stride(2),
+        cos, sin, *table_strides(cos),
         R, Hh, T, D2, D2 if cos.shape[-1] == D else 0,
         BACKWARD=backward, BLOCK_R=block_r, BLOCK_D2=block_d2,
         enable_fp_fusion=False,

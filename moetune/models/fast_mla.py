@@ -31,7 +31,7 @@ from .code_match import body_dump, parse_function, source_body_dump
 
 __all__ = ["install_fast_mla", "installed_classes", "mla_class_recognised", "uninstall_fast_mla"]
 
-# The attention forward's body without its cache branch (see _without_cache_branch).
+# The attention forward's body without its cache branch (see _is_cache_branch).
 _FORWARD = """
 batch_size, seq_length = hidden_states.shape[:-1]
 query_shape = (batch_size, seq_length, -1, self.qk_head_dim)
@@ -235,7 +235,6 @@ def _dispatcher(original):
             kwargs.pop(name, None)
         return _fused_forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
 
-    forward._moetune_fast_mla = True
     return forward
 
 
