@@ -206,13 +206,15 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
             "top_ops": [{"name": n, "input_shapes": sh, "count": c, "ms": ms} for n, sh, c, ms in ops[:2 * rows]]}
 
 
-def make_optimizer(params, name: str):
-    """moetune train's optimizer (adamw or adamw_8bit) at lr 1e-4 and both libraries' default weight decay."""
+def make_optimizer(params, name: str, step_in_backward: bool = False):
+    """moetune train's optimizer (adamw or adamw_8bit) at lr 1e-4 and both libraries' default weight decay,
+    optionally stepped inside the backward pass."""
     from types import SimpleNamespace
 
     from moetune.training.loop import make_optimizer as train_optimizer
 
-    return train_optimizer(params, SimpleNamespace(optim=name, lr=1e-4, weight_decay=0.01))
+    return train_optimizer(params, SimpleNamespace(optim=name, lr=1e-4, weight_decay=0.01,
+                                                   step_in_backward=step_in_backward))
 
 
 def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[list[float], list[float], float]:
@@ -275,7 +277,8 @@ def run(provider, source, config, seq, args, device) -> dict:
 
             plan = moetune.FastMoEModel.fit_checkpoint_layers(model, 1, seq, optimizer=args.optim,
                                                               max_memory_gib=args.max_memory,
-                                                              keep_attention=args.keep_attention == "on")
+                                                              keep_attention=args.keep_attention == "on",
+                                                              step_in_backward=args.step_in_backward)
             print(f"checkpoint_layers auto: {plan}", flush=True)
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
@@ -285,7 +288,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         model = build_baseline(source, args.model, args.rank, args.alpha, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args.optim)
+    optimizer = make_optimizer(params, args.optim, args.step_in_backward and provider == "moetune")
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
     try:
@@ -349,6 +352,8 @@ def main(argv=None) -> int:
                         help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],
                         help="optimizer for both providers (adamw8bit needs bitsandbytes)")
+    parser.add_argument("--step-in-backward", action="store_true",
+                        help="moetune: the optimizer steps inside the backward pass (no buffer of every gradient)")
     parser.add_argument("--checkpoint", default=None,
                         help="load both models from this checkpoint directory (created, random-initialised, if missing)")
     parser.add_argument("--out", default=None)
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
                 chosen = result.get("checkpoint_plan", {}).get("checkpoint_layers", args.checkpoint_layers)
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
                             "offload": args.offload, "recompute_skip": args.recompute_skip,
-                            "keep_attention": args.keep_attention}
+                            "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):
@@ -387,7 +392,8 @@ def main(argv=None) -> int:
                 print(
                     f"{args.model} x{config.num_hidden_layers} seq {seq} {provider}: {result['tokens_per_s']:.0f} tok/s, "
                     f"{result['step_s'] * 1e3:.0f} ms/step, peak {result['peak_gib'] or 0:.1f} GiB, "
-                    f"{result['trainable_params'] / 1e6:.0f}M trainable, loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}",
+                    f"{result['trainable_params'] / 1e6:.0f}M trainable, loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}, "
+                    f"steps {[round(t * 1e3) for t in result['step_times_s']]} ms",
                     flush=True,
                 )
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -10,7 +10,9 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    some models: both ends are measured, the larger counts); the checkpointed ones keep their attention output.
    The step's peak memory is measured; for the two ends, the bytes their forward keeps alive plus their input
    (which a checkpointed, offloaded layer would not keep on the GPU); for the others, the attention output kept.
-2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added.
+2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added. With the
+   step in backward (training/step_in_backward.py) the probe frees each gradient as it arrives, and one chunk of
+   gradients (what that step may hold) is added.
 3. From the spare memory (budget - the estimate for every layer checkpointed, none keeping attention): first
    checkpointed layers keep their attention output, then layers are left out of checkpointing, each for its
    activations less the attention output it no longer keeps. Kept attention comes first because it buys more
@@ -40,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from .models import kept_attention
+from .training.step_in_backward import CHUNK_BYTES
 
 __all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
@@ -99,7 +102,7 @@ def _layers(model) -> list:
 
 def fit_checkpoint_layers(
     model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, max_memory_gib: float | None = None,
-    optimizer: str = "adamw", keep_attention: bool = True, memory=None,
+    optimizer: str = "adamw", keep_attention: bool = True, step_in_backward: bool = False, memory=None,
 ) -> dict:
     """Measure one probe step and set how many decoder layers stay checkpointed, and how many of those keep their
     attention output (see the module docstring).
@@ -107,7 +110,9 @@ def fit_checkpoint_layers(
     model: from FastMoEModel.get_peft_model(..., use_gradient_checkpointing=True), on one CUDA device. The probe
     clears the parameters' .grad and the device's peak-memory statistics. max_memory_gib: a cap on the budget in GiB
     (torch.cuda.max_memory_allocated's measure). keep_attention: False plans without kept attention (every
-    checkpointed layer recomputes it). memory: for tests (CudaMemory's methods).
+    checkpointed layer recomputes it). step_in_backward: the optimizer steps inside the backward pass
+    (training/step_in_backward.py): the probes free each gradient as it arrives, and one chunk of gradients is
+    added to the optimizer state. memory: for tests (CudaMemory's methods).
     Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
     "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
     "budget_bytes", "verified_peak_bytes" (the checked plan's peak with the state; None when the plan is every
@@ -128,8 +133,9 @@ def fit_checkpoint_layers(
         raise ValueError(f"max_memory_gib: expected None or a number of GiB > 0, got {max_memory_gib!r}")
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
-    if not isinstance(keep_attention, bool):
-        raise ValueError(f"keep_attention: expected True or False, got {keep_attention!r}")
+    for name, value in (("keep_attention", keep_attention), ("step_in_backward", step_in_backward)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected True or False, got {value!r}")
     layers = _layers(model)
     # Enabled once by get_peft_model (the layer's checkpoint function); the flags are what a plan changes, so
     # planning again (another length) works.
@@ -160,7 +166,7 @@ def fit_checkpoint_layers(
 
     def probe() -> int | None:
         try:
-            return _probe_step(model, memory, device, batch_size, seq_len)
+            return _probe_step(model, memory, device, batch_size, seq_len, step_in_backward)
         except BaseException:
             _apply(layers, len(layers), 0)  # every layer checkpointed, as before the probe
             raise
@@ -178,7 +184,7 @@ def fit_checkpoint_layers(
                 "why": f"the probe step ran out of memory at batch {batch_size} x {seq_len} tokens"}
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state = trainable * OPTIMIZER_STATE_BYTES[optimizer]
+    state = trainable * OPTIMIZER_STATE_BYTES[optimizer] + (CHUNK_BYTES if step_in_backward else 0)
     budget = int(memory_fraction * memory.available())
     if max_memory_gib is not None:
         budget = min(budget, int(max_memory_gib * 2**30))
@@ -246,10 +252,13 @@ def _give_back(layers: int, checkpointed: int, keeping: int, per_layer: int, att
     return layers, 0
 
 
-def _probe_step(model, memory, device, batch_size: int, seq_len: int) -> int | None:
+def _probe_step(model, memory, device, batch_size: int, seq_len: int, free_gradients: bool = False) -> int | None:
     """The peak of one forward + backward on random ids of the planned shape (None: out of memory). The caller's
-    RNG, training mode and the parameters' .grad (cleared) are left as they were."""
+    RNG, training mode and the parameters' .grad (cleared) are left as they were. free_gradients: each gradient is
+    dropped as it arrives, as the step in backward frees it."""
     was_training = model.training
+    hooks = [p.register_post_accumulate_grad_hook(_drop_gradient)
+             for p in model.parameters() if p.requires_grad] if free_gradients else []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, seq_len), device=device)
@@ -262,6 +271,12 @@ def _probe_step(model, memory, device, batch_size: int, seq_len: int) -> int | N
     except torch.OutOfMemoryError:
         return None
     finally:
+        for hook in hooks:
+            hook.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         memory.release()
+
+
+def _drop_gradient(p: torch.Tensor) -> None:
+    p.grad = None

@@ -379,7 +379,7 @@ class FastMoEModel:
     @staticmethod
     def fit_checkpoint_layers(
         model, batch_size: int, seq_len: int, *, memory_fraction: float = 0.9, max_memory_gib: float | None = None,
-        optimizer: str = "adamw", keep_attention: bool = True, memory=None,
+        optimizer: str = "adamw", keep_attention: bool = True, step_in_backward: bool = False, memory=None,
     ) -> dict:
         """Checkpoint only as many decoder layers as the GPU needs for steps of [batch_size, seq_len] tokens, and
         let checkpointed layers keep their attention output where memory allows (their recompute then skips the
@@ -392,7 +392,8 @@ class FastMoEModel:
         trainable parameter, adamw_8bit: 2): first on kept attention, then on layers left out of checkpointing
         (they skip their recompute). A plan beyond every layer checkpointed is then checked by a probe step with
         the plan itself and cut back while that is over the budget (up to three probes in all after the first).
-        keep_attention=False: no layer keeps it. Returns the measurements and the choice
+        keep_attention=False: no layer keeps it. step_in_backward: plan for the optimizer stepping inside the
+        backward pass (training/step_in_backward.py: no buffer of every gradient). Returns the measurements and the choice
         (moetune/checkpoint_plan.py); on CPU it changes nothing; if the probe runs out of memory every layer stays
         checkpointed; "why" says so, or that even every layer checkpointed is estimated over the budget, or that
         the checks fell back to it. memory: a stand-in for the CUDA allocator (tests).
@@ -401,5 +402,5 @@ class FastMoEModel:
 
         return fit_checkpoint_layers(
             model, batch_size, seq_len, memory_fraction=memory_fraction, max_memory_gib=max_memory_gib,
-            optimizer=optimizer, keep_attention=keep_attention, memory=memory,
+            optimizer=optimizer, keep_attention=keep_attention, step_in_backward=step_in_backward, memory=memory,
         )

@@ -98,6 +98,29 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 
 
+def test_a_plan_for_the_step_in_backward_frees_gradients_as_they_arrive(checkpoint):
+    from moetune.training.step_in_backward import CHUNK_BYTES
+
+    model = _model(checkpoint("mixtral"), "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    class Watching(FakeMemory):  # how many gradients are alive when the probe's backward has ended
+        def peak(self):
+            self.live = sum(p.grad is not None for p in params)
+            return super().peak()
+
+    plans = {}
+    for in_backward in (False, True):
+        memory = Watching()
+        plans[in_backward] = FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=in_backward,
+                                                                memory=memory)
+        assert (memory.live == 0) == in_backward and (memory.live == len(params)) != in_backward
+        assert all(p.grad is None for p in params) and all(not p._post_accumulate_grad_hooks for p in params)
+    assert plans[True]["optimizer_state_bytes"] == plans[False]["optimizer_state_bytes"] + CHUNK_BYTES
+    with pytest.raises(ValueError, match="step_in_backward: expected True or False"):
+        FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=1, memory=Watching())
+
+
 def _four_moe_layers(directory):
     """(config, model, its decoder layers): a tiny Qwen3-MoE of four MoE layers, saved and loaded for LoRA."""
     import transformers

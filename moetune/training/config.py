@@ -53,6 +53,12 @@ class TrainConfig:
     optim: str = "adamw"
     """adamw (torch, fp32 states: 8 bytes per trainable parameter) or adamw_8bit (bitsandbytes' 8-bit states, 2 bytes: 3.6 GiB less for the 643M LoRA parameters of a whole Qwen3-30B-A3B; needs pip install bitsandbytes and a CUDA GPU)."""
 
+    max_grad_norm: float = 1.0
+    """Clip the gradients' global norm to this before each optimizer step (0: no clipping). 1.0 is the usual LoRA setting (peft and TRL examples): it keeps the first steps at a high learning rate stable."""
+
+    step_in_backward: bool = False
+    """Run the optimizer step inside the backward pass, a layer or so of parameters at a time as their gradients arrive, freeing each gradient at once: no buffer holds every gradient (4 bytes per trainable parameter: 2.4 GiB for a whole Qwen3-30B-A3B, which --checkpoint-layers auto then spends on speed). Same updates; needs --max-grad-norm 0 and --grad-accum 1 (both need every gradient at once)."""
+
     batch_size: int = 8
     """Sequences per micro-batch."""
 
@@ -275,6 +281,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     for flag, asked in (("--max-memory", config.max_memory is not None), ("--no-keep-attention", not config.keep_attention)):
         if asked and not planned:
             raise ValueError(f"{flag}: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
+    if not 0 <= config.max_grad_norm < float("inf"):
+        raise ValueError(f"--max-grad-norm: expected a number >= 0 (0: no clipping), got {config.max_grad_norm}")
+    if config.step_in_backward and (config.max_grad_norm > 0 or config.grad_accum > 1):
+        raise ValueError(
+            "--step-in-backward: needs --max-grad-norm 0 and --grad-accum 1 (clipping and accumulation need every "
+            f"gradient at once), got --max-grad-norm {config.max_grad_norm} --grad-accum {config.grad_accum}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     if not config.epochs > 0:

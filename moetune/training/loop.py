@@ -4,7 +4,7 @@
 
 Per optimizer step: grad_accum micro-batches, loss = sum of token losses / response tokens in the whole
 step (transformers' num_items_in_batch), AdamW on the LoRA parameters, gradient clipping at
-max_grad_norm 1.0, linear warm-up then cosine decay to lr/10. Writes metrics.jsonl rows, checkpoints
+--max-grad-norm (1.0), linear warm-up then cosine decay to lr/10. Writes metrics.jsonl rows, checkpoints
 (checkpoint.py), and at the end the adapter, loss.png, expert_load.png and summary.json.
 """
 
@@ -30,7 +30,6 @@ from .prepare import RUN_FILES, Plan, prepare
 
 __all__ = ["train", "run"]
 
-MAX_GRAD_NORM = 1.0  # the usual LoRA setting (peft/TRL examples); keeps the first steps at a high lr stable
 MIN_LR_RATIO = 0.1
 
 
@@ -40,18 +39,26 @@ def train(config: TrainConfig, console=None) -> dict:
 
 
 def make_optimizer(params, config):
-    """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit).
+    """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit); with
+    config.step_in_backward (absent: off), stepped inside the backward pass (step_in_backward.py).
 
     On CUDA torch's fused kernel: its default there (foreach) allocates a temporary the size of the state's
     second moment (4 bytes per trainable parameter: 2.4 GiB for Qwen3-30B-A3B's 643M) at the step, on top of the
     gradients, which can make the optimizer step the peak of the whole training step."""
+    params = list(params)
+    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
     if config.optim == "adamw_8bit":
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    params = list(params)
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+        kwargs["fused"] = (bool(params) and all(p.is_cuda for p in params)) or None
+    if getattr(config, "step_in_backward", False):
+        from .step_in_backward import StepInBackward
+
+        return StepInBackward(params, optimizer_class, **kwargs)
+    return optimizer_class(params, **kwargs)
 
 
 def _schedule(warmup: int, total: int):
@@ -158,6 +165,7 @@ def run(plan: Plan, console=None) -> dict:
             checkpoint_plan = FastMoEModel.fit_checkpoint_layers(
                 peft_model, config.batch_size, config.max_seq_length, optimizer=config.optim,
                 max_memory_gib=config.max_memory, keep_attention=config.keep_attention,
+                step_in_backward=config.step_in_backward,
             )
     except BaseException:
         if demo_tmp:
@@ -213,7 +221,8 @@ def run(plan: Plan, console=None) -> dict:
                 loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
                 loss.backward()
                 loss_interval += loss.detach()
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

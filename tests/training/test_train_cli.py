@@ -164,8 +164,27 @@ def test_the_plan_gets_the_memory_cap_and_the_kept_attention_switch(tmp_path, ca
         return {"checkpoint_layers": None, "layers": 4, "why": "test"}
 
     monkeypatch.setattr(FastMoEModel, "fit_checkpoint_layers", staticmethod(plan))
-    for extra, keep in (((), True), (("--no-keep-attention", "--max-memory", "30"), False)):
+    for extra, keep in (((), True), (("--no-keep-attention", "--max-memory", "30", "--step-in-backward",
+                                      "--max-grad-norm", "0"), False)):
         code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / f"out-{keep}", "--max-steps", 1, *extra)
         assert code == 0, stderr
         assert asked[-1][2]["keep_attention"] is keep
+        assert asked[-1][2]["step_in_backward"] is not keep
     assert asked[-1][2]["max_memory_gib"] == 30
+
+
+def test_step_in_backward_gives_the_same_run(tmp_path, capsys):
+    """--step-in-backward changes where the optimizer steps (and the memory), not the training: the same losses
+    and adapter as the usual step, both without clipping (CPU float32 is deterministic)."""
+    runs = {}
+    for mode in ("usual", "in-backward"):
+        out = tmp_path / mode
+        extra = ("--step-in-backward",) if mode == "in-backward" else ()
+        code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 4, "--max-grad-norm", 0, *extra)
+        assert code == 0, stderr
+        runs[mode] = (metrics(out), torch.load(out / "checkpoints" / "step-000004" / "state.pt", weights_only=False))
+    (usual_rows, usual_state), (rows, state) = runs["usual"], runs["in-backward"]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in usual_rows] and len(rows) == 4
+    assert [r["lr"] for r in rows] == [r["lr"] for r in usual_rows]
+    assert all(torch.equal(usual_state["trainable"][k], v) for k, v in state["trainable"].items())
+    assert usual_state["optimizer"]["state"].keys() == state["optimizer"]["state"].keys()
