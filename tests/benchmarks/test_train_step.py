@@ -98,3 +98,14 @@ def test_whole_model_plot(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "plot_whole_models.py"), str(png), str(mixed)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "expected rows of one context" in proc.stderr
+
+
+def test_step_in_backward_ab_alternates_on_one_model(tmp_path):
+    out = tmp_path / "ab.json"
+    _run(str(BENCH / "step_in_backward_ab.py"), "--tiny", "--layers", "2", "--rounds", "2", "--warmup", "1",
+         "--steps", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["round"], r["step_in_backward"]) for r in rows] == [(0, False), (0, True), (1, False), (1, True)]
+    assert all(len(r["step_times_s"]) == 2 and r["tokens_per_s"] > 0 for r in rows)
+    losses = [loss for r in rows for loss in r["losses"]]
+    assert losses[-1] < losses[0]  # one model trains on through both settings
