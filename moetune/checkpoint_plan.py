@@ -11,8 +11,8 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    The step's peak memory is measured; for the two ends, the bytes their forward keeps alive plus their input
    (which a checkpointed, offloaded layer would not keep on the GPU); for the others, the attention output kept.
 2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added. With the
-   step in backward (training/step_in_backward.py) the probe frees each gradient as it arrives, and one chunk of
-   gradients (what that step may hold) is added.
+   step in backward (training/step_in_backward.py) the probe frees each gradient as it arrives, and the most
+   gradient one of its chunks may hold is added.
 3. From the spare memory (budget - the estimate for every layer checkpointed, none keeping attention): first
    checkpointed layers keep their attention output, then layers are left out of checkpointing, each for its
    activations less the attention output it no longer keeps. Kept attention comes first because it buys more
@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from .models import kept_attention
-from .training.step_in_backward import CHUNK_BYTES
+from .training.step_in_backward import largest_chunk_bytes
 
 __all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
@@ -111,8 +111,8 @@ def fit_checkpoint_layers(
     clears the parameters' .grad and the device's peak-memory statistics. max_memory_gib: a cap on the budget in GiB
     (torch.cuda.max_memory_allocated's measure). keep_attention: False plans without kept attention (every
     checkpointed layer recomputes it). step_in_backward: the optimizer steps inside the backward pass
-    (training/step_in_backward.py): the probes free each gradient as it arrives, and one chunk of gradients is
-    added to the optimizer state. memory: for tests (CudaMemory's methods).
+    (training/step_in_backward.py): the probes free each gradient as it arrives, and the most gradient one of its
+    chunks may hold is added to the optimizer state. memory: for tests (CudaMemory's methods).
     Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
     "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
     "budget_bytes", "verified_peak_bytes" (the checked plan's peak with the state; None when the plan is every
@@ -184,7 +184,9 @@ def fit_checkpoint_layers(
                 "why": f"the probe step ran out of memory at batch {batch_size} x {seq_len} tokens"}
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state = trainable * OPTIMIZER_STATE_BYTES[optimizer] + (CHUNK_BYTES if step_in_backward else 0)
+    state = trainable * OPTIMIZER_STATE_BYTES[optimizer]
+    if step_in_backward:  # the gradients one chunk may hold while they come in
+        state += largest_chunk_bytes(p for p in model.parameters() if p.requires_grad)
     budget = int(memory_fraction * memory.available())
     if max_memory_gib is not None:
         budget = min(budget, int(max_memory_gib * 2**30))

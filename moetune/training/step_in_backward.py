@@ -7,30 +7,44 @@
 
 A normal step keeps every trainable parameter's gradient until backward ends: 4 bytes per parameter in fp32
 (2.4 GiB for the 643M LoRA parameters of a whole Qwen3-30B-A3B), alive at the step's peak, which is late in the
-backward. Here the parameters are split into chunks of consecutive parameters of about CHUNK_BYTES of gradient
-(a layer or two: the gradients of one chunk arrive close together), each chunk with its own optimizer of the
-given class; a post-accumulate-grad hook counts the arrivals and steps the chunk when its last gradient is in,
-then sets those gradients to None. Elementwise optimizers (AdamW, 8-bit AdamW) compute exactly what one optimizer
-over all the parameters computes.
+backward. Here the parameters are split into chunks of consecutive parameters of at most CHUNK_BYTES of gradient
+(or one larger parameter; a layer or two: the gradients of one chunk arrive close together), each chunk with its
+own optimizer of the given class; a post-accumulate-grad hook counts the arrivals and steps the chunk when its last
+gradient is in, then sets those gradients to None. Elementwise optimizers (AdamW, 8-bit AdamW) compute exactly what
+one optimizer over all the parameters computes.
 
 What needs every gradient at once cannot run: clipping by the global gradient norm, and accumulating gradients
 over several backward passes. A parameter whose chunk already stepped and that gets another gradient before
-step() raises (a second backward pass, or a parameter used by two separate graphs).
+step() or zero_grad() raises: a second backward pass, or a parameter used in two graphs (two segments of a
+reentrant torch checkpoint; moetune's checkpointing is not reentrant). A backward that fails midway leaves the
+chunks it reached stepped; zero_grad() then starts the next step.
 
-Hyperparameters live in this optimizer's param_groups (learning-rate schedulers edit them there) and are copied
-to a chunk's optimizer before each of its steps. state_dict() has the layout of one optimizer of the inner class
-over all the parameters, so a checkpoint written with either loads into the other.
+Parameters that do not require grad when a group is added are left out of the chunks (never stepped, as the base
+weights in `AdamW(model.parameters())`). Hyperparameters live in this optimizer's param_groups (learning-rate
+schedulers edit them there) and are copied to a chunk's optimizer before each of its steps; the optimizer state
+lives in the chunks' optimizers (`self.state` stays empty). state_dict() has the layout of one optimizer of the
+inner class over all the parameters, so a checkpoint written with either loads into the other. Step hooks
+(register_step_pre_hook) run at step(), not when the chunks step. A parameter is stepped by one StepInBackward at
+a time: another one over it is refused until the first is garbage-collected or remove_hooks() is called.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+import weakref
 
-__all__ = ["StepInBackward", "CHUNK_BYTES"]
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["StepInBackward", "CHUNK_BYTES", "largest_chunk_bytes"]
 
 # Gradient bytes per chunk: what may stay alive while its gradients come in, and few enough chunks (about 40 for a
 # whole Qwen3-30B-A3B) that the host time of their steps stays small.
 CHUNK_BYTES = 64 * 2**20
+
+
+# Parameter -> the StepInBackward that steps it (a weak reference): two would both step it.
+_owners = WeakIdKeyDictionary()  # keyed by identity: a tensor's == is elementwise
 
 
 class StepInBackward(torch.optim.Optimizer):
@@ -38,30 +52,45 @@ class StepInBackward(torch.optim.Optimizer):
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes: expected an integer >= 1, got {chunk_bytes!r}")
         self._optimizer_class = optimizer_class
+        self._given = dict(defaults)  # the inner class's keyword arguments, as the caller gave them
         self._chunk_bytes = chunk_bytes
         self._chunks: list[tuple[dict, torch.optim.Optimizer, list[torch.Tensor]]] = []
         self._chunk_of: dict[torch.Tensor, int] = {}
         self._arrived: list[set[int]] = []  # per chunk: ids of the parameters whose gradient is in
-        self._stepped: set[int] = set()  # chunks that stepped since the last step()
+        self._stepped: set[int] = set()  # chunks that stepped since the last step() or zero_grad()
         self._hooks = []
         super().__init__(params, defaults)  # calls add_param_group for each group
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        given = _hyper(group)  # what the inner class takes; the first inner adds the rest of its own
-        for params in _split(group["params"], self._chunk_bytes):
-            inner = self._optimizer_class(params, **given)
+        params, names = group["params"], group.get("param_names")
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        for i in trainable:
+            owner = _owners.get(params[i])
+            if owner is not None and owner() is not None and owner() is not self:
+                del self.param_groups[-1]
+                raise ValueError("params: a parameter is already stepped in backward by another StepInBackward "
+                                 "(call its remove_hooks() first)")
+        ref = weakref.ref(self)
+        for indices in _split([params[i] for i in trainable], self._chunk_bytes):
+            chunk = [params[trainable[j]] for j in indices]
+            inner_group = dict(_hyper(group), params=chunk)
+            if names is not None:
+                inner_group["param_names"] = [names[trainable[j]] for j in indices]
+            inner = self._optimizer_class([inner_group], **self._given)
             for key, value in inner.param_groups[0].items():  # the inner class's full set of hyperparameters
-                group.setdefault(key, value)
+                if key not in ("params", "param_names"):
+                    group.setdefault(key, value)
+            for key, value in inner.defaults.items():  # schedulers read defaults (OneCycleLR: betas)
+                self.defaults.setdefault(key, value)
             index = len(self._chunks)
-            self._chunks.append((group, inner, params))
+            self._chunks.append((group, inner, chunk))
             self._arrived.append(set())
-            for p in params:
-                if not p.requires_grad:
-                    raise ValueError("params: expected parameters that require grad")
+            for p in chunk:
                 self._chunk_of[p] = index
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+                _owners[p] = ref
+                self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_arrive, ref)))
 
     def _on_gradient(self, p: torch.Tensor) -> None:
         index = self._chunk_of[p]
@@ -98,15 +127,25 @@ class StepInBackward(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear what gradients are left and end the step (also after a backward that failed midway)."""
         super().zero_grad(set_to_none)
         for arrived in self._arrived:
             arrived.clear()
+        self._stepped.clear()
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (their gradients then stay, as without this optimizer)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for p in self._chunk_of:
+            owner = _owners.get(p)
+            if owner is not None and owner() is self:
+                del _owners[p]
+
+    def __getstate__(self):
+        raise TypeError("StepInBackward cannot be pickled or copied (its hooks live on the parameters); "
+                        "save its state_dict() instead")
 
     def state_dict(self) -> dict:
         """The layout of one inner-class optimizer over all the parameters (indices in param_groups order)."""
@@ -117,7 +156,9 @@ class StepInBackward(torch.optim.Optimizer):
             for local, p in enumerate(params):
                 if local in inner_state:
                     state[index_of[p]] = inner_state[local]
-        groups = [dict(_hyper(g), params=[index_of[p] for p in g["params"]]) for g in self.param_groups]
+        groups = [dict(_hyper(g), params=[index_of[p] for p in g["params"]],
+                       **({"param_names": g["param_names"]} if "param_names" in g else {}))
+                  for g in self.param_groups]
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -130,22 +171,37 @@ class StepInBackward(torch.optim.Optimizer):
         for group, inner, params in self._chunks:
             state = {local: state_dict["state"][saved_index[p]] for local, p in enumerate(params)
                      if saved_index[p] in state_dict["state"]}
-            inner.load_state_dict({"state": state, "param_groups": [dict(_hyper(group), params=list(range(len(params))))]})
+            inner_group = dict(inner.param_groups[0], **_hyper(group), params=list(range(len(params))))
+            inner.load_state_dict({"state": state, "param_groups": [inner_group]})
+
+
+def _arrive(ref, p: torch.Tensor) -> None:
+    """The parameters' hook: holds its optimizer weakly, so a discarded one stops stepping."""
+    owner = ref()
+    if owner is not None:
+        owner._on_gradient(p)
 
 
 def _hyper(group: dict) -> dict:
-    return {k: v for k, v in group.items() if k != "params"}
+    """A group's hyperparameters: what a chunk's optimizer copies before it steps."""
+    return {k: v for k, v in group.items() if k not in ("params", "param_names")}
 
 
-def _split(params: list[torch.Tensor], chunk_bytes: int) -> list[list[torch.Tensor]]:
-    """Consecutive parameters in chunks of at least chunk_bytes of gradient (the last may hold less)."""
+def largest_chunk_bytes(params, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """The most gradient bytes one chunk may hold: chunk_bytes, or one parameter larger than that."""
+    return max([chunk_bytes] + [p.numel() * p.element_size() for p in params])
+
+
+def _split(params: list[torch.Tensor], chunk_bytes: int) -> list[list[int]]:
+    """Indices of consecutive parameters in chunks of at most chunk_bytes of gradient (a larger parameter alone)."""
     chunks, current, size = [], [], 0
-    for p in params:
-        current.append(p)
-        size += p.numel() * p.element_size()
-        if size >= chunk_bytes:
+    for i, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if current and size + nbytes > chunk_bytes:
             chunks.append(current)
             current, size = [], 0
+        current.append(i)
+        size += nbytes
     if current:
         chunks.append(current)
     return chunks

@@ -87,11 +87,96 @@ def test_a_parameter_without_gradient_is_skipped_and_its_chunk_steps_at_step():
     assert_same(run(step_in_backward), expected)
 
 
-def test_frozen_parameters_are_refused():
+def test_frozen_parameters_are_left_out_and_never_stepped():
     model = make_model()
-    model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="params: expected parameters that require grad"):
+    model[0].requires_grad_(False)  # AdamW(model.parameters()) with frozen base weights: the usual idiom
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    optimizer = StepInBackward(model.parameters(), torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2)
+    assert all(p not in optimizer._chunk_of for p in model[0].parameters())
+    train(model, optimizer, batches(2))
+    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))
+    assert len(optimizer.state_dict()["state"]) == len(list(model.parameters())) - 2
+
+
+def test_named_parameters_extra_group_keys_and_several_groups():
+    data = batches(3)
+
+    def groups(model, named):
+        def params(layers):
+            return list(layers.named_parameters()) if named else list(layers.parameters())
+
+        return [{"params": params(model[:2]), "name": "early", "lr": 3e-2}, {"params": params(model[2:])}]
+
+    reference = make_model()
+    expected = train(reference, torch.optim.AdamW(groups(reference, False), lr=1e-2), data)
+    model = make_model()
+    optimizer = StepInBackward(groups(model, True), torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2)
+    assert optimizer.param_groups[0]["name"] == "early" and optimizer._chunks[0][1].param_groups[0]["name"] == "early"
+    assert_same(train(model, optimizer, data), expected)
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+def test_schedulers_that_cycle_momentum_find_the_inner_defaults():
+    data = batches(4)
+
+    def run(optimizer_of):
+        model = make_model()
+        optimizer = optimizer_of(model.parameters())
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)  # cycles betas
+        return train(model, optimizer, data, scheduler), optimizer
+
+    expected, _ = run(lambda params: torch.optim.AdamW(params, lr=1e-2))
+    got, optimizer = run(lambda params: StepInBackward(params, torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2))
+    assert optimizer.defaults["betas"] == (0.9, 0.999)
+    assert_same(got, expected)
+
+
+def test_chunks_hold_at_most_chunk_bytes_or_one_larger_parameter():
+    from moetune.training.step_in_backward import largest_chunk_bytes
+
+    model = make_model()
+    optimizer = StepInBackward(model.parameters(), torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2)
+    assert all(sum(p.numel() * 4 for p in chunk) <= CHUNK for _, _, chunk in optimizer._chunks)
+    small = StepInBackward(make_model().parameters(), torch.optim.AdamW, chunk_bytes=100, lr=1e-2)
+    assert [len(chunk) for _, _, chunk in small._chunks] == [1] * 10  # each weight alone; each bias alone
+    assert largest_chunk_bytes(model.parameters(), 100) == WIDTH * WIDTH * 4
+    assert largest_chunk_bytes(model.parameters()) == 64 * 2**20
+
+
+def test_one_stepper_per_parameter_and_a_discarded_one_lets_go():
+    model = make_model()
+    first = StepInBackward(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    with pytest.raises(ValueError, match="params: a parameter is already stepped in backward by another"):
         StepInBackward(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    del first  # no scheduler or other reference: collected, its hooks do nothing from now on
+    data = batches(2)
+    reference = make_model()
+    expected = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), data)
+    assert_same(train(model, StepInBackward(model.parameters(), torch.optim.AdamW, lr=1e-2), data), expected)
+    second = StepInBackward(make_model().parameters(), torch.optim.AdamW, lr=1e-2)
+    second.remove_hooks()
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        import copy
+
+        copy.deepcopy(second)
+
+
+def test_zero_grad_ends_a_step_whose_backward_failed_midway():
+    model = make_model()
+    optimizer = StepInBackward(model.parameters(), torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2)
+
+    def fail(grad):  # the gradient reaching the first layer's output: the last chunks never arrive
+        raise RuntimeError("simulated failure")
+
+    x = batches(1)[0]
+    hidden = model[0](x)
+    hidden.register_hook(fail)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        model[1:](hidden).sum().backward()
+    assert optimizer._stepped  # the later layers' chunks stepped before the failure
+    optimizer.zero_grad()
+    model(x).sum().backward()  # the next step runs
+    optimizer.step()
 
 
 def test_a_second_backward_before_step_raises():
