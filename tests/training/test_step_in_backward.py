@@ -266,3 +266,28 @@ def test_fused_adamw_on_cuda_steps_as_one_fused_optimizer():
     assert_same(train(model, optimizer, data), expected)
     config = SimpleNamespace(optim="adamw", lr=1e-2, weight_decay=0.01, step_in_backward=True)
     assert make_optimizer(make_model(device="cuda").parameters(), config).param_groups[0]["fused"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_8bit_adamw_steps_in_backward_as_one_8bit_optimizer():
+    bnb = pytest.importorskip("bitsandbytes")
+    data = batches(3, "cuda")
+
+    def big_model():  # wide enough for 8-bit states (bitsandbytes keeps tensors under 4096 elements in 32 bits)
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(128, 128) for _ in range(4)]).to("cuda")
+
+    def big_batches():
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randn(8, 128, generator=gen).to("cuda") for _ in range(len(data))]
+
+    reference = big_model()
+    expected = train(reference, bnb.optim.AdamW8bit(reference.parameters(), lr=1e-3), big_batches())
+    model = big_model()
+    optimizer = StepInBackward(model.parameters(), bnb.optim.AdamW8bit, chunk_bytes=2 * 128 * 128 * 4, lr=1e-3)
+    assert len(optimizer._chunks) > 1
+    assert_same(train(model, optimizer, big_batches()), expected)
+    resumed = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    optimizer.remove_hooks()
+    resumed.load_state_dict(optimizer.state_dict())  # the layout of one 8-bit optimizer
