@@ -52,8 +52,9 @@ def load_kernels(path: str | None):
 
 
 def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
-    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates())] for one forward + backward: the eight
-    grouped_gemm launches, then the four LoRA weight-gradient (grouped_wgrad) launches."""
+    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates())] for one forward + backward: the six
+    grouped_gemm launches, the four LoRA weight-gradient (grouped_wgrad) launches, then ("cmp ") the separate
+    launches of the LoRA inputs sv2, sv1 and the GEMMs reading them, which two of the six replace."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=0.02):
@@ -83,6 +84,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     d_gu, _ = grouped_gemm(d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S,
                            epilogue=2, act=act, interleaved=shape.interleaved, **common)
     sv1 = grouped_gemm(d_gu, B1, alpha=2.0, **common)
+    sv2_out, sv1_out = torch.empty_like(sv2), torch.empty_like(sv1)  # written by the launches with the LoRA input in loop
     b = dtype.itemsize if hasattr(dtype, "itemsize") else 2
     mm = lambda m, n, kk: 2.0 * m * n * kk  # noqa: E731
     tma = tma_candidates(device, dtype)
@@ -107,20 +109,32 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
             h, down.transpose(1, 2), lora_u=su2, lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S,
             row_scale=w_S, **common, **kw),
          mm(S, H, I + R), b * (S * I + E * H * I + S * H), gemm(0, H, I, False)),
-        ("bwd  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
+        ("bwd  down^T + act' (sv2 in loop, dot)", lambda **kw: grouped_gemm(
+            d_out, down, a_index=plan.token_S, lora_u_weight=B2, lora_u_alpha=2.0, lora_u_out=sv2_out, lora_b=A2,
+            gu=gu, row_scale=w_S, epilogue=2, act=act, interleaved=shape.interleaved, **common, **kw),
+         mm(S, I + R, H) + mm(S, I, R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
+        ("bwd  gate_up^T (sv1 in loop, scatter)", lambda **kw: grouped_gemm(
+            d_gu, gate_up, lora_u_weight=B1, lora_u_alpha=2.0, lora_u_out=sv1_out, lora_b=A1, out_index=plan.perm_S,
+            **common, **kw),
+         mm(S, H + R, 2 * I) + mm(S, H, R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
+        # What the two launches above replace, timed for comparison (not in the sum): the LoRA inputs sv2 and
+        # sv1 by launches of their own, then the same GEMMs reading them.
+        ("cmp  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
          mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
-        ("bwd  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
+        ("cmp  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
             d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
             interleaved=shape.interleaved, **common, **kw),
          mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
-        ("bwd  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
+        ("cmp  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
          mm(S, R, 2 * I), b * (S * 2 * I + S * R), gemm(0, R, 2 * I, False)),
-        ("bwd  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
+        ("cmp  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
             d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common, **kw),
          mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
     ]
+    block = [g for g in gemms if not g[0].startswith("cmp ")]
+    compared = [g for g in gemms if g[0].startswith("cmp ")]
     # The LoRA factor gradients (fp32 [E, ., .] outputs), as the backward calls them.
-    return gemms + [
+    return block + [
         ("bwd  dB2 (wgrad, gather, scale)", lambda **kw: grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg, **kw),
          mm(S, H, R), b * (S * H + S * R + S) + 4 * E * H * R, wgrad(H, R)),
         ("bwd  dA2 (wgrad, act on load)", lambda **kw: grouped_wgrad(
@@ -130,7 +144,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
          mm(S, 2 * I, R), b * (S * 2 * I + S * R) + 4 * E * 2 * I * R, wgrad(2 * I, R)),
         ("bwd  dA1 (wgrad, gather)", lambda **kw: grouped_wgrad(sv1, x, b_index=plan.token_S, **wg, **kw),
          mm(S, R, H), b * (S * R + S * H) + 4 * E * R * H, wgrad(R, H)),
-    ]
+    ] + compared
 
 
 def time_ms(fn, device, warmup: int = 3, repeat: int = 20) -> float:
@@ -178,7 +192,8 @@ def main(argv=None) -> int:
                             print(f"    {config}: {type(err).__name__}")
                             continue
                         print(f"    {cms:7.3f} ms  {flops / cms / 1e9:6.0f} TFLOP/s  {config}", flush=True)
-                total += ms
+                if not label.startswith("cmp "):  # the comparison rows are not launches of the block
+                    total += ms
                 tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
                 print(f"  {label:40s} {ms:7.3f} ms  {tflops:6.0f} TFLOP/s ({100 * tflops / PEAK_TFLOPS:3.0f}%)  "
                       f"{gbs:6.0f} GB/s ({100 * gbs / PEAK_GBS:3.0f}%)", flush=True)

@@ -81,6 +81,7 @@ def grouped_gemm_kernel(
     b_ptr, stride_be, stride_bk, stride_bn,
     offsets_ptr, tile_ends_ptr,
     u_ptr, stride_um, stride_ur,
+    ua_ptr, stride_uae, stride_uak, stride_uar,
     lb_ptr, stride_lbe, stride_lbr, stride_lbn,
     bias_ptr, stride_biase, stride_biasn,
     c_ptr, stride_cm, stride_cn,
@@ -88,13 +89,14 @@ def grouped_gemm_kernel(
     gu_ptr, stride_gum, stride_gun,
     dw_ptr, stride_dwn,
     b_desc, a_desc,
-    N, K, R, E, M_TILES, alpha, act_alpha, act_limit,
+    N, K, R, E, M_TILES, alpha, u_alpha, act_alpha, act_limit,
     HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0, TMA_GATE_UP: tl.constexpr = False, A_TMA: tl.constexpr = False,
+    U_IN_LOOP: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M consecutive M tiles run against every N block before the next
     # group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB) are read from
@@ -127,8 +129,13 @@ def grouped_gemm_kernel(
     if HAS_LORA:
         rs = tl.arange(0, BLOCK_R)
         r_mask = rs < R
-        u = tl.load(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur,
-                    mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        if U_IN_LOOP:  # U = u_alpha * A[a_row] @ UA[e], accumulated from the same A tiles as the main product
+            ua_ptrs = (ua_ptr + e_safe.to(tl.int64) * stride_uae + ks[:, None] * stride_uak
+                       + rs[None, :] * stride_uar)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        else:
+            u = tl.load(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur,
+                        mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         lb_base = lb_ptr + e_safe.to(tl.int64) * stride_lbe
     if HAS_BIAS:
         bias_base = bias_ptr + e_safe.to(tl.int64) * stride_biase
@@ -191,10 +198,22 @@ def grouped_gemm_kernel(
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if U_IN_LOOP:
+            if EVEN_K:
+                ua = tl.load(ua_ptrs, mask=r_mask[None, :], other=0.0)
+            else:
+                ua = tl.load(ua_ptrs, mask=(k0 + ks < K)[:, None] & r_mask[None, :], other=0.0)
+            acc_u = tl.dot(a, ua, acc_u, input_precision=DOT_PRECISION)
+            ua_ptrs += BLOCK_K * stride_uak
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if TMA_GATE_UP:  # the paired layout of the one-wide-dot path: column 2n is gate n, 2n + 1 is up n
         acc = tl.reshape(tl.join(acc_gate, acc_up), (BLOCK_M, 2 * BLOCK_N))
+    if U_IN_LOOP:  # rounded as its own launch would store it; the first column block writes it out
+        u = (acc_u * u_alpha).to(u_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(u_ptr + rows64[:, None] * stride_um + rs[None, :] * stride_ur, u,
+                     mask=row_mask[:, None] & r_mask[None, :])
     if HAS_LORA:
         lb = tl.load(lb_base + rs[:, None] * stride_lbr + b_cols[None, :] * stride_lbn,
                      mask=r_mask[:, None] & b_col_mask[None, :], other=0.0)
@@ -448,6 +467,9 @@ def grouped_gemm(
     a_index: torch.Tensor | None = None,
     lora_u: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
+    lora_u_weight: torch.Tensor | None = None,
+    lora_u_alpha: float = 1.0,
+    lora_u_out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     alpha: float = 1.0,
     out: torch.Tensor | None = None,
@@ -463,8 +485,14 @@ def grouped_gemm(
     """See the module docstring. Returns C (epilogue 0), (h, gu) (epilogue 1), (d_gu, dots_S) (epilogue 2).
 
     b is [E, K, N_b]: for epilogue 1, N_b = 2N (gate/up pairs) and C has N columns.
+    lora_u_weight [E, K, R] (instead of lora_u): the split-LoRA input is computed in the main loop from the same A
+    tiles, lora_u = lora_u_alpha * A[a_row] @ lora_u_weight[e], rounded to lora_u_out's dtype, and written to
+    lora_u_out [S, R] (what a separate grouped_gemm(a, lora_u_weight, alpha=lora_u_alpha) would return, in one
+    pass over A instead of two).
     config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
+    if lora_u_weight is not None and (lora_u is not None or lora_u_out is None or lora_b is None):
+        raise ValueError("lora_u_weight: expected with lora_u_out and lora_b, and without lora_u")
     if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
         raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
     E, K = b.shape[0], b.shape[1]
@@ -480,6 +508,9 @@ def grouped_gemm(
     else:
         assert gu is not None and row_scale is not None
         out = torch.empty(num_rows, 2 * N, device=device, dtype=dtype)
+    in_loop = lora_u_weight is not None
+    if in_loop:
+        lora_u = lora_u_out  # written by the kernel, then read back in its own epilogue
     rank = lora_u.shape[1] if lora_u is not None else 1
     dummy = out
     z = (0, 0, 0)
@@ -508,6 +539,7 @@ def grouped_gemm(
             b, b.stride(0), b.stride(1), b.stride(2),
             offsets_E, tile_schedule(counts_E, block_m),
             lora_u if lora_u is not None else dummy, *(lora_u.stride() if lora_u is not None else z[:2]),
+            lora_u_weight if in_loop else dummy, *(lora_u_weight.stride() if in_loop else z),
             lora_b if lora_b is not None else dummy, *(lora_b.stride() if lora_b is not None else z),
             bias if bias is not None else dummy, *(bias.stride() if bias is not None else z[:2]),
             c, c.stride(0), c.stride(1),
@@ -516,7 +548,7 @@ def grouped_gemm(
             gu if gu is not None else dummy, *(gu.stride() if gu is not None else z[:2]),
             dw if dw is not None else dummy, dw.stride(0) if dw is not None else 0,
             b_desc, a_desc if a_desc is not None else dummy,
-            N, K, rank, E, m_tiles, float(alpha), float(act[1]), float(act[2]),
+            N, K, rank, E, m_tiles, float(alpha), float(lora_u_alpha), float(act[1]), float(act[2]),
             HAS_A_INDEX=a_index is not None, HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
             HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None and not split,
             EPILOGUE=epi, ACT=act[0], INTERLEAVED=interleaved,
@@ -526,7 +558,7 @@ def grouped_gemm(
             EVEN_N=N % blocks["BLOCK_N"] == 0,
             BLOCK_R=_pow2_at_least(rank),
             GROUP_M=8, B_TMA=b_tma, TMA_GATE_UP=b_tma != 0 and epi == 1 and not interleaved,
-            A_TMA=a_desc is not None,
+            A_TMA=a_desc is not None, U_IN_LOOP=in_loop,
             **blocks,
         )
         if split:
@@ -544,6 +576,8 @@ def grouped_gemm(
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)), _rows_class(num_rows, E))
+    if in_loop:  # another kernel variant: tuned apart (the key keeps its old form otherwise, and old cache entries)
+        key += ("u_in_loop",)
     # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
     launch(config if config is not None else autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     if epilogue == 1:

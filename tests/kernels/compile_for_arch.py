@@ -99,16 +99,17 @@ def _model_launches(dtype, model, E, H, I, k, T, interleaved, bias):
     wg = dict(num_rows=S, offsets_E=plan.offsets_E)
     return [
         (f"{model} x@A1", lambda: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, **c)),
+        (f"{model} d_gu@B1", lambda: grouped_gemm(d_gu, B1, **c)),  # sv1 alone: where dx is not needed
         (f"{model} gate_up fwd", lambda: grouped_gemm(x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=u,
                                                       lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act,
                                                       interleaved=interleaved, **c)),
         (f"{model} down fwd", lambda: grouped_gemm(h, down.transpose(1, 2), lora_u=u, lora_b=B2.transpose(1, 2),
                                                    bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
-        (f"{model} down bwd act'", lambda: grouped_gemm(d_out, down, a_index=plan.token_S, lora_u=u, lora_b=A2, gu=gu,
-                                                        row_scale=w, epilogue=2, act=act, interleaved=interleaved,
-                                                        **c)),
-        (f"{model} gate_up dgrad", lambda: grouped_gemm(d_gu, gate_up, lora_u=u, lora_b=A1, out_index=plan.perm_S,
-                                                        **c)),
+        (f"{model} down bwd act'", lambda: grouped_gemm(d_out, down, a_index=plan.token_S, lora_u_weight=B2,
+                                                        lora_u_out=u, lora_b=A2, gu=gu, row_scale=w, epilogue=2,
+                                                        act=act, interleaved=interleaved, **c)),
+        (f"{model} gate_up dgrad", lambda: grouped_gemm(d_gu, gate_up, lora_u_weight=B1, lora_u_out=u, lora_b=A1,
+                                                        out_index=plan.perm_S, **c)),
         (f"{model} dB2", lambda: grouped_wgrad(d_out, u, a_index=plan.token_S, scale=w, **wg)),
         (f"{model} dA2", lambda: grouped_wgrad(u, gu, b_act=act, interleaved=interleaved, scale=w, **wg)),
         (f"{model} dB1", lambda: grouped_wgrad(d_gu, u, **wg)),

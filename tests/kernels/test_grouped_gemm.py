@@ -85,6 +85,44 @@ def test_gated_forward_and_backward_epilogues(interleaved, act, split):
     close(dots, (act.forward(gu64, interleaved) * g).sum(-1))
 
 
+PLAIN_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}  # several N blocks
+
+
+@pytest.mark.parametrize("case", ["gathered", "sorted_tma_rows", "act_grad_fused", "act_grad_split"])
+def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
+    """lora_u_weight: U = s * A[a_row] @ UA[e] accumulated from the main loop's A tiles, written out once (by the
+    first column block) and used in the same launch's epilogue: what a separate launch for U computes."""
+    from moetune.kernels import act_code, grouped_gemm
+
+    monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")  # descriptors for the sorted-rows case in the interpreter
+    plan, gen = problem(seed=9)
+    S, K, N, R, s = plan.num_rows, 40, 36, 3, 0.5  # K and N tails for 16-wide tiles; three column blocks
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    ua, lb, b = rand(gen, 5, K, R), rand(gen, 5, R, N), rand(gen, 5, K, N)
+    gathered = case != "sorted_tma_rows"
+    a = rand(gen, plan.num_tokens, K) if gathered else rand(gen, S, K)
+    a_index = plan.token_S if gathered else None
+    kwargs, config = {}, dict(PLAIN_CONFIG)
+    if case == "sorted_tma_rows":
+        config.update(TMA_A=True, TMA_B=True)
+        kwargs.update(out_index=plan.perm_S, row_scale=rand(gen, S))
+    elif case.startswith("act_grad"):
+        kwargs.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S), epilogue=2, act=act_code(SwiGLU()))
+        config.update(SPLIT=case.endswith("split"))
+    u_out = torch.full((S, R), float("nan"), device=DEVICE)
+    got = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u_out, lora_b=lb,
+                       config=config, **common, **kwargs)
+    u = grouped_gemm(a, ua, a_index=a_index, alpha=s, **common)  # the separate launch it replaces
+    expected = grouped_gemm(a, b, a_index=a_index, lora_u=u, lora_b=lb, config=config, **common, **kwargs)
+    u_ref = s * reference_rows(plan, a, ua, a_index)
+    close(u_out, u_ref)
+    close(u_out, u.double())
+    for x, y in zip(got, expected) if isinstance(got, tuple) else [(got, expected)]:
+        close(x, y.double())
+    with pytest.raises(ValueError, match="lora_u_weight: expected with lora_u_out and lora_b, and without lora_u"):
+        grouped_gemm(a, b, a_index=a_index, lora_u=u, lora_u_weight=ua, lora_u_out=u_out, lora_b=lb, **common)
+
+
 def wgrad_case(mode, plan, gen, M, N, make=rand):
     """(kwargs for grouped_wgrad, a_rows, b_rows): one mode of the launch and its operands row by row."""
     from moetune.kernels import act_code
