@@ -31,6 +31,7 @@ import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
 from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
+from moetune.experts.backends import triton as triton_backend  # noqa: E402
 from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import act_code, grouped_wgrad  # noqa: E402
 from moetune.kernels.grouped_gemm import candidates_for, tma_candidates  # noqa: E402
@@ -109,30 +110,43 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
             h, down.transpose(1, 2), lora_u=su2, lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S,
             row_scale=w_S, **common, **kw),
          mm(S, H, I + R), b * (S * I + E * H * I + S * H), gemm(0, H, I, False)),
+    ]
+    # The backward's LoRA inputs sv2 and sv1: by launches of their own then read by the next GEMM, or accumulated in
+    # that GEMM's main loop (moetune/experts/backends/triton.py SV2_IN_LOOP, SV1_IN_LOOP). The way the backend runs
+    # is in the block (and its sum); the other is timed too, as "cmp" rows.
+    sv2_separate = [
+        ("bwd  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
+         mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
+        ("bwd  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
+            d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
+            interleaved=shape.interleaved, **common, **kw),
+         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
+    ]
+    sv2_in_loop = [
         ("bwd  down^T + act' (sv2 in loop, dot)", lambda **kw: grouped_gemm(
             d_out, down, a_index=plan.token_S, lora_u_weight=B2, lora_u_alpha=2.0, lora_u_out=sv2_out, lora_b=A2,
             gu=gu, row_scale=w_S, epilogue=2, act=act, interleaved=shape.interleaved, **common, **kw),
          mm(S, I + R, H) + mm(S, I, R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
+    ]
+    sv1_separate = [
+        ("bwd  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
+         mm(S, R, 2 * I), b * (S * 2 * I + S * R), gemm(0, R, 2 * I, False)),
+        ("bwd  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
+            d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common, **kw),
+         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
+    ]
+    sv1_in_loop = [
         ("bwd  gate_up^T (sv1 in loop, scatter)", lambda **kw: grouped_gemm(
             d_gu, gate_up, lora_u_weight=B1, lora_u_alpha=2.0, lora_u_out=sv1_out, lora_b=A1, out_index=plan.perm_S,
             **common, **kw),
          mm(S, H + R, 2 * I) + mm(S, H, R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
-        # What the two launches above replace, timed for comparison (not in the sum): the LoRA inputs sv2 and
-        # sv1 by launches of their own, then the same GEMMs reading them.
-        ("cmp  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
-         mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
-        ("cmp  down^T + act' (gather, lora, dot)", lambda **kw: grouped_gemm(
-            d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S, epilogue=2, act=act,
-            interleaved=shape.interleaved, **common, **kw),
-         mm(S, I, H + R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
-        ("cmp  d_gu@B1 (lora)", lambda **kw: grouped_gemm(d_gu, B1, alpha=2.0, **common, **kw),
-         mm(S, R, 2 * I), b * (S * 2 * I + S * R), gemm(0, R, 2 * I, False)),
-        ("cmp  gate_up^T (lora, scatter)", lambda **kw: grouped_gemm(
-            d_gu, gate_up, lora_u=sv1, lora_b=A1, out_index=plan.perm_S, **common, **kw),
-         mm(S, H, 2 * I + R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
     ]
-    block = [g for g in gemms if not g[0].startswith("cmp ")]
-    compared = [g for g in gemms if g[0].startswith("cmp ")]
+    block, compared = list(gemms), []
+    for in_loop, (loop_rows, separate_rows) in ((triton_backend.SV2_IN_LOOP, (sv2_in_loop, sv2_separate)),
+                                                (triton_backend.SV1_IN_LOOP, (sv1_in_loop, sv1_separate))):
+        used, other = (loop_rows, separate_rows) if in_loop else (separate_rows, loop_rows)
+        block += used
+        compared += [("cmp " + label[4:], *rest) for label, *rest in other]
     # The LoRA factor gradients (fp32 [E, ., .] outputs), as the backward calls them.
     return block + [
         ("bwd  dB2 (wgrad, gather, scale)", lambda **kw: grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg, **kw),

@@ -2,8 +2,10 @@
 shared memory each needs: one JSON line per launch.
 
     python tests/kernels/compile_for_arch.py 86 bfloat16     # compute capability, dtype
+    MOETUNE_TRITON_TMA=1 python tests/kernels/compile_for_arch.py 90 bfloat16 all   # every candidate, TMA ones too
 
-Each launch is the config it runs with untuned (the first candidate: every launch below MIN_TUNE_ROWS rows, and the
+Each launch is the config it runs with untuned (the first candidate, or with `all` every candidate autotuning may
+pick: every launch below MIN_TUNE_ROWS rows, and the
 one autotuning tries first), at the widths of Qwen3-30B-A3B (concat gate/up) and gpt-oss-20b (interleaved, bias).
 The host functions run on CPU tensors with the kernels swapped for a recorder, so the arguments are exactly what a
 GPU launch passes; the compiler gets them with the specialisations Triton's launcher would make (pointers and
@@ -60,6 +62,8 @@ def compile_call(kernel, args, kwargs, capability: int):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[param.name] = "fp32"
+        elif type(value).__name__ == "TensorDescriptor":
+            signature[param.name] = f"tensordesc<{TYPES[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>"
         else:
             raise TypeError(f"{param.name}: no signature type for {type(value).__name__}")
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -119,7 +123,7 @@ def _model_launches(dtype, model, E, H, I, k, T, interleaved, bias):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    capability, dtype = int(argv[0]), getattr(torch, argv[1])
+    capability, dtype, every = int(argv[0]), getattr(torch, argv[1]), argv[2:] == ["all"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: interpreted kernels are not compiled")
     modules = [importlib.import_module(f"moetune.kernels.{name}") for name in ("grouped_gemm", "grouped_wgrad")]
@@ -127,16 +131,31 @@ def main(argv=None) -> int:
     recorders = {module: Recorder() for module in modules}
     for module, recorder in recorders.items():
         setattr(module, f"{module.__name__.rsplit('.', 1)[1]}_kernel", recorder)
+    pointwise = modules[0].gated_backward_kernel  # the split activation gradient's second launch: not compiled here
+    modules[0].gated_backward_kernel = Recorder()
+    autotune = importlib.import_module("moetune.kernels.autotune")
+    pick, choice, offered = autotune.pick, [0], [1]
+
+    def pick_one(name, key, candidates, launch, device, num_rows):  # the candidate asked for, not a timed one
+        offered[0] = len(candidates)
+        return candidates[min(choice[0], len(candidates) - 1)]
+
+    autotune.pick = pick_one
     try:
         for name, launch in launches(dtype):
-            launch()
-            ((module, recorder),) = [(m, r) for m, r in recorders.items() if r.calls]
-            (args, kwargs), = recorder.calls
-            recorder.calls.clear()
-            meta = compile_call(kernels[module], args, kwargs, capability)
-            config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k.startswith("num_")}
-            print(json.dumps({"launch": name, "shared": meta.shared, "config": config}), flush=True)
+            choice[0] = 0
+            while choice[0] < (offered[0] if every else 1):
+                launch()
+                ((module, recorder),) = [(m, r) for m, r in recorders.items() if r.calls]
+                (args, kwargs), = recorder.calls[-1:]
+                recorder.calls.clear()
+                meta = compile_call(kernels[module], args, kwargs, capability)
+                config = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK_", "num_", "A_TMA", "B_TMA"))}
+                print(json.dumps({"launch": name, "shared": meta.shared, "config": config}), flush=True)
+                choice[0] += 1
     finally:
+        autotune.pick = pick
+        modules[0].gated_backward_kernel = pointwise
         for module, kernel in kernels.items():
             setattr(module, f"{module.__name__.rsplit('.', 1)[1]}_kernel", kernel)
     return 0

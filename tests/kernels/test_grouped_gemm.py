@@ -416,6 +416,49 @@ def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["dgrad_sorted", "act_grad_gathered"])
+def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch):
+    """lora_u_weight on the GPU (TMA candidates included on sm90+): U and the output of each candidate against
+    float64, for the two backward launches the backend may run this way."""
+    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels.grouped_gemm import candidates_for, tma_candidates
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    E, K, N, R, T, k, s = 8, 320, 200, 16, 700, 4, 2.0
+    gen = torch.Generator().manual_seed(6)
+    plan = plan_routing(torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).cuda(), E)
+    S = plan.num_rows
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    ua, lb = bf16(E, K, R, scale=0.1), bf16(E, R, N, scale=0.1)
+    gathered = launch == "act_grad_gathered"
+    a, b = (bf16(T, K), bf16(E, K, N)) if gathered else (bf16(S, K), bf16(E, N, K).transpose(1, 2))
+    a_index = plan.token_S if gathered else None
+    u_ref = s * reference_rows(plan, a, ua, a_index)
+    y_ref = reference_rows(plan, a, b, a_index)
+    extra = {}
+    if gathered:
+        act, gu, w = SwiGLU(), bf16(S, 2 * N), bf16(S)
+        extra = dict(gu=gu, row_scale=w, epilogue=2, act=act_code(act))
+    for config in candidates_for(2 if gathered else 0, S, E, N, K, tma_candidates("cuda"), gathered):
+        u = torch.full((S, R), float("nan"), device="cuda", dtype=torch.bfloat16)
+        out = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u, lora_b=lb,
+                           config=config, **extra, **common)
+        close(u, u_ref, tol=1e-2)
+        g = y_ref + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
+        if gathered:
+            d_gu, dots = out
+            close(d_gu, act.backward(gu.double(), g * w.double()[:, None], False), tol=2e-2)
+            close(dots, (act.forward(gu.double(), False) * g).sum(-1), tol=2e-2)
+        else:
+            close(out, g, tol=1e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["plain_k_contiguous", "plain_n_contiguous", "plain_sorted", "gated_concat",
                                     "gated_interleaved"])
 def test_every_candidate_config_in_bf16_on_gpu(launch):

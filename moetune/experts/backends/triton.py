@@ -15,10 +15,10 @@ only_for_backward (a checkpoint's recompute): stops after su2, everything backwa
 projection and the sum over k (a quarter of the forward's GEMM work at Qwen3's shape) are skipped.
 
 Backward:
-    sv2         = s * d_out[token] B2                 in the next launch's main loop         [S, R]
+    sv2         = s * d_out[token] B2                 (SV2_IN_LOOP: in the next launch's main loop) [S, R]
     d_gu, dots  = act'(gu) * w * (d_out[token] W2 + sv2 A2); dots = <act(gu), g>          fused epilogue
     dB2, dA2    = K-grouped sums (d_out[token] x w*su2), (sv2 x w*act(gu))                 gather / act on load
-    sv1         = s * d_gu B1                         in the next launch's main loop (SV1_IN_LOOP) when dx is needed
+    sv1         = s * d_gu B1                         (SV1_IN_LOOP and dx needed: in the next launch's main loop)
     dx_pair     = d_gu W1 + sv1 A1                    rows stored in (token, slot) order
     dx          = dx_pair.view(T, K, H).sum(1)
     dB1, dA1    = (d_gu x su1), (sv1 x x[token])
@@ -35,10 +35,14 @@ from packaging.version import Version
 
 from ..lora import cast_factors, grads_in
 
-# The LoRA input of the gate_up dgrad, sv1 = s * d_gu B1, accumulated in that GEMM's main loop rather than by a
-# launch of its own (sv2 = s * d_out[token] B2 always is, in the down projection's backward): it saves a pass over
-# d_gu [S, 2I] for 16 more columns of MMA per column block.
-SV1_IN_LOOP = True
+# The backward's LoRA inputs sv2 = s * d_out[token] B2 and sv1 = s * d_gu B1 accumulated in the main loops of the
+# GEMMs that read them (grouped_gemm's lora_u_weight) instead of by launches of their own: a pass over d_out
+# [T, H] (gathered) and one over d_gu [S, 2I] fewer, and two launches, for R more columns of MMA per column block
+# (counted at Qwen3 16K: ~0.2 ms of launches saved each for ~0.06-0.2 ms of MMA). Off until measured on a GPU: it
+# compiles for sm75, sm86 and sm90 (tests/kernels/compile_for_arch.py) and is tested in the interpreter and by the
+# bf16 GPU test of every candidate; bench_kernels.py times both ways ("cmp" rows).
+SV2_IN_LOOP = False
+SV1_IN_LOOP = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,9 +125,12 @@ class TritonExpertsFunction(torch.autograd.Function):
         dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
 
         sv2, lora2 = None, {}
-        if A2 is not None:  # sv2 = s * d_out[token] B2, accumulated in the main loop of the launch that uses it
+        if A2 is not None and SV2_IN_LOOP:  # sv2 accumulated in the main loop of the launch that reads it
             sv2 = d_out.new_empty(S, B2.shape[2])
             lora2 = dict(lora_u_weight=B2, lora_u_alpha=s, lora_u_out=sv2, lora_b=A2)
+        elif A2 is not None:
+            sv2 = grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=s, **common)
+            lora2 = dict(lora_u=sv2, lora_b=A2)
         d_gu, dots_S = grouped_gemm(
             d_out, down, a_index=plan.token_S, gu=gu, row_scale=w_S,
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
