@@ -9,6 +9,7 @@ For each sorted row i of expert e (rows of one expert are contiguous, ends in of
   A        [rows_A, K]   read at a_row(i) = a_index[i] (gather fused into the loads) or i
   B        [E, K, N]     any strides (a transposed view of a [E, N, K] weight costs nothing)
   U, LB    [S, R], [E, R, N]   the split-LoRA second product, added in the epilogue
+           (U = u_alpha * A[a_row] @ UA[e] may instead be accumulated in the main loop: lora_u_weight)
   bias     [E, N]
 
 Epilogues (EPILOGUE constexpr):
@@ -398,6 +399,20 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     return cache[block_m]
 
 
+def _check_in_loop_lora(a, b, lora_u, weight, out, lora_b, num_rows: int) -> None:
+    """grouped_gemm's lora_u_weight arguments: one-line errors instead of reads and writes out of bounds."""
+    E, K = b.shape[0], b.shape[1]
+    if lora_u is not None or out is None or lora_b is None:
+        raise ValueError("lora_u_weight: expected with lora_u_out and lora_b, and without lora_u")
+    R = weight.shape[-1]
+    if weight.dim() != 3 or tuple(weight.shape[:2]) != (E, K) or weight.dtype != a.dtype:
+        raise ValueError(f"lora_u_weight: expected [E={E}, K={K}, R] in {a.dtype}, got {list(weight.shape)} {weight.dtype}")
+    if out.dim() != 2 or tuple(out.shape) != (num_rows, R) or out.dtype != a.dtype:
+        raise ValueError(f"lora_u_out: expected [num_rows={num_rows}, R={R}] in {a.dtype}, got {list(out.shape)} {out.dtype}")
+    if lora_b.shape[1] != R:
+        raise ValueError(f"lora_b: expected rank {R} (lora_u_weight's) in dim 1, got {list(lora_b.shape)}")
+
+
 def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False,
                    gathered: bool = True) -> tuple[dict, ...]:
     """Configs to tune over for one launch (memoised per rows-per-expert class: asked on every launch, and
@@ -486,13 +501,15 @@ def grouped_gemm(
 
     b is [E, K, N_b]: for epilogue 1, N_b = 2N (gate/up pairs) and C has N columns.
     lora_u_weight [E, K, R] (instead of lora_u): the split-LoRA input is computed in the main loop from the same A
-    tiles, lora_u = lora_u_alpha * A[a_row] @ lora_u_weight[e], rounded to lora_u_out's dtype, and written to
-    lora_u_out [S, R] (what a separate grouped_gemm(a, lora_u_weight, alpha=lora_u_alpha) would return, in one
-    pass over A instead of two).
+    tiles, lora_u = lora_u_alpha * A[a_row] @ lora_u_weight[e], rounded to a's dtype, and written to lora_u_out
+    [S, R] (what a separate grouped_gemm(a, lora_u_weight, a_index=a_index, alpha=lora_u_alpha) returns, up to
+    the order of the K sums, in one pass over A instead of two).
     config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
-    if lora_u_weight is not None and (lora_u is not None or lora_u_out is None or lora_b is None):
-        raise ValueError("lora_u_weight: expected with lora_u_out and lora_b, and without lora_u")
+    if lora_u_weight is not None:
+        _check_in_loop_lora(a, b, lora_u, lora_u_weight, lora_u_out, lora_b, num_rows)
+    elif lora_u_out is not None:
+        raise ValueError("lora_u_out: expected only with lora_u_weight (the kernel writes it from the main loop)")
     if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
         raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
     E, K = b.shape[0], b.shape[1]
@@ -524,6 +541,8 @@ def grouped_gemm(
         if config.get("TMA_B"):  # a gated interleaved tile is one box of BLOCK_N (gate, up) pairs
             box_n = 2 * blocks["BLOCK_N"] if epi == 1 and interleaved else blocks["BLOCK_N"]
             b_tma, b_desc = weight_descriptor(b, box_n, blocks["BLOCK_K"])
+            if b_tma == 2 and epi == 1 and not interleaved and (N * b.element_size()) % 16:
+                b_tma, b_desc = 0, None  # the up columns' box would start N columns in: not 16-byte aligned
             b_desc = dummy if b_desc is None else b_desc  # no TMA for this weight: pointer loads
         a_desc = None
         if config.get("TMA_A") and a_index is None:
@@ -576,8 +595,8 @@ def grouped_gemm(
     # Rows per expert set the best M tile: bucket them by powers of two in the key.
     key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
            N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)), _rows_class(num_rows, E))
-    if in_loop:  # another kernel variant: tuned apart (the key keeps its old form otherwise, and old cache entries)
-        key += ("u_in_loop",)
+    if in_loop:  # another kernel variant, tuned apart; its shared memory grows with the rank (a UA tile per stage)
+        key += ("u_in_loop", _pow2_at_least(rank))
     # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
     launch(config if config is not None else autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
     if epilogue == 1:

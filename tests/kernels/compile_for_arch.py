@@ -3,6 +3,7 @@ shared memory each needs: one JSON line per launch.
 
     python tests/kernels/compile_for_arch.py 86 bfloat16     # compute capability, dtype
     MOETUNE_TRITON_TMA=1 python tests/kernels/compile_for_arch.py 90 bfloat16 all   # every candidate, TMA ones too
+    python tests/kernels/compile_for_arch.py 86 bfloat16 rank=128     # LoRA rank (default 16)
 
 Each launch is the config it runs with untuned (the first candidate, or with `all` every candidate autotuning may
 pick: every launch below MIN_TUNE_ROWS rows, and the
@@ -76,19 +77,19 @@ MODELS = (  # name, E, H, I, top-k, tokens, interleaved gate/up, biases
 )
 
 
-def launches(dtype):
+def launches(dtype, rank: int = 16):
     """(name, thunk) for every grouped_gemm / grouped_wgrad launch of one experts forward + backward."""
     for model in MODELS:
-        yield from _model_launches(dtype, *model)
+        yield from _model_launches(dtype, rank, *model)
 
 
-def _model_launches(dtype, model, E, H, I, k, T, interleaved, bias):
+def _model_launches(dtype, R, model, E, H, I, k, T, interleaved, bias):
     from moetune.experts import GptOssGLU, SwiGLU, plan_routing
     from moetune.kernels import act_code, grouped_gemm, grouped_wgrad
 
     gen = torch.Generator().manual_seed(0)
     plan = plan_routing(torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]), E)
-    S, R = plan.num_rows, 16
+    S = plan.num_rows
 
     def z(*shape):
         return torch.zeros(*shape, dtype=dtype)
@@ -123,7 +124,8 @@ def _model_launches(dtype, model, E, H, I, k, T, interleaved, bias):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    capability, dtype, every = int(argv[0]), getattr(torch, argv[1]), argv[2:] == ["all"]
+    capability, dtype, every = int(argv[0]), getattr(torch, argv[1]), "all" in argv[2:]
+    rank = int(next((arg.split("=", 1)[1] for arg in argv[2:] if arg.startswith("rank=")), 16))
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: interpreted kernels are not compiled")
     modules = [importlib.import_module(f"moetune.kernels.{name}") for name in ("grouped_gemm", "grouped_wgrad")]
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
 
     autotune.pick = pick_one
     try:
-        for name, launch in launches(dtype):
+        for name, launch in launches(dtype, rank):
             choice[0] = 0
             while choice[0] < (offered[0] if every else 1):
                 launch()

@@ -123,6 +123,40 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
         grouped_gemm(a, b, a_index=a_index, lora_u=u, lora_u_weight=ua, lora_u_out=u_out, lora_b=lb, **common)
 
 
+def test_lora_input_in_the_loop_refuses_mismatched_buffers():
+    from moetune.kernels import grouped_gemm
+
+    plan, gen = problem(seed=10)
+    S, K, N, R = plan.num_rows, 40, 24, 3
+    a, b, ua, lb = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E, a_index=plan.token_S)
+    out = torch.empty(S, R, device=DEVICE)
+    for kwargs, message in (
+        (dict(lora_u_weight=ua, lora_u_out=out[:-1], lora_b=lb), r"lora_u_out: expected \[num_rows=\d+, R=3\]"),
+        (dict(lora_u_weight=ua, lora_u_out=out.half(), lora_b=lb), "lora_u_out: expected"),
+        (dict(lora_u_weight=ua[:, :-1], lora_u_out=out, lora_b=lb), r"lora_u_weight: expected \[E=5, K=40, R\]"),
+        (dict(lora_u_weight=ua, lora_u_out=out, lora_b=lb[:, :2]), "lora_b: expected rank 3"),
+        (dict(lora_u_out=out, lora_u=out, lora_b=lb), "lora_u_out: expected only with lora_u_weight"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            grouped_gemm(a, b, **kwargs, **common)
+
+
+def test_gated_concat_weight_whose_up_columns_are_not_16_byte_aligned_loads_through_pointers(monkeypatch):
+    """A [E, K, 2N] concat weight with N * 2 bytes not a multiple of 16: the up columns' TMA box would start
+    misaligned, so the launcher reads that weight through pointers (fp16, N = 36)."""
+    from moetune.kernels import act_code, grouped_gemm
+
+    monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")
+    plan, gen = problem(seed=11)
+    S, K, N = plan.num_rows, 64, 36
+    x, w1 = rand(gen, S, K).half(), rand(gen, 5, K, 2 * N).half()
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    config = dict(TMA_CONFIG, TMA_A=True)
+    h, gu = grouped_gemm(x, w1, epilogue=1, act=act_code(SwiGLU()), config=config, **common)
+    close(gu, reference_rows(plan, x, w1), tol=1e-3)
+
+
 def wgrad_case(mode, plan, gen, M, N, make=rand):
     """(kwargs for grouped_wgrad, a_rows, b_rows): one mode of the launch and its operands row by row."""
     from moetune.kernels import act_code
