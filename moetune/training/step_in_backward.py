@@ -189,19 +189,18 @@ def _hyper(group: dict) -> dict:
 
 def largest_chunk_bytes(params, chunk_bytes: int = CHUNK_BYTES) -> int:
     """The most gradient bytes one chunk may hold: chunk_bytes, or one parameter larger than that."""
-    return max([chunk_bytes] + [p.numel() * p.element_size() for p in params])
+    return max([chunk_bytes] + [p.nbytes for p in params])
 
 
 def _split(params: list[torch.Tensor], chunk_bytes: int) -> list[list[int]]:
     """Indices of consecutive parameters in chunks of at most chunk_bytes of gradient (a larger parameter alone)."""
     chunks, current, size = [], [], 0
     for i, p in enumerate(params):
-        nbytes = p.numel() * p.element_size()
-        if current and size + nbytes > chunk_bytes:
+        if current and size + p.nbytes > chunk_bytes:
             chunks.append(current)
             current, size = [], 0
         current.append(i)
-        size += nbytes
+        size += p.nbytes
     if current:
         chunks.append(current)
     return chunks

@@ -125,12 +125,8 @@ class TritonExpertsFunction(torch.autograd.Function):
         dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
 
         sv2, lora2 = None, {}
-        if A2 is not None and SV2_IN_LOOP:  # sv2 accumulated in the main loop of the launch that reads it
-            sv2 = d_out.new_empty(S, B2.shape[2])
-            lora2 = dict(lora_u_weight=B2, lora_u_alpha=s, lora_u_out=sv2, lora_b=A2)
-        elif A2 is not None:
-            sv2 = grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=s, **common)
-            lora2 = dict(lora_u=sv2, lora_b=A2)
+        if A2 is not None:
+            sv2, lora2 = _lora_input(d_out, B2, A2, s, SV2_IN_LOOP, common, a_index=plan.token_S)
         d_gu, dots_S = grouped_gemm(
             d_out, down, a_index=plan.token_S, gu=gu, row_scale=w_S,
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
@@ -143,16 +139,10 @@ class TritonExpertsFunction(torch.autograd.Function):
             if need[8]:
                 dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **wg)
 
-        sv1 = None
-        if A1 is not None and (not need[0] or not SV1_IN_LOOP):
-            sv1 = grouped_gemm(d_gu, B1, alpha=s, **common)
+        sv1, lora1 = None, {}
+        if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
+            sv1, lora1 = _lora_input(d_gu, B1, A1, s, SV1_IN_LOOP and need[0], common)
         if need[0]:
-            lora1 = {}
-            if A1 is not None:
-                lora1 = dict(lora_u=sv1, lora_b=A1)
-                if sv1 is None:  # sv1 = s * d_gu B1 in the dgrad's main loop
-                    sv1 = d_gu.new_empty(S, B1.shape[2])
-                    lora1 = dict(lora_u_weight=B1, lora_u_alpha=s, lora_u_out=sv1, lora_b=A1)
             dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
             d_x = dx_pairs.view(T, K, -1).sum(dim=1)
         if A1 is not None:
@@ -164,3 +154,14 @@ class TritonExpertsFunction(torch.autograd.Function):
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
 
+
+def _lora_input(a, weight, lora_b, scaling, in_loop: bool, common: dict, a_index=None):
+    """(u, grouped_gemm's arguments that apply it) for u = scaling * a[a_index] @ weight [S, R]: computed by a launch
+    of its own, or (in_loop) left to the main loop of the launch that reads it, which writes it into u."""
+    from ...kernels import grouped_gemm
+
+    if in_loop:
+        u = a.new_empty(common["num_rows"], weight.shape[2])
+        return u, dict(lora_u_weight=weight, lora_u_alpha=scaling, lora_u_out=u, lora_b=lora_b)
+    u = grouped_gemm(a, weight, a_index=a_index, alpha=scaling, **common)
+    return u, dict(lora_u=u, lora_b=lora_b)
