@@ -353,13 +353,14 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
+def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int, column_offset: int = 0):
     """(B_TMA mode, descriptor) for the [E, K, N] weight view b, or (0, None) where TMA cannot read it.
 
     Mode 1: b is a transposed view of a contiguous [E, N, K] weight, read as [E*N, K] rows in [block_n, block_k]
     boxes; mode 2: b is a contiguous [E, K, N] weight, read as [E*K, N] rows in [block_k, block_n] boxes. TMA
     needs a 16-byte aligned base and row pitch and boxes of at most 256 per dimension; reads past the 2-D tensor's
-    end are zeros.
+    end are zeros. column_offset: boxes also start that many output columns in (a gated concat weight's up
+    columns, N in): in mode 2 that offset must be 16-byte aligned too (in mode 1 it counts rows).
     """
     if TensorDescriptor is None or max(block_n, block_k) > TMA_MAX_BOX:
         return 0, None
@@ -369,7 +370,7 @@ def weight_descriptor(b: torch.Tensor, block_n: int, block_k: int):
         return 0, None
     if b.stride() == (N * K, 1, K) and (K * size) % 16 == 0:
         return 1, TensorDescriptor.from_tensor(b.transpose(1, 2).reshape(E * N, K), [block_n, block_k])
-    if b.stride() == (K * N, N, 1) and (N * size) % 16 == 0:
+    if b.stride() == (K * N, N, 1) and (N * size) % 16 == 0 and (column_offset * size) % 16 == 0:
         return 2, TensorDescriptor.from_tensor(b.reshape(E * K, N), [block_k, block_n])
     return 0, None
 
@@ -540,9 +541,8 @@ def grouped_gemm(
         b_tma, b_desc = 0, dummy
         if config.get("TMA_B"):  # a gated interleaved tile is one box of BLOCK_N (gate, up) pairs
             box_n = 2 * blocks["BLOCK_N"] if epi == 1 and interleaved else blocks["BLOCK_N"]
-            b_tma, b_desc = weight_descriptor(b, box_n, blocks["BLOCK_K"])
-            if b_tma == 2 and epi == 1 and not interleaved and (N * b.element_size()) % 16:
-                b_tma, b_desc = 0, None  # the up columns' box would start N columns in: not 16-byte aligned
+            up_columns = N if epi == 1 and not interleaved else 0  # concat: the up columns' boxes start N in
+            b_tma, b_desc = weight_descriptor(b, box_n, blocks["BLOCK_K"], up_columns)
             b_desc = dummy if b_desc is None else b_desc  # no TMA for this weight: pointer loads
         a_desc = None
         if config.get("TMA_A") and a_index is None:

@@ -276,8 +276,8 @@ def doubled_tma(monkeypatch):
     weight_descriptor, rows_descriptor = module.weight_descriptor, module.rows_descriptor
     built = {"weight": 0, "rows": 0}
 
-    def doubled_weight(b, block_n, block_k):
-        mode, desc = weight_descriptor(2 * b, block_n, block_k)  # 2 * b keeps b's strides (its layout)
+    def doubled_weight(b, block_n, block_k, column_offset=0):
+        mode, desc = weight_descriptor(2 * b, block_n, block_k, column_offset)  # 2 * b keeps b's strides (its layout)
         built["weight"] += mode != 0
         return mode, desc
 
