@@ -53,9 +53,9 @@ def load_kernels(path: str | None):
 
 
 def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
-    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates())] for one forward + backward: the six
-    grouped_gemm launches, the four LoRA weight-gradient (grouped_wgrad) launches, then ("cmp ") the separate
-    launches of the LoRA inputs sv2, sv1 and the GEMMs reading them, which two of the six replace."""
+    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates())] for one forward + backward: the block's
+    grouped_gemm launches (four to eight: each LoRA input by a launch of its own or in the next GEMM's main loop),
+    the four LoRA weight-gradient (grouped_wgrad) launches, then ("cmp ") the other way of each LoRA input."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=0.02):
@@ -85,7 +85,8 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     d_gu, _ = grouped_gemm(d_out, down, a_index=plan.token_S, lora_u=sv2, lora_b=A2, gu=gu, row_scale=w_S,
                            epilogue=2, act=act, interleaved=shape.interleaved, **common)
     sv1 = grouped_gemm(d_gu, B1, alpha=2.0, **common)
-    sv2_out, sv1_out = torch.empty_like(sv2), torch.empty_like(sv1)  # written by the launches with the LoRA input in loop
+    # written by the launches with the LoRA input in their main loop
+    su1_out, su2_out, sv2_out, sv1_out = (torch.empty_like(u) for u in (su1, su2, sv2, sv1))
     b = dtype.itemsize if hasattr(dtype, "itemsize") else 2
     mm = lambda m, n, kk: 2.0 * m * n * kk  # noqa: E731
     tma = tma_candidates(device, dtype)
@@ -97,13 +98,25 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
         return lambda: wgrad_candidates(m, n, S, E)
 
     wg = dict(num_rows=S, offsets_E=plan.offsets_E)
-    gemms = [
+    # The forward's LoRA inputs su1 and su2 and the backward's sv2 and sv1: by launches of their own then read by the
+    # next GEMM, or accumulated in that GEMM's main loop (moetune/experts/backends/triton.py SU1_IN_LOOP, ...). The way
+    # the backend runs is in the block (and its sum); the other is timed too, as "cmp" rows.
+    su1_separate = [
         ("fwd  x@A1 (lora, gather)", lambda **kw: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common, **kw),
          mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
         ("fwd  gate_up + act (gather, lora)", lambda **kw: grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2), bias=b1,
             epilogue=1, act=act, interleaved=shape.interleaved, **common, **kw),
          mm(S, 2 * I, H + R), b * (S * H + E * 2 * I * H + S * 3 * I), gemm(1, I, H, True)),
+    ]
+    su1_in_loop = [
+        ("fwd  gate_up + act (su1 in loop)", lambda **kw: grouped_gemm(
+            x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u_weight=A1.transpose(1, 2), lora_u_alpha=2.0,
+            lora_u_out=su1_out, lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act,
+            interleaved=shape.interleaved, **common, **kw),
+         mm(S, 2 * I + R, H) + mm(S, 2 * I, R), b * (S * H + E * 2 * I * H + S * 3 * I), gemm(1, I, H, True)),
+    ]
+    su2_separate = [
         ("fwd  h@A2 (lora)", lambda **kw: grouped_gemm(h, A2.transpose(1, 2), alpha=2.0, **common, **kw),
          mm(S, R, I), b * (S * I + S * R), gemm(0, R, I, False)),
         ("fwd  down (lora, scale, scatter)", lambda **kw: grouped_gemm(
@@ -111,9 +124,12 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
             row_scale=w_S, **common, **kw),
          mm(S, H, I + R), b * (S * I + E * H * I + S * H), gemm(0, H, I, False)),
     ]
-    # The backward's LoRA inputs sv2 and sv1: by launches of their own then read by the next GEMM, or accumulated in
-    # that GEMM's main loop (moetune/experts/backends/triton.py SV2_IN_LOOP, SV1_IN_LOOP). The way the backend runs
-    # is in the block (and its sum); the other is timed too, as "cmp" rows.
+    su2_in_loop = [
+        ("fwd  down (su2 in loop, scale, scatter)", lambda **kw: grouped_gemm(
+            h, down.transpose(1, 2), lora_u_weight=A2.transpose(1, 2), lora_u_alpha=2.0, lora_u_out=su2_out,
+            lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S, row_scale=w_S, **common, **kw),
+         mm(S, H + R, I) + mm(S, H, R), b * (S * I + E * H * I + S * H), gemm(0, H, I, False)),
+    ]
     sv2_separate = [
         ("bwd  d_out@B2 (lora, gather)", lambda **kw: grouped_gemm(d_out, B2, a_index=plan.token_S, alpha=2.0, **common, **kw),
          mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
@@ -141,8 +157,10 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
             **common, **kw),
          mm(S, H + R, 2 * I) + mm(S, H, R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
     ]
-    block, compared = list(gemms), []
-    for in_loop, (loop_rows, separate_rows) in ((triton_backend.SV2_IN_LOOP, (sv2_in_loop, sv2_separate)),
+    block, compared = [], []
+    for in_loop, (loop_rows, separate_rows) in ((triton_backend.SU1_IN_LOOP, (su1_in_loop, su1_separate)),
+                                                (triton_backend.SU2_IN_LOOP, (su2_in_loop, su2_separate)),
+                                                (triton_backend.SV2_IN_LOOP, (sv2_in_loop, sv2_separate)),
                                                 (triton_backend.SV1_IN_LOOP, (sv1_in_loop, sv1_separate))):
         used, other = (loop_rows, separate_rows) if in_loop else (separate_rows, loop_rows)
         block += used

@@ -155,14 +155,24 @@ def test_only_for_backward_gives_the_same_gradients(case_id, backend):
     "typical", "T=1", "prime_E_empty_experts", "one_expert_takes_all", "odd_H_I_rank", "lora_down_only",
     "lora_gate_up_only", "no_lora", "gpt_oss_interleaved", "rank_1")] + [("typical", torch.float16)])
 def test_triton_with_the_lora_inputs_in_the_main_loops(case_id, dtype, monkeypatch):
-    """The triton backend's SV2_IN_LOOP / SV1_IN_LOOP path (off by default until measured on a GPU)."""
+    """The triton backend's SU1/SU2/SV2/SV1_IN_LOOP paths (off by default until measured on a GPU)."""
     from moetune.experts.backends import triton as triton_backend
 
     if "triton" not in _backends(dtype):
         pytest.skip("no Triton that can run here")
-    monkeypatch.setattr(triton_backend, "SV2_IN_LOOP", True)
-    monkeypatch.setattr(triton_backend, "SV1_IN_LOOP", True)
+    for flag in ("SU1_IN_LOOP", "SU2_IN_LOOP", "SV2_IN_LOOP", "SV1_IN_LOOP"):
+        monkeypatch.setattr(triton_backend, flag, True)
     check_against_reference(CASES[case_id], dtype, "triton")
+    # a checkpoint's recompute skips the down projection: su2 comes from its own launch there
+    args, kwargs, grad_out = make_problem(CASES[case_id], dtype, seed=BASE_SEED)
+    names, inputs = differentiable(args, kwargs)
+    if inputs:
+        ref = torch.autograd.grad(reference_moe_experts(*args, **kwargs), inputs, grad_out.double())
+        got = torch.autograd.grad(moe_experts(*args, **kwargs, backend="triton", only_for_backward=True), inputs,
+                                  grad_out)
+        for name, g, r in zip(names, got, ref):
+            scale = routing_grad_scale(args, kwargs, grad_out) if name == "topk_weights" else None
+            assert rel_err(g, r, scale=scale) < TOLERANCE[dtype], name
     # x without a gradient (a first layer after frozen embeddings): sv1 comes from its own launch for dA1
     args, kwargs, grad_out = make_problem(CASES[case_id], dtype, seed=BASE_SEED)
     args[0].requires_grad_(False)

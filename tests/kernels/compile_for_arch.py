@@ -78,7 +78,8 @@ MODELS = (  # name, E, H, I, top-k, tokens, interleaved gate/up, biases
 
 
 def launches(dtype, rank: int = 16):
-    """(name, thunk) for every grouped_gemm / grouped_wgrad launch of one experts forward + backward."""
+    """(name, thunk) for every grouped_gemm / grouped_wgrad launch of one experts forward + backward (the LoRA inputs
+    of both GEMMs of the forward by launches of their own and in the main loop; of the backward's, in the loop)."""
     for model in MODELS:
         yield from _model_launches(dtype, rank, *model)
 
@@ -110,6 +111,12 @@ def _model_launches(dtype, R, model, E, H, I, k, T, interleaved, bias):
                                                       interleaved=interleaved, **c)),
         (f"{model} down fwd", lambda: grouped_gemm(h, down.transpose(1, 2), lora_u=u, lora_b=B2.transpose(1, 2),
                                                    bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
+        (f"{model} gate_up fwd, su1 in loop", lambda: grouped_gemm(
+            x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u_weight=A1.transpose(1, 2), lora_u_out=u,
+            lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act, interleaved=interleaved, **c)),
+        (f"{model} down fwd, su2 in loop", lambda: grouped_gemm(
+            h, down.transpose(1, 2), lora_u_weight=A2.transpose(1, 2), lora_u_out=u, lora_b=B2.transpose(1, 2),
+            bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
         (f"{model} down bwd act'", lambda: grouped_gemm(d_out, down, a_index=plan.token_S, lora_u_weight=B2,
                                                         lora_u_out=u, lora_b=A2, gu=gu, row_scale=w, epilogue=2,
                                                         act=act, interleaved=interleaved, **c)),

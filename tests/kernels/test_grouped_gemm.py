@@ -88,7 +88,8 @@ def test_gated_forward_and_backward_epilogues(interleaved, act, split):
 PLAIN_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}  # several N blocks
 
 
-@pytest.mark.parametrize("case", ["gathered", "sorted_tma_rows", "act_grad_fused", "act_grad_split"])
+@pytest.mark.parametrize("case", ["gathered", "sorted_tma_rows", "act_grad_fused", "act_grad_split", "gated_concat_tma",
+                                  "gated_interleaved"])
 def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
     """lora_u_weight: U = s * A[a_row] @ UA[e] accumulated from the main loop's A tiles, written out once (by the
     first column block) and used in the same launch's epilogue: what a separate launch for U computes."""
@@ -98,7 +99,8 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
     plan, gen = problem(seed=9)
     S, K, N, R, s = plan.num_rows, 40, 36, 3, 0.5  # K and N tails for 16-wide tiles; three column blocks
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    ua, lb, b = rand(gen, 5, K, R), rand(gen, 5, R, N), rand(gen, 5, K, N)
+    gated = case.startswith("gated")
+    ua, lb, b = rand(gen, 5, K, R), rand(gen, 5, R, 2 * N if gated else N), rand(gen, 5, K, 2 * N if gated else N)
     gathered = case != "sorted_tma_rows"
     a = rand(gen, plan.num_tokens, K) if gathered else rand(gen, S, K)
     a_index = plan.token_S if gathered else None
@@ -109,6 +111,10 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
     elif case.startswith("act_grad"):
         kwargs.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S), epilogue=2, act=act_code(SwiGLU()))
         config.update(SPLIT=case.endswith("split"))
+    elif gated:  # the forward's gate_up: the tile of (gate, up) pairs, or two TMA boxes and two accumulators
+        kwargs.update(epilogue=1, act=act_code(SwiGLU()), interleaved=case == "gated_interleaved",
+                      bias=rand(gen, 5, 2 * N))
+        config.update(TMA_B=case.endswith("tma"))
     u_out = torch.full((S, R), float("nan"), device=DEVICE)
     got = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u_out, lora_b=lb,
                        config=config, **common, **kwargs)
@@ -450,10 +456,11 @@ def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", ["dgrad_sorted", "act_grad_gathered"])
+@pytest.mark.parametrize("launch", ["dgrad_sorted", "act_grad_gathered", "gated_gathered"])
 def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch):
     """lora_u_weight on the GPU (TMA candidates included on sm90+): U and the output of each candidate against
-    float64, for the two backward launches the backend may run this way."""
+    float64, for the launches the backend may run this way (the down projection, forward and backward, is a plain
+    GEMM over sorted or gathered rows like dgrad_sorted; the gate_up forward is gated_gathered)."""
     from moetune.kernels import act_code, grouped_gemm
     from moetune.kernels.grouped_gemm import candidates_for, tma_candidates
 
@@ -468,23 +475,34 @@ def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch):
     def bf16(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
 
-    ua, lb = bf16(E, K, R, scale=0.1), bf16(E, R, N, scale=0.1)
-    gathered = launch == "act_grad_gathered"
-    a, b = (bf16(T, K), bf16(E, K, N)) if gathered else (bf16(S, K), bf16(E, N, K).transpose(1, 2))
+    gated = launch == "gated_gathered"
+    ua, lb = bf16(E, K, R, scale=0.1), bf16(E, R, 2 * N if gated else N, scale=0.1)
+    gathered = launch != "dgrad_sorted"
+    if gated:  # concat [E, 2N, K] as moetune stores gate_up, viewed [E, K, 2N]
+        a, b = bf16(T, K), bf16(E, 2 * N, K).transpose(1, 2)
+    else:
+        a, b = (bf16(T, K), bf16(E, K, N)) if gathered else (bf16(S, K), bf16(E, N, K).transpose(1, 2))
     a_index = plan.token_S if gathered else None
     u_ref = s * reference_rows(plan, a, ua, a_index)
     y_ref = reference_rows(plan, a, b, a_index)
-    extra = {}
-    if gathered:
+    extra, epilogue = {}, 0
+    if launch == "act_grad_gathered":
         act, gu, w = SwiGLU(), bf16(S, 2 * N), bf16(S)
-        extra = dict(gu=gu, row_scale=w, epilogue=2, act=act_code(act))
-    for config in candidates_for(2 if gathered else 0, S, E, N, K, tma_candidates("cuda"), gathered):
+        extra, epilogue = dict(gu=gu, row_scale=w, epilogue=2, act=act_code(act)), 2
+    elif gated:
+        act = SwiGLU()
+        extra, epilogue = dict(epilogue=1, act=act_code(act)), 1
+    for config in candidates_for(epilogue, S, E, N, K, tma_candidates("cuda"), gathered):
         u = torch.full((S, R), float("nan"), device="cuda", dtype=torch.bfloat16)
         out = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u, lora_b=lb,
                            config=config, **extra, **common)
         close(u, u_ref, tol=1e-2)
         g = y_ref + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
-        if gathered:
+        if gated:
+            h, gu = out
+            close(gu, g, tol=1e-2)
+            close(h, act.forward(gu.double(), False), tol=2e-2)
+        elif gathered:
             d_gu, dots = out
             close(d_gu, act.backward(gu.double(), g * w.double()[:, None], False), tol=2e-2)
             close(dots, (act.forward(gu.double(), False) * g).sum(-1), tol=2e-2)

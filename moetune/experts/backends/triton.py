@@ -3,9 +3,9 @@
 Shape legend: T tokens, K top-k, E experts, H hidden, I expert width, R rank, S = T*K rows.
 
 Forward (4 launches + a sum over k):
-    su1    = s * x[token] A1^T                      gather fused into the loads          [S, R]
+    su1    = s * x[token] A1^T                      gather fused; SU1_IN_LOOP: in the next launch's main loop [S, R]
     gu, h  = x[token] W1^T + su1 B1^T (+ b1); act    LoRA, bias, activation in epilogue   [S, 2I], [S, I]
-    su2    = s * h A2^T                                                                   [S, R]
+    su2    = s * h A2^T                             SU2_IN_LOOP: in the next launch's main loop     [S, R]
     y_pair = w * (h W2^T + su2 B2^T (+ b2))          rows stored in (token, slot) order    [S, H]
     out    = y_pair.view(T, K, H).sum(1)             deterministic, no atomics
 
@@ -43,6 +43,10 @@ from ..lora import cast_factors, grads_in
 # bf16 GPU test of every candidate; bench_kernels.py times both ways ("cmp" rows).
 SV2_IN_LOOP = False
 SV1_IN_LOOP = False
+# The same for the forward's su1 = s * x[token] A1^T (in the gate_up main loop, from the gathered x tiles it loads)
+# and su2 = s * h A2^T (in the down projection's; a checkpoint's recompute, which skips that GEMM, launches it).
+SU1_IN_LOOP = False
+SU2_IN_LOOP = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,25 +92,26 @@ class TritonExpertsFunction(torch.autograd.Function):
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
         w_S = topk_weights.reshape(-1).index_select(0, plan.perm_S).to(dtype)
 
-        su1 = None
+        su1, lora1 = None, {}
         if A1 is not None:
-            su1 = grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=scaling, **common)
+            su1, lora1 = _lora_input(x, A1.transpose(1, 2), B1.transpose(1, 2), scaling, SU1_IN_LOOP, common,
+                                     a_index=plan.token_S)
         h, gu = grouped_gemm(
-            x, gate_up.transpose(1, 2), a_index=plan.token_S,
-            lora_u=su1, lora_b=None if B1 is None else B1.transpose(1, 2), bias=gate_up_bias,
-            epilogue=1, act=code, interleaved=interleaved, **common,
+            x, gate_up.transpose(1, 2), a_index=plan.token_S, bias=gate_up_bias,
+            epilogue=1, act=code, interleaved=interleaved, **lora1, **common,
         )
-        su2 = None
-        if A2 is not None:
-            su2 = grouped_gemm(h, A2.transpose(1, 2), alpha=scaling, **common)
+        su2, lora2 = None, {}
+        if A2 is not None:  # a recompute has no down projection to fold it into
+            su2, lora2 = _lora_input(h, A2.transpose(1, 2), B2.transpose(1, 2), scaling,
+                                     SU2_IN_LOOP and not only_for_backward, common)
+        # (with SU2_IN_LOOP, su2 is filled by the down projection's launch below, before backward reads it)
         ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
         ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
             return x.new_zeros(x.shape)
 
         y_pairs = grouped_gemm(
-            h, down.transpose(1, 2), lora_u=su2, lora_b=None if B2 is None else B2.transpose(1, 2),
-            bias=down_bias, out_index=plan.perm_S, row_scale=w_S, **common,
+            h, down.transpose(1, 2), bias=down_bias, out_index=plan.perm_S, row_scale=w_S, **lora2, **common,
         )
         del h
         return y_pairs.view(T, K, -1).sum(dim=1)
