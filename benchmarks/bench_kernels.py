@@ -31,10 +31,10 @@ import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
 from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
-from moetune.experts.backends import triton as triton_backend  # noqa: E402
 from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import act_code, grouped_wgrad  # noqa: E402
-from moetune.kernels.grouped_gemm import candidates_for, tma_candidates  # noqa: E402
+from moetune.kernels.autotune import _choose  # noqa: E402
+from moetune.kernels.grouped_gemm import LAUNCH_HOST_MS, candidates_for, tma_candidates  # noqa: E402
 from moetune.kernels.grouped_wgrad import wgrad_candidates  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # dense bf16 an H100/H200 reaches
@@ -53,9 +53,10 @@ def load_kernels(path: str | None):
 
 
 def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
-    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates())] for one forward + backward: the block's
-    grouped_gemm launches (four to eight: each LoRA input by a launch of its own or in the next GEMM's main loop),
-    the four LoRA weight-gradient (grouped_wgrad) launches, then ("cmp ") the other way of each LoRA input."""
+    """[(name, thunk(**kernel_kwargs), flops, bytes, candidates(), way)] for one forward + backward: the block's
+    grouped_gemm launches, each LoRA input both ways (way = (input, "own launch" | "in loop"): a launch of its own
+    then the GEMM that reads it, or that GEMM with it in its main loop), then the four LoRA weight-gradient
+    (grouped_wgrad) launches (way None)."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=0.02):
@@ -99,8 +100,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
 
     wg = dict(num_rows=S, offsets_E=plan.offsets_E)
     # The forward's LoRA inputs su1 and su2 and the backward's sv2 and sv1: by launches of their own then read by the
-    # next GEMM, or accumulated in that GEMM's main loop (moetune/experts/backends/triton.py SU1_IN_LOOP, ...). The way
-    # the backend runs is in the block (and its sum); the other is timed too, as "cmp" rows.
+    # next GEMM, or accumulated in that GEMM's main loop (grouped_gemm's lora_u_weight).
     su1_separate = [
         ("fwd  x@A1 (lora, gather)", lambda **kw: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common, **kw),
          mm(S, R, H), b * (S * H + S * R), gemm(0, R, H, True)),
@@ -112,7 +112,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     su1_in_loop = [
         ("fwd  gate_up + act (su1 in loop)", lambda **kw: grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u_weight=A1.transpose(1, 2), lora_u_alpha=2.0,
-            lora_u_out=su1_out, lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act,
+            lora_u_in_loop=True, lora_u_out=su1_out, lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act,
             interleaved=shape.interleaved, **common, **kw),
          mm(S, 2 * I + R, H) + mm(S, 2 * I, R), b * (S * H + E * 2 * I * H + S * 3 * I), gemm(1, I, H, True)),
     ]
@@ -126,7 +126,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     ]
     su2_in_loop = [
         ("fwd  down (su2 in loop, scale, scatter)", lambda **kw: grouped_gemm(
-            h, down.transpose(1, 2), lora_u_weight=A2.transpose(1, 2), lora_u_alpha=2.0, lora_u_out=su2_out,
+            h, down.transpose(1, 2), lora_u_weight=A2.transpose(1, 2), lora_u_alpha=2.0, lora_u_in_loop=True, lora_u_out=su2_out,
             lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S, row_scale=w_S, **common, **kw),
          mm(S, H + R, I) + mm(S, H, R), b * (S * I + E * H * I + S * H), gemm(0, H, I, False)),
     ]
@@ -140,7 +140,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     ]
     sv2_in_loop = [
         ("bwd  down^T + act' (sv2 in loop, dot)", lambda **kw: grouped_gemm(
-            d_out, down, a_index=plan.token_S, lora_u_weight=B2, lora_u_alpha=2.0, lora_u_out=sv2_out, lora_b=A2,
+            d_out, down, a_index=plan.token_S, lora_u_weight=B2, lora_u_alpha=2.0, lora_u_in_loop=True, lora_u_out=sv2_out, lora_b=A2,
             gu=gu, row_scale=w_S, epilogue=2, act=act, interleaved=shape.interleaved, **common, **kw),
          mm(S, I + R, H) + mm(S, I, R), b * (S * H + E * H * I + S * 4 * I), gemm(2, I, H, True)),
     ]
@@ -153,20 +153,18 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     ]
     sv1_in_loop = [
         ("bwd  gate_up^T (sv1 in loop, scatter)", lambda **kw: grouped_gemm(
-            d_gu, gate_up, lora_u_weight=B1, lora_u_alpha=2.0, lora_u_out=sv1_out, lora_b=A1, out_index=plan.perm_S,
+            d_gu, gate_up, lora_u_weight=B1, lora_u_alpha=2.0, lora_u_in_loop=True, lora_u_out=sv1_out, lora_b=A1, out_index=plan.perm_S,
             **common, **kw),
          mm(S, H + R, 2 * I) + mm(S, H, R), b * (S * 2 * I + E * 2 * I * H + S * H), gemm(0, H, 2 * I, False)),
     ]
-    block, compared = [], []
-    for in_loop, (loop_rows, separate_rows) in ((triton_backend.SU1_IN_LOOP, (su1_in_loop, su1_separate)),
-                                                (triton_backend.SU2_IN_LOOP, (su2_in_loop, su2_separate)),
-                                                (triton_backend.SV2_IN_LOOP, (sv2_in_loop, sv2_separate)),
-                                                (triton_backend.SV1_IN_LOOP, (sv1_in_loop, sv1_separate))):
-        used, other = (loop_rows, separate_rows) if in_loop else (separate_rows, loop_rows)
-        block += used
-        compared += [("cmp " + label[4:], *rest) for label, *rest in other]
+    # Each LoRA input both ways, tagged (input, way): grouped_gemm runs the faster one (both are timed once when it
+    # tunes), so the block's sum counts the faster.
+    block = []
+    for name, own_launch, in_loop in (("su1", su1_separate, su1_in_loop), ("su2", su2_separate, su2_in_loop),
+                                      ("sv2", sv2_separate, sv2_in_loop), ("sv1", sv1_separate, sv1_in_loop)):
+        block += [(*row, (name, "own launch")) for row in own_launch] + [(*row, (name, "in loop")) for row in in_loop]
     # The LoRA factor gradients (fp32 [E, ., .] outputs), as the backward calls them.
-    return block + [
+    return block + [(*row, None) for row in [
         ("bwd  dB2 (wgrad, gather, scale)", lambda **kw: grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg, **kw),
          mm(S, H, R), b * (S * H + S * R + S) + 4 * E * H * R, wgrad(H, R)),
         ("bwd  dA2 (wgrad, act on load)", lambda **kw: grouped_wgrad(
@@ -176,7 +174,7 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
          mm(S, 2 * I, R), b * (S * 2 * I + S * R) + 4 * E * 2 * I * R, wgrad(2 * I, R)),
         ("bwd  dA1 (wgrad, gather)", lambda **kw: grouped_wgrad(sv1, x, b_index=plan.token_S, **wg, **kw),
          mm(S, R, H), b * (S * R + S * H) + 4 * E * R * H, wgrad(R, H)),
-    ] + compared
+    ]]
 
 
 def time_ms(fn, device, warmup: int = 3, repeat: int = 20) -> float:
@@ -212,9 +210,10 @@ def main(argv=None) -> int:
 
             shape = dataclasses.replace(shape, E=4, k=2, H=48, I=40)
         for tokens in (args.tokens if not args.tiny else [37]):
-            total = 0.0
+            total, ways = 0.0, {}
             print(f"# {name} {tokens} tokens, rank {args.rank}, {args.label}")
-            for label, fn, flops, nbytes, candidates in launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+            for label, fn, flops, nbytes, candidates, way in launches(shape, tokens, args.rank, device, dtype,
+                                                                      grouped_gemm):
                 ms = time_ms(fn, device)
                 if args.sweep and re.search(args.sweep, label):
                     for config in candidates():
@@ -224,14 +223,21 @@ def main(argv=None) -> int:
                             print(f"    {config}: {type(err).__name__}")
                             continue
                         print(f"    {cms:7.3f} ms  {flops / cms / 1e9:6.0f} TFLOP/s  {config}", flush=True)
-                if not label.startswith("cmp "):  # the comparison rows are not launches of the block
+                if way is None:
                     total += ms
+                else:
+                    ways.setdefault(way[0], {}).setdefault(way[1], 0.0)
+                    ways[way[0]][way[1]] += ms
                 tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
                 print(f"  {label:40s} {ms:7.3f} ms  {tflops:6.0f} TFLOP/s ({100 * tflops / PEAK_TFLOPS:3.0f}%)  "
                       f"{gbs:6.0f} GB/s ({100 * gbs / PEAK_GBS:3.0f}%)", flush=True)
                 rows.append({"shape": name, "tokens": tokens, "launch": label, "ms": ms, "tflops": tflops,
-                             "gbs": gbs, "label": args.label})
-            print(f"  {'sum':40s} {total:7.3f} ms")
+                             "gbs": gbs, "label": args.label, "lora_input": way and "/".join(way)})
+            for lora_input, timed in ways.items():  # the way grouped_gemm's rule keeps (in the loop, unless ...)
+                kept = _choose([(timed["in loop"], "in loop"), (timed["own launch"], "own launch")], LAUNCH_HOST_MS)
+                total += timed[kept]
+                print(f"  {lora_input}: " + ", ".join(f"{w} {ms:.3f} ms" for w, ms in timed.items()) + f" -> {kept}")
+            print(f"  {'sum (each LoRA input the way kept)':40s} {total:7.3f} ms")
     if args.out:
         harness.write_json(args.out, {"environment": harness.environment(), "args": vars(args), "rows": rows})
     return 0

@@ -414,6 +414,44 @@ def _check_in_loop_lora(a, b, lora_u, weight, out, lora_b, num_rows: int) -> Non
         raise ValueError(f"lora_b: expected rank {R} (lora_u_weight's) in dim 1, got {list(lora_b.shape)}")
 
 
+def _tune_key(epilogue: int, interleaved: bool, gathered: bool, lora: bool, scattered: bool, N: int, K: int,
+              dtype: torch.dtype, num_rows: int, E: int) -> tuple:
+    # Rows per expert set the best M tile: bucket them by powers of two in the key.
+    return (epilogue, interleaved, gathered, lora, scattered, N, K, str(dtype), next_power_of_2(max(1, num_rows // E)),
+            _rows_class(num_rows, E))
+
+
+# The two ways to feed a GEMM its LoRA input U = u_alpha * A[a_row] @ UA[e], the main loop first: one launch fewer.
+_LORA_INPUT_WAYS = ({"in_loop": True}, {"in_loop": False})
+# Host time to issue one more launch (run 48c, an H200's host: 0.14-0.16 ms for the LoRA-input launches). Autotuning
+# times the GPU only, where the host runs ahead; in short batches the host is the limit and each launch costs this.
+# Run 48e: letting the GPU timing alone choose kept a launch at Qwen3 4K, 3.47 ms a block against 3.00 in the loop.
+LAUNCH_HOST_MS = 0.15
+
+
+def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_weight, epilogue, interleaved,
+                        out_index, **rest) -> bool:
+    """Whether grouped_gemm's LoRA input runs faster in its main loop than by a launch of its own, for this shape.
+
+    Measured per shape, not fixed: run 48 (H200, 16K tokens) found the extra rank-wide product in the loop cheaper
+    than the separate pass in some launches (Qwen3's gate_up dgrad: -0.19 ms) and dearer in others (gpt-oss's gated
+    forward: +0.53 ms, GLM's activation-gradient GEMM: +0.17 ms). The loop keeps its place unless the other way is
+    faster by more than the host time of the launch it adds (LAUNCH_HOST_MS)."""
+    E, K = b.shape[0], b.shape[1]
+    N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
+    rank = lora_u_weight.shape[2]
+    key = _tune_key(epilogue, interleaved, a_index is not None, True, out_index is not None, N, K, a.dtype,
+                    num_rows, E) + (_pow2_at_least(rank), tma_candidates(a.device, a.dtype))  # TMA: other configs
+
+    def run(way: dict):
+        grouped_gemm(a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_u_weight=lora_u_weight,
+                     lora_u_in_loop=way["in_loop"], epilogue=epilogue, interleaved=interleaved, out_index=out_index,
+                     **rest)
+
+    return autotune.pick("grouped_gemm/lora_input", key, _LORA_INPUT_WAYS, run, a.device, num_rows,
+                         first_bonus_ms=LAUNCH_HOST_MS if _LORA_INPUT_WAYS[0]["in_loop"] else 0.0)["in_loop"]
+
+
 def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False,
                    gathered: bool = True) -> tuple[dict, ...]:
     """Configs to tune over for one launch (memoised per rows-per-expert class: asked on every launch, and
@@ -486,6 +524,7 @@ def grouped_gemm(
     lora_u_weight: torch.Tensor | None = None,
     lora_u_alpha: float = 1.0,
     lora_u_out: torch.Tensor | None = None,
+    lora_u_in_loop: bool | None = None,
     bias: torch.Tensor | None = None,
     alpha: float = 1.0,
     out: torch.Tensor | None = None,
@@ -504,13 +543,30 @@ def grouped_gemm(
     lora_u_weight [E, K, R] (instead of lora_u): the split-LoRA input is computed in the main loop from the same A
     tiles, lora_u = lora_u_alpha * A[a_row] @ lora_u_weight[e], rounded to a's dtype, and written to lora_u_out
     [S, R] (what a separate grouped_gemm(a, lora_u_weight, a_index=a_index, alpha=lora_u_alpha) returns, up to
-    the order of the K sums, in one pass over A instead of two).
+    the order of the K sums, in one pass over A instead of two). lora_u_in_loop: True does that; False launches
+    that separate grouped_gemm into lora_u_out first; None (default) takes whichever way measured faster for this
+    shape on this GPU (tuned once, like the configs; in the loop where nothing is tuned, or with a config).
     config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
     if lora_u_weight is not None:
         _check_in_loop_lora(a, b, lora_u, lora_u_weight, lora_u_out, lora_b, num_rows)
+        if lora_u_in_loop is None and config is None:
+            lora_u_in_loop = _lora_input_in_loop(
+                a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_b=lora_b,
+                lora_u_weight=lora_u_weight, lora_u_alpha=lora_u_alpha, lora_u_out=lora_u_out, bias=bias, alpha=alpha,
+                out=out, out_index=out_index, row_scale=row_scale, epilogue=epilogue, gu=gu, act=act,
+                interleaved=interleaved, out_dtype=out_dtype)
+        if lora_u_in_loop is False:  # U by a launch of its own, then the GEMM that reads it
+            grouped_gemm(a, lora_u_weight, offsets_E, counts_E, num_rows=num_rows, a_index=a_index,
+                         alpha=lora_u_alpha, out=lora_u_out)
+            return grouped_gemm(a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_u=lora_u_out,
+                                lora_b=lora_b, bias=bias, alpha=alpha, out=out, out_index=out_index,
+                                row_scale=row_scale, epilogue=epilogue, gu=gu, act=act, interleaved=interleaved,
+                                out_dtype=out_dtype, config=config)
     elif lora_u_out is not None:
         raise ValueError("lora_u_out: expected only with lora_u_weight (the kernel writes it from the main loop)")
+    elif lora_u_in_loop is not None:
+        raise ValueError("lora_u_in_loop: expected only with lora_u_weight")
     if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
         raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
     E, K = b.shape[0], b.shape[1]
@@ -592,9 +648,8 @@ def grouped_gemm(
             results[:] = [dw]
 
     candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
-    # Rows per expert set the best M tile: bucket them by powers of two in the key.
-    key = (epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None,
-           N, K, str(a.dtype), next_power_of_2(max(1, num_rows // E)), _rows_class(num_rows, E))
+    key = _tune_key(epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None, N, K,
+                    a.dtype, num_rows, E)
     if in_loop:  # another kernel variant, tuned apart; its shared memory grows with the rank (a UA tile per stage)
         key += ("u_in_loop", _pow2_at_least(rank))
     # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs

@@ -30,3 +30,15 @@ def test_tiny_run_agrees_with_transformers_peft(tmp_path):
     providers = {(row["shape"], row["provider"]) for row in result["rows"] if "ms" in row}
     assert ("tiny-qwen3-30b-a3b", "baseline") in providers and ("tiny-gpt-oss-20b", "grouped_mm") in providers
     assert result["environment"]["torch"]
+
+
+def test_lora_input_ab_runs_every_way_in_the_interpreter(tmp_path):
+    """benchmarks/lora_input_ab.py: the measured way and both forced ways give the same block, each timed."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("lora_input_ab.py")), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [line.split("grads: ")[1].split() for line in proc.stdout.splitlines() if "rel err of" in line]
+    assert len(errors) == 2 and all(float(e) < 1e-5 for line in errors for e in line)  # forced ways vs measured
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(row["mode"] for row in rows) == ["in loop", "measured", "own launch"]

@@ -42,6 +42,7 @@ def test_tiny_whole_model_step_from_a_checkpoint(model, tmp_path):
 def test_kernel_benchmark_runs_in_the_interpreter():
     proc = _run(str(BENCH / "bench_kernels.py"), "--tiny", "--shapes", "qwen3-30b-a3b", "--sweep", "fwd  down")
     assert proc.stdout.count("ms") > 8 and "SPLIT" not in proc.stdout  # the plain launch's candidates only
+    assert proc.stdout.count(" -> ") == 4  # each LoRA input timed both ways
 
 
 def test_same_lora_init_gives_the_same_loss_curve(tmp_path):

@@ -78,8 +78,8 @@ MODELS = (  # name, E, H, I, top-k, tokens, interleaved gate/up, biases
 
 
 def launches(dtype, rank: int = 16):
-    """(name, thunk) for every grouped_gemm / grouped_wgrad launch of one experts forward + backward (the LoRA inputs
-    of both GEMMs of the forward by launches of their own and in the main loop; of the backward's, in the loop)."""
+    """(name, thunk) for every grouped_gemm / grouped_wgrad launch of one experts forward + backward, each LoRA input
+    both ways (by a launch of its own, and in the main loop of the GEMM that reads it)."""
     for model in MODELS:
         yield from _model_launches(dtype, rank, *model)
 
@@ -105,23 +105,32 @@ def _model_launches(dtype, R, model, E, H, I, k, T, interleaved, bias):
     wg = dict(num_rows=S, offsets_E=plan.offsets_E)
     return [
         (f"{model} x@A1", lambda: grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, **c)),
-        (f"{model} d_gu@B1", lambda: grouped_gemm(d_gu, B1, **c)),  # sv1 alone: where dx is not needed
         (f"{model} gate_up fwd", lambda: grouped_gemm(x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=u,
                                                       lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act,
                                                       interleaved=interleaved, **c)),
-        (f"{model} down fwd", lambda: grouped_gemm(h, down.transpose(1, 2), lora_u=u, lora_b=B2.transpose(1, 2),
-                                                   bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
         (f"{model} gate_up fwd, su1 in loop", lambda: grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u_weight=A1.transpose(1, 2), lora_u_out=u,
-            lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act, interleaved=interleaved, **c)),
+            lora_u_in_loop=True, lora_b=B1.transpose(1, 2), bias=b1, epilogue=1, act=act, interleaved=interleaved,
+            **c)),
+        (f"{model} h@A2", lambda: grouped_gemm(h, A2.transpose(1, 2), **c)),
+        (f"{model} down fwd", lambda: grouped_gemm(h, down.transpose(1, 2), lora_u=u, lora_b=B2.transpose(1, 2),
+                                                   bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
         (f"{model} down fwd, su2 in loop", lambda: grouped_gemm(
-            h, down.transpose(1, 2), lora_u_weight=A2.transpose(1, 2), lora_u_out=u, lora_b=B2.transpose(1, 2),
-            bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
-        (f"{model} down bwd act'", lambda: grouped_gemm(d_out, down, a_index=plan.token_S, lora_u_weight=B2,
-                                                        lora_u_out=u, lora_b=A2, gu=gu, row_scale=w, epilogue=2,
-                                                        act=act, interleaved=interleaved, **c)),
-        (f"{model} gate_up dgrad", lambda: grouped_gemm(d_gu, gate_up, lora_u_weight=B1, lora_u_out=u, lora_b=A1,
-                                                        out_index=plan.perm_S, **c)),
+            h, down.transpose(1, 2), lora_u_weight=A2.transpose(1, 2), lora_u_out=u, lora_u_in_loop=True,
+            lora_b=B2.transpose(1, 2), bias=b2, out_index=plan.perm_S, row_scale=w, **c)),
+        (f"{model} d_out@B2", lambda: grouped_gemm(d_out, B2, a_index=plan.token_S, **c)),
+        (f"{model} down bwd act'", lambda: grouped_gemm(d_out, down, a_index=plan.token_S, lora_u=u, lora_b=A2,
+                                                        gu=gu, row_scale=w, epilogue=2, act=act,
+                                                        interleaved=interleaved, **c)),
+        (f"{model} down bwd act', sv2 in loop", lambda: grouped_gemm(
+            d_out, down, a_index=plan.token_S, lora_u_weight=B2, lora_u_out=u, lora_u_in_loop=True, lora_b=A2, gu=gu,
+            row_scale=w, epilogue=2, act=act, interleaved=interleaved, **c)),
+        (f"{model} d_gu@B1", lambda: grouped_gemm(d_gu, B1, **c)),
+        (f"{model} gate_up dgrad", lambda: grouped_gemm(d_gu, gate_up, lora_u=u, lora_b=A1, out_index=plan.perm_S,
+                                                        **c)),
+        (f"{model} gate_up dgrad, sv1 in loop", lambda: grouped_gemm(
+            d_gu, gate_up, lora_u_weight=B1, lora_u_out=u, lora_u_in_loop=True, lora_b=A1, out_index=plan.perm_S,
+            **c)),
         (f"{model} dB2", lambda: grouped_wgrad(d_out, u, a_index=plan.token_S, scale=w, **wg)),
         (f"{model} dA2", lambda: grouped_wgrad(u, gu, b_act=act, interleaved=interleaved, scale=w, **wg)),
         (f"{model} dB1", lambda: grouped_wgrad(d_gu, u, **wg)),
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     autotune = importlib.import_module("moetune.kernels.autotune")
     pick, choice, offered = autotune.pick, [0], [1]
 
-    def pick_one(name, key, candidates, launch, device, num_rows):  # the candidate asked for, not a timed one
+    def pick_one(name, key, candidates, launch, device, num_rows, **_):  # the candidate asked for, not a timed one
         offered[0] = len(candidates)
         return candidates[min(choice[0], len(candidates) - 1)]
 

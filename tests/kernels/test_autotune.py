@@ -39,6 +39,9 @@ def test_a_near_tie_keeps_the_favourite_and_a_clear_win_replaces_it():
     assert _choose([(1.0, favourite), (1.0 / (1 + MARGIN / 2), other)]) is favourite
     assert _choose([(1.0, favourite), (0.9, other)]) is other
     assert _choose([(0.8, favourite), (1.0, other)]) is favourite
+    # a cost the GPU timing does not see (a launch's host time) counts for the first: 0.1 ms faster is not enough
+    assert _choose([(1.0, favourite), (0.9, other)], first_bonus_ms=0.15) is favourite
+    assert _choose([(1.0, favourite), (0.8, other)], first_bonus_ms=0.15) is other
 
 
 def test_no_fitting_candidate_is_a_clear_error():

@@ -6,6 +6,8 @@ so a kernel bug shows up here with its name rather than as a wrong gradient in t
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -125,8 +127,60 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
     close(u_out, u.double())
     for x, y in zip(got, expected) if isinstance(got, tuple) else [(got, expected)]:
         close(x, y.double())
+    # lora_u_in_loop=False: the same through a launch for U first (the config is the main launch's)
+    u_own = torch.full((S, R), float("nan"), device=DEVICE)
+    own = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u_own, lora_b=lb,
+                       lora_u_in_loop=False, config=config, **common, **kwargs)
+    assert torch.equal(u_own, u)
+    for x, y in zip(own, expected) if isinstance(own, tuple) else [(own, expected)]:
+        assert torch.equal(x, y)
     with pytest.raises(ValueError, match="lora_u_weight: expected with lora_u_out and lora_b, and without lora_u"):
         grouped_gemm(a, b, a_index=a_index, lora_u=u, lora_u_weight=ua, lora_u_out=u_out, lora_b=lb, **common)
+
+
+def test_the_lora_input_goes_the_way_autotuning_measured_faster(monkeypatch):
+    """lora_u_in_loop=None asks autotune.pick between the two ways (each run once here, as timing would) and
+    follows its answer; below MIN_TUNE_ROWS or on CPU pick answers the first way, the main loop."""
+    from moetune.kernels import autotune, grouped_gemm
+    from moetune.kernels.grouped_gemm import LAUNCH_HOST_MS
+
+    plan, gen = problem(seed=10)
+    S, K, N, R = plan.num_rows, 40, 36, 3
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    a, b, ua, lb = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
+    asked, real_pick = [], autotune.pick
+
+    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0):
+        if name != "grouped_gemm/lora_input":
+            return real_pick(name, key, candidates, launch, device, num_rows, first_bonus_ms)
+        assert candidates[0] == {"in_loop": True} and first_bonus_ms == LAUNCH_HOST_MS  # the launch it saves
+        asked.append(key)
+        for way in candidates:
+            launch(way)
+        launched.clear()
+        return candidates[1]  # "measured" faster: U by a launch of its own
+
+    module, launched = importlib.import_module("moetune.kernels.grouped_gemm"), []
+    kernel = module.grouped_gemm_kernel
+
+    class Spy:  # which kernel variant each launch after the choice runs
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["U_IN_LOOP"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    expected = grouped_gemm(a, b, a_index=plan.token_S, lora_u_weight=ua, lora_u_alpha=0.5,
+                            lora_u_out=torch.empty(S, R, device=DEVICE), lora_b=lb, lora_u_in_loop=False, **common)
+    monkeypatch.setattr(autotune, "pick", pick)
+    monkeypatch.setattr(module, "grouped_gemm_kernel", Spy())
+    u = torch.full((S, R), float("nan"), device=DEVICE)
+    got = grouped_gemm(a, b, a_index=plan.token_S, lora_u_weight=ua, lora_u_alpha=0.5, lora_u_out=u, lora_b=lb,
+                       **common)
+    assert launched == [False, False]  # U's own launch, then the GEMM reading it: the way pick answered
+    assert len(asked) == 1 and asked[0][-2] == 16  # the rank, rounded up as the kernel's tile, in the key
+    assert torch.equal(got, expected)
+    close(u, 0.5 * reference_rows(plan, a, ua, plan.token_S))
 
 
 def test_lora_input_in_the_loop_refuses_mismatched_buffers():
@@ -143,6 +197,7 @@ def test_lora_input_in_the_loop_refuses_mismatched_buffers():
         (dict(lora_u_weight=ua[:, :-1], lora_u_out=out, lora_b=lb), r"lora_u_weight: expected \[E=5, K=40, R\]"),
         (dict(lora_u_weight=ua, lora_u_out=out, lora_b=lb[:, :2]), "lora_b: expected rank 3"),
         (dict(lora_u_out=out, lora_u=out, lora_b=lb), "lora_u_out: expected only with lora_u_weight"),
+        (dict(lora_u=out, lora_b=lb, lora_u_in_loop=True), "lora_u_in_loop: expected only with lora_u_weight"),
     ):
         with pytest.raises(ValueError, match=message):
             grouped_gemm(a, b, **kwargs, **common)
@@ -508,6 +563,37 @@ def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch):
             close(dots, (act.forward(gu.double(), False) * g).sum(-1), tol=2e-2)
         else:
             close(out, g, tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_the_lora_input_way_is_measured_on_gpu():
+    """lora_u_in_loop=None from MIN_TUNE_ROWS rows: both ways timed once (the first time: ~20 configs compiled) and
+    the choice cached with the configs; either way gives the result of the other."""
+    from moetune.kernels import autotune, grouped_gemm
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    E, K, N, R, k = 8, 320, 200, 16, 4
+    T = autotune.MIN_TUNE_ROWS // k
+    gen = torch.Generator().manual_seed(7)
+    plan = plan_routing(torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).cuda(), E)
+    common = dict(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    a, b, ua, lb = bf16(T, K), bf16(E, K, N), bf16(E, K, R, scale=0.1), bf16(E, R, N, scale=0.1)
+    outs = {}
+    for way in (None, True, False):
+        u = torch.empty(plan.num_rows, R, device="cuda", dtype=torch.bfloat16)
+        outs[way] = (grouped_gemm(a, b, a_index=plan.token_S, lora_u_weight=ua, lora_u_alpha=2.0, lora_u_out=u,
+                                  lora_b=lb, lora_u_in_loop=way, **common), u)
+    this_shape = f"(0, False, True, True, False, {N}, {K}, 'torch.bfloat16'"
+    assert [key for key in autotune._load() if "|grouped_gemm/lora_input|" in key and this_shape in key]
+    ref = reference_rows(plan, a, b, plan.token_S)
+    for out, u in outs.values():
+        close(u, 2.0 * reference_rows(plan, a, ua, plan.token_S), tol=1e-2)
+        close(out, ref + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S]), tol=1e-2)
 
 
 @pytest.mark.gpu

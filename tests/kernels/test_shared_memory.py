@@ -43,7 +43,7 @@ def test_untuned_configs_fit_the_shared_memory_of_smaller_gpus(capability, dtype
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 24  # twelve launches (eight grouped GEMMs, four weight gradients) x two models
+    assert len(rows) == 32  # sixteen launches (twelve grouped GEMMs, four weight gradients) x two models
     over = [row for row in rows if row["shared"] > LIMITS[capability]]
     assert not over, over
     assert all(row["shared"] > 0 for row in rows)  # compiled with the operands staged in shared memory

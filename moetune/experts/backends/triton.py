@@ -2,10 +2,10 @@
 
 Shape legend: T tokens, K top-k, E experts, H hidden, I expert width, R rank, S = T*K rows.
 
-Forward (4 launches + a sum over k):
-    su1    = s * x[token] A1^T                      gather fused; SU1_IN_LOOP: in the next launch's main loop [S, R]
+Forward (2 to 4 launches + a sum over k):
+    su1    = s * x[token] A1^T                      gather fused (or in the next launch's main loop)  [S, R]
     gu, h  = x[token] W1^T + su1 B1^T (+ b1); act    LoRA, bias, activation in epilogue   [S, 2I], [S, I]
-    su2    = s * h A2^T                             SU2_IN_LOOP: in the next launch's main loop     [S, R]
+    su2    = s * h A2^T                             (or in the next launch's main loop)               [S, R]
     y_pair = w * (h W2^T + su2 B2^T (+ b2))          rows stored in (token, slot) order    [S, H]
     out    = y_pair.view(T, K, H).sum(1)             deterministic, no atomics
 
@@ -15,14 +15,19 @@ only_for_backward (a checkpoint's recompute): stops after su2, everything backwa
 projection and the sum over k (a quarter of the forward's GEMM work at Qwen3's shape) are skipped.
 
 Backward:
-    sv2         = s * d_out[token] B2                 (SV2_IN_LOOP: in the next launch's main loop) [S, R]
+    sv2         = s * d_out[token] B2                 (or in the next launch's main loop)           [S, R]
     d_gu, dots  = act'(gu) * w * (d_out[token] W2 + sv2 A2); dots = <act(gu), g>          fused epilogue
     dB2, dA2    = K-grouped sums (d_out[token] x w*su2), (sv2 x w*act(gu))                 gather / act on load
-    sv1         = s * d_gu B1                         (SV1_IN_LOOP and dx needed: in the next launch's main loop)
+    sv1         = s * d_gu B1                         (or, if dx is needed, in the next launch's main loop)
     dx_pair     = d_gu W1 + sv1 A1                    rows stored in (token, slot) order
     dx          = dx_pair.view(T, K, H).sum(1)
     dB1, dA1    = (d_gu x su1), (sv1 x x[token])
 No base-weight gradient is computed.
+
+The LoRA inputs su1, su2, sv2, sv1 are read by the next GEMM only: grouped_gemm's lora_u_weight may accumulate each
+in that GEMM's main loop, from the A tiles it loads anyway, instead of a launch of its own (one pass over x or d_out
+gathered, h or d_gu, fewer; R more columns of MMA). Which way is faster depends on the launch and shape (run 48), so
+grouped_gemm measures both once per shape and GPU, as it tunes its configs.
 """
 
 from __future__ import annotations
@@ -34,19 +39,6 @@ import torch
 from packaging.version import Version
 
 from ..lora import cast_factors, grads_in
-
-# The backward's LoRA inputs sv2 = s * d_out[token] B2 and sv1 = s * d_gu B1 accumulated in the main loops of the
-# GEMMs that read them (grouped_gemm's lora_u_weight) instead of by launches of their own: a pass over d_out
-# [T, H] (gathered) and one over d_gu [S, 2I] fewer, and two launches, for R more columns of MMA per column block
-# (counted at Qwen3 16K: ~0.2 ms of launches saved each for ~0.06-0.2 ms of MMA). Off until measured on a GPU: it
-# compiles for sm75, sm86 and sm90 (tests/kernels/compile_for_arch.py) and is tested in the interpreter and by the
-# bf16 GPU test of every candidate; bench_kernels.py times both ways ("cmp" rows).
-SV2_IN_LOOP = False
-SV1_IN_LOOP = False
-# The same for the forward's su1 = s * x[token] A1^T (in the gate_up main loop, from the gathered x tiles it loads)
-# and su2 = s * h A2^T (in the down projection's; a checkpoint's recompute, which skips that GEMM, launches it).
-SU1_IN_LOOP = False
-SU2_IN_LOOP = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,17 +86,20 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         su1, lora1 = None, {}
         if A1 is not None:
-            su1, lora1 = _lora_input(x, A1.transpose(1, 2), B1.transpose(1, 2), scaling, SU1_IN_LOOP, common,
+            su1, lora1 = _lora_input(x, A1.transpose(1, 2), B1.transpose(1, 2), scaling, True, common,
                                      a_index=plan.token_S)
         h, gu = grouped_gemm(
             x, gate_up.transpose(1, 2), a_index=plan.token_S, bias=gate_up_bias,
             epilogue=1, act=code, interleaved=interleaved, **lora1, **common,
         )
         su2, lora2 = None, {}
-        if A2 is not None:  # a recompute has no down projection to fold it into
-            su2, lora2 = _lora_input(h, A2.transpose(1, 2), B2.transpose(1, 2), scaling,
-                                     SU2_IN_LOOP and not only_for_backward, common)
-        # (with SU2_IN_LOOP, su2 is filled by the down projection's launch below, before backward reads it)
+        # A recompute has no down projection to fold su2 into: its own launch there (from MIN_TUNE_ROWS rows, tuned
+        # apart, its K sums may round differently in the last bit from the loop's, so a checkpointed layer's dB2 can
+        # differ from an unchecked one's by that much).
+        if A2 is not None:
+            su2, lora2 = _lora_input(h, A2.transpose(1, 2), B2.transpose(1, 2), scaling, not only_for_backward,
+                                     common)
+        # (su2 may be filled by the down projection's launch below, before backward reads it)
         ctx.save_for_backward(x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
         ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
@@ -131,7 +126,7 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         sv2, lora2 = None, {}
         if A2 is not None:
-            sv2, lora2 = _lora_input(d_out, B2, A2, s, SV2_IN_LOOP, common, a_index=plan.token_S)
+            sv2, lora2 = _lora_input(d_out, B2, A2, s, True, common, a_index=plan.token_S)
         d_gu, dots_S = grouped_gemm(
             d_out, down, a_index=plan.token_S, gu=gu, row_scale=w_S,
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
@@ -146,7 +141,7 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         sv1, lora1 = None, {}
         if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
-            sv1, lora1 = _lora_input(d_gu, B1, A1, s, SV1_IN_LOOP and need[0], common)
+            sv1, lora1 = _lora_input(d_gu, B1, A1, s, need[0], common)
         if need[0]:
             dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
             d_x = dx_pairs.view(T, K, -1).sum(dim=1)
@@ -160,12 +155,13 @@ class TritonExpertsFunction(torch.autograd.Function):
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
 
 
-def _lora_input(a, weight, lora_b, scaling, in_loop: bool, common: dict, a_index=None):
+def _lora_input(a, weight, lora_b, scaling, foldable: bool, common: dict, a_index=None):
     """(u, grouped_gemm's arguments that apply it) for u = scaling * a[a_index] @ weight [S, R]: computed by a launch
-    of its own, or (in_loop) left to the main loop of the launch that reads it, which writes it into u."""
+    of its own, or (foldable: a GEMM over the same rows of a reads it) left to that GEMM's launch, which writes it
+    into u, from its main loop or a launch of its own, whichever measured faster."""
     from ...kernels import grouped_gemm
 
-    if in_loop:
+    if foldable:
         u = a.new_empty(common["num_rows"], weight.shape[2])
         return u, dict(lora_u_weight=weight, lora_u_alpha=scaling, lora_u_out=u, lora_b=lora_b)
     u = grouped_gemm(a, weight, a_index=a_index, alpha=scaling, **common)
