@@ -449,7 +449,7 @@ def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_
                      **rest)
 
     return autotune.pick("grouped_gemm/lora_input", key, _LORA_INPUT_WAYS, run, a.device, num_rows,
-                         first_bonus_ms=LAUNCH_HOST_MS if _LORA_INPUT_WAYS[0]["in_loop"] else 0.0)["in_loop"]
+                         first_bonus_ms=LAUNCH_HOST_MS)["in_loop"]
 
 
 def candidates_for(epilogue: int, num_rows: int, E: int, N: int, K: int, tma: bool = False,

@@ -40,7 +40,7 @@ def train(config: TrainConfig, console=None) -> dict:
 
 def make_optimizer(params, config):
     """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit); with
-    config.step_in_backward (absent: off), stepped inside the backward pass (step_in_backward.py).
+    config.step_in_backward, stepped inside the backward pass (step_in_backward.py).
 
     On CUDA torch's fused kernel: its default there (foreach) allocates a temporary the size of the state's
     second moment (4 bytes per trainable parameter: 2.4 GiB for Qwen3-30B-A3B's 643M) at the step, on top of the
@@ -54,7 +54,7 @@ def make_optimizer(params, config):
     else:
         optimizer_class = torch.optim.AdamW
         kwargs["fused"] = (bool(params) and all(p.is_cuda for p in params)) or None
-    if getattr(config, "step_in_backward", False):
+    if config.step_in_backward:
         from .step_in_backward import StepInBackward
 
         return StepInBackward(params, optimizer_class, **kwargs)

@@ -9,7 +9,7 @@ import torch
 
 from moetune.training.loop import make_optimizer
 
-CONFIG = SimpleNamespace(optim="adamw", lr=1e-3, weight_decay=0.01)
+CONFIG = SimpleNamespace(optim="adamw", lr=1e-3, weight_decay=0.01, step_in_backward=False)
 
 
 def test_adamw_on_cpu_is_torchs_default():
