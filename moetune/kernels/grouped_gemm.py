@@ -51,6 +51,7 @@ except ImportError:
 
 from . import autotune
 from .activations import act_backward, act_forward
+from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
 
@@ -608,7 +609,8 @@ def grouped_gemm(
         n_blocks = cdiv(N, blocks["BLOCK_N"])
         dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epi == 2 else None
         m_tiles = cdiv(num_rows, block_m) + E  # upper bound: each expert adds at most one partial tile
-        grouped_gemm_kernel[(m_tiles * n_blocks,)](
+        launch_kernel(
+            grouped_gemm_kernel, (m_tiles * n_blocks,),
             a, a.stride(0), a.stride(1),
             a_index if a_index is not None else dummy,
             b, b.stride(0), b.stride(1), b.stride(2),
@@ -638,7 +640,8 @@ def grouped_gemm(
         )
         if split:
             dots = torch.empty(num_rows, device=device, dtype=torch.float32)
-            gated_backward_kernel[(cdiv(num_rows, 16),)](
+            launch_kernel(
+                gated_backward_kernel, (cdiv(num_rows, 16),),
                 c, c.stride(0), gu, gu.stride(0), row_scale, out, out.stride(0), dots,
                 num_rows, N, float(act[1]), float(act[2]),
                 ACT=act[0], INTERLEAVED=interleaved, BLOCK_M=16, BLOCK_N=64, num_warps=4,

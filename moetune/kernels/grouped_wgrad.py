@@ -22,6 +22,7 @@ import triton.language as tl
 from . import autotune
 from .activations import act_forward
 from .grouped_gemm import _pow2_at_least, dot_precision
+from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
 
@@ -141,7 +142,8 @@ def grouped_wgrad(
 
     def launch(blocks: dict):
         grid = (E * cdiv(M, blocks["BLOCK_M"]), cdiv(N, blocks["BLOCK_N"]))
-        grouped_wgrad_kernel[grid](
+        launch_kernel(
+            grouped_wgrad_kernel, grid,
             a, a.stride(0), a.stride(1),
             a_index if a_index is not None else dummy,
             b, b.stride(0), b.stride(1),

@@ -42,3 +42,15 @@ def test_lora_input_ab_runs_every_way_in_the_interpreter(tmp_path):
     assert len(errors) == 2 and all(float(e) < 1e-5 for line in errors for e in line)  # forced ways vs measured
     rows = json.loads(out.read_text())["rows"]
     assert sorted(row["mode"] for row in rows) == ["in loop", "measured", "own launch"]
+
+
+def test_direct_launch_ab_runs_both_ways_in_the_interpreter(tmp_path):
+    """benchmarks/direct_launch_ab.py: both launch ways give the same block (in the interpreter the direct way falls
+    back to Triton's path; the script's comparison and output are what is checked here), each timed."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("direct_launch_ab.py")), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bitwise equal both ways: True" in proc.stdout
+    (row,) = json.loads(out.read_text())["blocks"]
+    assert row["bitwise_equal"] and len(row["triton"]["ms"]) == len(row["direct"]["ms"]) == 1

@@ -1,0 +1,146 @@
+"""The triton experts block launched through Triton's path and through moetune's direct launcher, alternating.
+
+moetune/kernels/launch.py hands a repeated launch straight to the compiled kernel instead of Triton binding and
+specialising every argument again; MOETUNE_DIRECT_LAUNCH=0 switches that off (read at each launch). This times the
+whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host time to issue
+a step, and with --launches the host time of each of the block's kernel launches alone (issued 50 times without a
+sync). Both ways must give bitwise the same outputs and gradients: checked first, on the cases' own inputs.
+
+    python benchmarks/direct_launch_ab.py --cases qwen3-30b-a3b:4096 gpt-oss-20b:4096 --launches qwen3-30b-a3b:4096
+    python benchmarks/direct_launch_ab.py --tiny      # toy sizes on CPU through the Triton interpreter (no direct path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if "--tiny" in sys.argv:  # before triton is imported: the interpreter is chosen at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_experts  # noqa: E402
+import bench_kernels  # noqa: E402
+import harness  # noqa: E402
+from harness import SHAPES  # noqa: E402
+
+WAYS = ("triton", "direct")
+
+
+def set_way(way: str) -> None:
+    os.environ["MOETUNE_DIRECT_LAUNCH"] = "1" if way == "direct" else "0"
+
+
+def parse_cases(parser, cases: list[str]) -> list[tuple[str, int]]:
+    parsed = []
+    for case in cases:
+        name, _, tokens = case.partition(":")
+        if name not in SHAPES or not tokens.isdigit():
+            parser.error(f"expected SHAPE:TOKENS with SHAPE one of {sorted(SHAPES)}, got {case!r}")
+        parsed.append((name, int(tokens)))
+    return parsed
+
+
+def block(name: str, tokens: int, args, device, dtype) -> dict:
+    shape = bench_experts.tiny(SHAPES[name]) if args.tiny else SHAPES[name]
+    run = bench_experts.build(shape, args, device)
+    x, ids, w, grad_out = bench_experts.inputs(shape, tokens, device, dtype)
+
+    def step():
+        out, params = run("triton", x, ids, w)
+        return [out, *torch.autograd.grad(out, [x, w, *params], grad_out)]
+
+    results = {}
+    for way in WAYS:
+        set_way(way)
+        step()  # the first call of each launch goes through Triton either way
+        results[way] = step()
+    mismatched = [i for i, (a, b) in enumerate(zip(*results.values())) if not torch.equal(a, b)]
+    print(f"# {name} {tokens}: outputs and gradients bitwise equal both ways: {not mismatched}", flush=True)
+    rounds = {way: [] for way in WAYS}
+    for _ in range(args.rounds):
+        for way in WAYS:
+            set_way(way)
+            rounds[way].append(harness.measure(step, device, warmup=3, repeat=args.repeat))
+    row = {"shape": name, "tokens": tokens, "bitwise_equal": not mismatched}
+    for way in WAYS:
+        row[way] = {key: [r[key] for r in rounds[way]] for key in rounds[way][0]}
+        if device.type == "cuda":
+            print(f"{name:<16}{tokens:>7}  {way:<7} ms {[round(r['ms'], 3) for r in rounds[way]]}"
+                  f"  host ms {[round(r['host_ms'], 3) for r in rounds[way]]}", flush=True)
+    if device.type == "cuda":
+        row["median_ms"] = {way: statistics.median(row[way]["ms"]) for way in WAYS}
+        row["median_host_ms"] = {way: statistics.median(row[way]["host_ms"]) for way in WAYS}
+    return row
+
+
+def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 50) -> list[dict]:
+    """Per launch of the block (bench_kernels.launches, each LoRA input both ways): host time to issue one call
+    and time per call with the GPU (issued `calls` times, then a sync), each way."""
+    shape = SHAPES[name]
+    grouped_gemm = bench_kernels.load_kernels(None)
+    rows = []
+    for label, fn, *_ in bench_kernels.launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+        row = {"launch": label}
+        for way in WAYS:
+            set_way(way)
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            issued = time.perf_counter()
+            torch.cuda.synchronize()
+            done = time.perf_counter()
+            row[way] = {"host_us": (issued - start) / calls * 1e6, "with_gpu_us": (done - start) / calls * 1e6}
+        print(f"{label:<42} host us: triton {row['triton']['host_us']:6.1f}  direct {row['direct']['host_us']:6.1f}"
+              f"   with the GPU: {row['triton']['with_gpu_us']:6.1f} / {row['direct']['with_gpu_us']:6.1f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["qwen3-30b-a3b:4096"], metavar="SHAPE:TOKENS")
+    parser.add_argument("--launches", nargs="*", default=[], metavar="SHAPE:TOKENS",
+                        help="also the host time of each launch of these cases")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --tiny)")
+    cases, launch_cases = parse_cases(parser, args.cases), parse_cases(parser, args.launches)
+    if args.tiny:
+        cases, launch_cases, args.rounds, args.repeat = [(name, 37) for name, _ in cases], [], 1, 1
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    args.dtype = str(dtype).removeprefix("torch.")
+    previous = os.environ.get("MOETUNE_DIRECT_LAUNCH")
+    try:
+        blocks = [block(name, tokens, args, device, dtype) for name, tokens in cases]
+        launches = {f"{name}:{tokens}": launch_host_times(name, tokens, args, device, dtype)
+                    for name, tokens in launch_cases}
+    finally:
+        if previous is None:
+            os.environ.pop("MOETUNE_DIRECT_LAUNCH", None)
+        else:
+            os.environ["MOETUNE_DIRECT_LAUNCH"] = previous
+    if args.out:
+        harness.write_json(args.out, {"environment": harness.environment(), "rounds": args.rounds,
+                                      "repeat": args.repeat, "blocks": blocks, "launches": launches})
+    return 0 if all(row["bitwise_equal"] for row in blocks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

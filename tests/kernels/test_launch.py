@@ -1,0 +1,196 @@
+"""DirectLauncher: Triton's own launch path once per specialisation, the compiled kernel directly after.
+
+On the CPU a real @triton.jit function stands in (decorated with the interpreter off), with Triton's run method and
+driver replaced by recorders: the direct path must hand the compiled kernel exactly the arguments Triton binds, and
+go back to Triton's path whenever the specialisation may differ. tests/kernels/test_grouped_gemm.py's GPU tests
+compare the two paths' results on real launches.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from moetune.kernels import launch as launch_module  # noqa: E402
+
+
+def _body(x_ptr, n, scale, flag, WIDTH: tl.constexpr, MODE: tl.constexpr = 3):
+    pass
+
+
+class Compiled:
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.direct = []
+
+    def run(self, *args):
+        self.direct.append(args)
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """(the launcher, the compiled stand-in, Triton-path calls [(grid, bound args)])."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("MOETUNE_DIRECT_LAUNCH", raising=False)
+    jitted = triton.jit(_body)
+    compiled, through_triton = Compiled(), []
+    signature = inspect.signature(_body)
+
+    def run(*args, grid, warmup, **kwargs):  # Triton's binding: positional, keywords, then defaults
+        bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters})
+        bound.apply_defaults()
+        through_triton.append((grid, tuple(bound.arguments.values())))
+        return compiled
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 1234
+
+    monkeypatch.setattr(jitted, "run", run)
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
+    launcher = launch_module.DirectLauncher(jitted)
+    assert launcher._direct, "this Triton is not in TESTED_TRITON: the direct path is never taken"
+    return launcher, compiled, through_triton
+
+
+def test_a_repeat_goes_to_the_compiled_kernel_with_tritons_arguments(kernel):
+    launcher, compiled, through_triton = kernel
+    x = torch.zeros(64)
+    launcher((7,), x, 4096, 0.5, True, WIDTH=64, num_warps=4)
+    assert len(through_triton) == 1 and not compiled.direct
+    launcher((7,), x, 4096, 2.0, True, WIDTH=64, num_warps=4)  # floats are not specialised
+    launcher((3, 2), torch.ones(64), 4096, 0.5, True, WIDTH=64, num_warps=4)
+    assert len(through_triton) == 1
+    bound = through_triton[0][1]
+    assert bound[-2:] == (64, 3)  # the constexprs in the kernel's order, MODE's default included
+    first, second = compiled.direct
+    assert first[:9] == (7, 1, 1, 1234, "function", "packed", None, None, None)
+    assert first[9] is x and first[10:] == (4096, 2.0, True, 64, 3)
+    assert second[:3] == (3, 2, 1) and second[10:] == bound[1:]
+
+
+@pytest.mark.parametrize("change", ["misaligned", "dtype", "int value", "bool for int", "constexpr", "option",
+                                    "untyped argument"])
+def test_what_triton_specialises_on_goes_through_triton_again(kernel, change):
+    launcher, compiled, through_triton = kernel
+    x = torch.zeros(64)
+    args, constexprs = [x, 4096, 0.5, True], dict(WIDTH=64, num_warps=4)
+    launcher((1,), *args, **constexprs)
+    if change == "misaligned":
+        args[0] = x[1:]  # 4 bytes in: no longer 16-byte aligned
+    elif change == "dtype":
+        args[0] = torch.zeros(64, dtype=torch.float16)
+    elif change == "int value":
+        args[1] = 4097
+    elif change == "bool for int":
+        args[1] = True  # equal to 1 in a tuple, but Triton types it u1
+        launcher((1,), *[x, 1, 0.5, True], **constexprs)
+    elif change == "constexpr":
+        constexprs["MODE"] = 4
+    elif change == "option":
+        constexprs["num_warps"] = 8
+    else:
+        args[1] = None
+    calls_before = len(through_triton)
+    launcher((1,), *args, **constexprs)
+    assert len(through_triton) == calls_before + 1 and not compiled.direct
+
+
+def test_switched_off_or_hooked_launches_go_through_triton(kernel, monkeypatch):
+    launcher, compiled, through_triton = kernel
+    x = torch.zeros(64)
+    launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    monkeypatch.setenv("MOETUNE_DIRECT_LAUNCH", "0")
+    launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    monkeypatch.delenv("MOETUNE_DIRECT_LAUNCH")
+    hooks = triton.knobs.runtime.launch_exit_hook
+    if hasattr(hooks, "add"):  # Triton 3.6+: a chain, empty unless a profiler adds to it
+        hooks.add(seen := lambda metadata: None)
+        try:
+            launcher((1,), x, 16, 0.5, False, WIDTH=32)
+        finally:
+            hooks.remove(seen)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)  # older: a function
+    launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    assert len(through_triton) == 3 + hasattr(hooks, "add") and not compiled.direct
+
+
+def test_launch_calls_a_stand_in_as_triton_would():
+    calls = []
+
+    class StandIn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    launch_module.launch(StandIn(), (5,), 1, 2, BLOCK=16)
+    assert calls == [((5,), (1, 2), {"BLOCK": 16})]
+
+
+def _block_grads(monkeypatch, direct: bool, tokens=300, seed=0):
+    """Output and gradients of one experts block on the triton backend (bf16, below autotuning's MIN_TUNE_ROWS:
+    the heuristic configs), run twice (the second call of each launch goes direct unless switched off)."""
+    from moetune.experts import ExpertLoRA, moe_experts
+
+    if direct:
+        monkeypatch.delenv("MOETUNE_DIRECT_LAUNCH", raising=False)
+    else:
+        monkeypatch.setenv("MOETUNE_DIRECT_LAUNCH", "0")
+    gen = torch.Generator().manual_seed(seed)
+    E, H, I, k, R = 8, 384, 192, 2, 8
+
+    def rand(*shape, scale=0.05):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    x, gate_up, down = rand(tokens, H, scale=1.0), rand(E, 2 * I, H), rand(E, H, I)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).cuda()
+    ids[ids == 3] = 2  # an empty expert
+    weights = torch.rand(tokens, k, generator=gen).cuda().to(torch.bfloat16)
+    factors = [rand(E, R, H).float(), rand(E, 2 * I, R).float(), rand(E, R, I).float(), rand(E, H, R).float()]
+    results = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, weights, *factors)]
+        lora = ExpertLoRA(*leaves[2:], scaling=2.0)
+        out = moe_experts(leaves[0], ids, leaves[1], gate_up, down, lora=lora, backend="triton")
+        out.float().square().sum().backward()
+        results.append([out, *(leaf.grad for leaf in leaves)])
+    return results
+
+
+@pytest.mark.gpu
+def test_direct_launches_give_tritons_results_on_gpu(monkeypatch):
+    through_triton = _block_grads(monkeypatch, direct=False)
+    direct = _block_grads(monkeypatch, direct=True)
+    launched = [held[1] for held in launch_module._launchers.values() if held[1]._compiled]
+    assert launched, "no kernel went through the direct launcher"
+    for got, ref in zip(direct[0] + direct[1], through_triton[0] + through_triton[1]):
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+def test_a_misaligned_input_after_an_aligned_one_compiles_its_own_kernel(monkeypatch):
+    from moetune.kernels import grouped_gemm
+
+    monkeypatch.delenv("MOETUNE_DIRECT_LAUNCH", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    E, T, K, N, k = 4, 97, 136, 72, 2
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).cuda()
+    from moetune.experts import plan_routing
+
+    plan = plan_routing(ids, E)
+    b = torch.randn(E, K, N, generator=gen).cuda().to(torch.bfloat16)
+    x = torch.randn(T, K, generator=gen).cuda().to(torch.bfloat16)
+    common = dict(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E, a_index=plan.token_S)
+    ref = torch.einsum("sk,skn->sn", x[plan.token_S].double(), b.double()[plan.expert_S])
+    wider = torch.zeros(T, K + 1, device="cuda", dtype=torch.bfloat16)
+    wider[:, 1:] = x  # the same values 2 bytes in: neither the base nor the row pitch 16-byte aligned
+    for a in (x, x, wider[:, 1:], wider[:, 1:], x):
+        out = grouped_gemm(a, b, **common)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, err
