@@ -13,6 +13,7 @@ sync). Both ways must give bitwise the same outputs and gradients: checked first
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -82,14 +83,18 @@ def block(name: str, tokens: int, args, device, dtype) -> dict:
 
 def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 50) -> list[dict]:
     """Per launch of the block (bench_kernels.launches, each LoRA input both ways): host time to issue one call
-    and time per call with the GPU (issued `calls` times, then a sync), each way."""
+    and time per call with the GPU (issued `calls` times, then a sync), each way; and directly with the launch's
+    first candidate config (`first`: the heuristic one, never through TMA) instead of the tuned one, which tells
+    what a tuned TMA config costs the host (its descriptors are encoded at every launch)."""
     shape = SHAPES[name]
     grouped_gemm = bench_kernels.load_kernels(None)
     rows = []
-    for label, fn, *_ in bench_kernels.launches(shape, tokens, args.rank, device, dtype, grouped_gemm):
+    for label, tuned, _, _, candidates, _ in bench_kernels.launches(shape, tokens, args.rank, device, dtype,
+                                                                    grouped_gemm):
         row = {"launch": label}
-        for way in WAYS:
-            set_way(way)
+        for way in (*WAYS, "first"):
+            set_way("direct" if way == "first" else way)
+            fn = functools.partial(tuned, config=candidates()[0]) if way == "first" else tuned
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
@@ -101,7 +106,9 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
             done = time.perf_counter()
             row[way] = {"host_us": (issued - start) / calls * 1e6, "with_gpu_us": (done - start) / calls * 1e6}
         print(f"{label:<42} host us: triton {row['triton']['host_us']:6.1f}  direct {row['direct']['host_us']:6.1f}"
-              f"   with the GPU: {row['triton']['with_gpu_us']:6.1f} / {row['direct']['with_gpu_us']:6.1f}", flush=True)
+              f"   with the GPU: {row['triton']['with_gpu_us']:6.1f} / {row['direct']['with_gpu_us']:6.1f}"
+              f"   first config direct: host {row['first']['host_us']:6.1f}, with the GPU {row['first']['with_gpu_us']:6.1f}",
+              flush=True)
         rows.append(row)
     return rows
 

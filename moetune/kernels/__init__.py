@@ -3,6 +3,7 @@
 grouped_gemm.py    row-grouped GEMM over expert-sorted rows: gather, split LoRA, bias,
                    activation (forward and backward) and weighted scatter fused
 grouped_wgrad.py   K-grouped GEMM for the LoRA factor gradients
+launch.py          repeated launches straight to the compiled kernel (less host time per launch)
 activations.py     the gated activations as Triton device functions
 cross_entropy.py   cross-entropy loss and gradient of one logits chunk, in place (moetune/linear_cross_entropy.py)
 """
