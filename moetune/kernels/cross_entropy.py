@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch as launch_kernel
 from .sizes import next_power_of_2
 
 __all__ = ["block_size", "cross_entropy_"]
@@ -101,7 +102,8 @@ def cross_entropy_(
     block_v = block_v or block_size(num_cols)
     if block_v & (block_v - 1):
         raise ValueError(f"block_v: expected a power of 2, got {block_v}")
-    cross_entropy_kernel[(num_rows,)](
+    launch_kernel(
+        cross_entropy_kernel, (num_rows,),
         logits, logits.stride(0), targets.contiguous(), loss,
         num_cols, ignore_index, float(scale),
         COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=NUM_WARPS,

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - Triton before 3.4
 
 # Triton releases whose JITFunction.run ends in the call that DirectLauncher repeats:
 # compiled.run(grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, launch_metadata,
-#              launch_enter_hook, launch_exit_hook, *bound_args.values())  (read in 3.6 and 3.9)
+#              launch_enter_hook, launch_exit_hook, *bound_args.values())  (read in 3.6, 3.7, 3.8 and 3.9)
 TESTED_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
 
 # A key per distinct set of int arguments (strides, sizes, tile counts): bounded for runs whose batch lengths vary.
@@ -53,11 +53,13 @@ def _supported() -> bool:
 
 
 def _hooked() -> bool:
-    """Whether a launch hook is set (a profiler's): Triton's path then passes it each launch's metadata."""
+    """Whether a launch hook is set (a profiler's: Triton's path then passes it each launch's metadata), or a custom
+    pass pipeline (Triton 3.8+ adds it to its own key)."""
     runtime = triton.knobs.runtime
     # Triton 3.6 keeps each hook as a chain of calls (HookChain), empty unless something was added.
     return any(hook is not None and getattr(hook, "calls", True)
-               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook)) \
+        or getattr(runtime, "add_stages_inspection_hook", None) is not None
 
 
 def _arg_key(arg):
@@ -88,11 +90,14 @@ class DirectLauncher:
         self._params = list(inspect.signature(kernel.fn).parameters.values()) if isinstance(kernel, JITFunction) else []
         self._compiled: dict[tuple, tuple] = {}
         self._direct = isinstance(kernel, JITFunction) and _supported()
+        self.direct_launches = 0  # how many went straight to a compiled kernel (tests, diagnostics)
 
     def __call__(self, grid: tuple, *args, **constexprs):
         if not self._direct or os.environ.get("MOETUNE_DIRECT_LAUNCH") == "0" or _hooked():
             return self.kernel[grid](*args, **constexprs)
-        arg_keys = tuple(_arg_key(arg) for arg in args)
+        # ints and plain tensors inline (most of the ~60 arguments): this runs at every launch
+        arg_keys = tuple([arg if type(arg) is int else (arg.dtype, arg.data_ptr() % 16 == 0)
+                          if type(arg) is torch.Tensor else _arg_key(arg) for arg in args])
         if NotImplemented in arg_keys:
             return self.kernel[grid](*args, **constexprs)
         driver = triton.runtime.driver.active
@@ -106,6 +111,7 @@ class DirectLauncher:
             self._compiled[key] = (compiled, self._tail(len(args), constexprs))
             return compiled
         compiled, tail = entry
+        self.direct_launches += 1
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
         compiled.run(grid[0], grid_1, grid_2, driver.get_current_stream(device), compiled.function,
@@ -128,9 +134,14 @@ class DirectLauncher:
 _launchers: dict[int, tuple[object, DirectLauncher]] = {}
 
 
-def launch(kernel, grid: tuple, *args, **constexprs):
-    """`kernel[grid](*args, **constexprs)` through kernel's DirectLauncher (made on first use)."""
+def launcher_of(kernel) -> DirectLauncher:
+    """kernel's DirectLauncher (made on first use)."""
     held = _launchers.get(id(kernel))
     if held is None or held[0] is not kernel:
         held = _launchers[id(kernel)] = (kernel, DirectLauncher(kernel))
-    return held[1](grid, *args, **constexprs)
+    return held[1]
+
+
+def launch(kernel, grid: tuple, *args, **constexprs):
+    """`kernel[grid](*args, **constexprs)` through kernel's DirectLauncher."""
+    return launcher_of(kernel)(grid, *args, **constexprs)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .launch import launch as launch_kernel
 from .rotary import rotate_pair, table_strides
 from .sizes import next_power_of_2
 
@@ -234,7 +235,8 @@ def mla_inputs_forward(q, kv, k_rot, cos, sin, nope: int, interleave: bool):
     key = torch.empty_like(query)
     value = torch.empty(B, T, Hh, v, dtype=q.dtype, device=q.device)
     if B * T * Hh:
-        mla_inputs_forward_kernel[(B * T,)](
+        launch_kernel(
+            mla_inputs_forward_kernel, (B * T,),
             q, q.stride(0), q.stride(1), q.stride(2),
             kv, kv.stride(0), kv.stride(1), kv.stride(2),
             k_rot, k_rot.stride(0), k_rot.stride(1),
@@ -255,7 +257,8 @@ def mla_inputs_backward(d_query, d_key, d_value, cos, sin, nope: int, interleave
     d_kv = torch.empty(B, T, Hh, nope + v, dtype=d_query.dtype, device=d_query.device)
     d_k_rot = torch.empty(B, T, 2 * half, dtype=d_query.dtype, device=d_query.device)
     if B * T * Hh:
-        mla_inputs_backward_kernel[(B * T,)](
+        launch_kernel(
+            mla_inputs_backward_kernel, (B * T,),
             d_query, d_query.stride(0), d_query.stride(1), d_query.stride(2),
             d_key, d_key.stride(0), d_key.stride(1), d_key.stride(2),
             d_value, d_value.stride(0), d_value.stride(1), d_value.stride(2),

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
 __all__ = ["MAX_H", "RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
@@ -171,7 +172,8 @@ def _forward(x, weight, eps, cast_before_weight, block_rows=0):
         return y, rstd
     x, inner, stride_outer, stride_inner = _row_layout(x)
     block_m, block_h, num_warps = _blocks(num_cols, num_rows, block_rows)
-    rms_norm_forward_kernel[(cdiv(num_rows, block_m),)](
+    launch_kernel(
+        rms_norm_forward_kernel, (cdiv(num_rows, block_m),),
         x, inner, stride_outer, stride_inner,
         weight, y, rstd,
         num_rows, num_cols, float(eps),
@@ -201,7 +203,8 @@ def _backward(dy, x, weight, rstd, cast_before_weight, compute_dw, block_rows=0)
     num_blocks = cdiv(num_rows, block_m)
     programs = _num_dw_programs(x.device, num_blocks) if compute_dw else num_blocks
     dw_partial = torch.empty(programs, num_cols, device=x.device, dtype=torch.float32) if compute_dw else rstd
-    rms_norm_backward_kernel[(programs,)](
+    launch_kernel(
+        rms_norm_backward_kernel, (programs,),
         dy, dy_inner, dy_stride_outer, dy_stride_inner,
         x, x_inner, x_stride_outer, x_stride_inner,
         weight, rstd.contiguous(), dx, dw_partial,

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
 __all__ = ["RotaryFunction", "rotary", "rotary_backward", "rotary_forward"]
@@ -105,7 +106,8 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         return y
     block_d2 = next_power_of_2(D2)
     block_r = max(1, min(TILE_ELEMENTS // block_d2, next_power_of_2(R)))
-    rotary_kernel[(cdiv(R, block_r),)](
+    launch_kernel(
+        rotary_kernel, (cdiv(R, block_r),),
         x, x.stride(0), x.stride(1), x.stride(2),
         y, y.stride(0), y.stride(1), y.stride(2),
         cos, sin, *table_strides(cos),

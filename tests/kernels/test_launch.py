@@ -57,7 +57,8 @@ def kernel(monkeypatch):
     monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
     launcher = launch_module.DirectLauncher(jitted)
     assert launcher._direct, "this Triton is not in TESTED_TRITON: the direct path is never taken"
-    return launcher, compiled, through_triton
+    yield launcher, compiled, through_triton
+    assert launcher.direct_launches == len(compiled.direct)
 
 
 def test_a_repeat_goes_to_the_compiled_kernel_with_tritons_arguments(kernel):
@@ -167,8 +168,11 @@ def _block_grads(monkeypatch, direct: bool, tokens=300, seed=0):
 def test_direct_launches_give_tritons_results_on_gpu(monkeypatch):
     through_triton = _block_grads(monkeypatch, direct=False)
     direct = _block_grads(monkeypatch, direct=True)
-    launched = [held[1] for held in launch_module._launchers.values() if held[1]._compiled]
-    assert launched, "no kernel went through the direct launcher"
+    import importlib
+
+    for module, name in (("grouped_gemm", "grouped_gemm_kernel"), ("grouped_wgrad", "grouped_wgrad_kernel")):
+        kernel = getattr(importlib.import_module(f"moetune.kernels.{module}"), name)
+        assert launch_module.launcher_of(kernel).direct_launches, f"{name} never launched directly"
     for got, ref in zip(direct[0] + direct[1], through_triton[0] + through_triton[1]):
         assert torch.equal(got, ref)
 
@@ -194,3 +198,55 @@ def test_a_misaligned_input_after_an_aligned_one_compiles_its_own_kernel(monkeyp
         out = grouped_gemm(a, b, **common)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, err
+
+
+def _other_kernels(direct: bool, monkeypatch, device="cuda", dtype=torch.bfloat16):
+    """Forward and backward of moetune's per-layer kernels (RMSNorm, rotary, the latent-attention inputs, the
+    cross-entropy), twice each, bf16 on the GPU: [outputs and gradients of the second round]."""
+    from moetune.kernels.cross_entropy import cross_entropy_
+    from moetune.kernels.mla_inputs import mla_inputs
+    from moetune.kernels.rms_norm import rms_norm
+    from moetune.kernels.rotary import rotary
+
+    if direct:
+        monkeypatch.delenv("MOETUNE_DIRECT_LAUNCH", raising=False)
+    else:
+        monkeypatch.setenv("MOETUNE_DIRECT_LAUNCH", "0")
+    results = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*shape, gen=gen):
+            return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()
+
+        B, T, Hh, nope, rope, v = 1, 40, 4, 32, 16, 24
+        x, weight = rand(B, T, 96), rand(96)
+        q, kv, k_rot = rand(B, T, Hh, nope + rope), rand(B, T, Hh, nope + v), rand(B, T, rope)
+        cos, sin = (torch.randn(1, T, rope, generator=gen).to(device, dtype) for _ in range(2))
+        heads = rand(B, Hh, T, rope)
+        normed = rms_norm(x, weight, 1e-6)
+        rotated = rotary(heads, cos, sin)
+        query, key, value = mla_inputs(q, kv, k_rot, cos, sin, nope, True)
+        outputs = [normed, rotated, query, key, value]
+        sum(out.float().square().sum() for out in outputs).backward()
+        logits = torch.randn(T, 300, generator=gen).to(device, dtype)
+        targets = torch.randint(0, 300, (T,), generator=gen).to(device)
+        loss = cross_entropy_(logits, targets, -100, 0.5, True, 0)
+        results = [*outputs, *(t.grad for t in (x, weight, q, kv, k_rot, heads)), loss, logits]
+    return results
+
+
+@pytest.mark.gpu
+def test_the_per_layer_kernels_give_tritons_results_through_direct_launches_on_gpu(monkeypatch):
+    import importlib
+
+    through_triton = _other_kernels(False, monkeypatch)
+    direct = _other_kernels(True, monkeypatch)
+    for module, names in (("rms_norm", ("rms_norm_forward_kernel", "rms_norm_backward_kernel")),
+                          ("rotary", ("rotary_kernel",)), ("cross_entropy", ("cross_entropy_kernel",)),
+                          ("mla_inputs", ("mla_inputs_forward_kernel", "mla_inputs_backward_kernel"))):
+        for name in names:
+            kernel = getattr(importlib.import_module(f"moetune.kernels.{module}"), name)
+            assert launch_module.launcher_of(kernel).direct_launches, f"{name} never launched directly"
+    for got, ref in zip(direct, through_triton, strict=True):
+        assert torch.equal(got, ref)
