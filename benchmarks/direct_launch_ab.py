@@ -38,16 +38,6 @@ def set_way(way: str) -> None:
     os.environ["MOETUNE_DIRECT_LAUNCH"] = "1" if way == "direct" else "0"
 
 
-def parse_cases(parser, cases: list[str]) -> list[tuple[str, int]]:
-    parsed = []
-    for case in cases:
-        name, _, tokens = case.partition(":")
-        if name not in SHAPES or not tokens.isdigit():
-            parser.error(f"expected SHAPE:TOKENS with SHAPE one of {sorted(SHAPES)}, got {case!r}")
-        parsed.append((name, int(tokens)))
-    return parsed
-
-
 def block(name: str, tokens: int, args, device, dtype) -> dict:
     shape = bench_experts.tiny(SHAPES[name]) if args.tiny else SHAPES[name]
     run = bench_experts.build(shape, args, device)
@@ -122,12 +112,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
-    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (or --tiny)")
-    cases, launch_cases = parse_cases(parser, args.cases), parse_cases(parser, args.launches)
+    args = harness.parse_gpu_args(parser, argv)
+    cases = harness.parse_cases(parser, args.cases)
+    launch_cases = harness.parse_cases(parser, args.launches, "--launches")
     if args.tiny:
         cases, launch_cases, args.rounds, args.repeat = [(name, 37) for name, _ in cases], [], 1, 1
     device = torch.device("cpu" if args.tiny else "cuda")

@@ -63,6 +63,28 @@ SHAPES = {
 }
 
 
+def parse_gpu_args(parser, argv=None):
+    """Adds --tiny (toy sizes on CPU through the Triton interpreter) and --out, parses; without --tiny a CUDA GPU is
+    needed (the parser's one-line error otherwise)."""
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --tiny)")
+    return args
+
+
+def parse_cases(parser, cases: list[str], option: str = "--cases") -> list[tuple[str, int]]:
+    """[(shape name, tokens)] from SHAPE:TOKENS strings; a bad one is the parser's one-line error."""
+    parsed = []
+    for case in cases:
+        name, _, tokens = case.partition(":")
+        if name not in SHAPES or not tokens.isdigit():
+            parser.error(f"{option}: expected SHAPE:TOKENS with SHAPE one of {sorted(SHAPES)}, got {case!r}")
+        parsed.append((name, int(tokens)))
+    return parsed
+
+
 def base_gemm_flops(shape: MoEShape, tokens: int) -> float:
     """Forward + input-gradient GEMMs of the frozen base: 2 * (2I*H + H*I) per row, each twice."""
     return 4.0 * tokens * shape.k * 3 * shape.H * shape.I

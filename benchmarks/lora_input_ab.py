@@ -47,17 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=["qwen3-30b-a3b:16384", "qwen3-30b-a3b:4096"],
                         metavar="SHAPE:TOKENS")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (or --tiny)")
-    cases = []
-    for case in args.cases:
-        name, _, tokens = case.partition(":")
-        if name not in SHAPES or not tokens.isdigit():
-            parser.error(f"--cases: expected SHAPE:TOKENS with SHAPE one of {sorted(SHAPES)}, got {case!r}")
-        cases.append((name, int(tokens)))
+    args = harness.parse_gpu_args(parser, argv)
+    cases = harness.parse_cases(parser, args.cases)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     bench_args = argparse.Namespace(rank=16, alpha=32.0, dtype=str(dtype).split(".")[1], warmup=3, repeat=20)
     device = torch.device("cpu" if args.tiny else "cuda")
