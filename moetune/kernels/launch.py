@@ -62,6 +62,12 @@ def _hooked() -> bool:
         or getattr(runtime, "add_stages_inspection_hook", None) is not None
 
 
+def _settings() -> tuple:
+    """The process-wide settings Triton adds to a kernel's options at every call (device asserts, sanitizers)."""
+    return (triton.knobs.runtime.debug, triton.knobs.compilation.instrumentation_mode,
+            getattr(triton.knobs.compilation, "fpsan_homomorphic_casts", False))
+
+
 def _arg_key(arg):
     """What Triton specialises an argument on (or more), hashable; NotImplemented for a type not handled here."""
     kind = type(arg)
@@ -83,17 +89,27 @@ class DirectLauncher:
     """`launcher(grid, *args, **constexprs)` launches `kernel` as `kernel[grid](*args, **constexprs)` does.
 
     args: every runtime argument, positionally, in the kernel's order; constexprs and launch options (num_warps,
-    num_stages) by keyword, always the same names for one call site (their order is part of the key)."""
+    num_stages) by keyword, always the same names for one call site (their order is part of the key). Calls of
+    another form (a constexpr passed positionally, a runtime argument by keyword, a callable grid) take Triton's
+    path."""
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self._params = list(inspect.signature(kernel.fn).parameters.values()) if isinstance(kernel, JITFunction) else []
+        params = list(inspect.signature(kernel.fn).parameters.values()) if isinstance(kernel, JITFunction) else []
+        self._params = params
+        # Triton's binder also takes *args and keyword-only parameters, in an order _tail does not rebuild.
+        plain = all(param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for param in params)
+        constexpr = list(getattr(kernel, "constexprs", []))  # Triton's own reading of the annotations
+        self._first_constexpr = constexpr[0] if constexpr else len(params)
+        self._runtime_names = {param.name for param in params[:self._first_constexpr]}
         self._compiled: dict[tuple, tuple] = {}
-        self._direct = isinstance(kernel, JITFunction) and _supported()
+        self._direct = isinstance(kernel, JITFunction) and plain and _supported() \
+            and all(i >= self._first_constexpr for i in constexpr)
         self.direct_launches = 0  # how many went straight to a compiled kernel (tests, diagnostics)
 
     def __call__(self, grid: tuple, *args, **constexprs):
-        if not self._direct or os.environ.get("MOETUNE_DIRECT_LAUNCH") == "0" or _hooked():
+        if (not self._direct or os.environ.get("MOETUNE_DIRECT_LAUNCH") == "0" or _hooked() or callable(grid)
+                or len(args) > self._first_constexpr or self.kernel.pre_run_hooks):
             return self.kernel[grid](*args, **constexprs)
         # ints and plain tensors inline (most of the ~60 arguments): this runs at every launch
         arg_keys = tuple([arg if type(arg) is int else (arg.dtype, arg.data_ptr() % 16 == 0)
@@ -102,13 +118,21 @@ class DirectLauncher:
             return self.kernel[grid](*args, **constexprs)
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
-        key = (device, arg_keys, tuple(constexprs.items()))
-        entry = self._compiled.get(key)
+        # Triton keys a constexpr by str(value) (True, 1 and 1.0 are three kernels), and reads these settings at
+        # every call.
+        key = (device, arg_keys, tuple([(name, type(value), value) for name, value in constexprs.items()]),
+               _settings())
+        try:
+            entry = self._compiled.get(key)
+        except TypeError:  # an unhashable keyword value (Triton's key is its str)
+            return self.kernel[grid](*args, **constexprs)
         if entry is None:
             compiled = self.kernel[grid](*args, **constexprs)
-            if len(self._compiled) >= MAX_ENTRIES:
-                self._compiled.clear()
-            self._compiled[key] = (compiled, self._tail(len(args), constexprs))
+            # None: Triton launched nothing (a jit_cache_hook's doing). A runtime argument by keyword: not keyed.
+            if compiled is not None and not self._runtime_names.intersection(constexprs):
+                if len(self._compiled) >= MAX_ENTRIES:
+                    self._compiled.clear()
+                self._compiled[key] = (compiled, self._tail(len(args), constexprs))
             return compiled
         compiled, tail = entry
         self.direct_launches += 1

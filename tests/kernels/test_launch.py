@@ -47,15 +47,19 @@ def kernel(monkeypatch):
         return compiled
 
     class Driver:
+        stream = 1234
+
         def get_current_device(self):
             return 0
 
         def get_current_stream(self, device):
-            return 1234
+            return self.stream
 
     monkeypatch.setattr(jitted, "run", run)
-    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
+    driver = Driver()
+    monkeypatch.setattr(triton.runtime.driver, "_active", driver)
     launcher = launch_module.DirectLauncher(jitted)
+    launcher.driver = driver  # for the tests that switch streams
     assert launcher._direct, "this Triton is not in TESTED_TRITON: the direct path is never taken"
     yield launcher, compiled, through_triton
     assert launcher.direct_launches == len(compiled.direct)
@@ -67,6 +71,7 @@ def test_a_repeat_goes_to_the_compiled_kernel_with_tritons_arguments(kernel):
     launcher((7,), x, 4096, 0.5, True, WIDTH=64, num_warps=4)
     assert len(through_triton) == 1 and not compiled.direct
     launcher((7,), x, 4096, 2.0, True, WIDTH=64, num_warps=4)  # floats are not specialised
+    launcher.driver.stream = 5678  # the stream current at each launch
     launcher((3, 2), torch.ones(64), 4096, 0.5, True, WIDTH=64, num_warps=4)
     assert len(through_triton) == 1
     bound = through_triton[0][1]
@@ -74,12 +79,12 @@ def test_a_repeat_goes_to_the_compiled_kernel_with_tritons_arguments(kernel):
     first, second = compiled.direct
     assert first[:9] == (7, 1, 1, 1234, "function", "packed", None, None, None)
     assert first[9] is x and first[10:] == (4096, 2.0, True, 64, 3)
-    assert second[:3] == (3, 2, 1) and second[10:] == bound[1:]
+    assert second[:4] == (3, 2, 1, 5678) and second[10:] == bound[1:]
 
 
 @pytest.mark.parametrize("change", ["misaligned", "dtype", "int value", "bool for int", "constexpr", "option",
-                                    "untyped argument"])
-def test_what_triton_specialises_on_goes_through_triton_again(kernel, change):
+                                    "untyped argument", "constexpr type", "debug setting"])
+def test_what_triton_specialises_on_goes_through_triton_again(kernel, change, monkeypatch):
     launcher, compiled, through_triton = kernel
     x = torch.zeros(64)
     args, constexprs = [x, 4096, 0.5, True], dict(WIDTH=64, num_warps=4)
@@ -97,6 +102,10 @@ def test_what_triton_specialises_on_goes_through_triton_again(kernel, change):
         constexprs["MODE"] = 4
     elif change == "option":
         constexprs["num_warps"] = 8
+    elif change == "constexpr type":
+        constexprs["WIDTH"] = 64.0  # equal to 64, but Triton keys str(value)
+    elif change == "debug setting":
+        monkeypatch.setattr(triton.knobs.runtime, "debug", True)  # device asserts: another kernel
     else:
         args[1] = None
     calls_before = len(through_triton)
@@ -121,6 +130,28 @@ def test_switched_off_or_hooked_launches_go_through_triton(kernel, monkeypatch):
     monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)  # older: a function
     launcher((1,), x, 16, 0.5, False, WIDTH=32)
     assert len(through_triton) == 3 + hasattr(hooks, "add") and not compiled.direct
+
+
+def test_calls_of_another_form_go_through_triton_each_time(kernel):
+    launcher, compiled, through_triton = kernel
+    x = torch.zeros(64)
+    for _ in range(2):
+        launcher((1,), x, 16, 0.5, False, 64)  # a constexpr passed positionally
+        launcher((1,), x, 16, 0.5, flag=False, WIDTH=64)  # a runtime argument by keyword
+        launcher(lambda meta: (1,), x, 16, 0.5, False, WIDTH=64)  # a grid computed from the arguments
+        launcher((1,), x, 16, 0.5, False, WIDTH=64, extern_libs={"lib": "path"})  # an unhashable option
+    assert len(through_triton) == 8 and not compiled.direct
+
+
+def test_a_launch_triton_did_not_make_is_not_kept(kernel, monkeypatch):
+    launcher, compiled, through_triton = kernel
+    results = iter([None, compiled, compiled])  # None: Triton's cache hook launched nothing
+    run = launcher.kernel.run
+    monkeypatch.setattr(launcher.kernel, "run", lambda *a, **kw: run(*a, **kw) and next(results))
+    x = torch.zeros(64)
+    for _ in range(3):
+        launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    assert len(through_triton) == 2 and len(compiled.direct) == 1
 
 
 def test_launch_calls_a_stand_in_as_triton_would():
@@ -164,15 +195,26 @@ def _block_grads(monkeypatch, direct: bool, tokens=300, seed=0):
     return results
 
 
-@pytest.mark.gpu
-def test_direct_launches_give_tritons_results_on_gpu(monkeypatch):
-    through_triton = _block_grads(monkeypatch, direct=False)
-    direct = _block_grads(monkeypatch, direct=True)
+def _launchers(*names: str) -> dict:
+    """{module.kernel name: its DirectLauncher, launch count reset}."""
     import importlib
 
-    for module, name in (("grouped_gemm", "grouped_gemm_kernel"), ("grouped_wgrad", "grouped_wgrad_kernel")):
-        kernel = getattr(importlib.import_module(f"moetune.kernels.{module}"), name)
-        assert launch_module.launcher_of(kernel).direct_launches, f"{name} never launched directly"
+    launchers = {}
+    for name in names:
+        module, kernel = name.split(".")
+        launchers[name] = launch_module.launcher_of(getattr(importlib.import_module(f"moetune.kernels.{module}"), kernel))
+        launchers[name].direct_launches = 0
+    return launchers
+
+
+@pytest.mark.gpu
+def test_direct_launches_give_tritons_results_on_gpu(monkeypatch):
+    launchers = _launchers("grouped_gemm.grouped_gemm_kernel", "grouped_wgrad.grouped_wgrad_kernel")
+    through_triton = _block_grads(monkeypatch, direct=False)
+    assert not any(launcher.direct_launches for launcher in launchers.values())
+    direct = _block_grads(monkeypatch, direct=True)
+    for name, launcher in launchers.items():
+        assert launcher.direct_launches, f"{name} never launched directly"
     for got, ref in zip(direct[0] + direct[1], through_triton[0] + through_triton[1]):
         assert torch.equal(got, ref)
 
@@ -194,10 +236,16 @@ def test_a_misaligned_input_after_an_aligned_one_compiles_its_own_kernel(monkeyp
     ref = torch.einsum("sk,skn->sn", x[plan.token_S].double(), b.double()[plan.expert_S])
     wider = torch.zeros(T, K + 1, device="cuda", dtype=torch.bfloat16)
     wider[:, 1:] = x  # the same values 2 bytes in: neither the base nor the row pitch 16-byte aligned
+    (launcher,) = _launchers("grouped_gemm.grouped_gemm_kernel").values()
+    launcher._compiled.clear()  # (kernels Triton compiled stay in Triton's cache)
+    seen = []  # (kernels keyed, direct launches) after each call
     for a in (x, x, wider[:, 1:], wider[:, 1:], x):
         out = grouped_gemm(a, b, **common)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, err
+        seen.append((len(launcher._compiled), launcher.direct_launches))
+    # the misaligned input is keyed apart (through Triton once), then both are launched directly
+    assert seen == [(1, 0), (1, 1), (2, 1), (2, 2), (2, 3)]
 
 
 def _other_kernels(direct: bool, monkeypatch, device="cuda", dtype=torch.bfloat16):
@@ -238,15 +286,12 @@ def _other_kernels(direct: bool, monkeypatch, device="cuda", dtype=torch.bfloat1
 
 @pytest.mark.gpu
 def test_the_per_layer_kernels_give_tritons_results_through_direct_launches_on_gpu(monkeypatch):
-    import importlib
-
+    launchers = _launchers("rms_norm.rms_norm_forward_kernel", "rms_norm.rms_norm_backward_kernel",
+                           "rotary.rotary_kernel", "cross_entropy.cross_entropy_kernel",
+                           "mla_inputs.mla_inputs_forward_kernel", "mla_inputs.mla_inputs_backward_kernel")
     through_triton = _other_kernels(False, monkeypatch)
     direct = _other_kernels(True, monkeypatch)
-    for module, names in (("rms_norm", ("rms_norm_forward_kernel", "rms_norm_backward_kernel")),
-                          ("rotary", ("rotary_kernel",)), ("cross_entropy", ("cross_entropy_kernel",)),
-                          ("mla_inputs", ("mla_inputs_forward_kernel", "mla_inputs_backward_kernel"))):
-        for name in names:
-            kernel = getattr(importlib.import_module(f"moetune.kernels.{module}"), name)
-            assert launch_module.launcher_of(kernel).direct_launches, f"{name} never launched directly"
+    for name, launcher in launchers.items():
+        assert launcher.direct_launches, f"{name} never launched directly"
     for got, ref in zip(direct, through_triton, strict=True):
         assert torch.equal(got, ref)
