@@ -71,10 +71,9 @@ def _settings() -> tuple:
 
 
 def _arg_key(arg):
-    """What Triton specialises an argument on (or more), hashable; NotImplemented for a type not handled here."""
+    """What Triton specialises an argument on (or more), hashable; NotImplemented for a type not handled here.
+    (Plain ints, keyed by value, and plain tensors are keyed inline in DirectLauncher.__call__.)"""
     kind = type(arg)
-    if kind is int:
-        return arg  # the value: covers Triton's == 1, % 16 and 32-bit range
     if kind is float:
         return float  # passed as fp32, never specialised
     if isinstance(arg, torch.Tensor):
@@ -105,8 +104,9 @@ class DirectLauncher:
         self._first_constexpr = constexpr[0] if constexpr else len(params)
         self._runtime_names = {param.name for param in params[:self._first_constexpr]}
         self._compiled: dict[tuple, tuple] = {}
+        # The constexprs must be the trailing parameters: a runtime one after them would come by keyword, unkeyed.
         self._direct = isinstance(kernel, JITFunction) and plain and _supported() \
-            and all(i >= self._first_constexpr for i in constexpr)
+            and constexpr == list(range(self._first_constexpr, len(params)))
         self.direct_launches = 0  # how many went straight to a compiled kernel (tests, diagnostics)
 
     def __call__(self, grid: tuple, *args, **constexprs):
