@@ -79,10 +79,14 @@ MIN_TUNE_ROWS = 8192
 MARGIN = 0.03
 
 
-def _choose(timings: list[tuple[float, dict]], first_bonus_ms: float = 0.0) -> dict:
-    """The fastest config, unless the first timed one is within MARGIN (and first_bonus_ms) of it."""
+def _choose(timings: list[tuple[float, dict]], first_bonus_ms: float = 0.0,
+            host_ms: Callable[[dict], float] | None = None) -> dict:
+    """The fastest config, unless the first timed one is within MARGIN (and first_bonus_ms) of it. host_ms(config):
+    host time that config adds to a launch over the others, counted on top of its GPU time."""
     if not timings:
         raise RuntimeError("moetune autotune: no candidate config fits this GPU (all ran out of resources)")
+    if host_ms is not None:
+        timings = [(ms + host_ms(config), config) for ms, config in timings]
     fastest_ms, fastest = min(timings, key=lambda t: t[0])
     first_ms, first = timings[0]
     return first if first_ms <= fastest_ms * (1 + MARGIN) + first_bonus_ms else fastest
@@ -100,9 +104,11 @@ _FAULTS = ("illegal memory access", "illegal address", "unspecified launch failu
 
 
 def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], object], device,
-         num_rows: int, first_bonus_ms: float = 0.0) -> dict:
-    """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat. first_bonus_ms: the first
-    candidate also keeps its place against one at most that much faster (a cost the GPU timing does not see)."""
+         num_rows: int, first_bonus_ms: float = 0.0, host_ms: Callable[[dict], float] | None = None) -> dict:
+    """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat. Costs the GPU timing does
+    not see (do_bench times the GPU while the host runs ahead): first_bonus_ms, the first candidate also keeps its
+    place against one at most that much faster; host_ms(config), host time a config adds to each launch, counted
+    on top of its GPU time."""
     small = num_rows < MIN_TUNE_ROWS
     if small or interpreted() or torch.device(device).type != "cuda" or len(candidates) == 1:
         return candidates[0]
@@ -140,7 +146,7 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
                 raise
             continue
         timings.append((ms, config))
-    best = _choose(timings, first_bonus_ms)
+    best = _choose(timings, first_bonus_ms, host_ms)
     with _lock:
         entries = _load()
         entries[full_key] = best

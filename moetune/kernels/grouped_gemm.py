@@ -422,12 +422,28 @@ def _tune_key(epilogue: int, interleaved: bool, gathered: bool, lora: bool, scat
             _rows_class(num_rows, E))
 
 
+# Names of the tuned choices in the autotune cache; bump the version when a kernel or rule change invalidates them.
+# v4: TMA's host time counted (TMA_HOST_MS); v3: one gated dot, pointer increments. The LoRA input's way is timed
+# with the tuned configs: v2 with v4's.
+TUNING = "grouped_gemm/v4"
+LORA_INPUT_TUNING = "grouped_gemm/lora_input/v2"
+
 # The two ways to feed a GEMM its LoRA input U = u_alpha * A[a_row] @ UA[e], the main loop first: one launch fewer.
 _LORA_INPUT_WAYS = ({"in_loop": True}, {"in_loop": False})
 # Host time to issue one more launch (run 48c, an H200's host: 0.14-0.16 ms for the LoRA-input launches). Autotuning
 # times the GPU only, where the host runs ahead; in short batches the host is the limit and each launch costs this.
 # Run 48e: letting the GPU timing alone choose kept a launch at Qwen3 4K, 3.47 ms a block against 3.00 in the loop.
 LAUNCH_HOST_MS = 0.15
+# Host time a TMA descriptor adds to a launch: built in Python and encoded by Triton's launcher at every launch (run
+# 49a, an H200's host: 50-100 us more for the launches with two descriptors than for the same GEMM with pointer
+# loads). Autotuning counts it against the TMA configs: a TMA tile must save more GPU time than that. Run 50b
+# (Qwen3, H200): three of the four large 4K launches went to pointer loads, none at 16K; the block measured the same
+# either way (4K 2.84 / 2.86 ms, 16K 7.52 / 7.55, medians of 3 alternating rounds).
+TMA_HOST_MS = 0.03
+
+
+def _tma_host_ms(config: dict) -> float:
+    return TMA_HOST_MS * (bool(config.get("TMA_B")) + bool(config.get("TMA_A")))
 
 
 def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_weight, epilogue, interleaved,
@@ -449,7 +465,7 @@ def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_
                      lora_u_in_loop=way["in_loop"], epilogue=epilogue, interleaved=interleaved, out_index=out_index,
                      **rest)
 
-    return autotune.pick("grouped_gemm/lora_input", key, _LORA_INPUT_WAYS, run, a.device, num_rows,
+    return autotune.pick(LORA_INPUT_TUNING, key, _LORA_INPUT_WAYS, run, a.device, num_rows,
                          first_bonus_ms=LAUNCH_HOST_MS)["in_loop"]
 
 
@@ -655,8 +671,9 @@ def grouped_gemm(
                     a.dtype, num_rows, E)
     if in_loop:  # another kernel variant, tuned apart; its shared memory grows with the rank (a UA tile per stage)
         key += ("u_in_loop", _pow2_at_least(rank))
-    # "v3": one gated dot, pointer increments; bump when a kernel change invalidates tuned configs
-    launch(config if config is not None else autotune.pick("grouped_gemm/v3", key, candidates, launch, device, num_rows))
+    if config is None:
+        config = autotune.pick(TUNING, key, candidates, launch, device, num_rows, host_ms=_tma_host_ms)
+    launch(config)
     if epilogue == 1:
         return out, gu
     if epilogue == 2:

@@ -44,6 +44,19 @@ def test_a_near_tie_keeps_the_favourite_and_a_clear_win_replaces_it():
     assert _choose([(1.0, favourite), (0.8, other)], first_bonus_ms=0.15) is other
 
 
+def test_host_time_of_a_config_counts_on_top_of_its_gpu_time():
+    from moetune.kernels.autotune import _choose
+    from moetune.kernels.grouped_gemm import TMA_HOST_MS, _tma_host_ms
+
+    pointers, tma = {"BLOCK_M": 64}, {"BLOCK_M": 64, "TMA_B": True}
+    tma_both = {"BLOCK_M": 64, "TMA_A": True, "TMA_B": True}
+    assert (_tma_host_ms(pointers), _tma_host_ms(tma), _tma_host_ms(tma_both)) == (0, TMA_HOST_MS, 2 * TMA_HOST_MS)
+    # 4K-like: TMA saves less GPU time than its descriptors cost the host; 16K-like: it saves more
+    assert _choose([(0.40, pointers), (0.39, tma), (0.37, tma_both)], host_ms=_tma_host_ms) is pointers
+    assert _choose([(1.40, pointers), (1.30, tma), (1.10, tma_both)], host_ms=_tma_host_ms) is tma_both
+    assert _choose([(1.00, pointers), (0.80, tma), (0.81, tma_both)], host_ms=_tma_host_ms) is tma
+
+
 def test_no_fitting_candidate_is_a_clear_error():
     from moetune.kernels.autotune import _choose
 

@@ -142,7 +142,7 @@ def test_the_lora_input_goes_the_way_autotuning_measured_faster(monkeypatch):
     """lora_u_in_loop=None asks autotune.pick between the two ways (each run once here, as timing would) and
     follows its answer; below MIN_TUNE_ROWS or on CPU pick answers the first way, the main loop."""
     from moetune.kernels import autotune, grouped_gemm
-    from moetune.kernels.grouped_gemm import LAUNCH_HOST_MS
+    from moetune.kernels.grouped_gemm import LAUNCH_HOST_MS, LORA_INPUT_TUNING
 
     plan, gen = problem(seed=10)
     S, K, N, R = plan.num_rows, 40, 36, 3
@@ -150,9 +150,9 @@ def test_the_lora_input_goes_the_way_autotuning_measured_faster(monkeypatch):
     a, b, ua, lb = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
     asked, real_pick = [], autotune.pick
 
-    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0):
-        if name != "grouped_gemm/lora_input":
-            return real_pick(name, key, candidates, launch, device, num_rows, first_bonus_ms)
+    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
+        if name != LORA_INPUT_TUNING:
+            return real_pick(name, key, candidates, launch, device, num_rows, first_bonus_ms, host_ms)
         assert candidates[0] == {"in_loop": True} and first_bonus_ms == LAUNCH_HOST_MS  # the launch it saves
         asked.append(key)
         for way in candidates:
@@ -570,6 +570,7 @@ def test_the_lora_input_way_is_measured_on_gpu():
     """lora_u_in_loop=None from MIN_TUNE_ROWS rows: both ways timed once (the first time: ~20 configs compiled) and
     the choice cached with the configs; either way gives the result of the other."""
     from moetune.kernels import autotune, grouped_gemm
+    from moetune.kernels.grouped_gemm import LORA_INPUT_TUNING
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -589,7 +590,7 @@ def test_the_lora_input_way_is_measured_on_gpu():
         outs[way] = (grouped_gemm(a, b, a_index=plan.token_S, lora_u_weight=ua, lora_u_alpha=2.0, lora_u_out=u,
                                   lora_b=lb, lora_u_in_loop=way, **common), u)
     this_shape = f"(0, False, True, True, False, {N}, {K}, 'torch.bfloat16'"
-    assert [key for key in autotune._load() if "|grouped_gemm/lora_input|" in key and this_shape in key]
+    assert [key for key in autotune._load() if f"|{LORA_INPUT_TUNING}|" in key and this_shape in key]
     ref = reference_rows(plan, a, b, plan.token_S)
     for out, u in outs.values():
         close(u, 2.0 * reference_rows(plan, a, ua, plan.token_S), tol=1e-2)
