@@ -6,6 +6,7 @@ grouped_wgrad.py   K-grouped GEMM for the LoRA factor gradients
 launch.py          repeated launches straight to the compiled kernel (less host time per launch)
 activations.py     the gated activations as Triton device functions
 cross_entropy.py   cross-entropy loss and gradient of one logits chunk, in place (moetune/linear_cross_entropy.py)
+adamw.py           AdamW over a parameter group in one launch, bf16 moments (moetune/training/bf16_adamw.py)
 """
 
 from .activations import act_code

@@ -1,0 +1,183 @@
+"""AdamW with its moments in bfloat16: 4 bytes of state per parameter instead of torch's 8, one launch per step.
+
+    optimizer = AdamWBf16(model_lora_params, lr=1e-4, weight_decay=0.01)    # fp32 parameters (LoRA master weights)
+
+The update is torch's AdamW (decoupled weight decay, bias corrections from each parameter's own step count); the
+parameters stay fp32, the two moments are kept in bf16 and rounded stochastically (kernels/adamw.py says why), so
+their expected values follow the fp32 recurrence. On CUDA one Triton launch steps a whole parameter group (the
+kernel reads each parameter through a table of addresses, the gradients concatenated, the moments from one flat
+buffer); on CPU the same math runs in torch, parameter by parameter.
+
+What it buys: for the 643M LoRA parameters of a whole Qwen3-30B-A3B, 2.4 GiB less than torch's AdamW, which
+`fit_checkpoint_layers` spends on kept attention or layers left out of checkpointing; with the step in backward
+(training/step_in_backward.py) each chunk steps in one launch, where bitsandbytes' 8-bit AdamW launches per tensor
+and stalled the GPU (NOTES run 50f).
+
+State: state[p] holds "step" (a CPU float tensor, as torch's AdamW), "exp_avg" and "exp_avg_sq" (bf16 views into
+the group's flat buffers). state_dict() has torch's layout; load_state_dict() takes one written by this class or
+by torch's AdamW (the moments then rounded to bf16 once, to nearest).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["AdamWBf16", "round_bf16_stochastic"]
+
+
+class AdamWBf16(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if not lr >= 0.0:
+            raise ValueError(f"lr: expected >= 0, got {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps: expected >= 0, got {eps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: expected two values in [0, 1), got {betas}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._layouts: dict[int, _Layout] = {}  # group index -> its flat moments and tables, made at its first step
+        self._seed = torch.initial_seed() % (2**31 - 1)
+        self._launches = 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.dtype != torch.float32:
+                raise ValueError(f"params: AdamWBf16 expects float32 parameters (master weights), got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError("params: AdamWBf16 expects contiguous parameters")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            if not any(p.grad is not None for p in params):
+                continue
+            layout = self._layouts.get(index)
+            if layout is None or len(layout.params) != len(params) or any(a is not b for a, b in zip(layout.params, params)):
+                layout = self._layouts[index] = _Layout(params, self.state)
+            self._step_group(group, layout)
+        return loss
+
+    def _step_group(self, group: dict, layout: _Layout) -> None:
+        beta1, beta2 = group["betas"]
+        corrections = []
+        for p in layout.params:
+            if p.grad is None:
+                corrections += [0.0, 0.0]
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamWBf16 does not take sparse gradients")
+            step = self.state[p]["step"]
+            step += 1
+            t = step.item()
+            corrections += [1.0 - beta1**t, 1.0 - beta2**t]
+        self._launches += 1
+        seed = (self._seed + 7919 * self._launches) % (2**31 - 1)
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if layout.use_triton:
+            from ..kernels.adamw import adamw_step
+
+            grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
+                               for p in layout.params])
+            adamw_step(layout.param_ptrs(), grads, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
+                       layout.block_offset, layout.base, layout.numel,
+                       torch.tensor(corrections, dtype=torch.float32).to(layout.device), seed=seed, **hyper)
+        else:
+            _step_torch(layout, corrections, seed, **hyper)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # the moments come back in the parameters' dtype (torch's policy)
+        self._layouts.clear()
+        for index, group in enumerate(self.param_groups):
+            if any(p in self.state for p in group["params"]):
+                self._layouts[index] = _Layout(group["params"], self.state)
+
+
+def _use_triton(device: torch.device) -> bool:
+    """The kernel where Triton runs: CUDA, or the interpreter (tests); elsewhere the torch path."""
+    from ..experts.backends.triton import probe
+
+    return probe(device.type, device.index, torch.float32) is None and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+class _Layout:
+    """One group's flat bf16 moments (parameter i at base[i]) and the kernel's tables; adopts any state the
+    parameters already have (a loaded state_dict)."""
+
+    def __init__(self, params: list[torch.Tensor], state: dict):
+        self.params = list(params)
+        self.device = params[0].device
+        if any(p.device != self.device for p in params):
+            raise ValueError("params: AdamWBf16 expects the parameters of a group on one device")
+        self.use_triton = _use_triton(self.device)
+        numel = [p.numel() for p in params]
+        total = sum(numel)
+        self.exp_avg = torch.zeros(total, dtype=torch.bfloat16, device=self.device)
+        self.exp_avg_sq = torch.zeros(total, dtype=torch.bfloat16, device=self.device)
+        starts, start = [], 0
+        for p, n in zip(params, numel):
+            starts.append(start)
+            held = state.get(p, {})
+            m, v = self.exp_avg[start:start + n].view(p.shape), self.exp_avg_sq[start:start + n].view(p.shape)
+            if "exp_avg" in held:
+                m.copy_(held["exp_avg"])
+                v.copy_(held["exp_avg_sq"])
+            step = held.get("step", torch.tensor(0.0))
+            state[p] = {"step": torch.as_tensor(step, dtype=torch.float32).clone().cpu(), "exp_avg": m,
+                        "exp_avg_sq": v}
+            start += n
+        if self.use_triton:
+            from ..kernels.adamw import BLOCK
+
+            segments = [(s, offset) for s, n in enumerate(numel) for offset in range(0, n, BLOCK)]
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
+            self.block_segment = as_tensor([s for s, _ in segments]).to(torch.int32)
+            self.block_offset = as_tensor([offset for _, offset in segments]).to(torch.int32)
+            self.base, self.numel = as_tensor(starts), as_tensor(numel)
+            self._addresses, self._table = None, None
+
+    def param_ptrs(self) -> torch.Tensor:
+        """The parameters' addresses as a device table, made again if any parameter moved (model.to, .data =)."""
+        addresses = tuple(p.data_ptr() for p in self.params)
+        if addresses != self._addresses:
+            self._table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
+            self._addresses = addresses
+        return self._table
+
+
+def round_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The kernel's rounding in torch: fp32 -> bf16, up with probability equal to the fraction of an ulp dropped
+    (x finite)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000 as an int32
+
+
+def _step_torch(layout: _Layout, corrections: list[float], seed: int, *, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float) -> None:
+    """The kernel's update in torch, parameter by parameter (CPU)."""
+    generator = torch.Generator(device=layout.device).manual_seed(seed)
+    start = 0
+    for i, p in enumerate(layout.params):
+        n = p.numel()
+        bc1, bc2 = corrections[2 * i], corrections[2 * i + 1]
+        if bc1 != 0.0:
+            g = p.grad.reshape(-1).float()
+            m = layout.exp_avg[start:start + n].float().mul_(beta1).add_(g, alpha=1.0 - beta1)
+            v = layout.exp_avg_sq[start:start + n].float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            flat = p.view(-1)
+            flat.mul_(1.0 - lr * weight_decay)
+            flat.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
+            layout.exp_avg[start:start + n] = round_bf16_stochastic(m, generator)
+            layout.exp_avg_sq[start:start + n] = round_bf16_stochastic(v, generator)
+        start += n

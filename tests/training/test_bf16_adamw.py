@@ -1,0 +1,212 @@
+"""AdamWBf16: torch's AdamW update with bf16 moments rounded stochastically, one launch per group.
+
+Both paths are checked against torch.optim.AdamW: the Triton kernel (through the interpreter on CPU, `triton`
+parameter; on the GPU when there is one) and the torch path that runs on CPU without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune.training import bf16_adamw
+from moetune.training.bf16_adamw import AdamWBf16, round_bf16_stochastic
+
+WAYS = ["torch", "triton"]
+
+
+@pytest.fixture(params=WAYS)
+def device(request, monkeypatch):
+    """The device and path under test: torch on CPU, or the kernel (the GPU if there is one, else the interpreter,
+    which needs triton >= 3.9)."""
+    if request.param == "torch":
+        monkeypatch.setattr(bf16_adamw, "_use_triton", lambda device: False)
+        return "cpu"
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    from moetune.experts.backends.triton import probe
+
+    reason = probe("cpu", None, torch.float32)  # tests/conftest.py sets TRITON_INTERPRET=1 without a GPU
+    if reason is not None:
+        pytest.skip(reason)
+    return "cpu"
+
+
+@pytest.fixture
+def way(request, device):
+    """Which path the device fixture set up: "torch" or "triton"."""
+    return request.node.callspec.params["device"]
+
+
+def params_and_reference(device, shapes=((37, 5), (3000,), (1,))):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in shapes]
+    return params, [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(params, reference, gen):
+    for p, r in zip(params, reference):
+        g = torch.randn(p.shape, generator=gen).to(p.device)
+        p.grad, r.grad = g.clone(), g.clone()
+
+
+def test_first_step_is_torchs_and_the_moments_are_its_rounded(device, way):
+    params, reference = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2, weight_decay=0.1)
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1)
+    set_grads(params, reference, torch.Generator().manual_seed(1))
+    optimizer.step()
+    torch_adamw.step()
+    assert optimizer._layouts[0].use_triton == (way == "triton")
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)  # the update reads the fp32 moments
+        state, expected = optimizer.state[p], torch_adamw.state[r]
+        assert state["step"].item() == 1 and state["exp_avg"].dtype == torch.bfloat16
+        for key in ("exp_avg", "exp_avg_sq"):  # rounded up or down: within one bf16 ulp of the fp32 value
+            ulp = torch.finfo(torch.bfloat16).eps * expected[key].abs()
+            assert ((state[key].float() - expected[key]).abs() <= ulp * 1.001).all()
+
+
+def test_many_steps_follow_torchs_adamw(device):
+    """200 steps of a noisy least-squares fit: the bf16 moments' rounding noise stays small next to the updates."""
+    gen = torch.Generator().manual_seed(2)
+    target = torch.randn(64, 16, generator=gen).to(device)
+    inputs = torch.randn(256, 64, generator=gen).to(device)
+    start = torch.zeros(64, 16).to(device)
+    losses = {}
+    for name in ("bf16", "torch"):
+        w = start.clone().requires_grad_()
+        optimizer = AdamWBf16([w], lr=2e-2, weight_decay=0.01) if name == "bf16" else \
+            torch.optim.AdamW([w], lr=2e-2, weight_decay=0.01)
+        noise = torch.Generator().manual_seed(3)
+        trace = []
+        for _ in range(200):
+            batch = inputs + 0.1 * torch.randn(inputs.shape, generator=noise).to(device)
+            loss = ((batch @ w - batch @ target) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trace.append(loss.item())
+        losses[name] = torch.tensor(trace)
+    assert losses["bf16"][-1] < 0.05 * losses["bf16"][0]  # it trains
+    assert ((losses["bf16"] - losses["torch"]).abs() / losses["torch"]).max() < 0.02  # measured 0.3-0.6%
+
+
+def test_stochastic_rounding_is_unbiased():
+    gen = torch.Generator().manual_seed(0)
+    for x in (1.0 + 2**-10, -3.3e-5):  # a quarter and some way between two bf16 neighbours
+        rounded = round_bf16_stochastic(torch.full((100_000,), x), gen).float()
+        low, high = rounded.min().item(), rounded.max().item()
+        assert len(rounded.unique()) == 2 and low < x < high  # only the two neighbours
+        sigma = (high - low) / 2 / 100_000**0.5  # at most, for one of two values
+        assert abs(rounded.mean().item() - x) < 5 * sigma
+
+
+def test_kernel_rounding_is_unbiased(device, way):
+    """The kernel's own rounding: v = (1 - beta2) * g^2 from zero state lands between two bf16 values; over many
+    elements its mean is the fp32 value."""
+    if way == "torch":
+        pytest.skip("the torch path is covered by test_stochastic_rounding_is_unbiased")
+    n = 50_000
+    p = torch.zeros(n, device=device, requires_grad=True)
+    optimizer = AdamWBf16([p], lr=0.0, betas=(0.9, 0.999), weight_decay=0.0)
+    p.grad = torch.full((n,), 1.3, device=device)
+    optimizer.step()
+    v = optimizer.state[p]["exp_avg_sq"].float()
+    exact = torch.tensor(0.001 * 1.3 * 1.3)
+    assert len(v.unique()) == 2
+    torch.testing.assert_close(v.mean().cpu(), exact, rtol=3e-4, atol=0)
+
+
+def test_parameters_without_a_gradient_are_left_alone(device):
+    params, reference = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2)
+    set_grads(params, reference, torch.Generator().manual_seed(4))
+    params[1].grad = None
+    before = params[1].detach().clone()
+    optimizer.step()
+    assert torch.equal(params[1].detach(), before)
+    assert [optimizer.state[p]["step"].item() for p in params] == [1, 0, 1]
+    assert not (params[0].detach() == reference[0].detach()).all()
+
+
+def test_a_parameter_moved_after_the_first_step_is_stepped_where_it_is(device):
+    params, reference = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2, weight_decay=0.0)
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(5)
+    set_grads(params, reference, gen)
+    optimizer.step()
+    torch_adamw.step()
+    params[0].data = params[0].data.clone()  # new storage (what model.to() does)
+    set_grads(params, reference, gen)
+    optimizer.step()
+    torch_adamw.step()
+    torch.testing.assert_close(params[0], reference[0], rtol=0, atol=1e-3)
+
+
+def test_state_dict_round_trip_and_torchs_state_dict_loads(device):
+    params, reference = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2)
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        set_grads(params, reference, gen)
+        optimizer.step()
+        torch_adamw.step()
+    saved = optimizer.state_dict()
+    again = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=1.0)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["lr"] == 1e-2
+    for p, q in zip(params, again.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert again.state[q][key].dtype == torch.bfloat16 and torch.equal(again.state[q][key], optimizer.state[p][key])
+        assert again.state[q]["step"].item() == 3
+    from_torch = AdamWBf16([r.detach().clone().requires_grad_() for r in reference], lr=1e-2)
+    from_torch.load_state_dict(torch_adamw.state_dict())
+    for q, r in zip(from_torch.param_groups[0]["params"], reference):
+        assert torch.equal(from_torch.state[q]["exp_avg"], torch_adamw.state[r]["exp_avg"].to(torch.bfloat16))
+    set_grads(again.param_groups[0]["params"], from_torch.param_groups[0]["params"], gen)
+    again.step()  # steps on from the loaded state (the flat buffers were rebuilt around it)
+    from_torch.step()
+    assert all(again.state[q]["step"].item() == 4 for q in again.param_groups[0]["params"])
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match="params: AdamWBf16 expects float32 parameters"):
+        AdamWBf16([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
+    with pytest.raises(ValueError, match="params: AdamWBf16 expects contiguous parameters"):
+        AdamWBf16([torch.zeros(3, 4).t().requires_grad_()])
+    with pytest.raises(ValueError, match="lr: expected >= 0"):
+        AdamWBf16([torch.zeros(3, requires_grad=True)], lr=-1.0)
+    with pytest.raises(ValueError, match="betas: expected two values in"):
+        AdamWBf16([torch.zeros(3, requires_grad=True)], betas=(0.9, 1.0))
+
+
+def test_stepped_in_backward_and_by_moetune_train(device):
+    """`--optim adamw_bf16 --step-in-backward`: each chunk an AdamWBf16 (one launch on CUDA), updates within the
+    rounding noise of torch's AdamW over all the parameters."""
+    from types import SimpleNamespace
+
+    from moetune.training.loop import make_optimizer
+    from moetune.training.step_in_backward import StepInBackward
+
+    params, reference = params_and_reference(device)
+    config = SimpleNamespace(optim="adamw_bf16", lr=1e-2, weight_decay=0.01, step_in_backward=True)
+    optimizer = make_optimizer(params, config)
+    assert isinstance(optimizer, StepInBackward) and optimizer._optimizer_class is AdamWBf16
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        weights = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+        sum((w * p).sum() for w, p in zip(weights, params)).backward()  # each chunk steps as its gradients arrive
+        sum((w * r).sum() for w, r in zip(weights, reference)).backward()
+        optimizer.step()
+        torch_adamw.step()
+        optimizer.zero_grad()
+        torch_adamw.zero_grad()
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=0, atol=2e-3)  # 5 steps of lr 1e-2
+    state = optimizer.state_dict()["state"]
+    assert set(state) == {0, 1, 2} and state[0]["exp_avg"].dtype == torch.bfloat16
