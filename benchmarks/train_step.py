@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --model qwen3-30b-a3b --seq 4096             # all 48 layers
     python benchmarks/train_step.py --model qwen3-30b-a3b --layers 8 --seq 8192 16384
 
-A step = forward + backward + optimizer step (AdamW, or 8-bit AdamW with --optim adamw_8bit), batch 1,
+A step = forward + backward + optimizer step (AdamW; --optim adamw_bf16 / adamw_8bit: bf16 / 8-bit states), batch 1,
 random tokens, LoRA r=16 (alpha 32) on q/k/v/o and the experts, gradient checkpointing, bf16 weights.
 Weights: random initialisation on the GPU, or with --checkpoint a random-initialised checkpoint saved once
 and loaded from disk by every provider (nothing is downloaded). Both providers get the same base weights
@@ -207,7 +207,7 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
 
 
 def make_optimizer(params, name: str, step_in_backward: bool = False):
-    """moetune train's optimizer (adamw or adamw_8bit) at lr 1e-4 and both libraries' default weight decay,
+    """moetune train's optimizer (adamw, adamw_bf16 or adamw_8bit) at lr 1e-4 and both libraries' default weight decay,
     optionally stepped inside the backward pass."""
     from types import SimpleNamespace
 
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
                         help="moetune: checkpoint recomputes skip the experts' output (off: recompute it all)")
     parser.add_argument("--same-lora-init", action="store_true",
                         help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
-    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_bf16", "adamw_8bit"],
                         help="optimizer for both providers (adamw8bit needs bitsandbytes)")
     parser.add_argument("--step-in-backward", action="store_true",
                         help="moetune: the optimizer steps inside the backward pass (no buffer of every gradient)")

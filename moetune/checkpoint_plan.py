@@ -46,8 +46,9 @@ from .training.step_in_backward import largest_chunk_bytes
 
 __all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
-# Optimizer state per trainable parameter, allocated at the first step: AdamW's two fp32 moments; 8-bit AdamW's.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2}
+# Optimizer state per trainable parameter, allocated at the first step: AdamW's two fp32 moments; two bf16 ones
+# (training/bf16_adamw.py); 8-bit AdamW's.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_bf16": 4, "adamw_8bit": 2}
 CHECKS = 3  # probe steps at most that check a plan (step 4 of the module docstring)
 
 

@@ -389,7 +389,7 @@ class FastMoEModel:
         measures the peak, the first and last layers' activations and the attention output a checkpointed layer
         keeps, and spends what fits in memory_fraction of the memory this process can have (or in max_memory_gib
         GiB, if less: a smaller card to plan for, a shared GPU), with the optimizer's state (adamw: 8 bytes per
-        trainable parameter, adamw_8bit: 2): first on kept attention, then on layers left out of checkpointing
+        trainable parameter, adamw_bf16: 4, adamw_8bit: 2): first on kept attention, then on layers left out of checkpointing
         (they skip their recompute). A plan beyond every layer checkpointed is then checked by a probe step with
         the plan itself and cut back while that is over the budget (up to three probes in all after the first).
         keep_attention=False: no layer keeps it. step_in_backward: plan for the optimizer stepping inside the

@@ -39,7 +39,8 @@ def train(config: TrainConfig, console=None) -> dict:
 
 
 def make_optimizer(params, config):
-    """AdamW over the LoRA parameters: torch's, or bitsandbytes' with 8-bit states (--optim adamw_8bit); with
+    """AdamW over the LoRA parameters: torch's, moetune's with bf16 states (--optim adamw_bf16, bf16_adamw.py), or
+    bitsandbytes' with 8-bit states (--optim adamw_8bit); with
     config.step_in_backward, stepped inside the backward pass (step_in_backward.py).
 
     On CUDA torch's fused kernel: its default there (foreach) allocates a temporary the size of the state's
@@ -51,6 +52,10 @@ def make_optimizer(params, config):
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
+    elif config.optim == "adamw_bf16":
+        from .bf16_adamw import AdamWBf16
+
+        optimizer_class = AdamWBf16
     else:
         optimizer_class = torch.optim.AdamW
         kwargs["fused"] = (bool(params) and all(p.is_cuda for p in params)) or None
