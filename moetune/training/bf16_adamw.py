@@ -88,9 +88,12 @@ class AdamWBf16(torch.optim.Optimizer):
 
             grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
                                for p in layout.params])
+            uniform = all(corrections[i] == corrections[0] != 0.0 and corrections[i + 1] == corrections[1]
+                          for i in range(0, len(corrections), 2))
+            table = (corrections[0], corrections[1]) if uniform else \
+                _to_device(corrections, torch.float32, layout.device)
             adamw_step(layout.param_ptrs(), grads, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
-                       layout.block_offset, layout.base, layout.numel,
-                       torch.tensor(corrections, dtype=torch.float32).to(layout.device), seed=seed, **hyper)
+                       layout.block_offset, layout.base, layout.numel, table, seed=seed, **hyper)
         else:
             _step_torch(layout, corrections, seed, **hyper)
 
@@ -100,6 +103,14 @@ class AdamWBf16(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             if any(p in self.state for p in group["params"]):
                 self._layouts[index] = _Layout(group["params"], self.state)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the GPU: torch's blocking copy from pageable memory
+    synchronises the stream, which inside the backward pass (the step in backward) stalls the host at every chunk."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -140,7 +151,7 @@ class _Layout:
             from ..kernels.adamw import BLOCK
 
             segments = [(s, offset) for s, n in enumerate(numel) for offset in range(0, n, BLOCK)]
-            as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
+            as_tensor = lambda values: _to_device(values, torch.int64, self.device)  # noqa: E731
             self.block_segment = as_tensor([s for s, _ in segments]).to(torch.int32)
             self.block_offset = as_tensor([offset for _, offset in segments]).to(torch.int32)
             self.base, self.numel = as_tensor(starts), as_tensor(numel)
@@ -150,7 +161,7 @@ class _Layout:
         """The parameters' addresses as a device table, made again if any parameter moved (model.to, .data =)."""
         addresses = tuple(p.data_ptr() for p in self.params)
         if addresses != self._addresses:
-            self._table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
+            self._table = _to_device(list(addresses), torch.int64, self.device)
             self._addresses = addresses
         return self._table
 
