@@ -117,7 +117,8 @@ def fit_checkpoint_layers(
     Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
     "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
     "budget_bytes", "verified_peak_bytes" (the checked plan's peak with the state; None when the plan is every
-    layer checkpointed without kept attention, which is not checked)}, plus "why" where even every layer checkpointed
+    layer checkpointed without kept attention, which is not checked), "checks" (each check's plan and its peak with
+    the state: [((checkpointed, keeping), bytes or None)])}, plus "why" where even every layer checkpointed
     is estimated over the budget, or where the checks fell back to it (still over, or out of memory); or
     {"checkpoint_layers", "layers", "why"} when nothing was measured (CPU: checkpoint_layers None, nothing changed;
     probe out of memory: all layers, none keeping attention).
@@ -198,13 +199,14 @@ def fit_checkpoint_layers(
     least = peak - sum(kept.values()) - (len(layers) - len(probed)) * attention + state
     checkpointed, keeping = choose_plan(len(layers), per_layer, least, budget, attention)
     keeping = _apply(layers, checkpointed, keeping)
-    verified, unfit = None, None
+    verified, unfit, checked = None, None, []
     for check in range(CHECKS):
         if (checkpointed, keeping) == (len(layers), 0):  # the floor: nothing the estimate added to check
             verified = None  # (a measurement of a plan given back to the floor says nothing about the floor)
             break
         measured = probe()
         verified = None if measured is None else measured + state
+        checked.append(((checkpointed, keeping), verified))
         if verified is not None and verified <= budget:
             break
         if verified is None or check == CHECKS - 1:  # out of memory, or still over: the floor, unchecked
@@ -224,6 +226,7 @@ def fit_checkpoint_layers(
         "optimizer_state_bytes": state,
         "budget_bytes": budget,
         "verified_peak_bytes": verified,
+        "checks": checked,
     }
     if least > budget:
         plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "

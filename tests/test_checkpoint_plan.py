@@ -195,6 +195,9 @@ def test_a_plan_above_the_floor_is_checked_by_a_probe_with_itself(tmp_path):
                               budget - state + attention + 1, budget - state])
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 2, 3)
     assert plan["verified_peak_bytes"] == budget
+    assert [peak for _, peak in plan["checks"]] == [budget + 4 * (per_layer - attention) + attention + 1,
+                                                    budget + attention + 1, budget]  # each check reported
+    assert plan["checks"][0][0] == (0, 0) and plan["checks"][-1][0] == (4, 2)
     # Still over after three checks, or a check out of memory: every layer checkpointed, none keeping, unchecked.
     for failing, said in (([budget - state + 1], "peaked at"), ([None], "ran out of memory")):
         plan, _ = plan_with(failing)
