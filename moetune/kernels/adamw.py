@@ -9,8 +9,9 @@ Shape legend: P parameters (segments), B blocks of BLOCK elements, N elements in
         p  = p - lr / bc1[s] * m / (sqrt(v / bc2[s]) + eps)      bc: the bias corrections of s's own step count
         m, v stored in bf16, rounded stochastically
 
-Operands: param_ptrs [P] (int64 addresses of the fp32 parameters, each contiguous), grads [N] fp32 (the present
-parameters' gradients concatenated), exp_avg / exp_avg_sq [N] bf16 (flat state, parameter s at base[s]),
+Operands: param_ptrs, grad_ptrs [P] (int64 addresses of the fp32 parameters and their gradients, each contiguous;
+read in place: a concatenated copy of the gradients would be a transient as large as them at the step),
+exp_avg / exp_avg_sq [N] bf16 (flat state, parameter s at base[s]),
 block_segment / block_offset [B] (which parameter, which element of it each block starts at), base [P], numel [P],
 corrections [P, 2] fp32 (bc1, bc2; bc1 = 0: the parameter has no gradient this step and is left as it is), or,
 where every parameter has a gradient and the same step count (UNIFORM, the usual case), bc1 and bc2 as scalars:
@@ -45,7 +46,7 @@ def _round_bf16_stochastic(x, seed, offsets):
 
 @triton.jit
 def adamw_kernel(
-    param_ptrs, grads, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, corrections,
+    param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, corrections,
     lr, beta1, beta2, eps, weight_decay, seed, bc1_all, bc2_all,
     BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
 ):
@@ -63,7 +64,8 @@ def adamw_kernel(
     mask = idx < tl.load(numel + segment)
     flat = tl.load(base + segment) + idx
     p_ptr = tl.load(param_ptrs + segment).to(tl.pointer_type(tl.float32))
-    g = tl.load(grads + flat, mask=mask, other=0.0)
+    g_ptr = tl.load(grad_ptrs + segment).to(tl.pointer_type(tl.float32))
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0)
     m = tl.load(exp_avg + flat, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq + flat, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + idx, mask=mask, other=0.0)
@@ -76,14 +78,14 @@ def adamw_kernel(
     tl.store(exp_avg_sq + flat, _round_bf16_stochastic(v, seed + 1, flat), mask=mask)
 
 
-def adamw_step(param_ptrs, grads, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, corrections, *,
+def adamw_step(param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, corrections, *,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> None:
     """One AdamW step of every parameter in the tables (see the module docstring), in place. corrections: the
     [P, 2] device table, or (bc1, bc2) for every parameter."""
     uniform = isinstance(corrections, tuple)
     launch_kernel(
         adamw_kernel, (block_segment.numel(),),
-        param_ptrs, grads, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel,
+        param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel,
         base if uniform else corrections,  # not read when uniform
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(seed),
         *((float(corrections[0]), float(corrections[1])) if uniform else (1.0, 1.0)),

@@ -86,13 +86,13 @@ class AdamWBf16(torch.optim.Optimizer):
         if layout.use_triton:
             from ..kernels.adamw import adamw_step
 
-            grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
-                               for p in layout.params])
+            grads = [_flat_grad(p) for p in layout.params]  # held until the launch is queued
+            grad_ptrs = _to_device([0 if g is None else g.data_ptr() for g in grads], torch.int64, layout.device)
             uniform = all(corrections[i] == corrections[0] != 0.0 and corrections[i + 1] == corrections[1]
                           for i in range(0, len(corrections), 2))
             table = (corrections[0], corrections[1]) if uniform else \
                 _to_device(corrections, torch.float32, layout.device)
-            adamw_step(layout.param_ptrs(), grads, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
+            adamw_step(layout.param_ptrs(), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
                        layout.block_offset, layout.base, layout.numel, table, seed=seed, **hyper)
         else:
             _step_torch(layout, corrections, seed, **hyper)
@@ -103,6 +103,13 @@ class AdamWBf16(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             if any(p in self.state for p in group["params"]):
                 self._layouts[index] = _Layout(group["params"], self.state)
+
+
+def _flat_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """p's gradient as the kernel reads it: fp32, contiguous (a copy only where it is not)."""
+    if p.grad is None:
+        return None
+    return p.grad.to(torch.float32).contiguous()
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
