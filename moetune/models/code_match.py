@@ -8,8 +8,24 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import types
 
-__all__ = ["body_dump", "parse_function", "source_body_dump"]
+__all__ = ["body_dump", "hub_wrapped", "parse_function", "source_body_dump"]
+
+
+def hub_wrapped(obj, name: str):
+    """The modeling function `name` inside the `kernels` package's wrapper, or obj itself.
+
+    With `kernels` installed, transformers (5.25 seen) turns each modeling function decorated for Hub kernels
+    (`apply_rotary_pos_emb`, ...) into an instance of an nn.Module class `Func` whose forward calls the function,
+    or a Hub kernel activated for the model (moetune loads none). The function is held in that forward's closure.
+    """
+    forward = getattr(type(obj), "forward", None)
+    if type(obj).__name__ != "Func" or not isinstance(forward, types.FunctionType) or not forward.__closure__:
+        return obj
+    found = [cell.cell_contents for cell in forward.__closure__
+             if isinstance(cell.cell_contents, types.FunctionType) and cell.cell_contents.__name__ == name]
+    return found[0] if len(found) == 1 else obj
 
 
 def body_dump(statements: list[ast.stmt]) -> str:

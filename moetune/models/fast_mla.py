@@ -27,7 +27,7 @@ import sys
 import torch
 from torch import nn
 
-from .code_match import body_dump, parse_function, source_body_dump
+from .code_match import body_dump, hub_wrapped, parse_function, source_body_dump
 
 __all__ = ["install_fast_mla", "installed_classes", "mla_class_recognised", "uninstall_fast_mla"]
 
@@ -160,7 +160,8 @@ def mla_class_recognised(cls: type) -> bool:
     module = sys.modules.get(cls.__module__)
     return _class_recognised(
         cls, cls.__dict__.get("forward"), cls.__dict__.get("expand_kv"),
-        getattr(module, "apply_rotary_pos_emb_interleave", None), rotary_variant(cls.__module__),
+        hub_wrapped(getattr(module, "apply_rotary_pos_emb_interleave", None), "apply_rotary_pos_emb_interleave"),
+        rotary_variant(cls.__module__),
     )
 
 

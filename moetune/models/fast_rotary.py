@@ -30,7 +30,7 @@ import types
 import torch
 from torch import nn
 
-from .code_match import body_dump, parse_function, source_body_dump
+from .code_match import body_dump, hub_wrapped, parse_function, source_body_dump
 
 __all__ = ["VARIANTS", "install_fast_rotary", "installed_modules", "rotary_variant", "uninstall_fast_rotary"]
 
@@ -95,13 +95,14 @@ def _module_variant(module_name: str) -> str | None:
     """The form of the function the module holds now (classified by the function object, so a function replaced
     since an earlier look is classified anew)."""
     module = sys.modules.get(module_name)
-    function = getattr(module, _NAME, None)
+    function = hub_wrapped(getattr(module, _NAME, None), _NAME)
     # Not a plain function of this module, or a wrapper (functools.wraps copies __module__, and inspect.getsource
     # follows __wrapped__ to the wrapped function's source): somebody else's replacement, left alone.
     if not isinstance(function, types.FunctionType) or function.__module__ != module_name or hasattr(function, "__wrapped__"):
         return None
     helpers = tuple(
-        (name, getattr(module, name, None)) for bodies in VARIANTS.values() for name in bodies if name != _NAME
+        (name, hub_wrapped(getattr(module, name, None), name)) for bodies in VARIANTS.values() for name in bodies
+        if name != _NAME
     )
     return _function_variant(function, helpers)
 
