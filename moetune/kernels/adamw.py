@@ -13,9 +13,12 @@ Operands: param_ptrs, grad_ptrs [P] (int64 addresses of the fp32 parameters and 
 read in place: a concatenated copy of the gradients would be a transient as large as them at the step),
 exp_avg / exp_avg_sq [N] bf16 (flat state, parameter s at base[s]),
 block_segment / block_offset [B] (which parameter, which element of it each block starts at), base [P], numel [P],
-corrections [P, 2] fp32 (bc1, bc2; bc1 = 0: the parameter has no gradient this step and is left as it is), or,
-where every parameter has a gradient and the same step count (UNIFORM, the usual case), bc1 and bc2 as scalars:
-no table to upload, so no copy from the host at each step (a blocking one waits for the GPU).
+seeds [P] (each parameter's own rounding seed: two parameters, or two chunks of the step in backward, never share
+their noise), corrections [P, 3] fp32 (bc1, bc2, step; bc1 = 0: the parameter has no gradient this step and is left
+as it is), or, where every parameter has a gradient and the same step count (UNIFORM, the usual case), the three as
+scalars: no table to upload, so no copy from the host at each step (a blocking one waits for the GPU). The noise is
+keyed by (seed, step, element): a run resumed from a checkpoint draws what the uninterrupted run drew. The step
+comes as a float (exact to 2**24): an int argument would be a new specialisation key at every launch.
 
 Why bf16 moments: they halve AdamW's 8 bytes of state per parameter (2.4 GiB for the 643M LoRA parameters of a
 whole Qwen3-30B-A3B), memory the checkpoint planner spends on speed. Why stochastic rounding: the second moment
@@ -36,9 +39,10 @@ BLOCK = 1024  # elements per program; parameters are laid out so that no block s
 
 
 @triton.jit
-def _round_bf16_stochastic(x, seed, offsets):
-    """fp32 -> bf16, up with probability equal to the fraction of an ulp dropped (x finite)."""
-    noise = (tl.randint(seed, offsets) & 0xFFFF).to(tl.uint32)
+def _round_bf16_stochastic(x, random):
+    """fp32 -> bf16, up with probability equal to the fraction of an ulp dropped (x finite); random: 32 random bits
+    per element."""
+    noise = (random & 0xFFFF).to(tl.uint32)
     bits = x.to(tl.uint32, bitcast=True) + noise  # the low half carries into the kept half with that probability
     bits = (bits >> 16) << 16
     return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the dropped bits are zero
@@ -46,8 +50,8 @@ def _round_bf16_stochastic(x, seed, offsets):
 
 @triton.jit
 def adamw_kernel(
-    param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, corrections,
-    lr, beta1, beta2, eps, weight_decay, seed, bc1_all, bc2_all,
+    param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, seeds, corrections,
+    lr, beta1, beta2, eps, weight_decay, bc1_all, bc2_all, step_all,
     BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -55,12 +59,15 @@ def adamw_kernel(
     if UNIFORM:
         bc1 = bc1_all
         bc2 = bc2_all
+        step = step_all
     else:
-        bc1 = tl.load(corrections + 2 * segment)
+        bc1 = tl.load(corrections + 3 * segment)
         if bc1 == 0.0:  # no gradient this step
             return
-        bc2 = tl.load(corrections + 2 * segment + 1)
-    idx = tl.load(block_offset + pid).to(tl.int64) + tl.arange(0, BLOCK)
+        bc2 = tl.load(corrections + 3 * segment + 1)
+        step = tl.load(corrections + 3 * segment + 2)
+    seed = (tl.load(seeds + segment) + step.to(tl.int64) * 1000003) & 0x7FFFFFFF
+    idx = tl.load(block_offset + pid) + tl.arange(0, BLOCK)
     mask = idx < tl.load(numel + segment)
     flat = tl.load(base + segment) + idx
     p_ptr = tl.load(param_ptrs + segment).to(tl.pointer_type(tl.float32))
@@ -74,20 +81,21 @@ def adamw_kernel(
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - (lr / bc1) * m / (tl.sqrt(v / bc2) + eps)
     tl.store(p_ptr + idx, p, mask=mask)
-    tl.store(exp_avg + flat, _round_bf16_stochastic(m, seed, flat), mask=mask)
-    tl.store(exp_avg_sq + flat, _round_bf16_stochastic(v, seed + 1, flat), mask=mask)
+    random_m, random_v, _, _ = tl.randint4x(seed, idx)  # keyed by the element within the parameter
+    tl.store(exp_avg + flat, _round_bf16_stochastic(m, random_m), mask=mask)
+    tl.store(exp_avg_sq + flat, _round_bf16_stochastic(v, random_v), mask=mask)
 
 
-def adamw_step(param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, corrections, *,
-               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, seed: int) -> None:
+def adamw_step(param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, seeds,
+               corrections, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW step of every parameter in the tables (see the module docstring), in place. corrections: the
-    [P, 2] device table, or (bc1, bc2) for every parameter."""
+    [P, 3] device table, or (bc1, bc2, step) for every parameter."""
     uniform = isinstance(corrections, tuple)
     launch_kernel(
         adamw_kernel, (block_segment.numel(),),
-        param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel,
+        param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, seeds,
         base if uniform else corrections,  # not read when uniform
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(seed),
-        *((float(corrections[0]), float(corrections[1])) if uniform else (1.0, 1.0)),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        *((float(c) for c in corrections) if uniform else (1.0, 1.0, 1.0)),
         BLOCK=BLOCK, UNIFORM=uniform, num_warps=4,
     )

@@ -14,12 +14,15 @@ What it buys: for the 643M LoRA parameters of a whole Qwen3-30B-A3B, 2.4 GiB les
 and stalled the GPU (NOTES run 50f).
 
 State: state[p] holds "step" (a CPU float tensor, as torch's AdamW), "exp_avg" and "exp_avg_sq" (bf16 views into
-the group's flat buffers). state_dict() has torch's layout; load_state_dict() takes one written by this class or
-by torch's AdamW (the moments then rounded to bf16 once, to nearest).
+the group's flat buffers) and "seed" (an int: the parameter's own rounding noise, keyed by it and the step, so a
+resumed run rounds as the uninterrupted one did). state_dict() has torch's layout; load_state_dict() takes one
+written by this class or by torch's AdamW (the moments then rounded to bf16 once, to nearest; amsgrad and maximize
+are refused).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -38,18 +41,17 @@ class AdamWBf16(torch.optim.Optimizer):
             raise ValueError(f"betas: expected two values in [0, 1), got {betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._layouts: dict[int, _Layout] = {}  # group index -> its flat moments and tables, made at its first step
-        self._seed = torch.initial_seed() % (2**31 - 1)
-        self._launches = 0
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.dtype != torch.float32:
-                raise ValueError(f"params: AdamWBf16 expects float32 parameters (master weights), got {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError("params: AdamWBf16 expects contiguous parameters")
+        try:
+            for p in self.param_groups[-1]["params"]:
+                _check_param(p)
+        except ValueError:
+            del self.param_groups[-1]  # as if never added
+            raise
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,47 +64,66 @@ class AdamWBf16(torch.optim.Optimizer):
             if not any(p.grad is not None for p in params):
                 continue
             layout = self._layouts.get(index)
-            if layout is None or len(layout.params) != len(params) or any(a is not b for a, b in zip(layout.params, params)):
+            if layout is None or not layout.holds(params, self.state):
                 layout = self._layouts[index] = _Layout(params, self.state)
             self._step_group(group, layout)
         return loss
 
     def _step_group(self, group: dict, layout: _Layout) -> None:
         beta1, beta2 = group["betas"]
+        layout.check()
         corrections = []
         for p in layout.params:
             if p.grad is None:
-                corrections += [0.0, 0.0]
+                corrections += [0.0, 0.0, 0.0]
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("AdamWBf16 does not take sparse gradients")
-            step = self.state[p]["step"]
-            step += 1
-            t = step.item()
-            corrections += [1.0 - beta1**t, 1.0 - beta2**t]
-        self._launches += 1
-        seed = (self._seed + 7919 * self._launches) % (2**31 - 1)
+            t = self.state[p]["step"].item() + 1
+            corrections += [1.0 - beta1**t, 1.0 - beta2**t, t]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         if layout.use_triton:
             from ..kernels.adamw import adamw_step
 
             grads = [_flat_grad(p) for p in layout.params]  # held until the launch is queued
             grad_ptrs = _to_device([0 if g is None else g.data_ptr() for g in grads], torch.int64, layout.device)
-            uniform = all(corrections[i] == corrections[0] != 0.0 and corrections[i + 1] == corrections[1]
-                          for i in range(0, len(corrections), 2))
-            table = (corrections[0], corrections[1]) if uniform else \
-                _to_device(corrections, torch.float32, layout.device)
+            uniform = all(corrections[i:i + 3] == corrections[:3] for i in range(0, len(corrections), 3)) \
+                and corrections[0] != 0.0
+            table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
             adamw_step(layout.param_ptrs(), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
-                       layout.block_offset, layout.base, layout.numel, table, seed=seed, **hyper)
+                       layout.block_offset, layout.base, layout.numel, layout.seeds, table, **hyper)
         else:
-            _step_torch(layout, corrections, seed, **hyper)
+            _step_torch(layout, corrections, self.state, **hyper)
+        for p in layout.params:  # counted once the step is queued
+            if p.grad is not None:
+                self.state[p]["step"] += 1
 
     def load_state_dict(self, state_dict: dict) -> None:
+        for group in state_dict["param_groups"]:
+            for option in ("amsgrad", "maximize", "capturable", "differentiable"):
+                if group.get(option):
+                    raise ValueError(f"state_dict: AdamWBf16 has no {option} (the saved optimizer had it on)")
         super().load_state_dict(state_dict)  # the moments come back in the parameters' dtype (torch's policy)
         self._layouts.clear()
         for index, group in enumerate(self.param_groups):
             if any(p in self.state for p in group["params"]):
                 self._layouts[index] = _Layout(group["params"], self.state)
+
+
+def _check_param(p: torch.Tensor) -> None:
+    if p.dtype != torch.float32:
+        raise ValueError(f"params: AdamWBf16 expects float32 parameters (master weights), got {p.dtype}")
+    if not p.is_contiguous():
+        raise ValueError("params: AdamWBf16 expects contiguous parameters")
+
+
+# Each parameter's rounding seed, drawn once when its state is made: from the process's torch seed and a count, so a
+# run started with the same seed draws the same ones; kept in the state (a resumed run reads them back).
+_seeds = itertools.count()
+
+
+def _new_seed() -> int:
+    return (torch.initial_seed() * 1000003 + next(_seeds) * 7919) % (2**31 - 1)
 
 
 def _flat_grad(p: torch.Tensor) -> torch.Tensor | None:
@@ -139,20 +160,27 @@ class _Layout:
             raise ValueError("params: AdamWBf16 expects the parameters of a group on one device")
         self.use_triton = _use_triton(self.device)
         numel = [p.numel() for p in params]
+        self.shapes = [(p.shape, p.dtype, p.device) for p in params]
         total = sum(numel)
         self.exp_avg = torch.zeros(total, dtype=torch.bfloat16, device=self.device)
         self.exp_avg_sq = torch.zeros(total, dtype=torch.bfloat16, device=self.device)
-        starts, start = [], 0
+        starts, start, seeds = [], 0, []
         for p, n in zip(params, numel):
             starts.append(start)
             held = state.get(p, {})
             m, v = self.exp_avg[start:start + n].view(p.shape), self.exp_avg_sq[start:start + n].view(p.shape)
             if "exp_avg" in held:
-                m.copy_(held["exp_avg"])
-                v.copy_(held["exp_avg_sq"])
+                for name, flat in (("exp_avg", m), ("exp_avg_sq", v)):
+                    if held[name].shape != p.shape:
+                        raise ValueError(f"state: {name} of shape {list(held[name].shape)} for a parameter of "
+                                         f"shape {list(p.shape)}")
+                    flat.copy_(held[name])
             step = held.get("step", torch.tensor(0.0))
+            seed = held.get("seed")
+            seed = _new_seed() if seed is None else int(seed)
             state[p] = {"step": torch.as_tensor(step, dtype=torch.float32).clone().cpu(), "exp_avg": m,
-                        "exp_avg_sq": v}
+                        "exp_avg_sq": v, "seed": seed}
+            seeds.append(seed)
             start += n
         if self.use_triton:
             from ..kernels.adamw import BLOCK
@@ -160,12 +188,25 @@ class _Layout:
             segments = [(s, offset) for s, n in enumerate(numel) for offset in range(0, n, BLOCK)]
             as_tensor = lambda values: _to_device(values, torch.int64, self.device)  # noqa: E731
             self.block_segment = as_tensor([s for s, _ in segments]).to(torch.int32)
-            self.block_offset = as_tensor([offset for _, offset in segments]).to(torch.int32)
-            self.base, self.numel = as_tensor(starts), as_tensor(numel)
+            self.block_offset = as_tensor([offset for _, offset in segments])
+            self.base, self.numel, self.seeds = as_tensor(starts), as_tensor(numel), as_tensor(seeds)
             self._addresses, self._table = None, None
 
+    def holds(self, params: list[torch.Tensor], state: dict) -> bool:
+        """Whether this layout is still the one for params and their state (a cleared state starts over)."""
+        return len(self.params) == len(params) and all(a is b for a, b in zip(self.params, params)) \
+            and all("step" in state.get(p, {}) for p in params)
+
+    def check(self) -> None:
+        """The kernel writes fp32 through each parameter's address, for the numel it was laid out with: refuse a
+        parameter changed since (another dtype, shape or device) rather than write past it."""
+        for p, (shape, dtype, device) in zip(self.params, self.shapes):
+            if p.shape != shape or p.dtype != dtype or p.device != device or not p.is_contiguous():
+                raise ValueError("params: a parameter changed shape, dtype, device or layout after AdamWBf16's first "
+                                 "step; make a new optimizer for it")
+
     def param_ptrs(self) -> torch.Tensor:
-        """The parameters' addresses as a device table, made again if any parameter moved (model.to, .data =)."""
+        """The parameters' addresses as a device table, made again if any parameter moved (.data = a copy)."""
         addresses = tuple(p.data_ptr() for p in self.params)
         if addresses != self._addresses:
             self._table = _to_device(list(addresses), torch.int64, self.device)
@@ -181,15 +222,16 @@ def round_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = N
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000 as an int32
 
 
-def _step_torch(layout: _Layout, corrections: list[float], seed: int, *, lr: float, beta1: float, beta2: float,
+def _step_torch(layout: _Layout, corrections: list[float], state: dict, *, lr: float, beta1: float, beta2: float,
                 eps: float, weight_decay: float) -> None:
-    """The kernel's update in torch, parameter by parameter (CPU)."""
-    generator = torch.Generator(device=layout.device).manual_seed(seed)
+    """The kernel's update in torch, parameter by parameter (CPU); the noise keyed by (seed, step) as there."""
     start = 0
     for i, p in enumerate(layout.params):
         n = p.numel()
-        bc1, bc2 = corrections[2 * i], corrections[2 * i + 1]
+        bc1, bc2, t = corrections[3 * i:3 * i + 3]
         if bc1 != 0.0:
+            generator = torch.Generator(device=layout.device).manual_seed(
+                (state[p]["seed"] + int(t) * 1000003) & 0x7FFFFFFF)
             g = p.grad.reshape(-1).float()
             m = layout.exp_avg[start:start + n].float().mul_(beta1).add_(g, alpha=1.0 - beta1)
             v = layout.exp_avg_sq[start:start + n].float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)

@@ -210,3 +210,84 @@ def test_stepped_in_backward_and_by_moetune_train(device):
         torch.testing.assert_close(p, r, rtol=0, atol=2e-3)  # 5 steps of lr 1e-2
     state = optimizer.state_dict()["state"]
     assert set(state) == {0, 1, 2} and state[0]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_a_resumed_run_rounds_as_the_uninterrupted_one(device, monkeypatch):
+    """The rounding noise is keyed by each parameter's saved seed and its step: resuming from a state_dict gives
+    bitwise the uninterrupted run's parameters and moments. (Two runs in one process: each starts the seed count
+    afresh, as each process of a real run and its resumption does.)"""
+    import io
+    import itertools
+
+    gen = torch.Generator().manual_seed(8)
+    start, _ = params_and_reference(device)
+    grads = [[torch.randn(p.shape, generator=gen).to(device) for p in start] for _ in range(6)]
+
+    def run(params, optimizer, steps):
+        for step_grads in steps:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+
+    whole = [p.detach().clone().requires_grad_() for p in start]
+    whole_optimizer = AdamWBf16(whole, lr=1e-2)
+    monkeypatch.setattr(bf16_adamw, "_seeds", itertools.count())
+    run(whole, whole_optimizer, grads)
+    monkeypatch.setattr(bf16_adamw, "_seeds", itertools.count())
+    first = [p.detach().clone().requires_grad_() for p in start]
+    first_optimizer = AdamWBf16(first, lr=1e-2)
+    run(first, first_optimizer, grads[:3])
+    buffer = io.BytesIO()
+    torch.save(first_optimizer.state_dict(), buffer)
+    monkeypatch.setattr(bf16_adamw, "_seeds", itertools.count(100))  # the resumed process draws none
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    resumed_optimizer = AdamWBf16(resumed, lr=1e-2)
+    resumed_optimizer.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    run(resumed, resumed_optimizer, grads[3:])
+    for p, q in zip(whole, resumed):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "seed"):
+            assert torch.equal(torch.as_tensor(whole_optimizer.state[p][key]),
+                               torch.as_tensor(resumed_optimizer.state[q][key]))
+
+
+def test_two_optimizers_round_with_their_own_noise(device):
+    """Two chunks of the step in backward (two optimizers) never share their rounding noise."""
+    params, _ = params_and_reference(device, shapes=((4096,),))
+    twin = [params[0].detach().clone().requires_grad_()]
+    optimizers = [AdamWBf16(params, lr=1e-2), AdamWBf16(twin, lr=1e-2)]
+    grad = torch.randn(4096, generator=torch.Generator().manual_seed(9)).to(device)
+    for p, optimizer in ((params[0], optimizers[0]), (twin[0], optimizers[1])):
+        p.grad = grad.clone()
+        optimizer.step()
+    first, second = (o.state[p]["exp_avg_sq"] for o, p in zip(optimizers, (params[0], twin[0])))
+    assert not torch.equal(first, second)
+
+
+def test_a_parameter_changed_after_the_first_step_is_refused(device):
+    params, _ = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    params[0].data = params[0].data.double()
+    params[0].grad = torch.ones_like(params[0])
+    with pytest.raises(ValueError, match="params: a parameter changed shape, dtype, device or layout"):
+        optimizer.step()
+
+
+def test_a_refused_group_is_not_kept_and_a_cleared_state_starts_over(device):
+    params, _ = params_and_reference(device)
+    optimizer = AdamWBf16(params[:2], lr=1e-2)
+    with pytest.raises(ValueError, match="params: AdamWBf16 expects float32 parameters"):
+        optimizer.add_param_group({"params": [params[2].detach().to(torch.bfloat16).requires_grad_()]})
+    assert len(optimizer.param_groups) == 1
+    for p in params[:2]:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    optimizer.state.clear()
+    optimizer.step()
+    assert all(optimizer.state[p]["step"].item() == 1 for p in params[:2])
+    torch_adamw = torch.optim.AdamW([torch.zeros(3, requires_grad=True)], amsgrad=True)
+    with pytest.raises(ValueError, match="state_dict: AdamWBf16 has no amsgrad"):
+        AdamWBf16([torch.zeros(3, requires_grad=True)]).load_state_dict(torch_adamw.state_dict())

@@ -82,8 +82,9 @@ def test_own_model_directory_packing_and_yaml_config(tmp_path, capsys):
     assert summary(out)["epochs"] == 2.0
 
 
-def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path, capsys):
-    args = ("train", "--max-steps", 8, "--save-steps", 4, "--batch-size", 4, "--grad-accum", 2, "--keep-checkpoints", 3)
+@pytest.mark.parametrize("optim", ["adamw", "adamw_bf16"])  # adamw_bf16: its rounding noise resumes too
+def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path, capsys, optim):
+    args = ("train", "--optim", optim, "--max-steps", 8, "--save-steps", 4, "--batch-size", 4, "--grad-accum", 2, "--keep-checkpoints", 3)
     full = tmp_path / "full"
     proc = run_subprocess(*args, "--output-dir", full)
     assert proc.returncode == 0, proc.stderr
