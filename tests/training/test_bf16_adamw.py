@@ -291,3 +291,32 @@ def test_a_refused_group_is_not_kept_and_a_cleared_state_starts_over(device):
     torch_adamw = torch.optim.AdamW([torch.zeros(3, requires_grad=True)], amsgrad=True)
     with pytest.raises(ValueError, match="state_dict: AdamWBf16 has no amsgrad"):
         AdamWBf16([torch.zeros(3, requires_grad=True)]).load_state_dict(torch_adamw.state_dict())
+
+
+def test_step_in_backward_state_dict_round_trip(device):
+    """StepInBackward over AdamWBf16 chunks: its state_dict (one optimizer's layout) loads into a new one, moments,
+    steps and seeds included, and the next steps of both agree bitwise."""
+    from moetune.training.step_in_backward import StepInBackward
+
+    def make(params):
+        return StepInBackward(params, AdamWBf16, chunk_bytes=4096 * 4, lr=1e-2)  # several chunks
+
+    params, _ = params_and_reference(device, shapes=((4096,), (37, 5), (4096,), (3,)))
+    optimizer = make(params)
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(2):
+        sum((torch.randn(p.shape, generator=gen).to(device) * p).sum() for p in params).backward()
+        optimizer.step()
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    again = make(copies)
+    again.load_state_dict(optimizer.state_dict())
+    weights = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    for ps, opt in ((params, optimizer), (copies, again)):
+        sum((w * p).sum() for w, p in zip(weights, ps)).backward()
+        opt.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    saved, loaded = optimizer.state_dict()["state"], again.state_dict()["state"]
+    assert saved.keys() == loaded.keys() == {0, 1, 2, 3}
+    assert all(saved[i]["seed"] == loaded[i]["seed"] and torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"])
+               for i in saved)
