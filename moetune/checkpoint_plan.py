@@ -26,8 +26,10 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    cap: planned within it, measured 1.1 GiB over). So a plan beyond every layer checkpointed without kept
    attention is checked by a second probe step with the plan itself (its peak plus the optimizer state); while
    that is over the budget, layers go back to checkpointing (they buy the least time per byte), then kept
-   attention is dropped, by as many as the excess needs, and the check repeats; a plan still over after three
-   checks, or a check that runs out of memory, falls back to every layer checkpointed, none keeping attention.
+   attention is dropped, by as many as the excess needs and one more (a margin: in run 50g whole Qwen3-30B-A3B at
+   8K fell to the floor after its checks, the last at 66.0 GiB against a budget of 66.0 GiB),
+   and the check repeats; a plan still over after three checks, or a check that runs out of memory, falls back to
+   every layer checkpointed, none keeping attention. The plan reports each check (`checks`).
 
 A model of one or two decoder layers has no layer the probe checkpoints, so nothing measures kept attention and
 none keeps it. If the probe itself runs out of memory, every layer stays checkpointed and none keeps attention. Attention is
@@ -246,15 +248,16 @@ def _apply(layers, checkpointed: int, keeping: int) -> int:
 
 
 def _give_back(layers: int, checkpointed: int, keeping: int, per_layer: int, attention: int, over: int):
-    """(checkpointed, keeping) with `over` bytes less: layers left out return to checkpointing first (keeping
-    attention where the others do), then kept attention goes."""
+    """(checkpointed, keeping) with `over` bytes less and one layer's or kept output's worth more, a margin for
+    the next check: layers left out return to checkpointing first (keeping attention where the others do), then
+    kept attention goes."""
     if checkpointed < layers:
         keeps = keeping == checkpointed  # choose_plan's plans: every checkpointed layer keeps, or none
         saved = per_layer - (attention if keeps else 0)
-        more = min(layers - checkpointed, -(-over // saved) if saved > 0 else layers)
+        more = min(layers - checkpointed, -(-over // saved) + 1 if saved > 0 else layers)
         return checkpointed + more, keeping + (more if keeps else 0)
     if attention > 0 and keeping > 0:
-        return checkpointed, max(0, keeping - -(-over // attention))
+        return checkpointed, max(0, keeping - -(-over // attention) - 1)
     return layers, 0
 
 
