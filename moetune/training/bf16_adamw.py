@@ -138,7 +138,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     synchronises the stream, which inside the backward pass (the step in backward) stalls the host at every chunk."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -160,7 +160,7 @@ class _Layout:
             raise ValueError("params: AdamWBf16 expects the parameters of a group on one device")
         self.use_triton = _use_triton(self.device)
         numel = [p.numel() for p in params]
-        self.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        self.shapes = [p.shape for p in params]
         total = sum(numel)
         self.exp_avg = torch.zeros(total, dtype=torch.bfloat16, device=self.device)
         self.exp_avg_sq = torch.zeros(total, dtype=torch.bfloat16, device=self.device)
@@ -186,8 +186,8 @@ class _Layout:
             from ..kernels.adamw import BLOCK
 
             segments = [(s, offset) for s, n in enumerate(numel) for offset in range(0, n, BLOCK)]
-            as_tensor = lambda values: _to_device(values, torch.int64, self.device)  # noqa: E731
-            self.block_segment = as_tensor([s for s, _ in segments]).to(torch.int32)
+            as_tensor = lambda values, dtype=torch.int64: _to_device(values, dtype, self.device)  # noqa: E731
+            self.block_segment = as_tensor([s for s, _ in segments], torch.int32)
             self.block_offset = as_tensor([offset for _, offset in segments])
             self.base, self.numel, self.seeds = as_tensor(starts), as_tensor(numel), as_tensor(seeds)
             self._addresses, self._table = None, None
@@ -200,8 +200,8 @@ class _Layout:
     def check(self) -> None:
         """The kernel writes fp32 through each parameter's address, for the numel it was laid out with: refuse a
         parameter changed since (another dtype, shape or device) rather than write past it."""
-        for p, (shape, dtype, device) in zip(self.params, self.shapes):
-            if p.shape != shape or p.dtype != dtype or p.device != device or not p.is_contiguous():
+        for p, shape in zip(self.params, self.shapes):
+            if p.shape != shape or p.dtype != torch.float32 or p.device != self.device or not p.is_contiguous():
                 raise ValueError("params: a parameter changed shape, dtype, device or layout after AdamWBf16's first "
                                  "step; make a new optimizer for it")
 
