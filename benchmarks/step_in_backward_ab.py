@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     for round_ in range(args.rounds):
         for in_backward in (False, True):
             optimizer = train_step.make_optimizer(params, args.optim, in_backward)
-            times, losses, _ = train_step.time_steps(model, optimizer, ids, args.warmup, args.steps, device)
+            times, losses, _, _ = train_step.time_steps(model, optimizer, ids, args.warmup, args.steps, device)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             if in_backward:
                 optimizer.remove_hooks()

@@ -191,6 +191,14 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
         print(f"  {group:28s} {ms:8.1f} ms  {100 * ms / max(busy, 1e-9):5.1f}%")
     for name, count, ms in kernels[:rows]:
         print(f"  {ms:8.2f} ms {count:6d}x  {name[:110]}")
+    # CUDA runtime calls by the host time spent in them: a synchronize or a blocking copy here is the host waiting
+    # for the GPU, so it cannot queue ahead.
+    runtime = [(e.key, e.count, e.cpu_time_total / 1e3) for e in prof.key_averages()
+               if e.key.startswith(("cuda", "cu")) and e.cpu_time_total > 0]
+    runtime.sort(key=lambda r: -r[2])
+    print("  CUDA runtime calls by host time:")
+    for name, count, ms in runtime[:8]:
+        print(f"  {ms:8.2f} ms {count:6d}x  {name}")
     # The torch ops that launched the time, by input shapes: which tensors the copies and elementwise kernels touch.
     ops = [
         (e.key, str(e.input_shapes)[:160], e.count, e.self_device_time_total / 1e3)
@@ -203,6 +211,7 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
         print(f"  {ms:8.2f} ms {count:6d}x  {name:32s} {shapes}")
     return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "groups_ms": groups,
             "top_kernels": [{"name": n, "count": c, "ms": ms} for n, c, ms in kernels[:rows]],
+            "runtime_calls": [{"name": n, "count": c, "host_ms": ms} for n, c, ms in runtime[:8]],
             "top_ops": [{"name": n, "input_shapes": sh, "count": c, "ms": ms} for n, sh, c, ms in ops[:2 * rows]]}
 
 
@@ -217,27 +226,88 @@ def make_optimizer(params, name: str, step_in_backward: bool = False):
                                                    step_in_backward=step_in_backward))
 
 
-def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[list[float], list[float], float]:
+def thread_times() -> dict[int, tuple[float, float]]:
+    """Each thread of this process: (seconds on a CPU, seconds runnable but waiting for one), from Linux's
+    schedstat ({} elsewhere). Backward runs on autograd's own thread per GPU, so the main thread alone undercounts."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                on_cpu, waiting, _ = f.read().split()
+            out[int(tid)] = (int(on_cpu) / 1e9, int(waiting) / 1e9)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+class StepClock:
+    """Where a step's wall time went on the host: seconds until the host had queued the whole step (the rest is
+    waiting for the GPU), CPU seconds of the busiest thread and of all threads, seconds threads waited for a CPU
+    while runnable (a busy or shared host), and seconds in Python's garbage collector."""
+
+    def __init__(self):
+        self.gc_s, self._gc_t0 = 0.0, None
+        self._threads = {}
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif self._gc_t0 is not None:
+            self.gc_s += time.perf_counter() - self._gc_t0
+            self._gc_t0 = None
+
+    def start(self):
+        self._threads, self._gc0 = thread_times(), self.gc_s
+
+    def split(self) -> dict:
+        """CPU seconds since start(): busiest thread, all threads, runqueue wait; and GC seconds."""
+        now = thread_times()
+        cpu = [c - self._threads.get(tid, (0.0, 0.0))[0] for tid, (c, _) in now.items()]
+        wait = sum(w - self._threads.get(tid, (0.0, 0.0))[1] for tid, (_, w) in now.items())
+        return {"busiest_cpu_s": max(cpu, default=0.0), "cpu_s": sum(cpu), "runqueue_wait_s": wait,
+                "gc_s": self.gc_s - self._gc0}
+
+    def close(self):
+        gc.callbacks.remove(self._on_gc)
+
+
+def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
-    seconds of the warm-up). Peak-memory stats restart after the warm-up."""
+    seconds of the warm-up, each timed step's host split by StepClock). Peak-memory stats restart after the
+    warm-up."""
     times, losses = [], []
+    host = {"queued_s": [], "busiest_cpu_s": [], "cpu_s": [], "runqueue_wait_s": [], "gc_s": []}
+    clock = StepClock()
     t_warmup, warmup_s = time.perf_counter(), 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
+    try:
+        for step in range(warmup + steps):
+            if step == warmup:
+                _sync(device)
+                warmup_s = time.perf_counter() - t_warmup
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            clock.start()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            queued = time.perf_counter() - t0
             _sync(device)
-            warmup_s = time.perf_counter() - t_warmup
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    return times, losses, warmup_s
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
+                host["queued_s"].append(queued)
+                for key, value in clock.split().items():
+                    host[key].append(value)
+            losses.append(loss.item())
+    finally:
+        clock.close()
+    return times, losses, warmup_s, host
 
 
 def save_baseline_lora_init(source, args, device) -> str:
@@ -292,11 +362,18 @@ def run(provider, source, config, seq, args, device) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
     try:
-        times, losses, _ = time_steps(model, optimizer, ids, args.warmup, args.steps, device)
+        if args.gc == "freeze":  # everything built so far (the model, its hooks) leaves the collector's generations
+            gc.collect()
+            gc.freeze()
+        try:
+            times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device)
+        finally:
+            gc.unfreeze()
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         result = {
             "step_s": statistics.median(times),
             "step_times_s": times,
+            "step_host_s": host,
             "tokens_per_s": seq / statistics.median(times),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
             "trainable_params": sum(p.numel() for p in params),
@@ -352,6 +429,9 @@ def main(argv=None) -> int:
                         help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_bf16", "adamw_8bit"],
                         help="optimizer for both providers (adamw8bit needs bitsandbytes)")
+    parser.add_argument("--gc", choices=["on", "freeze"], default="on",
+                        help="freeze: move every object built before the timed steps out of Python's collector "
+                             "(gc.freeze), so its full collections do not walk the model")
     parser.add_argument("--step-in-backward", action="store_true",
                         help="moetune: the optimizer steps inside the backward pass (no buffer of every gradient)")
     parser.add_argument("--checkpoint", default=None,
@@ -393,7 +473,12 @@ def main(argv=None) -> int:
                     f"{args.model} x{config.num_hidden_layers} seq {seq} {provider}: {result['tokens_per_s']:.0f} tok/s, "
                     f"{result['step_s'] * 1e3:.0f} ms/step, peak {result['peak_gib'] or 0:.1f} GiB, "
                     f"{result['trainable_params'] / 1e6:.0f}M trainable, loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}, "
-                    f"steps {[round(t * 1e3) for t in result['step_times_s']]} ms",
+                    f"steps {[round(t * 1e3) for t in result['step_times_s']]} ms, "
+                    f"host queued {[round(t * 1e3) for t in result['step_host_s']['queued_s']]} ms, "
+                    f"busiest thread cpu {[round(t * 1e3) for t in result['step_host_s']['busiest_cpu_s']]} ms, "
+                    f"all threads cpu {[round(t * 1e3) for t in result['step_host_s']['cpu_s']]} ms, "
+                    f"runqueue wait {[round(t * 1e3) for t in result['step_host_s']['runqueue_wait_s']]} ms, "
+                    f"gc {[round(t * 1e3) for t in result['step_host_s']['gc_s']]} ms",
                     flush=True,
                 )
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -229,7 +229,7 @@ def run(checkpoint: str, vocab_size: int, seq: int, args) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, vocab_size, (1, seq), generator=gen).to(device)
     try:
-        times, losses, warmup_s = train_step.time_steps(model, optimizer, ids, args.warmup, args.steps, device)
+        times, losses, warmup_s, _ = train_step.time_steps(model, optimizer, ids, args.warmup, args.steps, device)
         result = {
             "step_s": statistics.median(times),
             "tokens_per_s": seq / statistics.median(times),
