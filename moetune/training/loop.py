@@ -10,7 +10,9 @@ step (transformers' num_items_in_batch), AdamW on the LoRA parameters, gradient 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -64,6 +66,21 @@ def make_optimizer(params, config):
 
         return StepInBackward(params, optimizer_class, **kwargs)
     return optimizer_class(params, **kwargs)
+
+
+@contextlib.contextmanager
+def collector_frozen():
+    """Everything alive now (the model, its hooks, the data) leaves Python's garbage collector for the block.
+
+    A full collection walks every tracked object; with a whole model loaded that took 230-280 ms, once every ten
+    steps or so, inside a 600 ms step (Qwen3-30B-A3B, run 51c). Frozen objects are still freed by reference
+    counting; only cycles among them wait until the block ends."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _schedule(warmup: int, total: int):
@@ -209,7 +226,7 @@ def run(plan: Plan, console=None) -> dict:
     tokens_interval, loss_interval, steps_interval = 0, torch.zeros((), device=device), 0
     t_interval = t_start = time.perf_counter()
     tokens_total = 0
-    with _progress(console, total, start) as progress:
+    with collector_frozen(), _progress(console, total, start) as progress:
         task = progress.add_task("train", total=total, completed=start, loss="-", tps="-")
         for step in range(start, total):
             epoch, index = divmod(step, per_epoch)
