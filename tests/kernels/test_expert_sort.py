@@ -1,0 +1,99 @@
+"""The routing plan's counting sort (kernels/expert_sort.py) against torch's stable sort (plan_routing's CPU path):
+the same plan exactly. Triton's interpreter on CPU, the GPU when there is one (real routing shapes too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetune.experts import routing
+from moetune.experts.backends import triton as triton_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
+    reason="no Triton that can run here",
+)
+FIELDS = ("perm_S", "inv_perm_S", "token_S", "expert_S", "counts_E", "offsets_E")
+
+
+def expert_sort(ids, num_experts):
+    from moetune.kernels.expert_sort import expert_sort
+
+    return expert_sort(ids, num_experts)
+
+
+def torch_plan(ids, num_experts):
+    return routing.plan_routing(ids.cpu(), num_experts)  # the CPU path: torch's stable sort
+
+
+def routed(num_tokens, top_k, num_experts, seed=0, only=None):
+    """Top-k ids as a router makes them (k distinct experts per token), or every pair on the experts in `only`."""
+    gen = torch.Generator().manual_seed(seed)
+    if only is not None:
+        choice = torch.tensor(only)[torch.randint(len(only), (num_tokens, top_k), generator=gen)]
+        return choice.to(DEVICE)
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    return scores.topk(top_k, dim=1).indices.to(DEVICE)
+
+
+def assert_same_plan(ids, num_experts):
+    got, want = expert_sort(ids, num_experts), torch_plan(ids, num_experts)
+    for name, tensor in zip(FIELDS, got):
+        expected = getattr(want, name)
+        assert tensor.dtype == expected.dtype, name
+        assert torch.equal(tensor.cpu(), expected), name
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts", [
+    (1, 1, 1),        # T = 1, one expert
+    (1, 8, 128),      # T = 1 at Qwen3's routing: 120 experts get nothing
+    (37, 3, 5),       # pairs not a multiple of the block
+    (50, 4, 60),      # E not a power of two (Qwen2-MoE)
+    (40, 8, 256),     # DeepSeek-V3's 256 experts: smaller blocks
+    (300, 2, 1000),   # more blocks than the offsets kernel's chunk: its loop carries across chunks
+])
+def test_same_plan_as_torchs_stable_sort(num_tokens, top_k, num_experts):
+    assert_same_plan(routed(num_tokens, top_k, num_experts), num_experts)
+
+
+def test_one_expert_takes_every_pair_and_the_rest_are_empty():
+    assert_same_plan(routed(70, 2, 16, only=[11]), 16)
+    assert_same_plan(routed(70, 2, 16, only=[0, 15]), 16)
+
+
+def test_any_integer_dtype_and_strides():
+    ids = routed(33, 4, 24)
+    assert_same_plan(ids.to(torch.int32), 24)
+    transposed = ids.t().contiguous().t()  # [T, K] with strides (1, T): not contiguous
+    assert not transposed.is_contiguous()
+    assert_same_plan(transposed, 24)
+
+
+def test_rows_of_one_expert_keep_token_order():
+    ids = routed(200, 4, 8, seed=3)
+    perm, _, token, expert, counts, offsets = expert_sort(ids, 8)
+    assert torch.equal(offsets.long().cpu(), counts.cpu().cumsum(0))
+    for e in range(8):
+        rows = (expert == e).nonzero().squeeze(1)
+        assert torch.equal(token[rows].cpu(), token[rows].cpu().sort().values)
+        assert torch.equal(perm[rows].cpu(), perm[rows].cpu().sort().values)
+
+
+def test_too_many_experts_is_refused():
+    from moetune.kernels.expert_sort import MAX_EXPERTS
+
+    with pytest.raises(ValueError, match="num_experts"):
+        expert_sort(routed(4, 1, 2), MAX_EXPERTS + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens,top_k,num_experts", [(8192, 8, 128), (16384, 4, 32), (16384, 4, 64),
+                                                          (32768, 8, 128)])
+def test_real_routing_shapes_and_plan_routing_takes_it(num_tokens, top_k, num_experts):
+    ids = routed(num_tokens, top_k, num_experts, seed=1)
+    assert_same_plan(ids, num_experts)
+    plan = routing.plan_routing(ids, num_experts)  # on CUDA: the counting sort
+    want = torch_plan(ids, num_experts)
+    for name in FIELDS:
+        assert torch.equal(getattr(plan, name).cpu(), getattr(want, name)), name
