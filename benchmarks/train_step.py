@@ -429,9 +429,10 @@ def main(argv=None) -> int:
                         help="moetune starts from the LoRA factors transformers+PEFT draws (loss-curve comparisons)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_bf16", "adamw_8bit"],
                         help="optimizer for both providers (adamw8bit needs bitsandbytes)")
-    parser.add_argument("--gc", choices=["on", "freeze"], default="on",
-                        help="freeze: move every object built before the timed steps out of Python's collector "
-                             "(gc.freeze), so its full collections do not walk the model")
+    parser.add_argument("--gc", choices=["on", "freeze"], default="freeze",
+                        help="freeze (default, as moetune train does, for every provider): move every object built "
+                             "before the timed steps out of Python's collector (gc.freeze), so its full collections "
+                             "do not walk the model; on: leave the collector as it is (runs before 51c)")
     parser.add_argument("--step-in-backward", action="store_true",
                         help="moetune: the optimizer steps inside the backward pass (no buffer of every gradient)")
     parser.add_argument("--checkpoint", default=None,

@@ -33,10 +33,19 @@ def test_tiny_whole_model_step_from_a_checkpoint(model, tmp_path):
     assert moetune["trainable_params"] == baseline["trainable_params"] > 0
     assert abs(moetune["losses"][0] - baseline["losses"][0]) < 1e-4, (moetune["losses"], baseline["losses"])
     assert moetune["tokens_per_s"] > 0 and "groups_ms" in moetune["profile"]
+    for row in (moetune, baseline):  # each timed step's host split
+        host = row["step_host_s"]
+        assert set(host) == {"queued_s", "busiest_cpu_s", "cpu_s", "runqueue_wait_s", "gc_s"}
+        assert all(len(values) == 1 for values in host.values())
+        assert 0 < host["queued_s"][0] <= row["step_times_s"][0]
+        assert host["gc_s"][0] >= 0 and host["busiest_cpu_s"][0] <= host["cpu_s"][0] + 1e-6
 
     png = tmp_path / "step.png"
     _run(str(BENCH / "plot_train_step.py"), str(png), str(out))
     assert png.stat().st_size > 10_000
+    host_png = tmp_path / "host.png"
+    _run(str(BENCH / "plot_step_host.py"), str(host_png), str(out))
+    assert host_png.stat().st_size > 10_000
 
 
 def test_kernel_benchmark_runs_in_the_interpreter():
