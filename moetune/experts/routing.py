@@ -9,6 +9,7 @@ A RoutingPlan is computed once per MoE layer call and read by every backend.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,17 +81,18 @@ class RoutingPlan:
 
 
 def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
-    """Sort the T*K pairs by expert (stable, so rows of one expert keep token order).
+    """Sort the T*K pairs by expert (stable, so rows of one expert keep token order). Ids must lie in
+    [0, num_experts): moe_experts checks them first.
 
     On a GPU Triton runs on, a counting sort in three launches (kernels/expert_sort.py) gives the same plan as
-    the ~10 torch ops below, for a fraction of their host time."""
+    the ~10 torch ops below, for about a third of their host time (run 51f)."""
     num_tokens, top_k = topk_ids_TK.shape
-    if topk_ids_TK.is_cuda and topk_ids_TK.numel() and _counting_sort_runs(topk_ids_TK.device, num_experts):
-        from ..kernels.expert_sort import expert_sort
-
-        perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E = expert_sort(topk_ids_TK, num_experts)
-        return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
-                           counts_E=counts_E, offsets_E=offsets_E, num_tokens=num_tokens, top_k=top_k)
+    if topk_ids_TK.is_cuda and topk_ids_TK.numel() and not torch.compiler.is_compiling():
+        counting_sort = _counting_sort(topk_ids_TK.device, num_experts)
+        if counting_sort is not None:
+            perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E = counting_sort(topk_ids_TK, num_experts)
+            return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
+                               counts_E=counts_E, offsets_E=offsets_E, num_tokens=num_tokens, top_k=top_k)
     flat_ids = topk_ids_TK.reshape(-1).long()
     expert_S, perm_S = torch.sort(flat_ids, stable=True)
     inv_perm_S = torch.empty_like(perm_S)
@@ -111,11 +113,16 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     )
 
 
-def _counting_sort_runs(device: torch.device, num_experts: int) -> bool:
+@functools.lru_cache(maxsize=None)
+def _counting_sort(device: torch.device, num_experts: int):
+    """kernels.expert_sort.expert_sort where it runs for this device and expert count, else None. Memoised: the plan
+    is made twice per MoE layer and step, and the imports (deferred so that experts/ imports without triton) and
+    the probe cost a few microseconds each. probe's dtype is that of the Triton kernels' data; the sort reads
+    integer ids only, so any dtype the GPU runs gives the same answer."""
     from .backends.triton import probe
 
     if probe(device.type, device.index, torch.float32) is not None:
-        return False
-    from ..kernels.expert_sort import MAX_EXPERTS
+        return None
+    from ..kernels.expert_sort import MAX_EXPERTS, expert_sort
 
-    return num_experts <= MAX_EXPERTS
+    return expert_sort if 1 <= num_experts <= MAX_EXPERTS else None

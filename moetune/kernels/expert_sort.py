@@ -1,10 +1,10 @@
 """The routing plan's stable sort of the S = T*K (token, slot) pairs by expert, as a counting sort in three launches.
 
 torch's version (moetune.experts.routing) is about ten ops: a stable radix sort of int64 keys (several passes,
-each a launch), the inverse permutation, a histogram, a cumulative sum, casts. In a whole-model step of
-Qwen3-30B-A3B at 8K tokens (48 MoE layers, each planned in forward and again in the checkpoint's recompute), the
-plan took ~0.46 ms of host time per call and ~9 ms of GPU time per step, and the host is what the step waits for
-(run 51). Here an expert has at most E <= 1024 ids, so counting is cheaper than sorting:
+each a launch), the inverse permutation, a histogram, a cumulative sum, casts. That took 232 us of host time a
+plan at Qwen3-30B-A3B's 8K routing (run 51f). A whole-model step plans 96 times (48 MoE layers, in forward and
+again in the checkpoint's recompute), about 9 ms of kernels (run 51d), and that step waits for its host (run 51).
+With at most 1024 experts, counting is cheaper than sorting:
 
   1. block_counts_kernel   per block of BLOCK pairs: how many pairs go to each expert        hist [NB, E] int32
   2. block_offsets_kernel  one program: per expert, the pairs of earlier blocks (exclusive prefix over blocks,
@@ -14,8 +14,9 @@ plan took ~0.46 ms of host time per call and ~9 ms of GPU time per step, and the
                            of the block's one-hot [BLOCK, E] over pairs); writes the four [S] index arrays
 
 The rank follows pair order, so rows of one expert keep token order: the result is exactly torch's stable sort.
-An id outside [0, E) is skipped here (nothing is written out of bounds); check_inputs reports it with a
-device-side assert, as CUDA's own index checks in the torch version would.
+An id outside [0, E) is skipped here (nothing is written out of bounds). moe_experts reports it first with a
+device-side assert (experts/validation.py's check_inputs), as CUDA's own index checks in the torch version would.
+Shapes: S pairs, E experts, NB = ceil(S / BLOCK) blocks, E_P2 = E rounded up to a power of two.
 """
 
 from __future__ import annotations
@@ -29,9 +30,25 @@ from .sizes import cdiv, next_power_of_2
 
 __all__ = ["MAX_EXPERTS", "expert_sort"]
 
+# The largest expert count moetune's models route to is 256 (DeepSeek-V3); up to 1024 the one-hot tiles below stay
+# small (16 pairs a block at E = 1024). Beyond that torch's sort is the better tool.
 MAX_EXPERTS = 1024
-# A block's one-hot tile [BLOCK, E_P2] and its cumulative sum stay in registers: 16K int32 elements each.
-TILE_ELEMENTS = 16384
+# Elements of a block's one-hot tile [BLOCK, E_P2] (and of its cumulative sum), and of the offsets kernel's
+# [CHUNK, E_P2] tile, each over WARPS warps. The offsets kernel is one program looping over the blocks: larger
+# blocks mean fewer of its iterations. Compiled for sm_90a (ptxas -v, Triton 3.9, session 14), none of the three
+# spills for E_P2 = 1 to 1024 with these; the offsets kernel spilled with 16K-element tiles over 4 warps.
+BLOCK_ELEMENTS, MAX_BLOCK = 16384, 2048
+CHUNK_ELEMENTS, MAX_CHUNK = 8192, 256  # the caps: at a few experts the tiles' other dimension alone spilled
+WARPS = 8
+
+
+@triton.jit
+def _load_ids(ids_ptr, pair, S, E):
+    """The expert id of each pair as int32, or -1 past the end and for an id outside [0, E) (compared in the ids'
+    own dtype: a uint8 or an int64 id must not wrap into range)."""
+    raw = tl.load(ids_ptr + pair, mask=pair < S, other=0)
+    valid = (pair < S) & (raw >= 0) & (raw < E)
+    return tl.where(valid, raw.to(tl.int32), -1)
 
 
 @triton.jit
@@ -43,26 +60,25 @@ def _one_hot(ids, E_P2: tl.constexpr):
 def block_counts_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
     block = tl.program_id(0)
     pair = block * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + pair, mask=pair < S, other=-1).to(tl.int32)
-    counts = tl.sum(_one_hot(ids, E_P2), axis=0)
+    counts_E = tl.sum(_one_hot(_load_ids(ids_ptr, pair, S, E), E_P2), axis=0)
     expert = tl.arange(0, E_P2)
-    tl.store(hist_ptr + block * E + expert, counts, mask=expert < E)
+    tl.store(hist_ptr + block * E + expert, counts_E, mask=expert < E)
 
 
 @triton.jit
 def block_offsets_kernel(hist_ptr, counts_ptr, offsets_ptr, NB, E, CHUNK: tl.constexpr, E_P2: tl.constexpr):
     expert = tl.arange(0, E_P2)
     in_range = expert < E
-    carry = tl.zeros([E_P2], dtype=tl.int32)  # pairs of each expert in the blocks before this chunk
+    carry_E = tl.zeros([E_P2], dtype=tl.int32)  # pairs of each expert in the blocks before this chunk
     for start in range(0, NB, CHUNK):
         block = start + tl.arange(0, CHUNK)
         mask = (block[:, None] < NB) & in_range[None, :]
         where = hist_ptr + block[:, None] * E + expert[None, :]
         counts = tl.load(where, mask=mask, other=0)
-        tl.store(where, tl.cumsum(counts, axis=0) - counts + carry[None, :], mask=mask)
-        carry += tl.sum(counts, axis=0)
-    tl.store(counts_ptr + expert, carry.to(tl.int64), mask=in_range)
-    tl.store(offsets_ptr + expert, tl.cumsum(carry, axis=0), mask=in_range)
+        tl.store(where, tl.cumsum(counts, axis=0) - counts + carry_E[None, :], mask=mask)
+        carry_E += tl.sum(counts, axis=0)
+    tl.store(counts_ptr + expert, carry_E.to(tl.int64), mask=in_range)
+    tl.store(offsets_ptr + expert, tl.cumsum(carry_E, axis=0), mask=in_range)
 
 
 @triton.jit
@@ -70,42 +86,49 @@ def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, perm_ptr, inv_p
                    S, E, TOP_K, BLOCK: tl.constexpr, E_P2: tl.constexpr):
     block = tl.program_id(0)
     pair = block * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + pair, mask=pair < S, other=-1).to(tl.int32)
+    ids = _load_ids(ids_ptr, pair, S, E)
     one_hot = _one_hot(ids, E_P2)
     rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1  # same-expert pairs before it in the block
     expert = tl.arange(0, E_P2)
     in_range = expert < E
-    first_row = tl.load(offsets_ptr + expert, mask=in_range, other=0) \
+    first_row_E = tl.load(offsets_ptr + expert, mask=in_range, other=0) \
         - tl.load(counts_ptr + expert, mask=in_range, other=0).to(tl.int32)
-    before = first_row + tl.load(prefix_ptr + block * E + expert, mask=in_range, other=0)
-    row = tl.sum(one_hot * before[None, :], axis=1) + rank
-    ok = (pair < S) & (ids >= 0) & (ids < E)
-    tl.store(perm_ptr + row, pair.to(tl.int64), mask=ok)
-    tl.store(inv_perm_ptr + pair, row.to(tl.int64), mask=ok)
-    tl.store(token_ptr + row, (pair // TOP_K).to(tl.int64), mask=ok)
-    tl.store(expert_ptr + row, ids.to(tl.int64), mask=ok)
+    before_E = first_row_E + tl.load(prefix_ptr + block * E + expert, mask=in_range, other=0)
+    row = tl.sum(one_hot * before_E[None, :], axis=1) + rank
+    routed = ids >= 0
+    tl.store(perm_ptr + row, pair.to(tl.int64), mask=routed)
+    tl.store(inv_perm_ptr + pair, row.to(tl.int64), mask=routed)
+    tl.store(token_ptr + row, (pair // TOP_K).to(tl.int64), mask=routed)
+    tl.store(expert_ptr + row, ids.to(tl.int64), mask=routed)
 
 
-def expert_sort(topk_ids: torch.Tensor, num_experts: int):
-    """topk_ids [T, K] (any integer dtype) -> (perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E), as
-    moetune.experts.routing.plan_routing defines them (int64, offsets_E int32)."""
-    if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"num_experts: expected 1 to {MAX_EXPERTS} for the counting sort, got {num_experts}")
-    num_tokens, top_k = topk_ids.shape
-    ids = topk_ids.reshape(-1)
-    if not ids.is_contiguous():
-        ids = ids.contiguous()
-    num_pairs, device = ids.numel(), ids.device
+def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """topk_ids [T, K] (any integer dtype, ids in [0, E)) -> (perm_S, inv_perm_S, token_S, expert_S, counts_E,
+    offsets_E), as moetune.experts.routing.plan_routing defines them (int64, offsets_E int32).
+
+    An id outside [0, E) is left out of the counts and its pair of the rows; the rows past sum(counts_E) are then
+    unset. moe_experts checks the ids first (experts/validation.py's check_inputs, a device-side assert on CUDA)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts: expected an integer from 1 to {MAX_EXPERTS} for the counting sort, "
+                         f"got {num_experts!r}")
+    num_tokens, top_k = topk_ids_TK.shape
+    ids_S = topk_ids_TK.reshape(-1)
+    if not ids_S.is_contiguous():
+        ids_S = ids_S.contiguous()
+    num_pairs, device = ids_S.numel(), ids_S.device
     e_p2 = next_power_of_2(num_experts)
-    block = max(16, min(1024, TILE_ELEMENTS // e_p2))
+    block = max(16, min(MAX_BLOCK, BLOCK_ELEMENTS // e_p2))
     num_blocks = max(1, cdiv(num_pairs, block))
-    hist = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
-    counts = torch.empty(num_experts, dtype=torch.int64, device=device)
-    offsets = torch.empty(num_experts, dtype=torch.int32, device=device)
-    perm, inv_perm, token, expert = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
-    launch_kernel(block_counts_kernel, (num_blocks,), ids, hist, num_pairs, num_experts, BLOCK=block, E_P2=e_p2)
-    launch_kernel(block_offsets_kernel, (1,), hist, counts, offsets, num_blocks, num_experts,
-                  CHUNK=max(1, TILE_ELEMENTS // e_p2), E_P2=e_p2, num_warps=4)
-    launch_kernel(scatter_kernel, (num_blocks,), ids, hist, counts, offsets, perm, inv_perm, token, expert,
-                  num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2)
-    return perm, inv_perm, token, expert, counts, offsets
+    if num_pairs >= 2**31 or num_blocks * num_experts >= 2**31:  # the kernels index in int32
+        raise ValueError(f"topk_ids: expected fewer than 2**31 pairs for the counting sort, got {num_pairs}")
+    hist_NE = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
+    counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
+    offsets_E = torch.empty(num_experts, dtype=torch.int32, device=device)
+    perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
+    launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
+                  E_P2=e_p2, num_warps=WARPS)
+    launch_kernel(block_offsets_kernel, (1,), hist_NE, counts_E, offsets_E, num_blocks, num_experts,
+                  CHUNK=max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // e_p2)), E_P2=e_p2, num_warps=WARPS)
+    launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, perm_S, inv_perm_S, token_S,
+                  expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2, num_warps=WARPS)
+    return perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E

@@ -50,8 +50,10 @@ def assert_same_plan(ids, num_experts):
     (1, 8, 128),      # T = 1 at Qwen3's routing: 120 experts get nothing
     (37, 3, 5),       # pairs not a multiple of the block
     (50, 4, 60),      # E not a power of two (Qwen2-MoE)
+    (700, 4, 16),     # few experts over several blocks (1024 pairs a block at E = 16)
     (40, 8, 256),     # DeepSeek-V3's 256 experts: smaller blocks
     (300, 2, 1000),   # more blocks than the offsets kernel's chunk: its loop carries across chunks
+    (20, 1, 1024),    # the largest E the counting sort takes
 ])
 def test_same_plan_as_torchs_stable_sort(num_tokens, top_k, num_experts):
     assert_same_plan(routed(num_tokens, top_k, num_experts), num_experts)
@@ -60,14 +62,49 @@ def test_same_plan_as_torchs_stable_sort(num_tokens, top_k, num_experts):
 def test_one_expert_takes_every_pair_and_the_rest_are_empty():
     assert_same_plan(routed(70, 2, 16, only=[11]), 16)
     assert_same_plan(routed(70, 2, 16, only=[0, 15]), 16)
+    assert_same_plan(routed(1500, 2, 16, only=[15]), 16)  # across three blocks
 
 
-def test_any_integer_dtype_and_strides():
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_any_integer_dtype(dtype):
+    assert_same_plan(routed(33, 4, 24).to(dtype), 24)
+
+
+def test_uint8_ids_with_256_experts_ending_mid_block():
+    """The lanes past the last pair must not count: loaded as -1 they read 255 in uint8, an expert here."""
+    assert_same_plan(routed(75, 4, 256).to(torch.uint8), 256)  # 300 pairs, blocks of 64
+
+
+def test_strided_ids():
     ids = routed(33, 4, 24)
-    assert_same_plan(ids.to(torch.int32), 24)
-    transposed = ids.t().contiguous().t()  # [T, K] with strides (1, T): not contiguous
+    transposed = ids.t().contiguous().t()  # [T, K] with strides (1, T): reshape copies
     assert not transposed.is_contiguous()
     assert_same_plan(transposed, 24)
+    wide = routed(33, 8, 24)
+    assert_same_plan(wide[:, :1], 24)  # a [T, 1] column of a [T, 8] tensor: reshape gives a strided view
+    assert_same_plan(wide[:, ::2], 24)
+
+
+def test_no_pairs():
+    perm, inv_perm, token, expert, counts, offsets = expert_sort(routed(0, 4, 8), 8)
+    assert perm.numel() == inv_perm.numel() == token.numel() == expert.numel() == 0
+    assert counts.tolist() == [0] * 8 and offsets.tolist() == [0] * 8
+
+
+def test_out_of_range_ids_are_left_out_and_nothing_is_written_past_the_ends():
+    """moe_experts stops on such ids first (check_inputs); the kernels alone must still stay in bounds and leave
+    the valid pairs' plan as torch would make it without the bad pairs."""
+    ids = routed(40, 2, 8)
+    ids[3, 1], ids[17, 0], ids[25, 1] = 8, -1, 2**32 + 3  # the last must not wrap into range as an int32
+    perm, inv_perm, token, expert, counts, offsets = expert_sort(ids, 8)
+    flat = ids.reshape(-1).cpu()
+    good = (flat >= 0) & (flat < 8)
+    assert counts.sum().item() == good.sum().item() == offsets[-1].item()
+    assert torch.equal(counts.cpu(), torch.bincount(flat[good], minlength=8))
+    rows = int(good.sum())
+    want = torch.sort(flat[good], stable=True)
+    assert torch.equal(expert[:rows].cpu(), want.values)
+    assert torch.equal(perm[:rows].cpu(), good.nonzero().squeeze(1)[want.indices])
 
 
 def test_rows_of_one_expert_keep_token_order():
@@ -80,11 +117,10 @@ def test_rows_of_one_expert_keep_token_order():
         assert torch.equal(perm[rows].cpu(), perm[rows].cpu().sort().values)
 
 
-def test_too_many_experts_is_refused():
-    from moetune.kernels.expert_sort import MAX_EXPERTS
-
-    with pytest.raises(ValueError, match="num_experts"):
-        expert_sort(routed(4, 1, 2), MAX_EXPERTS + 1)
+@pytest.mark.parametrize("num_experts", [0, 1025, 2.0, True])
+def test_expert_counts_it_does_not_take_are_refused(num_experts):
+    with pytest.raises(ValueError, match="num_experts: expected an integer from 1 to 1024"):
+        expert_sort(routed(4, 1, 2), num_experts)
 
 
 @pytest.mark.gpu
@@ -95,5 +131,15 @@ def test_real_routing_shapes_and_plan_routing_takes_it(num_tokens, top_k, num_ex
     assert_same_plan(ids, num_experts)
     plan = routing.plan_routing(ids, num_experts)  # on CUDA: the counting sort
     want = torch_plan(ids, num_experts)
+    for name in FIELDS:
+        assert torch.equal(getattr(plan, name).cpu(), getattr(want, name)), name
+
+
+@pytest.mark.gpu
+def test_plan_routing_takes_torchs_sort_beyond_the_counting_sorts_experts():
+    ids = routed(64, 2, 2048, seed=2)
+    assert routing._counting_sort(ids.device, 2048) is None
+    assert routing._counting_sort(ids.device, 128) is not None
+    plan, want = routing.plan_routing(ids, 2048), torch_plan(ids, 2048)
     for name in FIELDS:
         assert torch.equal(getattr(plan, name).cpu(), getattr(want, name)), name
