@@ -74,13 +74,16 @@ def collector_frozen():
 
     A full collection walks every tracked object; with a whole model loaded that took 230-280 ms, once every ten
     steps or so, inside a 600 ms step (Qwen3-30B-A3B, run 51c). Frozen objects are still freed by reference
-    counting; only cycles among them wait until the block ends."""
+    counting; only cycles among them wait until the block ends. A process that froze objects itself keeps them
+    frozen (gc.unfreeze would release everything, its own too)."""
+    frozen_before = gc.get_freeze_count()
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
 
 
 def _schedule(warmup: int, total: int):

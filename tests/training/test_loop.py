@@ -29,6 +29,17 @@ def test_collector_frozen_unfreezes_on_error():
     assert gc.get_freeze_count() == 0
 
 
+def test_collector_frozen_leaves_a_freeze_of_the_caller_in_place():
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with loop.collector_frozen():
+            pass
+        assert gc.get_freeze_count() >= mine
+    finally:
+        gc.unfreeze()
+
+
 def test_the_training_steps_run_with_the_collector_frozen(tmp_path, capsys, monkeypatch):
     frozen_at_write = []
     write = MetricsLog.write
