@@ -1,8 +1,8 @@
 """The routing plan two ways on a GPU: torch's stable sort (~10 ops) and moetune's counting sort (three Triton
-launches, kernels/expert_sort.py), alternating in rounds. Both must give the same plan (checked first). Per way:
-the host time to issue one plan (calls issued back to back, no sync) and the GPU time of one plan (CUDA events,
-with the calls queued behind a sleep kernel so the GPU never waits for the host; run 51f's figures predate that
-and timed the host twice).
+launches, kernels/expert_sort.py), alternating in rounds (medians and 20/80 percentiles over rounds). Both must
+give the same plan (checked first). Per way: the host time to issue one plan (calls issued back to back, no sync)
+and the GPU time of one plan (CUDA events, with the calls queued behind a sleep kernel so the GPU never waits for
+the host; run 51f's figures predate that and timed the host twice).
 
     python benchmarks/routing_plan_ab.py --cases 8192:8:128 16384:4:32 32768:8:128
 """
@@ -91,8 +91,11 @@ def main(argv=None) -> None:
                 timings[way].append(time_way(ids, num_experts, way, args.calls))
         row = {"tokens": num_tokens, "top_k": top_k, "experts": num_experts, "same_plan": same}
         for way in WAYS:
-            row[f"{way}_host_ms"] = statistics.median(h for h, _ in timings[way])
-            row[f"{way}_gpu_ms"] = statistics.median(g for _, g in timings[way])
+            for index, what in ((0, "host"), (1, "gpu")):
+                values = sorted(timing[index] for timing in timings[way])
+                row[f"{way}_{what}_ms"] = statistics.median(values)
+                row[f"{way}_{what}_ms_p20"] = values[int(0.2 * (len(values) - 1))]
+                row[f"{way}_{what}_ms_p80"] = values[int(0.8 * (len(values) - 1))]
         rows.append(row)
         print(f"T={num_tokens} k={top_k} E={num_experts}: " + ", ".join(
             f"{way} host {row[f'{way}_host_ms'] * 1e3:.0f} us / GPU {row[f'{way}_gpu_ms'] * 1e3:.0f} us"
