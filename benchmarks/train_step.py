@@ -15,6 +15,7 @@ the timed steps (weights included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from moetune.training.config import layers_or_auto  # noqa: E402
+from moetune.training.loop import collector_frozen  # noqa: E402
 
 # Published configs (config.json of each model), so the shapes are the real ones.
 MODELS = {
@@ -276,12 +278,17 @@ class StepClock:
         gc.callbacks.remove(self._on_gc)
 
 
+# step_host_s's keys as the console line names them
+HOST_LABELS = (("queued_s", "host queued"), ("busiest_cpu_s", "busiest thread cpu"), ("cpu_s", "all threads cpu"),
+               ("runqueue_wait_s", "runqueue wait"), ("gc_s", "gc"))
+
+
 def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
     seconds of the warm-up, each timed step's host split by StepClock). Peak-memory stats restart after the
     warm-up."""
     times, losses = [], []
-    host = {"queued_s": [], "busiest_cpu_s": [], "cpu_s": [], "runqueue_wait_s": [], "gc_s": []}
+    host = {key: [] for key, _ in HOST_LABELS}
     clock = StepClock()
     t_warmup, warmup_s = time.perf_counter(), 0.0
     try:
@@ -362,13 +369,9 @@ def run(provider, source, config, seq, args, device) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
     try:
-        if args.gc == "freeze":  # everything built so far (the model, its hooks) leaves the collector's generations
-            gc.collect()
-            gc.freeze()
-        try:
+        # freeze: everything built so far (the model, its hooks) leaves the collector, as in moetune train
+        with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
             times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device)
-        finally:
-            gc.unfreeze()
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         result = {
             "step_s": statistics.median(times),
@@ -475,11 +478,8 @@ def main(argv=None) -> int:
                     f"{result['step_s'] * 1e3:.0f} ms/step, peak {result['peak_gib'] or 0:.1f} GiB, "
                     f"{result['trainable_params'] / 1e6:.0f}M trainable, loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}, "
                     f"steps {[round(t * 1e3) for t in result['step_times_s']]} ms, "
-                    f"host queued {[round(t * 1e3) for t in result['step_host_s']['queued_s']]} ms, "
-                    f"busiest thread cpu {[round(t * 1e3) for t in result['step_host_s']['busiest_cpu_s']]} ms, "
-                    f"all threads cpu {[round(t * 1e3) for t in result['step_host_s']['cpu_s']]} ms, "
-                    f"runqueue wait {[round(t * 1e3) for t in result['step_host_s']['runqueue_wait_s']]} ms, "
-                    f"gc {[round(t * 1e3) for t in result['step_host_s']['gc_s']]} ms",
+                    + ", ".join(f"{label} {[round(t * 1e3) for t in result['step_host_s'][key]]} ms"
+                                for key, label in HOST_LABELS),
                     flush=True,
                 )
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
