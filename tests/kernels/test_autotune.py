@@ -102,3 +102,76 @@ def test_a_gpu_fault_in_a_tma_candidate_is_not_skipped(monkeypatch, tmp_path):
     candidates = [{"BLOCK_M": 64}, {"BLOCK_M": 64, "TMA_B": True}]
     with pytest.raises(RuntimeError, match="illegal memory access"):
         autotune.pick("k", ("tma-fault",), candidates, launch, "cuda:0", num_rows=10**6)
+
+
+def _fake_gpu(monkeypatch, tmp_path, times: dict[str, list[float]]):
+    """Tune as on a GPU with do_bench replaced: each call of config `name` takes the next of times[name] (ms)."""
+    import triton.testing
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", None)
+    monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    timed = []
+
+    def launch(config):
+        timed.append(config["name"])
+        return times[config["name"]].pop(0)
+
+    return launch, timed
+
+
+def test_a_config_that_was_fast_once_is_not_picked_over_steadier_ones(monkeypatch, tmp_path):
+    """The first pass gives each config one window; the close contenders are timed again in alternating rounds and
+    judged by their median, so one lucky window (a clock boost, an idle neighbour) does not decide the pick."""
+    launch, timed = _fake_gpu(monkeypatch, tmp_path, {
+        "first": [1.00, 1.00, 1.00, 1.00],
+        "lucky": [0.80, 0.99, 0.98, 0.99],     # fast in the first pass only: not better than the first
+        "steady": [0.85, 0.84, 0.85, 0.86],    # truly faster
+        "slow": [1.50],                        # out of the running after the first pass: never timed again
+    })
+    candidates = [{"name": name} for name in ("first", "lucky", "slow", "steady")]
+    assert autotune.pick("k", ("rounds",), candidates, launch, "cuda:0", num_rows=10**6) == {"name": "steady"}
+    assert timed.count("slow") == 1
+    assert [timed.count(name) for name in ("first", "lucky", "steady")] == [1 + autotune.ROUNDS] * 3
+    # the rounds alternate: no config is timed twice in a row
+    rounds = timed[len(candidates):]
+    assert all(a != b for a, b in zip(rounds, rounds[1:]))
+
+
+def test_rounds_keep_the_favourite_when_its_rival_was_lucky(monkeypatch, tmp_path):
+    launch, _ = _fake_gpu(monkeypatch, tmp_path, {
+        "first": [1.00, 1.01, 0.99, 1.00],
+        "lucky": [0.85, 1.00, 1.01, 1.00],
+    })
+    candidates = [{"name": "first"}, {"name": "lucky"}]
+    assert autotune.pick("k", ("favourite",), candidates, launch, "cuda:0", num_rows=10**6) == {"name": "first"}
+
+
+def test_a_clear_first_pass_winner_is_not_timed_again(monkeypatch, tmp_path):
+    launch, timed = _fake_gpu(monkeypatch, tmp_path, {"first": [0.5], "second": [1.0], "third": [0.9]})
+    candidates = [{"name": name} for name in ("first", "second", "third")]
+    assert autotune.pick("k", ("clear",), candidates, launch, "cuda:0", num_rows=10**6) == {"name": "first"}
+    assert timed == ["first", "second", "third"]
+
+
+def test_finalists_are_ranked_with_the_host_time_of_each_config(monkeypatch, tmp_path):
+    """A config whose GPU time is close but whose host time is not (TMA descriptors at 4K) does not take a
+    finalist's place."""
+    from moetune.kernels.autotune import _retimed_finalists
+
+    timings = [(1.0, {"name": "first"}), (0.95, {"name": "tma"}), (0.97, {"name": "pointers"})]
+    calls = []
+
+    def launch(config):
+        calls.append(config["name"])
+        return 1.0
+
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    monkeypatch.setattr(autotune, "FINALISTS", 1)
+    finalists = _retimed_finalists(timings, launch, host_ms=lambda config: 0.3 if config["name"] == "tma" else 0.0)
+    assert [config["name"] for _, config in finalists] == ["first", "pointers"]
+    assert "tma" not in calls
