@@ -217,6 +217,23 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
             "top_ops": [{"name": n, "input_shapes": sh, "count": c, "ms": ms} for n, sh, c, ms in ops[:2 * rows]]}
 
 
+def memory_peak_step(model, optimizer, ids, provider: str, seq: int, args) -> dict:
+    """One more step under the allocator's history: what is alive at its memory peak (memory_peak.py); the raw
+    snapshot goes next to --out (for pytorch.org/memory_viz)."""
+    import memory_peak
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = torch.cuda.memory_allocated()
+    save = f"{os.path.splitext(args.out)[0]}-{provider}-{seq}-memory.pickle" if args.out else None
+    summary = memory_peak.live_at_peak(memory_peak.record_step(step, save))
+    print(memory_peak.report(summary, start), flush=True)
+    return {"start_bytes": start, **summary}
+
+
 def make_optimizer(params, name: str, step_in_backward: bool = False):
     """moetune train's optimizer (adamw, adamw_bf16 or adamw_8bit) at lr 1e-4 and both libraries' default weight decay,
     optionally stepped inside the backward pass."""
@@ -373,6 +390,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
             times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device)
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
+        memory = memory_peak_step(model, optimizer, ids, provider, seq, args) \
+            if provider in args.memory_peak and device.type == "cuda" else None
         result = {
             "step_s": statistics.median(times),
             "step_times_s": times,
@@ -384,6 +403,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         }
         if profile:
             result["profile"] = profile
+        if memory:
+            result["memory_peak"] = memory
     except torch.OutOfMemoryError:
         result = {"oom": True}
     if provider == "moetune":
@@ -412,6 +433,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile", nargs="*", default=[], choices=["moetune", "baseline"],
                         help="after timing, profile one more step of these providers (GPU time per kernel group)")
+    parser.add_argument("--memory-peak", nargs="*", default=[], choices=["moetune", "baseline"],
+                        help="one more step under the allocator's history: the tensors alive at its peak (CUDA)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (runs on CPU, fp32): checks the script")
     parser.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
                         help="moetune: offload checkpointed layer inputs to pinned host memory (auto: on CUDA)")
