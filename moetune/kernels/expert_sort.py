@@ -7,11 +7,12 @@ again in the checkpoint's recompute), about 9 ms of kernels (run 51d), and that 
 With at most 1024 experts, counting is cheaper than sorting:
 
   1. block_counts_kernel   per block of BLOCK pairs: how many pairs go to each expert        hist [NB, E] int32
-  2. block_offsets_kernel  one program: per expert, the pairs of earlier blocks (exclusive prefix over blocks,
-                           in place in hist), each expert's total (counts_E) and their cumulative sum (offsets_E)
-  3. scatter_kernel        per block: a pair's sorted row = rows of earlier experts + its expert's pairs in
-                           earlier blocks + its rank among its expert's pairs in this block (a cumulative sum
-                           of the block's one-hot [BLOCK, E] over pairs); writes the four [S] index arrays
+  2. block_offsets_kernel  per group of EXPERT_GROUP experts: each expert's pairs in earlier blocks (exclusive
+                           prefix over the blocks, in place in hist) and its total (counts_E)
+  3. scatter_kernel        per block: a pair's sorted row = rows of earlier experts (the cumulative sum of
+                           counts_E, offsets_E, which the first block also writes) + its expert's pairs in earlier
+                           blocks + its rank among its expert's pairs in this block (a cumulative sum of the
+                           block's one-hot [BLOCK, E] over pairs); writes the four [S] index arrays
 
 The rank follows pair order, so rows of one expert keep token order: the result is exactly torch's stable sort.
 An id outside [0, E) is skipped here (nothing is written out of bounds). moe_experts reports it first with a
@@ -34,11 +35,14 @@ __all__ = ["MAX_EXPERTS", "expert_sort"]
 # small (16 pairs a block at E = 1024). Beyond that torch's sort is the better tool.
 MAX_EXPERTS = 1024
 # Elements of a block's one-hot tile [BLOCK, E_P2] (and of its cumulative sum), and of the offsets kernel's
-# [CHUNK, E_P2] tile, each over WARPS warps. The offsets kernel is one program looping over the blocks: larger
-# blocks mean fewer of its iterations. Compiled for sm_90a (ptxas -v, Triton 3.9, session 14), none of the three
-# spills for E_P2 = 1 to 1024 with these; the offsets kernel spilled with 16K-element tiles over 4 warps.
+# [CHUNK, EXPERT_GROUP] tile, each over WARPS warps. Each offsets program loops over all the blocks for its experts.
+# With one program for every expert (run 52a, H200) that loop made the plan's GPU time grow with the blocks: 42 us
+# at 4K tokens (k 8, E 128), 79 us at 8K, 126 us at 8K with 256 experts (torch's sort: 113-125 us); groups of 16
+# experts run those 512-1024 blocks as 8-16 programs of 2-4 iterations. Compiled for sm_90a (ptxas -v, Triton 3.9,
+# session 14), the counts and scatter kernels spill nowhere for E_P2 = 1 to 1024 with these.
 BLOCK_ELEMENTS, MAX_BLOCK = 16384, 2048
-CHUNK_ELEMENTS, MAX_CHUNK = 8192, 256  # the caps: at a few experts the tiles' other dimension alone spilled
+EXPERT_GROUP = 16
+MAX_CHUNK = 256
 WARPS = 8
 
 
@@ -66,10 +70,10 @@ def block_counts_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, E_P2: tl.c
 
 
 @triton.jit
-def block_offsets_kernel(hist_ptr, counts_ptr, offsets_ptr, NB, E, CHUNK: tl.constexpr, E_P2: tl.constexpr):
-    expert = tl.arange(0, E_P2)
+def block_offsets_kernel(hist_ptr, counts_ptr, NB, E, CHUNK: tl.constexpr, GROUP: tl.constexpr):
+    expert = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
     in_range = expert < E
-    carry_E = tl.zeros([E_P2], dtype=tl.int32)  # pairs of each expert in the blocks before this chunk
+    carry_E = tl.zeros([GROUP], dtype=tl.int32)  # pairs of each expert in the blocks before this chunk
     for start in range(0, NB, CHUNK):
         block = start + tl.arange(0, CHUNK)
         mask = (block[:, None] < NB) & in_range[None, :]
@@ -78,7 +82,6 @@ def block_offsets_kernel(hist_ptr, counts_ptr, offsets_ptr, NB, E, CHUNK: tl.con
         tl.store(where, tl.cumsum(counts, axis=0) - counts + carry_E[None, :], mask=mask)
         carry_E += tl.sum(counts, axis=0)
     tl.store(counts_ptr + expert, carry_E.to(tl.int64), mask=in_range)
-    tl.store(offsets_ptr + expert, tl.cumsum(carry_E, axis=0), mask=in_range)
 
 
 @triton.jit
@@ -91,9 +94,11 @@ def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, perm_ptr, inv_p
     rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1  # same-expert pairs before it in the block
     expert = tl.arange(0, E_P2)
     in_range = expert < E
-    first_row_E = tl.load(offsets_ptr + expert, mask=in_range, other=0) \
-        - tl.load(counts_ptr + expert, mask=in_range, other=0).to(tl.int32)
-    before_E = first_row_E + tl.load(prefix_ptr + block * E + expert, mask=in_range, other=0)
+    counts_E = tl.load(counts_ptr + expert, mask=in_range, other=0).to(tl.int32)
+    offsets_E = tl.cumsum(counts_E, axis=0)  # each expert's end row (E_P2 <= 1024: cheap in every program)
+    if block == 0:
+        tl.store(offsets_ptr + expert, offsets_E, mask=in_range)
+    before_E = offsets_E - counts_E + tl.load(prefix_ptr + block * E + expert, mask=in_range, other=0)
     row = tl.sum(one_hot * before_E[None, :], axis=1) + rank
     routed = ids >= 0
     tl.store(perm_ptr + row, pair.to(tl.int64), mask=routed)
@@ -127,8 +132,9 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
     launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
                   E_P2=e_p2, num_warps=WARPS)
-    launch_kernel(block_offsets_kernel, (1,), hist_NE, counts_E, offsets_E, num_blocks, num_experts,
-                  CHUNK=max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // e_p2)), E_P2=e_p2, num_warps=WARPS)
+    group = min(EXPERT_GROUP, e_p2)
+    launch_kernel(block_offsets_kernel, (cdiv(num_experts, group),), hist_NE, counts_E, num_blocks, num_experts,
+                  CHUNK=min(MAX_CHUNK, next_power_of_2(num_blocks)), GROUP=group, num_warps=WARPS)
     launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, perm_S, inv_perm_S, token_S,
                   expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2, num_warps=WARPS)
     return perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E

@@ -52,7 +52,8 @@ def assert_same_plan(ids, num_experts):
     (50, 4, 60),      # E not a power of two (Qwen2-MoE)
     (700, 4, 16),     # few experts over several blocks (1024 pairs a block at E = 16)
     (40, 8, 256),     # DeepSeek-V3's 256 experts: smaller blocks
-    (300, 2, 1000),   # more blocks than the offsets kernel's chunk: its loop carries across chunks
+    (300, 2, 1000),   # many expert groups in the offsets kernel, the last one partial
+    (2100, 2, 1000),  # more blocks (16 pairs each) than the offsets kernel's chunk: its loop carries across chunks
     (20, 1, 1024),    # the largest E the counting sort takes
 ])
 def test_same_plan_as_torchs_stable_sort(num_tokens, top_k, num_experts):
