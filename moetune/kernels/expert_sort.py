@@ -38,11 +38,11 @@ MAX_EXPERTS = 1024
 # [CHUNK, EXPERT_GROUP] tile, each over WARPS warps. Each offsets program loops over all the blocks for its experts.
 # With one program for every expert (run 52a, H200) that loop made the plan's GPU time grow with the blocks: 42 us
 # at 4K tokens (k 8, E 128), 79 us at 8K, 126 us at 8K with 256 experts (torch's sort: 113-125 us); groups of 16
-# experts run those 512-1024 blocks as 8-16 programs of 2-4 iterations. Compiled for sm_90a (ptxas -v, Triton 3.9,
-# session 14), the counts and scatter kernels spill nowhere for E_P2 = 1 to 1024 with these.
+# experts run those 512-1024 blocks as 8-16 programs of 2-4 iterations. CHUNK is fixed, so that batches of other
+# lengths compile nothing new. Compiled for sm_90a (Triton 3.9, sessions 14-15), none of the three kernels uses local
+# memory (spills) for E_P2 = 1 to 1024 with these.
 BLOCK_ELEMENTS, MAX_BLOCK = 16384, 2048
-EXPERT_GROUP = 16
-MAX_CHUNK = 256
+EXPERT_GROUP, CHUNK = 16, 256
 WARPS = 8
 
 
@@ -134,7 +134,7 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
                   E_P2=e_p2, num_warps=WARPS)
     group = min(EXPERT_GROUP, e_p2)
     launch_kernel(block_offsets_kernel, (cdiv(num_experts, group),), hist_NE, counts_E, num_blocks, num_experts,
-                  CHUNK=min(MAX_CHUNK, next_power_of_2(num_blocks)), GROUP=group, num_warps=WARPS)
+                  CHUNK=CHUNK, GROUP=group, num_warps=WARPS)
     launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, perm_S, inv_perm_S, token_S,
                   expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2, num_warps=WARPS)
     return perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E
