@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import memory_peak  # noqa: E402
@@ -49,3 +51,25 @@ def test_an_empty_or_missing_trace_is_a_zero_peak():
     assert memory_peak.live_at_peak({"device_traces": [[]]}, top=3)["largest"] == []
     assert memory_peak.owner([]) == "?"
     assert memory_peak.owner(frames("/x/y.py")) == "/x/y.py:10 f0"
+
+
+@pytest.mark.gpu
+def test_a_cuda_step_under_the_history_names_the_allocating_line(tmp_path):
+    """The real allocator's trace: the largest tensor alive at the peak is the one this test allocated, named by
+    this file's line, and the snapshot pickles for memory_viz."""
+    import torch
+
+    def step():
+        held = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")  # alive at the peak
+        scratch = torch.empty(8 * MiB, dtype=torch.uint8, device="cuda")
+        del scratch
+        return held.sum()
+
+    start = torch.cuda.memory_allocated()
+    snapshot = memory_peak.record_step(step, str(tmp_path / "snap.pickle"))
+    summary = memory_peak.live_at_peak(snapshot, device=torch.cuda.current_device())
+    assert summary["peak_above_start_bytes"] >= 72 * MiB
+    assert summary["largest"][0]["each_bytes"] == 64 * MiB
+    assert "test_memory_peak.py" in summary["largest"][0]["owner"]
+    assert (tmp_path / "snap.pickle").stat().st_size > 0
+    assert "memory peak:" in memory_peak.report(summary, start)
