@@ -227,11 +227,11 @@ def memory_peak_step(model, optimizer, ids, provider: str, seq: int, args) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = torch.cuda.memory_allocated()
+    start = torch.cuda.memory_stats()["requested_bytes.all.current"]  # the trace's unit (memory_peak.py)
     save = f"{os.path.splitext(args.out)[0]}-{provider}-{seq}-memory.pickle" if args.out else None
-    summary = memory_peak.live_at_peak(memory_peak.record_step(step, save))
+    summary = memory_peak.live_at_peak(memory_peak.record_step(step, save), device=torch.cuda.current_device())
     print(memory_peak.report(summary, start), flush=True)
-    return {"start_bytes": start, **summary}
+    return {"start_requested_bytes": start, **summary}
 
 
 def make_optimizer(params, name: str, step_in_backward: bool = False):
