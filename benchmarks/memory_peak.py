@@ -92,25 +92,34 @@ def live_at_peak(snapshot: dict, device: int = 0, top: int = 15, packages: list[
     """Replay device `device`'s trace: the peak of requested bytes relative to the start (tensors the step frees
     that it did not allocate count down) and the allocations of the step alive at that moment, largest first,
     grouped by owner and size."""
-    live: dict[int, tuple[int, str]] = {}
-    current = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
     traces = snapshot.get("device_traces") or []
-    for event in traces[device] if device < len(traces) else []:
-        action, addr = event.get("action"), event.get("addr")
-        if action == "alloc":
-            live[addr] = (event["size"], owner(event.get("frames") or [], packages))
-            current += event["size"]
-            if current > peak:
-                peak, at_peak = current, dict(live)
-        elif action == "free_requested" or (action == "free_completed" and addr in live):
-            # bytes held drop at the free request (the block may then wait for its streams before it is reused);
-            # a free_completed counts only where no request came first
-            freed = live.pop(addr, None)
-            current -= freed[0] if freed is not None else event.get("size", 0)
+    events = traces[device] if device < len(traces) else []
+
+    def replay(stop: int):
+        """The step's live allocations (addr -> event) after events[:stop], the bytes held relative to the start
+        and the index of their highest point."""
+        live: dict[int, dict] = {}
+        current = peak = peak_index = 0
+        for index, event in enumerate(events[:stop]):
+            action, addr = event.get("action"), event.get("addr")
+            if action == "alloc":
+                live[addr] = event
+                current += event["size"]
+                if current > peak:
+                    peak, peak_index = current, index + 1
+            elif action == "free_requested" or (action == "free_completed" and addr in live):
+                # bytes held drop at the free request (the block may then wait for its streams before it is
+                # reused); a free_completed counts only where no request came first
+                freed = live.pop(addr, None)
+                current -= (freed or event).get("size", 0)
+        return live, peak, peak_index
+
+    _, peak, peak_index = replay(len(events))
+    at_peak = replay(peak_index)[0]  # replayed again to the peak: no copy of the live set at every new high
     groups: dict[tuple[str, int], int] = {}
-    for size, name in at_peak.values():
-        groups[(name, size)] = groups.get((name, size), 0) + 1
+    for event in at_peak.values():  # owners named for these only
+        key = (owner(event.get("frames") or [], packages), event["size"])
+        groups[key] = groups.get(key, 0) + 1
     rows = sorted(((size * count, count, size, name) for (name, size), count in groups.items()), reverse=True)
     return {
         "peak_above_start_bytes": peak,
