@@ -161,6 +161,16 @@ KERNEL_GROUPS = (
 )
 
 
+def training_step(model, optimizer, ids) -> torch.Tensor:
+    """One step as every provider runs it: forward with labels, backward, optimizer step, gradients dropped. Returns
+    the loss (not read here: no sync)."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
     """One more step under torch.profiler: GPU time per kernel group, the top kernels, and host vs GPU time."""
     import re
@@ -171,9 +181,7 @@ def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
     _sync(device)
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(model, optimizer, ids)
         _sync(device)
     wall = time.perf_counter() - t0
     kernels = [
@@ -222,14 +230,9 @@ def memory_peak_step(model, optimizer, ids, provider: str, seq: int, args) -> di
     snapshot goes next to --out (for pytorch.org/memory_viz)."""
     import memory_peak
 
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     start = torch.cuda.memory_stats()["requested_bytes.all.current"]  # the trace's unit (memory_peak.py)
     save = f"{os.path.splitext(args.out)[0]}-{provider}-{seq}-memory.pickle" if args.out else None
-    summary = memory_peak.live_at_peak(memory_peak.record_step(step, save), device=torch.cuda.current_device())
+    summary = memory_peak.live_at_peak(memory_peak.record_step(lambda: training_step(model, optimizer, ids), save), device=torch.cuda.current_device())
     print(memory_peak.report(summary, start), flush=True)
     return {"start_requested_bytes": start, **summary}
 
@@ -317,10 +320,7 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[
                     torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             clock.start()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = training_step(model, optimizer, ids)
             queued = time.perf_counter() - t0
             _sync(device)
             if step >= warmup:
