@@ -63,6 +63,12 @@ def owner(frames: list[dict], packages: list[tuple[str, str]] | None = None) -> 
     return "?"
 
 
+def requested_bytes() -> int:
+    """Bytes the live tensors asked for (the trace's unit); 0 before the allocator's first allocation, when torch's
+    memory_stats() is still empty (run 53a: a KeyError in a fresh process)."""
+    return torch.cuda.memory_stats().get("requested_bytes.all.current", 0)
+
+
 def record_step(step: Callable[[], object], save_path: str | None = None, max_entries: int = 1_000_000) -> dict:
     """Run step() with the allocator's history on; returns the snapshot with the step's block peak above its start
     ("max_allocated_above_start", from torch's own statistics), and pickles it to save_path."""

@@ -230,7 +230,7 @@ def memory_peak_step(model, optimizer, ids, provider: str, seq: int, args) -> di
     snapshot goes next to --out (for pytorch.org/memory_viz)."""
     import memory_peak
 
-    start = torch.cuda.memory_stats()["requested_bytes.all.current"]  # the trace's unit (memory_peak.py)
+    start = memory_peak.requested_bytes()
     save = f"{os.path.splitext(args.out)[0]}-{provider}-{seq}-memory.pickle" if args.out else None
     summary = memory_peak.live_at_peak(memory_peak.record_step(lambda: training_step(model, optimizer, ids), save), device=torch.cuda.current_device())
     print(memory_peak.report(summary, start), flush=True)

@@ -88,7 +88,7 @@ def test_a_cuda_step_under_the_history_names_the_allocating_line(tmp_path):
         del scratch
         return held.sum()
 
-    start = torch.cuda.memory_stats()["requested_bytes.all.current"]
+    start = memory_peak.requested_bytes()  # 0 here if nothing was allocated on the GPU yet
     snapshot = memory_peak.record_step(step, str(tmp_path / "snap.pickle"))
     summary = memory_peak.live_at_peak(snapshot, device=torch.cuda.current_device())
     assert summary["peak_above_start_bytes"] >= 72 * MiB
@@ -97,3 +97,13 @@ def test_a_cuda_step_under_the_history_names_the_allocating_line(tmp_path):
     assert "test_memory_peak.py" in summary["largest"][0]["owner"]
     assert (tmp_path / "snap.pickle").stat().st_size > 0
     assert "memory peak:" in memory_peak.report(summary, start)
+
+
+def test_requested_bytes_before_the_first_allocation_is_zero(monkeypatch):
+    """torch's memory_stats() is empty until the allocator's first allocation (run 53a's KeyError)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {})
+    assert memory_peak.requested_bytes() == 0
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"requested_bytes.all.current": 5 * MiB})
+    assert memory_peak.requested_bytes() == 5 * MiB
