@@ -34,7 +34,12 @@ from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
 from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import act_code, grouped_wgrad  # noqa: E402
 from moetune.kernels.autotune import _choose  # noqa: E402
-from moetune.kernels.grouped_gemm import LAUNCH_HOST_MS, candidates_for, tma_candidates  # noqa: E402
+from moetune.kernels.grouped_gemm import (  # noqa: E402
+    LAUNCH_HOST_MS,
+    candidates_for,
+    persistent_variants,
+    tma_candidates,
+)
 from moetune.kernels.grouped_wgrad import wgrad_candidates  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # dense bf16 an H100/H200 reaches
@@ -194,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default="current")
     parser.add_argument("--sweep", default=None, metavar="REGEX",
                         help="also time every candidate config of the launches whose name matches")
+    parser.add_argument("--persistent", action="store_true",
+                        help="the sweep also times each grouped_gemm candidate as a persistent kernel (1 and 2 "
+                             "programs per SM)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -216,7 +224,10 @@ def main(argv=None) -> int:
                                                                       grouped_gemm):
                 ms = time_ms(fn, device)
                 if args.sweep and re.search(args.sweep, label):
-                    for config in candidates():
+                    configs = candidates()
+                    if args.persistent and way is not None:  # a grouped_gemm launch (way None: grouped_wgrad)
+                        configs = [v for config in configs for v in persistent_variants(config)]
+                    for config in configs:
                         try:
                             cms = time_ms(functools.partial(fn, config=config), device)
                         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory

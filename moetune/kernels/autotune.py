@@ -174,8 +174,10 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
         except Exception as err:  # noqa: BLE001 - a config that does not compile/fit (e.g. out of shared memory)
             if _device_fault(err):  # the CUDA context is broken (a bad access): no later candidate could run
                 raise
-            if config.get("TMA_B") or config.get("TMA_A"):  # TMA descriptors vary across Triton/driver versions: drop the candidate, not the run
-                print(f"moetune: skipping TMA config {config} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            # TMA descriptors vary across Triton/driver versions, and so does the flattened loop of a persistent
+            # kernel: drop the candidate, not the run.
+            if config.get("TMA_B") or config.get("TMA_A") or config.get("PERSISTENT"):
+                print(f"moetune: skipping config {config} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
                       file=sys.stderr)
                 continue
             if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():

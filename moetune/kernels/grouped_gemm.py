@@ -77,6 +77,17 @@ def _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _grouped_order(tile, m_tiles, n_blocks, GROUP_M: tl.constexpr):
+    """(M tile, N block) of tile number `tile` in grouped launch order: GROUP_M consecutive M tiles run against
+    every N block before the next group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB)
+    are read from HBM once and then served from L2, instead of once per N block."""
+    per_group = GROUP_M * n_blocks
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
 def grouped_gemm_kernel(
     a_ptr, stride_am, stride_ak,
     a_index_ptr,
@@ -98,22 +109,63 @@ def grouped_gemm_kernel(
     LOG2_E: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, B_TMA: tl.constexpr = 0, TMA_GATE_UP: tl.constexpr = False, A_TMA: tl.constexpr = False,
-    U_IN_LOOP: tl.constexpr = False,
+    U_IN_LOOP: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
-    # Grouped launch order: GROUP_M consecutive M tiles run against every N block before the next
-    # group starts, so their A rows (gathered activations, [S, K]: hundreds of MiB) are read from
-    # HBM once and then served from L2, instead of once per N block.
-    pid = tl.program_id(0)
+    # One output tile per program (M_TILES, an upper bound, x N blocks programs; those past the last tile exit), or
+    # PERSISTENT: each program loops over tiles pid, pid + programs, ... of the real count (tile_ends[E - 1]). The
+    # loop is flattened with the K loop, so the software pipeline issues the next tile's first loads during this
+    # tile's epilogue instead of refilling from empty at every tile.
     n_blocks = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_blocks
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    e, e_safe, first_row, row_end = _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E, BLOCK_M)
-    if e >= E:
-        return
+    if PERSISTENT:
+        m_tiles = tl.load(tile_ends_ptr + E - 1)
+        for tile in tl.range(tl.program_id(0), m_tiles * n_blocks, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _grouped_order(tile, m_tiles, n_blocks, GROUP_M)
+            _, e_safe, first_row, row_end = _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E, BLOCK_M)
+            _gemm_tile(
+                pid_n, e_safe, first_row, row_end,
+                a_ptr, stride_am, stride_ak, a_index_ptr, b_ptr, stride_be, stride_bk, stride_bn,
+                u_ptr, stride_um, stride_ur, ua_ptr, stride_uae, stride_uak, stride_uar,
+                lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_biase, stride_biasn,
+                c_ptr, stride_cm, stride_cn, out_index_ptr, row_scale_ptr, gu_ptr, stride_gum, stride_gun,
+                dw_ptr, stride_dwn, b_desc, a_desc, N, K, R, alpha, u_alpha, act_alpha, act_limit,
+                HAS_A_INDEX, HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, EPILOGUE, ACT, INTERLEAVED,
+                DOT_PRECISION, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, B_TMA, TMA_GATE_UP, A_TMA,
+                U_IN_LOOP,
+            )
+    else:
+        pid_m, pid_n = _grouped_order(tl.program_id(0), M_TILES, n_blocks, GROUP_M)
+        e, e_safe, first_row, row_end = _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E, BLOCK_M)
+        if e >= E:
+            return
+        _gemm_tile(
+            pid_n, e_safe, first_row, row_end,
+            a_ptr, stride_am, stride_ak, a_index_ptr, b_ptr, stride_be, stride_bk, stride_bn,
+            u_ptr, stride_um, stride_ur, ua_ptr, stride_uae, stride_uak, stride_uar,
+            lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_biase, stride_biasn,
+            c_ptr, stride_cm, stride_cn, out_index_ptr, row_scale_ptr, gu_ptr, stride_gum, stride_gun,
+            dw_ptr, stride_dwn, b_desc, a_desc, N, K, R, alpha, u_alpha, act_alpha, act_limit,
+            HAS_A_INDEX, HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, EPILOGUE, ACT, INTERLEAVED,
+            DOT_PRECISION, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, B_TMA, TMA_GATE_UP, A_TMA,
+            U_IN_LOOP,
+        )
 
+
+@triton.jit
+def _gemm_tile(
+    pid_n, e_safe, first_row, row_end,
+    a_ptr, stride_am, stride_ak, a_index_ptr, b_ptr, stride_be, stride_bk, stride_bn,
+    u_ptr, stride_um, stride_ur, ua_ptr, stride_uae, stride_uak, stride_uar,
+    lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_biase, stride_biasn,
+    c_ptr, stride_cm, stride_cn, out_index_ptr, row_scale_ptr, gu_ptr, stride_gum, stride_gun,
+    dw_ptr, stride_dwn, b_desc, a_desc, N, K, R, alpha, u_alpha, act_alpha, act_limit,
+    HAS_A_INDEX: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_OUT_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    EPILOGUE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    B_TMA: tl.constexpr, TMA_GATE_UP: tl.constexpr, A_TMA: tl.constexpr, U_IN_LOOP: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile: rows first_row.. (before row_end) of expert e_safe, N block pid_n."""
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     rows64 = rows.to(tl.int64)
@@ -442,6 +494,44 @@ LAUNCH_HOST_MS = 0.15
 TMA_HOST_MS = 0.03
 
 
+# The second tuning step: the first step's pick against the same tile with PERSISTENT programs per SM (see
+# persistent_variants). Its own name, so the first step's cached picks stay valid.
+PERSISTENT_TUNING = "grouped_gemm/persistent/v1"
+
+
+def persistent_candidates(device) -> bool:
+    """Whether autotuning also tries its pick as a persistent kernel: only under MOETUNE_TRITON_PERSISTENT=1.
+
+    Off by default: run 53a (H200, Triton 3.6, Qwen3 16K tokens) timed the persistent variants of all 11 tuned
+    launches and kept none (none beat one tile per program by 3%), while each costs two more compiles when tuning.
+    Triton 3.6 pipelines the flattened loop without warp specialisation on Hopper, so a tile's epilogue still
+    stalls its own warps; kept for the Triton releases and GPUs where that changes."""
+    return os.environ.get("MOETUNE_TRITON_PERSISTENT") == "1"
+
+
+def persistent_variants(config: dict) -> tuple[dict, ...]:
+    """config, then the same tile with 1 and 2 persistent programs per SM (2: room for one program's epilogue to
+    overlap the other's main loop where two fit on an SM). Memoised: asked at every launch."""
+    return _persistent_variants(tuple(sorted(config.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _persistent_variants(items: tuple) -> tuple[dict, ...]:
+    config = dict(items)
+    return (config, dict(config, PERSISTENT=1), dict(config, PERSISTENT=2))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device) -> int:
+    """SMs a persistent launch spreads over (the interpreter: 2, so a test's programs each loop over tiles)."""
+    device = torch.device(device)
+    return _multiprocessors(device.index) if device.type == "cuda" else 2
+
+
 def _tma_host_ms(config: dict) -> float:
     return TMA_HOST_MS * (bool(config.get("TMA_B")) + bool(config.get("TMA_A")))
 
@@ -608,7 +698,7 @@ def grouped_gemm(
     results = []  # epilogue 2: the partial dots [n_blocks, S] (fused) or the dots [S] (split)
 
     def launch(config: dict):
-        blocks = {k: v for k, v in config.items() if k not in ("SPLIT", "TMA_B", "TMA_A")}
+        blocks = {k: v for k, v in config.items() if k not in ("SPLIT", "TMA_B", "TMA_A", "PERSISTENT")}
         split = config.get("SPLIT", False)
         epi = 0 if split else epilogue
         b_tma, b_desc = 0, dummy
@@ -625,8 +715,12 @@ def grouped_gemm(
         n_blocks = cdiv(N, blocks["BLOCK_N"])
         dw = torch.empty(n_blocks, num_rows, device=device, dtype=torch.float32) if epi == 2 else None
         m_tiles = cdiv(num_rows, block_m) + E  # upper bound: each expert adds at most one partial tile
+        programs = m_tiles * n_blocks
+        per_sm = config.get("PERSISTENT", 0)
+        if per_sm:  # a few programs per SM, each looping over tiles
+            programs = min(programs, per_sm * multiprocessors(device))
         launch_kernel(
-            grouped_gemm_kernel, (m_tiles * n_blocks,),
+            grouped_gemm_kernel, (programs,),
             a, a.stride(0), a.stride(1),
             a_index if a_index is not None else dummy,
             b, b.stride(0), b.stride(1), b.stride(2),
@@ -651,7 +745,7 @@ def grouped_gemm(
             EVEN_N=N % blocks["BLOCK_N"] == 0,
             BLOCK_R=_pow2_at_least(rank),
             GROUP_M=8, B_TMA=b_tma, TMA_GATE_UP=b_tma != 0 and epi == 1 and not interleaved,
-            A_TMA=a_desc is not None, U_IN_LOOP=in_loop,
+            A_TMA=a_desc is not None, U_IN_LOOP=in_loop, PERSISTENT=bool(per_sm),
             **blocks,
         )
         if split:
@@ -673,6 +767,8 @@ def grouped_gemm(
         key += ("u_in_loop", _pow2_at_least(rank))
     if config is None:
         config = autotune.pick(TUNING, key, candidates, launch, device, num_rows, host_ms=_tma_host_ms)
+        if persistent_candidates(device):  # then the same tile persistent, kept only if measured faster
+            config = autotune.pick(PERSISTENT_TUNING, key, persistent_variants(config), launch, device, num_rows)
     launch(config)
     if epilogue == 1:
         return out, gu

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_experts.py"
 
 
@@ -44,13 +46,17 @@ def test_lora_input_ab_runs_every_way_in_the_interpreter(tmp_path):
     assert sorted(row["mode"] for row in rows) == ["in loop", "measured", "own launch"]
 
 
-def test_direct_launch_ab_runs_both_ways_in_the_interpreter(tmp_path):
-    """benchmarks/direct_launch_ab.py: both launch ways give the same block (in the interpreter the direct way falls
-    back to Triton's path; the script's comparison and output are what is checked here), each timed."""
+@pytest.mark.parametrize("switch, ways", [("direct", ("triton", "direct")), ("persistent", ("one_tile", "persistent"))])
+def test_switch_ab_runs_both_ways_in_the_interpreter(tmp_path, switch, ways):
+    """benchmarks/switch_ab.py: both ways of a switch give the same block (in the interpreter the direct way falls
+    back to Triton's path and nothing is tuned; the script's comparison and output are what is checked here), each
+    timed."""
     out = tmp_path / "ab.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("direct_launch_ab.py")), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("switch_ab.py")), "--switch", switch, "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bitwise equal both ways: True" in proc.stdout
-    (row,) = json.loads(out.read_text())["blocks"]
-    assert row["bitwise_equal"] and len(row["triton"]["ms"]) == len(row["direct"]["ms"]) == 1
+    result = json.loads(out.read_text())
+    (row,) = result["blocks"]
+    assert result["switch"] == f"MOETUNE_{'DIRECT_LAUNCH' if switch == 'direct' else 'TRITON_PERSISTENT'}"
+    assert row["bitwise_equal"] and len(row[ways[0]]["ms"]) == len(row[ways[1]]["ms"]) == 1

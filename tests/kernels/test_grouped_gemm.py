@@ -87,6 +87,18 @@ def test_gated_forward_and_backward_epilogues(interleaved, act, split):
     close(dots, (act.forward(gu64, interleaved) * g).sum(-1))
 
 
+def with_persistent(configs):
+    """Each config, then the same tile as a persistent kernel (autotuning's second step may pick it)."""
+    return [variant for config in configs for variant in (config, dict(config, PERSISTENT=1))]
+
+
+@pytest.fixture
+def few_sms(monkeypatch):
+    """Persistent launches over 3 SMs: each program then loops over many tiles, even on a large GPU."""
+    module = importlib.import_module("moetune.kernels.grouped_gemm")
+    monkeypatch.setattr(module, "multiprocessors", lambda device: 3)
+
+
 PLAIN_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}  # several N blocks
 
 
@@ -136,6 +148,114 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="lora_u_weight: expected with lora_u_out and lora_b, and without lora_u"):
         grouped_gemm(a, b, a_index=a_index, lora_u=u, lora_u_weight=ua, lora_u_out=u_out, lora_b=lb, **common)
+
+
+@pytest.mark.parametrize("case", ["gathered_lora_bias_scatter", "sorted_tma_rows", "act_grad_fused", "act_grad_split",
+                                  "gated_concat_tma", "gated_interleaved", "u_in_loop"])
+@pytest.mark.parametrize("routing", ["spread", "one_expert", "one_token"])
+def test_persistent_programs_compute_what_one_tile_per_program_does(case, routing, monkeypatch):
+    """PERSISTENT: a few programs per SM (2 SMs in the interpreter), each looping over many tiles, give bitwise the
+    result of one tile per program, with empty experts, every row on one expert, and T = 1."""
+    from moetune.kernels import act_code, grouped_gemm
+
+    monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")  # descriptors in the interpreter
+    E = 5
+    if routing == "spread":
+        plan, gen = problem(seed=11)
+    else:
+        gen = torch.Generator().manual_seed(12)
+        T = 1 if routing == "one_token" else 40
+        ids = torch.tensor([[4, 1]]) if routing == "one_token" else torch.full((T, 1), 2)
+        plan = plan_routing(ids.to(DEVICE), E)
+    S, K, N, R = plan.num_rows, 40, 36, 3  # K and N tails for 16-wide tiles; three column blocks
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    gated = case.startswith("gated")
+    b = rand(gen, E, K, 2 * N if gated else N)
+    gathered = case != "sorted_tma_rows"
+    a = rand(gen, plan.num_tokens, K) if gathered else rand(gen, S, K)
+    kwargs, config = dict(a_index=plan.token_S if gathered else None), dict(PLAIN_CONFIG)
+    if case == "gathered_lora_bias_scatter":
+        kwargs.update(lora_u=rand(gen, S, R), lora_b=rand(gen, E, R, N), bias=rand(gen, E, N), alpha=0.5,
+                      row_scale=rand(gen, S), out_index=plan.perm_S)
+    elif case == "sorted_tma_rows":
+        config.update(TMA_A=True, TMA_B=True)
+        kwargs.update(out_index=plan.perm_S, row_scale=rand(gen, S))
+    elif case.startswith("act_grad"):
+        kwargs.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S), epilogue=2, act=act_code(SwiGLU()))
+        config.update(SPLIT=case.endswith("split"))
+    elif gated:
+        kwargs.update(epilogue=1, act=act_code(GptOssGLU(limit=1.5) if case == "gated_interleaved" else SwiGLU()),
+                      interleaved=case == "gated_interleaved", bias=rand(gen, E, 2 * N))
+        config.update(TMA_B=case.endswith("tma"))
+    elif case == "u_in_loop":
+        kwargs.update(lora_u_weight=rand(gen, E, K, R), lora_u_alpha=0.5, lora_b=rand(gen, E, R, N),
+                      lora_u_in_loop=True)
+    results = []
+    for per_sm in (0, 1, 2):
+        u_out = torch.full((S, R), float("nan"), device=DEVICE)
+        extra = dict(lora_u_out=u_out) if case == "u_in_loop" else {}
+        got = grouped_gemm(a, b, config=dict(config, PERSISTENT=per_sm), **common, **kwargs, **extra)
+        results.append((got if isinstance(got, tuple) else (got,)) + ((u_out,) if extra else ()))
+    reference = results[0]
+    if case == "gathered_lora_bias_scatter":  # and against float64, not only against itself
+        rows = reference_rows(plan, a, b, plan.token_S) + torch.einsum(
+            "sr,srn->sn", kwargs["lora_u"].double(), kwargs["lora_b"].double()[plan.expert_S])
+        rows = (0.5 * rows + kwargs["bias"].double()[plan.expert_S]) * kwargs["row_scale"].double()[:, None]
+        scattered = torch.empty_like(rows)
+        scattered[plan.perm_S] = rows
+        close(reference[0], scattered)
+    for got in results[1:]:
+        for x, y in zip(got, reference):
+            assert torch.equal(x, y)
+
+
+def test_autotuning_then_tries_its_pick_as_a_persistent_kernel(monkeypatch):
+    """After the first step's pick, a second pick (PERSISTENT_TUNING) between that config and its persistent
+    variants decides; its answer is the config launched. Only under MOETUNE_TRITON_PERSISTENT=1: unset (the
+    default) or 0 skips the second step."""
+    from moetune.kernels import autotune, grouped_gemm
+    from moetune.kernels.grouped_gemm import PERSISTENT_TUNING, persistent_variants
+
+    plan, gen = problem(seed=13)
+    S, K, N = plan.num_rows, 40, 36
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    a, b = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N)
+    expected = grouped_gemm(a, b, a_index=plan.token_S, config=dict(PLAIN_CONFIG), **common)
+    asked = []
+
+    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
+        asked.append(name)
+        if name != PERSISTENT_TUNING:
+            return dict(PLAIN_CONFIG)
+        assert candidates == persistent_variants(dict(PLAIN_CONFIG))
+        assert [c.get("PERSISTENT", 0) for c in candidates] == [0, 1, 2]
+        return candidates[2]
+
+    module, launched = importlib.import_module("moetune.kernels.grouped_gemm"), []
+    kernel = module.grouped_gemm_kernel
+
+    class Spy:  # the grid and variant of each launch
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((grid, kwargs["PERSISTENT"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(autotune, "pick", pick)
+    monkeypatch.setattr(module, "grouped_gemm_kernel", Spy())
+    monkeypatch.setenv("MOETUNE_TRITON_PERSISTENT", "1")
+    got = grouped_gemm(a, b, a_index=plan.token_S, **common)
+    assert asked == [module.TUNING, PERSISTENT_TUNING]
+    assert launched == [((2 * module.multiprocessors(DEVICE),), True)]  # two programs per SM, looping over tiles
+    assert torch.equal(got, expected)
+    for setting in ("0", None):
+        asked.clear(), launched.clear()
+        if setting is None:
+            monkeypatch.delenv("MOETUNE_TRITON_PERSISTENT")
+        else:
+            monkeypatch.setenv("MOETUNE_TRITON_PERSISTENT", setting)
+        grouped_gemm(a, b, a_index=plan.token_S, **common)
+        assert asked == [module.TUNING] and launched[0][1] is False
 
 
 def test_the_lora_input_goes_the_way_autotuning_measured_faster(monkeypatch):
@@ -512,7 +632,7 @@ def test_tma_candidates_on_hopper_or_when_asked(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dgrad_sorted", "act_grad_gathered", "gated_gathered"])
-def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch):
+def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch, few_sms):
     """lora_u_weight on the GPU (TMA candidates included on sm90+): U and the output of each candidate against
     float64, for the launches the backend may run this way (the down projection, forward and backward, is a plain
     GEMM over sorted or gathered rows like dgrad_sorted; the gate_up forward is gated_gathered)."""
@@ -547,7 +667,7 @@ def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch):
     elif gated:
         act = SwiGLU()
         extra, epilogue = dict(epilogue=1, act=act_code(act)), 1
-    for config in candidates_for(epilogue, S, E, N, K, tma_candidates("cuda"), gathered):
+    for config in with_persistent(candidates_for(epilogue, S, E, N, K, tma_candidates("cuda"), gathered)):
         u = torch.full((S, R), float("nan"), device="cuda", dtype=torch.bfloat16)
         out = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u, lora_b=lb,
                            config=config, **extra, **common)
@@ -600,8 +720,9 @@ def test_the_lora_input_way_is_measured_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["plain_k_contiguous", "plain_n_contiguous", "plain_sorted", "gated_concat",
                                     "gated_interleaved"])
-def test_every_candidate_config_in_bf16_on_gpu(launch):
-    """Autotuning may pick any candidate (TMA ones included on sm90+): each one against float64 in bf16."""
+def test_every_candidate_config_in_bf16_on_gpu(launch, few_sms):
+    """Autotuning may pick any candidate (TMA ones included on sm90+), and then its persistent variant: each one
+    against float64 in bf16."""
     from moetune.kernels import act_code, grouped_gemm
     from moetune.kernels.grouped_gemm import candidates_for, tma_candidates
 
@@ -626,18 +747,18 @@ def test_every_candidate_config_in_bf16_on_gpu(launch):
         for n in (I, 16):  # and a rank-wide LoRA product
             for b in (bf16(E, n, K).transpose(1, 2), bf16(E, K, n)):  # Qwen3's down weight, gpt-oss's
                 ref = reference_rows(plan, h, b)
-                for config in candidates_for(0, S, E, n, K, tma, False):
+                for config in with_persistent(candidates_for(0, S, E, n, K, tma, False)):
                     close(grouped_gemm(h, b, config=config, **common), ref, tol=1e-2)
         return
     if launch.startswith("plain"):
         b = bf16(E, I, K).transpose(1, 2) if launch == "plain_k_contiguous" else bf16(E, K, I)
         ref = reference_rows(plan, x, b, plan.token_S)
-        for config in candidates_for(0, S, E, I, K, tma):
+        for config in with_persistent(candidates_for(0, S, E, I, K, tma)):
             close(grouped_gemm(x, b, a_index=plan.token_S, config=config, **common), ref, tol=1e-2)
         return
     w1 = bf16(E, K, 2 * I) if interleaved else bf16(E, 2 * I, K).transpose(1, 2)  # gpt-oss's and Qwen3's layouts
     gu_ref = reference_rows(plan, x, w1, plan.token_S)
-    for config in candidates_for(1, S, E, I, K, tma):
+    for config in with_persistent(candidates_for(1, S, E, I, K, tma)):
         h, gu = grouped_gemm(x, w1, a_index=plan.token_S, epilogue=1, act=act_code(act), interleaved=interleaved,
                              config=config, **common)
         close(gu, gu_ref, tol=1e-2)
@@ -645,7 +766,7 @@ def test_every_candidate_config_in_bf16_on_gpu(launch):
     d_out = bf16(T, K)
     w2 = bf16(E, I, K).transpose(1, 2) if interleaved else bf16(E, K, I)
     g = reference_rows(plan, d_out, w2, plan.token_S)
-    for config in candidates_for(2, S, E, I, K, tma):
+    for config in with_persistent(candidates_for(2, S, E, I, K, tma)):
         d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2,
                                   act=act_code(act), interleaved=interleaved, config=config, **common)
         close(d_gu, act.backward(gu.double(), g * w.double()[:, None], interleaved), tol=1e-2)

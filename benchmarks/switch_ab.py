@@ -1,13 +1,19 @@
-"""The triton experts block launched through Triton's path and through moetune's direct launcher, alternating.
+"""The triton experts block with one of moetune's launch-time switches off and on, alternating.
 
-moetune/kernels/launch.py hands a repeated launch straight to the compiled kernel instead of Triton binding and
-specialising every argument again; MOETUNE_DIRECT_LAUNCH=0 switches that off (read at each launch). This times the
-whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host time to issue
-a step, and with --launches the host time of each of the block's kernel launches alone (issued 50 times without a
-sync). Both ways must give bitwise the same outputs and gradients: checked first, on the cases' own inputs.
+Switches (environment variables read at each launch):
+- direct: MOETUNE_DIRECT_LAUNCH. moetune/kernels/launch.py hands a repeated launch straight to the compiled kernel
+  instead of Triton binding and specialising every argument again (ways "triton" and "direct").
+- persistent: MOETUNE_TRITON_PERSISTENT. Autotuning's second step tries its pick as a persistent kernel
+  (grouped_gemm.persistent_variants) and keeps it where it measures faster (ways "one_tile" and "persistent").
 
-    python benchmarks/direct_launch_ab.py --cases qwen3-30b-a3b:4096 gpt-oss-20b:4096 --launches qwen3-30b-a3b:4096
-    python benchmarks/direct_launch_ab.py --tiny      # toy sizes on CPU through the Triton interpreter (no direct path)
+This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
+time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a
+sync: host time, and time per call with the GPU). Both ways must give bitwise the same outputs and gradients:
+checked first, on the cases' own inputs.
+
+    python benchmarks/switch_ab.py --cases qwen3-30b-a3b:4096 gpt-oss-20b:4096 --launches qwen3-30b-a3b:4096
+    python benchmarks/switch_ab.py --switch persistent --cases qwen3-30b-a3b:16384 --launches qwen3-30b-a3b:16384
+    python benchmarks/switch_ab.py --tiny      # toy sizes on CPU through the Triton interpreter (no direct path)
 """
 
 from __future__ import annotations
@@ -32,11 +38,16 @@ import bench_kernels  # noqa: E402
 import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
-WAYS = ("triton", "direct")
+SWITCHES = {  # name: (environment variable, (the way with it "0", the way with it "1"))
+    "direct": ("MOETUNE_DIRECT_LAUNCH", ("triton", "direct")),
+    "persistent": ("MOETUNE_TRITON_PERSISTENT", ("one_tile", "persistent")),
+}
+WAYS = SWITCHES["direct"][1]
+VARIABLE = SWITCHES["direct"][0]
 
 
 def set_way(way: str) -> None:
-    os.environ["MOETUNE_DIRECT_LAUNCH"] = "1" if way == "direct" else "0"
+    os.environ[VARIABLE] = str(WAYS.index(way))
 
 
 def block(name: str, tokens: int, args, device, dtype) -> dict:
@@ -74,9 +85,9 @@ def block(name: str, tokens: int, args, device, dtype) -> dict:
 
 def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 50) -> list[dict]:
     """Per launch of the block (bench_kernels.launches, each LoRA input both ways): host time to issue one call
-    and time per call with the GPU (issued `calls` times, then a sync), each way; and directly with the launch's
-    first candidate config (`first`: the heuristic one, never through TMA) instead of the tuned one, which tells
-    what a tuned TMA config costs the host (its descriptors are encoded at every launch)."""
+    and time per call with the GPU (issued `calls` times, then a sync), each way; and the second way with the
+    launch's first candidate config (`first`: the heuristic one, never through TMA) instead of the tuned one, which
+    tells what a tuned TMA config costs the host (its descriptors are encoded at every launch)."""
     shape = SHAPES[name]
     grouped_gemm = bench_kernels.load_kernels(None)
     rows = []
@@ -84,7 +95,7 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
                                                                     grouped_gemm):
         row = {"launch": label}
         for way in (*WAYS, "first"):
-            set_way("direct" if way == "first" else way)
+            set_way(WAYS[1] if way == "first" else way)
             fn = functools.partial(tuned, config=candidates()[0]) if way == "first" else tuned
             for _ in range(3):
                 fn()
@@ -96,9 +107,10 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
             torch.cuda.synchronize()
             done = time.perf_counter()
             row[way] = {"host_us": (issued - start) / calls * 1e6, "with_gpu_us": (done - start) / calls * 1e6}
-        print(f"{label:<42} host us: triton {row['triton']['host_us']:6.1f}  direct {row['direct']['host_us']:6.1f}"
-              f"   with the GPU: {row['triton']['with_gpu_us']:6.1f} / {row['direct']['with_gpu_us']:6.1f}"
-              f"   first config direct: host {row['first']['host_us']:6.1f}, with the GPU {row['first']['with_gpu_us']:6.1f}",
+        off, on = WAYS
+        print(f"{label:<42} host us: {off} {row[off]['host_us']:6.1f}  {on} {row[on]['host_us']:6.1f}"
+              f"   with the GPU: {row[off]['with_gpu_us']:6.1f} / {row[on]['with_gpu_us']:6.1f}"
+              f"   first config {on}: host {row['first']['host_us']:6.1f}, with the GPU {row['first']['with_gpu_us']:6.1f}",
               flush=True)
         rows.append(row)
     return rows
@@ -106,6 +118,7 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switch", choices=list(SWITCHES), default="direct")
     parser.add_argument("--cases", nargs="+", default=["qwen3-30b-a3b:4096"], metavar="SHAPE:TOKENS")
     parser.add_argument("--launches", nargs="*", default=[], metavar="SHAPE:TOKENS",
                         help="also the host time of each launch of these cases")
@@ -114,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     args = harness.parse_gpu_args(parser, argv)
+    global VARIABLE, WAYS
+    VARIABLE, WAYS = SWITCHES[args.switch]
     cases = harness.parse_cases(parser, args.cases)
     launch_cases = harness.parse_cases(parser, args.launches, "--launches")
     if args.tiny:
@@ -126,7 +141,7 @@ def main(argv=None) -> int:
         launches = {f"{name}:{tokens}": launch_host_times(name, tokens, args, device, dtype)
                     for name, tokens in launch_cases}
     if args.out:
-        harness.write_json(args.out, {"environment": harness.environment(), "rounds": args.rounds,
+        harness.write_json(args.out, {"environment": harness.environment(), "switch": VARIABLE, "rounds": args.rounds,
                                       "repeat": args.repeat, "blocks": blocks, "launches": launches})
     return 0 if all(row["bitwise_equal"] for row in blocks) else 1
 
