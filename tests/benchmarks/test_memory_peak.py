@@ -82,11 +82,11 @@ def test_a_cuda_step_under_the_history_names_the_allocating_line(tmp_path):
     this file's line, and the snapshot pickles for memory_viz."""
     import torch
 
-    def step():
+    def step():  # no reduction here: torch sums uint8 through an int64 copy (8x the bytes, run 53h)
         held = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")  # alive at the peak
         scratch = torch.empty(8 * MiB, dtype=torch.uint8, device="cuda")
         del scratch
-        return held.sum()
+        return held.data_ptr()
 
     start = memory_peak.requested_bytes()  # 0 here if nothing was allocated on the GPU yet
     snapshot = memory_peak.record_step(step, str(tmp_path / "snap.pickle"))

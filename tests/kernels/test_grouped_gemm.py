@@ -92,6 +92,20 @@ def with_persistent(configs):
     return [variant for config in configs for variant in (config, dict(config, PERSISTENT=1))]
 
 
+def fits(config, *args, **kwargs):
+    """grouped_gemm(*args, config=config, **kwargs), or None where a persistent variant needs more shared memory than
+    the GPU has (its flattened loop buffers more; autotuning drops such candidates: run 53h, 237,568 of 232,448
+    bytes on an H200)."""
+    from moetune.kernels import grouped_gemm
+
+    try:
+        return grouped_gemm(*args, config=config, **kwargs)
+    except Exception as err:  # noqa: BLE001 - Triton's OutOfResources, raised at the first launch
+        if config.get("PERSISTENT") and "OutOfResources" in type(err).__name__:
+            return None
+        raise
+
+
 @pytest.fixture
 def few_sms(monkeypatch):
     """Persistent launches over 3 SMs: each program then loops over many tiles, even on a large GPU."""
@@ -636,7 +650,7 @@ def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch, 
     """lora_u_weight on the GPU (TMA candidates included on sm90+): U and the output of each candidate against
     float64, for the launches the backend may run this way (the down projection, forward and backward, is a plain
     GEMM over sorted or gathered rows like dgrad_sorted; the gate_up forward is gated_gathered)."""
-    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels import act_code
     from moetune.kernels.grouped_gemm import candidates_for, tma_candidates
 
     if not torch.cuda.is_available():
@@ -669,8 +683,10 @@ def test_every_candidate_with_the_lora_input_in_the_loop_in_bf16_on_gpu(launch, 
         extra, epilogue = dict(epilogue=1, act=act_code(act)), 1
     for config in with_persistent(candidates_for(epilogue, S, E, N, K, tma_candidates("cuda"), gathered)):
         u = torch.full((S, R), float("nan"), device="cuda", dtype=torch.bfloat16)
-        out = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u, lora_b=lb,
-                           config=config, **extra, **common)
+        out = fits(config, a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u, lora_b=lb,
+                   **extra, **common)
+        if out is None:
+            continue
         close(u, u_ref, tol=1e-2)
         g = y_ref + torch.einsum("sr,srn->sn", u.double(), lb.double()[plan.expert_S])
         if gated:
@@ -723,7 +739,7 @@ def test_the_lora_input_way_is_measured_on_gpu():
 def test_every_candidate_config_in_bf16_on_gpu(launch, few_sms):
     """Autotuning may pick any candidate (TMA ones included on sm90+), and then its persistent variant: each one
     against float64 in bf16."""
-    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels import act_code
     from moetune.kernels.grouped_gemm import candidates_for, tma_candidates
 
     if not torch.cuda.is_available():
@@ -748,26 +764,36 @@ def test_every_candidate_config_in_bf16_on_gpu(launch, few_sms):
             for b in (bf16(E, n, K).transpose(1, 2), bf16(E, K, n)):  # Qwen3's down weight, gpt-oss's
                 ref = reference_rows(plan, h, b)
                 for config in with_persistent(candidates_for(0, S, E, n, K, tma, False)):
-                    close(grouped_gemm(h, b, config=config, **common), ref, tol=1e-2)
+                    out = fits(config, h, b, **common)
+                    if out is not None:
+                        close(out, ref, tol=1e-2)
         return
     if launch.startswith("plain"):
         b = bf16(E, I, K).transpose(1, 2) if launch == "plain_k_contiguous" else bf16(E, K, I)
         ref = reference_rows(plan, x, b, plan.token_S)
         for config in with_persistent(candidates_for(0, S, E, I, K, tma)):
-            close(grouped_gemm(x, b, a_index=plan.token_S, config=config, **common), ref, tol=1e-2)
+            out = fits(config, x, b, a_index=plan.token_S, **common)
+            if out is not None:
+                close(out, ref, tol=1e-2)
         return
     w1 = bf16(E, K, 2 * I) if interleaved else bf16(E, 2 * I, K).transpose(1, 2)  # gpt-oss's and Qwen3's layouts
     gu_ref = reference_rows(plan, x, w1, plan.token_S)
     for config in with_persistent(candidates_for(1, S, E, I, K, tma)):
-        h, gu = grouped_gemm(x, w1, a_index=plan.token_S, epilogue=1, act=act_code(act), interleaved=interleaved,
-                             config=config, **common)
+        out = fits(config, x, w1, a_index=plan.token_S, epilogue=1, act=act_code(act), interleaved=interleaved,
+                   **common)
+        if out is None:
+            continue
+        h, gu = out
         close(gu, gu_ref, tol=1e-2)
         close(h, act.forward(gu.double(), interleaved), tol=1e-2)
     d_out = bf16(T, K)
     w2 = bf16(E, I, K).transpose(1, 2) if interleaved else bf16(E, K, I)
     g = reference_rows(plan, d_out, w2, plan.token_S)
     for config in with_persistent(candidates_for(2, S, E, I, K, tma)):
-        d_gu, dots = grouped_gemm(d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2,
-                                  act=act_code(act), interleaved=interleaved, config=config, **common)
+        out = fits(config, d_out, w2, a_index=plan.token_S, gu=gu, row_scale=w, epilogue=2, act=act_code(act),
+                   interleaved=interleaved, **common)
+        if out is None:
+            continue
+        d_gu, dots = out
         close(d_gu, act.backward(gu.double(), g * w.double()[:, None], interleaved), tol=1e-2)
         close(dots, (act.forward(gu.double(), interleaved) * g).sum(-1), tol=1e-2)
