@@ -200,8 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", default=None, metavar="REGEX",
                         help="also time every candidate config of the launches whose name matches")
     parser.add_argument("--persistent", action="store_true",
-                        help="the sweep also times each grouped_gemm candidate as a persistent kernel (1 and 2 "
-                             "programs per SM)")
+                        help="with --sweep: also time each grouped_gemm candidate as a persistent kernel (1 and 2 "
+                             "programs per SM; moetune's own kernels only)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU through the Triton interpreter")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

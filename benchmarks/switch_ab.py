@@ -110,7 +110,7 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
         off, on = WAYS
         print(f"{label:<42} host us: {off} {row[off]['host_us']:6.1f}  {on} {row[on]['host_us']:6.1f}"
               f"   with the GPU: {row[off]['with_gpu_us']:6.1f} / {row[on]['with_gpu_us']:6.1f}"
-              f"   first config {on}: host {row['first']['host_us']:6.1f}, with the GPU {row['first']['with_gpu_us']:6.1f}",
+              f"   untuned first config, {on}: host {row['first']['host_us']:6.1f}, with the GPU {row['first']['with_gpu_us']:6.1f}",
               flush=True)
         rows.append(row)
     return rows

@@ -32,7 +32,8 @@ whose results are never stored.
 
 Scheduling: a 1-D grid of (M tiles upper bound) x (N blocks) programs in grouped order (GROUP_M M tiles
 sweep all N blocks before the next group). M tile t belongs to the expert e with tile_ends[e-1] <= t <
-tile_ends[e] (binary search over E); tiles past the last exit at once.
+tile_ends[e] (binary search over E); tiles past the last exit at once. Or (PERSISTENT, see persistent_candidates)
+a few programs per SM, each looping over the real tiles in the same order.
 """
 
 from __future__ import annotations
@@ -503,7 +504,8 @@ def persistent_candidates(device) -> bool:
     """Whether autotuning also tries its pick as a persistent kernel: only under MOETUNE_TRITON_PERSISTENT=1.
 
     Off by default: run 53a (H200, Triton 3.6, Qwen3 16K tokens) timed the persistent variants of all 11 tuned
-    launches and kept none (none beat one tile per program by 3%), while each costs two more compiles when tuning.
+    launches and kept none (none beat one tile per program by 3%), while each costs one more compile when tuning
+    (1 and 2 programs per SM are the same kernel on different grids).
     Triton 3.6 pipelines the flattened loop without warp specialisation on Hopper, so a tile's epilogue still
     stalls its own warps; kept for the Triton releases and GPUs where that changes."""
     return os.environ.get("MOETUNE_TRITON_PERSISTENT") == "1"
@@ -549,6 +551,8 @@ def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_
     rank = lora_u_weight.shape[2]
     key = _tune_key(epilogue, interleaved, a_index is not None, True, out_index is not None, N, K, a.dtype,
                     num_rows, E) + (_pow2_at_least(rank), tma_candidates(a.device, a.dtype))  # TMA: other configs
+    if persistent_candidates(a.device):  # other configs again (appended only when on: the cached keys stay valid)
+        key += ("persistent",)
 
     def run(way: dict):
         grouped_gemm(a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_u_weight=lora_u_weight,

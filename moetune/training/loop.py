@@ -68,24 +68,32 @@ def make_optimizer(params, config):
     return optimizer_class(params, **kwargs)
 
 
+_frozen_depth = 0  # collector_frozen blocks running (nested ones leave the freeze to the outermost)
+
+
 @contextlib.contextmanager
 def collector_frozen():
     """Everything alive now (the model, its hooks, the data) leaves Python's garbage collector for the block.
 
     A full collection walks every tracked object; with a whole model loaded that took 230-280 ms, once every ten
     steps or so, inside a 600 ms step (Qwen3-30B-A3B, run 51c). Frozen objects are still freed by reference
-    counting; only cycles among them wait until the block ends.
+    counting; only cycles among them wait, for the first full collection after the block.
 
-    The block always ends with gc.unfreeze(), which also returns objects frozen before it (CPython cannot unfreeze
-    a part): the lent GPU machines' Python starts with objects frozen (375), and keeping the freeze there kept the
-    model's cycles, which hold its LM head and LoRA state, after the model was deleted (run 53: +0.9 / +1.75 GiB
-    in the next models built in the process)."""
-    gc.collect()
-    gc.freeze()
+    The outermost block always ends with gc.unfreeze(), which also returns objects frozen before it (CPython cannot
+    unfreeze a part): the lent GPU machines' Python starts with objects frozen (375), and keeping the freeze there
+    kept the model's cycles, which hold its LM head and LoRA state, after the model was deleted (run 53: +0.9 /
+    +1.75 GiB in the next models built in the process). A nested block leaves the freeze to the outer one."""
+    global _frozen_depth
+    if _frozen_depth == 0:
+        gc.collect()
+        gc.freeze()
+    _frozen_depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        _frozen_depth -= 1
+        if _frozen_depth == 0:
+            gc.unfreeze()
 
 
 def _schedule(warmup: int, total: int):

@@ -167,11 +167,13 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
 @pytest.mark.parametrize("case", ["gathered_lora_bias_scatter", "sorted_tma_rows", "act_grad_fused", "act_grad_split",
                                   "gated_concat_tma", "gated_interleaved", "u_in_loop"])
 @pytest.mark.parametrize("routing", ["spread", "one_expert", "one_token"])
-def test_persistent_programs_compute_what_one_tile_per_program_does(case, routing, monkeypatch):
-    """PERSISTENT: a few programs per SM (2 SMs in the interpreter), each looping over many tiles, give bitwise the
-    result of one tile per program, with empty experts, every row on one expert, and T = 1."""
+@pytest.mark.parametrize("sms", [3, 1000])
+def test_persistent_programs_compute_what_one_tile_per_program_does(case, routing, sms, monkeypatch):
+    """PERSISTENT: 1 or 2 programs per SM, each looping over many tiles (3 SMs) or some with none (1000 SMs), give
+    bitwise the result of one tile per program, with empty experts, every row on one expert, and T = 1."""
     from moetune.kernels import act_code, grouped_gemm
 
+    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "multiprocessors", lambda d: sms)
     monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")  # descriptors in the interpreter
     E = 5
     if routing == "spread":
@@ -223,7 +225,7 @@ def test_persistent_programs_compute_what_one_tile_per_program_does(case, routin
             assert torch.equal(x, y)
 
 
-def test_autotuning_then_tries_its_pick_as_a_persistent_kernel(monkeypatch):
+def test_autotuning_then_tries_its_pick_as_a_persistent_kernel(monkeypatch, few_sms):
     """After the first step's pick, a second pick (PERSISTENT_TUNING) between that config and its persistent
     variants decides; its answer is the config launched. Only under MOETUNE_TRITON_PERSISTENT=1: unset (the
     default) or 0 skips the second step."""
@@ -260,7 +262,7 @@ def test_autotuning_then_tries_its_pick_as_a_persistent_kernel(monkeypatch):
     monkeypatch.setenv("MOETUNE_TRITON_PERSISTENT", "1")
     got = grouped_gemm(a, b, a_index=plan.token_S, **common)
     assert asked == [module.TUNING, PERSISTENT_TUNING]
-    assert launched == [((2 * module.multiprocessors(DEVICE),), True)]  # two programs per SM, looping over tiles
+    assert launched == [((2 * 3,), True)]  # two programs on each of few_sms' 3 SMs, looping over the 21 tiles
     assert torch.equal(got, expected)
     for setting in ("0", None):
         asked.clear(), launched.clear()

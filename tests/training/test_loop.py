@@ -51,6 +51,15 @@ def test_collector_frozen_lets_the_blocks_cycles_go_when_the_process_had_frozen_
         gc.unfreeze()
 
 
+def test_a_nested_collector_frozen_block_leaves_the_freeze_to_the_outer_one():
+    with loop.collector_frozen():
+        frozen = gc.get_freeze_count()
+        with loop.collector_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen  # still frozen for the rest of the outer block
+    assert gc.get_freeze_count() == 0
+
+
 def test_the_training_steps_run_with_the_collector_frozen(tmp_path, capsys, monkeypatch):
     frozen_at_write = []
     write = MetricsLog.write
