@@ -116,12 +116,34 @@ def few_sms(monkeypatch):
 PLAIN_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}  # several N blocks
 
 
+def launch_case(case, plan, gen, N, E=5, interleaved_act=None):
+    """(grouped_gemm kwargs, config) for the launch kinds the main-loop tests share, their extra inputs drawn from gen:
+    sorted rows through TMA (scatter, row scale), the activation-gradient epilogue fused or split, the gated forward
+    (concat gate/up as two TMA boxes and two accumulators, or interleaved pairs as one tile); nothing for others."""
+    from moetune.kernels import act_code
+
+    S = plan.num_rows
+    kwargs, config = {}, dict(PLAIN_CONFIG)
+    if case == "sorted_tma_rows":
+        config.update(TMA_A=True, TMA_B=True)
+        kwargs.update(out_index=plan.perm_S, row_scale=rand(gen, S))
+    elif case.startswith("act_grad"):
+        kwargs.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S), epilogue=2, act=act_code(SwiGLU()))
+        config.update(SPLIT=case.endswith("split"))
+    elif case.startswith("gated"):
+        interleaved = case == "gated_interleaved"
+        act = interleaved_act if interleaved and interleaved_act is not None else SwiGLU()
+        kwargs.update(epilogue=1, act=act_code(act), interleaved=interleaved, bias=rand(gen, E, 2 * N))
+        config.update(TMA_B=case.endswith("tma"))
+    return kwargs, config
+
+
 @pytest.mark.parametrize("case", ["gathered", "sorted_tma_rows", "act_grad_fused", "act_grad_split", "gated_concat_tma",
                                   "gated_interleaved"])
 def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
     """lora_u_weight: U = s * A[a_row] @ UA[e] accumulated from the main loop's A tiles, written out once (by the
     first column block) and used in the same launch's epilogue: what a separate launch for U computes."""
-    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels import grouped_gemm
 
     monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")  # descriptors for the sorted-rows case in the interpreter
     plan, gen = problem(seed=9)
@@ -132,17 +154,7 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
     gathered = case != "sorted_tma_rows"
     a = rand(gen, plan.num_tokens, K) if gathered else rand(gen, S, K)
     a_index = plan.token_S if gathered else None
-    kwargs, config = {}, dict(PLAIN_CONFIG)
-    if case == "sorted_tma_rows":
-        config.update(TMA_A=True, TMA_B=True)
-        kwargs.update(out_index=plan.perm_S, row_scale=rand(gen, S))
-    elif case.startswith("act_grad"):
-        kwargs.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S), epilogue=2, act=act_code(SwiGLU()))
-        config.update(SPLIT=case.endswith("split"))
-    elif gated:  # the forward's gate_up: the tile of (gate, up) pairs, or two TMA boxes and two accumulators
-        kwargs.update(epilogue=1, act=act_code(SwiGLU()), interleaved=case == "gated_interleaved",
-                      bias=rand(gen, 5, 2 * N))
-        config.update(TMA_B=case.endswith("tma"))
+    kwargs, config = launch_case(case, plan, gen, N)
     u_out = torch.full((S, R), float("nan"), device=DEVICE)
     got = grouped_gemm(a, b, a_index=a_index, lora_u_weight=ua, lora_u_alpha=s, lora_u_out=u_out, lora_b=lb,
                        config=config, **common, **kwargs)
@@ -171,7 +183,7 @@ def test_lora_input_computed_in_the_main_loop(case, monkeypatch):
 def test_persistent_programs_compute_what_one_tile_per_program_does(case, routing, sms, monkeypatch):
     """PERSISTENT: 1 or 2 programs per SM, each looping over many tiles (3 SMs) or some with none (1000 SMs), give
     bitwise the result of one tile per program, with empty experts, every row on one expert, and T = 1."""
-    from moetune.kernels import act_code, grouped_gemm
+    from moetune.kernels import grouped_gemm
 
     monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "multiprocessors", lambda d: sms)
     monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")  # descriptors in the interpreter
@@ -189,20 +201,11 @@ def test_persistent_programs_compute_what_one_tile_per_program_does(case, routin
     b = rand(gen, E, K, 2 * N if gated else N)
     gathered = case != "sorted_tma_rows"
     a = rand(gen, plan.num_tokens, K) if gathered else rand(gen, S, K)
-    kwargs, config = dict(a_index=plan.token_S if gathered else None), dict(PLAIN_CONFIG)
+    kwargs, config = launch_case(case, plan, gen, N, E, interleaved_act=GptOssGLU(limit=1.5))
+    kwargs["a_index"] = plan.token_S if gathered else None
     if case == "gathered_lora_bias_scatter":
         kwargs.update(lora_u=rand(gen, S, R), lora_b=rand(gen, E, R, N), bias=rand(gen, E, N), alpha=0.5,
                       row_scale=rand(gen, S), out_index=plan.perm_S)
-    elif case == "sorted_tma_rows":
-        config.update(TMA_A=True, TMA_B=True)
-        kwargs.update(out_index=plan.perm_S, row_scale=rand(gen, S))
-    elif case.startswith("act_grad"):
-        kwargs.update(gu=rand(gen, S, 2 * N), row_scale=rand(gen, S), epilogue=2, act=act_code(SwiGLU()))
-        config.update(SPLIT=case.endswith("split"))
-    elif gated:
-        kwargs.update(epilogue=1, act=act_code(GptOssGLU(limit=1.5) if case == "gated_interleaved" else SwiGLU()),
-                      interleaved=case == "gated_interleaved", bias=rand(gen, E, 2 * N))
-        config.update(TMA_B=case.endswith("tma"))
     elif case == "u_in_loop":
         kwargs.update(lora_u_weight=rand(gen, E, K, R), lora_u_alpha=0.5, lora_b=rand(gen, E, R, N),
                       lora_u_in_loop=True)
