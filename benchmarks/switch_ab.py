@@ -42,12 +42,15 @@ SWITCHES = {  # name: (environment variable, (the way with it "0", the way with 
     "direct": ("MOETUNE_DIRECT_LAUNCH", ("triton", "direct")),
     "persistent": ("MOETUNE_TRITON_PERSISTENT", ("one_tile", "persistent")),
 }
-WAYS = SWITCHES["direct"][1]
-VARIABLE = SWITCHES["direct"][0]
 
 
-def set_way(way: str) -> None:
-    os.environ[VARIABLE] = str(WAYS.index(way))
+def ways(args) -> tuple[str, str]:
+    return SWITCHES[args.switch][1]
+
+
+def set_way(args, way: str) -> None:
+    variable, names = SWITCHES[args.switch]
+    os.environ[variable] = str(names.index(way))
 
 
 def block(name: str, tokens: int, args, device, dtype) -> dict:
@@ -60,26 +63,26 @@ def block(name: str, tokens: int, args, device, dtype) -> dict:
         return [out, *torch.autograd.grad(out, [x, w, *params], grad_out)]
 
     results = {}
-    for way in WAYS:
-        set_way(way)
+    for way in ways(args):
+        set_way(args, way)
         step()  # the first call of each launch goes through Triton either way
         results[way] = step()
     equal = all(torch.equal(a, b) for a, b in zip(*results.values()))
     print(f"# {name} {tokens}: outputs and gradients bitwise equal both ways: {equal}", flush=True)
-    rounds = {way: [] for way in WAYS}
+    rounds = {way: [] for way in ways(args)}
     for _ in range(args.rounds):
-        for way in WAYS:
-            set_way(way)
+        for way in ways(args):
+            set_way(args, way)
             rounds[way].append(harness.measure(step, device, warmup=3, repeat=args.repeat))
     row = {"shape": name, "tokens": tokens, "bitwise_equal": equal}
-    for way in WAYS:
+    for way in ways(args):
         row[way] = {key: [r[key] for r in rounds[way]] for key in rounds[way][0]}
         if device.type == "cuda":
             print(f"{name:<16}{tokens:>7}  {way:<7} ms {[round(r['ms'], 3) for r in rounds[way]]}"
                   f"  host ms {[round(r['host_ms'], 3) for r in rounds[way]]}", flush=True)
     if device.type == "cuda":
-        row["median_ms"] = {way: statistics.median(row[way]["ms"]) for way in WAYS}
-        row["median_host_ms"] = {way: statistics.median(row[way]["host_ms"]) for way in WAYS}
+        row["median_ms"] = {way: statistics.median(row[way]["ms"]) for way in ways(args)}
+        row["median_host_ms"] = {way: statistics.median(row[way]["host_ms"]) for way in ways(args)}
     return row
 
 
@@ -94,8 +97,9 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
     for label, tuned, _, _, candidates, _ in bench_kernels.launches(shape, tokens, args.rank, device, dtype,
                                                                     grouped_gemm):
         row = {"launch": label}
-        for way in (*WAYS, "first"):
-            set_way(WAYS[1] if way == "first" else way)
+        off, on = ways(args)
+        for way in (off, on, "first"):
+            set_way(args, on if way == "first" else way)
             fn = functools.partial(tuned, config=candidates()[0]) if way == "first" else tuned
             for _ in range(3):
                 fn()
@@ -107,7 +111,6 @@ def launch_host_times(name: str, tokens: int, args, device, dtype, calls: int = 
             torch.cuda.synchronize()
             done = time.perf_counter()
             row[way] = {"host_us": (issued - start) / calls * 1e6, "with_gpu_us": (done - start) / calls * 1e6}
-        off, on = WAYS
         print(f"{label:<42} host us: {off} {row[off]['host_us']:6.1f}  {on} {row[on]['host_us']:6.1f}"
               f"   with the GPU: {row[off]['with_gpu_us']:6.1f} / {row[on]['with_gpu_us']:6.1f}"
               f"   untuned first config, {on}: host {row['first']['host_us']:6.1f}, with the GPU {row['first']['with_gpu_us']:6.1f}",
@@ -127,8 +130,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     args = harness.parse_gpu_args(parser, argv)
-    global VARIABLE, WAYS
-    VARIABLE, WAYS = SWITCHES[args.switch]
     cases = harness.parse_cases(parser, args.cases)
     launch_cases = harness.parse_cases(parser, args.launches, "--launches")
     if args.tiny:
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         launches = {f"{name}:{tokens}": launch_host_times(name, tokens, args, device, dtype)
                     for name, tokens in launch_cases}
     if args.out:
-        harness.write_json(args.out, {"environment": harness.environment(), "switch": VARIABLE, "rounds": args.rounds,
+        harness.write_json(args.out, {"environment": harness.environment(), "switch": SWITCHES[args.switch][0], "rounds": args.rounds,
                                       "repeat": args.repeat, "blocks": blocks, "launches": launches})
     return 0 if all(row["bitwise_equal"] for row in blocks) else 1
 
