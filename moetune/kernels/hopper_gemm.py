@@ -1,0 +1,367 @@
+"""Warp-specialised grouped GEMM over expert-sorted rows for Hopper (sm90), written in Gluon.
+
+    C[c_row(i), :] = row_scale[i] * alpha * (A[i, :] @ B[e] + U[i, :] @ LB[e]) (+ bias[e])   rows i of expert e
+
+The plain GEMMs over sorted rows of the triton backend (the down projection forward, gate_up's dgrad) as
+grouped_gemm computes them with epilogue 0 and no gather, on a schedule Triton does not generate on Hopper:
+
+- persistent: one program per SM loops over the real (M tile, N block) tiles in grouped_gemm's order;
+- a producer warp issues every TMA load (A and B boxes, then one more step with the LoRA boxes U and LB) into a
+  ring of shared-memory stages, running ahead across tiles, so the next tile's operands arrive while this tile's
+  epilogue runs (a Triton program refills its pipeline from empty at every tile: ~1 of ~9 us at Qwen3's down
+  projection, K = 768);
+- CONSUMERS = 2 ("ping-pong"): two warpgroups take alternate tiles from rings of their own, so one's epilogue
+  (scale, scatter, stores) overlaps the other's MMAs.
+
+The LoRA product is one more K step: U [S, R] and LB's rows are read through boxes as wide as a K step (TMA
+fills the columns past R with zeros) and multiplied over their first R_PAD columns only.
+
+Not for the interpreter (Gluon has none): correctness is checked on the GPU against grouped_gemm.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    # The TMA load's name: async_copy_global_to_shared up to Triton 3.6 or so, async_load later (3.9 keeps the old
+    # name only to raise).
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+except ImportError:  # triton without Gluon (< 3.5): sorted_gemm_supported() says no
+    gluon = None
+
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile_of(i, pid, nprog, tile_ends_ptr, offsets_ptr, E, n_blocks, m_tiles,
+                 LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """(expert, first row, expert's end row, first column) of this program's i-th tile, in grouped_gemm's
+        grouped order (GROUP_M M tiles sweep every N block before the next group)."""
+        tile = pid + i * nprog
+        per_group = GROUP_M * n_blocks
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = gl.minimum(m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_rows
+        pid_n = (tile % per_group) // group_rows
+        lo = pid_m * 0
+        hi = lo + E
+        for _ in gl.static_range(LOG2_E):  # smallest e with tile_ends[e] > pid_m
+            active = lo < hi
+            mid = (lo + hi) // 2
+            ends = gl.load(tile_ends_ptr + gl.minimum(mid, E - 1))
+            lo = gl.where(active & (ends <= pid_m), mid + 1, lo)
+            hi = gl.where(active & (ends > pid_m), mid, hi)
+        e = gl.minimum(lo, E - 1)
+        prev = gl.maximum(e - 1, 0)
+        tile_start = gl.where(e > 0, gl.load(tile_ends_ptr + prev), 0)
+        row_start = gl.where(e > 0, gl.load(offsets_ptr + prev), 0)
+        row_end = gl.load(offsets_ptr + e)
+        return e, row_start + (pid_m - tile_start) * BLOCK_M, row_end, pid_n * BLOCK_N
+
+    @gluon.jit
+    def _loader(a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
+                HAS_ROW_SCALE: gl.constexpr, B_MODE: gl.constexpr, LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, R_PAD: gl.constexpr, GROUP_M: gl.constexpr,
+                STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+                CONVERT: gl.constexpr, WHICH: gl.constexpr):
+        """Producer (one warp): every TMA load of every tile of this program, tile i into ring i % CONSUMERS."""
+        n_blocks = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        steps = k_steps + HAS_LORA
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for i in range(my_tiles):
+            ring = i % CONSUMERS
+            e, first_row, row_end, off_n = _tile_of(i, pid, nprog, tile_ends_ptr, offsets_ptr, E, n_blocks, m_tiles,
+                                                    LOG2_E, BLOCK_M, BLOCK_N, GROUP_M)
+            base = (i // CONSUMERS) * steps  # uses of this ring before tile i: every tile has `steps` steps
+            for ks in range(steps):
+                it = base + ks
+                slot = ring * STAGES + it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+                bar = ready.index(slot)
+                mbarrier.expect(bar, nbytes)
+                if ks < k_steps:
+                    k = ks * BLOCK_K
+                    _tma_load(a_desc, [first_row, k], bar, a_bufs.index(slot))
+                    if B_MODE == 1:  # weight rows are output columns: [BLOCK_N, BLOCK_K] boxes of [E*N, K]
+                        _tma_load(b_desc, [e * N + off_n, k], bar, b_bufs.index(slot))
+                    else:  # weight rows are the reduction dim: [BLOCK_K, BLOCK_N] boxes of [E*K, N]
+                        _tma_load(b_desc, [e * K + k, off_n], bar, b_bufs.index(slot))
+                else:  # the LoRA step: U's rows and LB[e], boxes padded with zeros past R
+                    _tma_load(u_desc, [first_row, 0], bar, a_bufs.index(slot))
+                    if B_MODE == 1:
+                        _tma_load(lb_desc, [e * N + off_n, 0], bar, b_bufs.index(slot))
+                    else:
+                        _tma_load(lb_desc, [e * R, off_n], bar, b_bufs.index(slot))
+
+    @gluon.constexpr_function
+    def _acc_layout(block_m, block_n, warps):
+        block_m, block_n, warps = (getattr(v, "value", v) for v in (block_m, block_n, warps))  # plain ints
+        warps_per_cta = [4, 1]
+        while warps_per_cta[0] * warps_per_cta[1] != warps:
+            if block_m > 16 * warps_per_cta[0]:
+                warps_per_cta[0] *= 2
+            else:
+                warps_per_cta[1] *= 2
+        m_reps = -(-block_m // 16)
+        n_reps = -(-warps // m_reps)
+        max_n = max(block_n // n_reps, 8)
+        n = 256
+        while n > max_n or block_n % n != 0:
+            n -= 8
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _consumer(a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                  c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                  tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                  HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
+                  HAS_ROW_SCALE: gl.constexpr, B_MODE: gl.constexpr, LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, R_PAD: gl.constexpr, GROUP_M: gl.constexpr,
+                  STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+                  CONVERT: gl.constexpr, WHICH: gl.constexpr):
+        """A warpgroup (or two) that runs the MMAs and the epilogue of tiles WHICH, WHICH + CONSUMERS, ..."""
+        acc_layout: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, CONSUMER_WARPS)
+        if CONVERT:  # 16-byte stores, through a shared-memory shuffle
+            out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [CONSUMER_WARPS, 1], [1, 0])
+        else:  # stores straight from the accumulator's registers (4-byte pairs)
+            out_layout: gl.constexpr = acc_layout
+        n_blocks = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        steps = k_steps + HAS_LORA
+        for i in range(WHICH, my_tiles, CONSUMERS):
+            e, first_row, row_end, off_n = _tile_of(i, pid, nprog, tile_ends_ptr, offsets_ptr, E, n_blocks, m_tiles,
+                                                    LOG2_E, BLOCK_M, BLOCK_N, GROUP_M)
+            base = (i // CONSUMERS) * steps
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+            prev = base * 0 + WHICH * STAGES  # a tensor: loop-carried
+            for ks in range(k_steps):
+                it = base + ks
+                slot = WHICH * STAGES + it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                a = a_bufs.index(slot)
+                if B_MODE == 1:
+                    b = b_bufs.index(slot).permute((1, 0))
+                else:
+                    b = b_bufs.index(slot)
+                acc = warpgroup_mma(a, b, acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc, ))  # the previous step's MMA is done: free its stage
+                if ks > 0:
+                    mbarrier.arrive(empty.index(prev), count=1)
+                prev = slot
+            if HAS_LORA:
+                it = base + k_steps
+                slot = WHICH * STAGES + it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                u = a_bufs.index(slot).slice(0, R_PAD, dim=1)
+                if B_MODE == 1:
+                    lb = b_bufs.index(slot).slice(0, R_PAD, dim=1).permute((1, 0))
+                else:
+                    lb = b_bufs.index(slot).slice(0, R_PAD, dim=0)
+                acc = warpgroup_mma(u, lb, acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc, ))
+                mbarrier.arrive(empty.index(prev), count=1)
+                prev = slot
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index(prev), count=1)
+
+            acc = gl.convert_layout(acc * alpha, out_layout)
+            rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+            row_mask = rows < row_end
+            col_mask = cols < N
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + e.to(gl.int64) * stride_bias + cols, mask=col_mask, other=0.0)
+                acc = acc + bias.to(gl.float32)[None, :]
+            if HAS_ROW_SCALE:
+                acc = acc * gl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(gl.float32)[:, None]
+            if HAS_OUT_INDEX:
+                c_rows = gl.load(out_index_ptr + rows, mask=row_mask, other=0).to(gl.int64)
+            else:
+                c_rows = rows.to(gl.int64)
+            gl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
+
+    @gluon.jit
+    def sorted_gemm_kernel(a_desc, b_desc, u_desc, lb_desc,
+                           c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                           tile_ends_ptr, offsets_ptr, N, K, E, R, alpha,
+                           HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
+                           HAS_ROW_SCALE: gl.constexpr, B_MODE: gl.constexpr, LOG2_E: gl.constexpr,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, R_PAD: gl.constexpr,
+                           GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                           CONSUMER_WARPS: gl.constexpr, CONVERT: gl.constexpr, LOADER_REGS: gl.constexpr,
+                           CONSUMER_REGS: gl.constexpr):
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        m_tiles = gl.load(tile_ends_ptr + E - 1)
+        total = m_tiles * gl.cdiv(N, BLOCK_N)
+        my_tiles = (total - pid + nprog - 1) // nprog
+        dtype: gl.constexpr = a_desc.dtype
+        a_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES] + b_desc.block_type.shape, b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(CONSUMERS * STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        if CONSUMERS == 1:
+            gl.warp_specialize([
+                (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                             c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                             tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                             HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
+                             BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
+                (_loader, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                           c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                           tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                           HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
+                           BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
+            ], [1], [LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                             c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                             tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                             HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
+                             BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
+                (_loader, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                           c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                           tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                           HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
+                           BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
+                (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                             c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                             tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                             HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
+                             BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 1)),
+            ], [1, CONSUMER_WARPS], [LOADER_REGS, CONSUMER_REGS])
+
+
+# Configs, best first as measured (run 54a, H200, Qwen3 and GLM shapes at 4K and 16K tokens): one consumer of 8 warps
+# on 128 x 256 tiles (the widest wgmma: two warpgroups of 64 rows) with the accumulator shuffled through shared
+# memory for 16-byte stores (CONVERT: 12-19% faster than storing the wgmma registers' 4-byte pairs), 3 or 4 stages;
+# or two ping-pong consumers of 4 warps on 128 x 128 tiles. Run 54a's two-stage ping-pong configs ran 30-60% slower.
+CONFIGS = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3, CONSUMERS=1, CONSUMER_WARPS=8, CONVERT=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=4, CONSUMERS=1, CONSUMER_WARPS=8, CONVERT=True),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, CONSUMERS=2, CONSUMER_WARPS=4, CONVERT=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=4, CONSUMERS=1, CONSUMER_WARPS=8, CONVERT=False),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, CONSUMERS=2, CONSUMER_WARPS=4, CONVERT=False),
+)
+
+
+def weight_mode(b: torch.Tensor) -> int:
+    """1 if the [E, K, N] view b is a transposed contiguous [E, N, K] tensor, 2 if it is contiguous, else 0."""
+    E, K, N = b.shape
+    if b.stride() == (N * K, 1, K):
+        return 1
+    if b.stride() == (K * N, N, 1):
+        return 2
+    return 0
+
+
+def _rows_2d(b: torch.Tensor, mode: int) -> torch.Tensor:
+    E, K, N = b.shape
+    return b.transpose(1, 2).reshape(E * N, K) if mode == 1 else b.reshape(E * K, N)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def sorted_gemm_supported(a, b, lora_u=None, lora_b=None, bias=None, out=None, out_index=None,
+                          row_scale=None) -> str | None:
+    """None if sorted_gemm can run these operands, else why not. Asked at every eligible grouped_gemm launch: cheap
+    checks only."""
+    if gluon is None:
+        return "triton has no Gluon (needs triton >= 3.5)"
+    if a.device.type != "cuda" or _capability(a.device.index) != (9, 0):
+        return "the Gluon kernel is for Hopper (sm90) only"
+    if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
+        return f"expected bf16 or fp16 operands, got {a.dtype} and {b.dtype}"
+    mode = weight_mode(b)
+    size = a.element_size()
+    if mode == 0 or a.stride(1) != 1 or (a.stride(0) * size) % 16 or a.data_ptr() % 16 or b.data_ptr() % 16:
+        return "operands TMA cannot read"
+    if ((b.shape[1] if mode == 1 else b.shape[2]) * size) % 16:
+        return "weight rows not 16-byte aligned"
+    if lora_u is not None:
+        R = lora_u.shape[1]
+        if (R > 64 or (R * size) % 16 or lora_u.stride(1) != 1 or lora_u.dtype != a.dtype or lora_b.dtype != a.dtype
+                or weight_mode(lora_b) != mode or lora_u.data_ptr() % 16 or lora_b.data_ptr() % 16):
+            return "LoRA operands TMA cannot read in the weight's orientation"
+    if bias is not None and bias.stride(1) != 1:
+        return "bias columns not contiguous"
+    if out is not None and out.stride(1) != 1:
+        return "output columns not contiguous"
+    if (out_index is not None and out_index.stride(0) != 1) or (row_scale is not None and row_scale.stride(0) != 1):
+        return "out_index / row_scale not contiguous"
+    return None
+
+
+def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lora_u=None, lora_b=None,
+                alpha: float = 1.0, bias=None, out=None, out_index=None, row_scale=None, config: dict | None = None):
+    """grouped_gemm(a, b, ..., epilogue=0) without a_index on the Gluon kernel; see the module docstring.
+
+    a [S, K] expert-sorted rows; b [E, K, N] (a transposed view of [E, N, K] or contiguous); lora_u [S, R] and
+    lora_b [E, R, N] in b's orientation; bias [E, N]; out [*, N] written at rows out_index[i] (or i), scaled by
+    row_scale[i]. tile_ends: grouped_gemm's tile_schedule(counts_E, BLOCK_M) (computed here if None).
+    """
+    from .grouped_gemm import tile_schedule
+
+    config = dict(config or CONFIGS[0])
+    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    E, K, N = b.shape
+    mode = weight_mode(b)
+    dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+    a_layout = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
+    b_box = [BN, BK] if mode == 1 else [BK, BN]
+    b_layout = gl.NVMMASharedLayout.get_default_for(b_box, dtype)
+    a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BM, BK], a_layout)
+    b_desc = GluonDescriptor.from_tensor(_rows_2d(b, mode), b_box, b_layout)
+    R = 0
+    if lora_u is not None:
+        R = lora_u.shape[1]
+        u_desc = GluonDescriptor(lora_u, list(lora_u.shape), [lora_u.stride(0), 1], [BM, BK], a_layout)
+        lb_desc = GluonDescriptor.from_tensor(_rows_2d(lora_b, mode), b_box, b_layout)
+    else:
+        u_desc, lb_desc = a_desc, b_desc
+    if out is None:
+        out = torch.empty(num_rows, N, device=a.device, dtype=a.dtype)
+    if tile_ends is None:
+        tile_ends = tile_schedule(counts_E, BM)
+    programs = _multiprocessors(a.device.index)
+    warps = config["CONSUMER_WARPS"]
+    sorted_gemm_kernel[(programs,)](
+        a_desc, b_desc, u_desc, lb_desc,
+        out, out.stride(0), out_index if out_index is not None else out,
+        row_scale if row_scale is not None else out, bias if bias is not None else out,
+        bias.stride(0) if bias is not None else 0,
+        tile_ends, offsets_E, N, K, E, R, float(alpha),
+        HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None, HAS_OUT_INDEX=out_index is not None,
+        HAS_ROW_SCALE=row_scale is not None, B_MODE=mode, LOG2_E=max(1, int(E).bit_length()),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, R_PAD=max(16, -(-R // 16) * 16), GROUP_M=8,
+        STAGES=config["STAGES"], CONSUMERS=config["CONSUMERS"], CONSUMER_WARPS=warps, CONVERT=config["CONVERT"],
+        LOADER_REGS=40, CONSUMER_REGS=232,
+        num_warps=warps, maxnreg=config.get("MAXNREG", 168),
+    )
+    return out

@@ -1,0 +1,125 @@
+"""The Gluon sorted-rows GEMM for Hopper (moetune/kernels/hopper_gemm.py) against float64.
+
+Gluon has no interpreter: the kernel runs on an sm90 GPU only (tests marked gpu). Its host-side checks run on CPU.
+"""
+
+import pytest
+import torch
+
+from moetune.experts import plan_routing
+from moetune.kernels import hopper_gemm
+from moetune.kernels.hopper_gemm import CONFIGS, sorted_gemm, sorted_gemm_supported, weight_mode
+
+
+def test_weight_mode_reads_the_two_layouts_tma_can_box():
+    assert weight_mode(torch.empty(4, 32, 48).transpose(1, 2)) == 1  # a transposed [E, N, K] weight
+    assert weight_mode(torch.empty(4, 48, 32)) == 2  # a contiguous [E, K, N] weight
+    assert weight_mode(torch.empty(4, 48, 64)[:, :, :32]) == 0  # neither: rows with a gap
+
+
+def test_sorted_gemm_says_why_not_off_hopper():
+    a, b = torch.empty(8, 16, dtype=torch.bfloat16), torch.empty(2, 16, 16, dtype=torch.bfloat16)
+    assert sorted_gemm_supported(a, b) is not None  # CPU tensors: never this kernel
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper_gemm.gluon is not None
+
+
+def _routing(T, E, k, gen, skew=None):
+    if skew == "one_expert":  # every token's first choice is expert 1: one expert takes T rows
+        ids = torch.stack([torch.cat([torch.tensor([1]), torch.randperm(E - 1, generator=gen)[: k - 1] + 2])
+                           for _ in range(T)]) % E
+    elif skew == "empty":  # experts 0 and 3 get no rows
+        pool = torch.tensor([e for e in range(E) if e not in (0, 3)])
+        ids = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(T)])
+    else:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    return plan_routing(ids.cuda(), E)
+
+
+def _reference(a, b, u, lb, bias, row_scale, plan, alpha):
+    """float64 C in sorted-row order."""
+    ends = [0] + plan.offsets_E.tolist()
+    out = torch.zeros(a.shape[0], b.shape[2], dtype=torch.float64, device=a.device)
+    for e in range(b.shape[0]):
+        lo, hi = ends[e], ends[e + 1]
+        if hi == lo:
+            continue
+        v = a[lo:hi].double() @ b[e].double()
+        if u is not None:
+            v += u[lo:hi].double() @ lb[e].double()
+        v *= alpha
+        if bias is not None:
+            v += bias[e].double()
+        if row_scale is not None:
+            v *= row_scale[lo:hi].double()[:, None]
+        out[lo:hi] = v
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+@pytest.mark.parametrize("case", ["T1", "empty_experts", "one_expert", "odd_sizes", "no_lora_bias", "rank8"])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_sorted_gemm_matches_float64_on_hopper(config, case, mode):
+    if not _hopper():
+        pytest.skip("needs an sm90 GPU and triton with Gluon")
+    gen = torch.Generator().manual_seed(11)
+    E, k = 6, 2
+    T, K, N, R = {"T1": (1, 128, 256), "odd_sizes": (301, 200, 328)}.get(case, (400, 192, 320)) + (16,)
+    if case == "rank8":
+        R = 8
+    plan = _routing(T, E, k, gen, skew={"empty_experts": "empty", "one_expert": "one_expert"}.get(case))
+    S = plan.num_rows
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    a = bf16(S, K)
+    b = bf16(E, N, K, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, K, N, scale=0.1)
+    lora = case != "no_lora_bias"
+    u = bf16(S, R) if lora else None
+    lb = (bf16(E, N, R, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, R, N, scale=0.1)) if lora else None
+    bias = bf16(E, N) if case == "no_lora_bias" else None
+    row_scale = bf16(S).abs() if case != "no_lora_bias" else None
+    scatter = case != "no_lora_bias"
+    assert sorted_gemm_supported(a, b, u, lb) is None
+    out = torch.full((S, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    sorted_gemm(a, b, plan.offsets_E, plan.counts_E, num_rows=S, lora_u=u, lora_b=lb, alpha=0.5, bias=bias,
+                out=out, out_index=plan.perm_S if scatter else None, row_scale=row_scale, config=CONFIGS[config])
+    ref = _reference(a, b, u, lb, bias, row_scale, plan, 0.5)
+    got = out.double()
+    if scatter:  # rows were stored at perm_S[i]
+        got = got[plan.perm_S]
+    assert torch.isfinite(got).all(), "rows left unwritten"
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_grouped_gemm_runs_a_gluon_pick_as_close_as_its_triton_configs(config):
+    """A Gluon config picked by grouped_gemm's third tuning step computes what its Triton configs do (down projection
+    form: LoRA input given, row scale, scatter), on rows that are not a multiple of any tile."""
+    from moetune.kernels import grouped_gemm
+    from moetune.kernels.grouped_gemm import candidates_for
+
+    if not _hopper():
+        pytest.skip("needs an sm90 GPU and triton with Gluon")
+    gen = torch.Generator().manual_seed(5)
+    E, T, k, K, N, R = 8, 1000, 4, 192, 264, 16
+    plan = _routing(T, E, k, gen)
+    S = plan.num_rows
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    a, u, row_scale = bf16(S, K), bf16(S, R), bf16(S)
+    b, lb = bf16(E, N, K, scale=0.1).transpose(1, 2), bf16(E, N, R, scale=0.1).transpose(1, 2)  # as down's views
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E, lora_u=u, lora_b=lb,
+                  out_index=plan.perm_S, row_scale=row_scale, alpha=2.0)
+    triton_out = grouped_gemm(a, b, config=candidates_for(0, S, E, N, K)[0], **common)
+    gluon_out = grouped_gemm(a, b, config=dict(CONFIGS[config], GLUON=True), **common)
+    err = ((gluon_out.double() - triton_out.double()).norm() / triton_out.double().norm()).item()
+    assert err < 5e-3, err
