@@ -174,9 +174,9 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
         except Exception as err:  # noqa: BLE001 - a config that does not compile/fit (e.g. out of shared memory)
             if _device_fault(err):  # the CUDA context is broken (a bad access): no later candidate could run
                 raise
-            # TMA descriptors vary across Triton/driver versions, and so does the flattened loop of a persistent
-            # kernel: drop the candidate, not the run.
-            if config.get("TMA_B") or config.get("TMA_A") or config.get("PERSISTENT"):
+            # TMA descriptors vary across Triton/driver versions, and so do the flattened loop of a persistent
+            # kernel and Gluon's API: drop the candidate, not the run.
+            if config.get("TMA_B") or config.get("TMA_A") or config.get("PERSISTENT") or config.get("GLUON"):
                 print(f"moetune: skipping config {config} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
                       file=sys.stderr)
                 continue

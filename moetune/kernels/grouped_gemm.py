@@ -50,7 +50,7 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:
     TensorDescriptor = None
 
-from . import autotune
+from . import autotune, hopper_gemm
 from .activations import act_backward, act_forward
 from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
@@ -539,6 +539,45 @@ def _tma_host_ms(config: dict) -> float:
     return TMA_HOST_MS * (bool(config.get("TMA_B")) + bool(config.get("TMA_A")))
 
 
+# The third tuning step, on Hopper: the pick so far against hopper_gemm's Gluon kernel (warp-specialised,
+# persistent), for the plain GEMMs over sorted rows that take their LoRA input from a launch of their own (the down
+# projection forward, gate_up's dgrad). Its own name, so the earlier steps' cached picks stay valid.
+GLUON_TUNING = "grouped_gemm/gluon/v1"
+# Host time a Gluon launch adds over grouped_gemm's own (run 54b, an H200's host, Qwen3 4K: 92 and 157 us for the
+# dgrad and the down projection): four TMA descriptors built in Python and encoded by Triton's launcher at every
+# launch, instead of the direct launch (launch.py). Counted against it, as TMA_HOST_MS is.
+GLUON_HOST_MS = 0.12
+
+
+def gluon_candidates(device, dtype: torch.dtype) -> bool:
+    """Whether autotuning also tries hopper_gemm's Gluon kernel: only under MOETUNE_TRITON_GLUON=1, on sm90 with a
+    Triton that has Gluon, for bf16 and fp16.
+
+    Off by default. Runs 54a-b (H200, Triton 3.6): its outputs were bitwise grouped_gemm's, its GPU time 18-19%
+    lower on Qwen3's 4K dgrad and from a 9% gain to a 2% loss elsewhere; but each launch cost 92-157 us more host
+    time, and the whole block (switch_ab.py --switch gluon) measured the same either way at Qwen3 4K and 16K and
+    GLM 16K. Kept, tested, for the launches where it wins once descriptors are made on the device."""
+    device = torch.device(device)
+    if os.environ.get("MOETUNE_TRITON_GLUON") != "1" or hopper_gemm.gluon is None or device.type != "cuda":
+        return False
+    return (torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
+            and _capability(device.index) == (9, 0))
+
+
+def gluon_variants(config: dict) -> tuple[dict, ...]:
+    """config, then each of hopper_gemm's configs (marked GLUON). Memoised: asked at every launch."""
+    return _gluon_variants(tuple(sorted(config.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_variants(items: tuple) -> tuple[dict, ...]:
+    return (dict(items),) + tuple(dict(config, GLUON=True) for config in hopper_gemm.CONFIGS)
+
+
+def _gluon_host_ms(config: dict) -> float:
+    return GLUON_HOST_MS if config.get("GLUON") else _tma_host_ms(config)
+
+
 def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_weight, epilogue, interleaved,
                         out_index, **rest) -> bool:
     """Whether grouped_gemm's LoRA input runs faster in its main loop than by a launch of its own, for this shape.
@@ -554,6 +593,8 @@ def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_
                     num_rows, E) + (_pow2_at_least(rank), tma_candidates(a.device, a.dtype))  # TMA: other configs
     if persistent_candidates(a.device):  # other configs again (appended only when on: the cached keys stay valid)
         key += ("persistent",)
+    if epilogue == 0 and a_index is None and gluon_candidates(a.device, a.dtype):  # a launch of its own may be Gluon
+        key += ("gluon",)
 
     def run(way: dict):
         grouped_gemm(a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_u_weight=lora_u_weight,
@@ -703,6 +744,12 @@ def grouped_gemm(
     results = []  # epilogue 2: the partial dots [n_blocks, S] (fused) or the dots [S] (split)
 
     def launch(config: dict):
+        if config.get("GLUON"):
+            hopper_gemm.sorted_gemm(a, b, offsets_E, counts_E, num_rows=num_rows,
+                                    tile_ends=tile_schedule(counts_E, config["BLOCK_M"]), lora_u=lora_u, lora_b=lora_b,
+                                    alpha=alpha, bias=bias, out=out, out_index=out_index, row_scale=row_scale,
+                                    config=config)
+            return
         blocks = {k: v for k, v in config.items() if k not in ("SPLIT", "TMA_B", "TMA_A", "PERSISTENT")}
         split = config.get("SPLIT", False)
         epi = 0 if split else epilogue
@@ -774,6 +821,10 @@ def grouped_gemm(
         config = autotune.pick(TUNING, key, candidates, launch, device, num_rows, host_ms=_tma_host_ms)
         if persistent_candidates(device):  # then the same tile persistent, kept only if measured faster
             config = autotune.pick(PERSISTENT_TUNING, key, persistent_variants(config), launch, device, num_rows)
+        if (epilogue == 0 and a_index is None and not in_loop and N > 64 and gluon_candidates(device, a.dtype)
+                and hopper_gemm.sorted_gemm_supported(a, b, lora_u, lora_b, bias, out, out_index, row_scale) is None):
+            config = autotune.pick(GLUON_TUNING, key, gluon_variants(config), launch, device, num_rows,
+                                   host_ms=_gluon_host_ms)
     launch(config)
     if epilogue == 1:
         return out, gu

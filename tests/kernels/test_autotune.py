@@ -64,8 +64,10 @@ def test_no_fitting_candidate_is_a_clear_error():
         _choose([])
 
 
-def test_a_failing_tma_or_persistent_candidate_is_skipped_and_other_failures_raise(monkeypatch, tmp_path, capsys):
-    """TMA and persistent candidates depend on the Triton version: one that fails to compile drops out of tuning."""
+def test_a_failing_tma_persistent_or_gluon_candidate_is_skipped_and_other_failures_raise(monkeypatch, tmp_path,
+                                                                                         capsys):
+    """TMA, persistent and Gluon candidates depend on the Triton version: one that fails to compile drops out of
+    tuning."""
     import triton.testing
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tune as on a GPU, with fakes for the GPU parts
@@ -75,13 +77,15 @@ def test_a_failing_tma_or_persistent_candidate_is_skipped_and_other_failures_rai
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
 
     def launch(config):
-        if config.get("TMA_B") or config.get("PERSISTENT") or config.get("broken"):
+        if config.get("TMA_B") or config.get("PERSISTENT") or config.get("GLUON") or config.get("broken"):
             raise RuntimeError("PassManager::run failed")
 
-    candidates = [{"BLOCK_M": 64}, {"BLOCK_M": 64, "TMA_B": True}, {"BLOCK_M": 64, "PERSISTENT": 1}]
+    candidates = [{"BLOCK_M": 64}, {"BLOCK_M": 64, "TMA_B": True}, {"BLOCK_M": 64, "PERSISTENT": 1},
+                  {"BLOCK_M": 128, "GLUON": True}]
     assert autotune.pick("k", ("tma-skip",), candidates, launch, "cuda:0", num_rows=10**6) == candidates[0]
     err = capsys.readouterr().err
     assert "skipping config {'BLOCK_M': 64, 'TMA_B': True}" in err and "'PERSISTENT': 1}" in err
+    assert "'GLUON': True}" in err
     with pytest.raises(RuntimeError, match="PassManager"):
         autotune.pick("k", ("tma-raise",), [{"BLOCK_M": 64}, {"broken": True}], launch, "cuda:0", num_rows=10**6)
 

@@ -277,6 +277,75 @@ def test_autotuning_then_tries_its_pick_as_a_persistent_kernel(monkeypatch, few_
         assert asked == [module.TUNING] and launched[0][1] is False
 
 
+def test_autotuning_on_hopper_then_tries_the_gluon_kernel_for_sorted_rows(monkeypatch):
+    """Where gluon_candidates says yes (sm90 under MOETUNE_TRITON_GLUON=1, faked here) a third pick (GLUON_TUNING)
+    between the pick so far and hopper_gemm's configs decides for a plain GEMM over sorted rows with its LoRA input
+    given; a Gluon answer launches hopper_gemm.sorted_gemm with the launch's own operands. Gathered rows and
+    gluon_candidates saying no skip the step."""
+    from moetune.kernels import autotune, grouped_gemm, hopper_gemm
+    from moetune.kernels.grouped_gemm import GLUON_TUNING, gluon_variants
+
+    module = importlib.import_module("moetune.kernels.grouped_gemm")
+    plan, gen = problem(seed=17)
+    S, K, N, R = plan.num_rows, 40, 72, 8
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    a, b, u, lb = rand(gen, S, K), rand(gen, 5, K, N), rand(gen, S, R), rand(gen, 5, R, N)
+    row_scale = rand(gen, S)
+    asked, calls = [], []
+
+    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
+        asked.append(name)
+        if name != GLUON_TUNING:
+            return dict(PLAIN_CONFIG)
+        assert candidates == gluon_variants(dict(PLAIN_CONFIG)) and candidates[0] == PLAIN_CONFIG
+        assert [c.get("GLUON", False) for c in candidates] == [False] + [True] * len(hopper_gemm.CONFIGS)
+        assert host_ms(candidates[1]) == module.GLUON_HOST_MS and host_ms(candidates[0]) == 0.0
+        return candidates[1]
+
+    def sorted_gemm(a_, b_, offsets_E, counts_E, *, num_rows, tile_ends, lora_u, lora_b, alpha, bias, out, out_index,
+                    row_scale, config):
+        calls.append(config)
+        assert a_ is a and b_ is b and lora_u is u and lora_b is lb and out_index is plan.perm_S
+        assert row_scale is expected_scale and alpha == 0.5 and bias is None and num_rows == S
+        assert torch.equal(tile_ends, module.tile_schedule(counts_E, config["BLOCK_M"]))
+        out.fill_(3.0)
+
+    expected_scale = row_scale
+    monkeypatch.setattr(autotune, "pick", pick)
+    monkeypatch.setattr(module, "gluon_candidates", lambda device, dtype: True)
+    monkeypatch.setattr(hopper_gemm, "sorted_gemm_supported", lambda *args: None)
+    monkeypatch.setattr(hopper_gemm, "sorted_gemm", sorted_gemm)
+    got = grouped_gemm(a, b, lora_u=u, lora_b=lb, alpha=0.5, out_index=plan.perm_S, row_scale=row_scale, **common)
+    assert asked == [module.TUNING, GLUON_TUNING]
+    assert calls == [dict(hopper_gemm.CONFIGS[0], GLUON=True)] and bool((got == 3.0).all())
+    asked.clear()
+    grouped_gemm(a, b, a_index=plan.token_S[: plan.num_rows], lora_u=u, lora_b=lb, **common)  # gathered rows
+    assert asked == [module.TUNING]
+    monkeypatch.setattr(module, "gluon_candidates", lambda device, dtype: False)  # not Hopper, or turned off
+    asked.clear()
+    grouped_gemm(a, b, lora_u=u, lora_b=lb, **common)
+    assert asked == [module.TUNING]
+
+
+def test_gluon_candidates_only_when_asked_and_on_hopper(monkeypatch):
+    module = importlib.import_module("moetune.kernels.grouped_gemm")
+    monkeypatch.setenv("MOETUNE_TRITON_GLUON", "1")
+    assert module.gluon_candidates("cpu", torch.bfloat16) is False
+    monkeypatch.setattr(module, "_capability", lambda index: (9, 0))
+    for setting in ("0", None):  # off by default
+        if setting is None:
+            monkeypatch.delenv("MOETUNE_TRITON_GLUON")
+        else:
+            monkeypatch.setenv("MOETUNE_TRITON_GLUON", setting)
+        assert module.gluon_candidates("cuda:0", torch.bfloat16) is False
+    monkeypatch.setenv("MOETUNE_TRITON_GLUON", "1")
+    expected = module.hopper_gemm.gluon is not None and torch.version.hip is None
+    assert module.gluon_candidates("cuda:0", torch.bfloat16) is expected
+    assert module.gluon_candidates("cuda:0", torch.float32) is False
+    monkeypatch.setattr(module, "_capability", lambda index: (8, 0))
+    assert module.gluon_candidates("cuda:0", torch.bfloat16) is False
+
+
 def test_the_lora_input_goes_the_way_autotuning_measured_faster(monkeypatch):
     """lora_u_in_loop=None asks autotune.pick between the two ways (each run once here, as timing would) and
     follows its answer; below MIN_TUNE_ROWS or on CPU pick answers the first way, the main loop."""
