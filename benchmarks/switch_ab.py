@@ -5,6 +5,8 @@ Switches (environment variables read at each launch):
   instead of Triton binding and specialising every argument again (ways "triton" and "direct").
 - persistent: MOETUNE_TRITON_PERSISTENT. Autotuning's second step tries its pick as a persistent kernel
   (grouped_gemm.persistent_variants) and keeps it where it measures faster (ways "one_tile" and "persistent").
+- gluon: MOETUNE_TRITON_GLUON. On Hopper, autotuning's third step tries hopper_gemm's Gluon kernel for the plain
+  GEMMs over sorted rows and keeps it where it measures faster, host time counted (ways "triton" and "gluon").
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a
@@ -13,6 +15,7 @@ checked first, on the cases' own inputs.
 
     python benchmarks/switch_ab.py --cases qwen3-30b-a3b:4096 gpt-oss-20b:4096 --launches qwen3-30b-a3b:4096
     python benchmarks/switch_ab.py --switch persistent --cases qwen3-30b-a3b:16384 --launches qwen3-30b-a3b:16384
+    python benchmarks/switch_ab.py --switch gluon --cases qwen3-30b-a3b:4096 qwen3-30b-a3b:16384
     python benchmarks/switch_ab.py --tiny      # toy sizes on CPU through the Triton interpreter (no direct path)
 """
 
@@ -41,6 +44,7 @@ from harness import SHAPES  # noqa: E402
 SWITCHES = {  # name: (environment variable, (the way with it "0", the way with it "1"))
     "direct": ("MOETUNE_DIRECT_LAUNCH", ("triton", "direct")),
     "persistent": ("MOETUNE_TRITON_PERSISTENT", ("one_tile", "persistent")),
+    "gluon": ("MOETUNE_TRITON_GLUON", ("triton", "gluon")),
 }
 
 
