@@ -745,6 +745,9 @@ def grouped_gemm(
 
     def launch(config: dict):
         if config.get("GLUON"):
+            why = _gluon_unsupported()
+            if why:  # a config given by the caller: the tuning step asks first
+                raise ValueError(f"config: GLUON runs plain GEMMs over sorted rows only ({why})")
             hopper_gemm.sorted_gemm(a, b, offsets_E, counts_E, num_rows=num_rows,
                                     tile_ends=tile_schedule(counts_E, config["BLOCK_M"]), lora_u=lora_u, lora_b=lora_b,
                                     alpha=alpha, bias=bias, out=out, out_index=out_index, row_scale=row_scale,
@@ -812,6 +815,13 @@ def grouped_gemm(
         elif dw is not None:
             results[:] = [dw]
 
+    def _gluon_unsupported() -> str | None:
+        """Why hopper_gemm's kernel cannot run this launch, or None: epilogue 0 over sorted rows, the LoRA input
+        given (not accumulated in the main loop), operands its TMA boxes can read."""
+        if epilogue != 0 or a_index is not None or in_loop:
+            return "epilogue 0, no a_index, the LoRA input given"
+        return hopper_gemm.sorted_gemm_supported(a, b, lora_u, lora_b, bias, out, out_index, row_scale)
+
     candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
     key = _tune_key(epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None, N, K,
                     a.dtype, num_rows, E)
@@ -821,8 +831,7 @@ def grouped_gemm(
         config = autotune.pick(TUNING, key, candidates, launch, device, num_rows, host_ms=_tma_host_ms)
         if persistent_candidates(device):  # then the same tile persistent, kept only if measured faster
             config = autotune.pick(PERSISTENT_TUNING, key, persistent_variants(config), launch, device, num_rows)
-        if (epilogue == 0 and a_index is None and not in_loop and N > 64 and gluon_candidates(device, a.dtype)
-                and hopper_gemm.sorted_gemm_supported(a, b, lora_u, lora_b, bias, out, out_index, row_scale) is None):
+        if N > 64 and gluon_candidates(device, a.dtype) and _gluon_unsupported() is None:
             config = autotune.pick(GLUON_TUNING, key, gluon_variants(config), launch, device, num_rows,
                                    host_ms=_gluon_host_ms)
     launch(config)

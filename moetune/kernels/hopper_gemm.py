@@ -16,6 +16,10 @@ grouped_gemm computes them with epilogue 0 and no gather, on a schedule Triton d
 The LoRA product is one more K step: U [S, R] and LB's rows are read through boxes as wide as a K step (TMA
 fills the columns past R with zeros) and multiplied over their first R_PAD columns only.
 
+Boxes past an operand's end read zeros, but in the contiguous [E, K, N] weight orientation the rows past an
+expert's K (and past R in LB) are the next expert's: they meet A's (U's) zero columns, so they add exactly 0 for
+finite weights, as in grouped_gemm's TMA path; an inf or NaN in a neighbouring expert would leak in.
+
 Not for the interpreter (Gluon has none): correctness is checked on the GPU against grouped_gemm.
 """
 
@@ -300,14 +304,20 @@ def sorted_gemm_supported(a, b, lora_u=None, lora_b=None, bias=None, out=None, o
         return f"expected bf16 or fp16 operands, got {a.dtype} and {b.dtype}"
     mode = weight_mode(b)
     size = a.element_size()
+    E, K, N = b.shape
+    if min(a.shape[0], E, K, N) == 0:  # TMA descriptors need every dimension > 0, the ring at least one K step
+        return "empty operands"
     if mode == 0 or a.stride(1) != 1 or (a.stride(0) * size) % 16 or a.data_ptr() % 16 or b.data_ptr() % 16:
         return "operands TMA cannot read"
-    if ((b.shape[1] if mode == 1 else b.shape[2]) * size) % 16:
+    if ((K if mode == 1 else N) * size) % 16:
         return "weight rows not 16-byte aligned"
     if lora_u is not None:
         R = lora_u.shape[1]
-        if (R > 64 or (R * size) % 16 or lora_u.stride(1) != 1 or lora_u.dtype != a.dtype or lora_b.dtype != a.dtype
-                or weight_mode(lora_b) != mode or lora_u.data_ptr() % 16 or lora_b.data_ptr() % 16):
+        if lora_b is None or tuple(lora_b.shape) != (E, R, N) or lora_u.shape[0] == 0 or not 0 < R <= 64:
+            return "expected lora_u [S, R] and lora_b [E, R, N] with 0 < R <= 64"
+        if ((R * size) % 16 or lora_u.stride(1) != 1 or (lora_u.stride(0) * size) % 16 or lora_u.dtype != a.dtype
+                or lora_b.dtype != a.dtype or weight_mode(lora_b) != mode or lora_u.data_ptr() % 16
+                or lora_b.data_ptr() % 16):
             return "LoRA operands TMA cannot read in the weight's orientation"
     if bias is not None and bias.stride(1) != 1:
         return "bias columns not contiguous"

@@ -327,6 +327,21 @@ def test_autotuning_on_hopper_then_tries_the_gluon_kernel_for_sorted_rows(monkey
     assert asked == [module.TUNING]
 
 
+def test_a_gluon_config_is_refused_where_the_gluon_kernel_cannot_compute_the_launch():
+    """A GLUON config given by the caller (tests, benchmarks) is checked as the tuning step checks: gathered rows or
+    a CPU tensor are one-line errors, not a plain GEMM over the wrong rows."""
+    from moetune.kernels import grouped_gemm, hopper_gemm
+
+    plan, gen = problem()
+    a, b = rand(gen, plan.num_tokens, 16), rand(gen, 5, 16, 72)
+    common = dict(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    config = dict(hopper_gemm.CONFIGS[0], GLUON=True)
+    with pytest.raises(ValueError, match="config: GLUON runs plain GEMMs over sorted rows only .epilogue 0"):
+        grouped_gemm(a, b, a_index=plan.token_S, config=config, **common)
+    with pytest.raises(ValueError, match="config: GLUON runs plain GEMMs over sorted rows only"):
+        grouped_gemm(rand(gen, plan.num_rows, 16), b, config=config, **common)
+
+
 def test_gluon_candidates_only_when_asked_and_on_hopper(monkeypatch):
     module = importlib.import_module("moetune.kernels.grouped_gemm")
     monkeypatch.setenv("MOETUNE_TRITON_GLUON", "1")

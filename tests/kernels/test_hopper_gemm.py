@@ -22,6 +22,31 @@ def test_sorted_gemm_says_why_not_off_hopper():
     assert sorted_gemm_supported(a, b) is not None  # CPU tensors: never this kernel
 
 
+def test_sorted_gemm_rejects_what_its_boxes_would_read_wrong(monkeypatch):
+    """With the GPU checks faked: LoRA factors of another rank or shape, a rank over 64, U rows not 16-byte aligned,
+    empty operands."""
+    if hopper_gemm.gluon is None:
+        pytest.skip("triton without Gluon")
+    monkeypatch.setattr(hopper_gemm, "_capability", lambda index: (9, 0))
+    fake = type("FakeDevice", (), {"type": "cuda", "index": 0})()
+
+    class OnCuda(torch.Tensor):  # CPU storage, reported on CUDA
+        @property
+        def device(self):
+            return fake
+
+    def t(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16).as_subclass(OnCuda)
+
+    a, b = t(40, 64), t(4, 64, 48)
+    assert sorted_gemm_supported(a, b) is None
+    assert sorted_gemm_supported(a, b, t(40, 16), t(4, 16, 48)) is None
+    assert "0 < R <= 64" in sorted_gemm_supported(a, b, t(40, 16), t(4, 32, 48))  # lora_b of another rank
+    assert "0 < R <= 64" in sorted_gemm_supported(a, b, t(40, 72), t(4, 72, 48))
+    assert "TMA cannot read" in sorted_gemm_supported(a, b, t(40, 20)[:, :16], t(4, 16, 48))  # 40-byte U rows
+    assert sorted_gemm_supported(t(0, 64), b) == "empty operands"
+
+
 def _hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper_gemm.gluon is not None
 
