@@ -221,6 +221,8 @@ if gluon is not None:
         for s in gl.static_range(CONSUMERS * STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
+        # Each partition's arguments spelled out in full: Triton 3.6 turned the constexprs of a tuple built once and
+        # concatenated with the partition index (`common + (0, )`) into tensors, which layouts cannot be made from.
         if CONSUMERS == 1:
             gl.warp_specialize([
                 (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
