@@ -25,8 +25,6 @@ Not for the interpreter (Gluon has none): correctness is checked on the GPU agai
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:
@@ -49,7 +47,8 @@ if gluon is not None:
     def _tile_of(i, pid, nprog, tile_ends_ptr, offsets_ptr, E, n_blocks, m_tiles,
                  LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
         """(expert, first row, expert's end row, first column) of this program's i-th tile, in grouped_gemm's
-        grouped order (GROUP_M M tiles sweep every N block before the next group)."""
+        grouped order (GROUP_M M tiles sweep every N block before the next group): grouped_gemm's _grouped_order
+        and _find_tile in Gluon, which cannot call @triton.jit functions."""
         tile = pid + i * nprog
         per_group = GROUP_M * n_blocks
         first_m = (tile // per_group) * GROUP_M
@@ -221,8 +220,9 @@ if gluon is not None:
         for s in gl.static_range(CONSUMERS * STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
-        # Each partition's arguments spelled out in full: Triton 3.6 turned the constexprs of a tuple built once and
-        # concatenated with the partition index (`common + (0, )`) into tensors, which layouts cannot be made from.
+        # Each partition's arguments spelled out in full: Triton 3.6 turns the constexprs of a tuple built once and
+        # passed whole (`(p, 0)`) or concatenated with the partition index (`p + (0, )`) into tensors, which layouts
+        # cannot be made from (both tried, session 17).
         if CONSUMERS == 1:
             gl.warp_specialize([
                 (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
@@ -284,20 +284,12 @@ def _rows_2d(b: torch.Tensor, mode: int) -> torch.Tensor:
     return b.transpose(1, 2).reshape(E * N, K) if mode == 1 else b.reshape(E * K, N)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def sorted_gemm_supported(a, b, lora_u=None, lora_b=None, bias=None, out=None, out_index=None,
                           row_scale=None) -> str | None:
     """None if sorted_gemm can run these operands, else why not. Asked at every eligible grouped_gemm launch: cheap
     checks only."""
+    from .grouped_gemm import _capability  # cached there (and grouped_gemm imports this module)
+
     if gluon is None:
         return "triton has no Gluon (needs triton >= 3.5)"
     if a.device.type != "cuda" or _capability(a.device.index) != (9, 0):
@@ -338,7 +330,7 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
     lora_b [E, R, N] in b's orientation; bias [E, N]; out [*, N] written at rows out_index[i] (or i), scaled by
     row_scale[i]. tile_ends: grouped_gemm's tile_schedule(counts_E, BLOCK_M) (computed here if None).
     """
-    from .grouped_gemm import tile_schedule
+    from .grouped_gemm import multiprocessors, tile_schedule
 
     config = dict(config or CONFIGS[0])
     BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -361,7 +353,7 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
         out = torch.empty(num_rows, N, device=a.device, dtype=a.dtype)
     if tile_ends is None:
         tile_ends = tile_schedule(counts_E, BM)
-    programs = _multiprocessors(a.device.index)
+    programs = multiprocessors(a.device)
     warps = config["CONSUMER_WARPS"]
     sorted_gemm_kernel[(programs,)](
         a_desc, b_desc, u_desc, lb_desc,

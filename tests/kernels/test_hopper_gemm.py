@@ -3,6 +3,8 @@
 Gluon has no interpreter: the kernel runs on an sm90 GPU only (tests marked gpu). Its host-side checks run on CPU.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def test_sorted_gemm_rejects_what_its_boxes_would_read_wrong(monkeypatch):
     empty operands."""
     if hopper_gemm.gluon is None:
         pytest.skip("triton without Gluon")
-    monkeypatch.setattr(hopper_gemm, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "_capability", lambda index: (9, 0))
     fake = type("FakeDevice", (), {"type": "cuda", "index": 0})()
 
     class OnCuda(torch.Tensor):  # CPU storage, reported on CUDA
