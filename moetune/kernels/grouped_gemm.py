@@ -542,11 +542,12 @@ def _tma_host_ms(config: dict) -> float:
 # The third tuning step, on Hopper: the pick so far against hopper_gemm's Gluon kernel (warp-specialised,
 # persistent), for the plain GEMMs over sorted rows that take their LoRA input from a launch of their own (the down
 # projection forward, gate_up's dgrad). Its own name, so the earlier steps' cached picks stay valid.
-GLUON_TUNING = "grouped_gemm/gluon/v1"
-# Host time a Gluon launch adds over grouped_gemm's own (run 54b, an H200's host, Qwen3 4K: 92 and 157 us for the
-# dgrad and the down projection): four TMA descriptors built in Python and encoded by Triton's launcher at every
-# launch, instead of the direct launch (launch.py). Counted against it, as TMA_HOST_MS is.
-GLUON_HOST_MS = 0.12
+GLUON_TUNING = "grouped_gemm/gluon/v2"
+# Host time a Gluon launch adds over grouped_gemm's own, counted against it as TMA_HOST_MS is. Run 54b (an H200's
+# host, Qwen3 4K): 92 and 157 us for the dgrad and the down projection, when four TMA descriptors were built in Python
+# and encoded by Triton's launcher at every launch, through Triton's own launch path. Since v2 the kernel makes its
+# descriptors on the device and launches directly (launch.py), as grouped_gemm does with pointer loads.
+GLUON_HOST_MS = 0.0
 
 
 def gluon_candidates(device, dtype: torch.dtype) -> bool:
@@ -556,7 +557,9 @@ def gluon_candidates(device, dtype: torch.dtype) -> bool:
     Off by default. Runs 54a-b (H200, Triton 3.6): its outputs were bitwise grouped_gemm's, its GPU time 18-19%
     lower on Qwen3's 4K dgrad and from a 9% gain to a 2% loss elsewhere; but each launch cost 92-157 us more host
     time, and the whole block (switch_ab.py --switch gluon) measured the same either way at Qwen3 4K and 16K and
-    GLM 16K. Kept, tested, for the launches where it wins once descriptors are made on the device."""
+    GLM 16K. Run 55a, with the descriptors made on the device and direct launches: 33 us more host a launch (not
+    92-157), GPU -29% (4K down projection) and -20% (4K dgrad), and still the same block times: at 4K the block
+    waits on its host, and at 16K the two launches it may take are within a few percent of Triton's."""
     device = torch.device(device)
     if os.environ.get("MOETUNE_TRITON_GLUON") != "1" or hopper_gemm.gluon is None or device.type != "cuda":
         return False
@@ -594,7 +597,7 @@ def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_
     if persistent_candidates(a.device):  # other configs again (appended only when on: the cached keys stay valid)
         key += ("persistent",)
     if epilogue == 0 and a_index is None and gluon_candidates(a.device, a.dtype):  # a launch of its own may be Gluon
-        key += ("gluon",)
+        key += ("gluon", GLUON_TUNING)
 
     def run(way: dict):
         grouped_gemm(a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_u_weight=lora_u_weight,
@@ -744,10 +747,7 @@ def grouped_gemm(
     results = []  # epilogue 2: the partial dots [n_blocks, S] (fused) or the dots [S] (split)
 
     def launch(config: dict):
-        if config.get("GLUON"):
-            why = _gluon_unsupported()
-            if why:  # a config given by the caller: the tuning step asks first
-                raise ValueError(f"config: GLUON runs plain GEMMs over sorted rows only ({why})")
+        if config.get("GLUON"):  # eligibility asked once, before the tuning step or of a caller's config
             hopper_gemm.sorted_gemm(a, b, offsets_E, counts_E, num_rows=num_rows,
                                     tile_ends=tile_schedule(counts_E, config["BLOCK_M"]), lora_u=lora_u, lora_b=lora_b,
                                     alpha=alpha, bias=bias, out=out, out_index=out_index, row_scale=row_scale,
@@ -827,6 +827,10 @@ def grouped_gemm(
                     a.dtype, num_rows, E)
     if in_loop:  # another kernel variant, tuned apart; its shared memory grows with the rank (a UA tile per stage)
         key += ("u_in_loop", _pow2_at_least(rank))
+    if config is not None and config.get("GLUON"):
+        why = _gluon_unsupported()
+        if why:
+            raise ValueError(f"config: GLUON runs plain GEMMs over sorted rows only ({why})")
     if config is None:
         config = autotune.pick(TUNING, key, candidates, launch, device, num_rows, host_ms=_tma_host_ms)
         if persistent_candidates(device):  # then the same tile persistent, kept only if measured faster

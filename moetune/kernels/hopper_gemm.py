@@ -13,6 +13,10 @@ grouped_gemm computes them with epilogue 0 and no gather, on a schedule Triton d
 - CONSUMERS = 2 ("ping-pong"): two warpgroups take alternate tiles from rings of their own, so one's epilogue
   (scale, scatter, stores) overlaps the other's MMAs.
 
+The producer makes its four TMA descriptors on the device, in Triton's global scratch (512 bytes a program), so a
+launch passes plain pointers and goes through launch.py's direct path: descriptors built on the host cost 92-157 us
+a launch in Python and Triton's launcher (run 54b), 33 us more than a Triton launch since (run 55a).
+
 The LoRA product is one more K step: U [S, R] and LB's rows are read through boxes as wide as a K step (TMA
 fills the columns past R with zeros) and multiplied over their first R_PAD columns only.
 
@@ -28,16 +32,21 @@ from __future__ import annotations
 import torch
 
 try:
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     # The TMA load's name: async_copy_global_to_shared up to Triton 3.6 or so, async_load later (3.9 keeps the old
     # name only to raise).
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 except ImportError:  # triton without Gluon (< 3.5): sorted_gemm_supported() says no
     gluon = None
+
+try:
+    from triton.runtime import _allocation  # where Triton keeps its scratch allocator (private: read, not set)
+except ImportError:  # pragma: no cover - another layout: the allocator is set at every launch
+    _allocation = None
 
 
 
@@ -71,7 +80,8 @@ if gluon is not None:
         return e, row_start + (pid_m - tile_start) * BLOCK_M, row_end, pid_n * BLOCK_N
 
     @gluon.jit
-    def _loader(a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+    def _loader(a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                a_bufs, b_bufs, ready, empty,
                 c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                 tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                 HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
@@ -80,10 +90,30 @@ if gluon is not None:
                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
                 CONVERT: gl.constexpr, WHICH: gl.constexpr):
         """Producer (one warp): every TMA load of every tile of this program, tile i into ring i % CONSUMERS."""
+        # The descriptors are made here, on the device, in global scratch (Triton's allocator): built on the host, each
+        # launch paid for four in Python and in Triton's launcher (run 54b: +92-157 us a launch).
+        dtype: gl.constexpr = a_ptr.dtype.element_ty
+        a_layout: gl.constexpr = _smem_layout(BLOCK_M, BLOCK_K, dtype)
+        b_box: gl.constexpr = _b_box(B_MODE, BLOCK_N, BLOCK_K)
+        b_layout: gl.constexpr = _smem_layout(b_box[0], b_box[1], dtype)
+        a_desc = tma.make_tensor_descriptor(a_ptr, [a_rows, K], [stride_am, 1], [BLOCK_M, BLOCK_K], a_layout)
+        if B_MODE == 1:  # the [E, N, K] weights as [E * N, K] rows
+            b_desc = tma.make_tensor_descriptor(b_ptr, [E * N, K], [K, 1], b_box, b_layout)
+        else:  # [E, K, N] as [E * K, N]
+            b_desc = tma.make_tensor_descriptor(b_ptr, [E * K, N], [N, 1], b_box, b_layout)
+        if HAS_LORA:
+            u_desc = tma.make_tensor_descriptor(u_ptr, [u_rows, R], [stride_um, 1], [BLOCK_M, BLOCK_K], a_layout)
+            if B_MODE == 1:
+                lb_desc = tma.make_tensor_descriptor(lb_ptr, [E * N, R], [R, 1], b_box, b_layout)
+            else:
+                lb_desc = tma.make_tensor_descriptor(lb_ptr, [E * R, N], [N, 1], b_box, b_layout)
+        else:
+            u_desc = a_desc
+            lb_desc = b_desc
         n_blocks = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         steps = k_steps + HAS_LORA
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        nbytes: gl.constexpr = (BLOCK_M * BLOCK_K + BLOCK_N * BLOCK_K) * dtype.primitive_bitwidth // 8
         for i in range(my_tiles):
             ring = i % CONSUMERS
             e, first_row, row_end, off_n = _tile_of(i, pid, nprog, tile_ends_ptr, offsets_ptr, E, n_blocks, m_tiles,
@@ -110,6 +140,18 @@ if gluon is not None:
                         _tma_load(lb_desc, [e * R, off_n], bar, b_bufs.index(slot))
 
     @gluon.constexpr_function
+    def _b_box(mode, block_n, block_k):
+        """A weight box: [BLOCK_N, BLOCK_K] of [E * N, K] rows (mode 1), [BLOCK_K, BLOCK_N] of [E * K, N] (mode 2)."""
+        mode, block_n, block_k = (getattr(v, "value", v) for v in (mode, block_n, block_k))
+        return [block_n, block_k] if mode == 1 else [block_k, block_n]
+
+    @gluon.constexpr_function
+    def _smem_layout(rows, cols, dtype):
+        """The swizzled shared-memory layout of a [rows, cols] TMA box (what TMA writes and wgmma reads)."""
+        rows, cols = (getattr(v, "value", v) for v in (rows, cols))
+        return gl.NVMMASharedLayout.get_default_for([rows, cols], getattr(dtype, "value", dtype))
+
+    @gluon.constexpr_function
     def _acc_layout(block_m, block_n, warps):
         block_m, block_n, warps = (getattr(v, "value", v) for v in (block_m, block_n, warps))  # plain ints
         warps_per_cta = [4, 1]
@@ -127,7 +169,8 @@ if gluon is not None:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, n, 16])
 
     @gluon.jit
-    def _consumer(a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+    def _consumer(a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                  a_bufs, b_bufs, ready, empty,
                   c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                   tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                   HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
@@ -198,7 +241,7 @@ if gluon is not None:
                      mask=row_mask[:, None] & col_mask[None, :])
 
     @gluon.jit
-    def sorted_gemm_kernel(a_desc, b_desc, u_desc, lb_desc,
+    def sorted_gemm_kernel(a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
                            c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                            tile_ends_ptr, offsets_ptr, N, K, E, R, alpha,
                            HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
@@ -212,9 +255,12 @@ if gluon is not None:
         m_tiles = gl.load(tile_ends_ptr + E - 1)
         total = m_tiles * gl.cdiv(N, BLOCK_N)
         my_tiles = (total - pid + nprog - 1) // nprog
-        dtype: gl.constexpr = a_desc.dtype
-        a_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES] + a_desc.block_type.shape, a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES] + b_desc.block_type.shape, b_desc.layout)
+        dtype: gl.constexpr = a_ptr.dtype.element_ty
+        b_box: gl.constexpr = _b_box(B_MODE, BLOCK_N, BLOCK_K)
+        a_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES, BLOCK_M, BLOCK_K],
+                                           _smem_layout(BLOCK_M, BLOCK_K, dtype))
+        b_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES, b_box[0], b_box[1]],
+                                           _smem_layout(b_box[0], b_box[1], dtype))
         ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS * STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(CONSUMERS * STAGES):
@@ -225,12 +271,14 @@ if gluon is not None:
         # cannot be made from (both tried, session 17).
         if CONSUMERS == 1:
             gl.warp_specialize([
-                (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                (_consumer, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                             a_bufs, b_bufs, ready, empty,
                              c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                              tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                              HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
                              BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
-                (_loader, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                (_loader, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                           a_bufs, b_bufs, ready, empty,
                            c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                            tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                            HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
@@ -238,17 +286,20 @@ if gluon is not None:
             ], [1], [LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                (_consumer, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                             a_bufs, b_bufs, ready, empty,
                              c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                              tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                              HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
                              BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
-                (_loader, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                (_loader, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                           a_bufs, b_bufs, ready, empty,
                            c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                            tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                            HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
                            BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
-                (_consumer, (a_desc, b_desc, u_desc, lb_desc, a_bufs, b_bufs, ready, empty,
+                (_consumer, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
+                             a_bufs, b_bufs, ready, empty,
                              c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
                              tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
                              HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
@@ -277,11 +328,6 @@ def weight_mode(b: torch.Tensor) -> int:
     if b.stride() == (K * N, N, 1):
         return 2
     return 0
-
-
-def _rows_2d(b: torch.Tensor, mode: int) -> torch.Tensor:
-    E, K, N = b.shape
-    return b.transpose(1, 2).reshape(E * N, K) if mode == 1 else b.reshape(E * K, N)
 
 
 def sorted_gemm_supported(a, b, lora_u=None, lora_b=None, bias=None, out=None, out_index=None,
@@ -322,6 +368,20 @@ def sorted_gemm_supported(a, b, lora_u=None, lora_b=None, bias=None, out=None, o
     return None
 
 
+def _scratch(size: int, alignment: int, stream):
+    """Triton's global scratch for a launch (the kernel's TMA descriptors), from torch's caching allocator (its
+    blocks are 512-byte aligned, more than the 128 bytes a descriptor needs)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _scratch_allocator_set() -> None:
+    """Give Triton an allocator for the kernel's scratch in this thread if it has none: Triton keeps it in a
+    ContextVar, so one set on the main thread is not seen by autograd's backward thread, where the dgrad runs."""
+    held = getattr(_allocation, "_allocator", None)
+    if held is None or isinstance(held.get(), getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_scratch)
+
+
 def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lora_u=None, lora_b=None,
                 alpha: float = 1.0, bias=None, out=None, out_index=None, row_scale=None, config: dict | None = None):
     """grouped_gemm(a, b, ..., epilogue=0) without a_index on the Gluon kernel; see the module docstring.
@@ -331,41 +391,29 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
     row_scale[i]. tile_ends: grouped_gemm's tile_schedule(counts_E, BLOCK_M) (computed here if None).
     """
     from .grouped_gemm import multiprocessors, tile_schedule
+    from .launch import launch
 
     config = dict(config or CONFIGS[0])
-    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    BM = config["BLOCK_M"]
     E, K, N = b.shape
-    mode = weight_mode(b)
-    dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-    a_layout = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
-    b_box = [BN, BK] if mode == 1 else [BK, BN]
-    b_layout = gl.NVMMASharedLayout.get_default_for(b_box, dtype)
-    a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BM, BK], a_layout)
-    b_desc = GluonDescriptor.from_tensor(_rows_2d(b, mode), b_box, b_layout)
-    R = 0
-    if lora_u is not None:
-        R = lora_u.shape[1]
-        u_desc = GluonDescriptor(lora_u, list(lora_u.shape), [lora_u.stride(0), 1], [BM, BK], a_layout)
-        lb_desc = GluonDescriptor.from_tensor(_rows_2d(lora_b, mode), b_box, b_layout)
-    else:
-        u_desc, lb_desc = a_desc, b_desc
+    R = lora_u.shape[1] if lora_u is not None else 0
     if out is None:
         out = torch.empty(num_rows, N, device=a.device, dtype=a.dtype)
     if tile_ends is None:
         tile_ends = tile_schedule(counts_E, BM)
-    programs = multiprocessors(a.device)
+    _scratch_allocator_set()
+    u = lora_u if lora_u is not None else a
     warps = config["CONSUMER_WARPS"]
-    sorted_gemm_kernel[(programs,)](
-        a_desc, b_desc, u_desc, lb_desc,
-        out, out.stride(0), out_index if out_index is not None else out,
-        row_scale if row_scale is not None else out, bias if bias is not None else out,
-        bias.stride(0) if bias is not None else 0,
-        tile_ends, offsets_E, N, K, E, R, float(alpha),
-        HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None, HAS_OUT_INDEX=out_index is not None,
-        HAS_ROW_SCALE=row_scale is not None, B_MODE=mode, LOG2_E=max(1, int(E).bit_length()),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, R_PAD=max(16, -(-R // 16) * 16), GROUP_M=8,
-        STAGES=config["STAGES"], CONSUMERS=config["CONSUMERS"], CONSUMER_WARPS=warps, CONVERT=config["CONVERT"],
-        LOADER_REGS=40, CONSUMER_REGS=232,
-        num_warps=warps, maxnreg=config.get("MAXNREG", 168),
-    )
+    launch(sorted_gemm_kernel, (multiprocessors(a.device),),
+           a, a.stride(0), a.shape[0], b, u, u.stride(0), u.shape[0], lora_b if lora_b is not None else b,
+           out, out.stride(0), out_index if out_index is not None else out,
+           row_scale if row_scale is not None else out, bias if bias is not None else out,
+           bias.stride(0) if bias is not None else 0,
+           tile_ends, offsets_E, N, K, E, R, float(alpha),
+           HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None, HAS_OUT_INDEX=out_index is not None,
+           HAS_ROW_SCALE=row_scale is not None, B_MODE=weight_mode(b), LOG2_E=max(1, int(E).bit_length()),
+           BLOCK_M=BM, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], R_PAD=max(16, -(-R // 16) * 16),
+           GROUP_M=8, STAGES=config["STAGES"], CONSUMERS=config["CONSUMERS"], CONSUMER_WARPS=warps,
+           CONVERT=config["CONVERT"], LOADER_REGS=40, CONSUMER_REGS=232,
+           num_warps=warps, maxnreg=config.get("MAXNREG", 168))
     return out

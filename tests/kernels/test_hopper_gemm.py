@@ -150,3 +150,75 @@ def test_grouped_gemm_runs_a_gluon_pick_as_close_as_its_triton_configs(config):
     gluon_out = grouped_gemm(a, b, config=dict(CONFIGS[config], GLUON=True), **common)
     err = ((gluon_out.double() - triton_out.double()).norm() / triton_out.double().norm()).item()
     assert err < 5e-3, err
+
+
+def test_scratch_allocator_is_set_per_thread_and_never_replaces_one_set():
+    """The kernel makes its TMA descriptors in Triton's global scratch, whose allocator Triton keeps in a ContextVar:
+    a thread that never set one (autograd's backward thread) gets torch's; one already set is kept."""
+    import threading
+
+    if hopper_gemm.gluon is None or hopper_gemm._allocation is None:
+        pytest.skip("triton without Gluon")
+    allocator = hopper_gemm._allocation._allocator
+    seen = {}
+
+    def fresh_thread():
+        seen["before"] = allocator.get()
+        hopper_gemm._scratch_allocator_set()
+        seen["after"] = allocator.get()
+
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        hopper_gemm.triton.set_allocator(mine)
+        hopper_gemm._scratch_allocator_set()
+        seen["kept"] = allocator.get() is mine
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert isinstance(seen["before"], hopper_gemm._allocation.NullAllocator)
+    assert seen["after"] is hopper_gemm._scratch and seen["kept"]
+
+
+@pytest.mark.gpu
+def test_sorted_gemm_launches_directly_from_a_thread_without_an_allocator():
+    """As the dgrad runs in backward: a thread with no Triton allocator set, and repeats handed straight to the
+    compiled kernel (launch.py), bitwise equal to the first launch."""
+    import threading
+
+    from moetune.kernels.launch import launcher_of
+
+    if not _hopper():
+        pytest.skip("needs an sm90 GPU and triton with Gluon")
+    gen = torch.Generator().manual_seed(3)
+    E, T, k, K, N, R = 8, 700, 4, 256, 384, 16
+    plan = _routing(T, E, k, gen)
+    S = plan.num_rows
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+    a, u = bf16(S, K), bf16(S, R)
+    b, lb = bf16(E, K, N, scale=0.1), bf16(E, R, N, scale=0.1)
+    outs, errors = [], []
+
+    def run():
+        try:
+            for _ in range(3):
+                outs.append(sorted_gemm(a, b, plan.offsets_E, plan.counts_E, num_rows=S, lora_u=u, lora_b=lb))
+            torch.cuda.synchronize()
+        except Exception as err:  # reported below, on the test's thread
+            errors.append(err)
+
+    launcher = launcher_of(hopper_gemm.sorted_gemm_kernel)
+    before = launcher.direct_launches
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert launcher.direct_launches - before == 2
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = _reference(a, b, u, lb, None, None, plan, 1.0)
+    err = ((outs[0].double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
