@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     env = harness.environment()
     rows, checks = [], {}
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}")
-    print(f"{'shape':<22}{'tokens':>7}  {'provider':<11}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'x base':>8}{'host ms':>9}")
+    print(f"{'shape':<22}{'tokens':>7}  {'provider':<11}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'x base':>8}{'host ms':>9}"
+          f"{'queued ms':>11}{'x base':>8}")
     for name in args.shapes:
         shape = tiny(SHAPES[name]) if args.tiny else SHAPES[name]
         run = build(shape, args, device)
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
                     baseline = result
                 if baseline and not result.get("oom") and not baseline.get("oom"):
                     result["speedup"] = baseline["ms"] / result["ms"]
+                    if "queued_ms" in result:
+                        result["speedup_queued"] = baseline["queued_ms"] / result["queued_ms"]
                     if "peak_gib" in result:
                         result["memory_ratio"] = result["peak_gib"] / baseline["peak_gib"]
                 rows.append({"shape": shape.name, "tokens": tokens, "provider": provider, "rank": args.rank, **result})
@@ -193,6 +196,7 @@ def main(argv=None) -> int:
                 print(
                     f"{shape.name:<22}{tokens:>7}  {provider:<11}{result['ms']:>9.2f}{result['tflops']:>9.1f}"
                     f"{peak:>10}{result.get('speedup', 1.0):>8.2f}{result.get('host_ms', float('nan')):>9.2f}"
+                    f"{result.get('queued_ms', float('nan')):>11.2f}{result.get('speedup_queued', 1.0):>8.2f}"
                 )
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print("correctness vs baseline (relative error):", checks)

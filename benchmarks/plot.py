@@ -21,10 +21,14 @@ def plot(path: Path) -> Path:
     groups = sorted({(r["shape"], r["tokens"]) for r in rows}, key=lambda g: (list(data["shapes"]).index(g[0]), g[1]))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     value = {(r["shape"], r["tokens"], r["provider"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    panels = [("ms", "ms per forward+backward, each step alone"),
+              ("peak_gib", "peak step memory, GiB (lower is better)")]
+    if any("queued_ms" in r for r in rows):  # GPU time per step with steps queued back to back (harness.measure)
+        panels.insert(1, ("queued_ms", "ms per forward+backward, steps queued back to back"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5))
     width = 0.8 / len(providers)
-    for ax, key, label in ((axes[0], "ms", "ms per forward+backward (lower is better)"),
-                           (axes[1], "peak_gib", "peak step memory, GiB (lower is better)")):
+    ratios = {"ms": "speedup", "queued_ms": "speedup_queued", "peak_gib": "memory_ratio"}
+    for ax, (key, label) in zip(axes, panels):
         for i, provider in enumerate(providers):
             xs, ys, notes = [], [], []
             for j, (shape, tokens) in enumerate(groups):
@@ -32,14 +36,14 @@ def plot(path: Path) -> Path:
                 if row and key in row:
                     xs.append(j + (i - (len(providers) - 1) / 2) * width)
                     ys.append(row[key])
-                    ratio = row.get("speedup") if key == "ms" else row.get("memory_ratio")
+                    ratio = row.get(ratios[key])
                     notes.append(f"{ratio:.2f}x" if ratio and provider != "baseline" else "")
             ax.bar(xs, ys, width, label=provider)
             for x, y, note in zip(xs, ys, notes):
                 ax.annotate(note, (x, y), ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(groups)), [f"{s}\n{t} tok" for s, t in groups], fontsize=8)
         ax.set_ylabel(label)
-        ax.set_yscale("log" if key == "ms" else "linear")
+        ax.set_yscale("linear" if key == "peak_gib" else "log")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     env = data["environment"]

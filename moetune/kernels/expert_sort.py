@@ -12,7 +12,10 @@ With at most 1024 experts, counting is cheaper than sorting:
   3. scatter_kernel        per block: a pair's sorted row = rows of earlier experts (the cumulative sum of
                            counts_E, offsets_E, which the first block also writes) + its expert's pairs in earlier
                            blocks + its rank among its expert's pairs in this block (a cumulative sum of the
-                           block's one-hot [BLOCK, E] over pairs); writes the four [S] index arrays
+                           block's one-hot [BLOCK, E] over pairs); writes the four [S] index arrays. The first
+                           block also writes grouped_gemm's tile schedules (cumulative M tiles per expert) for
+                           each BLOCK_M it may use: four torch ops a BLOCK_M otherwise, and the first of them
+                           held up the block's first GEMM (run 55c: ~0.2 ms of a 16K step's ~1 ms idle start)
 
 The rank follows pair order, so rows of one expert keep token order: the result is exactly torch's stable sort.
 An id outside [0, E) is skipped here (nothing is written out of bounds). moe_experts reports it first with a
@@ -26,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_gemm import TILE_BLOCKS, remember_tile_schedule
 from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
@@ -85,8 +89,8 @@ def block_offsets_kernel(hist_ptr, counts_ptr, NB, E, CHUNK: tl.constexpr, GROUP
 
 
 @triton.jit
-def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, perm_ptr, inv_perm_ptr, token_ptr, expert_ptr,
-                   S, E, TOP_K, BLOCK: tl.constexpr, E_P2: tl.constexpr):
+def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, tile_ends_ptr, perm_ptr, inv_perm_ptr, token_ptr,
+                   expert_ptr, S, E, TOP_K, BLOCK: tl.constexpr, E_P2: tl.constexpr, TILE_SIZES: tl.constexpr):
     block = tl.program_id(0)
     pair = block * BLOCK + tl.arange(0, BLOCK)
     ids = _load_ids(ids_ptr, pair, S, E)
@@ -98,6 +102,9 @@ def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, perm_ptr, inv_p
     offsets_E = tl.cumsum(counts_E, axis=0)  # each expert's end row (E_P2 <= 1024: cheap in every program)
     if block == 0:
         tl.store(offsets_ptr + expert, offsets_E, mask=in_range)
+        for i in tl.static_range(TILE_SIZES):  # grouped_gemm's tile_schedule for BLOCK_M = 16, 32, 64, ...
+            tiles_E = tl.cumsum((counts_E + (16 << i) - 1) // (16 << i), axis=0)
+            tl.store(tile_ends_ptr + i * E + expert, tiles_E, mask=in_range)
     before_E = offsets_E - counts_E + tl.load(prefix_ptr + block * E + expert, mask=in_range, other=0)
     row = tl.sum(one_hot * before_E[None, :], axis=1) + rank
     routed = ids >= 0
@@ -129,12 +136,15 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     hist_NE = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
     counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
     offsets_E = torch.empty(num_experts, dtype=torch.int32, device=device)
+    tile_ends = torch.empty((len(TILE_BLOCKS), num_experts), dtype=torch.int32, device=device)
     perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
     launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
                   E_P2=e_p2, num_warps=WARPS)
     group = min(EXPERT_GROUP, e_p2)
     launch_kernel(block_offsets_kernel, (cdiv(num_experts, group),), hist_NE, counts_E, num_blocks, num_experts,
                   CHUNK=CHUNK, GROUP=group, num_warps=WARPS)
-    launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, perm_S, inv_perm_S, token_S,
-                  expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2, num_warps=WARPS)
+    launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, tile_ends, perm_S, inv_perm_S,
+                  token_S, expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2,
+                  TILE_SIZES=len(TILE_BLOCKS), num_warps=WARPS)
+    remember_tile_schedule(counts_E, tile_ends)
     return perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E

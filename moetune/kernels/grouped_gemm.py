@@ -443,16 +443,27 @@ def rows_descriptor(a: torch.Tensor, K: int, block_m: int, block_k: int):
     return TensorDescriptor(a, [a.shape[0], K], list(a.stride()), [block_m, block_k])
 
 
+# The BLOCK_M values whose tile schedules the counting sort (expert_sort.py) writes with the plan: 16 << i.
+TILE_BLOCKS = (16, 32, 64, 128, 256)
+
+
 def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     """Cumulative M-tile counts per expert (int32 [E]); computed on the device, no sync.
 
     Memoised on the counts tensor: the 6-8 launches of one MoE call share their routing, and each
-    recomputation is three small kernel launches of host time (the 4K-token step is host-bound).
+    recomputation is four small torch ops of host time (the 4K-token step is host-bound). A plan from the counting
+    sort comes with them (remember_tile_schedule).
     """
     cache = counts_E.__dict__.setdefault("_moetune_tile_ends", {})
     if block_m not in cache:
         cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
     return cache[block_m]
+
+
+def remember_tile_schedule(counts_E: torch.Tensor, tile_ends: torch.Tensor) -> None:
+    """Keep tile_ends [len(TILE_BLOCKS), E] (row i: tile_schedule(counts_E, TILE_BLOCKS[i]), made on the device
+    with counts_E) as counts_E's tile schedules."""
+    counts_E.__dict__["_moetune_tile_ends"] = dict(zip(TILE_BLOCKS, tile_ends.unbind(0)))
 
 
 def _check_in_loop_lora(a, b, lora_u, weight, out, lora_b, num_rows: int) -> None:

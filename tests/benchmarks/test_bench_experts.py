@@ -60,3 +60,31 @@ def test_switch_ab_runs_both_ways_in_the_interpreter(tmp_path, switch, ways):
     (row,) = result["blocks"]
     assert result["switch"] == f"MOETUNE_{'DIRECT_LAUNCH' if switch == 'direct' else 'TRITON_PERSISTENT'}"
     assert row["bitwise_equal"] and len(row[ways[0]]["ms"]) == len(row[ways[1]]["ms"]) == 1
+
+
+def test_plot_draws_the_queued_times_where_measured(tmp_path):
+    """benchmarks/plot.py: a third panel for steps queued back to back (harness.measure's queued_ms, CUDA only),
+    none for a CPU run's rows; the ratios printed on the bars are each panel's own."""
+    import matplotlib.image
+
+    def rows(queued):
+        out = []
+        for provider, ms, q in (("baseline", 10.0, 9.0), ("triton", 3.0, 2.0)):
+            row = {"shape": "s", "tokens": 64, "provider": provider, "rank": 16, "ms": ms, "peak_gib": 1.0,
+                   "speedup": 10.0 / ms, "memory_ratio": 1.0}
+            if queued:
+                row.update(queued_ms=q, speedup_queued=9.0 / q)
+            out.append(row)
+        return out
+
+    widths = []
+    for queued in (False, True):
+        path = tmp_path / f"experts-{queued}.json"
+        path.write_text(json.dumps({"environment": {"device": "d", "torch": "t", "transformers": "x", "peft": "p",
+                                                    "date": "2026-12-04"}, "shapes": {"s": {}},
+                                    "rows": rows(queued)}))
+        proc = subprocess.run([sys.executable, str(SCRIPT.with_name("plot.py")), str(path)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        widths.append(matplotlib.image.imread(path.with_suffix(".png")).shape[1])
+    assert widths[1] > widths[0] * 1.4  # three panels instead of two

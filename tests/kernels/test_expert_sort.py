@@ -3,6 +3,8 @@ the same plan exactly. Triton's interpreter on CPU, the GPU when there is one (r
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -38,11 +40,21 @@ def routed(num_tokens, top_k, num_experts, seed=0, only=None):
 
 
 def assert_same_plan(ids, num_experts):
+    """The same plan as torch's sort, and with it grouped_gemm's tile schedules for every BLOCK_M it keeps (the
+    ones tile_schedule would compute from the counts with torch ops)."""
+    gg = importlib.import_module("moetune.kernels.grouped_gemm")  # moetune.kernels.grouped_gemm is the function
     got, want = expert_sort(ids, num_experts), torch_plan(ids, num_experts)
     for name, tensor in zip(FIELDS, got):
         expected = getattr(want, name)
         assert tensor.dtype == expected.dtype, name
         assert torch.equal(tensor.cpu(), expected), name
+    counts_E = got[4]
+    kept = counts_E.__dict__["_moetune_tile_ends"]
+    assert sorted(kept) == sorted(gg.TILE_BLOCKS)
+    for block_m in gg.TILE_BLOCKS:
+        expected = torch.cumsum((want.counts_E + block_m - 1) // block_m, 0).to(torch.int32)
+        assert gg.tile_schedule(counts_E, block_m) is kept[block_m]
+        assert kept[block_m].dtype == torch.int32 and torch.equal(kept[block_m].cpu(), expected), block_m
 
 
 @pytest.mark.parametrize("num_tokens,top_k,num_experts", [

@@ -78,11 +78,12 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         x = x.contiguous()
         dtype = x.dtype
-        (A1, B1, A2, B2), ctx.factor_dtypes = cast_factors((A1, B1, A2, B2), dtype)
+        # What only the down projection reads (its factors' casts, the routing weights in sorted order) is made after
+        # the gate_up launch: a step starts on a GPU waiting for its host's first large launch (run 55c).
+        (A1, B1), first_dtypes = cast_factors((A1, B1), dtype)
         code = act_code(act)
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-        w_S = topk_weights.reshape(-1).index_select(0, plan.perm_S).to(dtype)
 
         su1, lora1 = None, {}
         if A1 is not None:
@@ -92,6 +93,9 @@ class TritonExpertsFunction(torch.autograd.Function):
             x, gate_up.transpose(1, 2), a_index=plan.token_S, bias=gate_up_bias,
             epilogue=1, act=code, interleaved=interleaved, **lora1, **common,
         )
+        (A2, B2), down_dtypes = cast_factors((A2, B2), dtype)
+        ctx.factor_dtypes = first_dtypes + down_dtypes
+        w_S = topk_weights.reshape(-1).index_select(0, plan.perm_S).to(dtype)
         su2, lora2 = None, {}
         # A recompute has no down projection to fold su2 into: its own launch there (from MIN_TUNE_ROWS rows, tuned
         # apart, its K sums may round differently in the last bit from the loop's, so a checkpointed layer's dB2 can
