@@ -88,3 +88,15 @@ def test_plot_draws_the_queued_times_where_measured(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         widths.append(matplotlib.image.imread(path.with_suffix(".png")).shape[1])
     assert widths[1] > widths[0] * 1.4  # three panels instead of two
+
+
+def test_block_timing_says_it_needs_a_gpu():
+    """benchmarks/block_timing.py measures a GPU waiting for its host: without CUDA a one-line usage error."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the script would run")
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("block_timing.py"))], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("needs a CUDA GPU (it measures a GPU "
+                                                                                  "waiting for its host)")
