@@ -188,8 +188,8 @@ def measure(step, device, warmup: int, repeat: int) -> dict:
     "ms" times each step alone: it starts on an idle GPU, synchronised after the previous step, so it includes the
     GPU's wait for the host's first launches (routing, checks: ~0.3-0.5 ms on a busy host). On CUDA, "queued_ms" is
     the GPU time a step takes when the host queues steps back to back, as the layers of a model are (median of
-    QUEUED_ROUNDS rounds of `repeat` steps, one sync per round): the step's own GPU time where the host keeps ahead,
-    its host time where it does not."""
+    QUEUED_ROUNDS rounds of `repeat` steps timed behind one untimed step, one sync per round): the step's own GPU
+    time where the host keeps ahead, its host time where it does not."""
     for _ in range(warmup):  # includes one-time work (autotuning: do_bench's 256 MiB L2-flush buffer)
         step()
     if device.type == "cuda":
@@ -225,6 +225,7 @@ def measure(step, device, warmup: int, repeat: int) -> dict:
         for _ in range(QUEUED_ROUNDS):
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            step()  # untimed: the timed steps start behind it, on a GPU that is not waiting for its host
             start.record()
             for _ in range(repeat):
                 step()

@@ -14,6 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# The ratio against the baseline printed on each panel's bars.
+RATIOS = {"ms": "speedup", "queued_ms": "speedup_queued", "peak_gib": "memory_ratio"}
+
 
 def plot(path: Path) -> Path:
     data = json.loads(path.read_text())
@@ -27,7 +30,6 @@ def plot(path: Path) -> Path:
         panels.insert(1, ("queued_ms", "ms per forward+backward, steps queued back to back"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5))
     width = 0.8 / len(providers)
-    ratios = {"ms": "speedup", "queued_ms": "speedup_queued", "peak_gib": "memory_ratio"}
     for ax, (key, label) in zip(axes, panels):
         for i, provider in enumerate(providers):
             xs, ys, notes = [], [], []
@@ -36,7 +38,7 @@ def plot(path: Path) -> Path:
                 if row and key in row:
                     xs.append(j + (i - (len(providers) - 1) / 2) * width)
                     ys.append(row[key])
-                    ratio = row.get(ratios[key])
+                    ratio = row.get(RATIOS[key])
                     notes.append(f"{ratio:.2f}x" if ratio and provider != "baseline" else "")
             ax.bar(xs, ys, width, label=provider)
             for x, y, note in zip(xs, ys, notes):

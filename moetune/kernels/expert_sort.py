@@ -35,6 +35,9 @@ from .sizes import cdiv, next_power_of_2
 
 __all__ = ["MAX_EXPERTS", "expert_sort"]
 
+# scatter_kernel writes tile schedules for BLOCK_M = 16 << i, i < len(TILE_BLOCKS): they must be those.
+assert TILE_BLOCKS == tuple(16 << i for i in range(len(TILE_BLOCKS))), TILE_BLOCKS
+
 # The largest expert count moetune's models route to is 256 (DeepSeek-V3); up to 1024 the one-hot tiles below stay
 # small (16 pairs a block at E = 1024). Beyond that torch's sort is the better tool.
 MAX_EXPERTS = 1024
@@ -89,8 +92,9 @@ def block_offsets_kernel(hist_ptr, counts_ptr, NB, E, CHUNK: tl.constexpr, GROUP
 
 
 @triton.jit
-def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, tile_ends_ptr, perm_ptr, inv_perm_ptr, token_ptr,
-                   expert_ptr, S, E, TOP_K, BLOCK: tl.constexpr, E_P2: tl.constexpr, TILE_SIZES: tl.constexpr):
+def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, tile_ends_ptr, stride_tiles, perm_ptr, inv_perm_ptr,
+                   token_ptr, expert_ptr, S, E, TOP_K, BLOCK: tl.constexpr, E_P2: tl.constexpr,
+                   TILE_SIZES: tl.constexpr):
     block = tl.program_id(0)
     pair = block * BLOCK + tl.arange(0, BLOCK)
     ids = _load_ids(ids_ptr, pair, S, E)
@@ -104,7 +108,7 @@ def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, tile_ends_ptr, 
         tl.store(offsets_ptr + expert, offsets_E, mask=in_range)
         for i in tl.static_range(TILE_SIZES):  # grouped_gemm's tile_schedule for BLOCK_M = 16, 32, 64, ...
             tiles_E = tl.cumsum((counts_E + (16 << i) - 1) // (16 << i), axis=0)
-            tl.store(tile_ends_ptr + i * E + expert, tiles_E, mask=in_range)
+            tl.store(tile_ends_ptr + i * stride_tiles + expert, tiles_E, mask=in_range)
     before_E = offsets_E - counts_E + tl.load(prefix_ptr + block * E + expert, mask=in_range, other=0)
     row = tl.sum(one_hot * before_E[None, :], axis=1) + rank
     routed = ids >= 0
@@ -136,15 +140,16 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     hist_NE = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
     counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
     offsets_E = torch.empty(num_experts, dtype=torch.int32, device=device)
-    tile_ends = torch.empty((len(TILE_BLOCKS), num_experts), dtype=torch.int32, device=device)
+    # Rows 16-byte aligned, as grouped_gemm's launches key their tensor arguments (launch.py): one compile for all E.
+    tile_ends = torch.empty((len(TILE_BLOCKS), cdiv(num_experts, 4) * 4), dtype=torch.int32, device=device)
     perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
     launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
                   E_P2=e_p2, num_warps=WARPS)
     group = min(EXPERT_GROUP, e_p2)
     launch_kernel(block_offsets_kernel, (cdiv(num_experts, group),), hist_NE, counts_E, num_blocks, num_experts,
                   CHUNK=CHUNK, GROUP=group, num_warps=WARPS)
-    launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, tile_ends, perm_S, inv_perm_S,
-                  token_S, expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2,
+    launch_kernel(scatter_kernel, (num_blocks,), ids_S, hist_NE, counts_E, offsets_E, tile_ends, tile_ends.stride(0),
+                  perm_S, inv_perm_S, token_S, expert_S, num_pairs, num_experts, top_k, BLOCK=block, E_P2=e_p2,
                   TILE_SIZES=len(TILE_BLOCKS), num_warps=WARPS)
-    remember_tile_schedule(counts_E, tile_ends)
+    remember_tile_schedule(counts_E, tile_ends[:, :num_experts])
     return perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E

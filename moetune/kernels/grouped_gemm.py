@@ -553,12 +553,13 @@ def _tma_host_ms(config: dict) -> float:
 # The third tuning step, on Hopper: the pick so far against hopper_gemm's Gluon kernel (warp-specialised,
 # persistent), for the plain GEMMs over sorted rows that take their LoRA input from a launch of their own (the down
 # projection forward, gate_up's dgrad). Its own name, so the earlier steps' cached picks stay valid.
-GLUON_TUNING = "grouped_gemm/gluon/v2"
+GLUON_TUNING = "grouped_gemm/gluon/v3"
 # Host time a Gluon launch adds over grouped_gemm's own, counted against it as TMA_HOST_MS is. Run 54b (an H200's
 # host, Qwen3 4K): 92 and 157 us for the dgrad and the down projection, when four TMA descriptors were built in Python
-# and encoded by Triton's launcher at every launch, through Triton's own launch path. Since v2 the kernel makes its
-# descriptors on the device and launches directly (launch.py), as grouped_gemm does with pointer loads.
-GLUON_HOST_MS = 0.0
+# and encoded by Triton's launcher at every launch, through Triton's own launch path. Since the kernel makes its
+# descriptors on the device and launches directly (launch.py): 16 and 26 us (run 55b; the scratch allocation and the
+# eligibility checks).
+GLUON_HOST_MS = 0.02
 
 
 def gluon_candidates(device, dtype: torch.dtype) -> bool:

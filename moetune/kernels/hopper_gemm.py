@@ -29,6 +29,8 @@ Not for the interpreter (Gluon has none): correctness is checked on the GPU agai
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 try:
@@ -353,7 +355,8 @@ def sorted_gemm_supported(a, b, lora_u=None, lora_b=None, bias=None, out=None, o
         return "weight rows not 16-byte aligned"
     if lora_u is not None:
         R = lora_u.shape[1]
-        if lora_b is None or tuple(lora_b.shape) != (E, R, N) or lora_u.shape[0] == 0 or not 0 < R <= 64:
+        if (lora_b is None or tuple(lora_b.shape) != (E, R, N) or lora_u.shape[0] < a.shape[0]
+                or not 0 < R <= 64):  # fewer U rows than A's: TMA would read zeros, the LoRA term silently lost
             return "expected lora_u [S, R] and lora_b [E, R, N] with 0 < R <= 64"
         if ((R * size) % 16 or lora_u.stride(1) != 1 or (lora_u.stride(0) * size) % 16 or lora_u.dtype != a.dtype
                 or lora_b.dtype != a.dtype or weight_mode(lora_b) != mode or lora_u.data_ptr() % 16
@@ -374,12 +377,20 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+_thread = threading.local()
+
+
 def _scratch_allocator_set() -> None:
     """Give Triton an allocator for the kernel's scratch in this thread if it has none: Triton keeps it in a
-    ContextVar, so one set on the main thread is not seen by autograd's backward thread, where the dgrad runs."""
+    ContextVar, so one set on the main thread is not seen by autograd's backward thread, where the dgrad runs.
+    Where Triton's allocator cannot be read, set once per thread (a later one set by the user is kept)."""
     held = getattr(_allocation, "_allocator", None)
-    if held is None or isinstance(held.get(), getattr(_allocation, "NullAllocator", ())):
+    if held is not None:
+        if isinstance(held.get(), getattr(_allocation, "NullAllocator", ())):
+            triton.set_allocator(_scratch)
+    elif not getattr(_thread, "allocator_set", False):
         triton.set_allocator(_scratch)
+        _thread.allocator_set = True
 
 
 def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lora_u=None, lora_b=None,

@@ -46,6 +46,7 @@ def test_sorted_gemm_rejects_what_its_boxes_would_read_wrong(monkeypatch):
     assert "0 < R <= 64" in sorted_gemm_supported(a, b, t(40, 16), t(4, 32, 48))  # lora_b of another rank
     assert "0 < R <= 64" in sorted_gemm_supported(a, b, t(40, 72), t(4, 72, 48))
     assert "TMA cannot read" in sorted_gemm_supported(a, b, t(40, 20)[:, :16], t(4, 16, 48))  # 40-byte U rows
+    assert "lora_u [S, R]" in sorted_gemm_supported(a, b, t(39, 16), t(4, 16, 48))  # a U row missing: read as 0
     assert sorted_gemm_supported(t(0, 64), b) == "empty operands"
 
 
@@ -222,3 +223,24 @@ def test_sorted_gemm_launches_directly_from_a_thread_without_an_allocator():
     ref = _reference(a, b, u, lb, None, None, plan, 1.0)
     err = ((outs[0].double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
+
+
+def test_scratch_allocator_set_once_per_thread_where_triton_hides_it(monkeypatch):
+    """A Triton whose allocator cannot be read: set once in each thread, so one the user sets later is kept."""
+    import threading
+
+    if hopper_gemm.gluon is None:
+        pytest.skip("triton without Gluon")
+    monkeypatch.setattr(hopper_gemm, "_allocation", None)
+    calls = []
+    monkeypatch.setattr(hopper_gemm.triton, "set_allocator", calls.append)
+
+    def twice():
+        hopper_gemm._scratch_allocator_set()
+        hopper_gemm._scratch_allocator_set()
+
+    for _ in range(2):
+        thread = threading.Thread(target=twice)
+        thread.start()
+        thread.join()
+    assert calls == [hopper_gemm._scratch, hopper_gemm._scratch]  # once in each of the two threads
