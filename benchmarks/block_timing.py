@@ -49,7 +49,7 @@ def _step(run, provider, x, ids, w, grad_out) -> None:
 
 
 def timings(step, repeat: int) -> dict:
-    host, alone, gpu, queued = [], [], [], []
+    host, alone, gpu = [], [], []
     for _ in range(repeat):
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -66,18 +66,8 @@ def timings(step, repeat: int) -> dict:
         end.record()
         end.synchronize()
         gpu.append(begin.elapsed_time(end) / 1e3)
-    for _ in range(3):
-        torch.cuda.synchronize()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        step()  # untimed: the timed steps start behind it, on a GPU that is not waiting for its host
-        begin.record()
-        for _ in range(repeat):
-            step()
-        end.record()
-        end.synchronize()
-        queued.append(begin.elapsed_time(end) / 1e3 / repeat)
     return {"host_ms": _median_ms(host), "alone_ms": _median_ms(alone), "gpu_ms": _median_ms(gpu),
-            "queued_ms": _median_ms(queued)}
+            "queued_ms": harness.queued_ms(step, repeat)}
 
 
 def gaps(step, top: int = 8) -> dict:

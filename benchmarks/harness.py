@@ -221,19 +221,25 @@ def measure(step, device, warmup: int, repeat: int) -> dict:
     if device.type == "cuda":
         result["host_ms"] = statistics.median(host)
         result["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
-        rounds = []
-        for _ in range(QUEUED_ROUNDS):
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            step()  # untimed: the timed steps start behind it, on a GPU that is not waiting for its host
-            start.record()
-            for _ in range(repeat):
-                step()
-            end.record()
-            end.synchronize()
-            rounds.append(start.elapsed_time(end) / repeat)
-        result["queued_ms"] = statistics.median(rounds)
+        result["queued_ms"] = queued_ms(step, repeat)
     return result
+
+
+def queued_ms(step, repeat: int, rounds: int = QUEUED_ROUNDS) -> float:
+    """Median over rounds of the GPU milliseconds per step of `repeat` steps issued back to back (CUDA), timed behind
+    one untimed step so that the timed ones start on a GPU that is not waiting for its host."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        step()
+        start.record()
+        for _ in range(repeat):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / repeat)
+    return statistics.median(times)
 
 
 def environment() -> dict:

@@ -3,6 +3,7 @@
 Gluon has no interpreter: the kernel runs on an sm90 GPU only (tests marked gpu). Its host-side checks run on CPU.
 """
 
+import functools
 import importlib
 
 import pytest
@@ -48,6 +49,17 @@ def test_sorted_gemm_rejects_what_its_boxes_would_read_wrong(monkeypatch):
     assert "TMA cannot read" in sorted_gemm_supported(a, b, t(40, 20)[:, :16], t(4, 16, 48))  # 40-byte U rows
     assert "lora_u [S, R]" in sorted_gemm_supported(a, b, t(39, 16), t(4, 16, 48))  # a U row missing: read as 0
     assert sorted_gemm_supported(t(0, 64), b) == "empty operands"
+
+
+def _randn_bf16(gen, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+
+
+def _routed_case(seed, T, E, k):
+    """(routing plan, its rows, a bf16 random-tensor maker on the GPU), all from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = _routing(T, E, k, gen)
+    return plan, plan.num_rows, functools.partial(_randn_bf16, gen)
 
 
 def _hopper():
@@ -101,8 +113,7 @@ def test_sorted_gemm_matches_float64_on_hopper(config, case, mode):
     plan = _routing(T, E, k, gen, skew={"empty_experts": "empty", "one_expert": "one_expert"}.get(case))
     S = plan.num_rows
 
-    def bf16(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
+    bf16 = functools.partial(_randn_bf16, gen)
 
     a = bf16(S, K)
     b = bf16(E, N, K, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, K, N, scale=0.1)
@@ -135,14 +146,8 @@ def test_grouped_gemm_runs_a_gluon_pick_as_close_as_its_triton_configs(config):
 
     if not _hopper():
         pytest.skip("needs an sm90 GPU and triton with Gluon")
-    gen = torch.Generator().manual_seed(5)
-    E, T, k, K, N, R = 8, 1000, 4, 192, 264, 16
-    plan = _routing(T, E, k, gen)
-    S = plan.num_rows
-
-    def bf16(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
-
+    E, K, N, R = 8, 192, 264, 16
+    plan, S, bf16 = _routed_case(seed=5, T=1000, E=E, k=4)
     a, u, row_scale = bf16(S, K), bf16(S, R), bf16(S)
     b, lb = bf16(E, N, K, scale=0.1).transpose(1, 2), bf16(E, N, R, scale=0.1).transpose(1, 2)  # as down's views
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E, lora_u=u, lora_b=lb,
@@ -192,14 +197,8 @@ def test_sorted_gemm_launches_directly_from_a_thread_without_an_allocator():
 
     if not _hopper():
         pytest.skip("needs an sm90 GPU and triton with Gluon")
-    gen = torch.Generator().manual_seed(3)
-    E, T, k, K, N, R = 8, 700, 4, 256, 384, 16
-    plan = _routing(T, E, k, gen)
-    S = plan.num_rows
-
-    def bf16(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
-
+    E, K, N, R = 8, 256, 384, 16
+    plan, S, bf16 = _routed_case(seed=3, T=700, E=E, k=4)
     a, u = bf16(S, K), bf16(S, R)
     b, lb = bf16(E, K, N, scale=0.1), bf16(E, R, N, scale=0.1)
     outs, errors = [], []
