@@ -82,17 +82,24 @@ class RoutingPlan:
 
 def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Sort the T*K pairs by expert (stable, so rows of one expert keep token order). Ids must lie in
-    [0, num_experts): moe_experts checks them first.
+    [0, num_experts): moe_experts checks them first, except where this does (checks_ids).
 
     On a GPU Triton runs on, a counting sort in three launches (kernels/expert_sort.py) gives the same plan as
-    the ~10 torch ops below, for about a third of their host time (run 51f)."""
+    the ~10 torch ops below, for about a third of their host time (run 51f). It also checks the ids (see
+    checks_ids)."""
     num_tokens, top_k = topk_ids_TK.shape
-    if topk_ids_TK.is_cuda and topk_ids_TK.numel() and not torch.compiler.is_compiling():
+    if checks_ids(topk_ids_TK, num_experts):
         counting_sort = _counting_sort(topk_ids_TK.device, num_experts)
-        if counting_sort is not None:
-            perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E = counting_sort(topk_ids_TK, num_experts)
-            return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
-                               counts_E=counts_E, offsets_E=offsets_E, num_tokens=num_tokens, top_k=top_k)
+        perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E = counting_sort(topk_ids_TK, num_experts)
+        # The sort leaves an id outside [0, E) out of the counts (and writes nothing for it): the rows add up to
+        # every pair exactly when all ids are in range. Two ops after the plan instead of five before it (aminmax,
+        # compares) while the GPU waits for the step's first large launch (run 55c); the assert runs before any
+        # launch that reads the plan. A bad id stops the process with a device-side assert, as CUDA's own index
+        # checks would (the message is for the CPU; torch's CUDA assert may not print it).
+        torch._assert_async(offsets_E[-1] == topk_ids_TK.numel(),
+                            f"topk_ids: expected expert ids in [0, {num_experts - 1}]")
+        return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
+                           counts_E=counts_E, offsets_E=offsets_E, num_tokens=num_tokens, top_k=top_k)
     flat_ids = topk_ids_TK.reshape(-1).long()
     expert_S, perm_S = torch.sort(flat_ids, stable=True)
     inv_perm_S = torch.empty_like(perm_S)
@@ -111,6 +118,13 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
         num_tokens=num_tokens,
         top_k=top_k,
     )
+
+
+def checks_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> bool:
+    """Whether plan_routing checks that the ids lie in [0, num_experts) itself, on the device (its counting sort
+    runs: CUDA, a Triton that runs there, not under torch.compile, at most MAX_EXPERTS experts)."""
+    return (topk_ids_TK.is_cuda and topk_ids_TK.numel() > 0 and not torch.compiler.is_compiling()
+            and _counting_sort(topk_ids_TK.device, num_experts) is not None)
 
 
 @functools.lru_cache(maxsize=None)

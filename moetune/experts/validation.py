@@ -1,7 +1,8 @@
 """Input checks for moe_experts: one ValueError naming the argument and what was expected.
 
 One exception: on CUDA the expert-id range is checked on the device (a host sync per MoE layer would stall the
-step), so an out-of-range id stops the process with a device-side assert carrying the same message.
+step), so an out-of-range id stops the process with a device-side assert; where the routing plan's counting
+sort runs, the plan makes that check (routing.checks_ids).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import torch
 
 from .lora import ExpertLoRA
+from .routing import checks_ids
 
 __all__ = ["check_inputs"]
 
@@ -91,12 +93,12 @@ def check_inputs(
                     "through LoRA only and never computes a base-weight gradient"
                 )
 
-    if topk_ids.numel():
+    if topk_ids.numel() and not checks_ids(topk_ids, num_experts):  # else plan_routing checks them, on the device
         lo, hi = torch.aminmax(topk_ids)
         if topk_ids.is_cuda:
             # A host sync per MoE layer call would stop the host from queueing kernels ahead of the GPU (the
             # whole-model step went idle between layers): check on the device instead. A bad id then stops the
-            # process with a device-side assert carrying this message, as CUDA's own index checks would.
+            # process with a device-side assert, as CUDA's own index checks would.
             torch._assert_async((lo >= 0) & (hi < num_experts),
                                 f"topk_ids: expected expert ids in [0, {num_experts - 1}]")
             return

@@ -18,8 +18,9 @@ With at most 1024 experts, counting is cheaper than sorting:
                            held up the block's first GEMM (run 55c: ~0.2 ms of a 16K step's ~1 ms idle start)
 
 The rank follows pair order, so rows of one expert keep token order: the result is exactly torch's stable sort.
-An id outside [0, E) is skipped here (nothing is written out of bounds). moe_experts reports it first with a
-device-side assert (experts/validation.py's check_inputs), as CUDA's own index checks in the torch version would.
+An id outside [0, E) is skipped here (nothing is written out of bounds), so the counts then add up to fewer than S:
+plan_routing asserts on the device that they add up to S (experts/routing.py), as CUDA's own index checks in the
+torch version would stop the process.
 Shapes: S pairs, E experts, NB = ceil(S / BLOCK) blocks, E_P2 = E rounded up to a power of two.
 """
 
@@ -123,7 +124,8 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     offsets_E), as moetune.experts.routing.plan_routing defines them (int64, offsets_E int32).
 
     An id outside [0, E) is left out of the counts and its pair of the rows; the rows past sum(counts_E) are then
-    unset. moe_experts checks the ids first (experts/validation.py's check_inputs, a device-side assert on CUDA)."""
+    unset. plan_routing checks on the device that the rows add up to S (every id in range) before any launch reads
+    the plan."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"num_experts: expected an integer from 1 to {MAX_EXPERTS} for the counting sort, "
                          f"got {num_experts!r}")

@@ -40,3 +40,31 @@ def test_bf16_matches_float64_reference_on_gpu(case_id, backend):
 def test_fp32_matches_float64_reference_on_gpu(case_id, backend):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_against_reference(CASES[case_id], torch.float32, backend, device="cuda")
+
+
+@pytest.mark.parametrize("bad", [8, -1])
+def test_an_expert_id_out_of_range_stops_with_its_message_on_gpu(bad):
+    """On CUDA the id range is checked on the device (by the routing plan where its counting sort runs): the process
+    stops with a device-side assert (torch may or may not print the message given to it). In a subprocess, since
+    the assert leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    code = textwrap.dedent(f"""
+        import torch
+        from moetune.experts import moe_experts
+        ids = torch.randint(0, 8, (64, 2), device="cuda")
+        ids[5, 1] = {bad}
+        x, w = torch.randn(64, 32, device="cuda"), torch.rand(64, 2, device="cuda")
+        gate_up, down = torch.randn(8, 32, 32, device="cuda"), torch.randn(8, 32, 16, device="cuda")
+        moe_experts(x, ids, w, gate_up, down, backend="grouped_mm")
+        torch.cuda.synchronize()
+        print("no error")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no error" not in proc.stdout
+    assert any(text in proc.stderr for text in ("topk_ids: expected expert ids", "device-side assert", "Assertion")), \
+        proc.stderr[-2000:]

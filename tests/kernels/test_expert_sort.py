@@ -156,3 +156,31 @@ def test_plan_routing_takes_torchs_sort_beyond_the_counting_sorts_experts():
     plan, want = routing.plan_routing(ids, 2048), torch_plan(ids, 2048)
     for name in FIELDS:
         assert torch.equal(getattr(plan, name).cpu(), getattr(want, name)), name
+
+
+def test_plan_routing_checks_the_ids_through_the_counting_sort(monkeypatch):
+    """Where the counting sort runs, plan_routing checks the ids itself (its rows add up to every pair only when all
+    are in range) and check_inputs leaves them to it. Run on CPU here by standing in for the CUDA condition: the
+    device assert then raises at once, with check_inputs' message."""
+    from moetune.experts import moe_experts, validation
+
+    def sort(ids, num_experts):
+        return expert_sort(ids, num_experts)
+
+    monkeypatch.setattr(routing, "checks_ids", lambda ids, num_experts: ids.numel() > 0)
+    monkeypatch.setattr(validation, "checks_ids", routing.checks_ids)
+    monkeypatch.setattr(routing, "_counting_sort", lambda device, num_experts: sort)
+    ids = routed(40, 2, 6).cpu()
+    plan = routing.plan_routing(ids, 6)
+    want = torch_plan(ids, 6)
+    assert all(torch.equal(getattr(plan, name).cpu(), getattr(want, name)) for name in FIELDS)
+    aminmax = []
+    monkeypatch.setattr(validation.torch, "aminmax", lambda t: aminmax.append(t) or (t.min(), t.max()))
+    x, w = torch.randn(40, 8), torch.rand(40, 2)
+    gate_up, down = torch.randn(6, 2 * 4, 8), torch.randn(6, 8, 4)
+    for bad in (6, -1):
+        wrong = ids.clone()
+        wrong[7, 1] = bad
+        with pytest.raises(RuntimeError, match=r"topk_ids: expected expert ids in \[0, 5\]"):
+            moe_experts(x, wrong, w, gate_up, down, backend="native")
+    assert aminmax == []  # the ids were left to the plan
