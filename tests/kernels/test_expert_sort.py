@@ -105,8 +105,8 @@ def test_no_pairs():
 
 
 def test_out_of_range_ids_are_left_out_and_nothing_is_written_past_the_ends():
-    """moe_experts stops on such ids first (check_inputs); the kernels alone must still stay in bounds and leave
-    the valid pairs' plan as torch would make it without the bad pairs."""
+    """moe_experts stops on such ids (plan_routing asserts on the device that the counts add up to every pair); the
+    kernels must still stay in bounds and leave the valid pairs' plan as torch would make it without the bad pairs."""
     ids = routed(40, 2, 8)
     ids[3, 1], ids[17, 0], ids[25, 1] = 8, -1, 2**32 + 3  # the last must not wrap into range as an int32
     perm, inv_perm, token, expert, counts, offsets = expert_sort(ids, 8)
@@ -167,12 +167,12 @@ def test_plan_routing_checks_the_ids_through_the_counting_sort(monkeypatch):
     def sort(ids, num_experts):
         return expert_sort(ids, num_experts)
 
+    ids = routed(40, 2, 6).cpu()
+    want = torch_plan(ids, 6)  # before the stand-ins: torch's sort
     monkeypatch.setattr(routing, "checks_ids", lambda ids, num_experts: ids.numel() > 0)
     monkeypatch.setattr(validation, "checks_ids", routing.checks_ids)
     monkeypatch.setattr(routing, "_counting_sort", lambda device, num_experts: sort)
-    ids = routed(40, 2, 6).cpu()
     plan = routing.plan_routing(ids, 6)
-    want = torch_plan(ids, 6)
     assert all(torch.equal(getattr(plan, name).cpu(), getattr(want, name)) for name in FIELDS)
     aminmax = []
     monkeypatch.setattr(validation.torch, "aminmax", lambda t: aminmax.append(t) or (t.min(), t.max()))
