@@ -33,6 +33,8 @@ import threading
 
 import torch
 
+from .launch import launch as launch_kernel
+
 try:
     import triton
     from triton.experimental import gluon
@@ -82,15 +84,11 @@ if gluon is not None:
         return e, row_start + (pid_m - tile_start) * BLOCK_M, row_end, pid_n * BLOCK_N
 
     @gluon.jit
-    def _loader(a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                a_bufs, b_bufs, ready, empty,
-                c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
-                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
-                HAS_ROW_SCALE: gl.constexpr, B_MODE: gl.constexpr, LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, R_PAD: gl.constexpr, GROUP_M: gl.constexpr,
-                STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-                CONVERT: gl.constexpr, WHICH: gl.constexpr):
+    def _loader(a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr, a_bufs, b_bufs, ready, empty,
+                tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R,
+                HAS_LORA: gl.constexpr, B_MODE: gl.constexpr, LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                CONSUMERS: gl.constexpr):
         """Producer (one warp): every TMA load of every tile of this program, tile i into ring i % CONSUMERS."""
         # The descriptors are made here, on the device, in global scratch (Triton's allocator): built on the host, each
         # launch paid for four in Python and in Triton's launcher (run 54b: +92-157 us a launch).
@@ -171,10 +169,8 @@ if gluon is not None:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps_per_cta, instr_shape=[16, n, 16])
 
     @gluon.jit
-    def _consumer(a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                  a_bufs, b_bufs, ready, empty,
-                  c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                  tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
+                  tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, alpha,
                   HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_OUT_INDEX: gl.constexpr,
                   HAS_ROW_SCALE: gl.constexpr, B_MODE: gl.constexpr, LOG2_E: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, R_PAD: gl.constexpr, GROUP_M: gl.constexpr,
@@ -268,42 +264,30 @@ if gluon is not None:
         for s in gl.static_range(CONSUMERS * STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
-        # Each partition's arguments spelled out in full: Triton 3.6 turns the constexprs of a tuple built once and
-        # passed whole (`(p, 0)`) or concatenated with the partition index (`p + (0, )`) into tensors, which layouts
-        # cannot be made from (both tried, session 17).
+        # Each partition's arguments (those it reads) spelled out in full: Triton 3.6 turns the constexprs of a tuple
+        # built once and passed whole (`(p, 0)`) or concatenated with the partition index (`p + (0, )`) into tensors,
+        # which layouts cannot be made from (both tried, session 17).
         if CONSUMERS == 1:
             gl.warp_specialize([
-                (_consumer, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                             a_bufs, b_bufs, ready, empty,
-                             c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                             tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr,
+                             stride_bias, tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, alpha,
                              HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
                              BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
-                (_loader, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                           a_bufs, b_bufs, ready, empty,
-                           c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                           tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
-                           HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
-                           BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
+                (_loader, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr, a_bufs, b_bufs, ready,
+                           empty, tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, HAS_LORA,
+                           B_MODE, LOG2_E, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
             ], [1], [LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                             a_bufs, b_bufs, ready, empty,
-                             c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                             tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr,
+                             stride_bias, tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, alpha,
                              HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
                              BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
-                (_loader, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                           a_bufs, b_bufs, ready, empty,
-                           c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                           tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
-                           HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
-                           BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 0)),
-                (_consumer, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr,
-                             a_bufs, b_bufs, ready, empty,
-                             c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr, stride_bias,
-                             tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, alpha,
+                (_loader, (a_ptr, stride_am, a_rows, b_ptr, u_ptr, stride_um, u_rows, lb_ptr, a_bufs, b_bufs, ready,
+                           empty, tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, R, HAS_LORA,
+                           B_MODE, LOG2_E, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, stride_cm, out_index_ptr, row_scale_ptr, bias_ptr,
+                             stride_bias, tile_ends_ptr, offsets_ptr, pid, nprog, my_tiles, m_tiles, N, K, E, alpha,
                              HAS_LORA, HAS_BIAS, HAS_OUT_INDEX, HAS_ROW_SCALE, B_MODE, LOG2_E, BLOCK_M, BLOCK_N,
                              BLOCK_K, R_PAD, GROUP_M, STAGES, CONSUMERS, CONSUMER_WARPS, CONVERT, 1)),
             ], [1, CONSUMER_WARPS], [LOADER_REGS, CONSUMER_REGS])
@@ -401,8 +385,7 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
     lora_b [E, R, N] in b's orientation; bias [E, N]; out [*, N] written at rows out_index[i] (or i), scaled by
     row_scale[i]. tile_ends: grouped_gemm's tile_schedule(counts_E, BLOCK_M) (computed here if None).
     """
-    from .grouped_gemm import multiprocessors, tile_schedule
-    from .launch import launch
+    from .grouped_gemm import multiprocessors, tile_schedule  # grouped_gemm imports this module
 
     config = dict(config or CONFIGS[0])
     BM = config["BLOCK_M"]
@@ -415,7 +398,7 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
     _scratch_allocator_set()
     u = lora_u if lora_u is not None else a
     warps = config["CONSUMER_WARPS"]
-    launch(sorted_gemm_kernel, (multiprocessors(a.device),),
+    launch_kernel(sorted_gemm_kernel, (multiprocessors(a.device),),
            a, a.stride(0), a.shape[0], b, u, u.stride(0), u.shape[0], lora_b if lora_b is not None else b,
            out, out.stride(0), out_index if out_index is not None else out,
            row_scale if row_scale is not None else out, bias if bias is not None else out,
