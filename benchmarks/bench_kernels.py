@@ -31,7 +31,6 @@ import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
 from moetune.experts.activations import GptOssGLU, SwiGLU  # noqa: E402
-from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import act_code, grouped_wgrad  # noqa: E402
 from moetune.kernels.autotune import _choose  # noqa: E402
 from moetune.kernels.grouped_gemm import (  # noqa: E402
@@ -62,14 +61,8 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     grouped_gemm launches, each LoRA input both ways (way = (input, "own launch" | "in loop"): a launch of its own
     then the GEMM that reads it, or that GEMM with it in its main loop), then the four LoRA weight-gradient
     (grouped_wgrad) launches (way None)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*size, scale=0.02):
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
-
+    rand, plan, w_S = harness.routed_operands(shape, tokens, device, dtype)
     E, H, I, R = shape.E, shape.H, shape.I, rank
-    ids, weights = harness.make_routing(shape, tokens, device, dtype)
-    plan = plan_routing(ids, E)
     S = plan.num_rows
     x, d_out = rand(tokens, H, scale=1.0), rand(tokens, H, scale=1.0)
     # moetune's internal layout: gate_up [E, 2I, H], down [E, H, I] (transposed views for gpt-oss cost nothing)
@@ -82,7 +75,6 @@ def launches(shape, tokens: int, rank: int, device, dtype, grouped_gemm):
     A1, B1, A2, B2 = rand(E, R, H), rand(E, 2 * I, R), rand(E, R, I), rand(E, H, R)
     act = act_code(GptOssGLU() if shape.activation == "gpt_oss" else SwiGLU())
     common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    w_S = weights.reshape(-1).index_select(0, plan.perm_S)
     su1 = grouped_gemm(x, A1.transpose(1, 2), a_index=plan.token_S, alpha=2.0, **common)
     h, gu = grouped_gemm(x, gate_up.transpose(1, 2), a_index=plan.token_S, lora_u=su1, lora_b=B1.transpose(1, 2),
                          bias=b1, epilogue=1, act=act, interleaved=shape.interleaved, **common)

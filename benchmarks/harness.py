@@ -174,6 +174,21 @@ def make_routing(shape: MoEShape, tokens: int, device, dtype, seed: int = 0):
     return ids.to(device), weights.to(device=device, dtype=dtype)
 
 
+def routed_operands(shape: MoEShape, tokens: int, device, dtype):
+    """(rand, plan, w_S) for kernel benchmarks: rand(*size, scale=0.02) draws from one CPU generator seeded 0 (the
+    same operands on every run), the routing plan of make_routing's ids, and its weights in sorted-row order."""
+    from moetune.experts.routing import plan_routing
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*size, scale=0.02):
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    ids, weights = make_routing(shape, tokens, device, dtype)
+    plan = plan_routing(ids, shape.E)
+    return rand, plan, weights.reshape(-1).index_select(0, plan.perm_S)
+
+
 # --- timing and memory ---------------------------------------------------------------------------------
 
 

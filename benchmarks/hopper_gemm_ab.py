@@ -20,24 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-from moetune.experts.routing import plan_routing  # noqa: E402
 from moetune.kernels import grouped_gemm  # noqa: E402
 from moetune.kernels.hopper_gemm import CONFIGS, sorted_gemm, sorted_gemm_supported  # noqa: E402
 
 
 def launches(shape, tokens: int, rank: int, device):
     """{name: (a, b, lora_u, lora_b, out_index, row_scale, flops)} for the two plain GEMMs over sorted rows."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    dtype = torch.bfloat16
-
-    def rand(*size, scale=0.02):
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
-
+    rand, plan, w_S = harness.routed_operands(shape, tokens, device, torch.bfloat16)
     E, H, I, R = shape.E, shape.H, shape.I, rank
-    ids, weights = harness.make_routing(shape, tokens, device, dtype)
-    plan = plan_routing(ids, E)
     S = plan.num_rows
-    w_S = weights.reshape(-1).index_select(0, plan.perm_S)
     h, d_gu = rand(S, I, scale=1.0), rand(S, 2 * I, scale=1.0)
     down, gate_up = rand(E, H, I), rand(E, 2 * I, H)
     su2, sv1 = rand(S, R, scale=1.0), rand(S, R, scale=1.0)
