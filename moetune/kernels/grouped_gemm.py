@@ -570,7 +570,7 @@ def gluon_candidates(device, dtype: torch.dtype) -> bool:
     lower on Qwen3's 4K dgrad and from a 9% gain to a 2% loss elsewhere; but each launch cost 92-157 us more host
     time, and the whole block (switch_ab.py --switch gluon) measured the same either way at Qwen3 4K and 16K and
     GLM 16K. Run 55a, with the descriptors made on the device and direct launches: 33 us more host a launch (not
-    92-157), GPU -29% (4K down projection) and -20% (4K dgrad), and still the same block times: at 4K the block
+    92-157; 16-26 once eligibility was asked once, run 55b), GPU -29% (4K down projection) and -20% (4K dgrad), and still the same block times: at 4K the block
     waits on its host, and at 16K the two launches it may take are within a few percent of Triton's."""
     device = torch.device(device)
     if os.environ.get("MOETUNE_TRITON_GLUON") != "1" or hopper_gemm.gluon is None or device.type != "cuda":
