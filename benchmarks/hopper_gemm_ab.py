@@ -4,6 +4,10 @@ against grouped_gemm's output and a float64 reference of three experts; torch._g
 scatter) timed beside them for the plain product's speed.
 
     python benchmarks/hopper_gemm_ab.py --cases qwen3-30b-a3b:16384 qwen3-30b-a3b:4096 glm-4.7-flash:16384
+    python benchmarks/hopper_gemm_ab.py --in-loop ...   # the LoRA input accumulated in the main loop (both kernels)
+
+--in-loop: each launch also computes its LoRA input U = 2 * A @ UA[e] in its main loop (grouped_gemm's lora_u_weight,
+as the triton backend's tuned ways mostly run them) and writes it out; U is checked against float64 too.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ def launches(shape, tokens: int, rank: int, device):
     down, gate_up = rand(E, H, I), rand(E, 2 * I, H)
     su2, sv1 = rand(S, R, scale=1.0), rand(S, R, scale=1.0)
     B2, A1 = rand(E, H, R), rand(E, R, H)
+    A2, B1 = rand(E, R, I), rand(E, 2 * I, R)  # the factors that make su2 and sv1 (in-loop: UA, as the backend's views)
     mm = lambda m, n, k: 2.0 * m * n * k  # noqa: E731
     return plan, {
         "fwd  down (lora, scale, scatter)": (h, down.transpose(1, 2), su2, B2.transpose(1, 2), plan.perm_S, w_S,
-                                             mm(S, H, I + R)),
-        "bwd  gate_up^T (lora, scatter)": (d_gu, gate_up, sv1, A1, plan.perm_S, None, mm(S, H, 2 * I + R)),
+                                             mm(S, H, I + R), A2.transpose(1, 2), mm(S, R, I)),
+        "bwd  gate_up^T (lora, scatter)": (d_gu, gate_up, sv1, A1, plan.perm_S, None, mm(S, H, 2 * I + R), B1,
+                                           mm(S, R, 2 * I)),
     }
 
 
@@ -55,6 +61,14 @@ def reference(a, b, lora_u, lora_b, out_index, row_scale, plan, experts=(0, 1, 2
         rows.append(out_index[lo:hi] if out_index is not None else torch.arange(lo, hi, device=a.device))
         values.append(v)
     return torch.cat(rows), torch.cat(values)
+
+
+def u_reference(a, ua, plan, alpha: float, experts: int = 3) -> tuple[int, torch.Tensor]:
+    """(end row, float64 U = alpha * a @ ua[e] of the sorted rows before it): the first experts' rows."""
+    ends = [0] + plan.offsets_E.tolist()
+    end = ends[min(experts, len(ends) - 1)]
+    values = [alpha * (a[ends[e]:ends[e + 1]].double() @ ua[e].double()) for e in range(min(experts, len(ends) - 1))]
+    return end, torch.cat(values)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -94,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=["qwen3-30b-a3b:16384", "qwen3-30b-a3b:4096"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--configs", default=None, help="comma-separated indices into hopper_gemm.CONFIGS")
+    parser.add_argument("--in-loop", action="store_true", help="the LoRA input computed in the main loop (lora_u_weight)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     cases = harness.parse_cases(parser, args.cases)
@@ -105,15 +120,25 @@ def main(argv=None) -> int:
         shape = harness.SHAPES[name]
         plan, todo = launches(shape, tokens, args.rank, device)
         common = dict(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-        for launch, (a, b, u, lb, out_index, row_scale, flops) in todo.items():
-            why = sorted_gemm_supported(a, b, u, lb)
-            triton_fn = functools.partial(grouped_gemm, a, b, lora_u=u, lora_b=lb, out_index=out_index,
-                                          row_scale=row_scale, **common)
+        for launch, (a, b, u, lb, out_index, row_scale, flops, ua, u_flops) in todo.items():
+            loop = dict(lora_u_weight=ua, lora_u_alpha=2.0) if args.in_loop else {}
+            if args.in_loop:  # u is now the buffer both kernels write U into
+                flops += u_flops
+                launch += ", U in loop"
+                u = torch.full_like(u, float("nan"))
+            why = sorted_gemm_supported(a, b, u, lb, lora_u_weight=ua if args.in_loop else None)
+            triton_fn = functools.partial(grouped_gemm, a, b, lora_b=lb, out_index=out_index, row_scale=row_scale,
+                                          **(dict(loop, lora_u_out=u, lora_u_in_loop=True) if args.in_loop
+                                             else dict(lora_u=u)), **common)
             base = triton_fn()
-            ref_rows, ref = reference(a, b, u, lb, out_index, row_scale, plan)
+            u_base = u.clone()
+            ref_rows, ref = reference(a, b, u_base, lb, out_index, row_scale, plan)  # C from the U written
             ms = bench(triton_fn)
             line = dict(case=f"{name}:{tokens}", launch=launch, impl="grouped_gemm (triton)", ms=ms,
                         tflops=flops / ms / 1e9, err_ref=rel(base[ref_rows], ref))
+            if args.in_loop:
+                end, u_ref = u_reference(a, ua, plan, 2.0)
+                line["err_u_ref"] = rel(u_base[:end], u_ref)
             rows.append(line)
             print(f"{line['case']:<22} {launch:<34} {line['impl']:<40} {ms:7.3f} ms {line['tflops']:5.0f} TFLOP/s "
                   f"err {line['err_ref']:.1e}", flush=True)
@@ -133,16 +158,20 @@ def main(argv=None) -> int:
             for i in picks:
                 config = CONFIGS[i]
                 out = torch.full_like(base, float("nan"))
+                if args.in_loop:
+                    u.fill_(float("nan"))
                 fn = functools.partial(sorted_gemm, a, b, lora_u=u, lora_b=lb, out=out, out_index=out_index,
-                                       row_scale=row_scale, config=config, **common)
+                                       row_scale=row_scale, config=config, **loop, **common)
                 try:
                     fn()
                     torch.cuda.synchronize()
                 except Exception as error:  # noqa: BLE001
                     print(f"    config {i} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
                     continue
-                written = bool(torch.isfinite(out).all())
+                written = bool(torch.isfinite(out).all()) and bool(torch.isfinite(u).all())
                 err_triton = rel(out, base.double())
+                if args.in_loop:
+                    err_triton = max(err_triton, rel(u, u_base.double()))
                 err_ref = rel(out[ref_rows], ref)
                 ms = bench(fn)
                 line = dict(case=f"{name}:{tokens}", launch=launch, impl=f"sorted_gemm config {i}", config=config,

@@ -551,9 +551,10 @@ def _tma_host_ms(config: dict) -> float:
 
 
 # The third tuning step, on Hopper: the pick so far against hopper_gemm's Gluon kernel (warp-specialised,
-# persistent), for the plain GEMMs over sorted rows that take their LoRA input from a launch of their own (the down
-# projection forward, gate_up's dgrad). Its own name, so the earlier steps' cached picks stay valid.
-GLUON_TUNING = "grouped_gemm/gluon/v3"
+# persistent), for the plain GEMMs over sorted rows (the down projection forward, gate_up's dgrad), their LoRA input
+# given or accumulated in the main loop (v4; v3 took it given only). Its own name, so the earlier steps' cached picks
+# stay valid; it is also part of the LoRA-input ways' key, which are measured again when it changes.
+GLUON_TUNING = "grouped_gemm/gluon/v4"
 # Host time a Gluon launch adds over grouped_gemm's own, counted against it as TMA_HOST_MS is. Run 54b (an H200's
 # host, Qwen3 4K): 92 and 157 us for the dgrad and the down projection, when four TMA descriptors were built in Python
 # and encoded by Triton's launcher at every launch, through Triton's own launch path. Since the kernel makes its
@@ -571,7 +572,9 @@ def gluon_candidates(device, dtype: torch.dtype) -> bool:
     time, and the whole block (switch_ab.py --switch gluon) measured the same either way at Qwen3 4K and 16K and
     GLM 16K. Run 55a, with the descriptors made on the device and direct launches: 33 us more host a launch (not
     92-157; 16-26 once eligibility was asked once, run 55b), GPU -29% (4K down projection) and -20% (4K dgrad), and still the same block times: at 4K the block
-    waits on its host, and at 16K the two launches it may take are within a few percent of Triton's."""
+    waits on its host, and at 16K the two launches it may take are within a few percent of Triton's. Those launches
+    had their LoRA input by a launch of its own, where the tuned ways mostly put it in Triton's main loop; since
+    session 19 the Gluon kernel takes it in its main loop too (not yet run on a GPU)."""
     device = torch.device(device)
     if os.environ.get("MOETUNE_TRITON_GLUON") != "1" or hopper_gemm.gluon is None or device.type != "cuda":
         return False
@@ -608,7 +611,7 @@ def _lora_input_in_loop(a, b, offsets_E, counts_E, *, num_rows, a_index, lora_u_
                     num_rows, E) + (_pow2_at_least(rank), tma_candidates(a.device, a.dtype))  # TMA: other configs
     if persistent_candidates(a.device):  # other configs again (appended only when on: the cached keys stay valid)
         key += ("persistent",)
-    if epilogue == 0 and a_index is None and gluon_candidates(a.device, a.dtype):  # a launch of its own may be Gluon
+    if epilogue == 0 and a_index is None and gluon_candidates(a.device, a.dtype):  # either way may run on Gluon
         key += ("gluon", GLUON_TUNING)
 
     def run(way: dict):
@@ -762,6 +765,7 @@ def grouped_gemm(
         if config.get("GLUON"):  # eligibility asked once, before the tuning step or of a caller's config
             hopper_gemm.sorted_gemm(a, b, offsets_E, counts_E, num_rows=num_rows,
                                     tile_ends=tile_schedule(counts_E, config["BLOCK_M"]), lora_u=lora_u, lora_b=lora_b,
+                                    lora_u_weight=lora_u_weight if in_loop else None, lora_u_alpha=lora_u_alpha,
                                     alpha=alpha, bias=bias, out=out, out_index=out_index, row_scale=row_scale,
                                     config=config)
             return
@@ -828,11 +832,12 @@ def grouped_gemm(
             results[:] = [dw]
 
     def _gluon_unsupported() -> str | None:
-        """Why hopper_gemm's kernel cannot run this launch, or None: epilogue 0 over sorted rows, the LoRA input
-        given (not accumulated in the main loop), operands its TMA boxes can read."""
-        if epilogue != 0 or a_index is not None or in_loop:
-            return "epilogue 0, no a_index, the LoRA input given"
-        return hopper_gemm.sorted_gemm_supported(a, b, lora_u, lora_b, bias, out, out_index, row_scale)
+        """Why hopper_gemm's kernel cannot run this launch, or None: epilogue 0 over sorted rows (the LoRA input
+        given or accumulated in the main loop), operands its TMA boxes can read."""
+        if epilogue != 0 or a_index is not None:
+            return "epilogue 0, no a_index"
+        return hopper_gemm.sorted_gemm_supported(a, b, lora_u, lora_b, bias, out, out_index, row_scale,
+                                                 lora_u_weight=lora_u_weight if in_loop else None)
 
     candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
     key = _tune_key(epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None, N, K,

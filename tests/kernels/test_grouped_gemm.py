@@ -302,21 +302,32 @@ def test_autotuning_on_hopper_then_tries_the_gluon_kernel_for_sorted_rows(monkey
         assert host_ms(candidates[1]) == module.GLUON_HOST_MS and host_ms(candidates[0]) == 0.0
         return candidates[1]
 
-    def sorted_gemm(a_, b_, offsets_E, counts_E, *, num_rows, tile_ends, lora_u, lora_b, alpha, bias, out, out_index,
-                    row_scale, config):
+    def sorted_gemm(a_, b_, offsets_E, counts_E, *, num_rows, tile_ends, lora_u, lora_b, lora_u_weight, lora_u_alpha,
+                    alpha, bias, out, out_index, row_scale, config):
         calls.append(config)
-        assert a_ is a and b_ is b and lora_u is u and lora_b is lb and out_index is plan.perm_S
+        assert a_ is a and b_ is b and lora_u is expected_u and lora_b is lb and out_index is plan.perm_S
+        assert lora_u_weight is expected_ua and (lora_u_weight is None or lora_u_alpha == 1.5)
         assert row_scale is expected_scale and alpha == 0.5 and bias is None and num_rows == S
         assert torch.equal(tile_ends, module.tile_schedule(counts_E, config["BLOCK_M"]))
         out.fill_(3.0)
 
-    expected_scale = row_scale
+    expected_scale, expected_u, expected_ua = row_scale, u, None
+    supported = []
     monkeypatch.setattr(autotune, "pick", pick)
     monkeypatch.setattr(module, "gluon_candidates", lambda device, dtype: True)
-    monkeypatch.setattr(hopper_gemm, "sorted_gemm_supported", lambda *args: None)
+    monkeypatch.setattr(hopper_gemm, "sorted_gemm_supported",
+                        lambda *args, lora_u_weight=None: supported.append(lora_u_weight))
     monkeypatch.setattr(hopper_gemm, "sorted_gemm", sorted_gemm)
     got = grouped_gemm(a, b, lora_u=u, lora_b=lb, alpha=0.5, out_index=plan.perm_S, row_scale=row_scale, **common)
-    assert asked == [module.TUNING, GLUON_TUNING]
+    assert asked == [module.TUNING, GLUON_TUNING] and supported == [None]
+    assert calls == [dict(hopper_gemm.CONFIGS[0], GLUON=True)] and bool((got == 3.0).all())
+    # The LoRA input in the main loop (v4): the same step, the factor and U's buffer handed to the Gluon kernel.
+    asked.clear(), calls.clear(), supported.clear()
+    ua, u_out = rand(gen, 5, K, R), torch.empty(S, R)
+    expected_u, expected_ua = u_out, ua
+    got = grouped_gemm(a, b, lora_u_weight=ua, lora_u_alpha=1.5, lora_u_out=u_out, lora_u_in_loop=True, lora_b=lb,
+                       alpha=0.5, out_index=plan.perm_S, row_scale=row_scale, **common)
+    assert asked == [module.TUNING, GLUON_TUNING] and supported == [ua]
     assert calls == [dict(hopper_gemm.CONFIGS[0], GLUON=True)] and bool((got == 3.0).all())
     asked.clear()
     grouped_gemm(a, b, a_index=plan.token_S[: plan.num_rows], lora_u=u, lora_b=lb, **common)  # gathered rows

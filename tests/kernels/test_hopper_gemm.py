@@ -51,6 +51,36 @@ def test_sorted_gemm_rejects_what_its_boxes_would_read_wrong(monkeypatch):
     assert sorted_gemm_supported(t(0, 64), b) == "empty operands"
 
 
+def test_sorted_gemm_takes_the_lora_input_in_its_loop_only_where_tma_can_read_its_factor(monkeypatch):
+    """lora_u_weight [E, K, R], contiguous or a transposed [E, R, K]: U is then written with plain stores, so its
+    buffer needs no TMA alignment; the factor must have the launch's E, K, R, dtype and 16-byte rows."""
+    if hopper_gemm.gluon is None:
+        pytest.skip("triton without Gluon")
+    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "_capability", lambda index: (9, 0))
+    fake = type("FakeDevice", (), {"type": "cuda", "index": 0})()
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return fake
+
+    def t(*shape, dtype=torch.bfloat16):
+        return torch.zeros(*shape, dtype=dtype).as_subclass(OnCuda)
+
+    a, b, lb = t(40, 64), t(4, 64, 48), t(4, 16, 48)
+    for ua in (t(4, 64, 16), t(4, 16, 64).transpose(1, 2)):
+        assert sorted_gemm_supported(a, b, t(40, 16), lb, lora_u_weight=ua) is None
+        assert sorted_gemm_supported(a, b, t(40, 20)[:, :16], lb, lora_u_weight=ua) is None  # U only stored
+    assert "lora_u_weight [E, K, R]" in sorted_gemm_supported(a, b, t(40, 16), lb, lora_u_weight=t(4, 64, 8))
+    assert "lora_u_weight [E, K, R]" in sorted_gemm_supported(a, b, t(40, 16), lb, lora_u_weight=t(3, 64, 16))
+    assert "lora_u_weight [E, K, R]" in sorted_gemm_supported(
+        a, b, t(40, 16), lb, lora_u_weight=t(4, 64, 16, dtype=torch.float16))
+    assert "lora_u_weight [E, K, R]" in sorted_gemm_supported(  # neither layout: rows with gaps
+        a, b, t(40, 16), lb, lora_u_weight=t(4, 64, 32)[:, :, :16])
+    assert "needs lora_u" in sorted_gemm_supported(a, b, None, lb, lora_u_weight=t(4, 64, 16))
+    assert "lora_u [S, R]" in sorted_gemm_supported(a, b, t(39, 16), lb, lora_u_weight=t(4, 64, 16))
+
+
 def _randn_bf16(gen, *shape, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
 
@@ -134,6 +164,84 @@ def test_sorted_gemm_matches_float64_on_hopper(config, case, mode):
     assert torch.isfinite(got).all(), "rows left unwritten"
     err = ((got - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
+
+
+def _fits(run):
+    """run(), or pytest.skip where the config needs more shared memory than the GPU has (autotuning drops it)."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 - Triton's OutOfResources, raised where the binary is loaded
+        if "OutOfResources" in type(err).__name__ or "out of resource" in str(err).lower():
+            pytest.skip(f"does not fit: {err}")
+        raise
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+@pytest.mark.parametrize("case", ["T1", "empty_experts", "one_expert", "odd_sizes", "rank8"])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_sorted_gemm_with_the_lora_input_in_its_loop_matches_float64_on_hopper(config, case, mode):
+    """U = u_alpha * A @ UA[e] accumulated in the main loop (the factor in the weight's orientation, as the down
+    projection's A2 and the dgrad's B1 are): U written out as its own launch would round it, and C computed from
+    that rounded U."""
+    if not _hopper():
+        pytest.skip("needs an sm90 GPU and triton with Gluon")
+    gen = torch.Generator().manual_seed(12)
+    E, k = 6, 2
+    T, K, N = {"T1": (1, 128, 256), "odd_sizes": (301, 200, 328)}.get(case, (400, 192, 320))
+    R = 8 if case == "rank8" else 16
+    plan = _routing(T, E, k, gen, skew={"empty_experts": "empty", "one_expert": "one_expert"}.get(case))
+    S = plan.num_rows
+    bf16 = functools.partial(_randn_bf16, gen)
+    a = bf16(S, K)
+    b = bf16(E, N, K, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, K, N, scale=0.1)
+    ua = bf16(E, R, K, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, K, R, scale=0.1)
+    lb = bf16(E, N, R, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, R, N, scale=0.1)
+    row_scale = bf16(S).abs()
+    assert sorted_gemm_supported(a, b, torch.empty(S, R, device="cuda", dtype=torch.bfloat16), lb,
+                                 lora_u_weight=ua) is None
+    u = torch.full((S, R), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = torch.full((S, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    _fits(lambda: sorted_gemm(a, b, plan.offsets_E, plan.counts_E, num_rows=S, lora_u=u, lora_b=lb, lora_u_weight=ua,
+                              lora_u_alpha=2.0, alpha=0.5, out=out, out_index=plan.perm_S, row_scale=row_scale,
+                              config=CONFIGS[config]))
+    torch.cuda.synchronize()
+    u_ref = _reference(a, ua, None, None, None, None, plan, 2.0)
+    assert torch.isfinite(u).all(), "U rows left unwritten"
+    u_err = ((u.double() - u_ref).norm() / u_ref.norm()).item()
+    assert u_err < 1e-2, u_err
+    ref = _reference(a, b, u, lb, None, row_scale, plan, 0.5)  # from the U the kernel wrote (rounded to bf16)
+    got = out.double()[plan.perm_S]
+    assert torch.isfinite(got).all(), "rows left unwritten"
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_grouped_gemm_runs_a_gluon_pick_with_the_lora_input_in_its_loop_as_its_triton_configs(config):
+    """The down projection's in-loop form (lora_u_weight, row scale, scatter) through grouped_gemm: a GLUON config
+    writes the U and C its Triton configs write, to within the order of the K sums."""
+    from moetune.kernels import grouped_gemm
+    from moetune.kernels.grouped_gemm import candidates_for
+
+    if not _hopper():
+        pytest.skip("needs an sm90 GPU and triton with Gluon")
+    E, K, N, R = 8, 192, 264, 16
+    plan, S, bf16 = _routed_case(seed=6, T=1000, E=E, k=4)
+    a, row_scale = bf16(S, K), bf16(S)
+    ua, lb = bf16(E, R, K, scale=0.1).transpose(1, 2), bf16(E, N, R, scale=0.1).transpose(1, 2)  # as down's views
+    b = bf16(E, N, K, scale=0.1).transpose(1, 2)
+    outs = {}
+    for name, cfg in (("triton", candidates_for(0, S, E, N, K)[0]), ("gluon", dict(CONFIGS[config], GLUON=True))):
+        u = torch.empty(S, R, device="cuda", dtype=torch.bfloat16)
+        out = _fits(functools.partial(grouped_gemm, a, b, num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E,
+                                      lora_u_weight=ua, lora_u_alpha=2.0, lora_u_out=u, lora_u_in_loop=True,
+                                      lora_b=lb, out_index=plan.perm_S, row_scale=row_scale, alpha=0.5, config=cfg))
+        outs[name] = (u.double(), out.double())
+    for got, want in zip(outs["gluon"], outs["triton"]):
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 5e-3, err
 
 
 @pytest.mark.gpu
