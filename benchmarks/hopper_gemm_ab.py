@@ -8,6 +8,7 @@ scatter) timed beside them for the plain product's speed.
 
 --in-loop: each launch also computes its LoRA input U = 2 * A @ UA[e] in its main loop (grouped_gemm's lora_u_weight,
 as the triton backend's tuned ways mostly run them) and writes it out; U is checked against float64 too.
+grouped_gemm is the Triton side here: MOETUNE_TRITON_GLUON is cleared, so its tuning cannot pick the Gluon kernel.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--in-loop", action="store_true", help="the LoRA input computed in the main loop (lora_u_weight)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    os.environ.pop("MOETUNE_TRITON_GLUON", None)  # grouped_gemm stays Triton's (its tuning could pick the Gluon kernel)
     cases = harness.parse_cases(parser, args.cases)
     device = torch.device("cuda")
     picks = range(len(CONFIGS)) if args.configs is None else [int(i) for i in args.configs.split(",")]
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
         common = dict(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
         for launch, (a, b, u, lb, out_index, row_scale, flops, ua, u_flops) in todo.items():
             loop = dict(lora_u_weight=ua, lora_u_alpha=2.0) if args.in_loop else {}
+            plain_flops = flops  # torch._grouped_mm computes neither U nor the LoRA term
             if args.in_loop:  # u is now the buffer both kernels write U into
                 flops += u_flops
                 launch += ", U in loop"
@@ -141,15 +144,16 @@ def main(argv=None) -> int:
                 line["err_u_ref"] = rel(u_base[:end], u_ref)
             rows.append(line)
             print(f"{line['case']:<22} {launch:<34} {line['impl']:<40} {ms:7.3f} ms {line['tflops']:5.0f} TFLOP/s "
-                  f"err {line['err_ref']:.1e}", flush=True)
+                  f"err {line['err_ref']:.1e}" + (f" U err {line['err_u_ref']:.1e}" if args.in_loop else ""),
+                  flush=True)
             offs = plan.offsets_E.to(torch.int32)
             try:
                 gm = functools.partial(torch._grouped_mm, a, b, offs=offs)
                 ms = bench(gm)
                 print(f"{'':<22} {launch:<34} {'torch._grouped_mm (no lora/scatter)':<40} {ms:7.3f} ms "
-                      f"{flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
+                      f"{plain_flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
                 rows.append(dict(case=f"{name}:{tokens}", launch=launch, impl="torch._grouped_mm (no lora/scatter)",
-                                 ms=ms, tflops=flops / ms / 1e9))
+                                 ms=ms, tflops=plain_flops / ms / 1e9))
             except Exception as error:  # noqa: BLE001
                 print(f"    torch._grouped_mm: {type(error).__name__}: {str(error)[:200]}", flush=True)
             if why:
@@ -170,16 +174,19 @@ def main(argv=None) -> int:
                     continue
                 written = bool(torch.isfinite(out).all()) and bool(torch.isfinite(u).all())
                 err_triton = rel(out, base.double())
+                err_u = None
                 if args.in_loop:
                     err_triton = max(err_triton, rel(u, u_base.double()))
+                    err_u = rel(u[:end], u_ref)
                 err_ref = rel(out[ref_rows], ref)
                 ms = bench(fn)
                 line = dict(case=f"{name}:{tokens}", launch=launch, impl=f"sorted_gemm config {i}", config=config,
                             ms=ms, tflops=flops / ms / 1e9, err_ref=err_ref, err_vs_triton=err_triton,
-                            all_written=written)
+                            all_written=written, **({"err_u_ref": err_u} if args.in_loop else {}))
                 rows.append(line)
                 print(f"{'':<22} {launch:<34} {line['impl']:<40} {ms:7.3f} ms {line['tflops']:5.0f} TFLOP/s "
-                      f"err {err_ref:.1e} vs triton {err_triton:.1e} written {written}", flush=True)
+                      f"err {err_ref:.1e} vs triton {err_triton:.1e} written {written}"
+                      + (f" U err {err_u:.1e}" if args.in_loop else ""), flush=True)
     if args.out:
         harness.write_json(args.out, dict(environment=harness.environment(), rows=rows))
         plot(rows, os.path.splitext(args.out)[0] + ".png")

@@ -18,7 +18,8 @@ launch passes plain pointers and goes through launch.py's direct path: descripto
 a launch in Python and Triton's launcher (run 54b), 33 us more than a Triton launch since (run 55a).
 
 The LoRA product is one more K step: U [S, R] and LB's rows are read through boxes as wide as a K step (TMA
-fills the columns past R with zeros) and multiplied over their first R_PAD columns only.
+fills the columns past R with zeros) and multiplied over their first R_PAD columns only (R rounded up to a power of
+2, at least 16: Gluon's shapes are powers of 2).
 
 U may instead be made in the main loop (U_IN_LOOP, grouped_gemm's lora_u_weight: the triton backend's tuned ways
 mostly take their LoRA inputs so, runs 48-55): U = u_alpha * A[i, :] @ UA[e] for the factor UA [E, K, R], whose box
@@ -26,7 +27,8 @@ mostly take their LoRA inputs so, runs 48-55): U = u_alpha * A[i, :] @ UA[e] for
 accumulator (R_PAD / BLOCK_N more MMA work, 6% at 256 columns). After the loop U is rounded to the operands' dtype,
 written out by the tiles of the first N block, and stored to the consumer's shared memory, where the LoRA step reads
 it as U's TMA box would be read (that step then loads LB's box only). U's columns past R are set to zero there: in
-UA's transposed layout the box rows past R are the next expert's.
+UA's transposed layout the box rows past R are the next expert's (dropped exactly, even an inf or NaN). In UA's
+contiguous layout the rows past an expert's K are the next expert's, as for the weights below.
 
 Boxes past an operand's end read zeros, but in the contiguous [E, K, N] weight orientation the rows past an
 expert's K (and past R in LB) are the next expert's: they meet A's (U's) zero columns, so they add exactly 0 for
@@ -42,6 +44,7 @@ import threading
 import torch
 
 from .launch import launch as launch_kernel
+from .sizes import next_power_of_2
 
 try:
     import triton
@@ -491,6 +494,9 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
     BM = config["BLOCK_M"]
     E, K, N = b.shape
     R = lora_u.shape[1] if lora_u is not None else 0
+    if lora_u_weight is not None and (lora_u is None or lora_u.shape[0] < num_rows):
+        # (without lora_u the loader would run one step a tile fewer than the consumer waits for: a hang)
+        raise ValueError(f"lora_u: expected the [num_rows={num_rows}, R] buffer U is written to with lora_u_weight")
     if out is None:
         out = torch.empty(num_rows, N, device=a.device, dtype=a.dtype)
     if tile_ends is None:
@@ -509,7 +515,7 @@ def sorted_gemm(a, b, offsets_E, counts_E, *, num_rows: int, tile_ends=None, lor
            HAS_OUT_INDEX=out_index is not None, HAS_ROW_SCALE=row_scale is not None, B_MODE=weight_mode(b),
            UA_MODE=weight_mode(lora_u_weight) if lora_u_weight is not None else 0,
            LOG2_E=max(1, int(E).bit_length()),
-           BLOCK_M=BM, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], R_PAD=max(16, -(-R // 16) * 16),
+           BLOCK_M=BM, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], R_PAD=max(16, next_power_of_2(R)),
            GROUP_M=8, STAGES=config["STAGES"], CONSUMERS=config["CONSUMERS"], CONSUMER_WARPS=warps,
            CONVERT=config["CONVERT"], LOADER_REGS=40, CONSUMER_REGS=232,
            num_warps=warps, maxnreg=config.get("MAXNREG", 168))

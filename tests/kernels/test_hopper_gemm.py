@@ -79,6 +79,40 @@ def test_sorted_gemm_takes_the_lora_input_in_its_loop_only_where_tma_can_read_it
         a, b, t(40, 16), lb, lora_u_weight=t(4, 64, 32)[:, :, :16])
     assert "needs lora_u" in sorted_gemm_supported(a, b, None, lb, lora_u_weight=t(4, 64, 16))
     assert "lora_u [S, R]" in sorted_gemm_supported(a, b, t(39, 16), lb, lora_u_weight=t(4, 64, 16))
+    # sorted_gemm itself refuses what would hang the kernel (no U buffer) or write past it, before any launch.
+    common = dict(offsets_E=torch.tensor([10, 20, 30, 40]), counts_E=torch.full((4,), 10), num_rows=40, lora_b=lb,
+                  lora_u_weight=t(4, 64, 16))
+    for u in (None, t(39, 16)):
+        with pytest.raises(ValueError, match="lora_u: expected the .num_rows=40, R. buffer"):
+            sorted_gemm(a, b, lora_u=u, **common)
+
+
+def test_the_kernel_compiles_for_hopper_at_every_rank_and_layout_within_its_shared_memory():
+    """Compiled offline for sm90 (no GPU needed) as sorted_gemm launches it: ranks 8 to 64 (R_PAD a power of 2, as
+    Gluon's shapes must be: 48 failed to compile with R_PAD 48), U given or in the loop, UA in either layout beside
+    either weight layout. The first config fits an H100's shared memory in every case."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if hopper_gemm.gluon is None:
+        pytest.skip("triton without Gluon")
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA compiler backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_hopper_gemm.py"))],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 24 and all(row["fits"] for row in rows), rows
+    assert {row["rank"]: row["R_PAD"] for row in rows} == {8: 16, 16: 16, 48: 64, 64: 64}
+    in_loop = [row["shared"] for row in rows if row["ua_mode"] is not None]
+    given = [row["shared"] for row in rows if row["ua_mode"] is None]
+    assert min(in_loop) > max(given)  # the UA ring and U's buffer
 
 
 def _randn_bf16(gen, *shape, scale=1.0):
@@ -178,24 +212,28 @@ def _fits(run):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
-@pytest.mark.parametrize("case", ["T1", "empty_experts", "one_expert", "odd_sizes", "rank8"])
+@pytest.mark.parametrize("case", ["T1", "empty_experts", "one_expert", "odd_sizes", "rank8", "rank48", "rank64",
+                                  "many_tiles", "mixed_layouts"])
 @pytest.mark.parametrize("mode", [1, 2])
 def test_sorted_gemm_with_the_lora_input_in_its_loop_matches_float64_on_hopper(config, case, mode):
     """U = u_alpha * A @ UA[e] accumulated in the main loop (the factor in the weight's orientation, as the down
-    projection's A2 and the dgrad's B1 are): U written out as its own launch would round it, and C computed from
-    that rounded U."""
+    projection's A2 and the dgrad's B1 are, or in the other one): U written out as its own launch would round it,
+    and C computed from that rounded U. many_tiles: ~1,000 tiles, so each program (one per SM) runs several, the
+    ping-pong consumers both, and U's shared buffer and the rings are reused across tiles."""
     if not _hopper():
         pytest.skip("needs an sm90 GPU and triton with Gluon")
     gen = torch.Generator().manual_seed(12)
-    E, k = 6, 2
-    T, K, N = {"T1": (1, 128, 256), "odd_sizes": (301, 200, 328)}.get(case, (400, 192, 320))
-    R = 8 if case == "rank8" else 16
+    E, k = (8, 8) if case == "many_tiles" else (6, 2)
+    T, K, N = {"T1": (1, 128, 256), "odd_sizes": (301, 200, 328), "many_tiles": (4096, 256, 1024)}.get(
+        case, (400, 192, 320))
+    R = {"rank8": 8, "rank48": 48, "rank64": 64}.get(case, 16)
+    ua_mode = 3 - mode if case == "mixed_layouts" else mode
     plan = _routing(T, E, k, gen, skew={"empty_experts": "empty", "one_expert": "one_expert"}.get(case))
     S = plan.num_rows
     bf16 = functools.partial(_randn_bf16, gen)
     a = bf16(S, K)
     b = bf16(E, N, K, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, K, N, scale=0.1)
-    ua = bf16(E, R, K, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, K, R, scale=0.1)
+    ua = bf16(E, R, K, scale=0.1).transpose(1, 2) if ua_mode == 1 else bf16(E, K, R, scale=0.1)
     lb = bf16(E, N, R, scale=0.1).transpose(1, 2) if mode == 1 else bf16(E, R, N, scale=0.1)
     row_scale = bf16(S).abs()
     assert sorted_gemm_supported(a, b, torch.empty(S, R, device="cuda", dtype=torch.bfloat16), lb,
