@@ -60,9 +60,14 @@ class LoRALinearFunction(torch.autograd.Function):
 
     x [..., in], W [out, in] (must not require grad), b [out] or None, A [R, in], B [out, R] in any
     float dtype (cast to x's dtype for the products), s a Python number.
-    Saved: x, W (the parameter itself, no copy), A and B cast to x's dtype ([R, in] and [out, R]),
+    Kept for backward: x, W (the parameter itself, no copy), A and B cast to x's dtype ([R, in] and [out, R]),
     u = x A^T [N, R] (cheaper to keep than to recompute: recomputing reads all of x again).
     Recomputed in backward: nothing.
+
+    Only x, u and factors already in x's dtype (the parameters themselves, whose in-place changes autograd then
+    catches) go through save_for_backward; the frozen W and fresh casts of A and B stay on ctx. Under gradient
+    checkpointing every saved tensor costs three hook calls (pack, the recompute's pack, unpack) of host time, and
+    the step of a whole model at 8K tokens waits on its host (NOTES runs 51-52); the casts are a few hundred KiB a layer.
     """
 
     @staticmethod
@@ -74,14 +79,20 @@ class LoRALinearFunction(torch.autograd.Function):
         y = F.linear(x2, weight, bias)
         u = x2 @ A_c.t()
         y.addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
-        ctx.save_for_backward(x, weight, A_c, B_c, u)
+        pairs = ((A_c, lora_A), (B_c, lora_B))
+        ctx.save_for_backward(x, u, *(cast for cast, factor in pairs if cast is factor))
+        ctx.weight = weight
+        ctx.casts = tuple(None if cast is factor else cast for cast, factor in pairs)
         ctx.scaling = scaling
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, A_c, B_c, u = ctx.saved_tensors
+        x, u, *factors = ctx.saved_tensors
+        factors = iter(factors)
+        A_c, B_c = (next(factors) if cast is None else cast for cast in ctx.casts)
+        weight = ctx.weight
         s = ctx.scaling
         bias_dtype, A_dtype, B_dtype = ctx.dtypes
         need_x, _, need_b, need_A, need_B, _ = ctx.needs_input_grad

@@ -107,6 +107,42 @@ def test_function_skips_unneeded_gradients_and_refuses_a_trainable_base():
         LoRALinearFunction.apply(x, weight.requires_grad_(), None, A, B, 1.0)
 
 
+def _saved(fn):
+    """(what fn's graph saves through save_for_backward, by id) and fn's output."""
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return {id(t) for t in packed}, out
+
+
+def test_only_activations_and_uncast_factors_go_through_save_for_backward():
+    """Each saved tensor costs checkpoint hook calls of host time: x and u are saved; the frozen W and fresh
+    casts of A and B ride on ctx. Factors already in x's dtype are the parameters, saved so that an in-place change
+    before backward is caught."""
+    gen = torch.Generator().manual_seed(3)
+    x, weight, _, A, B = _factors((5,), 8, 6, 2, torch.float32, False, gen)
+    x64 = x.detach().double().requires_grad_()  # fp32 factors cast to float64: fresh copies
+    saved, y = _saved(lambda: LoRALinearFunction.apply(x64, weight.double(), None, A, B, 2.0))
+    assert len(saved) == 2 and id(x64) in saved and id(A) not in saved and id(B) not in saved
+    want, leaves = _reference(x64, weight, None, A, B, 2.0)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x64, A, B), dy)
+    for g, w in zip(got, torch.autograd.grad(want, leaves, dy)):
+        assert relative_error(g, w) < 1e-6
+    saved, _ = _saved(lambda: LoRALinearFunction.apply(x, weight, None, A, B, 2.0))  # same dtype: A, B saved
+    assert len(saved) == 4 and id(A) in saved and id(B) in saved and id(weight) not in saved
+    y = LoRALinearFunction.apply(x, weight, None, A, B, 2.0)  # (saved-tensor hooks skip autograd's version check)
+    with torch.no_grad():
+        A.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_autocast_casts_like_autocast_linear():
     """Under CPU bf16 autocast with fp32 weights: bf16 output, fp32 factor grads, peft's result."""
     gen = torch.Generator().manual_seed(0)

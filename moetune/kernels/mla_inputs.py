@@ -275,14 +275,14 @@ def mla_inputs_backward(d_query, d_key, d_value, cos, sin, nope: int, interleave
 class MLAInputsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, k_rot, cos, sin, nope, interleave):
-        ctx.save_for_backward(cos, sin)  # the layer's shared tables: no memory of their own
+        ctx.tables = (cos, sin)  # the layer's shared tables, no gradient: on ctx, as rotary.py keeps them
         ctx.nope, ctx.interleave = nope, interleave
         return mla_inputs_forward(q, kv, k_rot, cos, sin, nope, interleave)
 
     @staticmethod
     @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, d_query, d_key, d_value):
-        cos, sin = ctx.saved_tensors
+        cos, sin = ctx.tables
         d_q, d_kv, d_k_rot = mla_inputs_backward(d_query, d_key, d_value, cos, sin, ctx.nope, ctx.interleave)
         return d_q, d_kv, d_k_rot, None, None, None, None
 

@@ -151,13 +151,15 @@ def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, contiguous):
-        ctx.save_for_backward(cos, sin)  # the layer's shared tables: no memory of their own
+        # The layer's shared tables (no memory of their own, no gradient): kept on ctx, not saved, which under
+        # gradient checkpointing costs three hook calls of host time each (see lora_linear.py).
+        ctx.tables = (cos, sin)
         return rotary_forward(x, cos, sin, contiguous)
 
     @staticmethod
     @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
+        cos, sin = ctx.tables
         return rotary_backward(dy, cos, sin), None, None, None
 
 

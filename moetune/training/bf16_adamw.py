@@ -94,9 +94,10 @@ class AdamWBf16(torch.optim.Optimizer):
                        layout.block_offset, layout.base, layout.numel, layout.seeds, table, **hyper)
         else:
             _step_torch(layout, corrections, self.state, **hyper)
-        for p in layout.params:  # counted once the step is queued
-            if p.grad is not None:
-                self.state[p]["step"] += 1
+        # Counted once the step is queued; one op for the group (the step in backward steps ~40 chunks a step).
+        steps = [self.state[p]["step"] for p in layout.params if p.grad is not None]
+        if steps:  # (step() calls this only for groups with a gradient)
+            torch._foreach_add_(steps, 1.0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for group in state_dict["param_groups"]:

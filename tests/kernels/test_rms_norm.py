@@ -112,6 +112,26 @@ def test_frozen_weight_gets_no_gradient_and_the_same_dx():
     torch.testing.assert_close(dx_frozen, dx, rtol=0, atol=0)
 
 
+def test_a_frozen_weight_is_not_saved_a_trainable_one_is():
+    """A frozen weight rides on ctx (no checkpoint hook calls for it); a trainable one is saved, so autograd still
+    catches an in-place change to it before backward."""
+    x, weight, _ = inputs(4, 16, torch.float32)
+    x.requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        rms_norm(x, weight, EPS)
+        assert not any(t is weight for t in packed) and len(packed) == 2
+        packed.clear()
+        weight.requires_grad_()
+        rms_norm(x, weight, EPS)
+        assert any(t is weight for t in packed)
+    y = rms_norm(x, weight, EPS)  # outside the hooks, which skip autograd's version check
+    with torch.no_grad():
+        weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def _views(hidden=24, seed=0):
     """(name, strided view, its contiguous copy) for each row layout the launcher addresses."""
     gen = torch.Generator().manual_seed(seed)

@@ -110,6 +110,11 @@ def test_strided_output_gradient_and_empty_input():
         (dq_ref,) = torch.autograd.grad(q_ref, q, dy, retain_graph=True)
         torch.testing.assert_close(dq, dq_ref, rtol=0, atol=0)
 
+    packed = []  # the shared tables ride on ctx: no checkpoint hook calls for them
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        rotary(q, cos, sin)
+    assert packed == []
+
     empty = torch.zeros(1, 2, 0, 8, device=DEVICE, requires_grad=True)
     out = rotary(empty, cos[:, :0], sin[:, :0])
     assert out.shape == empty.shape

@@ -45,6 +45,17 @@ def test_marked_function_runs_its_later_calls_as_recomputes():
     assert recompute.recomputing() is False
 
 
+def test_checkpoint_skips_torchs_metadata_check_unless_asked(monkeypatch):
+    """determinism_check="none" by default (the check is Python per saved tensor at every layer and step); a caller's
+    own setting is kept."""
+    seen = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *args, **kwargs: seen.append(kwargs))
+    recompute.checkpoint(lambda x: x, torch.ones(1), use_reentrant=False)
+    recompute.checkpoint(lambda x: x, torch.ones(1), use_reentrant=False, determinism_check="default")
+    assert seen == [dict(use_reentrant=False, determinism_check="none"),
+                    dict(use_reentrant=False, determinism_check="default")]
+
+
 def test_checkpoint_nested_in_a_recompute_runs_its_first_call_as_a_forward():
     seen = []
 
