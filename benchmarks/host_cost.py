@@ -1,0 +1,137 @@
+"""Host time of a moetune training step, measured on a CPU: the work a GPU waits for when a step is host-bound.
+
+A whole Qwen3-30B-A3B step at 8K tokens waits on its host on the H200s lent so far (NOTES runs 51-52): Python,
+torch's dispatcher and autograd, checkpoint hooks and kernel launches, which hardly depend on the tensors' sizes. Here
+the model runs at toy width on one CPU thread, through the code paths a GPU takes:
+
+- Triton's interpreter with every kernel body skipped: each launch's Python runs (moetune's wrappers, autotune
+  lookups, launch.py), its arithmetic does not, so outputs are garbage and losses meaningless;
+- the CUDA path's choices: fused norms and rotary, and the routing plan by the counting sort. The sort's kernels are
+  skipped too, so after its host code a valid plan is made in torch, untimed;
+- the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
+
+A step's wall time is then host time, with the CPU's own small GEMMs and attention in it. Absolute figures are not a
+GPU host's; use it to compare two versions of the code, in one process where possible (two processes of the same
+code on the 2-core development machine measured 4.35 and 4.73 ms a layer, session 19).
+
+    python benchmarks/host_cost.py                 # ms a step and a layer, launches a layer
+    python benchmarks/host_cost.py --profile 40    # and cProfile's top 40 functions by own time
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["MOETUNE_MOE_BACKEND"] = "triton"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+launches: collections.Counter = collections.Counter()
+untimed = [0.0]  # seconds spent making valid routing plans, subtracted from the steps
+
+
+def skip_kernel_bodies() -> None:
+    """Every interpreted launch only counts itself."""
+    from triton.runtime import interpreter
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches[self.fn.__name__] += 1
+
+    interpreter.InterpretedFunction.run = run
+
+
+def take_the_cuda_path() -> None:
+    """Fused rotary and the counting sort, as on a GPU (the fused norms already run under the interpreter)."""
+    from moetune.experts import routing, validation
+    from moetune.kernels import expert_sort
+
+    torch.cuda.is_available = lambda: True  # FastMoEModel installs the fused rotary on CUDA only
+    torch._assert_async = lambda *args, **kwargs: None  # the plan's id check reads the skipped sort's output
+    counting = expert_sort.expert_sort
+
+    def sort(ids, num_experts):
+        out = counting(ids, num_experts)  # its host work, kernels skipped
+        start = time.perf_counter()
+        flat = ids.reshape(-1).long()
+        expert_S, perm_S = torch.sort(flat, stable=True)
+        inv = torch.empty_like(perm_S)
+        inv[perm_S] = torch.arange(perm_S.numel())
+        counts = torch.bincount(flat, minlength=num_experts)
+        plan = (perm_S, inv, perm_S // ids.shape[1], expert_S, counts, counts.cumsum(0))
+        plan = tuple(t.to(o.dtype) for t, o in zip(plan, out))
+        untimed[0] += time.perf_counter() - start
+        return plan
+
+    routing._counting_sort = lambda device, num_experts: sort
+    routing.checks_ids = lambda ids, num_experts: ids.numel() > 0
+    validation.checks_ids = routing.checks_ids
+
+
+def build(layers: int, seq: int):
+    import train_step
+
+    from moetune.training.bf16_adamw import AdamWBf16
+    from moetune.training.step_in_backward import StepInBackward
+
+    config = train_step.make_config("qwen3-30b-a3b", layers, tiny=True)
+    device = torch.device("cpu")
+    source = tempfile.mkdtemp(prefix="moetune-host-cost-")
+    train_step.save_checkpoint(config, source, device)  # the real loading path, as train_step.py
+    model = train_step.build_moetune(source, "qwen3-30b-a3b", 16, 32, device, offload=False)
+    model.train()
+    optimizer = StepInBackward([p for p in model.parameters() if p.requires_grad], AdamWBf16, lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    return model, optimizer, ids, train_step.training_step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="steps a round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="then profile 5 steps")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    skip_kernel_bodies()
+    take_the_cuda_path()
+    model, optimizer, ids, step = build(args.layers, args.seq)
+    for _ in range(3):  # warm-up: autotune's cache lookups, first-call imports
+        step(model, optimizer, ids)
+    rounds = []
+    launches.clear()
+    for _ in range(args.rounds):
+        untimed[0] = 0.0
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(model, optimizer, ids)
+        rounds.append((time.perf_counter() - start - untimed[0]) / args.steps * 1e3)
+    per_layer = {name: count / (args.rounds * args.steps * args.layers) for name, count in launches.items()}
+    print(f"{args.layers} layers, {args.seq} tokens: {statistics.median(rounds):.2f} ms a step median "
+          f"(min {min(rounds):.2f}), {statistics.median(rounds) / args.layers:.2f} ms a layer")
+    print("Triton launches a layer and step:", {name: round(n, 2) for name, n in sorted(per_layer.items())})
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            step(model, optimizer, ids)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
