@@ -4,8 +4,11 @@ A whole Qwen3-30B-A3B step at 8K tokens waits on its host on the H200s lent so f
 torch's dispatcher and autograd, checkpoint hooks and kernel launches, which hardly depend on the tensors' sizes. Here
 the model runs at toy width on one CPU thread, through the code paths a GPU takes:
 
-- Triton's interpreter with every kernel body skipped: each launch's Python runs (moetune's wrappers, autotune
-  lookups, launch.py), its arithmetic does not, so outputs are garbage and losses meaningless;
+- Triton's interpreter with every kernel body skipped: moetune's wrappers around each launch run, the kernel's
+  arithmetic does not, so outputs are garbage and losses meaningless. Not measured, as they differ under the
+  interpreter: the launch itself (launch.py's direct path and Triton's argument binding; on an H200's host about a
+  third of a block's host time, run 49a), autotune's cache lookups (the interpreter takes the first config) and the
+  TMA and Gluon branches. A percentage saved here therefore overstates the same saving on a GPU's host;
 - the CUDA path's choices: fused norms and rotary, and the routing plan by the counting sort. The sort's kernels are
   skipped too, so after its host code a valid plan is made in torch, untimed;
 - the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
@@ -79,7 +82,7 @@ def take_the_cuda_path() -> None:
     validation.checks_ids = routing.checks_ids
 
 
-def build(layers: int, seq: int):
+def build(layers: int, seq: int, source: str):
     import train_step
 
     from moetune.training.bf16_adamw import AdamWBf16
@@ -87,7 +90,6 @@ def build(layers: int, seq: int):
 
     config = train_step.make_config("qwen3-30b-a3b", layers, tiny=True)
     device = torch.device("cpu")
-    source = tempfile.mkdtemp(prefix="moetune-host-cost-")
     train_step.save_checkpoint(config, source, device)  # the real loading path, as train_step.py
     model = train_step.build_moetune(source, "qwen3-30b-a3b", 16, 32, device, offload=False)
     model.train()
@@ -105,10 +107,15 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="then profile 5 steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # the skipped kernels leave their outputs uninitialised: no slow denormal math
     torch.manual_seed(0)
     skip_kernel_bodies()
     take_the_cuda_path()
-    model, optimizer, ids, step = build(args.layers, args.seq)
+    with tempfile.TemporaryDirectory(prefix="moetune-host-cost-") as source:
+        return measure(args, *build(args.layers, args.seq, source))
+
+
+def measure(args, model, optimizer, ids, step) -> int:
     for _ in range(3):  # warm-up: autotune's cache lookups, first-call imports
         step(model, optimizer, ids)
     rounds = []

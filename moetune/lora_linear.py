@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import saved_tensors
+
 __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
 
 
@@ -64,10 +66,11 @@ class LoRALinearFunction(torch.autograd.Function):
     u = x A^T [N, R] (cheaper to keep than to recompute: recomputing reads all of x again).
     Recomputed in backward: nothing.
 
-    Only x, u and factors already in x's dtype (the parameters themselves, whose in-place changes autograd then
-    catches) go through save_for_backward; the frozen W and fresh casts of A and B stay on ctx. Under gradient
-    checkpointing every saved tensor costs three hook calls (pack, the recompute's pack, unpack) of host time, and
-    the step of a whole model at 8K tokens waits on its host (NOTES runs 51-52); the casts are a few hundred KiB a layer.
+    W, when it is the frozen parameter itself, is held on ctx rather than saved (moetune/saved_tensors.py says why);
+    a W cast for this call (autocast) is saved, so that checkpointing frees it. Fresh casts of A and B are held on
+    ctx too, as they are small by construction (R x (in + out) elements: 544 KiB a Qwen3-30B-A3B layer, 25 MiB for
+    all 48, freed with the graph): eight fewer saved tensors a layer, each of which costs a checkpointed layer three
+    hook calls of host time.
     """
 
     @staticmethod
@@ -80,19 +83,17 @@ class LoRALinearFunction(torch.autograd.Function):
         u = x2 @ A_c.t()
         y.addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
         pairs = ((A_c, lora_A), (B_c, lora_B))
-        ctx.save_for_backward(x, u, *(cast for cast, factor in pairs if cast is factor))
-        ctx.weight = weight
         ctx.casts = tuple(None if cast is factor else cast for cast, factor in pairs)
+        saved_tensors.save(ctx, x, u, weight, *(cast for cast, factor in pairs if cast is factor))
         ctx.scaling = scaling
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, *factors = ctx.saved_tensors
+        x, u, weight, *factors = saved_tensors.load(ctx)
         factors = iter(factors)
         A_c, B_c = (next(factors) if cast is None else cast for cast in ctx.casts)
-        weight = ctx.weight
         s = ctx.scaling
         bias_dtype, A_dtype, B_dtype = ctx.dtypes
         need_x, _, need_b, need_A, need_B, _ = ctx.needs_input_grad

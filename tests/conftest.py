@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests choose backends explicitly; a value left in the developer's shell must not leak in.
 os.environ.pop("MOETUNE_MOE_BACKEND", None)
+# torch's metadata check of every recomputed tensor, off in moetune's checkpoint for its host time, on in the suite.
+os.environ["MOETUNE_CHECK_RECOMPUTE"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

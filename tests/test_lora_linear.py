@@ -120,20 +120,26 @@ def _saved(fn):
     return {id(t) for t in packed}, out
 
 
-def test_only_activations_and_uncast_factors_go_through_save_for_backward():
-    """Each saved tensor costs checkpoint hook calls of host time: x and u are saved; the frozen W and fresh
-    casts of A and B ride on ctx. Factors already in x's dtype are the parameters, saved so that an in-place change
-    before backward is caught."""
+def test_only_activations_casts_of_w_and_uncast_factors_go_through_save_for_backward():
+    """Each saved tensor costs checkpoint hook calls of host time: x and u are saved; the frozen W parameter and
+    the small fresh casts of A and B ride on ctx. A W cast for the call (autocast) is saved, so checkpointing frees
+    it; factors already in x's dtype are the parameters, saved so that an in-place change before backward is
+    caught."""
     gen = torch.Generator().manual_seed(3)
     x, weight, _, A, B = _factors((5,), 8, 6, 2, torch.float32, False, gen)
     x64 = x.detach().double().requires_grad_()  # fp32 factors cast to float64: fresh copies
-    saved, y = _saved(lambda: LoRALinearFunction.apply(x64, weight.double(), None, A, B, 2.0))
-    assert len(saved) == 2 and id(x64) in saved and id(A) not in saved and id(B) not in saved
+    w64 = nn.Parameter(weight.double(), requires_grad=False)
+    saved, y = _saved(lambda: LoRALinearFunction.apply(x64, w64, None, A, B, 2.0))
+    assert len(saved) == 2 and id(x64) in saved and id(w64) not in saved
+    cast_w = weight.double()  # what linear_with_lora passes under autocast: a copy made for this call
+    saved, _ = _saved(lambda: LoRALinearFunction.apply(x64, cast_w, None, A, B, 2.0))
+    assert len(saved) == 3 and id(cast_w) in saved
     want, leaves = _reference(x64, weight, None, A, B, 2.0)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, (x64, A, B), dy)
     for g, w in zip(got, torch.autograd.grad(want, leaves, dy)):
         assert relative_error(g, w) < 1e-6
+    weight = nn.Parameter(weight, requires_grad=False)
     saved, _ = _saved(lambda: LoRALinearFunction.apply(x, weight, None, A, B, 2.0))  # same dtype: A, B saved
     assert len(saved) == 4 and id(A) in saved and id(B) in saved and id(weight) not in saved
     y = LoRALinearFunction.apply(x, weight, None, A, B, 2.0)  # (saved-tensor hooks skip autograd's version check)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import saved_tensors
 from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
@@ -253,8 +254,8 @@ class RMSNormFunction(torch.autograd.Function):
     """y = RMSNorm(x) * weight in one kernel; backward in one kernel (plus a [P, H] sum when dw is needed).
 
     Saved: x as given (a view, no copy), weight, rstd [M] fp32. Recomputed in backward: xn = x * rstd.
-    dw is computed only when weight requires grad. A frozen weight is kept on ctx rather than saved (fewer
-    checkpoint hook calls, see lora_linear.py).
+    dw is computed only when weight requires grad. A frozen weight parameter is held on ctx rather than saved
+    (moetune/saved_tensors.py).
     """
 
     @staticmethod
@@ -263,20 +264,14 @@ class RMSNormFunction(torch.autograd.Function):
             y, rstd = torch.ops.moetune.rms_norm_forward(x, weight, eps, cast_before_weight, block_rows)
         else:
             y, rstd = _forward(x, weight, eps, cast_before_weight, block_rows)
-        if weight.requires_grad:
-            ctx.save_for_backward(x, rstd, weight)
-            ctx.weight = None
-        else:
-            ctx.save_for_backward(x, rstd)
-            ctx.weight = weight
+        saved_tensors.save(ctx, x, weight, rstd)
         ctx.cast_before_weight = cast_before_weight
         ctx.block_rows = block_rows
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, rstd, *trainable = ctx.saved_tensors
-        weight = trainable[0] if trainable else ctx.weight
+        x, weight, rstd = saved_tensors.load(ctx)
         compute_dw = ctx.needs_input_grad[1]
         args = (dy, x, weight, rstd, ctx.cast_before_weight, compute_dw, ctx.block_rows)
         if torch.compiler.is_compiling():

@@ -83,7 +83,7 @@ def cases(every_config: bool):
     from moetune.kernels.hopper_gemm import CONFIGS
 
     for config in range(len(CONFIGS)) if every_config else (0,):
-        for rank in (8, 16, 48, 64):
+        for rank in (8, 16, 32, 48, 64):
             for b_mode, ua_mode in ((1, None), (2, None), (1, 1), (2, 2), (1, 2), (2, 1)):
                 yield dict(config=config, rank=rank, b_mode=b_mode, ua_mode=ua_mode)
 

@@ -87,10 +87,10 @@ def test_sorted_gemm_takes_the_lora_input_in_its_loop_only_where_tma_can_read_it
             sorted_gemm(a, b, lora_u=u, **common)
 
 
-def test_the_kernel_compiles_for_hopper_at_every_rank_and_layout_within_its_shared_memory():
-    """Compiled offline for sm90 (no GPU needed) as sorted_gemm launches it: ranks 8 to 64 (R_PAD a power of 2, as
-    Gluon's shapes must be: 48 failed to compile with R_PAD 48), U given or in the loop, UA in either layout beside
-    either weight layout. The first config fits an H100's shared memory in every case."""
+def test_the_kernel_compiles_for_hopper_at_each_rank_class_and_layout_within_its_shared_memory():
+    """Compiled offline for sm90 (no GPU needed) as sorted_gemm launches it: ranks 8, 16, 32, 48 and 64 (R_PAD 16,
+    32 or 64: a power of 2, as Gluon's shapes must be; 48 failed to compile with R_PAD 48), U given or in the loop,
+    UA in either layout beside either weight layout. The first config fits an H100's shared memory in every case."""
     import json
     import os
     import subprocess
@@ -108,8 +108,8 @@ def test_the_kernel_compiles_for_hopper_at_every_rank_and_layout_within_its_shar
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 24 and all(row["fits"] for row in rows), rows
-    assert {row["rank"]: row["R_PAD"] for row in rows} == {8: 16, 16: 16, 48: 64, 64: 64}
+    assert len(rows) == 30 and all(row["fits"] for row in rows), rows
+    assert {row["rank"]: row["R_PAD"] for row in rows} == {8: 16, 16: 16, 32: 32, 48: 64, 64: 64}
     in_loop = [row["shared"] for row in rows if row["ua_mode"] is not None]
     given = [row["shared"] for row in rows if row["ua_mode"] is None]
     assert min(in_loop) > max(given)  # the UA ring and U's buffer

@@ -112,11 +112,12 @@ def test_frozen_weight_gets_no_gradient_and_the_same_dx():
     torch.testing.assert_close(dx_frozen, dx, rtol=0, atol=0)
 
 
-def test_a_frozen_weight_is_not_saved_a_trainable_one_is():
-    """A frozen weight rides on ctx (no checkpoint hook calls for it); a trainable one is saved, so autograd still
-    catches an in-place change to it before backward."""
+def test_a_frozen_weight_parameter_is_not_saved_a_trainable_one_is():
+    """A frozen weight parameter rides on ctx (no checkpoint hook calls for it); a trainable one is saved, so
+    autograd still catches an in-place change to it before backward."""
     x, weight, _ = inputs(4, 16, torch.float32)
     x.requires_grad_()
+    weight = torch.nn.Parameter(weight, requires_grad=False)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         rms_norm(x, weight, EPS)

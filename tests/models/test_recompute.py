@@ -46,14 +46,17 @@ def test_marked_function_runs_its_later_calls_as_recomputes():
 
 
 def test_checkpoint_skips_torchs_metadata_check_unless_asked(monkeypatch):
-    """determinism_check="none" by default (the check is Python per saved tensor at every layer and step); a caller's
-    own setting is kept."""
+    """determinism_check="none" by default (the check is Python per saved tensor at every layer and step), "default"
+    under MOETUNE_CHECK_RECOMPUTE=1 (as this suite runs); a caller's own setting is kept."""
     seen = []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *args, **kwargs: seen.append(kwargs))
+    monkeypatch.delenv("MOETUNE_CHECK_RECOMPUTE")
     recompute.checkpoint(lambda x: x, torch.ones(1), use_reentrant=False)
     recompute.checkpoint(lambda x: x, torch.ones(1), use_reentrant=False, determinism_check="default")
-    assert seen == [dict(use_reentrant=False, determinism_check="none"),
-                    dict(use_reentrant=False, determinism_check="default")]
+    monkeypatch.setenv("MOETUNE_CHECK_RECOMPUTE", "1")
+    recompute.checkpoint(lambda x: x, torch.ones(1), use_reentrant=False)
+    recompute.checkpoint(lambda x: x, torch.ones(1), use_reentrant=False, determinism_check="none")
+    assert [kwargs["determinism_check"] for kwargs in seen] == ["none", "default", "default", "none"]
 
 
 def test_checkpoint_nested_in_a_recompute_runs_its_first_call_as_a_forward():

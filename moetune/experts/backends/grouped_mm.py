@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ... import saved_tensors
 from ..lora import cast_factors, grads_in
 from ..routing import RoutingPlan
 
@@ -132,8 +133,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
         su2 = None
         if A2 is not None:
             su2 = gmm(h, A2.transpose(1, 2), offs).mul_(scaling)
-        ctx.save_for_backward(x, topk_weights, A1, B1, A2, B2, gu, su1, su2)
-        ctx.base = (gate_up, down, down_bias)  # frozen: on ctx, not saved (see the triton backend)
+        saved_tensors.save(ctx, x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2)
         ctx.plan, ctx.scaling, ctx.act, ctx.interleaved = plan, scaling, act, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
             return x.new_zeros(x.shape)
@@ -148,8 +148,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        x, topk_weights, A1, B1, A2, B2, gu, su1, su2 = ctx.saved_tensors
-        gate_up, down, down_bias = ctx.base
+        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2 = saved_tensors.load(ctx)
         plan, s, act, interleaved = ctx.plan, ctx.scaling, ctx.act, ctx.interleaved
         need = ctx.needs_input_grad
         offs = plan.offsets_E

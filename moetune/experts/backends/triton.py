@@ -38,6 +38,7 @@ import os
 import torch
 from packaging.version import Version
 
+from ... import saved_tensors
 from ..lora import cast_factors, grads_in
 
 
@@ -104,10 +105,7 @@ class TritonExpertsFunction(torch.autograd.Function):
             su2, lora2 = _lora_input(h, A2.transpose(1, 2), B2.transpose(1, 2), scaling, not only_for_backward,
                                      common)
         # (su2 may be filled by the down projection's launch below, before backward reads it)
-        # The frozen base weights stay on ctx instead (as in lora_linear.py: each saved tensor costs a checkpointed
-        # layer three hook calls of host time; moe_experts refuses base weights that require grad).
-        ctx.save_for_backward(x, topk_weights, A1, B1, A2, B2, gu, su1, su2, w_S)
-        ctx.base = (gate_up, down, down_bias)
+        saved_tensors.save(ctx, x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
         ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
             return x.new_zeros(x.shape)
@@ -122,8 +120,7 @@ class TritonExpertsFunction(torch.autograd.Function):
     def backward(ctx, d_out):
         from ...kernels import grouped_gemm, grouped_wgrad
 
-        x, topk_weights, A1, B1, A2, B2, gu, su1, su2, w_S = ctx.saved_tensors
-        gate_up, down, down_bias = ctx.base
+        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S = saved_tensors.load(ctx)
         plan, s, code, interleaved = ctx.plan, ctx.scaling, ctx.code, ctx.interleaved
         need = ctx.needs_input_grad
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k

@@ -1,0 +1,40 @@
+"""What an autograd Function keeps for backward: save_for_backward, except for frozen parameters.
+
+Under gradient checkpointing every tensor a Function saves costs three hook calls of host time (pack in the forward,
+pack again in the recompute, unpack in backward), and a checkpointed decoder layer saves ~60; the whole-model step at
+8K tokens waits on its host (NOTES runs 51-52). A frozen parameter, or a view of one, lives as long as its module:
+held on ctx it costs no memory, and it is nothing checkpointing could free. Everything else goes through
+save_for_backward, so that checkpointing frees and recomputes it: activations, casts made for this call (a bf16 copy
+of an fp32 weight under autocast), and trainable parameters (autograd then catches an in-place change to one in a
+layer that is not checkpointed).
+
+    save(ctx, x, weight, rstd)          in forward (None allowed)
+    x, weight, rstd = load(ctx)         in backward
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["load", "save"]
+
+_SAVED = object()  # a slot filled from ctx.saved_tensors
+
+
+def _frozen_parameter(t: torch.Tensor | None) -> bool:
+    if t is None:
+        return True
+    base = t if t._base is None else t._base
+    return isinstance(base, nn.Parameter) and not base.requires_grad
+
+
+def save(ctx, *tensors: torch.Tensor | None) -> None:
+    held = [_frozen_parameter(t) for t in tensors]
+    ctx._moetune_slots = tuple(t if keep else _SAVED for t, keep in zip(tensors, held))
+    ctx.save_for_backward(*(t for t, keep in zip(tensors, held) if not keep))
+
+
+def load(ctx) -> tuple[torch.Tensor | None, ...]:
+    saved = iter(ctx.saved_tensors)
+    return tuple(next(saved) if slot is _SAVED else slot for slot in ctx._moetune_slots)
