@@ -10,7 +10,7 @@ the model runs at toy width on one CPU thread, through the code paths a GPU take
   third of a block's host time, run 49a), autotune's cache lookups (the interpreter takes the first config) and the
   TMA and Gluon branches. A percentage saved here therefore overstates the same saving on a GPU's host;
 - the CUDA path's choices: fused norms and rotary, and the routing plan by the counting sort. The sort's kernels are
-  skipped too, so after its host code a valid plan is made in torch, untimed;
+  skipped too, so after its host code a valid plan is written into its outputs by torch, untimed;
 - the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
 
 A step's wall time is then host time, with the CPU's own small GEMMs and attention in it. Absolute figures are not a
@@ -73,9 +73,10 @@ def take_the_cuda_path() -> None:
         inv[perm_S] = torch.arange(perm_S.numel())
         counts = torch.bincount(flat, minlength=num_experts)
         plan = (perm_S, inv, perm_S // ids.shape[1], expert_S, counts, counts.cumsum(0))
-        plan = tuple(t.to(o.dtype) for t, o in zip(plan, out))
+        for tensor, value in zip(out, plan):  # into the sort's own tensors: its counts carry its tile schedules
+            tensor.copy_(value)
         untimed[0] += time.perf_counter() - start
-        return plan
+        return out
 
     routing._counting_sort = lambda device, num_experts: sort
     routing.checks_ids = lambda ids, num_experts: ids.numel() > 0

@@ -23,9 +23,15 @@ _SAVED = object()  # a slot filled from ctx.saved_tensors
 
 
 def _frozen_parameter(t: torch.Tensor | None) -> bool:
+    # Cheapest tests first (this runs for every tensor a Function keeps, at every call): reading t._base makes a
+    # Python object for the base tensor.
     if t is None:
         return True
-    base = t if t._base is None else t._base
+    if isinstance(t, nn.Parameter):
+        return not t.requires_grad
+    if t.requires_grad or not t._is_view():
+        return False
+    base = t._base
     return isinstance(base, nn.Parameter) and not base.requires_grad
 
 
