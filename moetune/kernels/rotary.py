@@ -151,8 +151,8 @@ def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, contiguous):
-        # The layer's shared tables (no memory of their own, no gradient): kept on ctx, not saved, which under
-        # gradient checkpointing costs three hook calls of host time each (see lora_linear.py).
+        # The tables every layer shares ([T, D], made once a forward; no gradient): held on ctx rather than saved, as
+        # moetune/saved_tensors.py holds frozen parameters (a checkpointed layer's model keeps them alive anyway).
         ctx.tables = (cos, sin)
         return rotary_forward(x, cos, sin, contiguous)
 
