@@ -152,7 +152,7 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, contiguous):
         # The tables every layer shares ([T, D], made once a forward; no gradient): held on ctx rather than saved, as
-        # moetune/saved_tensors.py holds frozen parameters (a checkpointed layer's model keeps them alive anyway).
+        # moetune/saved_tensors.py holds frozen parameters (a checkpointed layer's recompute keeps them alive anyway).
         ctx.tables = (cos, sin)
         return rotary_forward(x, cos, sin, contiguous)
 
