@@ -67,13 +67,9 @@ def take_the_cuda_path() -> None:
     def sort(ids, num_experts):
         out = counting(ids, num_experts)  # its host work, kernels skipped
         start = time.perf_counter()
-        flat = ids.reshape(-1).long()
-        expert_S, perm_S = torch.sort(flat, stable=True)
-        inv = torch.empty_like(perm_S)
-        inv[perm_S] = torch.arange(perm_S.numel())
-        counts = torch.bincount(flat, minlength=num_experts)
-        plan = (perm_S, inv, perm_S // ids.shape[1], expert_S, counts, counts.cumsum(0))
-        for tensor, value in zip(out, plan):  # into the sort's own tensors: its counts carry its tile schedules
+        plan = routing.torch_sorted_plan(ids, num_experts)
+        values = (plan.perm_S, plan.inv_perm_S, plan.token_S, plan.expert_S, plan.counts_E, plan.offsets_E)
+        for tensor, value in zip(out, values):  # into the sort's own tensors: its counts carry its tile schedules
             tensor.copy_(value)
         untimed[0] += time.perf_counter() - start
         return out

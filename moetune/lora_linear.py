@@ -82,18 +82,15 @@ class LoRALinearFunction(torch.autograd.Function):
         y = F.linear(x2, weight, bias)
         u = x2 @ A_c.t()
         y.addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
-        pairs = ((A_c, lora_A), (B_c, lora_B))
-        ctx.casts = tuple(None if cast is factor else cast for cast, factor in pairs)
-        saved_tensors.save(ctx, x, u, weight, *(cast for cast, factor in pairs if cast is factor))
+        casts = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
+        saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=casts)
         ctx.scaling = scaling
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, weight, *factors = saved_tensors.load(ctx)
-        factors = iter(factors)
-        A_c, B_c = (next(factors) if cast is None else cast for cast in ctx.casts)
+        x, weight, A_c, B_c, u = saved_tensors.load(ctx)
         s = ctx.scaling
         bias_dtype, A_dtype, B_dtype = ctx.dtypes
         need_x, _, need_b, need_A, need_B, _ = ctx.needs_input_grad

@@ -10,6 +10,9 @@ layer that is not checkpointed).
 
     save(ctx, x, weight, rstd)          in forward (None allowed)
     x, weight, rstd = load(ctx)         in backward
+
+hold: tensors made for the call that are small by construction (a LoRA factor cast to the compute dtype: R x (in +
+out) elements) or shared by every layer (rotary tables), which the caller holds on ctx too, stating the bound.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def _frozen_parameter(t: torch.Tensor | None) -> bool:
     return isinstance(base, nn.Parameter) and not base.requires_grad
 
 
-def save(ctx, *tensors: torch.Tensor | None) -> None:
-    held = [_frozen_parameter(t) for t in tensors]
+def save(ctx, *tensors: torch.Tensor | None, hold: tuple = ()) -> None:
+    held = [any(t is h for h in hold) or _frozen_parameter(t) for t in tensors]
     ctx._moetune_slots = tuple(t if keep else _SAVED for t, keep in zip(tensors, held))
     ctx.save_for_backward(*(t for t, keep in zip(tensors, held) if not keep))
 

@@ -100,6 +100,12 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
                             f"topk_ids: expected expert ids in [0, {num_experts - 1}]")
         return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
                            counts_E=counts_E, offsets_E=offsets_E, num_tokens=num_tokens, top_k=top_k)
+    return torch_sorted_plan(topk_ids_TK, num_experts)
+
+
+def torch_sorted_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """plan_routing's plan by torch's stable sort, on any device (no id check: see plan_routing)."""
+    num_tokens, top_k = topk_ids_TK.shape
     flat_ids = topk_ids_TK.reshape(-1).long()
     expert_S, perm_S = torch.sort(flat_ids, stable=True)
     inv_perm_S = torch.empty_like(perm_S)

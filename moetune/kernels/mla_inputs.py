@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .. import saved_tensors
 from .launch import launch as launch_kernel
 from .rotary import rotate_pair, table_strides
 from .sizes import next_power_of_2
@@ -275,14 +276,14 @@ def mla_inputs_backward(d_query, d_key, d_value, cos, sin, nope: int, interleave
 class MLAInputsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, k_rot, cos, sin, nope, interleave):
-        ctx.tables = (cos, sin)  # the layer's shared tables, no gradient: on ctx, as rotary.py keeps them
+        saved_tensors.save(ctx, cos, sin, hold=(cos, sin))  # the layers' shared tables, as rotary.py holds them
         ctx.nope, ctx.interleave = nope, interleave
         return mla_inputs_forward(q, kv, k_rot, cos, sin, nope, interleave)
 
     @staticmethod
     @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, d_query, d_key, d_value):
-        cos, sin = ctx.tables
+        cos, sin = saved_tensors.load(ctx)
         d_q, d_kv, d_k_rot = mla_inputs_backward(d_query, d_key, d_value, cos, sin, ctx.nope, ctx.interleave)
         return d_q, d_kv, d_k_rot, None, None, None, None
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .. import saved_tensors
 from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
@@ -151,15 +152,15 @@ def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, contiguous):
-        # The tables every layer shares ([T, D], made once a forward; no gradient): held on ctx rather than saved, as
-        # moetune/saved_tensors.py holds frozen parameters (a checkpointed layer's recompute keeps them alive anyway).
-        ctx.tables = (cos, sin)
+        # The tables every layer shares ([T, D], made once a forward; no gradient): held on ctx rather than saved (a
+        # checkpointed layer's recompute keeps them alive anyway).
+        saved_tensors.save(ctx, cos, sin, hold=(cos, sin))
         return rotary_forward(x, cos, sin, contiguous)
 
     @staticmethod
     @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, dy):
-        cos, sin = ctx.tables
+        cos, sin = saved_tensors.load(ctx)
         return rotary_backward(dy, cos, sin), None, None, None
 
 

@@ -25,22 +25,26 @@ def test_sorted_gemm_says_why_not_off_hopper():
     assert sorted_gemm_supported(a, b) is not None  # CPU tensors: never this kernel
 
 
+class _OnCuda(torch.Tensor):
+    """CPU storage, reported on CUDA device 0: what sorted_gemm_supported reads of a GPU tensor."""
+
+    @property
+    def device(self):
+        return type("FakeDevice", (), {"type": "cuda", "index": 0})()
+
+
+def _on_hopper(monkeypatch):
+    """With an sm90 GPU faked: a maker of zero tensors that report themselves on it."""
+    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "_capability", lambda index: (9, 0))
+    return lambda *shape, dtype=torch.bfloat16: torch.zeros(*shape, dtype=dtype).as_subclass(_OnCuda)
+
+
 def test_sorted_gemm_rejects_what_its_boxes_would_read_wrong(monkeypatch):
     """With the GPU checks faked: LoRA factors of another rank or shape, a rank over 64, U rows not 16-byte aligned,
     empty operands."""
     if hopper_gemm.gluon is None:
         pytest.skip("triton without Gluon")
-    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "_capability", lambda index: (9, 0))
-    fake = type("FakeDevice", (), {"type": "cuda", "index": 0})()
-
-    class OnCuda(torch.Tensor):  # CPU storage, reported on CUDA
-        @property
-        def device(self):
-            return fake
-
-    def t(*shape):
-        return torch.zeros(*shape, dtype=torch.bfloat16).as_subclass(OnCuda)
-
+    t = _on_hopper(monkeypatch)
     a, b = t(40, 64), t(4, 64, 48)
     assert sorted_gemm_supported(a, b) is None
     assert sorted_gemm_supported(a, b, t(40, 16), t(4, 16, 48)) is None
@@ -56,17 +60,7 @@ def test_sorted_gemm_takes_the_lora_input_in_its_loop_only_where_tma_can_read_it
     buffer needs no TMA alignment; the factor must have the launch's E, K, R, dtype and 16-byte rows."""
     if hopper_gemm.gluon is None:
         pytest.skip("triton without Gluon")
-    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_gemm"), "_capability", lambda index: (9, 0))
-    fake = type("FakeDevice", (), {"type": "cuda", "index": 0})()
-
-    class OnCuda(torch.Tensor):
-        @property
-        def device(self):
-            return fake
-
-    def t(*shape, dtype=torch.bfloat16):
-        return torch.zeros(*shape, dtype=dtype).as_subclass(OnCuda)
-
+    t = _on_hopper(monkeypatch)
     a, b, lb = t(40, 64), t(4, 64, 48), t(4, 16, 48)
     for ua in (t(4, 64, 16), t(4, 16, 64).transpose(1, 2)):
         assert sorted_gemm_supported(a, b, t(40, 16), lb, lora_u_weight=ua) is None
