@@ -40,6 +40,8 @@ from . import saved_tensors
 
 __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
 
+GROUP_ATTR = "_moetune_lora_group"  # on a layer in a group of siblings that read the same input (lora_groups.py)
+
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast compute dtype active for this device type, or None."""
@@ -186,7 +188,14 @@ def _fast_args(layer):
 
 def _fast_forward(self, x, *args, **kwargs):
     # Extra arguments (adapter_names for mixed batches, aLoRA offsets, ...) are peft's business.
-    fast = None if args or kwargs else _fast_args(self)
+    if args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    group = self.__dict__.get(GROUP_ATTR)  # siblings reading the same input: lora_groups.py
+    if group is not None:
+        out = group.output(self, x)
+        if out is not None:
+            return out
+    fast = _fast_args(self)
     if fast is None:
         return type(self).forward(self, x, *args, **kwargs)
     base, A, B, scaling = fast
@@ -221,6 +230,9 @@ def install_fast_lora_linear(peft_model: nn.Module) -> int:
             continue
         module.forward = types.MethodType(_fast_forward, module)
         count += 1
+    from .lora_groups import form_groups
+
+    form_groups(peft_model)
     return count
 
 
@@ -230,5 +242,6 @@ def uninstall_fast_lora_linear(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if _is_installed(module):
             del module.forward
+            module.__dict__.pop(GROUP_ATTR, None)
             count += 1
     return count

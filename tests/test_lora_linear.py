@@ -8,7 +8,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from moetune import FastMoEModel, lora_linear
+from moetune import FastMoEModel, lora_groups, lora_linear
+from moetune.lora_groups import linear_group_with_lora
 from moetune.lora_linear import (
     LoRALinearFunction,
     install_fast_lora_linear,
@@ -196,14 +197,19 @@ def _tiny_peft(dtype=torch.float32, **config):
 
 @pytest.fixture
 def fast_calls(monkeypatch):
-    """Counts calls into the fast path."""
+    """Counts layer calls on the fast path: one a layer alone, one a member of a group computed together."""
     calls = []
 
     def spy(*args):
         calls.append(1)
         return linear_with_lora(*args)
 
+    def group_spy(x, members, scalings):
+        calls.extend([1] * len(members))
+        return linear_group_with_lora(x, members, scalings)
+
     monkeypatch.setattr(lora_linear, "linear_with_lora", spy)
+    monkeypatch.setattr(lora_groups, "linear_group_with_lora", group_spy)
     return calls
 
 

@@ -1,0 +1,238 @@
+"""Sibling LoRA Linear layers that read the same input, computed by one autograd Function.
+
+An attention module calls q_proj, k_proj and v_proj one after another on the same hidden states (MLA: q_a_proj and
+kv_a_proj_with_mqa; an MLP: gate_proj and up_proj). Through lora_linear.py each is a Function of its own: x is read
+by three LoRA products in forward and three in backward, autograd sums three [N, in] input gradients with two more
+kernels, and the host pays three Functions' Python, three times a checkpointed layer (forward, recompute, backward).
+Here the first member of a group (its leader) computes every member's output when it is called, and each other
+member, called next with the same tensor, takes its output instead of computing it:
+
+    U   = x [A_1; A_2; ...]^T                     [N, R_1 + R_2 + ...]: one GEMM reads x for every member
+    y_i = x W_i^T (+ b_i) + s_i U_i B_i^T          U_i: member i's columns of U
+  backward (dy_i: member i's output gradient; members whose output was not used get no gradient):
+    G_i = s_i dy_i B_i                            side by side in G [N, R_1 + R_2 + ...]
+    dx  = sum_i dy_i W_i + G [A_1; A_2; ...]        accumulated in place (addmm): no per-member dx, no sum kernels
+    [dA_1; dA_2; ...] = G^T x                     one GEMM (fp32 result on CUDA, as lora_linear.py)
+    dB_i = s_i dy_i^T U_i,  db_i = sum_N dy_i     (db only for a trainable base bias)
+
+Kept for backward: x and U (instead of x and u_i for every member); the frozen W_i, and the factors' casts for this
+call, held on ctx (saved_tensors.py; the casts are R_i x (in + out_i) elements a member).
+
+The hand-over is checked, not assumed: a member takes the leader's output only when it is called with the very tensor
+the leader was called with (same object, not changed in place since), in the same grad and autocast mode, without
+extra arguments, before the leader's next call. Anything else computes on its own, as without groups. A member called with another tensor while
+its output waits means this module calls its layers in another order: the group is then switched off for good (the
+output computed for it was wasted once). Each call re-checks every member's state (lora_linear's `_fast_args`:
+adapters enabled, one plain adapter, frozen base, no hooks on the wrapped layers); a member that would take peft's
+path leaves the whole call ungrouped. No member may have forward pre-hooks (they could change its input or its
+parameters before the leader reads them).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import lora_linear, saved_tensors
+
+__all__ = ["GROUPS", "LoRAGroupFunction", "form_groups", "grouped_layers", "linear_group_with_lora"]
+
+# Sibling layer names (children of one module) that transformers' models call in this order on one input. A group
+# forms from the names present as fast-path LoRA layers, at least two.
+GROUPS = (
+    ("q_proj", "k_proj", "v_proj"),              # attention
+    ("q_a_proj", "kv_a_proj_with_mqa"),          # multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash)
+    ("q_proj", "kv_a_proj_with_mqa"),            # the same without a query LoRA rank
+    ("gate_proj", "up_proj"),                    # gated MLPs: shared experts, dense layers
+)
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """Every member's F.linear(x, W_i, b_i) + s_i F.linear(F.linear(x, A_i), B_i) in x's dtype; no W_i gradient.
+
+    forward(ctx, x, scalings, W_1, b_1, A_1, B_1, W_2, ...): x [..., in]; per member W [out_i, in] (frozen), b
+    [out_i] or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member.
+    Returns one output [..., out_i] a member. See the module docstring for the math and what is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scalings, *members):
+        weights, biases, As, Bs = members[0::4], members[1::4], members[2::4], members[3::4]
+        assert not any(w.requires_grad for w in weights), "frozen base weights expected"
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        A_cat = torch.cat(As).to(x.dtype)  # [R_1 + R_2 + ..., in]; As are [R_i, in] each
+        B_c = tuple(B.to(x.dtype) for B in Bs)
+        U = x2 @ A_cat.t()
+        ranks = tuple(A.shape[0] for A in As)
+        outputs, start = [], 0
+        for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
+            y = F.linear(x2, weight, bias)
+            y.addmm_(U[:, start:start + rank], B.t(), alpha=s)  # one rounding of base + LoRA, as lora_linear
+            outputs.append(y.reshape(*lead, y.shape[-1]))
+            start += rank
+        casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
+        saved_tensors.save(ctx, x, U, A_cat, *weights, *B_c, hold=casts)
+        ctx.scalings, ctx.ranks = scalings, ranks
+        ctx.dtypes = tuple((None if b is None else b.dtype, A.dtype, B.dtype) for b, A, B in zip(biases, As, Bs))
+        ctx.set_materialize_grads(False)  # an unused member output gets None, not a zero tensor
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        count = len(dys)
+        x, U, A_cat, *rest = saved_tensors.load(ctx)
+        weights, B_c = rest[:count], rest[count:]
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+        scalings, ranks = ctx.scalings, ctx.ranks
+
+        # G [N, sum R]: s_i dy_i B_i side by side, zeros for a member without an output gradient.
+        need_G = need_x or any(need[4 + 4 * i] for i in range(count))
+        G = None
+        if need_G:
+            pieces = []
+            for dy, B, rank, s in zip(dy2, B_c, ranks, scalings):
+                if dy is None:
+                    pieces.append(x2.new_zeros(x2.shape[0], rank))
+                else:
+                    g = dy @ B
+                    pieces.append(g if s == 1 else g.mul_(s))
+            G = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+        dx = None
+        if need_x:
+            for dy, weight in zip(dy2, weights):
+                if dy is not None:
+                    dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
+            if dx is not None:  # (autograd calls backward with at least one output gradient)
+                dx = dx.addmm_(G, A_cat).reshape(x.shape)
+
+        dA_cat = None
+        if any(need[4 + 4 * i] and dys[i] is not None for i in range(count)):
+            dA_cat = lora_linear._mm_fp32(G.t(), x2)  # [sum R, in], s already in G
+        grads, start = [], 0
+        for i, (dy, rank, s, (bias_dtype, A_dtype, B_dtype)) in enumerate(zip(dy2, ranks, scalings, ctx.dtypes)):
+            need_b, need_A, need_B = need[3 + 4 * i:6 + 4 * i]  # x, scalings, then (W, b, A, B) a member
+            db = dA = dB = None
+            if dy is not None:
+                if need_b:
+                    db = dy.sum(0, dtype=torch.float32).to(bias_dtype)
+                if need_A:
+                    dA = dA_cat[start:start + rank].to(A_dtype)
+                if need_B:
+                    dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank]).mul_(s).to(B_dtype)
+            grads += [None, db, dA, dB]
+            start += rank
+        return (dx, None, *grads)
+
+
+def linear_group_with_lora(x, members, scalings) -> tuple[torch.Tensor, ...]:
+    """One output per member (W, b, A, B) of x, see LoRAGroupFunction. Under torch.autocast everything is cast to
+    the autocast dtype first and the Function runs with autocast off, as lora_linear.linear_with_lora."""
+    dtype = lora_linear._autocast_dtype(x.device.type)
+    if dtype is not None:
+        x = x.to(dtype)
+        members = [(W.to(dtype), None if b is None else b.to(dtype), A, B) for W, b, A, B in members]
+    flat = [t for member in members for t in member]
+    if dtype is None:
+        return LoRAGroupFunction.apply(x, tuple(scalings), *flat)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoRAGroupFunction.apply(x, tuple(scalings), *flat)
+
+
+def _mode(x: torch.Tensor) -> tuple:
+    return torch.is_grad_enabled(), lora_linear._autocast_dtype(x.device.type), x._version
+
+
+class _Group:
+    """A leader and the members after it, and the outputs the leader computed for the others until they take them."""
+
+    def __init__(self, members: tuple[nn.Module, ...]):
+        self.members = members  # peft lora.Linear layers, leader first
+        self.enabled = True
+        self._clear()
+
+    def _clear(self) -> None:
+        self.x = None  # a weak reference to the leader's input
+        self.mode = None  # grad mode, autocast dtype and the input's version counter at the leader's call
+        self.waiting: dict[nn.Module, torch.Tensor] = {}
+
+    def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """layer's output as the group gives it, or None: compute it as an ungrouped layer."""
+        if layer is self.members[0]:
+            return self._lead(x)
+        return self._take(layer, x)
+
+    def _lead(self, x: torch.Tensor) -> torch.Tensor | None:
+        self._clear()
+        if not self.enabled or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+            return None
+        members, scalings = [], []
+        for layer in self.members:
+            fast = None if layer._forward_pre_hooks else lora_linear._fast_args(layer)
+            if fast is None:
+                return None
+            base, A, B, scaling = fast
+            members.append((base._parameters["weight"], base._parameters["bias"], A._parameters["weight"],
+                            B._parameters["weight"]))
+            scalings.append(scaling)
+        if len({w.shape[1] for w, *_ in members}) != 1:
+            return None  # not one input width: these layers cannot be reading the same tensor
+        outputs = linear_group_with_lora(x, members, scalings)
+        self.x, self.mode = weakref.ref(x), _mode(x)
+        self.waiting = dict(zip(self.members[1:], outputs[1:]))
+        return outputs[0]
+
+    def _take(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        out = self.waiting.pop(layer, None)
+        if out is None:
+            return None
+        if self.x() is x and self.mode == _mode(x):
+            if not self.waiting:
+                self._clear()
+            return out
+        # Its output was waiting for another call: this module does not call its layers as the group assumes.
+        self.enabled = False
+        self._clear()
+        return None
+
+
+def form_groups(model: nn.Module) -> int:
+    """Group the fast-path LoRA layers (lora_linear.install_fast_lora_linear) that GROUPS names among each module's
+    children. Idempotent; returns the number of groups in the model. MOETUNE_LORA_GROUPS=0: none are formed."""
+    if os.environ.get("MOETUNE_LORA_GROUPS", "1") == "0":
+        return 0
+    count = 0
+    for parent in model.modules():
+        children = parent._modules
+        taken: set[str] = set()
+        for names in GROUPS:
+            present = [n for n in names if n in children and n not in taken and lora_linear._is_installed(children[n])]
+            if len(present) < 2:
+                continue
+            members = tuple(children[n] for n in present)
+            groups = {id(m.__dict__.get(lora_linear.GROUP_ATTR)) for m in members}
+            current = members[0].__dict__.get(lora_linear.GROUP_ATTR)
+            if current is not None and groups == {id(current)} and current.members == members:
+                count += 1  # already formed
+            elif all(lora_linear.GROUP_ATTR not in m.__dict__ for m in members):
+                group = _Group(members)
+                for m in members:
+                    m.__dict__[lora_linear.GROUP_ATTR] = group
+                count += 1
+            else:
+                continue
+            taken.update(present)
+    return count
+
+
+def grouped_layers(model: nn.Module) -> int:
+    """How many layers of the model belong to a group."""
+    return sum(lora_linear.GROUP_ATTR in m.__dict__ for m in model.modules())

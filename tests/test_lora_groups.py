@@ -1,0 +1,379 @@
+"""moetune.lora_groups: sibling LoRA Linear layers on one input as one Function, against float64 and peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from moetune import FastMoEModel, lora_linear
+from moetune.lora_groups import LoRAGroupFunction, form_groups, grouped_layers, linear_group_with_lora
+from moetune.lora_linear import install_fast_lora_linear, uninstall_fast_lora_linear
+
+from .models import helpers
+from .models.helpers import randomize_lora_B, relative_error, token_batch
+
+checkpoint = helpers.checkpoint  # session fixture: tiny checkpoints on disk
+
+pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+
+# As tests/test_lora_linear.py: relative error against float64 from the same rounded inputs.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _member(d_in, d_out, rank, dtype, bias, gen):
+    weight = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(dtype)
+    b = None
+    if bias == "frozen":
+        b = (torch.randn(d_out, generator=gen) * 0.1).to(dtype)
+    elif bias == "trainable":
+        b = (torch.randn(d_out, generator=gen) * 0.1).to(dtype).requires_grad_()
+    A = (torch.randn(rank, d_in, generator=gen) / d_in**0.5).requires_grad_()  # fp32 master factors
+    B = (torch.randn(d_out, rank, generator=gen) * 0.3).requires_grad_()
+    return weight, b, A, B
+
+
+def _reference(x, members, scalings):
+    """Float64 outputs x W_i^T + b_i + s_i (x A_i^T) B_i^T, and the leaves to differentiate."""
+    x64 = x.detach().double().requires_grad_()
+    outputs, leaves = [], []
+    for (weight, b, A, B), s in zip(members, scalings):
+        A64, B64 = (t.detach().double().requires_grad_() for t in (A, B))
+        y = x64 @ weight.double().t() + s * (x64 @ A64.t()) @ B64.t()
+        leaf_b = None
+        if b is not None:
+            leaf_b = b.detach().double().requires_grad_(b.requires_grad)
+            y = y + leaf_b
+        outputs.append(y)
+        leaves.append((A64, B64, leaf_b))
+    return x64, outputs, leaves
+
+
+# (lead shape, input width, (out, rank, bias) a member, scalings)
+CASES = [
+    ((1,), 16, ((24, 4, None), (8, 4, None), (8, 4, None)), (2.0, 2.0, 2.0)),               # T=1, q/k/v-like
+    ((2, 9), 24, ((40, 3, "frozen"), (12, 5, "trainable")), (1.0, 0.37)),                     # ranks, scales differ
+    ((13,), 17, ((11, 1, "frozen"), (7, 2, None), (5, 16, "frozen")), (4.0, 2.0, 0.5)),       # odd sizes, r=1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead, d_in, shapes, scalings", CASES)
+def test_function_matches_float64(dtype, lead, d_in, shapes, scalings):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, d_in, generator=gen).to(dtype).requires_grad_()
+    members = [_member(d_in, out, rank, dtype, bias, gen) for out, rank, bias in shapes]
+    outputs = linear_group_with_lora(x, members, scalings)
+    x64, ref_outputs, ref_leaves = _reference(x, members, scalings)
+    assert len(outputs) == len(members)
+    for out, ref in zip(outputs, ref_outputs):
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert relative_error(out, ref) < TOLERANCE[dtype]
+
+    weights = [torch.randn(out.shape, generator=gen).to(dtype) for out in outputs]
+    sum(((o.float() * w.float()).sum() for o, w in zip(outputs, weights))).backward()
+    sum(((o * w.double()).sum() for o, w in zip(ref_outputs, weights))).backward()
+    assert relative_error(x.grad, x64.grad) < TOLERANCE[dtype]
+    for (weight, b, A, B), (A64, B64, b64) in zip(members, ref_leaves):
+        assert weight.grad is None
+        assert A.grad.dtype == B.grad.dtype == torch.float32  # the factors' own dtype
+        assert relative_error(A.grad, A64.grad) < TOLERANCE[dtype]
+        assert relative_error(B.grad, B64.grad) < TOLERANCE[dtype]
+        if b is not None and b.requires_grad:
+            assert b.grad.dtype == dtype and relative_error(b.grad, b64.grad) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+def test_function_cuda_bf16_at_real_size():
+    """Qwen3-30B-A3B's q/k/v (2048 -> 4096, 512, 512; r=16), 4096 tokens: strided U columns in the CUDA GEMMs
+    (the LoRA products and dB's fp32-output GEMM read a member's columns of U in place)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2048, 2048, generator=gen).to(torch.bfloat16).cuda().requires_grad_()
+    members = [tuple(None if t is None else t.detach().cuda().requires_grad_(t.requires_grad) for t in
+                     _member(2048, out, 16, torch.bfloat16, "frozen", gen)) for out in (4096, 512, 512)]
+    outputs = linear_group_with_lora(x, members, (2.0, 2.0, 2.0))
+    x64, ref_outputs, ref_leaves = _reference(x, members, (2.0, 2.0, 2.0))
+    dys = [torch.randn(o.shape, device="cuda") for o in outputs]
+    leaves = [x] + [t for _, _, A, B in members for t in (A, B)]
+    grads = torch.autograd.grad(outputs, leaves, [dy.bfloat16() for dy in dys])
+    ref_grads = torch.autograd.grad(ref_outputs, [x64] + [t for A, B, _ in ref_leaves for t in (A, B)],
+                                    [dy.double() for dy in dys])
+    for out, ref in zip(outputs, ref_outputs):
+        assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+    for i, (g, g_ref) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == (torch.bfloat16 if i == 0 else torch.float32)
+        assert relative_error(g, g_ref) < TOLERANCE[torch.bfloat16], i
+
+
+def test_an_unused_member_output_gets_no_factor_gradients():
+    """A member whose output does not reach the loss: its factors get None (as if never called), the others'
+    gradients and dx are those of the used members alone."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 10, generator=gen).requires_grad_()
+    members = [_member(10, out, 2, torch.float32, None, gen) for out in (8, 4, 4)]
+    q, k, v = linear_group_with_lora(x, members, (2.0, 2.0, 2.0))
+    dx, dA_q, dB_q, dA_v, dB_v = torch.autograd.grad((q.square().sum() + v.sum()),
+                                                     [x, members[0][2], members[0][3], members[2][2], members[2][3]],
+                                                     retain_graph=True)
+    assert members[1][2].grad is None and members[1][3].grad is None
+    x64, (q64, _, v64), leaves = _reference(x, members, (2.0, 2.0, 2.0))
+    ref = torch.autograd.grad(q64.square().sum() + v64.sum(), [x64, *leaves[0][:2], *leaves[2][:2]])
+    for got, want in zip((dx, dA_q, dB_q, dA_v, dB_v), ref):
+        assert relative_error(got, want) < 1e-5
+    # A factor of the unused member asked for directly: allow_unused gives None.
+    assert torch.autograd.grad(q.sum() + v.sum(), members[1][2], allow_unused=True)[0] is None
+
+
+def _saved(fn):
+    """Tensors that go through save_for_backward (what checkpointing packs), by identity."""
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return packed
+
+
+def test_only_x_and_the_lora_input_are_saved():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 12, generator=gen).to(torch.bfloat16).requires_grad_()
+    members = [_member(12, out, 3, torch.bfloat16, "frozen", gen) for out in (12, 4, 4)]
+    members = [(nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False), A, B)
+               for w, b, A, B in members]
+    packed = _saved(lambda: linear_group_with_lora(x, members, (2.0,) * 3))
+    assert len(packed) == 2 and packed[0] is x and packed[1].shape == (5, 9)  # U [N, sum R]
+
+
+def test_autocast_casts_like_autocast_linear():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, generator=gen).requires_grad_()
+    members = [_member(8, out, 2, torch.float32, "frozen", gen) for out in (8, 6)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = linear_group_with_lora(x, members, (2.0, 2.0))
+    assert all(o.dtype == torch.bfloat16 for o in outputs)
+    sum(o.float().sum() for o in outputs).backward()
+    assert x.grad.dtype == torch.float32 and all(m[2].grad.dtype == torch.float32 for m in members)
+    _, ref_outputs, _ = _reference(x, members, (2.0, 2.0))
+    for out, ref in zip(outputs, ref_outputs):
+        assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+# --- groups of peft layers ---------------------------------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    """q/k/v/o as transformers' attention calls them: q, k, v on one input, in that order."""
+
+    def __init__(self, order=("q_proj", "k_proj", "v_proj")):
+        super().__init__()
+        self.q_proj = nn.Linear(12, 8, bias=True)
+        self.k_proj = nn.Linear(12, 4, bias=True)
+        self.v_proj = nn.Linear(12, 4, bias=False)
+        self.o_proj = nn.Linear(16, 12, bias=False)
+        self.order = order
+
+    def forward(self, x):
+        out = {name: getattr(self, name)(x) for name in self.order}
+        return self.o_proj(torch.cat([out["q_proj"], out["k_proj"], out["v_proj"]], dim=-1))
+
+
+def _peft(module, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6, target_modules=list(targets)), module)
+    randomize_lora_B(model, std=0.3)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def _outputs_and_grads(model, x):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    return [out, *torch.autograd.grad(out.square().sum(), params, materialize_grads=True)]
+
+
+def _peft_error(model, x):
+    fast = _outputs_and_grads(model, x)
+    uninstall_fast_lora_linear(model)
+    peft = _outputs_and_grads(model, x)
+    install_fast_lora_linear(model)
+    return max(relative_error(a, b) for a, b in zip(fast, peft))
+
+
+@pytest.fixture
+def group_calls(monkeypatch):
+    """Counts LoRAGroupFunction calls."""
+    calls = []
+    real = LoRAGroupFunction.apply
+
+    def spy(*args):
+        calls.append(len(args) - 2)
+        return real(*args)
+
+    monkeypatch.setattr(LoRAGroupFunction, "apply", spy)
+    return calls
+
+
+def test_attention_projections_form_one_group_and_match_peft(group_calls):
+    model = _peft(_Attention())
+    assert install_fast_lora_linear(model) == 4
+    assert grouped_layers(model) == 3 and form_groups(model) == 1  # idempotent: the same group
+    assert install_fast_lora_linear(model) == 4 and grouped_layers(model) == 3
+    assert _peft_error(model, torch.randn(2, 5, 12)) < 1e-6
+    assert group_calls == [12]  # one call for q, k and v (4 tensors a member), none for peft's pass
+    assert uninstall_fast_lora_linear(model) == 4 and grouped_layers(model) == 0
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MOETUNE_LORA_GROUPS", "0")
+    model = _peft(_Attention())
+    assert install_fast_lora_linear(model) == 4 and grouped_layers(model) == 0
+
+
+def test_group_of_the_members_that_have_lora():
+    """k_proj without LoRA: q and v still form a group (v is called after k, with the same tensor)."""
+    model = _peft(_Attention(), targets=("q_proj", "v_proj", "o_proj"))
+    install_fast_lora_linear(model)
+    assert grouped_layers(model) == 2
+    assert _peft_error(model, torch.randn(3, 12)) < 1e-6
+
+
+def test_another_call_order_switches_the_group_off(group_calls):
+    """k before q: k finds nothing waiting on the first call, and a stale output on the second: from then on
+    every layer computes alone. Results match peft throughout."""
+    model = _peft(_Attention(order=("k_proj", "q_proj", "v_proj")))
+    inputs = [torch.randn(4, 12) for _ in range(3)]
+    peft = [_outputs_and_grads(model, x) for x in inputs]
+    install_fast_lora_linear(model)
+    group = model.q_proj.__dict__[lora_linear.GROUP_ATTR]
+    fast = []
+    for x in inputs:
+        fast.append(_outputs_and_grads(model, x))
+        if len(fast) == 1:
+            assert group.enabled and group_calls == [12]  # k computed alone, then again by q's group: wasted once
+            assert list(group.waiting) == [model.k_proj]  # v took its output; k's still waits
+    assert not group.enabled and group_calls == [12]  # the second call found k's output stale
+    for got, want in zip(fast, peft):
+        assert max(relative_error(a, b) for a, b in zip(got, want)) < 1e-6
+
+
+def test_a_member_called_with_another_tensor_computes_alone():
+    model = _peft(_Attention())
+    install_fast_lora_linear(model)
+    x, other = torch.randn(3, 12), torch.randn(3, 12)
+    with torch.no_grad():
+        model.q_proj(x)
+        expected = model.k_proj.base_layer(other) + 2.0 * model.k_proj.lora_B["default"](
+            model.k_proj.lora_A["default"](other))
+        assert relative_error(model.k_proj(other), expected) < 1e-6
+    assert not model.q_proj.__dict__[lora_linear.GROUP_ATTR].enabled
+
+
+def _disable_k(model):
+    model.k_proj.enable_adapters(False)
+
+
+def _pre_hook_on_v(model):
+    model.v_proj.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+
+def _second_adapter_on_v(model):
+    with pytest.warns(UserWarning, match="multiple adapters"):
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=8, target_modules=["v_proj"]), model, adapter_name="b")
+    model.v_proj.set_adapter(["default", "b"])
+
+
+@pytest.mark.parametrize("change", [_disable_k, _pre_hook_on_v, _second_adapter_on_v])
+def test_a_member_off_the_fast_path_leaves_the_call_ungrouped(change, group_calls):
+    model = _peft(_Attention())
+    install_fast_lora_linear(model)
+    change(model)
+    assert _peft_error(model, torch.randn(2, 3, 12)) < 1e-6
+    assert not group_calls
+
+
+def test_an_input_changed_in_place_after_the_leader_computes_alone():
+    model = _peft(_Attention())
+    install_fast_lora_linear(model)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        model.q_proj(x)
+        x.mul_(3)
+        expected = model.k_proj.base_layer(x) + 2.0 * model.k_proj.lora_B["default"](model.k_proj.lora_A["default"](x))
+        assert relative_error(model.k_proj(x), expected) < 1e-6
+
+
+def test_grad_mode_change_between_members_computes_alone():
+    model = _peft(_Attention())
+    install_fast_lora_linear(model)
+    x = torch.randn(3, 12)
+    q = model.q_proj(x)
+    with torch.no_grad():
+        k = model.k_proj(x)
+        expected = model.k_proj.base_layer(x) + 2.0 * model.k_proj.lora_B["default"](model.k_proj.lora_A["default"](x))
+    assert q.requires_grad and not k.requires_grad and relative_error(k, expected) < 1e-6
+
+
+# --- whole moetune models ----------------------------------------------------------------------------------------
+
+
+def _lora_model(model_dir, **kwargs):
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, **kwargs)
+    randomize_lora_B(model)
+    return model
+
+
+def _logits_and_lora_grads(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, [dict(model.named_parameters())[n] for n in names])
+    return out.logits, dict(zip(names, grads))
+
+
+def _ungroup(model):
+    for module in model.modules():
+        module.__dict__.pop(lora_linear.GROUP_ATTR, None)
+
+
+@pytest.mark.parametrize(
+    "model_type, targets, members",
+    [
+        ("qwen3_moe", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 3),
+        ("gpt_oss", ("q_proj", "k_proj", "v_proj", "o_proj"), 3),  # biases on q/k/v
+        ("deepseek_v3", ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"), 2),  # MLA
+        ("qwen2_moe", ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), 3),  # + shared expert
+    ],
+)
+def test_model_groups_change_no_logit_or_gradient(checkpoint, group_calls, model_type, targets, members):
+    """Gradient checkpointing on: the recompute groups again. Grouped against ungrouped fast paths."""
+    model = _lora_model(checkpoint(model_type), target_modules=targets)
+    model.train()
+    layers = model.get_base_model().model.layers
+    grouped = grouped_layers(model)
+    assert grouped >= members * len(layers)
+    ids = token_batch()
+    logits, grads = _logits_and_lora_grads(model, ids)
+    assert group_calls and all(count >= 4 * 2 for count in group_calls)
+    _ungroup(model)
+    ungrouped_logits, ungrouped_grads = _logits_and_lora_grads(model, ids)
+    assert relative_error(logits, ungrouped_logits) < 1e-5
+    assert any(".lora_A" in n for n in grads)
+    for name, g in grads.items():
+        assert relative_error(g, ungrouped_grads[name]) < 1e-5, name
+
+
+def test_groups_change_no_host_visible_module_state(checkpoint):
+    """Parameters and state dict keys stay peft's; nothing waits in a group after a step."""
+    model = _lora_model(checkpoint("qwen3_moe"))
+    keys = set(model.state_dict())
+    model.train()
+    model(input_ids=token_batch(), labels=token_batch()).loss.backward()
+    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get(lora_linear.GROUP_ATTR)) is not None}
+    assert groups and all(not g.waiting and g.enabled for g in groups.values())
+    assert set(model.state_dict()) == keys
