@@ -66,8 +66,7 @@ def set_grouped(module: nn.Module, grouped: bool) -> None:
     if grouped:
         assert lora_groups.form_groups(module) == 1
     else:
-        for layer in module.modules():
-            layer.__dict__.pop(lora_linear.GROUP_ATTR, None)
+        lora_groups.ungroup(module)
 
 
 def main(argv=None) -> int:

@@ -360,6 +360,10 @@ def run(provider, source, config, seq, args, device) -> dict:
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
             None if args.checkpoint_layers == "auto" else args.checkpoint_layers,
         )
+        if args.lora_groups == "off":  # each LoRA projection its own Function (before session 20)
+            from moetune.lora_groups import ungroup
+
+            print(f"lora groups off: {ungroup(model)} layers", flush=True)
         if args.keep_attention == "all":
             from moetune.fast_model import _decoder_layers
             from moetune.models.kept_attention import keep_attention
@@ -449,6 +453,9 @@ def main(argv=None) -> int:
                              "all: every checkpointed layer keeps it, no plan")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
+    parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
+                        help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
+                             "(moetune/lora_groups.py; off: one Function a layer)")
     parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],
                         help="moetune: checkpoint recomputes skip the experts' output (off: recompute it all)")
     parser.add_argument("--same-lora-init", action="store_true",
@@ -490,7 +497,8 @@ def main(argv=None) -> int:
                 chosen = result.get("checkpoint_plan", {}).get("checkpoint_layers", args.checkpoint_layers)
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
                             "offload": args.offload, "recompute_skip": args.recompute_skip,
-                            "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward}
+                            "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
+                            "lora_groups": args.lora_groups}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

@@ -10,27 +10,28 @@ member, called next with the same tensor, takes its output instead of computing 
     U   = x [A_1; A_2; ...]^T                     [N, R_1 + R_2 + ...]: one GEMM reads x for every member
     y_i = x W_i^T (+ b_i) + s_i U_i B_i^T          U_i: member i's columns of U
   backward (dy_i: member i's output gradient; members whose output was not used get no gradient):
-    G_i = s_i dy_i B_i                            side by side in G [N, R_1 + R_2 + ...]
-    dx  = sum_i dy_i W_i + G [A_1; A_2; ...]        accumulated in place (addmm): no per-member dx, no sum kernels
-    [dA_1; dA_2; ...] = G^T x                     one GEMM (fp32 result on CUDA, as lora_linear.py)
+    G_i = dy_i B_i                                side by side in G [N, R_1 + R_2 + ...]
+    dx  = sum_i dy_i W_i + [s_1 G_1, s_2 G_2, ...] [A_1; A_2; ...]   accumulated in place (addmm): no per-member
+                                                  dx tensors, no kernels to sum them
+    [dA_1; dA_2; ...] = G^T x, then each block times s_i   one GEMM (fp32 result on CUDA, as lora_linear.py)
     dB_i = s_i dy_i^T U_i,  db_i = sum_N dy_i     (db only for a trainable base bias)
 
 Kept for backward: x and U (instead of x and u_i for every member); the frozen W_i, and the factors' casts for this
 call, held on ctx (saved_tensors.py; the casts are R_i x (in + out_i) elements a member).
 
-The hand-over is checked, not assumed: a member takes the leader's output only when it is called with the very tensor
-the leader was called with (same object, not changed in place since), in the same grad and autocast mode, without
-extra arguments, before the leader's next call. Anything else computes on its own, as without groups. A member called with another tensor while
-its output waits means this module calls its layers in another order: the group is then switched off for good (the
-output computed for it was wasted once). Each call re-checks every member's state (lora_linear's `_fast_args`:
-adapters enabled, one plain adapter, frozen base, no hooks on the wrapped layers); a member that would take peft's
-path leaves the whole call ungrouped. No member may have forward pre-hooks (they could change its input or its
-parameters before the leader reads them).
+The hand-over is checked, not assumed. A member takes the leader's output only when it is called, before the leader's
+next call and without extra arguments, with the very tensor the leader was called with (same object, not changed in
+place since), in the same grad, autocast and recompute mode, and with its own state as it was then (lora_linear's
+`_fast_args`: adapters enabled, one plain adapter, frozen base, no hooks on the wrapped layers; the same factor
+tensors, not changed in place). Otherwise it computes alone, as without groups (the leader's work for it is wasted;
+a warning says so once). The leader groups a call only when every member is on the fast path and has no forward
+pre-hooks (they could change its input or parameters before the leader reads them). Every supported architecture
+calls its groups' members in GROUPS' order on one tensor (tests/test_lora_groups.py runs each).
 """
 
 from __future__ import annotations
 
-import os
+import warnings
 import weakref
 
 import torch
@@ -38,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lora_linear, saved_tensors
+from .models import recompute
 
-__all__ = ["GROUPS", "LoRAGroupFunction", "form_groups", "grouped_layers", "linear_group_with_lora"]
+__all__ = ["GROUPS", "LoRAGroupFunction", "form_groups", "grouped_layers", "linear_group_with_lora", "ungroup"]
 
 # Sibling layer names (children of one module) that transformers' models call in this order on one input. A group
 # forms from the names present as fast-path LoRA layers, at least two.
@@ -54,26 +56,26 @@ GROUPS = (
 class LoRAGroupFunction(torch.autograd.Function):
     """Every member's F.linear(x, W_i, b_i) + s_i F.linear(F.linear(x, A_i), B_i) in x's dtype; no W_i gradient.
 
-    forward(ctx, x, scalings, W_1, b_1, A_1, B_1, W_2, ...): x [..., in]; per member W [out_i, in] (frozen), b
-    [out_i] or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member.
-    Returns one output [..., out_i] a member. See the module docstring for the math and what is kept.
+    forward(ctx, x, scalings, W_1, b_1, A_1, B_1, W_2, ...): x [N, in]; per member W [out_i, in] (frozen), b [out_i]
+    or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member. Returns one
+    output [N, out_i] a member (not views: a caller may change them in place). See the module docstring for the math
+    and what is kept.
     """
 
     @staticmethod
     def forward(ctx, x, scalings, *members):
+        assert x.dim() == 2, "x [N, in] expected (linear_group_with_lora flattens)"
         weights, biases, As, Bs = members[0::4], members[1::4], members[2::4], members[3::4]
         assert not any(w.requires_grad for w in weights), "frozen base weights expected"
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        A_cat = torch.cat(As).to(x.dtype)  # [R_1 + R_2 + ..., in]; As are [R_i, in] each
+        A_cat = torch.cat(As).to(x.dtype)  # [R_1 + R_2 + ..., in]
         B_c = tuple(B.to(x.dtype) for B in Bs)
-        U = x2 @ A_cat.t()
+        U = x @ A_cat.t()
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
         for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
-            y = F.linear(x2, weight, bias)
+            y = F.linear(x, weight, bias)
             y.addmm_(U[:, start:start + rank], B.t(), alpha=s)  # one rounding of base + LoRA, as lora_linear
-            outputs.append(y.reshape(*lead, y.shape[-1]))
+            outputs.append(y)
             start += rank
         casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
         saved_tensors.save(ctx, x, U, A_cat, *weights, *B_c, hold=casts)
@@ -87,46 +89,39 @@ class LoRAGroupFunction(torch.autograd.Function):
         count = len(dys)
         x, U, A_cat, *rest = saved_tensors.load(ctx)
         weights, B_c = rest[:count], rest[count:]
-        need = ctx.needs_input_grad
-        need_x = need[0]
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+        need = ctx.needs_input_grad  # x, scalings, then (W, b, A, B) a member
         scalings, ranks = ctx.scalings, ctx.ranks
+        need_A = [need[4 + 4 * i] and dys[i] is not None for i in range(count)]
 
-        # G [N, sum R]: s_i dy_i B_i side by side, zeros for a member without an output gradient.
-        need_G = need_x or any(need[4 + 4 * i] for i in range(count))
+        # G [N, sum R]: dy_i B_i side by side (zeros for a member without an output gradient); s_i is applied after
+        # the products, as lora_linear applies it, so that a scale that is not a power of 2 rounds as there.
         G = None
-        if need_G:
-            pieces = []
-            for dy, B, rank, s in zip(dy2, B_c, ranks, scalings):
-                if dy is None:
-                    pieces.append(x2.new_zeros(x2.shape[0], rank))
-                else:
-                    g = dy @ B
-                    pieces.append(g if s == 1 else g.mul_(s))
-            G = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        if need[0] or any(need_A):
+            pieces = [x.new_zeros(x.shape[0], rank) if dy is None else dy @ B for dy, B, rank in zip(dys, B_c, ranks)]
+            G = torch.cat(pieces, dim=1) if count > 1 else pieces[0]
 
         dx = None
-        if need_x:
-            for dy, weight in zip(dy2, weights):
+        if need[0]:
+            for dy, weight in zip(dys, weights):
                 if dy is not None:
                     dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
             if dx is not None:  # (autograd calls backward with at least one output gradient)
-                dx = dx.addmm_(G, A_cat).reshape(x.shape)
+                if len(set(scalings)) == 1:
+                    dx.addmm_(G, A_cat, alpha=scalings[0])
+                else:  # each member's columns of G scaled by its own s
+                    scale = torch.cat([G.new_full((rank,), s) for rank, s in zip(ranks, scalings)])
+                    dx.addmm_(G * scale, A_cat)
 
-        dA_cat = None
-        if any(need[4 + 4 * i] and dys[i] is not None for i in range(count)):
-            dA_cat = lora_linear._mm_fp32(G.t(), x2)  # [sum R, in], s already in G
+        dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
         grads, start = [], 0
-        for i, (dy, rank, s, (bias_dtype, A_dtype, B_dtype)) in enumerate(zip(dy2, ranks, scalings, ctx.dtypes)):
-            need_b, need_A, need_B = need[3 + 4 * i:6 + 4 * i]  # x, scalings, then (W, b, A, B) a member
+        for i, (dy, rank, s, (bias_dtype, A_dtype, B_dtype)) in enumerate(zip(dys, ranks, scalings, ctx.dtypes)):
             db = dA = dB = None
             if dy is not None:
-                if need_b:
+                if need[3 + 4 * i]:
                     db = dy.sum(0, dtype=torch.float32).to(bias_dtype)
-                if need_A:
-                    dA = dA_cat[start:start + rank].to(A_dtype)
-                if need_B:
+                if need_A[i]:
+                    dA = dA_cat[start:start + rank].mul_(s).to(A_dtype)
+                if need[5 + 4 * i]:
                     dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank]).mul_(s).to(B_dtype)
             grads += [None, db, dA, dB]
             start += rank
@@ -134,35 +129,57 @@ class LoRAGroupFunction(torch.autograd.Function):
 
 
 def linear_group_with_lora(x, members, scalings) -> tuple[torch.Tensor, ...]:
-    """One output per member (W, b, A, B) of x, see LoRAGroupFunction. Under torch.autocast everything is cast to
-    the autocast dtype first and the Function runs with autocast off, as lora_linear.linear_with_lora."""
+    """One output [..., out_i] per member (W, b, A, B) of x [..., in], see LoRAGroupFunction. Under torch.autocast
+    everything is cast to the autocast dtype first and the Function runs with autocast off, as
+    lora_linear.linear_with_lora."""
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])  # outside the Function, as lora_linear.linear_with_lora says why
     dtype = lora_linear._autocast_dtype(x.device.type)
-    if dtype is not None:
+    if dtype is None:
+        outputs = LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
+    else:
         x = x.to(dtype)
         members = [(W.to(dtype), None if b is None else b.to(dtype), A, B) for W, b, A, B in members]
-    flat = [t for member in members for t in member]
-    if dtype is None:
-        return LoRAGroupFunction.apply(x, tuple(scalings), *flat)
-    with torch.autocast(x.device.type, enabled=False):
-        return LoRAGroupFunction.apply(x, tuple(scalings), *flat)
+        with torch.autocast(x.device.type, enabled=False):
+            outputs = LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in outputs)
 
 
 def _mode(x: torch.Tensor) -> tuple:
-    return torch.is_grad_enabled(), lora_linear._autocast_dtype(x.device.type), x._version
+    # A recompute's leftovers must not serve the next forward, nor the forward's its recompute (checkpointing then
+    # sees the same input tensor again, where the projections read the layer's input directly).
+    return torch.is_grad_enabled(), lora_linear._autocast_dtype(x.device.type), x._version, recompute.recomputing()
+
+
+def _signature(fast) -> tuple:
+    """What a member's output depends on besides x (lora_linear._fast_args's result): its tensors and their versions."""
+    base, A, B, scaling = fast
+    tensors = (base._parameters["weight"], base._parameters["bias"], A._parameters["weight"], B._parameters["weight"])
+    return (scaling, *(id(t) for t in tensors), *(None if t is None else t._version for t in tensors))
 
 
 class _Group:
-    """A leader and the members after it, and the outputs the leader computed for the others until they take them."""
+    """A leader and the members after it, and the outputs the leader computed for the others until they take them.
 
-    def __init__(self, members: tuple[nn.Module, ...]):
+    Each call decides alone, from the members' state and what is waiting, never from a count of earlier calls: a
+    checkpointed layer's recompute must make the forward's decisions, or it saves other tensors than the forward did.
+    """
+
+    def __init__(self, members: tuple[nn.Module, ...], label: str):
         self.members = members  # peft lora.Linear layers, leader first
-        self.enabled = True
+        self.label = label  # for the warning: "q_proj, k_proj, v_proj of Qwen3MoeAttention"
+        self.warned = False
         self._clear()
 
     def _clear(self) -> None:
         self.x = None  # a weak reference to the leader's input
-        self.mode = None  # grad mode, autocast dtype and the input's version counter at the leader's call
-        self.waiting: dict[nn.Module, torch.Tensor] = {}
+        self.mode = None  # see _mode, at the leader's call
+        self.waiting: dict[nn.Module, tuple[torch.Tensor, tuple]] = {}  # member -> (its output, its _signature)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy and pickle: outputs in flight are not part of the model
+        state = dict(self.__dict__)
+        state.update(x=None, mode=None, waiting={})
+        return state
 
     def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """layer's output as the group gives it, or None: compute it as an ungrouped layer."""
@@ -172,9 +189,10 @@ class _Group:
 
     def _lead(self, x: torch.Tensor) -> torch.Tensor | None:
         self._clear()
-        if not self.enabled or not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+        # Inference tensors have no version counter to check the hand-over by; torch.compile traces the layers alone.
+        if not isinstance(x, torch.Tensor) or x.is_inference() or torch.compiler.is_compiling():
             return None
-        members, scalings = [], []
+        members, scalings, signatures = [], [], []
         for layer in self.members:
             fast = None if layer._forward_pre_hooks else lora_linear._fast_args(layer)
             if fast is None:
@@ -183,32 +201,37 @@ class _Group:
             members.append((base._parameters["weight"], base._parameters["bias"], A._parameters["weight"],
                             B._parameters["weight"]))
             scalings.append(scaling)
+            signatures.append(_signature(fast))
         if len({w.shape[1] for w, *_ in members}) != 1:
             return None  # not one input width: these layers cannot be reading the same tensor
         outputs = linear_group_with_lora(x, members, scalings)
         self.x, self.mode = weakref.ref(x), _mode(x)
-        self.waiting = dict(zip(self.members[1:], outputs[1:]))
+        self.waiting = dict(zip(self.members[1:], zip(outputs[1:], signatures[1:])))
         return outputs[0]
 
     def _take(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        out = self.waiting.pop(layer, None)
-        if out is None:
+        entry = self.waiting.pop(layer, None)
+        if entry is None:
             return None
-        if self.x() is x and self.mode == _mode(x):
+        out, signature = entry
+        fast = lora_linear._fast_args(layer)
+        if self.x() is x and self.mode == _mode(x) and fast is not None and _signature(fast) == signature:
             if not self.waiting:
                 self._clear()
             return out
-        # Its output was waiting for another call: this module does not call its layers as the group assumes.
-        self.enabled = False
+        # Called with another input (or its state changed): the leader's work for it is wasted; it computes alone.
         self._clear()
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"moetune: the LoRA layers {self.label} were grouped as reading one input but are not "
+                          "called in that order on the same tensor; such calls compute alone, after the group's work "
+                          "for them", stacklevel=4)
         return None
 
 
 def form_groups(model: nn.Module) -> int:
     """Group the fast-path LoRA layers (lora_linear.install_fast_lora_linear) that GROUPS names among each module's
-    children. Idempotent; returns the number of groups in the model. MOETUNE_LORA_GROUPS=0: none are formed."""
-    if os.environ.get("MOETUNE_LORA_GROUPS", "1") == "0":
-        return 0
+    children. Idempotent; returns the number of groups in the model."""
     count = 0
     for parent in model.modules():
         children = parent._modules
@@ -223,7 +246,7 @@ def form_groups(model: nn.Module) -> int:
             if current is not None and groups == {id(current)} and current.members == members:
                 count += 1  # already formed
             elif all(lora_linear.GROUP_ATTR not in m.__dict__ for m in members):
-                group = _Group(members)
+                group = _Group(members, f"{', '.join(present)} of {type(parent).__name__}")
                 for m in members:
                     m.__dict__[lora_linear.GROUP_ATTR] = group
                 count += 1
@@ -231,6 +254,11 @@ def form_groups(model: nn.Module) -> int:
                 continue
             taken.update(present)
     return count
+
+
+def ungroup(model: nn.Module) -> int:
+    """Every layer computes alone again (still on lora_linear's fast path). Returns the number of layers changed."""
+    return sum(m.__dict__.pop(lora_linear.GROUP_ATTR, None) is not None for m in model.modules())
 
 
 def grouped_layers(model: nn.Module) -> int:

@@ -88,7 +88,7 @@ class LoRALinearFunction(torch.autograd.Function):
         saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=casts)
         ctx.scaling = scaling
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
-        return y.reshape(*lead, y.shape[-1])
+        return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -118,13 +118,19 @@ def linear_with_lora(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.T
     Under torch.autocast everything is cast to the autocast dtype first, as autocast's own F.linear
     would, and the Function runs with autocast off (forward and backward).
     """
+    # Flattened out here, not in the Function: a view made inside a Function could not be changed in place by the
+    # caller (OLMoE's clip_qkv clamps the projections' outputs in place).
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
     dtype = _autocast_dtype(x.device.type)
     if dtype is None:
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
-    x, weight = x.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+        y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+    else:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+    return y.reshape(*lead, y.shape[-1])
 
 
 # --- peft integration --------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def install_fast_lora_linear(peft_model: nn.Module) -> int:
             continue
         module.forward = types.MethodType(_fast_forward, module)
         count += 1
-    from .lora_groups import form_groups
+    from .lora_groups import form_groups  # (lora_groups builds on this module)
 
     form_groups(peft_model)
     return count

@@ -88,6 +88,18 @@ def test_checkpoint_layers_setting_is_recorded(tmp_path):
     assert row_auto["losses"] == row_full["losses"]
 
 
+def test_lora_groups_off_trains_to_the_same_losses(tmp_path):
+    """--lora-groups off (each LoRA projection its own Function) against the default; the row says which ran."""
+    rows = {}
+    for setting in ("on", "off"):
+        out = tmp_path / f"{setting}.json"
+        _run(str(BENCH / "train_step.py"), "--tiny", "--layers", "2", "--seq", "32", "--warmup", "0", "--steps", "3",
+             "--providers", "moetune", "--lora-groups", setting, "--out", str(out))
+        (rows[setting],) = json.loads(out.read_text())["rows"]
+        assert rows[setting]["lora_groups"] == setting
+    assert rows["on"]["losses"] == pytest.approx(rows["off"]["losses"], rel=1e-5)
+
+
 def test_whole_model_plot(tmp_path):
     """plot_whole_models.py draws one group per model from train_step rows (and refuses mixed contexts)."""
     rows = [
