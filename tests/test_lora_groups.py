@@ -22,14 +22,12 @@ from moetune.lora_groups import (
 from moetune.lora_linear import install_fast_lora_linear, uninstall_fast_lora_linear
 
 from .models import helpers
-from .models.helpers import randomize_lora_B, relative_error, token_batch
+from .models.helpers import logits_and_lora_grads, lora_model, randomize_lora_B, relative_error, token_batch
+from .test_lora_linear import TOLERANCE  # relative error against float64 from the same rounded inputs
 
 checkpoint = helpers.checkpoint  # session fixture: tiny checkpoints on disk
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
-
-# As tests/test_lora_linear.py: relative error against float64 from the same rounded inputs.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _member(d_in, d_out, rank, dtype, bias, gen):
@@ -456,20 +454,6 @@ def test_a_copy_leaves_outputs_in_flight_behind(group_calls):
 # --- whole moetune models ----------------------------------------------------------------------------------------
 
 
-def _lora_model(model_dir, **kwargs):
-    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
-    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, **kwargs)
-    randomize_lora_B(model)
-    return model
-
-
-def _logits_and_lora_grads(model, ids):
-    out = model(input_ids=ids, labels=ids)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out.loss, [dict(model.named_parameters())[n] for n in names])
-    return out.logits, dict(zip(names, grads))
-
-
 def _group_targets(model_dir) -> tuple[str, ...]:
     """Every name GROUPS lists that is a Linear layer of this model, and o_proj."""
     base, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
@@ -483,16 +467,16 @@ def test_every_architecture_groups_in_forward_and_recompute_alike(checkpoint, gr
     """Gradient checkpointing on every layer: each group computes once in forward and once in the recompute, and
     logits and every LoRA gradient equal the ungrouped fast path's."""
     model_dir = checkpoint(model_type)
-    model = _lora_model(model_dir, target_modules=_group_targets(model_dir))
+    model = lora_model(model_dir, target_modules=_group_targets(model_dir))
     model.train()
     groups = {id(g) for m in model.modules() if (g := m.__dict__.get(lora_linear.GROUP_ATTR)) is not None}
     layers = len(_decoder_layers(model))
     assert len(groups) >= layers  # attention's group in every layer at least
     ids = token_batch()
-    logits, grads = _logits_and_lora_grads(model, ids)
+    logits, grads = logits_and_lora_grads(model, ids)
     assert len(group_calls) == 2 * len(groups)
     ungroup(model)
-    ungrouped_logits, ungrouped_grads = _logits_and_lora_grads(model, ids)
+    ungrouped_logits, ungrouped_grads = logits_and_lora_grads(model, ids)
     assert relative_error(logits, ungrouped_logits) < 1e-5
     for name, g in grads.items():
         assert relative_error(g, ungrouped_grads[name]) < 1e-5, name
@@ -500,7 +484,7 @@ def test_every_architecture_groups_in_forward_and_recompute_alike(checkpoint, gr
 
 def test_groups_keep_parameters_and_leave_nothing_waiting(checkpoint):
     """Parameters and state dict keys stay peft's; nothing waits in a group after a step."""
-    model = _lora_model(checkpoint("qwen3_moe"))
+    model = lora_model(checkpoint("qwen3_moe"))
     keys = set(model.state_dict())
     model.train()
     model(input_ids=token_batch(), labels=token_batch()).loss.backward()

@@ -19,6 +19,8 @@ from moetune.lora_linear import (
 
 from .models import helpers
 from .models.helpers import (
+    logits_and_lora_grads,
+    lora_model,
     plain_peft_model,
     randomize_lora_B,
     relative_error,
@@ -325,29 +327,15 @@ def test_uncovered_variants_are_not_installed(config):
 # --- whole moetune model -----------------------------------------------------------------------------
 
 
-def _lora_model(model_dir, **kwargs):
-    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
-    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, **kwargs)
-    randomize_lora_B(model)
-    return model
-
-
-def _logits_and_lora_grads(model, ids):
-    out = model(input_ids=ids, labels=ids)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out.loss, [dict(model.named_parameters())[n] for n in names])
-    return out.logits, dict(zip(names, grads))
-
-
 def test_model_logits_and_every_lora_gradient_unchanged(checkpoint, fast_calls):
     """qwen3_moe, q/k/v/o + dense MLP Linear LoRA + expert LoRA, gradient checkpointing on."""
-    model = _lora_model(checkpoint("qwen3_moe"))
+    model = lora_model(checkpoint("qwen3_moe"))
     model.train()
     ids = token_batch()
-    logits, grads = _logits_and_lora_grads(model, ids)
+    logits, grads = logits_and_lora_grads(model, ids)
     linear = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert install_fast_lora_linear(model) == len(linear) > 0
-    fast_logits, fast_grads = _logits_and_lora_grads(model, ids)
+    fast_logits, fast_grads = logits_and_lora_grads(model, ids)
     assert len(fast_calls) >= 2 * len(linear)  # forward and checkpointing recompute
     assert relative_error(fast_logits, logits) < 1e-5
     assert any("experts.lora_" in n for n in grads) and any("q_proj.lora_A" in n for n in grads)
@@ -361,7 +349,7 @@ def test_model_disable_merge_and_plain_peft_load(checkpoint, tmp_path, fast_call
     ids = token_batch()
     with torch.no_grad():
         base_logits = base(ids).logits
-    model = _lora_model(model_dir, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    model = lora_model(model_dir, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     assert install_fast_lora_linear(model) > 0
     model.eval()
     with torch.no_grad():
@@ -383,5 +371,5 @@ def test_model_disable_merge_and_plain_peft_load(checkpoint, tmp_path, fast_call
 
 @pytest.mark.filterwarnings("ignore:lora_dropout. applies to Linear LoRA only")
 def test_model_with_dropout_keeps_peft_path(checkpoint):
-    model = _lora_model(checkpoint("qwen3_moe"), lora_dropout=0.1)
+    model = lora_model(checkpoint("qwen3_moe"), lora_dropout=0.1)
     assert install_fast_lora_linear(model) == 0

@@ -143,3 +143,21 @@ def logits_and_input_grad(model, ids):
     weights = torch.linspace(-1, 1, logits.numel(), device=logits.device).reshape(logits.shape)
     (grad,) = torch.autograd.grad((logits * weights).sum(), embeds)
     return logits.detach(), grad
+
+
+def lora_model(model_dir: str, **kwargs):
+    """A tiny checkpoint through FastMoEModel with LoRA r=4 (B randomised so the adapters change the output)."""
+    from moetune import FastMoEModel
+
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, **kwargs)
+    randomize_lora_B(model)
+    return model
+
+
+def logits_and_lora_grads(model, ids):
+    """(logits, {name: gradient of the loss}) for every trainable parameter."""
+    out = model(input_ids=ids, labels=ids)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, [dict(model.named_parameters())[n] for n in names])
+    return out.logits, dict(zip(names, grads))
