@@ -9,8 +9,9 @@ the model runs at toy width on one CPU thread, through the code paths a GPU take
   interpreter: the launch itself (launch.py's direct path and Triton's argument binding; on an H200's host about a
   third of a block's host time, run 49a), autotune's cache lookups (the interpreter takes the first config) and the
   TMA and Gluon branches. A percentage saved here therefore overstates the same saving on a GPU's host;
-- the CUDA path's choices: fused norms and rotary, and the routing plan by the counting sort. The sort's kernels are
-  skipped too, so after its host code a valid plan is written into its outputs by torch, untimed;
+- the CUDA path's choices: fused norms, rotary and router top-k, and the routing plan by the counting sort. The
+  sort's and the router's kernels are skipped too, so after their host code a valid plan and valid experts are
+  written into their outputs by torch, untimed;
 - the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
 
 A step's wall time is then host time, with the CPU's own small GEMMs and attention in it. Absolute figures are not a
@@ -75,6 +76,21 @@ def take_the_cuda_path() -> None:
         return out
 
     routing._counting_sort = lambda device, num_experts: sort
+
+    from moetune.kernels import router_topk
+
+    fused_router = router_topk._forward
+
+    def router(logits, top_k, normalize, out_dtype):
+        weights, ids = fused_router(logits, top_k, normalize, out_dtype)  # its host work, kernel skipped
+        start = time.perf_counter()
+        values, chosen = torch.topk(logits.detach().float(), top_k, dim=-1)  # valid experts for the plan
+        ids.copy_(chosen)
+        weights.copy_(torch.softmax(values, dim=-1))
+        untimed[0] += time.perf_counter() - start
+        return weights, ids
+
+    router_topk._forward = router
     routing.checks_ids = lambda ids, num_experts: ids.numel() > 0
     validation.checks_ids = routing.checks_ids
 

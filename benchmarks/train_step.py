@@ -100,11 +100,12 @@ def save_checkpoint(config, path: str, device) -> None:
     del model
 
 
-def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None):
+def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None,
+                  fused_router=True):
     import moetune
 
     model, _ = moetune.FastMoEModel.from_pretrained(
-        source, dtype=DTYPE[device.type], device_map=device, fused_rotary=fused_rotary
+        source, dtype=DTYPE[device.type], device_map=device, fused_rotary=fused_rotary, fused_router=fused_router
     )
     return moetune.FastMoEModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
@@ -358,7 +359,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
-            None if args.checkpoint_layers == "auto" else args.checkpoint_layers,
+            None if args.checkpoint_layers == "auto" else args.checkpoint_layers, args.fused_router == "on",
         )
         if args.lora_groups == "off":  # each LoRA projection its own Function (before session 20)
             from moetune.lora_groups import ungroup
@@ -453,6 +454,8 @@ def main(argv=None) -> int:
                              "all: every checkpointed layer keeps it, no plan")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
+    parser.add_argument("--fused-router", default="on", choices=["on", "off"],
+                        help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA)")
     parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
                         help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
                              "(moetune/lora_groups.py; off: one Function a layer)")
@@ -498,7 +501,7 @@ def main(argv=None) -> int:
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
                             "offload": args.offload, "recompute_skip": args.recompute_skip,
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
-                            "lora_groups": args.lora_groups}
+                            "lora_groups": args.lora_groups, "fused_router": args.fused_router}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

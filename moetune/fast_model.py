@@ -30,6 +30,7 @@ from .lora_linear import install_fast_lora_linear
 from .models import fused_loss, recompute
 from .models.fast_norms import install_fast_norms
 from .models.fast_rotary import install_fast_rotary, installed_modules
+from .models.fast_routers import install_fast_routers
 from .models.hook import add_expert_lora, find_experts, install
 from .models.registry import get_spec
 from .models.spec import ArchSpec
@@ -228,6 +229,7 @@ class FastMoEModel:
         fused_cross_entropy: bool = True,
         fused_norms: bool = True,
         fused_rotary: bool = True,
+        fused_router: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -244,12 +246,16 @@ class FastMoEModel:
           there, for every model of that architecture in the process (bitwise the same results); False does
           not undo an earlier model's swap (moetune.models.fast_rotary.uninstall_fast_rotary() does; a warning
           says so).
+        fused_router: on NVIDIA GPUs, a softmax router's softmax, top-k and normalisation as one Triton launch each
+          way (qwen3_moe, qwen2_moe, olmoe, qwen3_vl_moe, mixtral, gpt_oss; the experts transformers chooses, the
+          weights within ~1e-6 relative of transformers' before rounding); False keeps transformers' own.
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
         _check_bool("fused_cross_entropy", fused_cross_entropy)
         _check_bool("fused_norms", fused_norms)
         _check_bool("fused_rotary", fused_rotary)
+        _check_bool("fused_router", fused_router)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
             config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -277,6 +283,8 @@ class FastMoEModel:
             fused_loss.install(model)
         if fused_norms and torch.cuda.is_available():  # never Triton's CPU interpreter here: minutes instead of seconds
             install_fast_norms(model)
+        if fused_router and torch.cuda.is_available() and not torch.version.hip:  # ROCm's top-k breaks ties otherwise
+            install_fast_routers(model)
         if fused_rotary and torch.cuda.is_available():
             install_fast_rotary(model)
         elif not fused_rotary and type(model).__module__ in installed_modules():

@@ -1,0 +1,166 @@
+"""The fused router top-k (moetune/kernels/router_topk.py) on a transformers model, one router instance at a time.
+
+`install_fast_routers(model)` gives each router module whose forward it recognises an instance `forward` that keeps
+the router's Linear (torch's GEMM, so a trainable router weight still gets its gradient) and replaces what follows it:
+softmax, top-k, the weights' normalisation and cast, five launches and their gradients, by one launch each way.
+Parameters and state_dict keys stay as they are; `uninstall_fast_routers(model)` deletes the instance attributes.
+
+A router is recognised by the code of its class's forward: the body (docstring, comments aside) must be, statement for
+statement, one of the forms transformers 5.17 - 5.25 write:
+
+    "softmax_topk"            softmax, top-k, normalised when self.norm_topk_prob, cast to the logits' dtype
+                              qwen3_moe, qwen2_moe, olmoe
+    "softmax_topk_normalized" the same, always normalised: qwen3_vl_moe
+    "mixtral"                 the same, always normalised, the weights left in fp32
+    "gpt_oss"                 top-k of the logits (Linear with a bias), softmax over them in the logits' dtype:
+                              the same weights as the normalised form
+
+The chosen experts are those transformers' routers choose on NVIDIA GPUs, ties included (but for experts whose
+weights are ~0 either way); the weights agree with theirs to ~1e-6 relative before their rounding to the logits'
+dtype, not bitwise: kernels/router_topk.py says why. Sigmoid routers with group-limited top-k
+(deepseek_v3, glm4_moe, glm4_moe_lite) keep transformers' forward. At call time the fused forward falls back to the
+class's forward where the kernel cannot run (a CPU tensor outside Triton's interpreter, bf16 in the interpreter,
+more experts than MAX_E, torch.compile).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .code_match import body_dump, parse_function, source_body_dump
+from .fast_norms import fast_norm_available
+
+__all__ = ["VARIANTS", "install_fast_routers", "router_variant", "uninstall_fast_routers"]
+
+_VARIANT_ATTR = "_moetune_router_variant"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_SOFTMAX_TOPK = """
+hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+router_logits = F.linear(hidden_states, self.weight)
+router_probs = torch.nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
+router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+{normalise}
+router_top_value = router_top_value.to(router_logits.dtype)
+router_scores = router_top_value
+return router_logits, router_scores, router_indices
+"""
+_NORMALISE = "router_top_value /= router_top_value.sum(dim=-1, keepdim=True)"
+
+# variant -> the forward body transformers writes
+VARIANTS: dict[str, str] = {
+    "softmax_topk": _SOFTMAX_TOPK.format(normalise=f"if self.norm_topk_prob:\n    {_NORMALISE}"),
+    "softmax_topk_normalized": _SOFTMAX_TOPK.format(normalise=_NORMALISE),
+    "mixtral": f"""
+hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+router_logits = F.linear(hidden_states, self.weight)
+router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
+router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+{_NORMALISE}
+router_scores = router_top_value
+return router_logits, router_scores, router_indices
+""",
+    "gpt_oss": """
+router_logits = F.linear(hidden_states, self.weight, self.bias)
+router_top_value, router_indices = torch.topk(router_logits, self.top_k, dim=-1)
+router_scores = torch.nn.functional.softmax(router_top_value, dim=1, dtype=router_top_value.dtype)
+return router_logits, router_scores, router_indices
+""",
+}
+_KNOWN_BODIES = {source_body_dump(source): name for name, source in VARIANTS.items()}
+
+
+@functools.cache
+def _forward_variant(forward) -> str | None:
+    function = parse_function(forward)
+    if function is None or function.decorator_list:
+        return None
+    args = function.args
+    if [a.arg for a in args.args] != ["self", "hidden_states"] or args.vararg or args.kwarg or args.kwonlyargs:
+        return None
+    return _KNOWN_BODIES.get(body_dump(function.body))
+
+
+def router_variant(module: nn.Module) -> str | None:
+    """The VARIANTS name when the fused kernel computes what this router's forward does, else None (also for a
+    router whose forward is already replaced on the instance)."""
+    from ..kernels.router_topk import MAX_E
+
+    forward = getattr(type(module), "forward", None)
+    if forward is None or "forward" in module.__dict__ or type(module).__call__ is not nn.Module.__call__:
+        return None
+    weight = module._parameters.get("weight")
+    top_k = getattr(module, "top_k", None)
+    if weight is None or weight.dim() != 2 or not 1 <= weight.shape[0] <= MAX_E or module._modules:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= weight.shape[0]:
+        return None
+    variant = _forward_variant(forward)
+    if variant == "gpt_oss":
+        return variant if set(module._parameters) == {"weight", "bias"} else None
+    if variant is None or set(module._parameters) != {"weight"} or getattr(module, "hidden_dim", None) != weight.shape[1]:
+        return None
+    return variant
+
+
+def _kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel can take the logits F.linear(x, weight) will make (their dtype under autocast too)."""
+    from ..experts.backends.triton import probe
+    from ..lora_linear import _autocast_dtype
+
+    if torch.compiler.is_compiling() or x.device != weight.device:
+        return False
+    dtype = _autocast_dtype(x.device.type) or torch.promote_types(x.dtype, weight.dtype)
+    return dtype in _DTYPES and probe(x.device.type, x.device.index, dtype) is None
+
+
+def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
+    from ..kernels.router_topk import router_topk
+
+    variant = self.__dict__[_VARIANT_ATTR]
+    if not _kernel_runs(hidden_states, self.weight) or (variant == "gpt_oss" and hidden_states.dim() != 2):
+        return type(self).forward(self, hidden_states)
+    if variant == "gpt_oss":
+        router_logits = F.linear(hidden_states, self.weight, self.bias)
+    else:
+        router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    normalize = bool(self.norm_topk_prob) if variant == "softmax_topk" else True
+    out_dtype = torch.float32 if variant == "mixtral" else router_logits.dtype
+    router_scores, router_indices = router_topk(router_logits, self.top_k, normalize=normalize, out_dtype=out_dtype)
+    return router_logits, router_scores, router_indices
+
+
+def install_fast_routers(model: nn.Module) -> int:
+    """Swap in the fused router forward on every recognised router of `model`. Idempotent. Returns how many routers
+    now run fused (0 where no CUDA GPU and no Triton interpreter: nothing is changed)."""
+    if not fast_norm_available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if _VARIANT_ATTR in module.__dict__:
+            count += 1
+            continue
+        variant = router_variant(module)
+        if variant is None:
+            continue
+        module.__dict__[_VARIANT_ATTR] = variant
+        module.forward = types.MethodType(_fused_forward, module)
+        count += 1
+    return count
+
+
+def uninstall_fast_routers(model: nn.Module) -> int:
+    """Undo `install_fast_routers`. Returns how many routers got their class's forward back."""
+    count = 0
+    for module in model.modules():
+        if _VARIANT_ATTR in module.__dict__:
+            del module.__dict__[_VARIANT_ATTR]
+            if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
+                del module.__dict__["forward"]  # (not a wrapper someone put on after it)
+            count += 1
+    return count
