@@ -10,7 +10,7 @@ import inspect
 import textwrap
 import types
 
-__all__ = ["body_dump", "hub_wrapped", "parse_function", "source_body_dump"]
+__all__ = ["body_dump", "hub_wrapped", "known_form", "parse_function", "source_body_dump"]
 
 
 def hub_wrapped(obj, name: str):
@@ -49,3 +49,15 @@ def parse_function(function) -> ast.FunctionDef | None:
         return None
     node = tree.body[0] if tree.body else None
     return node if isinstance(node, ast.FunctionDef) else None
+
+
+def known_form(function, known_bodies: dict[str, str], arg_names: tuple[str, ...]) -> str | None:
+    """The name known_bodies gives `function`'s body (a body_dump -> name map), when the function is undecorated and
+    takes exactly arg_names (no *args, **kwargs or keyword-only arguments); else None."""
+    node = parse_function(function)
+    if node is None or node.decorator_list:
+        return None
+    args = node.args
+    if tuple(a.arg for a in args.args) != arg_names or args.vararg or args.kwarg or args.kwonlyargs:
+        return None
+    return known_bodies.get(body_dump(node.body))

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import functools
 import os
-import types
 import warnings
 
 import torch
 from torch import nn
 
-from .code_match import body_dump, parse_function, source_body_dump
+from . import instance_forward
+from .code_match import known_form, source_body_dump
 
 __all__ = ["VARIANTS", "fast_norm_available", "install_fast_norms", "norm_variant", "uninstall_fast_norms"]
 
@@ -58,13 +58,7 @@ _KNOWN_BODIES = {source_body_dump(source): name for name, (source, _) in VARIANT
 @functools.cache
 def _forward_variant(forward) -> str | None:
     """The VARIANTS name whose body `forward` (a function) has, or None."""
-    function = parse_function(forward)
-    if function is None or function.decorator_list:
-        return None
-    args = function.args
-    if [a.arg for a in args.args] != ["self", "hidden_states"] or args.vararg or args.kwarg or args.kwonlyargs:
-        return None
-    return _KNOWN_BODIES.get(body_dump(function.body))
+    return known_form(forward, _KNOWN_BODIES, ("self", "hidden_states"))
 
 
 def norm_variant(module: nn.Module) -> str | None:
@@ -129,20 +123,8 @@ def install_fast_norms(model: nn.Module) -> int:
     """
     if not fast_norm_available():
         return 0
-    count = 0
-    unknown: set[str] = set()
-    for module in model.modules():
-        if _VARIANT_ATTR in module.__dict__:
-            count += 1
-            continue
-        variant = norm_variant(module)
-        if variant is None:
-            if "rmsnorm" in type(module).__name__.lower():
-                unknown.add(type(module).__name__)
-            continue
-        setattr(module, _VARIANT_ATTR, variant)
-        module.forward = types.MethodType(_fused_forward, module)
-        count += 1
+    count, others = instance_forward.install(model, _VARIANT_ATTR, norm_variant, _fused_forward)
+    unknown = {type(m).__name__ for m in others if "rmsnorm" in type(m).__name__.lower()}
     if unknown:
         warnings.warn(
             f"moetune: {', '.join(sorted(unknown))} keep transformers' RMSNorm forward: their code is not one of the "
@@ -154,10 +136,4 @@ def install_fast_norms(model: nn.Module) -> int:
 
 def uninstall_fast_norms(model: nn.Module) -> int:
     """Undo `install_fast_norms`: each norm gets its class's forward back. Returns how many were restored."""
-    count = 0
-    for module in model.modules():
-        if _VARIANT_ATTR in module.__dict__:
-            del module.__dict__[_VARIANT_ATTR]
-            module.__dict__.pop("forward", None)
-            count += 1
-    return count
+    return instance_forward.uninstall(model, _VARIANT_ATTR, _fused_forward)

@@ -26,13 +26,13 @@ more experts than MAX_E, torch.compile).
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .code_match import body_dump, parse_function, source_body_dump
+from . import instance_forward
+from .code_match import known_form, source_body_dump
 from .fast_norms import fast_norm_available
 
 __all__ = ["VARIANTS", "install_fast_routers", "router_variant", "uninstall_fast_routers"]
@@ -77,13 +77,8 @@ _KNOWN_BODIES = {source_body_dump(source): name for name, source in VARIANTS.ite
 
 @functools.cache
 def _forward_variant(forward) -> str | None:
-    function = parse_function(forward)
-    if function is None or function.decorator_list:
-        return None
-    args = function.args
-    if [a.arg for a in args.args] != ["self", "hidden_states"] or args.vararg or args.kwarg or args.kwonlyargs:
-        return None
-    return _KNOWN_BODIES.get(body_dump(function.body))
+    """The VARIANTS name whose body `forward` (a function) has, or None."""
+    return known_form(forward, _KNOWN_BODIES, ("self", "hidden_states"))
 
 
 def router_variant(module: nn.Module) -> str | None:
@@ -140,27 +135,10 @@ def install_fast_routers(model: nn.Module) -> int:
     now run fused (0 where no CUDA GPU and no Triton interpreter: nothing is changed)."""
     if not fast_norm_available():
         return 0
-    count = 0
-    for module in model.modules():
-        if _VARIANT_ATTR in module.__dict__:
-            count += 1
-            continue
-        variant = router_variant(module)
-        if variant is None:
-            continue
-        module.__dict__[_VARIANT_ATTR] = variant
-        module.forward = types.MethodType(_fused_forward, module)
-        count += 1
-    return count
+    return instance_forward.install(model, _VARIANT_ATTR, router_variant, _fused_forward)[0]
 
 
 def uninstall_fast_routers(model: nn.Module) -> int:
-    """Undo `install_fast_routers`. Returns how many routers got their class's forward back."""
-    count = 0
-    for module in model.modules():
-        if _VARIANT_ATTR in module.__dict__:
-            del module.__dict__[_VARIANT_ATTR]
-            if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
-                del module.__dict__["forward"]  # (not a wrapper someone put on after it)
-            count += 1
-    return count
+    """Undo `install_fast_routers`. Returns how many routers got their class's forward back (a forward another
+    wrapper put on after it stays)."""
+    return instance_forward.uninstall(model, _VARIANT_ATTR, _fused_forward)
