@@ -15,6 +15,7 @@ import argparse
 import os
 import statistics
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=None, help="JSON results path")
     args = parser.parse_args(argv)
+    # A hand-over the group refuses computes alone, agrees, and would be timed as "grouped": make it an error.
+    warnings.filterwarnings("error", message="moetune: the LoRA layers")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases = []

@@ -101,7 +101,7 @@ def save_checkpoint(config, path: str, device) -> None:
 
 
 def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None,
-                  fused_router=True):
+                  fused_router=False, lora_groups=True):
     import moetune
 
     model, _ = moetune.FastMoEModel.from_pretrained(
@@ -110,6 +110,7 @@ def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=
     return moetune.FastMoEModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
         use_gradient_checkpointing=True, offload_checkpoints=offload, checkpoint_layers=checkpoint_layers,
+        lora_groups=lora_groups,
     )
 
 
@@ -360,11 +361,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
             None if args.checkpoint_layers == "auto" else args.checkpoint_layers, args.fused_router == "on",
+            args.lora_groups == "on",
         )
-        if args.lora_groups == "off":  # each LoRA projection its own Function (before session 20)
-            from moetune.lora_groups import ungroup
-
-            print(f"lora groups off: {ungroup(model)} layers", flush=True)
         if args.keep_attention == "all":
             from moetune.fast_model import _decoder_layers
             from moetune.models.kept_attention import keep_attention
@@ -413,9 +411,12 @@ def run(provider, source, config, seq, args, device) -> dict:
     except torch.OutOfMemoryError:
         result = {"oom": True}
     if provider == "moetune":
+        from moetune.lora_groups import grouped_layers
         from moetune.models.fast_rotary import installed_modules, uninstall_fast_rotary
 
         result["fused_rotary"] = bool(installed_modules())  # what ran (never on CPU)
+        result["grouped_lora_layers"] = grouped_layers(model)
+        result["fused_routers"] = sum("_moetune_router_variant" in m.__dict__ for m in model.modules())
         if plan is not None:
             result["checkpoint_plan"] = plan
         uninstall_fast_rotary()  # process-wide: the baseline must run transformers' own rotary
@@ -454,8 +455,9 @@ def main(argv=None) -> int:
                              "all: every checkpointed layer keeps it, no plan")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
-    parser.add_argument("--fused-router", default="on", choices=["on", "off"],
-                        help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA)")
+    parser.add_argument("--fused-router", default="off", choices=["on", "off"],
+                        help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA; "
+                             "opt-in until it has run on a GPU)")
     parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
                         help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
                              "(moetune/lora_groups.py; off: one Function a layer)")

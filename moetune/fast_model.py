@@ -229,7 +229,7 @@ class FastMoEModel:
         fused_cross_entropy: bool = True,
         fused_norms: bool = True,
         fused_rotary: bool = True,
-        fused_router: bool = True,
+        fused_router: bool = False,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -248,7 +248,8 @@ class FastMoEModel:
           says so).
         fused_router: on NVIDIA GPUs, a softmax router's softmax, top-k and normalisation as one Triton launch each
           way (qwen3_moe, qwen2_moe, olmoe, qwen3_vl_moe, mixtral, gpt_oss; the experts transformers chooses, the
-          weights within ~1e-6 relative of transformers' before rounding); False keeps transformers' own.
+          weights within ~1e-6 relative of transformers' before rounding). Off by default until it has run on a GPU
+          (checked so far in Triton's interpreter and compiled offline for sm_90a).
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
@@ -283,7 +284,7 @@ class FastMoEModel:
             fused_loss.install(model)
         if fused_norms and torch.cuda.is_available():  # never Triton's CPU interpreter here: minutes instead of seconds
             install_fast_norms(model)
-        if fused_router and torch.cuda.is_available() and not torch.version.hip:  # ROCm's top-k breaks ties otherwise
+        if fused_router and torch.cuda.is_available():
             install_fast_routers(model)
         if fused_rotary and torch.cuda.is_available():
             install_fast_rotary(model)
@@ -309,6 +310,7 @@ class FastMoEModel:
         checkpoint_layers: int | None = None,
         train_router: bool = False,
         random_state: int | None = None,
+        lora_groups: bool = True,
     ):
         """LoRA on the target modules; everything else frozen. Returns a peft model (PeftModelForCausalLM).
 
@@ -324,6 +326,8 @@ class FastMoEModel:
           recomputed, as Megatron-LM's block recompute does: each layer left out saves its forward's time in
           every step (about a quarter of a layer's step time) and costs its activations in memory, 0.45 GiB
           per 8K tokens for Qwen3-30B-A3B (measured). For models with memory to spare (few layers, short contexts).
+        lora_groups: sibling LoRA projections that read one input (q/k/v; MLA's q_a and kv_a; gate and up) computed
+          by one autograd Function (moetune/lora_groups.py); False: one Function a projection.
         """
         from peft import LoraConfig
         from peft.utils.constants import DUMMY_TARGET_MODULES
@@ -337,6 +341,7 @@ class FastMoEModel:
         if offload_checkpoints is not None:
             _check_bool("offload_checkpoints", offload_checkpoints)
         _check_bool("train_router", train_router)
+        _check_bool("lora_groups", lora_groups)
         if checkpoint_layers is not None and (
             isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int) or checkpoint_layers < 0
         ):
@@ -380,7 +385,7 @@ class FastMoEModel:
                 add_expert_lora(module, r, lora_alpha, gate_up=gate_up, down=down)
         # peft's Linear LoRA runs its adapters in fp32 (CUDA-core GEMMs, casts, fp32 copies of x saved): one
         # autograd Function in the activation dtype instead, wherever the layer's state allows (else peft's path).
-        install_fast_lora_linear(peft_model)
+        install_fast_lora_linear(peft_model, groups=lora_groups)
         setattr(peft_model, _SPEC_ATTR, spec)
         return peft_model
 

@@ -56,25 +56,26 @@ GROUPS = (
 class LoRAGroupFunction(torch.autograd.Function):
     """Every member's F.linear(x, W_i, b_i) + s_i F.linear(F.linear(x, A_i), B_i) in x's dtype; no W_i gradient.
 
-    forward(ctx, x, scalings, W_1, b_1, A_1, B_1, W_2, ...): x [N, in]; per member W [out_i, in] (frozen), b [out_i]
-    or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member. Returns one
-    output [N, out_i] a member (not views: a caller may change them in place). See the module docstring for the math
-    and what is kept.
+    forward(ctx, x, scalings, W_1, b_1, A_1, B_1, W_2, ...): x [..., in]; per member W [out_i, in] (frozen), b
+    [out_i] or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member.
+    Returns one output [..., out_i] a member (not views made here: a caller may change them in place, as with
+    lora_linear). See the module docstring for the math and what is kept.
     """
 
     @staticmethod
     def forward(ctx, x, scalings, *members):
-        assert x.dim() == 2, "x [N, in] expected (linear_group_with_lora flattens)"
         weights, biases, As, Bs = members[0::4], members[1::4], members[2::4], members[3::4]
         assert not any(w.requires_grad for w in weights), "frozen base weights expected"
+        x2 = x.reshape(-1, x.shape[-1])
         A_cat = torch.cat(As).to(x.dtype)  # [R_1 + R_2 + ..., in]
         B_c = tuple(B.to(x.dtype) for B in Bs)
-        U = x @ A_cat.t()
+        U = x2 @ A_cat.t()
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
         for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
             y = F.linear(x, weight, bias)
-            y.addmm_(U[:, start:start + rank], B.t(), alpha=s)  # one rounding of base + LoRA, as lora_linear
+            # one rounding of base + LoRA, as lora_linear
+            y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t(), alpha=s)
             outputs.append(y)
             start += rank
         casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
@@ -88,6 +89,8 @@ class LoRAGroupFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         count = len(dys)
         x, U, A_cat, *rest = saved_tensors.load(ctx)
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        dys = tuple(None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys)
         weights, B_c = rest[:count], rest[count:]
         need = ctx.needs_input_grad  # x, scalings, then (W, b, A, B) a member
         scalings, ranks = ctx.scalings, ctx.ranks
@@ -111,6 +114,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 else:  # each member's columns of G scaled by its own s
                     scale = torch.cat([G.new_full((rank,), s) for rank, s in zip(ranks, scalings)])
                     dx.addmm_(G * scale, A_cat)
+                dx = dx.view(shape)
 
         dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
         grads, start = [], 0
@@ -132,17 +136,13 @@ def linear_group_with_lora(x, members, scalings) -> tuple[torch.Tensor, ...]:
     """One output [..., out_i] per member (W, b, A, B) of x [..., in], see LoRAGroupFunction. Under torch.autocast
     everything is cast to the autocast dtype first and the Function runs with autocast off, as
     lora_linear.linear_with_lora."""
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])  # outside the Function, as lora_linear.linear_with_lora says why
     dtype = lora_linear._autocast_dtype(x.device.type)
     if dtype is None:
-        outputs = LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
-    else:
-        x = x.to(dtype)
-        members = [(W.to(dtype), None if b is None else b.to(dtype), A, B) for W, b, A, B in members]
-        with torch.autocast(x.device.type, enabled=False):
-            outputs = LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
-    return tuple(y.reshape(*lead, y.shape[-1]) for y in outputs)
+        return LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
+    x = x.to(dtype)
+    members = [(W.to(dtype), None if b is None else b.to(dtype), A, B) for W, b, A, B in members]
+    with torch.autocast(x.device.type, enabled=False):
+        return LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
 
 
 def _mode(x: torch.Tensor) -> tuple:
@@ -224,8 +224,8 @@ class _Group:
         if not self.warned:
             self.warned = True
             warnings.warn(f"moetune: the LoRA layers {self.label} were grouped as reading one input but are not "
-                          "called in that order on the same tensor; such calls compute alone, after the group's work "
-                          "for them", stacklevel=4)
+                          "called in that order on the same tensor (or one changed in between); such calls compute "
+                          "alone, after the group's work for them", stacklevel=4)
         return None
 
 

@@ -78,17 +78,18 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         assert not weight.requires_grad, "frozen base weight expected: trainable ones take peft's path"
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         A_c, B_c = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        y = F.linear(x2, weight, bias)
+        # y itself is returned, not a view made here: a caller may change it in place (OLMoE's clip_qkv clamps the
+        # projections' outputs), which autograd refuses for a view made inside a Function.
+        y = F.linear(x, weight, bias)
         u = x2 @ A_c.t()
-        y.addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
+        y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
         casts = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
         saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=casts)
         ctx.scaling = scaling
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
-        return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -118,19 +119,13 @@ def linear_with_lora(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.T
     Under torch.autocast everything is cast to the autocast dtype first, as autocast's own F.linear
     would, and the Function runs with autocast off (forward and backward).
     """
-    # Flattened out here, not in the Function: a view made inside a Function could not be changed in place by the
-    # caller (OLMoE's clip_qkv clamps the projections' outputs in place).
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
     dtype = _autocast_dtype(x.device.type)
     if dtype is None:
-        y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
-    else:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
-    return y.reshape(*lead, y.shape[-1])
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
 
 
 # --- peft integration --------------------------------------------------------------------------------
@@ -213,8 +208,10 @@ def _is_installed(module: nn.Module) -> bool:
     return getattr(module.__dict__.get("forward"), "__func__", None) is _fast_forward
 
 
-def install_fast_lora_linear(peft_model: nn.Module) -> int:
-    """Route peft's lora.Linear layers (nn.Linear base, plain LoRA, no dropout) through LoRALinearFunction.
+def install_fast_lora_linear(peft_model: nn.Module, groups: bool = True) -> int:
+    """Route peft's lora.Linear layers (nn.Linear base, plain LoRA, no dropout) through LoRALinearFunction, and with
+    `groups` the siblings that read one input (q/k/v, ...) through one LoRAGroupFunction (lora_groups.py; False
+    removes groups formed before).
 
     Per instance: each layer's `forward` attribute is replaced; the class is untouched. Layers with
     dropout > 0, DoRA or another variant, lora_bias, several active adapters, a non-Linear base (or a
@@ -236,9 +233,12 @@ def install_fast_lora_linear(peft_model: nn.Module) -> int:
             continue
         module.forward = types.MethodType(_fast_forward, module)
         count += 1
-    from .lora_groups import form_groups  # (lora_groups builds on this module)
+    from .lora_groups import form_groups, ungroup  # (lora_groups builds on this module)
 
-    form_groups(peft_model)
+    if groups:
+        form_groups(peft_model)
+    else:
+        ungroup(peft_model)
     return count
 
 

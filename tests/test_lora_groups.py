@@ -482,6 +482,19 @@ def test_every_architecture_groups_in_forward_and_recompute_alike(checkpoint, gr
         assert relative_error(g, ungrouped_grads[name]) < 1e-5, name
 
 
+@pytest.mark.filterwarnings("ignore:target_modules")
+def test_get_peft_model_without_groups(checkpoint, group_calls):
+    model = lora_model(checkpoint("qwen3_moe"), lora_groups=False)
+    model.train()
+    logits, grads = logits_and_lora_grads(model, token_batch())
+    assert grouped_layers(model) == 0 and not group_calls
+    assert install_fast_lora_linear(model) > 0 and grouped_layers(model) > 0  # groups=True by default
+    grouped_logits, grouped_grads = logits_and_lora_grads(model, token_batch())
+    assert group_calls and relative_error(grouped_logits, logits) < 1e-5
+    for name, g in grads.items():
+        assert relative_error(grouped_grads[name], g) < 1e-5, name
+
+
 def test_groups_keep_parameters_and_leave_nothing_waiting(checkpoint):
     """Parameters and state dict keys stay peft's; nothing waits in a group after a step."""
     model = lora_model(checkpoint("qwen3_moe"))

@@ -328,13 +328,16 @@ def test_uncovered_variants_are_not_installed(config):
 
 
 def test_model_logits_and_every_lora_gradient_unchanged(checkpoint, fast_calls):
-    """qwen3_moe, q/k/v/o + dense MLP Linear LoRA + expert LoRA, gradient checkpointing on."""
+    """qwen3_moe, q/k/v/o + dense MLP Linear LoRA + expert LoRA, gradient checkpointing on: peft's own forward (the
+    reference) against the fast path get_peft_model installs."""
     model = lora_model(checkpoint("qwen3_moe"))
     model.train()
     ids = token_batch()
-    logits, grads = logits_and_lora_grads(model, ids)
     linear = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    assert install_fast_lora_linear(model) == len(linear) > 0
+    assert uninstall_fast_lora_linear(model) == len(linear) > 0
+    logits, grads = logits_and_lora_grads(model, ids)
+    assert not fast_calls
+    assert install_fast_lora_linear(model) == len(linear)
     fast_logits, fast_grads = logits_and_lora_grads(model, ids)
     assert len(fast_calls) >= 2 * len(linear)  # forward and checkpointing recompute
     assert relative_error(fast_logits, logits) < 1e-5

@@ -1,5 +1,6 @@
 """The fused router top-k (moetune/kernels/router_topk.py) on a transformers model, one router instance at a time.
 
+Opt-in (`FastMoEModel.from_pretrained(..., fused_router=True)`) until it has run on a GPU.
 `install_fast_routers(model)` gives each router module whose forward it recognises an instance `forward` that keeps
 the router's Linear (torch's GEMM, so a trainable router weight still gets its gradient) and replaces what follows it:
 softmax, top-k, the weights' normalisation and cast, five launches and their gradients, by one launch each way.
@@ -132,8 +133,8 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
 
 def install_fast_routers(model: nn.Module) -> int:
     """Swap in the fused router forward on every recognised router of `model`. Idempotent. Returns how many routers
-    now run fused (0 where no CUDA GPU and no Triton interpreter: nothing is changed)."""
-    if not fast_norm_available():
+    now run fused (0 where no CUDA GPU and no Triton interpreter, and on ROCm: nothing is changed)."""
+    if not fast_norm_available() or torch.version.hip:  # ROCm's top-k breaks ties otherwise
         return 0
     return instance_forward.install(model, _VARIANT_ATTR, router_variant, _fused_forward)[0]
 

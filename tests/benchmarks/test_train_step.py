@@ -97,6 +97,8 @@ def test_lora_groups_off_trains_to_the_same_losses(tmp_path):
              "--providers", "moetune", "--lora-groups", setting, "--out", str(out))
         (rows[setting],) = json.loads(out.read_text())["rows"]
         assert rows[setting]["lora_groups"] == setting
+        assert rows[setting]["fused_routers"] == 0  # CPU: installed on CUDA only
+    assert rows["on"]["grouped_lora_layers"] > 0 and rows["off"]["grouped_lora_layers"] == 0  # what ran
     assert rows["on"]["losses"] == pytest.approx(rows["off"]["losses"], rel=1e-5)
 
 
