@@ -9,9 +9,9 @@ the model runs at toy width on one CPU thread, through the code paths a GPU take
   interpreter: the launch itself (launch.py's direct path and Triton's argument binding; on an H200's host about a
   third of a block's host time, run 49a), autotune's cache lookups (the interpreter takes the first config) and the
   TMA and Gluon branches. A percentage saved here therefore overstates the same saving on a GPU's host;
-- the CUDA path's choices: fused norms, rotary and router top-k, and the routing plan by the counting sort. The
-  sort's and the router's kernels are skipped too, so after their host code a valid plan and valid experts are
-  written into their outputs by torch, untimed;
+- the CUDA path's choices: fused norms and rotary (and the fused router top-k with --fused-router, opt-in as in
+  from_pretrained), and the routing plan by the counting sort. The sort's and the router's kernels are skipped too,
+  so after their host code a valid plan and valid experts are written into their outputs by torch, untimed;
 - the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
 
 A step's wall time is then host time, with the CPU's own small GEMMs and attention in it. Absolute figures are not a
@@ -95,7 +95,7 @@ def take_the_cuda_path() -> None:
     validation.checks_ids = routing.checks_ids
 
 
-def build(layers: int, seq: int, source: str):
+def build(layers: int, seq: int, source: str, fused_router: bool = False):
     import train_step
 
     from moetune.training.bf16_adamw import AdamWBf16
@@ -104,7 +104,7 @@ def build(layers: int, seq: int, source: str):
     config = train_step.make_config("qwen3-30b-a3b", layers, tiny=True)
     device = torch.device("cpu")
     train_step.save_checkpoint(config, source, device)  # the real loading path, as train_step.py
-    model = train_step.build_moetune(source, "qwen3-30b-a3b", 16, 32, device, offload=False)
+    model = train_step.build_moetune(source, "qwen3-30b-a3b", 16, 32, device, offload=False, fused_router=fused_router)
     model.train()
     optimizer = StepInBackward([p for p in model.parameters() if p.requires_grad], AdamWBf16, lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps a round")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="then profile 5 steps")
+    parser.add_argument("--fused-router", action="store_true", help="the router's fused top-k (opt-in)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # the skipped kernels leave their outputs uninitialised: no slow denormal math
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     skip_kernel_bodies()
     take_the_cuda_path()
     with tempfile.TemporaryDirectory(prefix="moetune-host-cost-") as source:
-        return measure(args, *build(args.layers, args.seq, source))
+        return measure(args, *build(args.layers, args.seq, source, args.fused_router))
 
 
 def measure(args, model, optimizer, ids, step) -> int:

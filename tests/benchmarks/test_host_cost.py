@@ -15,10 +15,11 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "host_cost.py"
 
 
-def test_one_layer_step_counts_the_gpu_paths_launches():
+@pytest.mark.parametrize("router", [[], ["--fused-router"]], ids=["transformers-router", "fused-router"])
+def test_one_layer_step_counts_the_gpu_paths_launches(router):
     pytest.importorskip("triton")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--layers", "1", "--steps", "1", "--rounds", "2"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--layers", "1", "--steps", "1", "--rounds", "2", *router],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     timing = re.search(r"1 layers, 32 tokens: ([\d.]+) ms a step median .min ([\d.]+)\), ([\d.]+) ms a layer",
@@ -30,3 +31,6 @@ def test_one_layer_step_counts_the_gpu_paths_launches():
                  "grouped_gemm_kernel", "grouped_wgrad_kernel", "adamw_kernel"):
         assert launches.get(name, 0) > 0, (name, launches)
     assert launches["block_counts_kernel"] == 2.0  # one plan in forward, one in the recompute
+    # The opt-in router: forward and recompute, and backward (the tiny model's one MoE layer)
+    expected = {"router_topk_forward_kernel": 2.0, "router_topk_backward_kernel": 1.0} if router else {}
+    assert {k: v for k, v in launches.items() if k.startswith("router_topk")} == expected
