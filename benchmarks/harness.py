@@ -240,6 +240,12 @@ def measure(step, device, warmup: int, repeat: int) -> dict:
     return result
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius), in float64; b = 0 counts as a norm of 1e-30."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def queued_ms(step, repeat: int, rounds: int = QUEUED_ROUNDS) -> float:
     """Median over rounds of the GPU milliseconds per step of `repeat` steps issued back to back (CUDA), timed behind
     one untimed step so that the timed ones start on a GPU that is not waiting for its host."""

@@ -58,7 +58,7 @@ def skip_kernel_bodies() -> None:
 
 def take_the_cuda_path() -> None:
     """Fused rotary and the counting sort, as on a GPU (the fused norms already run under the interpreter)."""
-    from moetune.experts import routing, validation
+    from moetune.experts import routing
     from moetune.kernels import expert_sort
 
     torch.cuda.is_available = lambda: True  # FastMoEModel installs the fused rotary on CUDA only
@@ -75,7 +75,7 @@ def take_the_cuda_path() -> None:
         untimed[0] += time.perf_counter() - start
         return out
 
-    routing._counting_sort = lambda device, num_experts: sort
+    routing._checking_sort = lambda ids, num_experts: sort if ids.numel() else None  # plan_routing and check_inputs
 
     from moetune.kernels import router_topk
 
@@ -91,8 +91,6 @@ def take_the_cuda_path() -> None:
         return weights, ids
 
     router_topk._forward = router
-    routing.checks_ids = lambda ids, num_experts: ids.numel() > 0
-    validation.checks_ids = routing.checks_ids
 
 
 def build(layers: int, seq: int, source: str, fused_router: bool = False):

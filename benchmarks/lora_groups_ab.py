@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             set_grouped(module, grouped)
             outputs = module(x)
             results[grouped] = [t.detach() for t in outputs] + list(torch.autograd.grad(outputs, params, dys))
-        error = max(relative_error(a, b) for a, b in zip(results[True], results[False]))
+        error = max(harness.relative_error(a, b) for a, b in zip(results[True], results[False]))
         timings = {True: [], False: []}
         for index in range(args.rounds):
             for grouped in ((True, False) if index % 2 == 0 else (False, True)):
@@ -124,11 +124,6 @@ def main(argv=None) -> int:
     if args.out:
         harness.write_json(args.out, {"environment": harness.environment(), "args": vars(args), "rows": rows})
     return 0
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,6 @@ def set_mode(ways) -> None:
     grouped_gemm_module._LORA_INPUT_WAYS = ways  # untimed with one way: pick takes it
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["qwen3-30b-a3b:16384", "qwen3-30b-a3b:4096"],
@@ -68,7 +64,7 @@ def main(argv=None) -> int:
                 if reference is None:
                     reference = got
                     continue
-                errors = [rel_err(g, r) for g, r in zip(got, reference)]
+                errors = [harness.relative_error(g, r) for g, r in zip(got, reference)]
                 print(f"{name} {mode} against measured, rel err of out, dx, dw, LoRA grads: "
                       + " ".join(f"{e:.1e}" for e in errors), flush=True)
             times = {mode: [] for mode in MODES}

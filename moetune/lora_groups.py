@@ -151,10 +151,8 @@ def _mode(x: torch.Tensor) -> tuple:
     return torch.is_grad_enabled(), lora_linear._autocast_dtype(x.device.type), x._version, recompute.recomputing()
 
 
-def _signature(fast) -> tuple:
-    """What a member's output depends on besides x (lora_linear._fast_args's result): its tensors and their versions."""
-    base, A, B, scaling = fast
-    tensors = (base._parameters["weight"], base._parameters["bias"], A._parameters["weight"], B._parameters["weight"])
+def _signature(tensors: tuple, scaling) -> tuple:
+    """What a member's output depends on besides x: its (W, b, A, B), their versions, its scaling."""
     return (scaling, *(id(t) for t in tensors), *(None if t is None else t._version for t in tensors))
 
 
@@ -192,21 +190,19 @@ class _Group:
         # Inference tensors have no version counter to check the hand-over by; torch.compile traces the layers alone.
         if not isinstance(x, torch.Tensor) or x.is_inference() or torch.compiler.is_compiling():
             return None
-        members, scalings, signatures = [], [], []
+        members, scalings = [], []
         for layer in self.members:
             fast = None if layer._forward_pre_hooks else lora_linear._fast_args(layer)
             if fast is None:
                 return None
-            base, A, B, scaling = fast
-            members.append((base._parameters["weight"], base._parameters["bias"], A._parameters["weight"],
-                            B._parameters["weight"]))
-            scalings.append(scaling)
-            signatures.append(_signature(fast))
+            members.append(lora_linear.fast_tensors(fast))
+            scalings.append(fast[3])
         if len({w.shape[1] for w, *_ in members}) != 1:
             return None  # not one input width: these layers cannot be reading the same tensor
         outputs = linear_group_with_lora(x, members, scalings)
         self.x, self.mode = weakref.ref(x), _mode(x)
-        self.waiting = dict(zip(self.members[1:], zip(outputs[1:], signatures[1:])))
+        self.waiting = {layer: (out, _signature(tensors, s))
+                        for layer, out, tensors, s in zip(self.members[1:], outputs[1:], members[1:], scalings[1:])}
         return outputs[0]
 
     def _take(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -215,7 +211,8 @@ class _Group:
             return None
         out, signature = entry
         fast = lora_linear._fast_args(layer)
-        if self.x() is x and self.mode == _mode(x) and fast is not None and _signature(fast) == signature:
+        if (self.x() is x and self.mode == _mode(x) and fast is not None
+                and _signature(lora_linear.fast_tensors(fast), fast[3]) == signature):
             if not self.waiting:
                 self._clear()
             return out

@@ -199,9 +199,13 @@ def _fast_forward(self, x, *args, **kwargs):
     fast = _fast_args(self)
     if fast is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base, A, B, scaling = fast
-    weight, bias = base._parameters["weight"], base._parameters["bias"]
-    return linear_with_lora(x, weight, bias, A._parameters["weight"], B._parameters["weight"], scaling)
+    return linear_with_lora(x, *fast_tensors(fast), fast[3])
+
+
+def fast_tensors(fast) -> tuple:
+    """(W, b, A, B) of a layer on the fast path, from _fast_args's (base Linear, lora_A, lora_B, scaling)."""
+    base, A, B, _ = fast
+    return base._parameters["weight"], base._parameters["bias"], A._parameters["weight"], B._parameters["weight"]
 
 
 def _is_installed(module: nn.Module) -> bool:

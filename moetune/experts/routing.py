@@ -88,8 +88,8 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     the ~10 torch ops below, for about a third of their host time (run 51f). It also checks the ids (see
     checks_ids)."""
     num_tokens, top_k = topk_ids_TK.shape
-    if checks_ids(topk_ids_TK, num_experts):
-        counting_sort = _counting_sort(topk_ids_TK.device, num_experts)
+    counting_sort = _checking_sort(topk_ids_TK, num_experts)
+    if counting_sort is not None:
         perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E = counting_sort(topk_ids_TK, num_experts)
         # The sort leaves an id outside [0, E) out of the counts (and writes nothing for it): the rows add up to
         # every pair exactly when all ids are in range. Two ops after the plan instead of five before it (aminmax,
@@ -129,8 +129,14 @@ def torch_sorted_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPla
 def checks_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> bool:
     """Whether plan_routing checks that the ids lie in [0, num_experts) itself, on the device (its counting sort
     runs: CUDA, a Triton that runs there, not under torch.compile, at most MAX_EXPERTS experts)."""
-    return (topk_ids_TK.is_cuda and topk_ids_TK.numel() > 0 and not torch.compiler.is_compiling()
-            and _counting_sort(topk_ids_TK.device, num_experts) is not None)
+    return _checking_sort(topk_ids_TK, num_experts) is not None
+
+
+def _checking_sort(topk_ids_TK: torch.Tensor, num_experts: int):
+    """The counting sort plan_routing runs for these ids (and so checks them with), or None."""
+    if not topk_ids_TK.is_cuda or topk_ids_TK.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    return _counting_sort(topk_ids_TK.device, num_experts)
 
 
 @functools.lru_cache(maxsize=None)
