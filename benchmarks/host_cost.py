@@ -9,8 +9,8 @@ the model runs at toy width on one CPU thread, through the code paths a GPU take
   interpreter: the launch itself (launch.py's direct path and Triton's argument binding; on an H200's host about a
   third of a block's host time, run 49a), autotune's cache lookups (the interpreter takes the first config) and the
   TMA and Gluon branches. A percentage saved here therefore overstates the same saving on a GPU's host;
-- the CUDA path's choices: fused norms and rotary (and the fused router top-k with --fused-router, opt-in as in
-  from_pretrained), and the routing plan by the counting sort. The sort's and the router's kernels are skipped too,
+- the CUDA path's choices: fused norms, rotary and router top-k (--fused-router off: transformers' router), and
+  the routing plan by the counting sort. The sort's and the router's kernels are skipped too,
   so after their host code a valid plan and valid experts are written into their outputs by torch, untimed;
 - the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
 
@@ -93,7 +93,7 @@ def take_the_cuda_path() -> None:
     router_topk._forward = router
 
 
-def build(layers: int, seq: int, source: str, fused_router: bool = False):
+def build(layers: int, seq: int, source: str, fused_router: bool = True):
     import train_step
 
     from moetune.training.bf16_adamw import AdamWBf16
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps a round")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="then profile 5 steps")
-    parser.add_argument("--fused-router", action="store_true", help="the router's fused top-k (opt-in)")
+    parser.add_argument("--fused-router", default="on", choices=["on", "off"], help="the router's fused top-k")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # the skipped kernels leave their outputs uninitialised: no slow denormal math
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     skip_kernel_bodies()
     take_the_cuda_path()
     with tempfile.TemporaryDirectory(prefix="moetune-host-cost-") as source:
-        return measure(args, *build(args.layers, args.seq, source, args.fused_router))
+        return measure(args, *build(args.layers, args.seq, source, args.fused_router == "on"))
 
 
 def measure(args, model, optimizer, ids, step) -> int:

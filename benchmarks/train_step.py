@@ -101,7 +101,7 @@ def save_checkpoint(config, path: str, device) -> None:
 
 
 def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None,
-                  fused_router=False, lora_groups=True):
+                  fused_router=True, lora_groups=True):
     import moetune
 
     model, _ = moetune.FastMoEModel.from_pretrained(
@@ -455,9 +455,8 @@ def main(argv=None) -> int:
                              "all: every checkpointed layer keeps it, no plan")
     parser.add_argument("--fused-rotary", default="on", choices=["on", "off"],
                         help="moetune: the fused rotary kernel (on CUDA)")
-    parser.add_argument("--fused-router", default="off", choices=["on", "off"],
-                        help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA; "
-                             "opt-in until it has run on a GPU)")
+    parser.add_argument("--fused-router", default="on", choices=["on", "off"],
+                        help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA)")
     parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
                         help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
                              "(moetune/lora_groups.py; off: one Function a layer)")

@@ -229,7 +229,7 @@ class FastMoEModel:
         fused_cross_entropy: bool = True,
         fused_norms: bool = True,
         fused_rotary: bool = True,
-        fused_router: bool = False,
+        fused_router: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -248,8 +248,7 @@ class FastMoEModel:
           says so).
         fused_router: on NVIDIA GPUs, a softmax router's softmax, top-k and normalisation as one Triton launch each
           way (qwen3_moe, qwen2_moe, olmoe, qwen3_vl_moe, mixtral, gpt_oss; the experts transformers chooses, the
-          weights within ~1e-6 relative of transformers' before rounding). Off by default until it has run on a GPU
-          (checked so far in Triton's interpreter and compiled offline for sm_90a).
+          weights within ~1e-6 relative of transformers' before rounding). False keeps transformers' ops.
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)

@@ -1,6 +1,6 @@
 """The fused router top-k (moetune/kernels/router_topk.py) on a transformers model, one router instance at a time.
 
-Opt-in (`FastMoEModel.from_pretrained(..., fused_router=True)`) until it has run on a GPU.
+On by default on NVIDIA GPUs (`FastMoEModel.from_pretrained(..., fused_router=False)` keeps transformers' ops).
 `install_fast_routers(model)` gives each router module whose forward it recognises an instance `forward` that keeps
 the router's Linear (torch's GEMM, so a trainable router weight still gets its gradient) and replaces what follows it:
 softmax, top-k, the weights' normalisation and cast, five launches and their gradients, by one launch each way.

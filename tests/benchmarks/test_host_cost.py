@@ -15,7 +15,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "host_cost.py"
 
 
-@pytest.mark.parametrize("router", [[], ["--fused-router"]], ids=["transformers-router", "fused-router"])
+@pytest.mark.parametrize("router", [["--fused-router", "off"], []], ids=["transformers-router", "fused-router"])
 def test_one_layer_step_counts_the_gpu_paths_launches(router):
     pytest.importorskip("triton")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -31,6 +31,6 @@ def test_one_layer_step_counts_the_gpu_paths_launches(router):
                  "grouped_gemm_kernel", "grouped_wgrad_kernel", "adamw_kernel"):
         assert launches.get(name, 0) > 0, (name, launches)
     assert launches["block_counts_kernel"] == 2.0  # one plan in forward, one in the recompute
-    # The opt-in router: forward and recompute, and backward (the tiny model's one MoE layer)
-    expected = {"router_topk_forward_kernel": 2.0, "router_topk_backward_kernel": 1.0} if router else {}
+    # The fused router (the default): forward and recompute, and backward (the tiny model's one MoE layer)
+    expected = {} if router else {"router_topk_forward_kernel": 2.0, "router_topk_backward_kernel": 1.0}
     assert {k: v for k, v in launches.items() if k.startswith("router_topk")} == expected
