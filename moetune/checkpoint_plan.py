@@ -11,8 +11,11 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    The step's peak memory is measured; for the two ends, the bytes their forward keeps alive plus their input
    (which a checkpointed, offloaded layer would not keep on the GPU); for the others, the attention output kept.
 2. The optimizer's state is not allocated yet: trainable parameters x its bytes per parameter are added. With the
-   step in backward (training/step_in_backward.py) the probe frees each gradient as it arrives, and the most
-   gradient one of its chunks may hold is added.
+   step in backward (training/step_in_backward.py) the probe holds the gradients as its chunks do: each until
+   every parameter of its chunk has one, then the chunk's are dropped. Chunks span layers, and a chunk's
+   gradients arrive at different times of the backward (a layer's experts first, its attention last), so several
+   chunks hold some of theirs at once: adding the largest chunk once fell short (whole Qwen3-30B-A3B at 8K, run
+   56: planned at 66.0 GiB, peaked at 66.14).
 3. From the spare memory (budget - the estimate for every layer checkpointed, none keeping attention): first
    checkpointed layers keep their attention output, then layers are left out of checkpointing, each for its
    activations less the attention output it no longer keeps. Kept attention comes first because it buys more
@@ -44,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from .models import kept_attention
-from .training.step_in_backward import largest_chunk_bytes
+from .training.step_in_backward import chunk_indices
 
 __all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
@@ -114,8 +117,8 @@ def fit_checkpoint_layers(
     clears the parameters' .grad and the device's peak-memory statistics. max_memory_gib: a cap on the budget in GiB
     (torch.cuda.max_memory_allocated's measure). keep_attention: False plans without kept attention (every
     checkpointed layer recomputes it). step_in_backward: the optimizer steps inside the backward pass
-    (training/step_in_backward.py): the probes free each gradient as it arrives, and the most gradient one of its
-    chunks may hold is added to the optimizer state. memory: for tests (CudaMemory's methods).
+    (training/step_in_backward.py): the probes hold each gradient until its chunk is complete, as that optimizer
+    does (chunks of the trainable parameters in model.parameters() order, as moetune train makes them). memory: for tests (CudaMemory's methods).
     Returns what was measured and chosen: {"checkpoint_layers", "kept_attention_layers", "layers",
     "activation_bytes_per_layer", "attention_bytes_per_layer", "probe_peak_bytes", "optimizer_state_bytes",
     "budget_bytes", "verified_peak_bytes" (the checked plan's peak with the state; None when the plan is every
@@ -189,8 +192,6 @@ def fit_checkpoint_layers(
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = trainable * OPTIMIZER_STATE_BYTES[optimizer]
-    if step_in_backward:  # the gradients one chunk may hold while they come in
-        state += largest_chunk_bytes(p for p in model.parameters() if p.requires_grad)
     budget = int(memory_fraction * memory.available())
     if max_memory_gib is not None:
         budget = min(budget, int(max_memory_gib * 2**30))
@@ -261,13 +262,12 @@ def _give_back(layers: int, checkpointed: int, keeping: int, per_layer: int, att
     return layers, 0
 
 
-def _probe_step(model, memory, device, batch_size: int, seq_len: int, free_gradients: bool = False) -> int | None:
+def _probe_step(model, memory, device, batch_size: int, seq_len: int, in_chunks: bool = False) -> int | None:
     """The peak of one forward + backward on random ids of the planned shape (None: out of memory). The caller's
-    RNG, training mode and the parameters' .grad (cleared) are left as they were. free_gradients: each gradient is
-    dropped as it arrives, as the step in backward frees it."""
+    RNG, training mode and the parameters' .grad (cleared) are left as they were. in_chunks: gradients are held
+    and dropped as the step in backward's chunks hold and free them."""
     was_training = model.training
-    hooks = [p.register_post_accumulate_grad_hook(_drop_gradient)
-             for p in model.parameters() if p.requires_grad] if free_gradients else []
+    hooks = _hold_in_chunks([p for p in model.parameters() if p.requires_grad]) if in_chunks else []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, seq_len), device=device)
@@ -287,5 +287,20 @@ def _probe_step(model, memory, device, batch_size: int, seq_len: int, free_gradi
         memory.release()
 
 
-def _drop_gradient(p: torch.Tensor) -> None:
-    p.grad = None
+def _hold_in_chunks(params: list[torch.Tensor]) -> list:
+    """Hooks that keep each gradient until every parameter of its chunk (StepInBackward's chunks) has one, then drop
+    the chunk's: the gradients that optimizer holds, its step aside."""
+    hooks = []
+    for indices in chunk_indices(params):
+        chunk = [params[i] for i in indices]
+        arrived: set[int] = set()
+
+        def arrive(p, chunk=chunk, arrived=arrived):
+            arrived.add(id(p))
+            if len(arrived) == len(chunk):
+                for q in chunk:
+                    q.grad = None
+                arrived.clear()
+
+        hooks += [p.register_post_accumulate_grad_hook(arrive) for p in chunk]
+    return hooks

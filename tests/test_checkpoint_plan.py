@@ -98,28 +98,65 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 
 
-def test_a_plan_for_the_step_in_backward_frees_gradients_as_they_arrive(checkpoint):
-    from moetune.training.step_in_backward import largest_chunk_bytes
+def test_a_plan_for_the_step_in_backward_holds_gradients_as_its_chunks_do(checkpoint, monkeypatch):
+    from moetune import checkpoint_plan
+    from moetune.training import step_in_backward
+    from moetune.training.step_in_backward import StepInBackward
 
     model = _model(checkpoint("mixtral"), "cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    chunk_bytes = 3 * max(p.nbytes for p in params)  # several chunks in this tiny model, each over a layer's part
+    monkeypatch.setattr(checkpoint_plan, "chunk_indices",
+                        lambda ps: step_in_backward.chunk_indices(ps, chunk_bytes))
 
-    class Watching(FakeMemory):  # how many gradients are alive when the probe's backward has ended
-        def peak(self):
-            self.live = sum(p.grad is not None for p in params)
-            return super().peak()
+    def held_at_each_arrival(run) -> list[frozenset]:
+        """The gradients alive as each one arrives (hooks registered before the optimizer's or the probe's)."""
+        seen = []
+        hooks = [p.register_post_accumulate_grad_hook(
+            lambda p: seen.append(frozenset(n for n, q in named if q.grad is not None))) for p in params]
+        try:
+            run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
 
-    plans = {}
-    for in_backward in (False, True):
-        memory = Watching()
-        plans[in_backward] = FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=in_backward,
-                                                                memory=memory)
-        assert (memory.live == 0) == in_backward and (memory.live == len(params)) != in_backward
-        assert all(p.grad is None for p in params) and all(not p._post_accumulate_grad_hooks for p in params)
-    chunk = largest_chunk_bytes(params)  # what one chunk of the step in backward may hold
-    assert plans[True]["optimizer_state_bytes"] == plans[False]["optimizer_state_bytes"] + chunk
+    class Keep(torch.optim.Optimizer):  # steps nothing: StepInBackward's holding alone
+        def __init__(self, params, **kwargs):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            pass
+
+    ids = torch.randint(0, VOCAB, (2, 9))
+
+    def real_step():
+        optimizer = StepInBackward(params, Keep, chunk_bytes=chunk_bytes)
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        finally:
+            optimizer.remove_hooks()
+
+    def probe():  # (it draws its own ids: the order of the arrivals does not depend on them)
+        assert checkpoint_plan._probe_step(model, FakeMemory(), torch.device("cpu"), 2, 9, in_chunks=True) == 10_000
+
+    expected = held_at_each_arrival(real_step)
+    got = held_at_each_arrival(probe)
+    assert got == expected and len(got) == len(params)
+    # More than one chunk holds some of its gradients at once: why one chunk's bytes was not enough.
+    chunk_of = {named[i][0]: c for c, indices in enumerate(step_in_backward.chunk_indices(params, chunk_bytes))
+                for i in indices}
+    assert max(len({chunk_of[n] for n in alive}) for alive in got) >= 2
+    assert all(p.grad is None for p in params) and all(not p._post_accumulate_grad_hooks for p in params)
+
+    plans = {flag: FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=flag, memory=FakeMemory())
+             for flag in (False, True)}
+    assert plans[True]["optimizer_state_bytes"] == plans[False]["optimizer_state_bytes"]  # the probe measures it
     with pytest.raises(ValueError, match="step_in_backward: expected True or False"):
-        FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=1, memory=Watching())
+        FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=1, memory=FakeMemory())
 
 
 def _four_moe_layers(directory):

@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["StepInBackward", "CHUNK_BYTES", "largest_chunk_bytes"]
+__all__ = ["StepInBackward", "CHUNK_BYTES", "chunk_indices"]
 
 # Gradient bytes per chunk: what may stay alive while its gradients come in, and few enough chunks (about 40 for a
 # whole Qwen3-30B-A3B) that the host time of their steps stays small.
@@ -73,7 +73,7 @@ class StepInBackward(torch.optim.Optimizer):
                 raise ValueError("params: a parameter is already stepped in backward by another StepInBackward "
                                  "(call its remove_hooks() first)")
         ref = weakref.ref(self)
-        for indices in _split([params[i] for i in trainable], self._chunk_bytes):
+        for indices in chunk_indices([params[i] for i in trainable], self._chunk_bytes):
             chunk = [params[trainable[j]] for j in indices]
             inner_group = dict(_hyper(group), params=chunk)
             if names is not None:
@@ -187,12 +187,7 @@ def _hyper(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in ("params", "param_names")}
 
 
-def largest_chunk_bytes(params, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """The most gradient bytes one chunk may hold: chunk_bytes, or one parameter larger than that."""
-    return max([chunk_bytes] + [p.nbytes for p in params])
-
-
-def _split(params: list[torch.Tensor], chunk_bytes: int) -> list[list[int]]:
+def chunk_indices(params: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> list[list[int]]:
     """Indices of consecutive parameters in chunks of at most chunk_bytes of gradient (a larger parameter alone)."""
     chunks, current, size = [], [], 0
     for i, p in enumerate(params):

@@ -1,5 +1,5 @@
 """StepInBackward: the optimizer step inside the backward pass computes what one optimizer over all the
-parameters computes, never holds more than a chunk of gradients, and refuses what needs every gradient at once."""
+parameters computes, frees each chunk's gradients as soon as it steps, and refuses what needs every gradient at once."""
 
 from __future__ import annotations
 
@@ -132,15 +132,18 @@ def test_schedulers_that_cycle_momentum_find_the_inner_defaults():
 
 
 def test_chunks_hold_at_most_chunk_bytes_or_one_larger_parameter():
-    from moetune.training.step_in_backward import largest_chunk_bytes
+    from moetune.training.step_in_backward import chunk_indices
 
     model = make_model()
     optimizer = StepInBackward(model.parameters(), torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2)
     assert all(sum(p.numel() * 4 for p in chunk) <= CHUNK for _, _, chunk in optimizer._chunks)
+    # The chunks are chunk_indices' (the memory planner holds gradients in the same chunks).
+    params = list(make_model().parameters())
+    assert [[id(p) for p in chunk] for _, _, chunk in optimizer._chunks] == \
+        [[id(list(model.parameters())[i]) for i in indices] for indices in chunk_indices(params, CHUNK)]
     small = StepInBackward(make_model().parameters(), torch.optim.AdamW, chunk_bytes=100, lr=1e-2)
     assert [len(chunk) for _, _, chunk in small._chunks] == [1] * 10  # each weight alone; each bias alone
-    assert largest_chunk_bytes(model.parameters(), 100) == WIDTH * WIDTH * 4
-    assert largest_chunk_bytes(model.parameters()) == 64 * 2**20
+    assert chunk_indices(params) == [list(range(10))]  # 64 MiB by default: one chunk here
 
 
 def test_one_stepper_per_parameter_and_a_discarded_one_lets_go():
