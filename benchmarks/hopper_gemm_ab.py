@@ -8,7 +8,7 @@ scatter) timed beside them for the plain product's speed.
 
 --in-loop: each launch also computes its LoRA input U = 2 * A @ UA[e] in its main loop (grouped_gemm's lora_u_weight,
 as the triton backend's tuned ways mostly run them) and writes it out; U is checked against float64 too.
-grouped_gemm is the Triton side here: MOETUNE_TRITON_GLUON is set to 0, so its tuning cannot pick the Gluon kernel.
+grouped_gemm is the Triton side here: MOETUNE_TRITON_GLUON is cleared, so its tuning cannot pick the Gluon kernel.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--in-loop", action="store_true", help="the LoRA input computed in the main loop (lora_u_weight)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    os.environ["MOETUNE_TRITON_GLUON"] = "0"  # grouped_gemm stays Triton's (its tuning could pick the Gluon kernel)
+    os.environ.pop("MOETUNE_TRITON_GLUON", None)  # grouped_gemm stays Triton's (its tuning could pick the Gluon kernel)
     cases = harness.parse_cases(parser, args.cases)
     device = torch.device("cuda")
     picks = range(len(CONFIGS)) if args.configs is None else [int(i) for i in args.configs.split(",")]

@@ -564,22 +564,19 @@ GLUON_HOST_MS = 0.02
 
 
 def gluon_candidates(device, dtype: torch.dtype) -> bool:
-    """Whether autotuning also tries hopper_gemm's Gluon kernel: on sm90 with a Triton that has Gluon, for bf16 and
-    fp16, unless MOETUNE_TRITON_GLUON=0.
+    """Whether autotuning also tries hopper_gemm's Gluon kernel: only under MOETUNE_TRITON_GLUON=1, on sm90 with a
+    Triton that has Gluon, for bf16 and fp16.
 
-    On by default since run 56e (H200, Triton 3.6): with the LoRA input in its main loop the Gluon kernel was 12-13%
-    faster per launch than Triton's at Qwen3's 4K (down projection, gate_up dgrad), 2-4% at 16K, and the Qwen3 block
-    at 4K took 2.59 ms against 2.82 (median of three rounds; the same within the spread at 16K and GLM 16K).
-    Before that, runs 54a-b (H200, Triton 3.6): its outputs were bitwise grouped_gemm's, its GPU time 18-19%
+    Off by default. Runs 54a-b (H200, Triton 3.6): its outputs were bitwise grouped_gemm's, its GPU time 18-19%
     lower on Qwen3's 4K dgrad and from a 9% gain to a 2% loss elsewhere; but each launch cost 92-157 us more host
     time, and the whole block (switch_ab.py --switch gluon) measured the same either way at Qwen3 4K and 16K and
     GLM 16K. Run 55a, with the descriptors made on the device and direct launches: 33 us more host a launch (not
     92-157; 16-26 once eligibility was asked once, run 55b), GPU -29% (4K down projection) and -20% (4K dgrad), and still the same block times: at 4K the block
     waits on its host, and at 16K the two launches it may take are within a few percent of Triton's. Those launches
     had their LoRA input by a launch of its own, where the tuned ways mostly put it in Triton's main loop; since
-    session 19 the Gluon kernel takes it in its main loop too."""
+    session 19 the Gluon kernel takes it in its main loop too (not yet run on a GPU)."""
     device = torch.device(device)
-    if os.environ.get("MOETUNE_TRITON_GLUON") == "0" or hopper_gemm.gluon is None or device.type != "cuda":
+    if os.environ.get("MOETUNE_TRITON_GLUON") != "1" or hopper_gemm.gluon is None or device.type != "cuda":
         return False
     return (torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
             and _capability(device.index) == (9, 0))

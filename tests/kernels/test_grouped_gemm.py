@@ -278,7 +278,7 @@ def test_autotuning_then_tries_its_pick_as_a_persistent_kernel(monkeypatch, few_
 
 
 def test_autotuning_on_hopper_then_tries_the_gluon_kernel_for_sorted_rows(monkeypatch):
-    """Where gluon_candidates says yes (sm90 unless MOETUNE_TRITON_GLUON=0, faked here) a third pick (GLUON_TUNING)
+    """Where gluon_candidates says yes (sm90 under MOETUNE_TRITON_GLUON=1, faked here) a third pick (GLUON_TUNING)
     between the pick so far and hopper_gemm's configs decides for a plain GEMM over sorted rows with its LoRA input
     given; a Gluon answer launches hopper_gemm.sorted_gemm with the launch's own operands. Gathered rows and
     gluon_candidates saying no skip the step."""
@@ -353,19 +353,20 @@ def test_a_gluon_config_is_refused_where_the_gluon_kernel_cannot_compute_the_lau
         grouped_gemm(rand(gen, plan.num_rows, 16), b, config=config, **common)
 
 
-def test_gluon_candidates_on_hopper_unless_turned_off(monkeypatch):
+def test_gluon_candidates_only_when_asked_and_on_hopper(monkeypatch):
     module = importlib.import_module("moetune.kernels.grouped_gemm")
-    monkeypatch.delenv("MOETUNE_TRITON_GLUON", raising=False)
+    monkeypatch.setenv("MOETUNE_TRITON_GLUON", "1")
     assert module.gluon_candidates("cpu", torch.bfloat16) is False
     monkeypatch.setattr(module, "_capability", lambda index: (9, 0))
-    expected = module.hopper_gemm.gluon is not None and torch.version.hip is None
-    for setting in (None, "1"):  # on by default
-        if setting is not None:
+    for setting in ("0", None):  # off by default
+        if setting is None:
+            monkeypatch.delenv("MOETUNE_TRITON_GLUON")
+        else:
             monkeypatch.setenv("MOETUNE_TRITON_GLUON", setting)
-        assert module.gluon_candidates("cuda:0", torch.bfloat16) is expected
-    monkeypatch.setenv("MOETUNE_TRITON_GLUON", "0")
-    assert module.gluon_candidates("cuda:0", torch.bfloat16) is False
+        assert module.gluon_candidates("cuda:0", torch.bfloat16) is False
     monkeypatch.setenv("MOETUNE_TRITON_GLUON", "1")
+    expected = module.hopper_gemm.gluon is not None and torch.version.hip is None
+    assert module.gluon_candidates("cuda:0", torch.bfloat16) is expected
     assert module.gluon_candidates("cuda:0", torch.float32) is False
     monkeypatch.setattr(module, "_capability", lambda index: (8, 0))
     assert module.gluon_candidates("cuda:0", torch.bfloat16) is False
