@@ -305,10 +305,11 @@ HOST_LABELS = (("queued_s", "host queued"), ("busiest_cpu_s", "busiest thread cp
                ("runqueue_wait_s", "runqueue wait"), ("gc_s", "gc"))
 
 
-def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[list[float], list[float], float, dict]:
+def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None
+               ) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
     seconds of the warm-up, each timed step's host split by StepClock). Peak-memory stats restart after the
-    warm-up."""
+    warm-up. after_warmup_step: called after each warm-up step (the memory plan's step checks)."""
     times, losses = [], []
     host = {key: [] for key, _ in HOST_LABELS}
     clock = StepClock()
@@ -330,6 +331,8 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device) -> tuple[
                 host["queued_s"].append(queued)
                 for key, value in clock.split().items():
                     host[key].append(value)
+            elif after_warmup_step is not None:
+                after_warmup_step()
             losses.append(loss.item())
     finally:
         clock.close()
@@ -388,10 +391,15 @@ def run(provider, source, config, seq, args, device) -> dict:
     optimizer = make_optimizer(params, args.optim, args.step_in_backward and provider == "moetune")
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
+    from moetune.checkpoint_plan import StepChecks
+
+    # the warm-up steps against an auto plan's budget, as moetune train checks its first steps (a no-op otherwise)
+    plan_checks = StepChecks(model, plan, device)
     try:
         # freeze: everything built so far (the model, its hooks) leaves the collector, as in moetune train
         with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
-            times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device)
+            times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device,
+                                                plan_checks.after_step)
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         memory = memory_peak_step(model, optimizer, ids, provider, seq, args) \
             if provider in args.memory_peak and device.type == "cuda" else None

@@ -14,8 +14,9 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    step in backward (training/step_in_backward.py) the probe holds the gradients as its chunks do: each until
    every parameter of its chunk has one, then the chunk's are dropped. Chunks span layers, and a chunk's
    gradients arrive at different times of the backward (a layer's experts first, its attention last), so several
-   chunks hold some of theirs at once: adding the largest chunk once fell short (whole Qwen3-30B-A3B at 8K, run
-   56: planned at 66.0 GiB, peaked at 66.14).
+   chunks can hold some of theirs at once, which adding the largest chunk once (before session 21) did not
+   count. The chunks' own steps are not run; their temporaries are small for the optimizers moetune train makes
+   (fused AdamW, AdamWBf16's one launch, 8-bit AdamW).
 3. From the spare memory (budget - the estimate for every layer checkpointed, none keeping attention): first
    checkpointed layers keep their attention output, then layers are left out of checkpointing, each for its
    activations less the attention output it no longer keeps. Kept attention comes first because it buys more
@@ -34,6 +35,13 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
    and the check repeats; a plan still over after three checks, or a check that runs out of memory, falls back to
    every layer checkpointed, none keeping attention. The plan reports each check (`checks`).
 
+5. The probe is not the training step: the optimizer's state comes into the estimate as a sum, not as it lives,
+   and the step's own work is not run. Whole Qwen3-30B-A3B at 8K peaked 0.14 GiB over its checked plan in run 56
+   (66.14 against 66.00 GiB; run 52c, 0.05 under), a cause not yet found (the chunk holding of 2 may be ~64 MiB
+   of it). So a training loop hands its first steps' peaks to `refit_to_step` (through StepChecks), which gives
+   back as a failed check does while a real step is over the budget; moetune train and
+   benchmarks/train_step.py do. Steps that autotune are skipped: the timing's buffers set their peak.
+
 A model of one or two decoder layers has no layer the probe checkpoints, so nothing measures kept attention and
 none keeps it. If the probe itself runs out of memory, every layer stays checkpointed and none keeps attention. Attention is
 flash/sdpa (linear in tokens), so a shorter batch later needs less; a longer one than planned may not fit: plan
@@ -44,12 +52,14 @@ checkpoints every layer again and drops the kept attention.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .models import kept_attention
 from .training.step_in_backward import chunk_indices
 
-__all__ = ["fit_checkpoint_layers", "choose_plan", "OPTIMIZER_STATE_BYTES"]
+__all__ = ["fit_checkpoint_layers", "refit_to_step", "StepChecks", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
 # Optimizer state per trainable parameter, allocated at the first step: AdamW's two fp32 moments; two bf16 ones
 # (training/bf16_adamw.py); 8-bit AdamW's.
@@ -98,6 +108,12 @@ class CudaMemory:
 
     def release(self) -> None:
         torch.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_so_far(self) -> int:  # the allocator's own count: no wait for the GPU
+        return torch.cuda.max_memory_allocated(self.device)
 
 
 def _layers(model) -> list:
@@ -240,6 +256,65 @@ def fit_checkpoint_layers(
     return plan
 
 
+def refit_to_step(model, plan: dict, peak_bytes: int) -> bool:
+    """After a real training step under `plan` (fit_checkpoint_layers' result): where the step's peak (bytes, as
+    torch.cuda.max_memory_allocated counts them since the step began) is over the plan's budget, checkpoint more
+    layers or keep fewer attention outputs by the excess and one more, as a failed check does (module docstring, 5).
+    Returns whether the plan changed; each call is recorded in plan["step_checks"] as ((checkpointed, keeping),
+    peak_bytes). A plan already at every layer checkpointed without kept attention has nothing to give back."""
+    if isinstance(peak_bytes, bool) or not isinstance(peak_bytes, int) or peak_bytes < 0:
+        raise ValueError(f"peak_bytes: expected an integer >= 0, got {peak_bytes!r}")
+    if not isinstance(plan, dict) or plan.get("checkpoint_layers") is None or "budget_bytes" not in plan:
+        raise ValueError("plan: expected fit_checkpoint_layers' result for a measured plan (with its budget)")
+    layers = _layers(model)
+    if len(layers) != plan["layers"]:
+        raise ValueError(f"plan: made for {plan['layers']} decoder layers, the model has {len(layers)}")
+    checkpointed, keeping = plan["checkpoint_layers"], plan.get("kept_attention_layers", 0)
+    plan.setdefault("step_checks", []).append(((checkpointed, keeping), peak_bytes))
+    over = peak_bytes - plan["budget_bytes"]
+    if over <= 0 or (checkpointed, keeping) == (len(layers), 0):
+        return False
+    checkpointed, keeping = _give_back(len(layers), checkpointed, keeping, plan["activation_bytes_per_layer"],
+                                       plan["attention_bytes_per_layer"], over)
+    plan["checkpoint_layers"], plan["kept_attention_layers"] = checkpointed, _apply(layers, checkpointed, keeping)
+    return True
+
+
+class StepChecks:
+    """refit_to_step for a training loop's first `steps` steps that autotuned nothing (a step that tunes holds the
+    timing's buffers at its peak), on CUDA, for a measured plan; otherwise after_step does nothing. The peak
+    statistics restart where a step tuned or the plan changed, so the next check sees the new plan's steps only."""
+
+    def __init__(self, model, plan: dict | None, device, steps: int = CHECKS, memory=None):
+        from .kernels import autotune
+
+        self.model, self.plan, self._autotune = model, plan, autotune
+        device = torch.device(device)
+        measured = isinstance(plan, dict) and plan.get("checkpoint_layers") is not None and "budget_bytes" in plan
+        self.memory = memory if memory is not None else CudaMemory(device) if device.type == "cuda" else None
+        self.left = steps if measured and self.memory is not None else 0
+        self._tunings = autotune.tunings()
+        if self.left:
+            self.memory.reset_peak()
+
+    def after_step(self) -> bool:
+        """Call after each optimizer step; True where the plan changed."""
+        if self.left <= 0:
+            return False
+        tunings = self._autotune.tunings()
+        if tunings != self._tunings:
+            self._tunings = tunings
+            self.memory.reset_peak()
+            return False
+        self.left -= 1
+        changed = refit_to_step(self.model, self.plan, self.memory.peak_so_far())
+        if changed:
+            self.memory.reset_peak()
+            print(f"moetune: a training step peaked over the memory plan's budget; now {self.plan['checkpoint_layers']} "
+                  f"layers checkpointed, {self.plan['kept_attention_layers']} keeping attention", file=sys.stderr)
+        return changed
+
+
 def _apply(layers, checkpointed: int, keeping: int) -> int:
     """Checkpoint the first `checkpointed` layers, the first `keeping` of them keeping attention; returns how
     many keep it."""
@@ -267,8 +342,10 @@ def _probe_step(model, memory, device, batch_size: int, seq_len: int, in_chunks:
     RNG, training mode and the parameters' .grad (cleared) are left as they were. in_chunks: gradients are held
     and dropped as the step in backward's chunks hold and free them."""
     was_training = model.training
-    hooks = _hold_in_chunks([p for p in model.parameters() if p.requires_grad]) if in_chunks else []
+    hooks = []
     try:
+        if in_chunks:
+            _hold_in_chunks([p for p in model.parameters() if p.requires_grad], hooks)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, seq_len), device=device)
             model.train()
@@ -287,10 +364,9 @@ def _probe_step(model, memory, device, batch_size: int, seq_len: int, in_chunks:
         memory.release()
 
 
-def _hold_in_chunks(params: list[torch.Tensor]) -> list:
-    """Hooks that keep each gradient until every parameter of its chunk (StepInBackward's chunks) has one, then drop
-    the chunk's: the gradients that optimizer holds, its step aside."""
-    hooks = []
+def _hold_in_chunks(params: list[torch.Tensor], hooks: list) -> None:
+    """Registers (into hooks, as it goes) hooks that keep each gradient until every parameter of its chunk
+    (StepInBackward's chunks) has one, then drop the chunk's: the gradients that optimizer holds, its step aside."""
     for indices in chunk_indices(params):
         chunk = [params[i] for i in indices]
         arrived: set[int] = set()
@@ -302,5 +378,5 @@ def _hold_in_chunks(params: list[torch.Tensor]) -> list:
                     q.grad = None
                 arrived.clear()
 
-        hooks += [p.register_post_accumulate_grad_hook(arrive) for p in chunk]
-    return hooks
+        for p in chunk:
+            hooks.append(p.register_post_accumulate_grad_hook(arrive))

@@ -152,8 +152,17 @@ def test_a_plan_for_the_step_in_backward_holds_gradients_as_its_chunks_do(checkp
     assert max(len({chunk_of[n] for n in alive}) for alive in got) >= 2
     assert all(p.grad is None for p in params) and all(not p._post_accumulate_grad_hooks for p in params)
 
-    plans = {flag: FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=flag, memory=FakeMemory())
-             for flag in (False, True)}
+    class Watching(FakeMemory):  # how many gradients are alive when the probe's backward has ended
+        def peak(self):
+            self.live = sum(p.grad is not None for p in params)
+            return super().peak()
+
+    monkeypatch.undo()  # the default chunks (one here: every chunk complete by the end of backward)
+    plans = {}
+    for flag in (False, True):
+        memory = Watching()
+        plans[flag] = FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=flag, memory=memory)
+        assert memory.live == (0 if flag else len(params))  # the flag reaches the probe
     assert plans[True]["optimizer_state_bytes"] == plans[False]["optimizer_state_bytes"]  # the probe measures it
     with pytest.raises(ValueError, match="step_in_backward: expected True or False"):
         FastMoEModel.fit_checkpoint_layers(model, 2, 9, step_in_backward=1, memory=FakeMemory())
@@ -256,6 +265,83 @@ def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(fail=True))
     assert plan["checkpoint_layers"] == 2 and "ran out of memory" in plan["why"]
     assert _flags(model) == [True, True]
+
+
+def test_a_real_step_over_the_budget_gives_back_as_a_failed_check(tmp_path):
+    """refit_to_step: a training step's own peak over the plan's budget checkpoints more layers, then keeps less
+    attention, by the excess and one more; under the budget, or at the floor, nothing changes."""
+    from moetune.checkpoint_plan import _apply, refit_to_step
+    from moetune.models import kept_attention
+
+    _, model, layers = _four_moe_layers(tmp_path)
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, memory=FakeMemory(available=2**30))
+    attention = plan["attention_bytes_per_layer"]
+    assert attention > 0 and plan["checkpoint_layers"] == 0  # plenty of room: nothing checkpointed
+    # The plan a tighter budget would have made: two layers checkpointed, both keeping attention.
+    plan.update(checkpoint_layers=2, kept_attention_layers=2, activation_bytes_per_layer=10 * attention,
+                budget_bytes=10**6)
+    assert _apply(layers, 2, 2) == 2
+    assert refit_to_step(model, plan, 10**6) is False  # at the budget: kept
+    # Over by less than a layer's saving (9 kept outputs): one layer back, and one more as the margin.
+    assert refit_to_step(model, plan, 10**6 + attention) is True
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 4), plan
+    assert _flags(model) == [True] * 4 and kept_attention.kept_attention_layers(layers) == 4
+    # Every layer checkpointed: kept attention goes, by the excess (two outputs) and one more.
+    assert refit_to_step(model, plan, 10**6 + 2 * attention) is True
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 1)
+    assert kept_attention.kept_attention_layers(layers) == 1
+    assert refit_to_step(model, plan, 10**6 + 5 * attention) is True
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
+    assert refit_to_step(model, plan, 2 * 10**6) is False  # the floor: nothing left to give back
+    assert [peak for _, peak in plan["step_checks"]] == [10**6, 10**6 + attention, 10**6 + 2 * attention,
+                                                        10**6 + 5 * attention, 2 * 10**6]
+    assert plan["step_checks"][1][0] == (2, 2)  # each check records the plan it measured
+    for bad, match in ((-1, "peak_bytes: expected an integer >= 0"), (1.5, "peak_bytes: expected an integer")):
+        with pytest.raises(ValueError, match=match):
+            refit_to_step(model, plan, bad)
+    with pytest.raises(ValueError, match="plan: expected fit_checkpoint_layers' result for a measured plan"):
+        refit_to_step(model, {"checkpoint_layers": None, "layers": 4}, 1)
+    with pytest.raises(ValueError, match="plan: made for 5 decoder layers, the model has 4"):
+        refit_to_step(model, dict(plan, layers=5), 1)
+
+
+def test_step_checks_skip_steps_that_tuned_and_stop_after_their_count(tmp_path, monkeypatch):
+    from moetune.checkpoint_plan import StepChecks, _apply
+    from moetune.kernels import autotune
+
+    _, model, layers = _four_moe_layers(tmp_path)
+    plan = {"checkpoint_layers": 0, "kept_attention_layers": 0, "layers": 4, "activation_bytes_per_layer": 1000,
+            "attention_bytes_per_layer": 0, "budget_bytes": 10_000}
+    _apply(layers, 0, 0)
+
+    class Peaks:  # the allocator's peak since the last reset, as the test sets it
+        def __init__(self):
+            self.peak, self.resets = 0, 0
+
+        def reset_peak(self):
+            self.peak, self.resets = 0, self.resets + 1
+
+        def peak_so_far(self):
+            return self.peak
+
+    tuned = [0]
+    monkeypatch.setattr(autotune, "tunings", lambda: tuned[0])
+    memory = Peaks()
+    checks = StepChecks(model, plan, "cpu", steps=2, memory=memory)
+    assert memory.resets == 1  # from the loop's first step
+    memory.peak, tuned[0] = 50_000, 1  # a step that tuned: its peak is the tuning's, not judged
+    assert checks.after_step() is False and memory.resets == 2 and plan.get("step_checks") is None
+    memory.peak = 10_500  # over by half a layer: one layer back, and one more
+    assert checks.after_step() is True and plan["checkpoint_layers"] == 2 and _flags(model) == [True, True, False, False]
+    assert memory.resets == 3
+    memory.peak = 9_000
+    assert checks.after_step() is False and checks.left == 0
+    memory.peak = 99_000  # past the checked steps: nothing more
+    assert checks.after_step() is False and plan["checkpoint_layers"] == 2 and len(plan["step_checks"]) == 2
+    # Nothing to check: no measured plan, or no CUDA memory to read.
+    for no_plan in (None, {"checkpoint_layers": None, "layers": 4, "why": "no memory plan on cpu"}):
+        assert StepChecks(model, no_plan, "cpu", memory=Peaks()).after_step() is False
+    assert StepChecks(model, plan, "cpu").after_step() is False
 
 
 def _model(model_dir, device):

@@ -26,6 +26,7 @@ _lock = threading.Lock()
 _memory: dict[str, dict] | None = None
 # (device index, kernel name, key) -> (the candidate list, its pick): the per-launch lookup, no disk key built
 _picked: dict[tuple, tuple[Sequence[dict], dict]] = {}
+_tunings = 0  # picks timed in this process (tunings())
 
 
 def cache_path() -> Path:
@@ -139,6 +140,11 @@ _FAULTS = ("illegal memory access", "illegal address", "unspecified launch failu
            "illegal instruction", "device-side assert")
 
 
+def tunings() -> int:
+    """How many picks this process has timed so far: a step during which it grew held tuning's buffers at its peak."""
+    return _tunings
+
+
 def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], object], device,
          num_rows: int, first_bonus_ms: float = 0.0, host_ms: Callable[[dict], float] | None = None) -> dict:
     """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat. Costs the GPU timing does
@@ -167,6 +173,8 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
         _picked[(index, name, key)] = (candidates, hit)
         return hit
     print(f"moetune: tuning {name} {key} on {gpu} (once; cached in {cache_path()})", file=sys.stderr)
+    global _tunings
+    _tunings += 1
     timings = []
     for config in candidates:
         try:

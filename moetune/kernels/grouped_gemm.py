@@ -574,7 +574,11 @@ def gluon_candidates(device, dtype: torch.dtype) -> bool:
     92-157; 16-26 once eligibility was asked once, run 55b), GPU -29% (4K down projection) and -20% (4K dgrad), and still the same block times: at 4K the block
     waits on its host, and at 16K the two launches it may take are within a few percent of Triton's. Those launches
     had their LoRA input by a launch of its own, where the tuned ways mostly put it in Triton's main loop; since
-    session 19 the Gluon kernel takes it in its main loop too (not yet run on a GPU)."""
+    session 19 the Gluon kernel takes it in its main loop too: run 56e found it 12-13% faster per launch than
+    Triton's at Qwen3's 4K and 3-4% at 16K, the Qwen3 4K block 2.59 ms against 2.82 (medians of three rounds), 16K
+    and GLM 16K the same within the rounds' spread (GLM's median 1% slower); but whole Qwen3 at 8K (run 56f,
+    host-bound) took 663 and 598 ms a step with it against 621 and 586 without. Still opt-in until a whole model
+    shows the gain."""
     device = torch.device(device)
     if os.environ.get("MOETUNE_TRITON_GLUON") != "1" or hopper_gemm.gluon is None or device.type != "cuda":
         return False

@@ -57,7 +57,7 @@ class TrainConfig:
     """Clip the gradients' global norm to this before each optimizer step (0: no clipping). 1.0 is the usual LoRA setting (peft and TRL examples): it keeps the first steps at a high learning rate stable."""
 
     step_in_backward: bool = False
-    """Run the optimizer step inside the backward pass, a layer or so of parameters at a time as their gradients arrive, freeing each gradient at once: no buffer holds every gradient (4 bytes per trainable parameter: 2.4 GiB for a whole Qwen3-30B-A3B, which --checkpoint-layers auto then spends on speed). Same updates; needs --max-grad-norm 0 and --grad-accum 1 (both need every gradient at once)."""
+    """Run the optimizer step inside the backward pass, a chunk of about a layer's parameters at a time, as soon as the chunk's last gradient arrives, then freeing them: no buffer holds every gradient (4 bytes per trainable parameter: 2.4 GiB for a whole Qwen3-30B-A3B, which --checkpoint-layers auto then spends on speed). Same updates; needs --max-grad-norm 0 and --grad-accum 1 (both need every gradient at once)."""
 
     batch_size: int = 8
     """Sequences per micro-batch."""

@@ -233,6 +233,9 @@ def run(plan: Plan, console=None) -> dict:
     pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    from ..checkpoint_plan import StepChecks
+
+    plan_checks = StepChecks(peft_model, checkpoint_plan, device)  # the first real steps against the plan's budget
 
     peft_model.train()
     epoch_plan, epoch_of_plan = None, None
@@ -262,6 +265,7 @@ def run(plan: Plan, console=None) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            plan_checks.after_step()
             steps_interval += 1
             done = step + 1
             if done % config.logging_steps == 0 or done == total:

@@ -8,7 +8,7 @@
 A normal step keeps every trainable parameter's gradient until backward ends: 4 bytes per parameter in fp32
 (2.4 GiB for the 643M LoRA parameters of a whole Qwen3-30B-A3B), alive at the step's peak, which is late in the
 backward. Here the parameters are split into chunks of consecutive parameters of at most CHUNK_BYTES of gradient
-(or one larger parameter; a layer or two: the gradients of one chunk arrive close together), each chunk with its
+(or one larger parameter; about a layer: chunks span layers, so two can be waiting for gradients at once), each chunk with its
 own optimizer of the given class; a post-accumulate-grad hook counts the arrivals and steps the chunk when its last
 gradient is in, then sets those gradients to None. Elementwise optimizers (AdamW, 8-bit AdamW) compute exactly what
 one optimizer over all the parameters computes.
