@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ if not torch.cuda.is_available():
 os.environ.pop("MOETUNE_MOE_BACKEND", None)
 # torch's metadata check of every recomputed tensor, off in moetune's checkpoint for its host time, on in the suite.
 os.environ["MOETUNE_CHECK_RECOMPUTE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def fresh_launch_decisions():
+    """grouped_gemm memoises autotuning's decisions per process; tests fake its answers (autotune.pick, the ways
+    offered), so each test starts without earlier tests' decisions."""
+    module = sys.modules.get("moetune.kernels.grouped_gemm")
+    if module is not None:
+        module.forget_decisions()
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -511,6 +511,32 @@ TMA_HOST_MS = 0.03
 # persistent_variants). Its own name, so the first step's cached picks stay valid.
 PERSISTENT_TUNING = "grouped_gemm/persistent/v1"
 
+# What autotuning decided for a launch signature (shapes, dtype, device, operands present, environment switches):
+# the LoRA input's way, the config of the first two steps, whether the Gluon step may run. autotune answers repeats
+# from memory too, but asking it (three tuning keys, candidate lists, six reads of the environment, up to four
+# lookups) cost ~15 us a launch, a fifth of an experts block's host time on a CPU (session 22), and a 4K-token
+# block waits on its host (run 56f). Batch lengths vary: bounded as launch.py's keys are.
+_decisions: dict[tuple, tuple[bool | None, dict | None, bool]] = {}
+MAX_DECISIONS = 4096
+
+
+def forget_decisions() -> None:
+    """Drop the memoised decisions (for tests that change what autotuning answers)."""
+    _decisions.clear()
+
+
+def _switches() -> tuple:
+    """The environment switches that change what autotuning tries, read at every launch: benchmarks flip them within
+    one process (switch_ab.py), and each setting gets decisions of its own."""
+    get = os.environ.get
+    return get("MOETUNE_TRITON_TMA"), get("MOETUNE_TRITON_PERSISTENT"), get("MOETUNE_TRITON_GLUON")
+
+
+def _remember(signature: tuple, decision: tuple[bool | None, dict | None, bool]) -> None:
+    if len(_decisions) >= MAX_DECISIONS:
+        _decisions.clear()
+    _decisions[signature] = decision
+
 
 def persistent_candidates(device) -> bool:
     """Whether autotuning also tries its pick as a persistent kernel: only under MOETUNE_TRITON_PERSISTENT=1.
@@ -723,6 +749,15 @@ def grouped_gemm(
     shape on this GPU (tuned once, like the configs; in the loop where nothing is tuned, or with a config).
     config: one of candidates_for(...) to use instead of the tuned one (tests, benchmarks).
     """
+    # A caller's config decides everything; otherwise autotuning does, once per signature (see _decisions).
+    signature, decided, gluon = None, None, False
+    if config is None:
+        signature = (a.device, a.dtype, b.shape, num_rows, epilogue, interleaved, a_index is None, lora_u is None,
+                     None if lora_u_weight is None else lora_u_weight.shape[2], lora_u_in_loop, out_index is None,
+                     _switches())
+        decided = _decisions.get(signature)
+        if decided is not None:
+            lora_u_in_loop = decided[0]
     if lora_u_weight is not None:
         _check_in_loop_lora(a, b, lora_u, lora_u_weight, lora_u_out, lora_b, num_rows)
         if lora_u_in_loop is None and config is None:
@@ -731,7 +766,9 @@ def grouped_gemm(
                 lora_u_weight=lora_u_weight, lora_u_alpha=lora_u_alpha, lora_u_out=lora_u_out, bias=bias, alpha=alpha,
                 out=out, out_index=out_index, row_scale=row_scale, epilogue=epilogue, gu=gu, act=act,
                 interleaved=interleaved, out_dtype=out_dtype)
-        if lora_u_in_loop is False:  # U by a launch of its own, then the GEMM that reads it
+        if lora_u_in_loop is False:  # U by a launch of its own, then the GEMM that reads it (each decides its own)
+            if signature is not None and decided is None:
+                _remember(signature, (False, None, False))
             grouped_gemm(a, lora_u_weight, offsets_E, counts_E, num_rows=num_rows, a_index=a_index,
                          alpha=lora_u_alpha, out=lora_u_out)
             return grouped_gemm(a, b, offsets_E, counts_E, num_rows=num_rows, a_index=a_index, lora_u=lora_u_out,
@@ -843,22 +880,32 @@ def grouped_gemm(
         return hopper_gemm.sorted_gemm_supported(a, b, lora_u, lora_b, bias, out, out_index, row_scale,
                                                  lora_u_weight=lora_u_weight if in_loop else None)
 
-    candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
-    key = _tune_key(epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None, N, K,
-                    a.dtype, num_rows, E)
-    if in_loop:  # another kernel variant, tuned apart; its shared memory grows with the rank (a UA tile per stage)
-        key += ("u_in_loop", _pow2_at_least(rank))
-    if config is not None and config.get("GLUON"):
-        why = _gluon_unsupported()
-        if why:
-            raise ValueError(f"config: GLUON runs plain GEMMs over sorted rows only ({why})")
-    if config is None:
+    def tuning_key() -> tuple:
+        key = _tune_key(epilogue, interleaved, a_index is not None, lora_u is not None, out_index is not None, N, K,
+                        a.dtype, num_rows, E)
+        if in_loop:  # another kernel variant, tuned apart; its shared memory grows with the rank (a UA tile per stage)
+            key += ("u_in_loop", _pow2_at_least(rank))
+        return key
+
+    if signature is None:  # the caller's config
+        if config.get("GLUON"):
+            why = _gluon_unsupported()
+            if why:
+                raise ValueError(f"config: GLUON runs plain GEMMs over sorted rows only ({why})")
+    elif decided is not None and decided[1] is not None:
+        config, gluon = decided[1], decided[2]
+    else:
+        key = tuning_key()
+        candidates = candidates_for(epilogue, num_rows, E, N, K, tma_candidates(device, a.dtype), a_index is not None)
         config = autotune.pick(TUNING, key, candidates, launch, device, num_rows, host_ms=_tma_host_ms)
         if persistent_candidates(device):  # then the same tile persistent, kept only if measured faster
             config = autotune.pick(PERSISTENT_TUNING, key, persistent_variants(config), launch, device, num_rows)
-        if N > 64 and gluon_candidates(device, a.dtype) and _gluon_unsupported() is None:
-            config = autotune.pick(GLUON_TUNING, key, gluon_variants(config), launch, device, num_rows,
-                                   host_ms=_gluon_host_ms)
+        gluon = N > 64 and gluon_candidates(device, a.dtype)
+        _remember(signature, (lora_u_in_loop, config, gluon))
+    # The third step asks whether the Gluon kernel can read these operands (alignment, strides) at every launch.
+    if signature is not None and gluon and _gluon_unsupported() is None:
+        config = autotune.pick(GLUON_TUNING, tuning_key(), gluon_variants(config), launch, device, num_rows,
+                               host_ms=_gluon_host_ms)
     launch(config)
     if epilogue == 1:
         return out, gu

@@ -338,6 +338,95 @@ def test_autotuning_on_hopper_then_tries_the_gluon_kernel_for_sorted_rows(monkey
     assert asked == [module.TUNING]
 
 
+def test_autotunings_decisions_are_memoised_per_launch_signature(monkeypatch):
+    """A repeat of a launch signature asks autotune nothing (the LoRA input's way and the config are remembered) and
+    computes the same; another row count, operand, environment switch or dtype is another signature and asks again.
+    A caller's config is used as given and remembers nothing."""
+    from moetune.kernels import autotune, grouped_gemm
+    from moetune.kernels.grouped_gemm import LORA_INPUT_TUNING, TUNING
+
+    module = importlib.import_module("moetune.kernels.grouped_gemm")
+    plan, gen = problem(seed=19)
+    S, K, N, R = plan.num_rows, 40, 36, 3
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    a, b, ua, lb = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
+    asked, real_pick = [], autotune.pick
+
+    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
+        asked.append(name)
+        return real_pick(name, key, candidates, launch, device, num_rows, first_bonus_ms, host_ms)
+
+    def in_loop_launch(plan=plan):
+        u = torch.empty(plan.num_rows, R, device=DEVICE)
+        out = grouped_gemm(a, b, offsets_E=plan.offsets_E, counts_E=plan.counts_E, num_rows=plan.num_rows,
+                           a_index=plan.token_S, lora_u_weight=ua, lora_u_alpha=0.5, lora_u_out=u, lora_b=lb)
+        return out, u
+
+    monkeypatch.setattr(autotune, "pick", pick)
+    first = in_loop_launch()
+    assert asked == [LORA_INPUT_TUNING, TUNING]
+    asked.clear()
+    again = in_loop_launch()
+    assert asked == [] and all(torch.equal(x, y) for x, y in zip(first, again))
+    in_loop_launch(problem(T=17, seed=19)[0])  # another batch length
+    assert asked == [LORA_INPUT_TUNING, TUNING]
+    asked.clear()
+    grouped_gemm(a, b, a_index=plan.token_S, **common)  # no LoRA input: another signature
+    assert asked == [TUNING]
+    asked.clear()
+    monkeypatch.setenv("MOETUNE_TRITON_TMA", "1")  # the candidates change with the switch: decided again
+    in_loop_launch()
+    assert asked == [LORA_INPUT_TUNING, TUNING]
+    monkeypatch.delenv("MOETUNE_TRITON_TMA")
+    asked.clear()
+    config = module.candidates_for(0, S, 5, N, K)[-1]
+    grouped_gemm(a, b, a_index=plan.token_S, config=config, **common)
+    grouped_gemm(a, b, a_index=plan.token_S, config=config, **common)
+    assert asked == []
+    grouped_gemm(a.half(), b.half(), a_index=plan.token_S, **common)
+    assert asked == [TUNING]
+
+
+def test_the_gluon_step_checks_its_operands_at_every_launch(monkeypatch):
+    """The Gluon step's eligibility (gluon_candidates) is remembered with the signature, but whether the kernel can
+    read this launch's operands (alignment, strides) is asked again each time: a repeat whose output is not
+    contiguous runs Triton's kernel."""
+    from moetune.kernels import autotune, grouped_gemm, hopper_gemm
+    from moetune.kernels.grouped_gemm import GLUON_TUNING
+
+    module = importlib.import_module("moetune.kernels.grouped_gemm")
+    plan, gen = problem(seed=21)
+    S, K, N = plan.num_rows, 40, 72
+    a, b = rand(gen, S, K), rand(gen, 5, K, N)
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    asked, calls = [], []
+
+    def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
+        asked.append(name)
+        return candidates[1] if name == GLUON_TUNING else dict(PLAIN_CONFIG)
+
+    def supported(a_, b_, lora_u, lora_b, bias, out, out_index, row_scale, lora_u_weight=None):
+        return None if out.stride(1) == 1 else "output columns not contiguous"
+
+    def sorted_gemm(*args, out, config, **kwargs):
+        calls.append(config)
+        out.fill_(3.0)
+
+    gluon_asked = []
+    monkeypatch.setattr(autotune, "pick", pick)
+    monkeypatch.setattr(module, "gluon_candidates", lambda device, dtype: gluon_asked.append(dtype) or True)
+    monkeypatch.setattr(hopper_gemm, "sorted_gemm_supported", supported)
+    monkeypatch.setattr(hopper_gemm, "sorted_gemm", sorted_gemm)
+    for _ in range(2):
+        got = grouped_gemm(a, b, **common)
+        assert bool((got == 3.0).all())
+    assert len(calls) == 2 and len(gluon_asked) == 1 and asked.count(GLUON_TUNING) == 2
+    strided = torch.empty(N, S, device=DEVICE).t()  # the same signature, columns not contiguous
+    got = grouped_gemm(a, b, out=strided, **common)
+    assert len(calls) == 2 and asked.count(GLUON_TUNING) == 2
+    close(got, reference_rows(plan, a, b))
+
+
 def test_a_gluon_config_is_refused_where_the_gluon_kernel_cannot_compute_the_launch():
     """A GLUON config given by the caller (tests, benchmarks) is checked as the tuning step checks: gathered rows or
     a CPU tensor are one-line errors, not a plain GEMM over the wrong rows."""
