@@ -305,6 +305,18 @@ HOST_LABELS = (("queued_s", "host queued"), ("busiest_cpu_s", "busiest thread cp
                ("runqueue_wait_s", "runqueue wait"), ("gc_s", "gc"))
 
 
+def allocator_peaks(device) -> dict | None:
+    """Peak GiB since the statistics' last reset as the allocator counts them (its blocks: what
+    max_memory_allocated reports and the memory plan budgets) and as requested. A block is handed out whole where
+    less than 1 MiB would be left over, so the two differ by what a warm cache's reuse rounds up: a candidate for
+    whole Qwen3 8K peaking 0.14 GiB over its checked plan (run 56), whose probe ran on an emptied cache."""
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {"allocated_gib": stats["allocated_bytes.all.peak"] / 2**30,
+            "requested_gib": stats["requested_bytes.all.peak"] / 2**30}
+
+
 def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None
                ) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
@@ -354,7 +366,7 @@ def save_baseline_lora_init(source, args, device) -> str:
 
 def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
-    plan = None
+    plan, probe_peaks = None, None
     if provider == "moetune":
         from moetune.models import hook, recompute
 
@@ -380,6 +392,7 @@ def run(provider, source, config, seq, args, device) -> dict:
                                                               keep_attention=args.keep_attention == "on",
                                                               step_in_backward=args.step_in_backward)
             print(f"checkpoint_layers auto: {plan}", flush=True)
+            probe_peaks = allocator_peaks(device)  # the last probe step's (the probe restarts the statistics)
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
 
@@ -409,6 +422,7 @@ def run(provider, source, config, seq, args, device) -> dict:
             "step_host_s": host,
             "tokens_per_s": seq / statistics.median(times),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "peak_allocator": allocator_peaks(device),
             "trainable_params": sum(p.numel() for p in params),
             "losses": losses,
         }
@@ -427,6 +441,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         result["fused_routers"] = sum("_moetune_router_variant" in m.__dict__ for m in model.modules())
         if plan is not None:
             result["checkpoint_plan"] = plan
+            result["plan_probe_allocator"] = probe_peaks
         uninstall_fast_rotary()  # process-wide: the baseline must run transformers' own rotary
     del model, optimizer, params
     gc.collect()
@@ -482,8 +497,16 @@ def main(argv=None) -> int:
                         help="moetune: the optimizer steps inside the backward pass (no buffer of every gradient)")
     parser.add_argument("--checkpoint", default=None,
                         help="load both models from this checkpoint directory (created, random-initialised, if missing)")
+    parser.add_argument("--expandable-segments", choices=["on", "off"], default="off",
+                        help="on: the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF), which split a "
+                             "cached block wherever 512 bytes would be left over, not only 1 MiB: does the timed "
+                             "steps' peak then match the memory plan's checked one? (off: the runs so far)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.expandable_segments == "on":  # read when the allocator starts: before the first CUDA allocation
+        if torch.cuda.is_initialized():
+            parser.error("--expandable-segments on: CUDA was initialised before the option could apply")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA GPU (or --tiny)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

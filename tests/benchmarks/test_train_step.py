@@ -81,10 +81,14 @@ def test_checkpoint_layers_setting_is_recorded(tmp_path):
     assert row_full["losses"] == pytest.approx(row["losses"], abs=1e-6)
     auto = tmp_path / "auto.json"  # on CPU the planner keeps every layer checkpointed, and says why
     _run(str(BENCH / "train_step.py"), "--tiny", "--layers", "2", "--seq", "32", "--warmup", "0", "--steps", "3",
-         "--providers", "moetune", "--checkpoint-layers", "auto", "--out", str(auto))
-    (row_auto,) = json.loads(auto.read_text())["rows"]
+         "--providers", "moetune", "--checkpoint-layers", "auto", "--expandable-segments", "on", "--out", str(auto))
+    result = json.loads(auto.read_text())
+    (row_auto,) = result["rows"]
     assert row_auto["checkpoint_layers_asked"] == "auto" and row_auto["checkpoint_layers"] is None
     assert "cpu" in row_auto["checkpoint_plan"]["why"]
+    # the CUDA allocator's peaks (its blocks, and as requested) and its setting are recorded; none on CPU
+    assert result["args"]["expandable_segments"] == "on"
+    assert row_auto["peak_allocator"] is None and row_auto["plan_probe_allocator"] is None
     assert row_auto["losses"] == row_full["losses"]
 
 
