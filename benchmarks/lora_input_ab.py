@@ -36,6 +36,7 @@ MODES = {"measured": MEASURED, "own launch": ({"in_loop": False},), "in loop": (
 
 def set_mode(ways) -> None:
     grouped_gemm_module._LORA_INPUT_WAYS = ways  # untimed with one way: pick takes it
+    grouped_gemm_module.forget_decisions()  # the ways decided for the previous mode
 
 
 def main(argv=None) -> int:

@@ -307,14 +307,30 @@ HOST_LABELS = (("queued_s", "host queued"), ("busiest_cpu_s", "busiest thread cp
 
 def allocator_peaks(device) -> dict | None:
     """Peak GiB since the statistics' last reset as the allocator counts them (its blocks: what
-    max_memory_allocated reports and the memory plan budgets) and as requested. A block is handed out whole where
-    less than 1 MiB would be left over, so the two differ by what a warm cache's reuse rounds up: a candidate for
+    max_memory_allocated reports and the memory plan budgets) and as requested. A cached block is handed out whole
+    where at most 1 MiB would be left over, so the two differ by what a warm cache's reuse rounds up: a candidate for
     whole Qwen3 8K peaking 0.14 GiB over its checked plan (run 56), whose probe ran on an emptied cache."""
     if device.type != "cuda":
         return None
     stats = torch.cuda.memory_stats(device)
-    return {"allocated_gib": stats["allocated_bytes.all.peak"] / 2**30,
-            "requested_gib": stats["requested_bytes.all.peak"] / 2**30}
+    return {"allocated_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+            "requested_gib": stats.get("requested_bytes.all.peak", 0) / 2**30}
+
+
+# The allocator's settings: PYTORCH_ALLOC_CONF (torch >= 2.9, read first) and the older PYTORCH_CUDA_ALLOC_CONF.
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def set_expandable_segments(on: bool) -> dict:
+    """expandable_segments:True/False in the allocator's settings, the user's other settings kept, in both variables
+    (whichever this torch reads). Before the allocator starts. Returns the variables as set."""
+    setting = f"expandable_segments:{on}"
+    kept = [item for name in ALLOC_CONF_VARS for item in os.environ.get(name, "").split(",")
+            if item and not item.startswith("expandable_segments")]
+    value = ",".join(list(dict.fromkeys(kept)) + [setting])
+    for name in ALLOC_CONF_VARS:
+        os.environ[name] = value
+    return {name: os.environ[name] for name in ALLOC_CONF_VARS}
 
 
 def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None
@@ -392,7 +408,8 @@ def run(provider, source, config, seq, args, device) -> dict:
                                                               keep_attention=args.keep_attention == "on",
                                                               step_in_backward=args.step_in_backward)
             print(f"checkpoint_layers auto: {plan}", flush=True)
-            probe_peaks = allocator_peaks(device)  # the last probe step's (the probe restarts the statistics)
+            if plan.get("verified_peak_bytes") is not None:  # the checked plan's probe ran last (it restarts the
+                probe_peaks = allocator_peaks(device)          # statistics); its peak, without the optimizer state
         if args.lora_init_dir:  # the baseline's own LoRA init, through the PEFT adapter format
             from moetune.adapters import load_adapter_weights
 
@@ -413,6 +430,9 @@ def run(provider, source, config, seq, args, device) -> dict:
         with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
             times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device,
                                                 plan_checks.after_step)
+        # the timed steps' peaks, before the profiled and memory-history steps below add theirs
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peak_allocator = allocator_peaks(device)
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         memory = memory_peak_step(model, optimizer, ids, provider, seq, args) \
             if provider in args.memory_peak and device.type == "cuda" else None
@@ -421,8 +441,8 @@ def run(provider, source, config, seq, args, device) -> dict:
             "step_times_s": times,
             "step_host_s": host,
             "tokens_per_s": seq / statistics.median(times),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "peak_allocator": allocator_peaks(device),
+            "peak_gib": peak_gib,
+            "peak_allocator": peak_allocator,
             "trainable_params": sum(p.numel() for p in params),
             "losses": losses,
         }
@@ -497,16 +517,17 @@ def main(argv=None) -> int:
                         help="moetune: the optimizer steps inside the backward pass (no buffer of every gradient)")
     parser.add_argument("--checkpoint", default=None,
                         help="load both models from this checkpoint directory (created, random-initialised, if missing)")
-    parser.add_argument("--expandable-segments", choices=["on", "off"], default="off",
-                        help="on: the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF), which split a "
-                             "cached block wherever 512 bytes would be left over, not only 1 MiB: does the timed "
-                             "steps' peak then match the memory plan's checked one? (off: the runs so far)")
+    parser.add_argument("--expandable-segments", choices=["on", "off"], default=None,
+                        help="on: the CUDA allocator's expandable segments, which split a cached block wherever 512 "
+                             "bytes would be left over, not only more than 1 MiB: does the timed steps' peak then "
+                             "match the memory plan's checked one? off: without them (the runs so far). Default: as "
+                             "the environment sets it (recorded)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.expandable_segments == "on":  # read when the allocator starts: before the first CUDA allocation
+    if args.expandable_segments is not None:  # read when the allocator starts: before the first CUDA allocation
         if torch.cuda.is_initialized():
-            parser.error("--expandable-segments on: CUDA was initialised before the option could apply")
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+            parser.error("--expandable-segments: CUDA was initialised before the setting could apply")
+        set_expandable_segments(args.expandable_segments == "on")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA GPU (or --tiny)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -522,6 +543,7 @@ def main(argv=None) -> int:
     if args.same_lora_init:
         args.lora_init_dir = save_baseline_lora_init(source, args, device)
     env = harness.environment()
+    env["alloc_conf"] = {name: os.environ.get(name) for name in ALLOC_CONF_VARS}  # what the allocator was told
     rows = []
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}")
     for seq in args.seq:

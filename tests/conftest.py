@@ -21,11 +21,17 @@ os.environ["MOETUNE_CHECK_RECOMPUTE"] = "1"
 @pytest.fixture(autouse=True)
 def fresh_launch_decisions():
     """grouped_gemm memoises autotuning's decisions per process; tests fake its answers (autotune.pick, the ways
-    offered), so each test starts without earlier tests' decisions."""
-    module = sys.modules.get("moetune.kernels.grouped_gemm")
-    if module is not None:
-        module.forget_decisions()
+    offered), so each test starts and ends without decisions (ending: a faked answer must not reach the fixtures
+    of the next test either)."""
+
+    def forget():
+        module = sys.modules.get("moetune.kernels.grouped_gemm")
+        if module is not None:
+            module.forget_decisions()
+
+    forget()
     yield
+    forget()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -521,7 +521,8 @@ MAX_DECISIONS = 4096
 
 
 def forget_decisions() -> None:
-    """Drop the memoised decisions (for tests that change what autotuning answers)."""
+    """Drop the memoised decisions: for tests and scripts that change what autotuning answers or offers within one
+    process (a faked autotune.pick, another _LORA_INPUT_WAYS, another autotune cache)."""
     _decisions.clear()
 
 
@@ -753,7 +754,7 @@ def grouped_gemm(
     signature, decided, gluon = None, None, False
     if config is None:
         signature = (a.device, a.dtype, b.shape, num_rows, epilogue, interleaved, a_index is None, lora_u is None,
-                     None if lora_u_weight is None else lora_u_weight.shape[2], lora_u_in_loop, out_index is None,
+                     None if lora_u_weight is None else lora_u_weight.shape[-1], lora_u_in_loop, out_index is None,
                      _switches())
         decided = _decisions.get(signature)
         if decided is not None:

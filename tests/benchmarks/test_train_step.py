@@ -88,6 +88,7 @@ def test_checkpoint_layers_setting_is_recorded(tmp_path):
     assert "cpu" in row_auto["checkpoint_plan"]["why"]
     # the CUDA allocator's peaks (its blocks, and as requested) and its setting are recorded; none on CPU
     assert result["args"]["expandable_segments"] == "on"
+    assert set(result["environment"]["alloc_conf"].values()) == {"expandable_segments:True"}
     assert row_auto["peak_allocator"] is None and row_auto["plan_probe_allocator"] is None
     assert row_auto["losses"] == row_full["losses"]
 

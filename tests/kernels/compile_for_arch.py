@@ -163,6 +163,7 @@ def main(argv=None) -> int:
         for name, launch in launches(dtype, rank):
             choice[0] = 0
             while choice[0] < (offered[0] if every else 1):
+                modules[0].forget_decisions()  # grouped_gemm would otherwise keep the first candidate it was given
                 launch()
                 ((module, recorder),) = [(m, r) for m, r in recorders.items() if r.calls]
                 (args, kwargs), = recorder.calls[-1:]

@@ -356,8 +356,8 @@ def test_autotunings_decisions_are_memoised_per_launch_signature(monkeypatch):
         asked.append(name)
         return real_pick(name, key, candidates, launch, device, num_rows, first_bonus_ms, host_ms)
 
-    def in_loop_launch(plan=plan):
-        u = torch.empty(plan.num_rows, R, device=DEVICE)
+    def in_loop_launch(plan=plan, ua=ua, lb=lb):
+        u = torch.empty(plan.num_rows, ua.shape[2], device=DEVICE)
         out = grouped_gemm(a, b, offsets_E=plan.offsets_E, counts_E=plan.counts_E, num_rows=plan.num_rows,
                            a_index=plan.token_S, lora_u_weight=ua, lora_u_alpha=0.5, lora_u_out=u, lora_b=lb)
         return out, u
@@ -379,12 +379,26 @@ def test_autotunings_decisions_are_memoised_per_launch_signature(monkeypatch):
     assert asked == [LORA_INPUT_TUNING, TUNING]
     monkeypatch.delenv("MOETUNE_TRITON_TMA")
     asked.clear()
+    in_loop_launch(ua=rand(gen, 5, K, 2 * R), lb=rand(gen, 5, 2 * R, N))  # another rank: decided apart
+    assert asked == [LORA_INPUT_TUNING, TUNING]
+    asked.clear()
     config = module.candidates_for(0, S, 5, N, K)[-1]
+    remembered = dict(module._decisions)
     grouped_gemm(a, b, a_index=plan.token_S, config=config, **common)
     grouped_gemm(a, b, a_index=plan.token_S, config=config, **common)
-    assert asked == []
+    assert asked == [] and module._decisions == remembered  # a caller's config is used as given
     grouped_gemm(a.half(), b.half(), a_index=plan.token_S, **common)
     assert asked == [TUNING]
+    # The LoRA input by a launch of its own: the way is remembered too, and its two launches decide their own.
+    module.forget_decisions()
+    monkeypatch.setattr(module, "_LORA_INPUT_WAYS", ({"in_loop": False},))
+    asked.clear()
+    own = in_loop_launch()
+    assert asked == [LORA_INPUT_TUNING, TUNING, TUNING]
+    asked.clear()
+    again = in_loop_launch()
+    assert asked == [] and all(torch.equal(x, y) for x, y in zip(own, again))
+    close(again[1], 0.5 * reference_rows(plan, a, ua, plan.token_S))
 
 
 def test_the_gluon_step_checks_its_operands_at_every_launch(monkeypatch):
@@ -518,6 +532,7 @@ def test_lora_input_in_the_loop_refuses_mismatched_buffers():
         (dict(lora_u_weight=ua, lora_u_out=out[:-1], lora_b=lb), r"lora_u_out: expected \[num_rows=\d+, R=3\]"),
         (dict(lora_u_weight=ua, lora_u_out=out.half(), lora_b=lb), "lora_u_out: expected"),
         (dict(lora_u_weight=ua[:, :-1], lora_u_out=out, lora_b=lb), r"lora_u_weight: expected \[E=5, K=40, R\]"),
+        (dict(lora_u_weight=ua[0], lora_u_out=out, lora_b=lb), r"lora_u_weight: expected \[E=5, K=40, R\]"),
         (dict(lora_u_weight=ua, lora_u_out=out, lora_b=lb[:, :2]), "lora_b: expected rank 3"),
         (dict(lora_u_out=out, lora_u=out, lora_b=lb), "lora_u_out: expected only with lora_u_weight"),
         (dict(lora_u=out, lora_b=lb, lora_u_in_loop=True), "lora_u_in_loop: expected only with lora_u_weight"),
