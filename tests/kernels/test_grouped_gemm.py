@@ -338,6 +338,16 @@ def test_autotuning_on_hopper_then_tries_the_gluon_kernel_for_sorted_rows(monkey
     assert asked == [module.TUNING]
 
 
+def lora_input_problem(seed: int):
+    """A GEMM over gathered rows with its LoRA input's factor (K=40, N=36, rank 3): the plan, the generator,
+    (S, K, N, R), the plan's keyword arguments and (a, b, ua, lb)."""
+    plan, gen = problem(seed=seed)
+    S, K, N, R = plan.num_rows, 40, 36, 3
+    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    operands = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
+    return plan, gen, (S, K, N, R), common, operands
+
+
 def test_autotunings_decisions_are_memoised_per_launch_signature(monkeypatch):
     """A repeat of a launch signature asks autotune nothing (the LoRA input's way and the config are remembered) and
     computes the same; another row count, operand, environment switch or dtype is another signature and asks again.
@@ -346,10 +356,7 @@ def test_autotunings_decisions_are_memoised_per_launch_signature(monkeypatch):
     from moetune.kernels.grouped_gemm import LORA_INPUT_TUNING, TUNING
 
     module = importlib.import_module("moetune.kernels.grouped_gemm")
-    plan, gen = problem(seed=19)
-    S, K, N, R = plan.num_rows, 40, 36, 3
-    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    a, b, ua, lb = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
+    plan, gen, (S, K, N, R), common, (a, b, ua, lb) = lora_input_problem(seed=19)
     asked, real_pick = [], autotune.pick
 
     def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
@@ -481,10 +488,7 @@ def test_the_lora_input_goes_the_way_autotuning_measured_faster(monkeypatch):
     from moetune.kernels import autotune, grouped_gemm
     from moetune.kernels.grouped_gemm import LAUNCH_HOST_MS, LORA_INPUT_TUNING
 
-    plan, gen = problem(seed=10)
-    S, K, N, R = plan.num_rows, 40, 36, 3
-    common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-    a, b, ua, lb = rand(gen, plan.num_tokens, K), rand(gen, 5, K, N), rand(gen, 5, K, R), rand(gen, 5, R, N)
+    plan, gen, (S, K, N, R), common, (a, b, ua, lb) = lora_input_problem(seed=10)
     asked, real_pick = [], autotune.pick
 
     def pick(name, key, candidates, launch, device, num_rows, first_bonus_ms=0.0, host_ms=None):
