@@ -35,7 +35,6 @@ import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import lora_linear, saved_tensors
@@ -73,7 +72,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
         for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
-            y = F.linear(x, weight, bias)
+            y = lora_linear.base_output(x, x2, weight, bias)
             # one rounding of base + LoRA, as lora_linear
             y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t(), alpha=s)
             outputs.append(y)

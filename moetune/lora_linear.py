@@ -33,7 +33,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import saved_tensors
@@ -59,6 +58,20 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def base_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) [..., out] from x's rows x2 [N, in], as a tensor of its own: a LoRA Function returns
+    it after adding to it in place, and a caller may change it in place too (OLMoE's clip_qkv clamps the
+    projections' outputs), which autograd refuses for a view made inside a Function. (F.linear of a 3-D x with a
+    bias returns a view of its 2-D product.)"""
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    rows = y.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=rows)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=rows)
+    return y
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = F.linear(x, W, b) + s * F.linear(F.linear(x, A), B) in x's dtype; W gets no gradient.
 
@@ -80,9 +93,7 @@ class LoRALinearFunction(torch.autograd.Function):
         assert not weight.requires_grad, "frozen base weight expected: trainable ones take peft's path"
         x2 = x.reshape(-1, x.shape[-1])
         A_c, B_c = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        # y itself is returned, not a view made here: a caller may change it in place (OLMoE's clip_qkv clamps the
-        # projections' outputs), which autograd refuses for a view made inside a Function.
-        y = F.linear(x, weight, bias)
+        y = base_output(x, x2, weight, bias)
         u = x2 @ A_c.t()
         y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
         casts = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)

@@ -142,11 +142,13 @@ def test_a_scale_not_a_power_of_two_rounds_as_one_layer_does():
         assert relative_error(dA, alone) < 1e-6
 
 
-def test_outputs_may_be_changed_in_place():
-    """OLMoE's clip_qkv clamps the projections' outputs in place: no view made inside the Function."""
+@pytest.mark.parametrize("bias", [None, "frozen"])
+def test_outputs_may_be_changed_in_place(bias):
+    """OLMoE's clip_qkv clamps the projections' outputs in place: no view made inside the Function (F.linear of a
+    3-D input with a bias returns one)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 8, generator=gen).requires_grad_()
-    members = [_member(8, out, 2, torch.float32, None, gen) for out in (8, 4)]
+    members = [_member(8, out, 2, torch.float32, bias, gen) for out in (8, 4)]
     q, k = linear_group_with_lora(x, members, (2.0, 2.0))
     single = lora_linear.linear_with_lora(x, *members[1], 2.0)
     for y in (q, k, single):
