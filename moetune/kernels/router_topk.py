@@ -164,6 +164,7 @@ def _forward(logits, top_k, normalize, out_dtype):
 
 
 def _backward(grad_weights, logits, ids, normalize):
+    logits = logits.contiguous()  # (saved as given: the forward's own copy is not kept)
     num_tokens, num_experts = logits.shape
     grad_logits = torch.empty_like(logits)
     if num_tokens:
@@ -223,12 +224,10 @@ class RouterTopKFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights, _grad_ids):
         logits, ids = saved_tensors.load(ctx)
-        if grad_weights is None:
-            return None, None, None, None
         if torch.compiler.is_compiling():
             grad_logits = torch.ops.moetune.router_topk_backward(grad_weights, logits, ids, ctx.normalize)
         else:
-            grad_logits = _backward(grad_weights, logits.contiguous(), ids, ctx.normalize)
+            grad_logits = _backward(grad_weights, logits, ids, ctx.normalize)
         return grad_logits, None, None, None
 
 
