@@ -68,8 +68,8 @@ def norm_variant(module: nn.Module) -> str | None:
     """
     from ..kernels.rms_norm import MAX_H
 
-    forward = getattr(type(module), "forward", None)
-    if forward is None or "forward" in module.__dict__ or type(module).__call__ is not nn.Module.__call__:
+    forward = instance_forward.class_forward(module)
+    if forward is None:
         return None
     weight = module._parameters.get("weight")
     if (

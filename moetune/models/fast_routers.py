@@ -87,8 +87,8 @@ def router_variant(module: nn.Module) -> str | None:
     router whose forward is already replaced on the instance)."""
     from ..kernels.router_topk import MAX_E
 
-    forward = getattr(type(module), "forward", None)
-    if forward is None or "forward" in module.__dict__ or type(module).__call__ is not nn.Module.__call__:
+    forward = instance_forward.class_forward(module)
+    if forward is None:
         return None
     weight = module._parameters.get("weight")
     top_k = getattr(module, "top_k", None)

@@ -11,7 +11,16 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["install", "uninstall"]
+__all__ = ["class_forward", "install", "uninstall"]
+
+
+def class_forward(module: nn.Module):
+    """The forward function of module's class, which a recogniser reads, or None where that is not what a call runs:
+    the class has no forward, the instance has its own (moetune's or another), or the class overrides __call__."""
+    forward = getattr(type(module), "forward", None)
+    if forward is None or "forward" in module.__dict__ or type(module).__call__ is not nn.Module.__call__:
+        return None
+    return forward
 
 
 def install(model: nn.Module, marker: str, recognise: Callable[[nn.Module], str | None], fused) -> tuple[int, list]:
