@@ -264,20 +264,27 @@ def refit_to_step(model, plan: dict, peak_bytes: int) -> bool:
     peak_bytes). A plan already at every layer checkpointed without kept attention has nothing to give back."""
     if isinstance(peak_bytes, bool) or not isinstance(peak_bytes, int) or peak_bytes < 0:
         raise ValueError(f"peak_bytes: expected an integer >= 0, got {peak_bytes!r}")
-    if not isinstance(plan, dict) or plan.get("checkpoint_layers") is None or "budget_bytes" not in plan:
+    if not _measured(plan):
         raise ValueError("plan: expected fit_checkpoint_layers' result for a measured plan (with its budget)")
     layers = _layers(model)
     if len(layers) != plan["layers"]:
         raise ValueError(f"plan: made for {plan['layers']} decoder layers, the model has {len(layers)}")
-    checkpointed, keeping = plan["checkpoint_layers"], plan.get("kept_attention_layers", 0)
-    plan.setdefault("step_checks", []).append(((checkpointed, keeping), peak_bytes))
+    current = plan["checkpoint_layers"], plan["kept_attention_layers"]
+    plan.setdefault("step_checks", []).append((current, peak_bytes))
     over = peak_bytes - plan["budget_bytes"]
-    if over <= 0 or (checkpointed, keeping) == (len(layers), 0):
+    if over <= 0:
         return False
-    checkpointed, keeping = _give_back(len(layers), checkpointed, keeping, plan["activation_bytes_per_layer"],
+    checkpointed, keeping = _give_back(len(layers), *current, plan["activation_bytes_per_layer"],
                                        plan["attention_bytes_per_layer"], over)
+    if (checkpointed, keeping) == current:  # every layer checkpointed without kept attention: nothing to give
+        return False
     plan["checkpoint_layers"], plan["kept_attention_layers"] = checkpointed, _apply(layers, checkpointed, keeping)
     return True
+
+
+def _measured(plan) -> bool:
+    """Whether plan is fit_checkpoint_layers' result for a measured plan (one with a budget to check against)."""
+    return isinstance(plan, dict) and plan.get("checkpoint_layers") is not None and "budget_bytes" in plan
 
 
 class StepChecks:
@@ -290,7 +297,7 @@ class StepChecks:
 
         self.model, self.plan, self._autotune = model, plan, autotune
         device = torch.device(device)
-        measured = isinstance(plan, dict) and plan.get("checkpoint_layers") is not None and "budget_bytes" in plan
+        measured = _measured(plan)
         self.memory = memory if memory is not None else CudaMemory(device) if device.type == "cuda" else None
         self.left = steps if measured and self.memory is not None else 0
         self._tunings = autotune.tunings()
