@@ -431,8 +431,8 @@ def run(provider, source, config, seq, args, device) -> dict:
             times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device,
                                                 plan_checks.after_step)
         # the timed steps' peaks, before the profiled and memory-history steps below add theirs
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         peak_allocator = allocator_peaks(device)
+        peak_gib = None if peak_allocator is None else peak_allocator["allocated_gib"]  # max_memory_allocated
         profile = profile_step(model, optimizer, ids, device) if provider in args.profile else None
         memory = memory_peak_step(model, optimizer, ids, provider, seq, args) \
             if provider in args.memory_peak and device.type == "cuda" else None
@@ -455,10 +455,11 @@ def run(provider, source, config, seq, args, device) -> dict:
     if provider == "moetune":
         from moetune.lora_groups import grouped_layers
         from moetune.models.fast_rotary import installed_modules, uninstall_fast_rotary
+        from moetune.models.fast_routers import fused_routers
 
         result["fused_rotary"] = bool(installed_modules())  # what ran (never on CPU)
         result["grouped_lora_layers"] = grouped_layers(model)
-        result["fused_routers"] = sum("_moetune_router_variant" in m.__dict__ for m in model.modules())
+        result["fused_routers"] = len(fused_routers(model))
         if plan is not None:
             result["checkpoint_plan"] = plan
             result["plan_probe_allocator"] = probe_peaks

@@ -36,7 +36,7 @@ from . import instance_forward
 from .code_match import known_form, source_body_dump
 from .fast_norms import fast_norm_available
 
-__all__ = ["VARIANTS", "install_fast_routers", "router_variant", "uninstall_fast_routers"]
+__all__ = ["VARIANTS", "fused_routers", "install_fast_routers", "router_variant", "uninstall_fast_routers"]
 
 _VARIANT_ATTR = "_moetune_router_variant"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,3 +143,8 @@ def uninstall_fast_routers(model: nn.Module) -> int:
     """Undo `install_fast_routers`. Returns how many routers got their class's forward back (a forward another
     wrapper put on after it stays)."""
     return instance_forward.uninstall(model, _VARIANT_ATTR, _fused_forward)
+
+
+def fused_routers(model: nn.Module) -> list[nn.Module]:
+    """The routers of `model` that run the fused forward."""
+    return [module for module in model.modules() if _VARIANT_ATTR in module.__dict__]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moetune.models import fast_routers
-from moetune.models.fast_routers import install_fast_routers, router_variant, uninstall_fast_routers
+from moetune.models.fast_routers import fused_routers, install_fast_routers, router_variant, uninstall_fast_routers
 
 from .helpers import ALL_ARCHS, auto_class, logits_and_lora_grads, lora_model, needs_triton, relative_error, token_batch
 from .tiny import tiny_config
@@ -106,7 +106,7 @@ def test_uninstall_leaves_a_later_wrapper_alone():
     torch.manual_seed(0)
     model = auto_class("mixtral").from_config(tiny_config("mixtral"), dtype=torch.float32)
     install_fast_routers(model)
-    router = next(m for m in model.modules() if "_moetune_router_variant" in m.__dict__)
+    router = fused_routers(model)[0]
     inner = router.forward
     router.forward = lambda x: inner(x)  # an offloading hook, say
     uninstall_fast_routers(model)
