@@ -194,8 +194,8 @@ class _Group:
             fast = None if layer._forward_pre_hooks else lora_linear._fast_args(layer)
             if fast is None:
                 return None
-            members.append(lora_linear.fast_tensors(fast))
-            scalings.append(fast[3])
+            members.append(fast[0])
+            scalings.append(fast[1])
         if len({w.shape[1] for w, *_ in members}) != 1:
             return None  # not one input width: these layers cannot be reading the same tensor
         outputs = linear_group_with_lora(x, members, scalings)
@@ -211,7 +211,7 @@ class _Group:
         out, signature = entry
         fast = lora_linear._fast_args(layer)
         if (self.x() is x and self.mode == _mode(x) and fast is not None
-                and _signature(lora_linear.fast_tensors(fast), fast[3]) == signature):
+                and _signature(*fast) == signature):
             if not self.waiting:
                 self._clear()
             return out

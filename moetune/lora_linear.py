@@ -178,7 +178,8 @@ def _plain_lora(layer, name: str):
 
 
 def _fast_args(layer):
-    """(base Linear, lora_A, lora_B, scaling) when the fast path gives exactly peft's result now, else None."""
+    """((W, b, A, B), scaling) of the layer when the fast path gives exactly peft's result now, else None: the base
+    weight and bias and the factors' weights, as linear_with_lora takes them."""
     if layer.disable_adapters or layer.merged or not getattr(layer, "cast_input_dtype_enabled", True):
         return None
     active = layer.active_adapters
@@ -195,7 +196,8 @@ def _fast_args(layer):
         return None
     if _has_hooks(base) or _has_hooks(A) or _has_hooks(B):
         return None
-    return base, A, B, layer.scaling[name]
+    tensors = base._parameters["weight"], base._parameters["bias"], A._parameters["weight"], B._parameters["weight"]
+    return tensors, layer.scaling[name]
 
 
 def _fast_forward(self, x, *args, **kwargs):
@@ -210,13 +212,8 @@ def _fast_forward(self, x, *args, **kwargs):
     fast = _fast_args(self)
     if fast is None:
         return type(self).forward(self, x, *args, **kwargs)
-    return linear_with_lora(x, *fast_tensors(fast), fast[3])
-
-
-def fast_tensors(fast) -> tuple:
-    """(W, b, A, B) of a layer on the fast path, from _fast_args's (base Linear, lora_A, lora_B, scaling)."""
-    base, A, B, _ = fast
-    return base._parameters["weight"], base._parameters["bias"], A._parameters["weight"], B._parameters["weight"]
+    tensors, scaling = fast
+    return linear_with_lora(x, *tensors, scaling)
 
 
 def _is_installed(module: nn.Module) -> bool:
