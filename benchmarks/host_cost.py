@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 launches: collections.Counter = collections.Counter()
-untimed = [0.0]  # seconds spent making valid routing plans, subtracted from the steps
+untimed = [0.0]  # seconds spent making valid routing plans and router outputs, subtracted from the steps
 
 
 def skip_kernel_bodies() -> None:
@@ -57,7 +57,8 @@ def skip_kernel_bodies() -> None:
 
 
 def take_the_cuda_path() -> None:
-    """Fused rotary and the counting sort, as on a GPU (the fused norms already run under the interpreter)."""
+    """Fused rotary, the counting sort and the router's top-k, as on a GPU (the fused norms already run under the
+    interpreter)."""
     from moetune.experts import routing
     from moetune.kernels import expert_sort
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def label(path: Path) -> str:
     name = path.stem.removeprefix("train-step-")
-    name = name.split("auto66-")[-1] if "auto66-" in name else name
+    name = name.split("auto66-")[-1]
     return name.rsplit("-", 1)[0] if name.endswith(("-H200", "-H100")) else name
 
 

@@ -22,8 +22,14 @@ from moetune.lora_groups import (
 from moetune.lora_linear import install_fast_lora_linear, uninstall_fast_lora_linear
 
 from .models import helpers
-from .models.helpers import logits_and_lora_grads, lora_model, randomize_lora_B, relative_error, token_batch
-from .test_lora_linear import TOLERANCE  # relative error against float64 from the same rounded inputs
+from .models.helpers import (
+    TOLERANCE,
+    logits_and_lora_grads,
+    lora_model,
+    randomize_lora_B,
+    relative_error,
+    token_batch,
+)
 
 checkpoint = helpers.checkpoint  # session fixture: tiny checkpoints on disk
 
@@ -464,7 +470,6 @@ def _group_targets(model_dir) -> tuple[str, ...]:
 
 
 @helpers.ALL_ARCHS
-@pytest.mark.filterwarnings("ignore:target_modules")
 def test_every_architecture_groups_in_forward_and_recompute_alike(checkpoint, group_calls, model_type):
     """Gradient checkpointing on every layer: each group computes once in forward and once in the recompute, and
     logits and every LoRA gradient equal the ungrouped fast path's."""
@@ -484,7 +489,6 @@ def test_every_architecture_groups_in_forward_and_recompute_alike(checkpoint, gr
         assert relative_error(g, ungrouped_grads[name]) < 1e-5, name
 
 
-@pytest.mark.filterwarnings("ignore:target_modules")
 def test_get_peft_model_without_groups(checkpoint, group_calls):
     model = lora_model(checkpoint("qwen3_moe"), lora_groups=False)
     model.train()
