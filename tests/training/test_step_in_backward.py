@@ -138,9 +138,9 @@ def test_chunks_hold_at_most_chunk_bytes_or_one_larger_parameter():
     optimizer = StepInBackward(model.parameters(), torch.optim.AdamW, chunk_bytes=CHUNK, lr=1e-2)
     assert all(sum(p.numel() * 4 for p in chunk) <= CHUNK for _, _, chunk in optimizer._chunks)
     # The chunks are chunk_indices' (the memory planner holds gradients in the same chunks).
-    params = list(make_model().parameters())
+    params = list(model.parameters())
     assert [[id(p) for p in chunk] for _, _, chunk in optimizer._chunks] == \
-        [[id(list(model.parameters())[i]) for i in indices] for indices in chunk_indices(params, CHUNK)]
+        [[id(params[i]) for i in indices] for indices in chunk_indices(params, CHUNK)]
     small = StepInBackward(make_model().parameters(), torch.optim.AdamW, chunk_bytes=100, lr=1e-2)
     assert [len(chunk) for _, _, chunk in small._chunks] == [1] * 10  # each weight alone; each bias alone
     assert chunk_indices(params) == [list(range(10))]  # 64 MiB by default: one chunk here
