@@ -45,7 +45,7 @@ def compile_call(kernel, args, kwargs, capability: int):
     from triton.compiler import ASTSource
 
     kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
     values = dict(zip([p.name for p in kernel.params], args), **kwargs)
     signature, constants, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):

@@ -190,18 +190,16 @@ def test_the_kernels_compile_for_hopper_without_spilling():
     import sys
     from pathlib import Path
 
-    from triton.backends import backends
-
     script = Path(__file__).with_name("compile_router_topk.py")
     sys.path.insert(0, str(script.parent))
-    from compile_router_topk import CASES, ptxas
+    from compile_router_topk import CASES, ptxas_available
 
-    if "nvidia" not in backends or ptxas() is None:
+    if not ptxas_available():
         pytest.skip("this Triton has no NVIDIA compiler backend and ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2 * len(CASES)
-    # 168 registers a thread: three 4-warp programs an SM at least (65536 registers); measured <= 147
+    # 168 registers a thread: three 4-warp programs an SM at least (65536 registers); measured <= 148
     assert all(row["spilled"] == 0 and row["registers"] <= 168 for row in rows), rows
