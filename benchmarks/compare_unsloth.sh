@@ -5,7 +5,10 @@
 # machine, from the repo root, with the wheels of benchmarks/unsloth_wheels.sh carried as .whl/unsloth:
 #
 #     bash benchmarks/compare_unsloth.sh [SEQ ...]        # default 4096 8192 16384 32768; writes to $OUT
+#     VARIANTS="unsloth unsloth-nockpt" bash benchmarks/compare_unsloth.sh 8192   # some variants only
 #
+# VARIANTS (default all: moetune moetune-auto baseline unsloth unsloth-nockpt) splits the comparison over
+# calls that each fit the device tool's 10 minutes; the plot takes every variant's JSON found in $OUT.
 # About 9 minutes on an H200 for the four contexts (Unsloth compiles for ~1 minute first). A variant that fails
 # is reported and the others still run; out-of-memory rows are results.
 set -uo pipefail
@@ -14,7 +17,9 @@ mkdir -p "$OUT"
 read -ra SEQS <<< "${*:-4096 8192 16384 32768}"
 CK=${CHECKPOINT:-/tmp/qwen3-30b-a3b-x8}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+read -ra VARIANTS <<< "${VARIANTS:-moetune moetune-auto baseline unsloth unsloth-nockpt}"
 failed=()
+chosen() { [[ " ${VARIANTS[*]} " == *" $1 "* ]]; }
 quiet() { grep -v "Warning\|warn\|Loading weights\|USDT\|Writing model\|tuning"; }
 step() {  # step NAME ARGS...: one train_step.py process
     local name=$1; shift
@@ -30,15 +35,17 @@ unsloth() {  # unsloth NAME ARGS...: one unsloth_step.py process
         --out "$OUT/$name.json" "$@" 2>&1 | grep "tok/s\|out of memory\|Error"
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$name")
 }
-step moetune --providers moetune
-step moetune-auto --providers moetune --checkpoint-layers auto
-step baseline --providers baseline
-if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/unsloth-site \
-        .whl/unsloth/*.whl; then
-    unsloth unsloth
-    unsloth unsloth-nockpt --gradient-checkpointing off
-else
-    failed+=("unsloth (wheels: bash benchmarks/unsloth_wheels.sh, carry .whl/unsloth)")
+chosen moetune && step moetune --providers moetune
+chosen moetune-auto && step moetune-auto --providers moetune --checkpoint-layers auto
+chosen baseline && step baseline --providers baseline
+if chosen unsloth || chosen unsloth-nockpt; then
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/unsloth-site .whl/unsloth/*.whl; then
+        chosen unsloth && unsloth unsloth
+        chosen unsloth-nockpt && unsloth unsloth-nockpt --gradient-checkpointing off
+    else
+        failed+=("unsloth (wheels: bash benchmarks/unsloth_wheels.sh, carry .whl/unsloth)")
+    fi
 fi
 results=()
 for name in baseline unsloth unsloth-nockpt moetune moetune-auto; do
