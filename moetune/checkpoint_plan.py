@@ -57,7 +57,7 @@ import sys
 import torch
 
 from .models import kept_attention
-from .training.step_in_backward import chunk_indices
+from .training.step_in_backward import StepInBackward
 
 __all__ = ["fit_checkpoint_layers", "refit_to_step", "StepChecks", "choose_plan", "OPTIMIZER_STATE_BYTES"]
 
@@ -349,10 +349,10 @@ def _probe_step(model, memory, device, batch_size: int, seq_len: int, in_chunks:
     RNG, training mode and the parameters' .grad (cleared) are left as they were. in_chunks: gradients are held
     and dropped as the step in backward's chunks hold and free them."""
     was_training = model.training
-    hooks = []
+    holder = None
     try:
-        if in_chunks:
-            _hold_in_chunks([p for p in model.parameters() if p.requires_grad], hooks)
+        if in_chunks:  # StepInBackward itself, with chunks that step nothing: its hooks hold and free the gradients
+            holder = StepInBackward([p for p in model.parameters() if p.requires_grad], _NoStep)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, seq_len), device=device)
             model.train()
@@ -364,26 +364,18 @@ def _probe_step(model, memory, device, batch_size: int, seq_len: int, in_chunks:
     except torch.OutOfMemoryError:
         return None
     finally:
-        for hook in hooks:
-            hook.remove()
+        if holder is not None:
+            holder.remove_hooks()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         memory.release()
 
 
-def _hold_in_chunks(params: list[torch.Tensor], hooks: list) -> None:
-    """Registers (into hooks, as it goes) hooks that keep each gradient until every parameter of its chunk
-    (StepInBackward's chunks) has one, then drop the chunk's: the gradients that optimizer holds, its step aside."""
-    for indices in chunk_indices(params):
-        chunk = [params[i] for i in indices]
-        arrived: set[int] = set()
+class _NoStep(torch.optim.Optimizer):
+    """A chunk optimizer that updates nothing: the probe needs StepInBackward's holding of gradients, not its steps."""
 
-        def arrive(p, chunk=chunk, arrived=arrived):
-            arrived.add(id(p))
-            if len(arrived) == len(chunk):
-                for q in chunk:
-                    q.grad = None
-                arrived.clear()
+    def __init__(self, params):
+        super().__init__(params, {})
 
-        for p in chunk:
-            hooks.append(p.register_post_accumulate_grad_hook(arrive))
+    def step(self, closure=None):
+        return None

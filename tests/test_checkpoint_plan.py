@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -107,8 +109,7 @@ def test_a_plan_for_the_step_in_backward_holds_gradients_as_its_chunks_do(checkp
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     chunk_bytes = 3 * max(p.nbytes for p in params)  # several chunks in this tiny model, each over a layer's part
-    monkeypatch.setattr(checkpoint_plan, "chunk_indices",
-                        lambda ps: step_in_backward.chunk_indices(ps, chunk_bytes))
+    monkeypatch.setattr(checkpoint_plan, "StepInBackward", functools.partial(StepInBackward, chunk_bytes=chunk_bytes))
 
     def held_at_each_arrival(run) -> list[frozenset]:
         """The gradients alive as each one arrives (hooks registered before the optimizer's or the probe's)."""
