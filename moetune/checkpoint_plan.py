@@ -290,7 +290,8 @@ def _measured(plan) -> bool:
 class StepChecks:
     """refit_to_step for a training loop's first `steps` steps that autotuned nothing (a step that tunes holds the
     timing's buffers at its peak), on CUDA, for a measured plan; otherwise after_step does nothing. The peak
-    statistics restart where a step tuned or the plan changed, so the next check sees the new plan's steps only."""
+    statistics restart where a step tuned or the plan changed, so the next check sees the new plan's steps only;
+    the highest peak before a restart is kept in earlier_peak_bytes, for whoever reports the run's peak."""
 
     def __init__(self, model, plan: dict | None, device, steps: int = CHECKS, memory=None):
         from .kernels import autotune
@@ -301,8 +302,13 @@ class StepChecks:
         self.memory = memory if memory is not None else CudaMemory(device) if device.type == "cuda" else None
         self.left = steps if measured and self.memory is not None else 0
         self._tunings = autotune.tunings()
+        self.earlier_peak_bytes = 0
         if self.left:
-            self.memory.reset_peak()
+            self._restart_peak()
+
+    def _restart_peak(self) -> None:
+        self.earlier_peak_bytes = max(self.earlier_peak_bytes, self.memory.peak_so_far())
+        self.memory.reset_peak()
 
     def after_step(self) -> bool:
         """Call after each optimizer step; True where the plan changed."""
@@ -311,12 +317,12 @@ class StepChecks:
         tunings = self._autotune.tunings()
         if tunings != self._tunings:
             self._tunings = tunings
-            self.memory.reset_peak()
+            self._restart_peak()
             return False
         self.left -= 1
         changed = refit_to_step(self.model, self.plan, self.memory.peak_so_far())
         if changed:
-            self.memory.reset_peak()
+            self._restart_peak()
             print(f"moetune: a training step peaked over the memory plan's budget; now {self.plan['checkpoint_layers']} "
                   f"layers checkpointed, {self.plan['kept_attention_layers']} keeping attention", file=sys.stderr)
         return changed

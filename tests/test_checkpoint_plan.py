@@ -332,9 +332,10 @@ def test_step_checks_skip_steps_that_tuned_and_stop_after_their_count(tmp_path, 
     assert memory.resets == 1  # from the loop's first step
     memory.peak, tuned[0] = 50_000, 1  # a step that tuned: its peak is the tuning's, not judged
     assert checks.after_step() is False and memory.resets == 2 and plan.get("step_checks") is None
+    assert checks.earlier_peak_bytes == 50_000  # kept for the run's reported peak across the restart
     memory.peak = 10_500  # over by half a layer: one layer back, and one more
     assert checks.after_step() is True and plan["checkpoint_layers"] == 2 and _flags(model) == [True, True, False, False]
-    assert memory.resets == 3
+    assert memory.resets == 3 and checks.earlier_peak_bytes == 50_000
     memory.peak = 9_000
     assert checks.after_step() is False and checks.left == 0
     memory.peak = 99_000  # past the checked steps: nothing more

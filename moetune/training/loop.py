@@ -276,7 +276,8 @@ def run(plan: Plan, console=None) -> dict:
                     "loss": float(loss_interval) / steps_interval,
                     "lr": lr,
                     "tokens_per_s": tokens_interval / (now - t_interval),
-                    "peak_memory_gib": round(peak_memory_gib(device), 4),
+                    # (the first steps' peaks too, which the plan's checks took out of the device's statistics)
+                    "peak_memory_gib": round(max(peak_memory_gib(device), plan_checks.earlier_peak_bytes / 2**30), 4),
                     "expert_load": {str(layer): shares for layer, shares in zip(load.layers, load.take())},
                 }
                 metrics.write(row)
