@@ -7,9 +7,13 @@ For each case (shape:tokens) and provider, after warm-up, medians of the repeats
 - queued: GPU time per step of steps issued back to back (one sync per round), as a model's layers are;
 - with --gaps: one profiled step (torch.profiler): its GPU ops' busy time against their span, and the largest idle
   gaps between them, each with how long after the previous op's end the host issued the next (a positive lag: the
-  GPU waited for the host).
+  GPU waited for the host);
+- with --queued-gaps N: the same for N steps issued back to back, as queued's are. Where queued exceeds gpu with
+  no gaps here, the GPU itself ran slower (clocks under sustained load), not the host (run 57d: Qwen3 16K queued
+  7.10 against 6.80 ms of one step behind a sleep).
 
     python benchmarks/block_timing.py --cases qwen3-30b-a3b:16384 qwen3-30b-a3b:4096 --gaps
+    python benchmarks/block_timing.py --cases glm-4.7-flash:16384 --queued-gaps 5
     python benchmarks/block_timing.py --cases glm-4.7-flash:4096 --providers triton baseline --out timing.json
 
 CUDA only (the figures are about a GPU waiting for its host).
@@ -70,18 +74,28 @@ def timings(step, repeat: int) -> dict:
             "queued_ms": harness.queued_ms(step, repeat)}
 
 
-def gaps(step, top: int = 8) -> dict:
-    """One profiled step: busy time of its GPU ops against their span, and the largest gaps between them."""
+def gaps(step, top: int = 8, steps: int = 1) -> dict:
+    """`steps` profiled steps issued back to back (after one untimed step where steps > 1, as queued_ms times them):
+    busy time of their GPU ops against their span, and the largest gaps between them."""
     torch.cuda.synchronize()
+    if steps > 1:
+        step()  # the profiled steps then start behind one already queued, as queued_ms's timed ones do
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
+        for _ in range(steps):
+            step()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
+    return idle_gaps(events, top)
+
+
+def idle_gaps(events: list[dict], top: int = 8) -> dict:
+    """From a chrome trace's events: the GPU ops' busy time against their span, and the `top` largest gaps between
+    consecutive ops, each with how long after the previous op's end the host issued the next."""
     ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
                  key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e["ts"] for e in events
@@ -110,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--gaps", action="store_true", help="also profile one step's idle gaps")
+    parser.add_argument("--queued-gaps", type=int, default=0, metavar="N",
+                        help="also profile the idle gaps of N steps issued back to back")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -129,10 +145,12 @@ def main(argv=None) -> int:
             row = {"shape": name, "tokens": tokens, "provider": provider, **timings(step, args.repeat)}
             print(f"{name:<16}{tokens:>7} {provider:<9} host {row['host_ms']:6.3f}  alone {row['alone_ms']:6.3f}  "
                   f"gpu {row['gpu_ms']:6.3f}  queued {row['queued_ms']:6.3f} ms", flush=True)
-            if args.gaps:
-                row["gaps"] = gaps(step)
-                found = row["gaps"]
-                print(f"    one profiled step: {found['gpu_ops']} GPU ops, busy {found['busy_ms']:.3f} of "
+            profiled = ([("gaps", 1, "one profiled step")] if args.gaps else []) + (
+                [("queued_gaps", args.queued_gaps, f"{args.queued_gaps} profiled steps back to back")]
+                if args.queued_gaps > 0 else [])
+            for key, steps, what in profiled:
+                found = row[key] = gaps(step, steps=steps)
+                print(f"    {what}: {found['gpu_ops']} GPU ops, busy {found['busy_ms']:.3f} of "
                       f"{found['span_ms']:.3f} ms, idle {found['idle_ms']:.3f}")
                 for gap in found["largest"]:
                     print(f"    gap {gap['gap_us']:7.1f} us (launched {gap['launch_lag_us']} us after the GPU went "

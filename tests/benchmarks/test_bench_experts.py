@@ -106,3 +106,32 @@ def test_block_timing_says_it_needs_a_gpu():
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("needs a CUDA GPU (it measures a GPU "
                                                                                   "waiting for its host)")
+
+
+def test_block_timing_reads_idle_gaps_from_a_trace():
+    """block_timing.idle_gaps: busy time against span, gaps largest first, each with how late the host issued the
+    op after the gap (from the runtime event of the same correlation id), None where no launch event matches."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import block_timing
+
+    def kernel(name, ts, dur, correlation):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+    events = [
+        kernel("gemm", 100.0, 50.0, 1), kernel("sum", 160.0, 10.0, 2), kernel("wgrad", 400.0, 100.0, 3),
+        kernel("copy", 505.0, 5.0, 4),
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90.0, "dur": 3.0,
+         "args": {"correlation": 1}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 380.0, "dur": 3.0,
+         "args": {"correlation": 3}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::sum", "ts": 150.0, "dur": 5.0},  # not a GPU op
+    ]
+    found = block_timing.idle_gaps(events, top=2)
+    assert found["gpu_ops"] == 4
+    assert found["busy_ms"] == pytest.approx(0.165) and found["span_ms"] == pytest.approx(0.410)
+    assert found["idle_ms"] == pytest.approx(0.245)
+    assert [(g["after"], g["before"], g["gap_us"], g["launch_lag_us"]) for g in found["largest"]] == [
+        ("sum", "wgrad", 230.0, 210.0),  # issued 210 us after the GPU went idle: it waited for the host
+        ("gemm", "sum", 10.0, None),  # no launch event in the trace for this one
+    ]
+    assert block_timing.idle_gaps([], top=2) == {}
