@@ -11,8 +11,10 @@ Forward, chunk by chunk over the rows:
                                                           over logits_CV; elsewhere torch, a new chunk
     grad_hidden_NH[chunk] = grad_CV @ weight_VH
     grad_weight_VH += grad_CV^T @ hidden_CH               only when weight requires grad (fp32 sum); bias alike
-The loss is the fp32 sum of the row losses; backward multiplies the gradients saved in forward by the
-incoming gradient (which carries the 1/count of a mean), so no logits are kept or recomputed.
+The loss is the fp32 sum of the row losses, divided by the count of a mean; backward multiplies the gradients
+saved in forward by the incoming gradient and 1/count, so no logits are kept or recomputed. A count of 0 (every
+row ignored) gives a NaN loss and zero gradients, as F.cross_entropy does: the ignored rows' zero gradients are
+never multiplied by 1/0.
 
 Peak memory over the weights: one logits chunk (CHUNK_BYTES; the torch path adds its fp32 softmax) + grad_hidden
 [N, H] (+ grad_weight). transformers'
@@ -72,7 +74,8 @@ def _cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """sum_rows cross_entropy(hidden_NH @ weight_VH^T + bias_V, targets_N), its gradients computed in forward.
+    """sum_rows cross_entropy(hidden_NH @ weight_VH^T + bias_V, targets_N) / divisor (None: the sum), its gradients
+    computed in forward.
 
     Saved for backward: grad_hidden [N, H] in the compute dtype, grad_weight [V, H] and grad_bias [V] in fp32
     (only those whose input requires grad). Not saved: the logits, the hidden states. Nothing is recomputed.
@@ -80,7 +83,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, ignore_index: int, rows_per_chunk: int):
+    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, ignore_index: int, rows_per_chunk: int,
+                divisor: torch.Tensor | int | float | None = None):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         compute_grad = need_hidden or need_weight or need_bias
         num_rows, vocab = hidden_NH.shape[0], weight_VH.shape[0]
@@ -111,13 +115,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if need_weight:
                 if weight_VH.dtype == torch.float32:
                     grad_weight.addmm_(grad_CV.t(), hidden_CH)
+                elif weight_VH.dtype == torch.float16:  # one chunk's sum over rows can pass fp16's 65504: in fp32
+                    grad_weight.addmm_(grad_CV.t().float(), hidden_CH.float())
                 else:  # summed in fp32 over chunks: tens of chunks summed in bf16 would lose ~1% of precision
                     grad_weight += torch.mm(grad_CV.t(), hidden_CH)
             if need_bias:
                 grad_bias += grad_CV.sum(0, dtype=torch.float32)
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight_VH.dtype, None if bias_V is None else bias_V.dtype)
-        return loss_N.sum()
+        ctx.divisor = divisor
+        loss = loss_N.sum()
+        return loss if divisor is None else loss / divisor
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -126,13 +134,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.grads
         ctx.grads = None
         weight_dtype, bias_dtype = ctx.dtypes
+        grad_loss = _divided(grad_loss, ctx.divisor)
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(grad_loss).to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _divided(grad_loss: torch.Tensor, divisor: torch.Tensor | int | float | None) -> torch.Tensor:
+    """grad_loss / divisor, 0 where the divisor is 0 (no row counted: every saved gradient is 0, and 0 * inf would
+    be NaN). On the device for a tensor divisor: no host sync."""
+    if divisor is None:
+        return grad_loss
+    if torch.is_tensor(divisor):
+        return torch.where(divisor != 0, grad_loss / divisor, 0.0)
+    return grad_loss / divisor if divisor != 0 else torch.zeros_like(grad_loss)
 
 
 def _check(hidden, weight, targets, bias, reduction, num_items_in_batch, chunk_size) -> None:
@@ -186,15 +205,16 @@ def linear_cross_entropy(
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     targets_N = targets.reshape(-1).to(device=hidden.device, dtype=torch.long)
     rows = chunk_size or chunk_rows(weight.shape[0], hidden.dtype)
-    with torch.autocast(device_type, enabled=False):
-        loss = LinearCrossEntropyFunction.apply(hidden_NH, weight, bias, targets_N, int(ignore_index), rows)
     if reduction == "sum":
-        return loss
-    if num_items_in_batch is None:
-        return loss / (targets_N != ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+        divisor = None
+    elif num_items_in_batch is None:
+        divisor = (targets_N != ignore_index).sum()
+    elif torch.is_tensor(num_items_in_batch):
+        divisor = num_items_in_batch.to(hidden.device)
+    else:
+        divisor = num_items_in_batch
+    with torch.autocast(device_type, enabled=False):
+        return LinearCrossEntropyFunction.apply(hidden_NH, weight, bias, targets_N, int(ignore_index), rows, divisor)
 
 
 def causal_lm_loss(

@@ -136,6 +136,37 @@ def test_one_row_and_all_ignored(path):
     assert linear_cross_entropy(hidden, weight, ignored).isnan()
 
 
+@pytest.mark.parametrize("num_items", [None, 0, "tensor"])
+def test_all_ignored_mean_has_zero_gradients(path, num_items):
+    """Every label ignored (a completion cut off by truncation): the mean is NaN, as in F.cross_entropy and
+    transformers, but the gradients are 0 there too, not NaN, so one such micro-batch cannot poison an accumulated
+    step. The saved gradients must not be multiplied by 1/0."""
+    hidden, weight, _, _ = problem(weight_grad=True)
+    ignored = torch.full((B, S), IGNORE, device=DEVICE)
+    items = torch.tensor(0, device=DEVICE) if num_items == "tensor" else num_items
+    loss = linear_cross_entropy(hidden, weight, ignored, num_items_in_batch=items)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, [hidden, weight])
+    ref = F.cross_entropy(F.linear(hidden, weight).reshape(-1, V).float(), ignored.reshape(-1))
+    ref_hidden, ref_weight = torch.autograd.grad(ref, [hidden, weight])
+    assert loss.isnan() and ref.isnan()
+    assert not grad_hidden.isnan().any() and not grad_hidden.any() and not ref_hidden.any()
+    assert not grad_weight.isnan().any() and not grad_weight.any() and not ref_weight.any()
+
+
+def test_fp16_weight_gradient_sums_chunks_in_fp32(path):
+    """A trainable fp16 weight: one chunk's grad_weight sums the unscaled logits gradient over its rows (here 4096 rows
+    of ~20 each toward one class: ~-8e4, past fp16's 65504), which must not overflow before the mean's 1/count."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = (20 + torch.rand(4096, 8, generator=gen)).to(DEVICE, torch.float16).requires_grad_()
+    weight = (0.01 * torch.randn(16, 8, generator=gen)).to(DEVICE, torch.float16).requires_grad_()
+    targets = torch.zeros(4096, dtype=torch.long, device=DEVICE)
+    (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets), weight)
+    h64, w64 = hidden.detach().double(), weight.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.cross_entropy(h64 @ w64.t(), targets), w64)
+    assert grad.isfinite().all()
+    assert relative_error(grad, ref) < 2 * TOL[torch.float16]
+
+
 def test_without_grad_only_the_loss():
     hidden, weight, _, labels = problem()
     with torch.no_grad():
