@@ -341,7 +341,9 @@ def _give_back(layers: int, checkpointed: int, keeping: int, per_layer: int, att
     the next check: layers left out return to checkpointing first (keeping attention where the others do), then
     kept attention goes."""
     if checkpointed < layers:
-        keeps = keeping == checkpointed  # choose_plan's plans: every checkpointed layer keeps, or none
+        # choose_plan's plans: every checkpointed layer keeps, or none. With no attention output measured (a plan
+        # made with keep_attention=False) none keeps, also where no layer was checkpointed yet.
+        keeps = attention > 0 and keeping == checkpointed
         saved = per_layer - (attention if keeps else 0)
         more = min(layers - checkpointed, -(-over // saved) + 1 if saved > 0 else layers)
         return checkpointed + more, keeping + (more if keeps else 0)

@@ -259,6 +259,12 @@ def test_a_plan_above_the_floor_is_checked_by_a_probe_with_itself(tmp_path):
     # Every layer checkpointed without kept attention (the floor) is not checked.
     plan, checks = plan_with([None], keep_attention=False, max_memory_gib=1e-6)
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 0)
+    # Planned without kept attention: layers given back by a failed check keep none either (the plan measured no
+    # attention output to count), also from a plan with no layer checkpointed.
+    plan, checks = plan_with([0], keep_attention=False)
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], plan["attention_bytes_per_layer"]) == (0, 0, 0)
+    plan, checks = plan_with([budget - state + per_layer * 3 // 2, 0], keep_attention=False)
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (3, 0, 2)
 
 
 def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
