@@ -15,6 +15,7 @@ fused 3-D expert weights is moetune's split LoRA, stored as parameters on each e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -31,7 +32,7 @@ from .models import fused_loss, recompute
 from .models.fast_norms import install_fast_norms
 from .models.fast_rotary import install_fast_rotary, installed_modules
 from .models.fast_routers import install_fast_routers
-from .models.hook import add_expert_lora, find_experts, install
+from .models.hook import add_expert_lora, expert_lora, expert_lora_disabled, find_experts, install
 from .models.registry import get_spec
 from .models.spec import ArchSpec
 from .training.offload import enable_offloaded_checkpointing
@@ -207,6 +208,25 @@ def _peft_model_class():
             if adapter_name not in self.peft_config:
                 raise ValueError(f"adapter_name: moetune models hold one adapter, {list(self.peft_config)}, got {adapter_name!r}")
             adapters.load_adapter_weights(self, model_id)
+
+        @contextlib.contextmanager
+        def disable_adapter(self):
+            """The base model within, the expert LoRA off too (TRL's reference model for DPO, KTO, GRPO uses this).
+            peft's own context switches its layers (Linear LoRA, a trained router); with none (LoRA on the experts
+            only) it would refuse, so only the flag it sets is set."""
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            experts = [module for module in self.modules() if expert_lora(module) is not None]
+            with contextlib.ExitStack() as stack:
+                if any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in self.modules()):
+                    stack.enter_context(super().disable_adapter())
+                else:
+                    was_disabled = self._adapters_disabled
+                    self._adapters_disabled = True
+                    stack.callback(setattr, self, "_adapters_disabled", was_disabled)
+                stack.enter_context(expert_lora_disabled(experts))
+                yield
 
         def merge_and_unload(self, *args, **kwargs):
             raise NotImplementedError(

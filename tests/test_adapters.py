@@ -164,3 +164,25 @@ def test_merge_rejects_bad_directories(checkpoint, tmp_path):
         moetune.merge(str(tmp_path / "missing"), str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="adapter_dir"):
         moetune.merge(checkpoint("qwen3_moe"), str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("targets", ["default", "experts", "experts+router"])
+def test_disable_adapter_gives_the_base_model(model_type, targets, checkpoint):
+    """peft's `with model.disable_adapter():` (TRL's reference model for DPO, KTO, GRPO) turns the expert LoRA off
+    too, also with LoRA on the experts only (where peft alone finds no adapter layer and refuses), and back on after."""
+    model_dir = checkpoint(model_type)
+    kwargs = {} if targets == "default" else dict(target_modules=("gate_up_proj", "down_proj"),
+                                                  train_router=targets == "experts+router")
+    model = _peft_model(model_dir, **kwargs).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        base = auto_class(model_type).from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)(ids).logits
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            disabled = model(ids).logits
+            assert model._adapters_disabled
+        again = model(ids).logits
+    assert relative_error(adapted, base) > 1e-3  # the adapter matters
+    assert relative_error(disabled, base) < 1e-6
+    assert torch.equal(again, adapted) and not model._adapters_disabled

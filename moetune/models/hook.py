@@ -13,6 +13,7 @@ trainable parameters in moetune's internal layout:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -34,12 +35,14 @@ __all__ = [
     "find_experts",
     "add_expert_lora",
     "expert_lora",
+    "expert_lora_disabled",
 ]
 
 IMPLEMENTATION = "moetune"
 LORA_PARAMS = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
 _BINDING = "moetune_binding"
 _PREVIOUS = "_moetune_previous_experts_implementation"
+_LORA_OFF = "_moetune_expert_lora_off"
 # Used when the base expert weights are trainable (full fine-tuning): moetune never computes base-weight
 # gradients, so it hands those calls to transformers' own grouped implementation.
 _FALLBACK = "grouped_mm"
@@ -62,6 +65,20 @@ def expert_lora(module: nn.Module) -> ExpertLoRA | None:
     if A1 is None and A2 is None:
         return None
     return ExpertLoRA(A1, B1, A2, B2, scaling=getattr(module, _BINDING).scaling)
+
+
+@contextlib.contextmanager
+def expert_lora_disabled(modules):
+    """Within, the experts modules compute without their LoRA (the base experts): peft's disable_adapter for the
+    expert LoRA, which lives outside peft's layers. Nests; each module's earlier state comes back on exit."""
+    previous = [(module, getattr(module, _LORA_OFF, False)) for module in modules]
+    for module, _ in previous:
+        setattr(module, _LORA_OFF, True)
+    try:
+        yield
+    finally:
+        for module, was in previous:
+            setattr(module, _LORA_OFF, was)
 
 
 def _base_weights(module: nn.Module, binding: ExpertsBinding):
@@ -94,7 +111,7 @@ def moetune_experts_forward(
     # Routers compute weights in fp32 or the model dtype; the engine takes either.
     return moe_experts(
         hidden_states, top_k_index, top_k_weights, gate_up, down,
-        gate_up_bias=b1, down_bias=b2, lora=expert_lora(self),
+        gate_up_bias=b1, down_bias=b2, lora=None if getattr(self, _LORA_OFF, False) else expert_lora(self),
         activation=binding.activation, interleaved=binding.interleaved,
         only_for_backward=recomputing(),  # see recompute.py: only additions follow in every supported architecture
     )
