@@ -334,7 +334,8 @@ class FastMoEModel:
         """LoRA on the target modules; everything else frozen. Returns a peft model (PeftModelForCausalLM).
 
         r, lora_alpha: rank and alpha (scaling = lora_alpha / r), for experts and Linear layers alike.
-        lora_dropout applies to Linear LoRA only (split LoRA on experts has no dropout).
+        lora_dropout: Linear LoRA only; 0 where the experts get LoRA (PEFT's expert LoRA has none, and refuses to load
+          an adapter that records one).
         train_router: train router weights in full (saved as peft modules_to_save); default frozen.
         random_state: seed for the LoRA initialisation.
         offload_checkpoints: with checkpointing, keep each decoder layer's saved input in pinned host memory
@@ -374,7 +375,9 @@ class FastMoEModel:
             raise ValueError(f"checkpoint_layers: expected at most the model's {count} decoder layers, got {checkpoint_layers}")
         linear, gate_up, down = plan_targets(model, spec, target_modules)
         if lora_dropout and (gate_up or down):
-            warnings.warn("lora_dropout: applies to Linear LoRA only, not to expert LoRA", stacklevel=2)
+            # peft's expert LoRA (ParamWrapper, target_parameters) refuses any dropout: the adapter would not load.
+            raise ValueError(f"lora_dropout: expected 0 with LoRA on the experts (PEFT's expert LoRA has no dropout, "
+                             f"so the saved adapter would not load), got {lora_dropout!r}")
         if random_state is not None:
             torch.manual_seed(random_state)
 

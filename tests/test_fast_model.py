@@ -154,6 +154,7 @@ def test_from_pretrained_rejects_bad_input(kwargs, match):
         (dict(r=True), "r: expected an integer >= 1"),
         (dict(lora_alpha=0), "lora_alpha: expected a number > 0"),
         (dict(lora_dropout=1.0), r"lora_dropout: expected a number in \[0, 1\)"),
+        (dict(lora_dropout=0.1), "lora_dropout: expected 0 with LoRA on the experts"),
         (dict(target_modules=()), "target_modules: expected a non-empty sequence"),
         (dict(target_modules=("q_prj",)), "target_modules: expected names from .*got 'q_prj'"),
         (dict(target_modules=("q_proj", "gate")), "target_modules: 'gate' is a router"),

@@ -370,7 +370,6 @@ def test_model_disable_merge_and_plain_peft_load(checkpoint, tmp_path, fast_call
         assert relative_error(reference(ids).logits, logits) < 1e-5
 
 
-@pytest.mark.filterwarnings("ignore:lora_dropout. applies to Linear LoRA only")
 def test_model_with_dropout_keeps_peft_path(checkpoint):
-    model = lora_model(checkpoint("qwen3_moe"), lora_dropout=0.1)
+    model = lora_model(checkpoint("qwen3_moe"), lora_dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     assert install_fast_lora_linear(model) == 0

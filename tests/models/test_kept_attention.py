@@ -18,7 +18,6 @@ from .helpers import DEVICE, randomize_lora_B, spy_only_for_backward, token_batc
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
-    pytest.mark.filterwarnings("ignore:lora_dropout.*:UserWarning"),
 ]
 
 

@@ -21,7 +21,6 @@ from .helpers import (
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
-    pytest.mark.filterwarnings("ignore:lora_dropout.*:UserWarning"),
 ]
 
 
