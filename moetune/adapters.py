@@ -103,6 +103,7 @@ def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.exp
     if config.target_modules == DUMMY_TARGET_MODULES:  # expert-only LoRA (see fast_model.get_peft_model)
         config.target_modules = set()
     config.target_parameters = [f"{experts_module}.{p}" for p in targets] or None
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
 
     own = {k: v for k, v in peft_model.state_dict().items() if k.rsplit(".", 1)[-1] not in LORA_PARAMS}
     tensors = dict(get_peft_model_state_dict(peft_model, state_dict=own))

@@ -399,6 +399,9 @@ class FastMoEModel:
             # peft refuses a config that targets nothing; its dummy target builds an empty LoRA model.
             target_modules=linear or DUMMY_TARGET_MODULES,
             modules_to_save=list(spec.router_modules) if train_router else None,
+            # as peft.get_peft_model sets it: AutoPeftModel finds the base model by it, and saving compares the
+            # vocabulary with the base's (a resized one saves the embeddings with the adapter)
+            base_model_name_or_path=model.__dict__.get("name_or_path") or None,
         )
         with adapters.peft_deprecation_quiet():
             peft_model = _peft_model_class()(model, config)

@@ -127,6 +127,21 @@ def test_adapter_config_is_peft_target_parameters(checkpoint, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # as peft's own save writes them: AutoPeftModelForCausalLM loads the base model from this path
+    assert config["base_model_name_or_path"] == checkpoint("qwen3_moe") and config["inference_mode"] is True
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
+def test_a_resized_vocabulary_saves_the_embeddings(checkpoint, tmp_path):
+    """As peft's save (save_embedding_layers="auto"): new token rows are trained state the adapter must carry."""
+    from safetensors.torch import load_file
+
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("embed_tokens" in k for k in saved) and any("lm_head" in k for k in saved)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
