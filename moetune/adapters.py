@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
+import re
 import shutil
 import warnings
 
@@ -141,6 +143,31 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
         raise ValueError(f"adapter_dir: unexpected keys for this model: {result.unexpected_keys[:5]}")
 
 
+def _untie_adapted_embeddings(model: nn.Module, adapter_dir: str) -> None:
+    """Where the input and output embeddings share one weight (tie_word_embeddings) and the adapter changes either
+    module (LoRA on lm_head, or a saved copy of it), give the output embedding a weight of its own and untie the
+    config: the adapter model adapts only that module, and folding its change into the shared weight would change
+    the other one too."""
+    configs = [model.config, model.config.get_text_config()]
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+        adapter = json.load(f)
+    names = [name for name, module in model.named_modules() if module is inputs or module is outputs]
+    targets, keys = adapter.get("target_modules") or [], list(adapter.get("modules_to_save") or [])
+    if isinstance(targets, str):  # peft: a regular expression over the whole module name
+        adapted = any(re.fullmatch(targets, name) for name in names)
+    else:
+        adapted, keys = False, keys + list(targets)
+    if not adapted and not any(name == key or name.endswith("." + key) for name in names for key in keys):
+        return
+    outputs.weight = nn.Parameter(outputs.weight.detach().clone(), requires_grad=outputs.weight.requires_grad)
+    for config in configs:
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
 # Files of a checkpoint directory that the merged checkpoint rewrites itself.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -165,6 +192,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     model = getattr(transformers, spec.auto_class).from_pretrained(
         model_dir, dtype=dtype, local_files_only=True, use_kernels=False  # no Hub kernels (5.25's default): offline
     )
+    _untie_adapted_embeddings(model, adapter_dir)
     with peft_deprecation_quiet():
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)

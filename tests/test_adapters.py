@@ -201,3 +201,26 @@ def test_disable_adapter_gives_the_base_model(model_type, targets, checkpoint):
     assert relative_error(adapted, base) > 1e-3  # the adapter matters
     assert relative_error(disabled, base) < 1e-6
     assert torch.equal(again, adapted) and not model._adapters_disabled
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+def test_merge_unties_an_adapted_tied_lm_head(model_type, tmp_path, monkeypatch):
+    """tie_word_embeddings with LoRA on lm_head: the adapter model changes the output embedding only, so the merged
+    checkpoint gets an lm_head of its own (folding the change into the shared weight changed the embedding too)."""
+    from .models import helpers
+
+    tied = helpers.tiny_config(model_type)
+    tied.tie_word_embeddings = True
+    monkeypatch.setattr(helpers, "tiny_config", lambda _: tied)
+    model_dir = helpers.save_checkpoint(model_type, str(tmp_path / "tied"))
+    model = _peft_model(model_dir, target_modules=("q_proj", "gate_up_proj", "lm_head"))
+    base = model.get_base_model()
+    assert base.lm_head.weight is base.get_input_embeddings().weight  # tied in the adapter model
+    model.save_pretrained(tmp_path / "adapter")
+    moetune.merge(model_dir, tmp_path / "adapter", tmp_path / "merged")
+    merged = auto_class(model_type).from_pretrained(tmp_path / "merged", dtype=torch.float32, local_files_only=True)
+    ids = token_batch()
+    with torch.no_grad():
+        assert relative_error(merged(ids).logits, model(ids).logits) < 1e-5
+    assert merged.lm_head.weight is not merged.get_input_embeddings().weight
