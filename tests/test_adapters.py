@@ -205,6 +205,7 @@ def test_disable_adapter_gives_the_base_model(model_type, targets, checkpoint):
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
 def test_merge_unties_an_adapted_tied_lm_head(model_type, tmp_path, monkeypatch):
     """tie_word_embeddings with LoRA on lm_head: the adapter model changes the output embedding only, so the merged
     checkpoint gets an lm_head of its own (folding the change into the shared weight changed the embedding too)."""
