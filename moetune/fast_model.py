@@ -144,7 +144,10 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
         return set()
     from peft import LoraConfig
 
-    config = LoraConfig(r=1, target_modules=sorted(names))
+    # peft refuses one of gate_proj / up_proj without the other where they are fused into gate_up_proj; moetune
+    # reads either as the fused weight (EXPERT_TARGETS), so ask about both.
+    pair = {"gate_proj", "up_proj"}
+    config = LoraConfig(r=1, target_modules=sorted(names | pair if names & pair else names))
     convert_peft_config_for_transformers(config, model=model, conversions=None)
     return names - set(config.target_modules or ())
 

@@ -225,3 +225,19 @@ def test_merge_unties_an_adapted_tied_lm_head(model_type, tmp_path, monkeypatch)
     with torch.no_grad():
         assert relative_error(merged(ids).logits, model(ids).logits) < 1e-5
     assert merged.lm_head.weight is not merged.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("targets", [("gate_proj",), ("up_proj", "down_proj")])
+@pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+def test_one_of_gate_and_up_selects_the_fused_gate_up(targets, checkpoint, tmp_path):
+    """Where gate and up are fused (deepseek_v3: also a shared expert's Linear gate_proj / up_proj), either name alone
+    selects LoRA on gate_up_proj, as the pair does (peft refused the one without the other); plain peft loads it."""
+    model_dir = checkpoint("deepseek_v3")
+    model = _peft_model(model_dir, target_modules=targets)
+    module = next(m for m in model.modules() if hasattr(m, "lora_A_gate_up"))
+    assert module.lora_A_gate_up is not None and hasattr(module, "lora_A_down") == ("down_proj" in targets)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = plain_peft_model(model_dir, tmp_path / "adapter")
+    ids = token_batch()
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, reference(ids).logits) < 1e-5
