@@ -126,6 +126,7 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
     """Load a saved adapter (PEFT format) into a moetune PEFT model with the same targets, in place."""
     from peft import set_peft_model_state_dict
 
+    _check_saved_config(peft_model.peft_config["default"], adapter_dir)
     tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
     for name, module in _expert_modules(peft_model).items():
         lora = expert_lora(module)
@@ -141,6 +142,24 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
     result = set_peft_model_state_dict(peft_model, tensors)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"adapter_dir: unexpected keys for this model: {result.unexpected_keys[:5]}")
+    missing = [key for key in getattr(result, "missing_keys", ())  # peft's own modules (the experts' loaded above)
+               if (".lora_" in key or "modules_to_save" in key) and key.rsplit(".", 1)[-1] not in LORA_PARAMS]
+    if missing:
+        raise ValueError(f"adapter_dir: no weights for this model's {missing[:3]}; was it saved with other targets?")
+
+
+def _check_saved_config(config, adapter_dir: str) -> None:
+    """The adapter's rank and scaling must be this model's: factors of another rank do not fit, and another alpha
+    would load silently and scale every update differently."""
+    try:
+        with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"adapter_dir: cannot read {ADAPTER_CONFIG} in {adapter_dir}: {err}") from None
+    for key in ("r", "lora_alpha", "use_rslora"):
+        mine = getattr(config, key, None)
+        if key in saved and saved[key] != mine:
+            raise ValueError(f"adapter_dir: saved with {key}={saved[key]!r}, this model has {key}={mine!r}")
 
 
 def _untie_adapted_embeddings(model: nn.Module, adapter_dir: str) -> None:

@@ -158,6 +158,26 @@ def test_load_adapter_weights_round_trip(model_type, checkpoint, tmp_path):
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+@pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+def test_load_adapter_weights_refuses_another_rank_scale_or_targets(checkpoint, tmp_path):
+    """Another alpha would load silently and scale every update differently; another rank or fewer targets must
+    say so in one line, not fail deep in a copy or leave modules at their initial values."""
+    model_dir = checkpoint("qwen3_moe")
+    _peft_model(model_dir).save_pretrained(tmp_path / "adapter")
+
+    def load_into(**kwargs):
+        fresh, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
+        fresh = FastMoEModel.get_peft_model(fresh, use_gradient_checkpointing=False, **{"r": 4, "lora_alpha": 8, **kwargs})
+        fresh.load_adapter(str(tmp_path / "adapter"), "default")
+
+    with pytest.raises(ValueError, match="adapter_dir: saved with lora_alpha=8, this model has lora_alpha=32"):
+        load_into(lora_alpha=32)
+    with pytest.raises(ValueError, match="adapter_dir: saved with r=4, this model has r=8"):
+        load_into(r=8)
+    with pytest.raises(ValueError, match="adapter_dir: no weights for this model's .*lm_head.lora_A"):
+        load_into(target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"))
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss", "deepseek_v3"])  # shared_expert_gate; router bias; correction bias
 def test_trained_router_round_trips_through_peft(model_type, checkpoint, tmp_path):
     """train_router=True saves routers as peft modules_to_save; plain peft loads them and gives our logits."""
