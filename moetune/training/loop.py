@@ -117,6 +117,12 @@ def _write_demo_model(plan: Plan, directory: str) -> None:
     plan.tokenizer.save_pretrained(directory)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _base_model_dir(plan: Plan) -> tuple[str, str | None]:
     """(directory to load the base model from, temporary directory to move into the output or None)."""
     if plan.model_dir is not None:
@@ -215,6 +221,9 @@ def run(plan: Plan, console=None) -> dict:
         model_dir = os.path.join(config.output_dir, "demo-model")
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.move(demo_tmp, model_dir)
+        os.chmod(model_dir, 0o777 & ~_umask())  # mkdtemp made it private; the rest of the output is not
+        # The adapter names its base model (AutoPeftModel loads it from there): here, not the temporary directory.
+        peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 

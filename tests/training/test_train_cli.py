@@ -63,6 +63,10 @@ def test_each_data_format_trains(tmp_path, capsys, fmt):
     assert summary(out)["data_format"] == fmt
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert sorted(os.listdir(out / "checkpoints")) == ["step-000002", "step-000003"]
+    # The adapter names the demo model where it ended up (AutoPeftModel loads it from there), readable as the rest.
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((out / "demo-model").resolve())
+    assert (out / "demo-model").stat().st_mode & 0o777 == (out / "adapter").stat().st_mode & 0o777
 
 
 def test_own_model_directory_packing_and_yaml_config(tmp_path, capsys):
