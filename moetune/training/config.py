@@ -256,6 +256,11 @@ def _coerce(name: str, value):
             raise ValueError(f"{name}: expected an integer, got {value!r}")
         return value
     if base is float:
+        if isinstance(value, str):  # PyYAML reads YAML 1.1, where 2e-4 is a string (only 2.0e-4 is a float)
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}: expected a number, got {value!r}")
         return float(value)
@@ -289,14 +294,16 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"gradient at once), got --max-grad-norm {config.max_grad_norm} --grad-accum {config.grad_accum}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
-    if not config.epochs > 0:
-        raise ValueError(f"--epochs: expected a number > 0, got {config.epochs}")
-    if not config.lr > 0:
-        raise ValueError(f"--lr: expected a number > 0, got {config.lr}")
-    if not config.lora_alpha > 0:
-        raise ValueError(f"--lora-alpha: expected a number > 0, got {config.lora_alpha}")
-    if config.warmup_steps < 0 or config.weight_decay < 0:
-        raise ValueError("--warmup-steps and --weight-decay: expected values >= 0")
+    inf = float("inf")
+    for name in ("epochs", "lr", "lora_alpha"):  # finite: inf and nan pass a plain > 0 or fail only mid-run
+        if not 0 < getattr(config, name) < inf:
+            raise ValueError(f"{_flag(name)}: expected a finite number > 0, got {getattr(config, name)}")
+    if config.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps: expected an integer >= 0, got {config.warmup_steps}")
+    if not 0 <= config.weight_decay < inf:
+        raise ValueError(f"--weight-decay: expected a finite number >= 0, got {config.weight_decay}")
+    if not -(2**63) <= config.seed < 2**63:  # torch's generators take 64 bits
+        raise ValueError(f"--seed: expected an integer in [-2**63, 2**63), got {config.seed}")
     if config.dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {config.dtype!r}")
     if config.optim not in OPTIMIZERS:
@@ -311,6 +318,9 @@ def validate(config: TrainConfig) -> TrainConfig:
 def resolve_config(flags: dict, config_file: str | None = None) -> TrainConfig:
     """TrainConfig from defaults, then the config file, then the flags given on the command line."""
     values = load_config_file(config_file) if config_file else {}
-    values = {name: _coerce(name, value) for name, value in values.items()}
+    try:
+        values = {name: _coerce(name, value) for name, value in values.items()}
+    except ValueError as err:
+        raise ValueError(f"--config: {config_file}: {err}") from None
     values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()})
     return validate(TrainConfig(**values))

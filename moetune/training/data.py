@@ -41,7 +41,7 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
         raise ValueError(f"--data: no such file: {path}")
     records = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is skipped
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -201,7 +201,7 @@ def epoch_steps(num_units: int, batch_size: int, grad_accum: int, seed: int, epo
     The order is a pure function of (seed, epoch): a resumed run finds its data position from the step
     number alone, with no sampler state to save.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any --seed: within 64 bits
     order = torch.randperm(num_units, generator=gen).tolist()
     micro = [order[i : i + batch_size] for i in range(0, num_units, batch_size)]
     return [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]

@@ -86,3 +86,14 @@ def test_checkpoint_layers_auto_from_a_config_file(tmp_path):
     assert resolve_config({}, str(path)).checkpoint_layers == 3
     path.write_text("checkpoint_layers: all\n")
     assert resolve_config({}, str(path)).checkpoint_layers is None
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    """PyYAML reads YAML 1.1, where 2e-4 (the README's learning rate) is a string and only 2.0e-4 a float."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 2e-4\nweight_decay: 1E-2\nlora_alpha: 16\n")
+    config = resolve_config({}, str(path))
+    assert (config.lr, config.weight_decay, config.lora_alpha) == (2e-4, 1e-2, 16.0)
+    path.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match=f"--config: {path}: lr: expected a number, got 'fast'"):
+        resolve_config({}, str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from moetune.training import data
@@ -72,3 +73,16 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert a != data.epoch_steps(10, batch_size=3, grad_accum=2, seed=1, epoch=1)
     assert sorted(i for step in a for mb in step for i in mb) == list(range(10))
     assert [len(step) for step in a] == [2, 2]  # 4 micro-batches (3, 3, 3, 1) -> 2 optimizer steps
+    # Any 64-bit seed, negative ones included, orders the epoch as it always did (no overflow past 2**64).
+    assert data.epoch_steps(10, 3, 2, seed=2**63 - 1, epoch=5) == data.epoch_steps(10, 3, 2, seed=2**63 - 1, epoch=5)
+    gen = torch.Generator().manual_seed(-7 * 1_000_003 + 1)  # what a negative seed gave before
+    order = torch.randperm(10, generator=gen).tolist()
+    assert [i for step in data.epoch_steps(10, 3, 2, seed=-7, epoch=1) for mb in step for i in mb] == order
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path, demo_tokenizer):
+    """Windows editors start UTF-8 files with a byte-order mark: not part of the first record."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "hello world"}\n{"text": "and again"}\n')
+    fmt, examples = data.load_examples(str(path), demo_tokenizer, 64)
+    assert fmt == "text" and len(examples) == 2
