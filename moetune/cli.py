@@ -67,7 +67,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(config)
     except KeyboardInterrupt:
-        print(f"moetune train: interrupted; continue with --resume --output-dir {config.output_dir}", file=sys.stderr)
+        from .training.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(config.output_dir) is not None:
+            advice = f"continue with --resume --output-dir {config.output_dir}"
+        else:  # what it wrote blocks a plain rerun, and there is nothing to resume
+            advice = f"no checkpoint yet; start again with --overwrite --output-dir {config.output_dir}"
+        print(f"moetune train: interrupted; {advice}", file=sys.stderr)
         return 130
     print(f"done: {summary['steps']} steps on {summary['device']} (experts backend {summary['moe_backend']}), "
           f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "

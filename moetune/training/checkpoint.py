@@ -12,6 +12,8 @@ of (seed, epoch) and the step number fixes where in it the run was.
 
 from __future__ import annotations
 
+import array
+import hashlib
 import os
 import random
 import re
@@ -19,7 +21,7 @@ import shutil
 
 import torch
 
-__all__ = ["CHECKPOINTS", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "atomic_dir"]
+__all__ = ["CHECKPOINTS", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "atomic_dir", "resume_settings"]
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -63,7 +65,26 @@ def atomic_dir(final: str, write) -> None:
 # Settings that fix the data order, the batches or the parameters: a resumed run must keep them to
 # continue the same trajectory (max_steps, lr and the like may change).
 RESUME_KEYS = ("model", "data", "batch_size", "grad_accum", "seed", "packing", "max_seq_length", "r", "lora_alpha",
-               "target_modules", "train_router", "optim")  # optimizer states of one kind do not load into the other
+               "target_modules", "train_router", "optim",  # optimizer states of one kind do not load into the other
+               "data_fingerprint")
+_PATHS = ("model", "data")  # compared as the files they name, not as spelled
+
+
+def resume_settings(config: dict, examples) -> dict:
+    """The run's settings as its checkpoints record them and a resume compares them: paths resolved (the same file
+    spelled another way resumes), and a fingerprint of the tokenised data (a file changed under the same name, which
+    would change the batches, does not)."""
+    settings = dict(config)
+    for key in _PATHS:
+        if settings[key] is not None:
+            settings[key] = os.path.realpath(settings[key])
+    digest = hashlib.sha1()
+    for example in examples:
+        digest.update(len(example.input_ids).to_bytes(8, "little"))
+        digest.update(array.array("q", example.input_ids).tobytes())
+        digest.update(array.array("q", example.labels).tobytes())
+    settings["data_fingerprint"] = digest.hexdigest()
+    return settings
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int, settings: dict) -> str:
@@ -108,7 +129,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict) -> i
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"--resume: cannot read checkpoint {path}: {err}") from None
-    for key, saved in state["settings"].items():
+    for key, saved in state["settings"].items():  # a checkpoint's own keys: older ones have fewer
+        if key in _PATHS and saved is not None:
+            saved = os.path.realpath(saved)
+        if key == "data_fingerprint" and settings[key] != saved:
+            raise ValueError(f"--resume: {path} was trained on other data (the records of --data or their "
+                             "tokenisation changed): its batches would not continue")
         if settings[key] != saved:
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"--resume: {path} was trained with {flag} {saved!r}, this run has {settings[key]!r}")

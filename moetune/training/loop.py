@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from . import data as data_mod
-from .checkpoint import atomic_dir, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_dir, load_checkpoint, resume_settings, save_checkpoint
 from .config import TrainConfig
 from .metrics import ExpertLoad, MetricsLog, peak_memory_gib, read_metrics
 from .prepare import RUN_FILES, Plan, prepare
@@ -234,8 +234,12 @@ def run(plan: Plan, console=None) -> dict:
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
     start = 0
+    settings = resume_settings(dataclasses.asdict(config), plan.examples)
     if plan.resume_from is not None:
-        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, dataclasses.asdict(config))
+        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, settings)
+        if start > total:  # nothing written yet: the run would report steps it did not take back
+            raise ValueError(f"--max-steps: this run ends at step {total} (--max-steps or --epochs), before the step "
+                             f"of the checkpoint it resumes ({start}); ask for at least {start} steps")
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path, start if plan.resume_from else None)
     load = ExpertLoad(find_experts(base_model, spec), device)
@@ -296,7 +300,7 @@ def run(plan: Plan, console=None) -> dict:
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
-                                dataclasses.asdict(config))
+                                settings)
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,

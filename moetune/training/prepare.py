@@ -128,11 +128,31 @@ def _language_setting(model_config, name: str) -> int | None:
     return getattr(get_spec(model_config.model_type).language_config(model_config), name, None)
 
 
+def _check_token_ids(examples, tokenizer, model_config, source: str) -> None:
+    """Every token id the data and the padding use must be a row of the model's embedding (an id past it fails
+    mid-step: an IndexError on CPU, a device-side assert on CUDA)."""
+    vocab = _language_setting(model_config, "vocab_size")
+    if vocab is None:
+        return
+    largest = max(max(e.input_ids, default=0) for e in examples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for what, token in (("the data tokenise to id", largest), ("the padding token is id", pad)):
+        if token is not None and token >= vocab:
+            raise ValueError(f"--model: with the tokenizer in {source} {what} {token}, past the model's vocabulary "
+                             f"of {vocab} ids (tokenizer and model do not match)")
+
+
 def _check_output_dir(config: TrainConfig) -> str | None:
     """The checkpoint to resume from (None: a fresh run); refuses to mix a new run into an old one."""
     out = config.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output-dir: {out} exists and is not a directory")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the run creates the missing part: the nearest that exists must allow it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ValueError(f"--output-dir: cannot write {out}: {existing} {what}")
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if config.resume:
         checkpoint = latest_checkpoint(out)
@@ -169,6 +189,7 @@ def prepare(config: TrainConfig) -> Plan:
     tokenizer = _tokenizer(source, config.max_seq_length)
     data_path = config.data or os.path.join(DEMO_DIR, "data.jsonl")
     data_format, examples = data_mod.load_examples(data_path, tokenizer, config.max_seq_length)
+    _check_token_ids(examples, tokenizer, model_config, source)
     resume_from = _check_output_dir(config)
     return Plan(
         config=config, device=device, dtype=dtype, backend=backend, backend_why=why, model_dir=model_dir,

@@ -71,7 +71,34 @@ CASES = {
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
     "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),
     "8-bit optimizer on the CPU": (lambda t: ["--optim", "adamw_8bit", "--device", "cpu"], "--optim: adamw_8bit runs on a CUDA GPU"),
+    "epochs not finite": (lambda t: ["--epochs", "inf"], "--epochs: expected a finite number > 0, got inf"),
+    "learning rate not finite": (lambda t: ["--lr", "inf"], "--lr: expected a finite number > 0, got inf"),
+    "weight decay not a number": (lambda t: ["--weight-decay", "nan"], "--weight-decay: expected a finite number >= 0, got nan"),
+    "seed past 64 bits": (lambda t: ["--seed", str(2**63)], "--seed: expected an integer in [-2**63, 2**63)"),
+    "output dir below a file": (lambda t: ["--output-dir", _file(t) / "run"], "is not a directory"),
+    "yaml value of the wrong type": (lambda t: ["--config", _yaml(t, "lr: fast\n")], "--config: "),
+    "tokenizer past the model's vocabulary": (lambda t: ["--model", _demo_tokenizer_on_tiny_model(t), "--data", _data(t, [{"text": "the router picks experts"}]), "--max-seq-length", "64"], "past the model's vocabulary of 96 ids"),
 }
+
+
+def _file(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    return path
+
+
+def _demo_tokenizer_on_tiny_model(tmp_path) -> str:
+    """The tiny Qwen3-MoE (96 ids) with the demo's tokenizer (595 ids): a mismatched pair."""
+    import shutil
+
+    import moetune
+
+    path = save_checkpoint("qwen3_moe", str(tmp_path / "mismatched"), tokenizer=False)
+    demo = os.path.join(os.path.dirname(moetune.__file__), "demo")
+    for name in os.listdir(demo):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(demo, name), path)
+    return path
 
 
 def _binary(tmp_path) -> str:

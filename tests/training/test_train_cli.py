@@ -193,3 +193,46 @@ def test_step_in_backward_gives_the_same_run(tmp_path, capsys):
     assert [r["lr"] for r in rows] == [r["lr"] for r in usual_rows]
     assert all(torch.equal(usual_state["trainable"][k], v) for k, v in state["trainable"].items())
     assert usual_state["optimizer"]["state"].keys() == state["optimizer"]["state"].keys()
+
+
+def test_resume_refuses_other_data_and_a_shorter_run_but_takes_another_spelling(tmp_path, capsys, monkeypatch):
+    """The data are compared as the file they name and as what it holds: the same file by another path resumes;
+    the same path with other records, or a run that would end before its checkpoint, is refused, nothing written."""
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMAT_RECORDS["text"][0]] * 12)
+    out = tmp_path / "out"
+    args = ("train", "--max-steps", 4, "--save-steps", 2, "--batch-size", 2, "--output-dir", out)
+    code, _, stderr = run_cli(capsys, *args, "--data", data)
+    assert code == 0, stderr
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    before = (out / "metrics.jsonl").read_text()
+    code, _, stderr = run_cli(capsys, *args[:1], "--max-steps", 1, *args[3:], "--data", data, "--resume")
+    assert code == 2 and "this run ends at step 1" in stderr and "resumes (2)" in stderr, stderr
+    write_jsonl(tmp_path / "d.jsonl", [FORMAT_RECORDS["text"][0]] * 11)
+    code, _, stderr = run_cli(capsys, *args, "--data", data, "--resume")
+    assert code == 2 and "was trained on other data" in stderr, stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    write_jsonl(tmp_path / "d.jsonl", [FORMAT_RECORDS["text"][0]] * 12)
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli(capsys, *args, "--data", "./d.jsonl", "--resume")
+    assert code == 0, stderr
+    assert summary(out)["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch, checkpointed):
+    """Ctrl-C: --resume where a checkpoint exists; before the first one, --overwrite (a plain rerun is refused by
+    what the run wrote, and there is nothing to resume)."""
+    import moetune.training
+
+    out = tmp_path / "out"
+    if checkpointed:
+        os.makedirs(out / "checkpoints" / "step-000002")
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moetune.training, "train", interrupted)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out)
+    assert code == 130
+    assert ("continue with --resume" in stderr) == checkpointed
+    assert ("no checkpoint yet; start again with --overwrite" in stderr) != checkpointed
