@@ -160,6 +160,10 @@ def _check_saved_config(config, adapter_dir: str) -> None:
         mine = getattr(config, key, None)
         if key in saved and saved[key] != mine:
             raise ValueError(f"adapter_dir: saved with {key}={saved[key]!r}, this model has {key}={mine!r}")
+    # Trained routers (train_router) are peft's modules_to_save: onto a model without them they were dropped.
+    theirs, mine = sorted(saved.get("modules_to_save") or []), sorted(config.modules_to_save or [])
+    if theirs != mine:
+        raise ValueError(f"adapter_dir: saved with modules_to_save={theirs} (train_router), this model has {mine}")
 
 
 def _untie_adapted_embeddings(model: nn.Module, adapter_dir: str) -> None:

@@ -176,6 +176,8 @@ def test_load_adapter_weights_refuses_another_rank_scale_or_targets(checkpoint, 
         load_into(r=8)
     with pytest.raises(ValueError, match="adapter_dir: no weights for this model's .*lm_head.lora_A"):
         load_into(target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"))
+    with pytest.raises(ValueError, match=r"adapter_dir: saved with modules_to_save=\[\] \(train_router\), this model"):
+        load_into(train_router=True)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss", "deepseek_v3"])  # shared_expert_gate; router bias; correction bias
