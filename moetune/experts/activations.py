@@ -123,6 +123,8 @@ def get_activation(activation: str | Activation) -> Activation:
     if isinstance(activation, Activation):
         if isinstance(activation, GptOssGLU) and not (math.isfinite(activation.limit) and activation.limit > 0):
             raise ValueError(f"activation: gpt_oss limit must be a positive finite number, got {activation.limit}")
+        if isinstance(activation, GeGLU) and activation.approximate not in ("none", "tanh"):
+            raise ValueError(f"activation: geglu approximate must be 'none' or 'tanh', got {activation.approximate!r}")
         return activation
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)} or an Activation, got {activation!r}")

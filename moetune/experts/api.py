@@ -12,7 +12,12 @@ from .validation import check_inputs
 
 __all__ = ["moe_experts"]
 
+_WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
 
+
+# Run eagerly inside a compiled function (a graph break): the Triton launchers and the routing plan are host code
+# Dynamo cannot trace, and torch's fake _grouped_mm accepts bf16 only.
+@torch.compiler.disable
 def moe_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -37,19 +42,28 @@ def moe_experts(
     gradients come back in their own dtype).
 
     Gradients flow to x, topk_weights and the LoRA factors; base weights must be frozen.
-    Returns [T, H] in x's dtype.
+    Returns [T, H] in x's dtype, computed in it (also under autocast). Differentiable once on grouped_mm and triton
+    (create_graph is refused), any order on native. Under torch.compile it runs eagerly (a graph break).
 
     only_for_backward=True: the caller discards the output values and runs this call only for what backward
     saves (a checkpoint's recompute, where only additions follow). The grouped_mm and triton backends then
     skip the down projection and the sum over k and return zeros; the gradients are the same.
     """
+    if topk_ids.dtype in _WIDE_UNSIGNED:  # torch has no min/max (the id check) for these: ids are small anyway
+        topk_ids = topk_ids.long()
     check_inputs(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, lora, interleaved)
     act = get_activation(activation)
     gemm_size = topk_ids.numel() * x.shape[1] * down.shape[2]  # routed rows x hidden x expert width
     name = select_backend(x.device, x.dtype, backend=backend, gemm_size=gemm_size)
-    if x.shape[0] == 0:
-        return x.new_zeros(x.shape)
+    if x.shape[0] == 0:  # no token: an empty output that still depends on every input (zero gradients, as nn.Linear)
+        out = x * 0
+        for t in (topk_weights, *(lora.factors() if lora is not None else ())):
+            if t is not None and t.requires_grad:
+                out = out + t.sum() * 0
+        return out
     plan = plan_routing(topk_ids, gate_up.shape[0])
-    return get_backend(name).run(
-        x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved, only_for_backward
-    )
+    args = (x, topk_weights, plan, gate_up, down, gate_up_bias, down_bias, lora, act, interleaved, only_for_backward)
+    if torch.is_autocast_enabled(x.device.type):  # every backend computes in x's dtype, as documented
+        with torch.autocast(x.device.type, enabled=False):
+            return get_backend(name).run(*args)
+    return get_backend(name).run(*args)

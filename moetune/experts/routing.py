@@ -61,7 +61,10 @@ class RoutingPlan:
         if weights_TK is None:
             return y_TKH.sum(dim=1)
         w_T1K = weights_TK.to(y_SH.dtype).view(self.num_tokens, 1, self.top_k)
-        return torch.bmm(w_T1K, y_TKH).view(self.num_tokens, -1)
+        # into a [T, H] tensor of its own: a view returned from an autograd Function could not be changed in place
+        out_TH = y_SH.new_empty(self.num_tokens, y_SH.shape[1])
+        torch.bmm(w_T1K, y_TKH, out=out_TH.view(self.num_tokens, 1, -1))
+        return out_TH
 
     def routing_weight_grad(
         self, dots_S: torch.Tensor, d_out_TH: torch.Tensor, down_bias_EH: torch.Tensor | None, dtype: torch.dtype

@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-from moetune.experts import GeGLU, GptOssGLU, available_backends, moe_experts, reference_moe_experts
+from moetune.experts import ExpertLoRA, GeGLU, GptOssGLU, available_backends, moe_experts, reference_moe_experts
 
 from .cases import Case, differentiable, make_problem, rel_err
 
@@ -114,12 +114,67 @@ def test_fp32_lora_and_routing_weights_with_bf16_base(backend):
 
 @pytest.mark.parametrize("backend", _backends(torch.float32))
 def test_zero_tokens(backend):
+    """No token: an empty output that still depends on its inputs, so backward gives zero gradients (as nn.Linear
+    on an empty batch) instead of failing on an output outside the graph."""
     x = torch.randn(0, 16, requires_grad=True)
-    out = moe_experts(
-        x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.randn(4, 16, 16), torch.randn(4, 16, 8),
-        backend=backend,
-    )
-    assert out.shape == (0, 16)
+    weights = torch.zeros(0, 2, requires_grad=True)
+    lora = ExpertLoRA.init(4, 16, 8, 2)
+    for factor in lora.factors():
+        factor.requires_grad_()
+    out = moe_experts(x, torch.zeros(0, 2, dtype=torch.long), weights, torch.randn(4, 16, 16), torch.randn(4, 16, 8),
+                      lora=lora, backend=backend)
+    assert out.shape == (0, 16) and out.dtype == x.dtype and out.requires_grad
+    out.sum().backward()
+    assert x.grad.shape == (0, 16) and weights.grad.shape == (0, 2)
+    assert all(f.grad is not None and not f.grad.any() for f in lora.factors())
+
+
+@pytest.mark.parametrize("backend", _backends(torch.float32))
+def test_output_can_change_in_place(backend):
+    """A caller may add a shared expert into the output in place (out += shared(x))."""
+    args, kwargs, _ = make_problem(CASES["typical"], torch.float32, seed=BASE_SEED)
+    out = moe_experts(*args, **kwargs, backend=backend)
+    expected = out.detach() * 2
+    out.mul_(2)
+    assert torch.equal(out.detach(), expected)
+    out.sum().backward()
+    assert args[0].grad is not None
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_a_second_order_is_refused_clearly(backend):
+    """grouped_mm's and triton's backward save no graph: create_graph would give wrong (or missing) terms, so it
+    is refused in one line; native is differentiable twice."""
+    if backend not in _backends(torch.float32):
+        pytest.skip(f"{backend} does not run here")
+    args, kwargs, _ = make_problem(CASES["typical"], torch.float32, seed=BASE_SEED)
+    out = moe_experts(*args, **kwargs, backend=backend)
+    with pytest.raises(RuntimeError, match=f"the {backend} backend's gradients cannot be differentiated again"):
+        torch.autograd.grad(out.square().sum(), args[0], create_graph=True)
+    (dx,) = torch.autograd.grad(moe_experts(*args, **kwargs, backend="native").square().sum(), args[0],
+                                create_graph=True)
+    assert dx.requires_grad
+
+
+@pytest.mark.parametrize("backend", _backends(torch.float32))
+def test_wide_unsigned_ids_autocast_and_compile(backend):
+    """uint32 ids work (torch has no min/max for them); under autocast the output keeps x's dtype and the values
+    its precision; torch.compile runs the block eagerly (a graph break) instead of failing inside Dynamo."""
+    args, kwargs, _ = make_problem(CASES["typical"], torch.float32, seed=BASE_SEED)
+    x, ids, weights, gate_up, down = args
+    want = moe_experts(*args, **kwargs, backend=backend).detach()
+    assert torch.equal(moe_experts(x, ids.to(torch.uint32), weights, gate_up, down, **kwargs, backend=backend), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe_experts(*args, **kwargs, backend=backend)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+    compiled = torch.compile(lambda *a: moe_experts(*a, **kwargs, backend=backend) * 2, backend="eager")
+    assert rel_err(compiled(*args), 2 * want) < 1e-6
+
+
+def test_a_misspelt_geglu_approximation_is_refused():
+    args, kwargs, _ = make_problem(CASES["typical"], torch.float32, seed=BASE_SEED)
+    with pytest.raises(ValueError, match="activation: geglu approximate must be 'none' or 'tanh', got 'tahn'"):
+        moe_experts(*args, **dict(kwargs, activation=GeGLU(approximate="tahn")))
 
 
 @pytest.mark.parametrize("backend", _backends(torch.float32))

@@ -148,6 +148,9 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        if torch.is_grad_enabled():  # create_graph: the saved tensors carry no graph, a second order would be wrong
+            raise RuntimeError("moe_experts: the grouped_mm backend's gradients cannot be differentiated again "
+                               "(create_graph=True); use backend='native' for higher-order gradients")
         x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2 = saved_tensors.load(ctx)
         plan, s, act, interleaved = ctx.plan, ctx.scaling, ctx.act, ctx.interleaved
         need = ctx.needs_input_grad

@@ -118,6 +118,9 @@ class TritonExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        if torch.is_grad_enabled():  # create_graph: the saved tensors carry no graph, a second order would be wrong
+            raise RuntimeError("moe_experts: the triton backend's gradients cannot be differentiated again "
+                               "(create_graph=True); use backend='native' for higher-order gradients")
         from ...kernels import grouped_gemm, grouped_wgrad
 
         x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S = saved_tensors.load(ctx)
