@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models.hook import LORA_PARAMS, expert_lora
+from .models.hook import DEFAULT_ADAPTER, LORA_PARAMS, expert_lora
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -82,6 +82,12 @@ def expert_peft_keys(module_key: str, targets: tuple[str, ...]) -> dict[str, tup
     return keys
 
 
+def _is_expert_factor(key: str) -> bool:
+    """Whether a state-dict key is one of moetune's expert LoRA factors (`...experts.lora_A_gate_up.<adapter>.weight`),
+    which this module converts itself, as opposed to peft's own LoRA (`...q_proj.lora_A.<adapter>.weight`)."""
+    return any(f".{name}." in key for name in LORA_PARAMS)
+
+
 def _expert_modules(peft_model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in peft_model.named_modules() if expert_lora(m) is not None}
 
@@ -107,10 +113,10 @@ def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.exp
     config.target_parameters = [f"{experts_module}.{p}" for p in targets] or None
     config.inference_mode = True  # as PeftModel.save_pretrained writes it
 
-    own = {k: v for k, v in peft_model.state_dict().items() if k.rsplit(".", 1)[-1] not in LORA_PARAMS}
+    own = {k: v for k, v in peft_model.state_dict().items() if not _is_expert_factor(k)}
     tensors = dict(get_peft_model_state_dict(peft_model, state_dict=own))
     for name, module in experts.items():
-        lora = expert_lora(module)
+        lora = expert_lora(module, DEFAULT_ADAPTER)
         factors = {"gate_up_proj": (lora.A_gate_up, lora.B_gate_up), "down_proj": (lora.A_down, lora.B_down)}
         for param, (key_A, key_B) in expert_peft_keys(name, targets).items():
             A, B = expert_factors_to_peft(*(f.detach() for f in factors[param]))
@@ -129,21 +135,21 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
     _check_saved_config(peft_model.peft_config["default"], adapter_dir)
     tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
     for name, module in _expert_modules(peft_model).items():
-        lora = expert_lora(module)
+        lora = expert_lora(module, DEFAULT_ADAPTER)
         num_experts = (lora.A_gate_up if lora.has_gate_up else lora.A_down).shape[0]
-        own = {"gate_up_proj": ("lora_A_gate_up", "lora_B_gate_up"), "down_proj": ("lora_A_down", "lora_B_down")}
+        own = {"gate_up_proj": (lora.A_gate_up, lora.B_gate_up), "down_proj": (lora.A_down, lora.B_down)}
         for param, (key_A, key_B) in expert_peft_keys(name, _targets(module)).items():
             if key_A not in tensors:
                 raise ValueError(f"adapter_dir: expected {key_A} in {ADAPTER_WEIGHTS}; was it saved with other targets?")
             A, B = expert_factors_from_peft(tensors.pop(key_A), tensors.pop(key_B), num_experts)
             with torch.no_grad():
-                getattr(module, own[param][0]).copy_(A)
-                getattr(module, own[param][1]).copy_(B)
+                own[param][0].copy_(A)
+                own[param][1].copy_(B)
     result = set_peft_model_state_dict(peft_model, tensors)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"adapter_dir: unexpected keys for this model: {result.unexpected_keys[:5]}")
     missing = [key for key in getattr(result, "missing_keys", ())  # peft's own modules (the experts' loaded above)
-               if (".lora_" in key or "modules_to_save" in key) and key.rsplit(".", 1)[-1] not in LORA_PARAMS]
+               if f".{DEFAULT_ADAPTER}." in key and not _is_expert_factor(key)]  # the adapter loaded into
     if missing:
         raise ValueError(f"adapter_dir: no weights for this model's {missing[:3]}; was it saved with other targets?")
 

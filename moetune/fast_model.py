@@ -32,7 +32,19 @@ from .models import fused_loss, recompute
 from .models.fast_norms import install_fast_norms
 from .models.fast_rotary import install_fast_rotary, installed_modules
 from .models.fast_routers import install_fast_routers
-from .models.hook import add_expert_lora, expert_lora, expert_lora_disabled, find_experts, install
+from .models.hook import (
+    DEFAULT_ADAPTER,
+    add_expert_adapter,
+    add_expert_lora,
+    delete_expert_adapter,
+    expert_adapters,
+    expert_lora_disabled,
+    find_experts,
+    install,
+    merge_expert_lora,
+    remove_expert_lora,
+    set_expert_adapter,
+)
 from .models.registry import get_spec
 from .models.spec import ArchSpec
 from .training.offload import enable_offloaded_checkpointing
@@ -191,14 +203,27 @@ def _decoder_layers(model) -> list:
     ]
 
 
+def _has_peft_layers(model) -> bool:
+    """Whether peft holds layers of its own in the model (LoRA on Linear layers, a trained router)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
+
+
 def _peft_model_class():
     from peft import PeftModelForCausalLM
 
     class FastMoEPeftModel(PeftModelForCausalLM):
-        """peft's causal-LM wrapper whose adapter IO also covers moetune's expert LoRA."""
+        """peft's causal-LM wrapper whose adapter operations also cover moetune's expert LoRA, which lives outside
+        peft's layers: save and load, disable, several adapters (add, set, delete: TRL's DPO, KTO and GRPO keep
+        their reference as a second adapter), merge and unmerge (TRL's weight sync to vLLM), unload."""
+
+        def _experts(self) -> list[nn.Module]:
+            return [module for module in self.modules() if expert_adapters(module)]
 
         def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs) -> None:
-            """Write a PEFT adapter directory (expert LoRA in target_parameters layout).
+            """Write a PEFT adapter directory of the "default" adapter (expert LoRA in target_parameters layout).
 
             Other peft keyword arguments (state_dict, safe_serialization, ...) are accepted and ignored:
             the weights are read from the modules and always written as safetensors.
@@ -206,23 +231,53 @@ def _peft_model_class():
             if is_main_process:
                 adapters.save_adapter(self, save_directory, experts_module=getattr(self, _SPEC_ATTR).experts_module)
 
-        def load_adapter(self, model_id: str, adapter_name: str = "default", **kwargs):
-            """Load saved weights into this model's adapter in place (what Trainer's resume calls)."""
-            if adapter_name not in self.peft_config:
-                raise ValueError(f"adapter_name: moetune models hold one adapter, {list(self.peft_config)}, got {adapter_name!r}")
+        def load_adapter(self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, **kwargs):
+            """Load saved weights into this model's "default" adapter in place (what Trainer's resume calls)."""
+            if adapter_name != DEFAULT_ADAPTER:
+                raise ValueError(f"adapter_name: moetune loads a saved adapter into {DEFAULT_ADAPTER!r}, got {adapter_name!r}")
             adapters.load_adapter_weights(self, model_id)
+
+        def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False, **kwargs) -> None:
+            """peft's add_adapter, the expert LoRA included: a fresh adapter (A uniform, B = 0), frozen until made
+            active. Of the first adapter's rank and alpha where the experts have LoRA (the engine takes one scale)."""
+            experts = self._experts()
+            first = self.peft_config[DEFAULT_ADAPTER] if DEFAULT_ADAPTER in self.peft_config else None
+            if experts and first is not None and any(
+                    getattr(peft_config, key, None) != getattr(first, key, None) for key in ("r", "lora_alpha", "use_rslora")):
+                raise ValueError(f"peft_config: with LoRA on the experts every adapter takes the first one's r, lora_alpha "
+                                 f"and use_rslora ({first.r}, {first.lora_alpha}, {first.use_rslora})")
+            if adapter_name in self.peft_config:
+                raise ValueError(f"adapter_name: {adapter_name!r} exists already")
+            # peft freezes every parameter where it finds none of its own layers (LoRA on the experts only): the
+            # parameters there before keep their state.
+            trainable = [(p, p.requires_grad) for p in self.parameters()]
+            super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+            for p, flag in trainable:
+                p.requires_grad_(flag)
+            for module in experts:
+                add_expert_adapter(module, adapter_name)
+
+        def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+            """peft's set_adapter, the experts computing with that adapter's LoRA too (trainable unless
+            inference_mode, the others frozen, as peft does for its layers)."""
+            super().set_adapter(adapter_name, inference_mode=inference_mode)
+            for module in self._experts():
+                set_expert_adapter(module, adapter_name, trainable=not inference_mode)
+
+        def delete_adapter(self, adapter_name: str) -> None:
+            super().delete_adapter(adapter_name)
+            for module in self._experts():
+                delete_expert_adapter(module, adapter_name)
+                set_expert_adapter(module, self.active_adapter)
 
         @contextlib.contextmanager
         def disable_adapter(self):
             """The base model within, the expert LoRA off too (TRL's reference model for DPO, KTO, GRPO uses this).
             peft's own context switches its layers (Linear LoRA, a trained router); with none (LoRA on the experts
             only) it would refuse, so only the flag it sets is set."""
-            from peft.tuners.tuners_utils import BaseTunerLayer
-            from peft.utils.other import AuxiliaryTrainingWrapper
-
-            experts = [module for module in self.modules() if expert_lora(module) is not None]
+            experts = self._experts()
             with contextlib.ExitStack() as stack:
-                if any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in self.modules()):
+                if _has_peft_layers(self):
                     stack.enter_context(super().disable_adapter())
                 else:
                     was_disabled = self._adapters_disabled
@@ -231,10 +286,36 @@ def _peft_model_class():
                 stack.enter_context(expert_lora_disabled(experts))
                 yield
 
-        def merge_and_unload(self, *args, **kwargs):
-            raise NotImplementedError(
-                "merge_and_unload would drop moetune's expert LoRA: save the adapter and use moetune.merge(model_dir, adapter_dir, out_dir)"
-            )
+        def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+            """Fold the active adapter into the base weights (the experts' too, in their dtype); the model then
+            computes without LoRA until unmerge_adapter. TRL merges so to send the weights to vLLM."""
+            if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
+                raise ValueError(f"adapter_names: moetune merges the active adapter, {self.active_adapter!r}, got {adapter_names!r}")
+            self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            for module in self._experts():
+                merge_expert_lora(module, True)
+
+        def unmerge_adapter(self) -> None:
+            self.base_model.unmerge_adapter()
+            for module in self._experts():
+                merge_expert_lora(module, False)
+
+        def unload(self):
+            """The base model: LoRA removed, experts' too, without merging (weights merged before stay merged)."""
+            for module in self._experts():
+                remove_expert_lora(module)
+            return self.base_model.unload()
+
+        def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+            """The base model with the active adapter folded into its weights, in their dtype (moetune.merge folds a
+            saved adapter into a checkpoint on disk)."""
+            if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
+                raise ValueError(f"adapter_names: moetune merges the active adapter, {self.active_adapter!r}, got {adapter_names!r}")
+            for module in self._experts():
+                merge_expert_lora(module, True)
+                remove_expert_lora(module)
+            return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
 
     return FastMoEPeftModel
 

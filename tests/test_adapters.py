@@ -263,3 +263,77 @@ def test_one_of_gate_and_up_selects_the_fused_gate_up(targets, checkpoint, tmp_p
     ids = token_batch()
     with torch.no_grad():
         assert relative_error(model(ids).logits, reference(ids).logits) < 1e-5
+
+
+def _trl_reference_copy(model, name="ref"):
+    """What TRL's DPO, KTO and GRPO trainers do with a PeftModel and no ref_model: a second adapter of the same
+    config, then every `.default.` parameter copied into its `.ref.` twin by name."""
+    model.add_adapter(name, model.peft_config["default"])
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if ".default." in param_name:
+                model.get_parameter(param_name.replace(".default.", f".{name}.")).copy_(param)
+
+
+@pytest.mark.parametrize("targets", ["default", "experts"])
+def test_a_second_adapter_is_a_frozen_reference_as_trl_makes_it(targets, checkpoint):
+    """TRL's reference adapter covers the expert LoRA: after the default adapter trains on, the reference computes
+    the initial adapter's logits; the default adapter stays trainable (with LoRA on the experts only peft froze it),
+    the reference frozen; set_adapter and delete_adapter switch and drop the experts' factors with peft's."""
+    kwargs = {} if targets == "default" else dict(target_modules=("gate_up_proj", "down_proj"))
+    model = _peft_model(checkpoint("qwen3_moe"), **kwargs)
+    ids = token_batch()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("experts.lora_A_gate_up.default." in n for n in trainable)
+    with torch.no_grad():
+        initial = model(ids).logits
+    _trl_reference_copy(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():  # the default adapter trains on
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        trained = model(ids).logits
+        model.set_adapter("ref")
+        reference = model(ids).logits
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            n.replace(".default.", ".ref.") for n in trainable}
+        model.set_adapter("default")
+        assert torch.equal(model(ids).logits, trained)
+    assert relative_error(trained, initial) > 1e-3
+    assert relative_error(reference, initial) < 1e-6
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    model.delete_adapter("ref")
+    assert list(model.peft_config) == ["default"] and not any(".ref." in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trained)
+    with pytest.raises(ValueError, match="every adapter takes the first one's r, lora_alpha"):
+        model.add_adapter("other", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="adapter_name: moetune loads a saved adapter into 'default', got 'x'"):
+        model.load_adapter("anywhere", "x")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])  # gpt-oss: transposed, interleaved, biased experts
+def test_merge_unmerge_and_unload_cover_the_experts(model_type, checkpoint):
+    """merge_adapter folds the expert LoRA into the base weights too (TRL reads them so for vLLM), unmerge_adapter
+    takes it out, merge_and_unload returns the merged base model, unload the base model."""
+    model_dir = checkpoint(model_type)
+    ids = token_batch()
+    model = _peft_model(model_dir)
+    experts = next(m for m in model.modules() if hasattr(m, "lora_A_gate_up"))
+    before = experts.gate_up_proj.detach().clone()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        model.merge_adapter()
+        assert relative_error(model(ids).logits, adapted) < 1e-5
+        assert not torch.equal(experts.gate_up_proj, before)
+        model.unmerge_adapter()
+        assert relative_error(experts.gate_up_proj, before) < 1e-6
+        assert relative_error(model(ids).logits, adapted) < 1e-5
+        merged = model.merge_and_unload()
+        assert relative_error(merged(ids).logits, adapted) < 1e-5
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        base = _peft_model(model_dir).unload()
+        plain = auto_class(model_type).from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        assert relative_error(base(ids).logits, plain(ids).logits) < 1e-6
+        assert not any("lora" in n for n, _ in base.named_parameters())

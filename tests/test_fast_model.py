@@ -17,6 +17,7 @@ from .models.helpers import (
     auto_class,
     checkpoint,  # noqa: F401  (session fixture)
     plain_peft_model,
+    randomize_lora_B,
     relative_error,
     token_batch,
 )
@@ -198,7 +199,7 @@ def test_linear_targets_use_peft_lora_on_shared_experts_and_dense_mlp():
     assert "layers.0.mlp.down_proj" in wrapped and "layers.1.mlp.shared_expert.up_proj" in wrapped
     assert "layers.1.self_attn.q_proj" in wrapped
     experts = model.base_model.model.model.layers[1].mlp.experts
-    assert experts.lora_A_gate_up.requires_grad and experts.lora_A_down.requires_grad
+    assert experts.lora_A_gate_up.default.weight.requires_grad and experts.lora_A_down.default.weight.requires_grad
 
 
 def _routers(model, spec):
@@ -307,6 +308,43 @@ def test_trl_sft_trainer(checkpoint, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0]
     _trained_adapter_matches_peft(model, model_dir, tmp_path / "adapter")
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # TRL reads it
+def test_trl_dpo_trainer_trains_against_a_copy_of_the_adapter(checkpoint, tmp_path):
+    """DPOTrainer with a PeftModel and no ref_model keeps its reference as a second adapter, a copy of the first:
+    with LoRA on the experts only, the expert LoRA must still train (peft froze it), and the reference must stay
+    the adapter the run started from (not the trained experts)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.trainer.utils import use_adapter
+
+    from .models.helpers import SENTENCES
+
+    model_dir = checkpoint("qwen3_moe")
+    model, tokenizer = _load(model_dir)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=("gate_up_proj", "down_proj"),
+                                        use_gradient_checkpointing=False)
+    randomize_lora_B(model)
+    ids = token_batch()
+    with torch.no_grad():
+        initial = model(ids).logits
+    words = " ".join(SENTENCES).split()
+    rows = [{"prompt": " ".join(words[i:i + 4]), "chosen": " ".join(words[i + 4:i + 7]),
+             "rejected": " ".join(words[i + 7:i + 10])} for i in range(0, 48, 3)]
+    config = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+                           learning_rate=5e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                           seed=0, bf16=False, max_length=24, **_no_trainer_checkpointing(trl.DPOConfig))
+    trainer = trl.DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    assert "ref" in model.peft_config
+    trainer.train()
+    assert all(entry["grad_norm"] > 0 for entry in trainer.state.log_history if "grad_norm" in entry)
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+        with use_adapter(model, "ref"):
+            reference = model(ids).logits
+    assert relative_error(trained, initial) > 1e-3 and relative_error(reference, initial) < 1e-6
 
 
 def test_offloaded_checkpoints_follow_the_device_unless_asked():

@@ -6,9 +6,12 @@ transformers v5 dispatches every `@use_experts_implementation` experts module th
 `set_experts_implementation`: each model keeps its own router code, the expert weights stay the
 same parameters (shared storage, no copy), no class is patched, and `uninstall` switches back.
 
-Per experts module, `install` stores an `ExpertsBinding` (layout, activation) and LoRA adds four
-trainable parameters in moetune's internal layout:
+Per experts module, `install` stores an `ExpertsBinding` (layout, activation) and LoRA adds four factors in
+moetune's internal layout, one per adapter name as peft keeps its own (`<factor>.<adapter>.weight`, so code that
+walks peft's parameter names, as TRL's reference adapter copy does, finds them):
     lora_A_gate_up [E, R, H]   lora_B_gate_up [E, 2I, R]   lora_A_down [E, R, I]   lora_B_down [E, H, R]
+The experts compute with the active adapter's factors (`set_expert_adapter`), with none under
+`expert_lora_disabled`, or with none while they are merged into the base weights (`merge_expert_lora`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ __all__ = [
     "add_expert_lora",
     "expert_lora",
     "expert_lora_disabled",
+    "expert_adapters",
+    "add_expert_adapter",
+    "set_expert_adapter",
+    "delete_expert_adapter",
+    "merge_expert_lora",
+    "remove_expert_lora",
 ]
 
 IMPLEMENTATION = "moetune"
@@ -43,6 +52,17 @@ LORA_PARAMS = ("lora_A_gate_up", "lora_B_gate_up", "lora_A_down", "lora_B_down")
 _BINDING = "moetune_binding"
 _PREVIOUS = "_moetune_previous_experts_implementation"
 _LORA_OFF = "_moetune_expert_lora_off"
+_ACTIVE = "_moetune_active_adapter"
+_MERGED = "_moetune_expert_lora_merged"
+DEFAULT_ADAPTER = "default"
+
+
+class ExpertFactor(nn.Module):
+    """One LoRA factor of one adapter (a module, so its parameter is named `<factor>.<adapter>.weight` as peft's)."""
+
+    def __init__(self, weight: torch.Tensor, requires_grad: bool):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=requires_grad)
 # Used when the base expert weights are trainable (full fine-tuning): moetune never computes base-weight
 # gradients, so it hands those calls to transformers' own grouped implementation.
 _FALLBACK = "grouped_mm"
@@ -59,12 +79,81 @@ class ExpertsBinding:
     scaling: float = 1.0
 
 
-def expert_lora(module: nn.Module) -> ExpertLoRA | None:
-    """The module's LoRA factors as an ExpertLoRA (None when the module has none)."""
-    A1, B1, A2, B2 = (getattr(module, name, None) for name in LORA_PARAMS)
+def expert_lora(module: nn.Module, adapter: str | None = None) -> ExpertLoRA | None:
+    """The module's LoRA factors of `adapter` (default: the active one) as an ExpertLoRA; None without LoRA."""
+    dicts = [module._modules.get(name) for name in LORA_PARAMS]
+    if dicts[0] is None and dicts[2] is None:
+        return None
+    adapter = adapter or getattr(module, _ACTIVE, DEFAULT_ADAPTER)
+    A1, B1, A2, B2 = (d[adapter].weight if d is not None and adapter in d else None for d in dicts)
     if A1 is None and A2 is None:
         return None
     return ExpertLoRA(A1, B1, A2, B2, scaling=getattr(module, _BINDING).scaling)
+
+
+def expert_adapters(module: nn.Module) -> list[str]:
+    """The adapter names the module holds expert LoRA for."""
+    held = module._modules.get(LORA_PARAMS[0]) or module._modules.get(LORA_PARAMS[2])
+    return list(held.keys()) if held is not None else []
+
+
+def add_expert_adapter(module: nn.Module, adapter: str, generator: torch.Generator | None = None) -> None:
+    """A new adapter's factors beside the existing ones, of the same parts, shapes and dtype: fresh as peft makes
+    them (A uniform, B = 0, so it changes nothing until trained or copied into) and frozen until made active."""
+    held = expert_lora(module, expert_adapters(module)[0])
+    if held.has_gate_up:
+        (num_experts, rank, hidden), intermediate = held.A_gate_up.shape, held.B_gate_up.shape[1] // 2
+    else:
+        (num_experts, rank, intermediate), hidden = held.A_down.shape, held.B_down.shape[1]
+    like = held.A_gate_up if held.has_gate_up else held.A_down
+    fresh = ExpertLoRA.init(num_experts, hidden, intermediate, rank, gate_up=held.has_gate_up, down=held.has_down,
+                            dtype=like.dtype, device=like.device, generator=generator)
+    for name, factor in zip(LORA_PARAMS, fresh.factors()):
+        if factor is not None:
+            module._modules[name][adapter] = ExpertFactor(factor.detach(), requires_grad=False)
+
+
+def set_expert_adapter(module: nn.Module, adapter: str, trainable: bool | None = None) -> None:
+    """Compute with `adapter`'s factors; with `trainable` given, they require grad where it is True and the other
+    adapters' do not (as peft's set_adapter does for its layers)."""
+    if adapter not in expert_adapters(module):
+        raise ValueError(f"adapter_name: expected one of {expert_adapters(module)}, got {adapter!r}")
+    setattr(module, _ACTIVE, adapter)
+    if trainable is None:
+        return
+    for name in LORA_PARAMS:
+        for key, factor in (module._modules.get(name) or {}).items():
+            factor.weight.requires_grad_(trainable and key == adapter)
+
+
+def delete_expert_adapter(module: nn.Module, adapter: str) -> None:
+    for name in LORA_PARAMS:
+        held = module._modules.get(name)
+        if held is not None and adapter in held:
+            del held[adapter]
+
+
+@torch.no_grad()
+def merge_expert_lora(module: nn.Module, merge: bool) -> None:
+    """Fold the active adapter's update into the base expert weights (W += s B A per expert, in the weight's dtype),
+    or take it out again; while merged the experts compute without their LoRA. Biases are untouched."""
+    if bool(getattr(module, _MERGED, False)) == merge:
+        return
+    lora = expert_lora(module)
+    gate_up, down, _, _ = _base_weights(module, getattr(module, _BINDING))
+    scale = lora.scaling if merge else -lora.scaling
+    for weight, A, B in ((gate_up, lora.A_gate_up, lora.B_gate_up), (down, lora.A_down, lora.B_down)):
+        if A is not None:  # [E, out, in] += s * [E, out, R] @ [E, R, in]
+            weight.baddbmm_(B.to(weight.dtype), A.to(weight.dtype), alpha=scale)
+    setattr(module, _MERGED, merge)
+
+
+def remove_expert_lora(module: nn.Module) -> None:
+    """Drop every adapter's expert LoRA: the module computes its base experts again."""
+    for name in LORA_PARAMS:
+        module._modules.pop(name, None)
+    for flag in (_ACTIVE, _MERGED, _LORA_OFF):
+        module.__dict__.pop(flag, None)
 
 
 @contextlib.contextmanager
@@ -111,7 +200,8 @@ def moetune_experts_forward(
     # Routers compute weights in fp32 or the model dtype; the engine takes either.
     return moe_experts(
         hidden_states, top_k_index, top_k_weights, gate_up, down,
-        gate_up_bias=b1, down_bias=b2, lora=None if getattr(self, _LORA_OFF, False) else expert_lora(self),
+        gate_up_bias=b1, down_bias=b2,
+        lora=None if getattr(self, _LORA_OFF, False) or getattr(self, _MERGED, False) else expert_lora(self),
         activation=binding.activation, interleaved=binding.interleaved,
         only_for_backward=recomputing(),  # see recompute.py: only additions follow in every supported architecture
     )
@@ -163,9 +253,7 @@ def uninstall(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, _BINDING):
             delattr(module, _BINDING)
-            for name in LORA_PARAMS:
-                if name in module._parameters:
-                    del module._parameters[name]
+            remove_expert_lora(module)
 
 
 def add_expert_lora(
@@ -183,4 +271,5 @@ def add_expert_lora(
     setattr(module, _BINDING, ExpertsBinding(**{**binding.__dict__, "scaling": lora.scaling}))
     for name, factor in zip(LORA_PARAMS, lora.factors()):
         if factor is not None:
-            module.register_parameter(name, nn.Parameter(factor.detach(), requires_grad=True))
+            module.add_module(name, nn.ModuleDict({DEFAULT_ADAPTER: ExpertFactor(factor.detach(), requires_grad=True)}))
+    setattr(module, _ACTIVE, DEFAULT_ADAPTER)

@@ -123,6 +123,14 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def _current_name(name: str) -> str:
+    """A parameter name as this release has it: expert LoRA factors were plain parameters of the experts module
+    (`...experts.lora_A_gate_up`) before they were held per adapter (`...experts.lora_A_gate_up.default.weight`)."""
+    from ..models.hook import DEFAULT_ADAPTER, LORA_PARAMS
+
+    return f"{name}.{DEFAULT_ADAPTER}.weight" if name.rsplit(".", 1)[-1] in LORA_PARAMS else name
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict) -> int:
     """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step."""
     try:
@@ -139,6 +147,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict) -> i
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"--resume: {path} was trained with {flag} {saved!r}, this run has {settings[key]!r}")
     params = dict(model.named_parameters())
+    state["trainable"] = {_current_name(name): value for name, value in state["trainable"].items()}
     if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
         raise ValueError(f"--resume: checkpoint {path} was trained with other LoRA targets or rank than this run")
     with torch.no_grad():
