@@ -80,15 +80,19 @@ class ExpertsBinding:
 
 
 def expert_lora(module: nn.Module, adapter: str | None = None) -> ExpertLoRA | None:
-    """The module's LoRA factors of `adapter` (default: the active one) as an ExpertLoRA; None without LoRA."""
-    dicts = [module._modules.get(name) for name in LORA_PARAMS]
-    if dicts[0] is None and dicts[2] is None:
+    """The module's LoRA factors of `adapter` (default: the active one) as an ExpertLoRA; None without LoRA.
+    (Read at every experts call: plain dict lookups, not nn.Module's attribute fallbacks.)"""
+    held = module._modules
+    if held.get(LORA_PARAMS[0]) is None and held.get(LORA_PARAMS[2]) is None:
         return None
-    adapter = adapter or getattr(module, _ACTIVE, DEFAULT_ADAPTER)
-    A1, B1, A2, B2 = (d[adapter].weight if d is not None and adapter in d else None for d in dicts)
-    if A1 is None and A2 is None:
+    adapter = adapter or module.__dict__.get(_ACTIVE, DEFAULT_ADAPTER)
+    factors = []
+    for name in LORA_PARAMS:
+        factor = held[name]._modules.get(adapter) if name in held else None
+        factors.append(None if factor is None else factor._parameters["weight"])
+    if factors[0] is None and factors[2] is None:
         return None
-    return ExpertLoRA(A1, B1, A2, B2, scaling=getattr(module, _BINDING).scaling)
+    return ExpertLoRA(*factors, scaling=module.__dict__[_BINDING].scaling)
 
 
 def expert_adapters(module: nn.Module) -> list[str]:
@@ -137,7 +141,7 @@ def delete_expert_adapter(module: nn.Module, adapter: str) -> None:
 def merge_expert_lora(module: nn.Module, merge: bool) -> None:
     """Fold the active adapter's update into the base expert weights (W += s B A per expert, in the weight's dtype),
     or take it out again; while merged the experts compute without their LoRA. Biases are untouched."""
-    if bool(getattr(module, _MERGED, False)) == merge:
+    if bool(module.__dict__.get(_MERGED)) == merge:
         return
     lora = expert_lora(module)
     gate_up, down, _, _ = _base_weights(module, getattr(module, _BINDING))
@@ -201,7 +205,7 @@ def moetune_experts_forward(
     return moe_experts(
         hidden_states, top_k_index, top_k_weights, gate_up, down,
         gate_up_bias=b1, down_bias=b2,
-        lora=None if getattr(self, _LORA_OFF, False) or getattr(self, _MERGED, False) else expert_lora(self),
+        lora=None if self.__dict__.get(_LORA_OFF) or self.__dict__.get(_MERGED) else expert_lora(self),
         activation=binding.activation, interleaved=binding.interleaved,
         only_for_backward=recomputing(),  # see recompute.py: only additions follow in every supported architecture
     )
