@@ -257,18 +257,35 @@ def _peft_model_class():
             for module in experts:
                 add_expert_adapter(module, adapter_name)
 
+        def _unmerge_experts(self) -> None:
+            """As peft does for its layers before a switch: an adapter merged into the experts' weights comes out."""
+            for module in self._experts():
+                merge_expert_lora(module, False)
+
         def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
             """peft's set_adapter, the experts computing with that adapter's LoRA too (trainable unless
-            inference_mode, the others frozen, as peft does for its layers)."""
+            inference_mode, the others frozen, as peft does for its layers); a merged adapter is unmerged first."""
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"adapter_name: expected one of {list(self.peft_config)}, got {adapter_name!r}")
+            self._unmerge_experts()
             super().set_adapter(adapter_name, inference_mode=inference_mode)
             for module in self._experts():
                 set_expert_adapter(module, adapter_name, trainable=not inference_mode)
 
         def delete_adapter(self, adapter_name: str) -> None:
+            """peft's delete_adapter, the experts' factors too; deleting the active adapter makes the first one left
+            active (and trainable), as peft does for its layers."""
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"adapter_name: expected one of {list(self.peft_config)}, got {adapter_name!r}")
+            was_active = adapter_name == self.active_adapter
+            self._unmerge_experts()
             super().delete_adapter(adapter_name)
             for module in self._experts():
                 delete_expert_adapter(module, adapter_name)
-                set_expert_adapter(module, self.active_adapter)
+            # peft leaves the active adapter unset where it holds no layers of its own (LoRA on the experts only)
+            if was_active or not self.base_model.active_adapters:
+                self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config
+                                 else next(iter(self.peft_config)))
 
         @contextlib.contextmanager
         def disable_adapter(self):
@@ -276,6 +293,7 @@ def _peft_model_class():
             peft's own context switches its layers (Linear LoRA, a trained router); with none (LoRA on the experts
             only) it would refuse, so only the flag it sets is set."""
             experts = self._experts()
+            self._unmerge_experts()  # peft's merged layers unmerge themselves when disabled
             with contextlib.ExitStack() as stack:
                 if _has_peft_layers(self):
                     stack.enter_context(super().disable_adapter())

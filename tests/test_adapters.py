@@ -337,3 +337,35 @@ def test_merge_unmerge_and_unload_cover_the_experts(model_type, checkpoint):
         plain = auto_class(model_type).from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
         assert relative_error(base(ids).logits, plain(ids).logits) < 1e-6
         assert not any("lora" in n for n, _ in base.named_parameters())
+
+
+@pytest.mark.parametrize("targets", ["default", "experts"])
+@pytest.mark.filterwarnings("ignore:Adapter cannot be set when the model is merged:UserWarning")  # peft, as expected
+@pytest.mark.filterwarnings("ignore:Adapter default was active which is now deleted:UserWarning")
+def test_switching_or_disabling_while_merged_unmerges_first(targets, checkpoint):
+    """As peft does for its layers: set_adapter, disable_adapter and delete_adapter take a merged adapter out of the
+    experts' weights first, so the weights come back exactly and no adapter is applied twice; deleting the active
+    adapter leaves the first one active and trainable, peft's layers and the experts alike."""
+    kwargs = {} if targets == "default" else dict(target_modules=("gate_up_proj", "down_proj"))
+    model_dir = checkpoint("qwen3_moe")
+    model = _peft_model(model_dir, **kwargs)
+    experts = next(m for m in model.modules() if hasattr(m, "lora_A_gate_up"))
+    weights = experts.gate_up_proj.detach().clone()
+    ids = token_batch()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        base = auto_class("qwen3_moe").from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)(ids).logits
+        model.merge_adapter()
+        with model.disable_adapter():
+            assert relative_error(model(ids).logits, base) < 1e-6
+        model.merge_adapter()
+        _trl_reference_copy(model, "other")
+        model.set_adapter("other")  # unmerges "default" first
+        assert relative_error(experts.gate_up_proj, weights) < 1e-6
+        model.set_adapter("default")
+        assert relative_error(model(ids).logits, adapted) < 1e-5
+    model.delete_adapter("default")
+    assert model.active_adapter == "other" and model.base_model.active_adapters == ["other"]
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, adapted) < 1e-5  # "other" is a copy of "default"

@@ -44,6 +44,7 @@ __all__ = [
     "set_expert_adapter",
     "delete_expert_adapter",
     "merge_expert_lora",
+    "expert_lora_merged",
     "remove_expert_lora",
 ]
 
@@ -139,17 +140,23 @@ def delete_expert_adapter(module: nn.Module, adapter: str) -> None:
 
 @torch.no_grad()
 def merge_expert_lora(module: nn.Module, merge: bool) -> None:
-    """Fold the active adapter's update into the base expert weights (W += s B A per expert, in the weight's dtype),
-    or take it out again; while merged the experts compute without their LoRA. Biases are untouched."""
-    if bool(module.__dict__.get(_MERGED)) == merge:
+    """Fold the active adapter's update into the base expert weights (W += s B A per expert, in the weight's dtype:
+    each merge and unmerge rounds them, as peft's own merge does), or take the merged adapter's out again; while
+    merged the experts compute without LoRA. Biases are untouched."""
+    merged = module.__dict__.get(_MERGED)
+    if bool(merged) == merge:
         return
-    lora = expert_lora(module)
+    lora = expert_lora(module, None if merge else merged)
     gate_up, down, _, _ = _base_weights(module, getattr(module, _BINDING))
     scale = lora.scaling if merge else -lora.scaling
     for weight, A, B in ((gate_up, lora.A_gate_up, lora.B_gate_up), (down, lora.A_down, lora.B_down)):
         if A is not None:  # [E, out, in] += s * [E, out, R] @ [E, R, in]
             weight.baddbmm_(B.to(weight.dtype), A.to(weight.dtype), alpha=scale)
-    setattr(module, _MERGED, merge)
+    setattr(module, _MERGED, module.__dict__.get(_ACTIVE, DEFAULT_ADAPTER) if merge else None)
+
+
+def expert_lora_merged(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(_MERGED))
 
 
 def remove_expert_lora(module: nn.Module) -> None:
