@@ -87,7 +87,10 @@ def resume_settings(config: dict, examples) -> dict:
     return settings
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int, settings: dict) -> str:
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int, settings: dict,
+                    log_window: dict | None = None) -> str:
+    """log_window: what the metrics have summed since their last row (loss, steps, expert counts), so a run resumed
+    here logs its next row over the same steps as the uninterrupted run."""
     root = os.path.join(output_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
@@ -100,6 +103,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, kee
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
+            "log_window": log_window or {},
             "settings": {k: settings[k] for k in RESUME_KEYS},
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -131,8 +135,9 @@ def _current_name(name: str) -> str:
     return f"{name}.{DEFAULT_ADAPTER}.weight" if name.rsplit(".", 1)[-1] in LORA_PARAMS else name
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict) -> int:
-    """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step."""
+def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_window: dict | None = None) -> int:
+    """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step. log_window, where
+    given, is filled with the metrics' window saved with it (empty for a checkpoint without one)."""
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as err:
@@ -158,4 +163,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict) -> i
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
+    if log_window is not None:
+        log_window.update(state.get("log_window", {}))
     return int(state["step"])

@@ -235,8 +235,9 @@ def run(plan: Plan, console=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
     start = 0
     settings = resume_settings(dataclasses.asdict(config), plan.examples)
+    window: dict = {}  # the metrics' sums since their last row before the checkpoint
     if plan.resume_from is not None:
-        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, settings)
+        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, settings, log_window=window)
         if start > total:  # nothing written yet: the run would report steps it did not take back
             raise ValueError(f"--max-steps: this run ends at step {total} (--max-steps or --epochs), before the step "
                              f"of the checkpoint it resumes ({start}); ask for at least {start} steps")
@@ -253,6 +254,10 @@ def run(plan: Plan, console=None) -> dict:
     peft_model.train()
     epoch_plan, epoch_of_plan = None, None
     tokens_interval, loss_interval, steps_interval = 0, torch.zeros((), device=device), 0
+    if window:  # continue the window the checkpoint was written in (tokens/s counts this session's part only)
+        loss_interval.fill_(window["loss"])
+        steps_interval = window["steps"]
+        load.counts.copy_(window["expert_counts"])
     t_interval = t_start = time.perf_counter()
     tokens_total = 0
     with collector_frozen(), _progress(console, total, start) as progress:
@@ -299,8 +304,9 @@ def run(plan: Plan, console=None) -> dict:
                 tokens_interval, steps_interval, t_interval = 0, 0, now
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
+                window = {"loss": float(loss_interval), "steps": steps_interval, "expert_counts": load.counts.cpu()}
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
-                                settings)
+                                settings, log_window=window)
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,

@@ -236,3 +236,23 @@ def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch, che
     assert code == 130
     assert ("continue with --resume" in stderr) == checkpointed
     assert ("no checkpoint yet; start again with --overwrite" in stderr) != checkpointed
+
+
+def test_a_resume_between_logged_steps_logs_the_same_rows(tmp_path):
+    """A checkpoint between two logged steps carries the metrics' window (loss and expert counts so far): the resumed
+    run's next row averages the same steps as the uninterrupted run's, not only those after the resume."""
+    args = ("train", "--max-steps", 6, "--save-steps", 2, "--logging-steps", 3, "--batch-size", 4, "--keep-checkpoints", 3)
+    full = tmp_path / "full"
+    proc = run_subprocess(*args, "--output-dir", full)
+    assert proc.returncode == 0, proc.stderr
+    cut = tmp_path / "cut"
+    os.makedirs(cut / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step-000002", cut / "checkpoints" / "step-000002")
+    shutil.copytree(full / "demo-model", cut / "demo-model")
+    write_jsonl(cut / "metrics.jsonl", [])
+    proc = run_subprocess(*args, "--output-dir", cut, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    rows, resumed = metrics(full), metrics(cut)
+    assert [r["step"] for r in resumed] == [r["step"] for r in rows] == [3, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
+    assert [r["expert_load"] for r in resumed] == [r["expert_load"] for r in rows]
