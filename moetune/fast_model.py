@@ -16,6 +16,7 @@ fused 3-D expert weights is moetune's split LoRA, stored as parameters on each e
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import warnings
@@ -41,6 +42,7 @@ from .models.hook import (
     expert_lora_disabled,
     find_experts,
     install,
+    installed,
     merge_expert_lora,
     remove_expert_lora,
     set_expert_adapter,
@@ -398,8 +400,8 @@ class FastMoEModel:
                 raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")
             # Build (and randomly initialise) the weights where they will live: a 30B model initialised
             # on the CPU first would need its whole size in host memory and minutes of CPU time.
-            with torch.device(device_map or "cpu"):
-                model = auto.from_config(config, dtype=dtype, attn_implementation=attn, **kwargs)
+            with torch.device(device_map or "cpu"):  # a copy: the model keeps its config, and moetune sets its own
+                model = auto.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation=attn, **kwargs)
         install(model, spec)
         if fused_cross_entropy:
             fused_loss.install(model)
@@ -484,6 +486,9 @@ class FastMoEModel:
             torch.manual_seed(random_state)
 
         experts = find_experts(model, spec)
+        if not all(installed(module) for module in experts.values()):
+            raise ValueError("model: its experts no longer run on moetune (moetune.models.uninstall); load it again with "
+                             "moetune.FastMoEModel.from_pretrained")
         for p in model.parameters():
             p.requires_grad_(False)
         if offload_checkpoints and not use_gradient_checkpointing:

@@ -116,6 +116,32 @@ def test_install_shares_storage_and_is_per_instance(checkpoint):
         assert not any(hasattr(m, "moetune_binding") for m in experts.values())
 
 
+def test_a_config_given_to_from_pretrained_is_left_as_it_was():
+    """transformers' from_config keeps the caller's config object: moetune's settings (experts implementation,
+    use_cache) must go to a copy, or a plain model built from the same config later would run moetune's experts
+    unbound, and uninstalling one model would switch a sibling's experts (and drop its expert LoRA)."""
+    config = tiny_config("qwen3_moe")
+    before = (config._experts_implementation, config.use_cache)
+    model, _ = _load(config)
+    FastMoEModel.get_peft_model(model, r=2)
+    assert model.config is not config and (config._experts_implementation, config.use_cache) == before
+    plain = auto_class("qwen3_moe").from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        plain(token_batch())  # transformers' own experts
+
+
+def test_uninstall_undoes_a_peft_model_and_get_peft_model_refuses_it_after(checkpoint):
+    model, _ = _load(checkpoint("qwen3_moe"))
+    peft_model = FastMoEModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    uninstall(peft_model)  # reaches the base model: peft forwards reads, not deletes
+    assert model.config._experts_implementation != IMPLEMENTATION
+    assert not any(hasattr(m, "moetune_binding") or hasattr(m, "lora_A_gate_up") for m in model.modules())
+    fresh, _ = _load(checkpoint("qwen3_moe"))
+    uninstall(fresh)
+    with pytest.raises(ValueError, match="model: its experts no longer run on moetune"):
+        FastMoEModel.get_peft_model(fresh, r=2)
+
+
 def test_full_finetuning_falls_back_to_transformers_experts():
     """Trainable base expert weights: moetune (LoRA-only) hands the call to transformers with a warning."""
     model, _ = _load(tiny_config("qwen3_moe"))

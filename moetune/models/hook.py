@@ -35,6 +35,7 @@ __all__ = [
     "LORA_PARAMS",
     "install",
     "uninstall",
+    "installed",
     "find_experts",
     "add_expert_lora",
     "expert_lora",
@@ -255,8 +256,11 @@ def install(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
 
 
 def uninstall(model: nn.Module) -> None:
-    """Undo `install`: previous experts implementation back, bindings and expert LoRA removed."""
-    previous = getattr(model, _PREVIOUS, None)
+    """Undo `install`: previous experts implementation back, bindings and expert LoRA removed (of a peft model's
+    base model too). The model is then no longer one moetune's get_peft_model takes."""
+    if hasattr(model, "get_base_model"):  # a peft model: its attribute reads reach the base model, deletes do not
+        model = model.get_base_model()
+    previous = model.__dict__.get(_PREVIOUS)
     if previous is None:
         return
     model.set_experts_implementation(previous)
@@ -265,6 +269,11 @@ def uninstall(model: nn.Module) -> None:
         if hasattr(module, _BINDING):
             delattr(module, _BINDING)
             remove_expert_lora(module)
+
+
+def installed(module: nn.Module) -> bool:
+    """Whether `install` bound this experts module (and `uninstall` has not unbound it)."""
+    return _BINDING in module.__dict__
 
 
 def add_expert_lora(
