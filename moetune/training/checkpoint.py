@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import json
 import os
 import random
 import re
@@ -68,6 +69,22 @@ RESUME_KEYS = ("model", "data", "batch_size", "grad_accum", "seed", "packing", "
                "target_modules", "train_router", "optim",  # optimizer states of one kind do not load into the other
                "data_fingerprint")
 _PATHS = ("model", "data")  # compared as the files they name, not as spelled
+RUN_SETTINGS = "settings.json"
+_NOT_CARRIED = ("data_fingerprint", "resume", "overwrite")  # what a resumed run does not take from its checkpoint
+
+
+def saved_settings(output_dir: str) -> dict:
+    """The settings the newest checkpoint in output_dir was trained with ({}: none, or one written before they were
+    kept)."""
+    checkpoint = latest_checkpoint(output_dir)
+    path = None if checkpoint is None else os.path.join(checkpoint, RUN_SETTINGS)
+    if path is None or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: cannot read {path}: {err}") from None
 
 
 def resume_settings(config: dict, examples) -> dict:
@@ -107,6 +124,9 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, kee
             "settings": {k: settings[k] for k in RESUME_KEYS},
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
+        # The run's settings, readable without the optimizer state: a bare --resume takes them (config.py).
+        with open(os.path.join(tmp, RUN_SETTINGS), "w") as f:
+            json.dump({k: v for k, v in settings.items() if k not in _NOT_CARRIED}, f, indent=1)
 
     atomic_dir(final, write)
     for old in _checkpoints(output_dir)[:-keep]:

@@ -316,11 +316,19 @@ def validate(config: TrainConfig) -> TrainConfig:
 
 
 def resolve_config(flags: dict, config_file: str | None = None) -> TrainConfig:
-    """TrainConfig from defaults, then the config file, then the flags given on the command line."""
+    """TrainConfig from defaults, then (with --resume) the settings of the checkpoint it continues, then the config
+    file, then the flags given on the command line."""
     values = load_config_file(config_file) if config_file else {}
     try:
         values = {name: _coerce(name, value) for name, value in values.items()}
     except ValueError as err:
         raise ValueError(f"--config: {config_file}: {err}") from None
     values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()})
+    given = TrainConfig(**values)
+    if given.resume:
+        from .checkpoint import saved_settings
+
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = {name: _coerce(name, value) for name, value in saved_settings(given.output_dir).items() if name in known}
+        values = {**saved, **values}
     return validate(TrainConfig(**values))

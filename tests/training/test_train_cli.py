@@ -256,3 +256,20 @@ def test_a_resume_between_logged_steps_logs_the_same_rows(tmp_path):
     assert [r["step"] for r in resumed] == [r["step"] for r in rows] == [3, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
     assert [r["expert_load"] for r in resumed] == [r["expert_load"] for r in rows]
+
+
+def test_a_bare_resume_takes_the_checkpoints_settings(tmp_path, capsys):
+    """`moetune train --output-dir run --resume` continues with the settings the run was started with (its checkpoint
+    keeps them); a setting given again on the command line wins (here: more steps)."""
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--r", 8, "--lora-alpha", 16, "--max-steps", 4, "--save-steps", 2,
+                              "--batch-size", 4, "--output-dir", out)
+    assert code == 0, stderr
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", out, "--resume")
+    assert code == 0, stderr
+    assert "done: 4 steps" in stdout and summary(out)["resumed_from_step"] == 2
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", out, "--resume", "--max-steps", 6)
+    assert code == 0, stderr
+    assert "done: 6 steps" in stdout and [r["step"] for r in metrics(out)] == list(range(1, 7))
