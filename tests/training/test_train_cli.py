@@ -86,19 +86,25 @@ def test_own_model_directory_packing_and_yaml_config(tmp_path, capsys):
     assert summary(out)["epochs"] == 2.0
 
 
+def _full_run_and_its_copy_at(tmp_path, args, step: int):
+    """(full, cut): a whole run of `args`, and a directory holding only its checkpoint at `step` and its demo model."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_subprocess(*args, "--output-dir", full)
+    assert proc.returncode == 0, proc.stderr
+    os.makedirs(cut / "checkpoints")
+    name = f"step-{step:06d}"
+    shutil.copytree(full / "checkpoints" / name, cut / "checkpoints" / name)
+    shutil.copytree(full / "demo-model", cut / "demo-model")
+    return full, cut
+
+
 @pytest.mark.parametrize("optim", ["adamw", "adamw_bf16"])  # adamw_bf16: its rounding noise resumes too
 def test_resume_reproduces_the_uninterrupted_loss_trajectory(tmp_path, capsys, optim):
     args = ("train", "--optim", optim, "--max-steps", 8, "--save-steps", 4, "--batch-size", 4, "--grad-accum", 2, "--keep-checkpoints", 3)
-    full = tmp_path / "full"
-    proc = run_subprocess(*args, "--output-dir", full)
-    assert proc.returncode == 0, proc.stderr
     # An interrupted run: what the full run had on disk right after its step-4 checkpoint (metrics logged
     # to step 6 included, as if it died there), and a half-written checkpoint that must be ignored.
-    cut = tmp_path / "cut"
-    os.makedirs(cut / "checkpoints")
-    shutil.copytree(full / "checkpoints" / "step-000004", cut / "checkpoints" / "step-000004")
+    full, cut = _full_run_and_its_copy_at(tmp_path, args, 4)
     shutil.copytree(full / "checkpoints" / "step-000008", cut / "checkpoints" / ".tmp-step-000008")
-    shutil.copytree(full / "demo-model", cut / "demo-model")
     rows = metrics(full)
     write_jsonl(cut / "metrics.jsonl", rows[:6])
     proc = run_subprocess(*args, "--output-dir", cut, "--resume")
@@ -242,13 +248,7 @@ def test_a_resume_between_logged_steps_logs_the_same_rows(tmp_path):
     """A checkpoint between two logged steps carries the metrics' window (loss and expert counts so far): the resumed
     run's next row averages the same steps as the uninterrupted run's, not only those after the resume."""
     args = ("train", "--max-steps", 6, "--save-steps", 2, "--logging-steps", 3, "--batch-size", 4, "--keep-checkpoints", 3)
-    full = tmp_path / "full"
-    proc = run_subprocess(*args, "--output-dir", full)
-    assert proc.returncode == 0, proc.stderr
-    cut = tmp_path / "cut"
-    os.makedirs(cut / "checkpoints")
-    shutil.copytree(full / "checkpoints" / "step-000002", cut / "checkpoints" / "step-000002")
-    shutil.copytree(full / "demo-model", cut / "demo-model")
+    full, cut = _full_run_and_its_copy_at(tmp_path, args, 2)
     write_jsonl(cut / "metrics.jsonl", [])
     proc = run_subprocess(*args, "--output-dir", cut, "--resume")
     assert proc.returncode == 0, proc.stderr
