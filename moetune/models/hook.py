@@ -45,7 +45,6 @@ __all__ = [
     "set_expert_adapter",
     "delete_expert_adapter",
     "merge_expert_lora",
-    "expert_lora_merged",
     "remove_expert_lora",
 ]
 
@@ -58,6 +57,10 @@ _ACTIVE = "_moetune_active_adapter"
 _MERGED = "_moetune_expert_lora_merged"
 DEFAULT_ADAPTER = "default"
 
+# Used when the base expert weights are trainable (full fine-tuning): moetune never computes base-weight
+# gradients, so it hands those calls to transformers' own grouped implementation.
+_FALLBACK = "grouped_mm"
+
 
 class ExpertFactor(nn.Module):
     """One LoRA factor of one adapter (a module, so its parameter is named `<factor>.<adapter>.weight` as peft's)."""
@@ -65,9 +68,6 @@ class ExpertFactor(nn.Module):
     def __init__(self, weight: torch.Tensor, requires_grad: bool):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=requires_grad)
-# Used when the base expert weights are trainable (full fine-tuning): moetune never computes base-weight
-# gradients, so it hands those calls to transformers' own grouped implementation.
-_FALLBACK = "grouped_mm"
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,6 @@ def merge_expert_lora(module: nn.Module, merge: bool) -> None:
         if A is not None:  # [E, out, in] += s * [E, out, R] @ [E, R, in]
             weight.baddbmm_(B.to(weight.dtype), A.to(weight.dtype), alpha=scale)
     setattr(module, _MERGED, module.__dict__.get(_ACTIVE, DEFAULT_ADAPTER) if merge else None)
-
-
-def expert_lora_merged(module: nn.Module) -> bool:
-    return bool(module.__dict__.get(_MERGED))
 
 
 def remove_expert_lora(module: nn.Module) -> None:
@@ -266,7 +262,7 @@ def uninstall(model: nn.Module) -> None:
     model.set_experts_implementation(previous)
     delattr(model, _PREVIOUS)
     for module in model.modules():
-        if hasattr(module, _BINDING):
+        if installed(module):
             delattr(module, _BINDING)
             remove_expert_lora(module)
 
