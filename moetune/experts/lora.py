@@ -95,6 +95,14 @@ def cast_factors(factors, dtype: torch.dtype) -> tuple[tuple, tuple]:
     return tuple(None if f is None else f.to(dtype) for f in factors), own
 
 
+def refuse_create_graph(backend: str) -> None:
+    """Called first in a backward whose saved tensors carry no graph: under create_graph a second order would come
+    out wrong or missing, so it is refused in one line."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"moe_experts: the {backend} backend's gradients cannot be differentiated again "
+                           "(create_graph=True); use backend='native' for higher-order gradients")
+
+
 def grads_in(grads, dtypes) -> list:
     """Factor gradients back in each factor's own dtype (None stays None)."""
     return [None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)]

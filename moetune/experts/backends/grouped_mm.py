@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import saved_tensors
-from ..lora import cast_factors, grads_in
+from ..lora import cast_factors, grads_in, refuse_create_graph
 from ..routing import RoutingPlan
 
 _STRIDE_BYTES = 16  # grouped_mm needs 16-byte aligned leading strides on every operand and output
@@ -148,9 +148,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        if torch.is_grad_enabled():  # create_graph: the saved tensors carry no graph, a second order would be wrong
-            raise RuntimeError("moe_experts: the grouped_mm backend's gradients cannot be differentiated again "
-                               "(create_graph=True); use backend='native' for higher-order gradients")
+        refuse_create_graph("grouped_mm")
         x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2 = saved_tensors.load(ctx)
         plan, s, act, interleaved = ctx.plan, ctx.scaling, ctx.act, ctx.interleaved
         need = ctx.needs_input_grad

@@ -39,7 +39,7 @@ import torch
 from packaging.version import Version
 
 from ... import saved_tensors
-from ..lora import cast_factors, grads_in
+from ..lora import cast_factors, grads_in, refuse_create_graph
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,9 +118,7 @@ class TritonExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        if torch.is_grad_enabled():  # create_graph: the saved tensors carry no graph, a second order would be wrong
-            raise RuntimeError("moe_experts: the triton backend's gradients cannot be differentiated again "
-                               "(create_graph=True); use backend='native' for higher-order gradients")
+        refuse_create_graph("triton")
         from ...kernels import grouped_gemm, grouped_wgrad
 
         x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S = saved_tensors.load(ctx)
