@@ -154,14 +154,19 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
         raise ValueError(f"adapter_dir: no weights for this model's {missing[:3]}; was it saved with other targets?")
 
 
+def _adapter_config(adapter_dir: str) -> dict:
+    """adapter_config.json of a saved adapter, as written."""
+    try:
+        with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"adapter_dir: cannot read {ADAPTER_CONFIG} in {adapter_dir}: {err}") from None
+
+
 def _check_saved_config(config, adapter_dir: str) -> None:
     """The adapter's rank and scaling must be this model's: factors of another rank do not fit, and another alpha
     would load silently and scale every update differently."""
-    try:
-        with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"adapter_dir: cannot read {ADAPTER_CONFIG} in {adapter_dir}: {err}") from None
+    saved = _adapter_config(adapter_dir)
     for key in ("r", "lora_alpha", "use_rslora"):
         mine = getattr(config, key, None)
         if key in saved and saved[key] != mine:
@@ -181,8 +186,7 @@ def _untie_adapted_embeddings(model: nn.Module, adapter_dir: str) -> None:
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is None or outputs is None or outputs.weight is not inputs.weight:
         return
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
-        adapter = json.load(f)
+    adapter = _adapter_config(adapter_dir)
     names = [name for name, module in model.named_modules() if module is inputs or module is outputs]
     targets, keys = adapter.get("target_modules") or [], list(adapter.get("modules_to_save") or [])
     if isinstance(targets, str):  # peft: a regular expression over the whole module name
