@@ -306,11 +306,14 @@ def _peft_model_class():
                 stack.enter_context(expert_lora_disabled(experts))
                 yield
 
+        def _check_merged_names(self, adapter_names) -> None:
+            if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
+                raise ValueError(f"adapter_names: moetune merges the active adapter, {self.active_adapter!r}, got {adapter_names!r}")
+
         def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
             """Fold the active adapter into the base weights (the experts' too, in their dtype); the model then
             computes without LoRA until unmerge_adapter. TRL merges so to send the weights to vLLM."""
-            if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
-                raise ValueError(f"adapter_names: moetune merges the active adapter, {self.active_adapter!r}, got {adapter_names!r}")
+            self._check_merged_names(adapter_names)
             self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
             for module in self._experts():
                 merge_expert_lora(module, True)
@@ -329,8 +332,7 @@ def _peft_model_class():
         def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
             """The base model with the active adapter folded into its weights, in their dtype (moetune.merge folds a
             saved adapter into a checkpoint on disk)."""
-            if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
-                raise ValueError(f"adapter_names: moetune merges the active adapter, {self.active_adapter!r}, got {adapter_names!r}")
+            self._check_merged_names(adapter_names)
             for module in self._experts():
                 merge_expert_lora(module, True)
                 remove_expert_lora(module)
