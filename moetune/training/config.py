@@ -324,11 +324,11 @@ def resolve_config(flags: dict, config_file: str | None = None) -> TrainConfig:
     except ValueError as err:
         raise ValueError(f"--config: {config_file}: {err}") from None
     values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()})
-    given = TrainConfig(**values)
-    if given.resume:
+    if values.get("resume"):
         from .checkpoint import saved_settings
 
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        saved = {name: _coerce(name, value) for name, value in saved_settings(given.output_dir).items() if name in known}
+        output_dir = values.get("output_dir", TrainConfig.output_dir)
+        saved = {name: _coerce(name, value) for name, value in saved_settings(output_dir).items() if name in known}
         values = {**saved, **values}
     return validate(TrainConfig(**values))
