@@ -8,6 +8,15 @@ Formats (decided by the first record; every record of a file must match it):
                                                           turn = output; loss on the output only
 
 Labels use -100 for tokens without loss (transformers' ignore index); the model shifts them itself.
+
+Where the assistant turns are (chat records):
+- a template with `{% generation %}` markers marks them itself (transformers' assistant mask);
+- a template TRL has a training version of (Qwen3, gpt-oss, GLM-4.5, DeepSeek-V3, Llama 3, ...) is rendered through
+  that version: the official templates render a turn differently once it is no longer the last (Qwen3 drops the
+  empty think block, gpt-oss ends it with <|end|> instead of <|return|>) or put the token that ends a turn in the
+  next message (GLM's <|user|>), so only the training version places the loss on every turn and its stop token;
+- any other template: each assistant turn is what rendering the conversation up to it adds after the generation
+  prompt, which holds where the rendering of a prefix is a prefix of the whole (ChatML, the demo's).
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 
-__all__ = ["Example", "load_examples", "make_units", "epoch_steps", "collate", "IGNORE"]
+__all__ = ["Example", "load_examples", "stop_token_note", "training_template", "make_units", "epoch_steps", "collate", "IGNORE"]
 
 IGNORE = -100
 FORMATS = {"text": ("text",), "messages": ("messages",), "instruction": ("instruction", "output")}
@@ -81,8 +91,15 @@ def _as_messages(fmt: str, record: dict, where: str) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: \"messages\" must be a non-empty list")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{i}] needs string \"role\" and \"content\" fields")
+            # OpenAI-style tool calls: an assistant message may carry "tool_calls" and no content.
+            content_ok = isinstance(m.get("content"), str) if isinstance(m, dict) else False
+            if isinstance(m, dict) and m.get("tool_calls") and m.get("content") is None:
+                content_ok = True
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not content_ok:
+                raise ValueError(
+                    f"{where}: messages[{i}] needs string \"role\" and \"content\" fields (content may be null "
+                    f"only beside \"tool_calls\")"
+                )
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: no \"assistant\" message, so nothing to train on")
         return messages
@@ -96,12 +113,40 @@ def _as_messages(fmt: str, record: dict, where: str) -> list[dict]:
 
 
 def _render(tokenizer, messages, where: str, **kwargs) -> str:
-    from jinja2 import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateError as err:  # templates raise on conversations they reject (roles, order)
         raise ValueError(f"{where}: the chat template rejects this conversation: {err}") from None
+
+
+def training_template(tokenizer) -> str | None:
+    """The template that marks the assistant turns with {% generation %}: the tokenizer's own where it has the
+    markers, else TRL's training version of it for the families TRL knows; None for any other template (its turns
+    are then found as prefixes of the rendering)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named variants: "default" is the one apply_chat_template uses
+        template = template.get("default")
+    if not template:
+        return None
+    if has_generation_markers(template):
+        return template
+    try:
+        return get_training_chat_template(tokenizer)
+    except (ValueError, TemplateError):  # TRL has no training version of this template
+        return None
+
+
+def _marked_example(tokenizer, messages: list[dict], template: str, where: str) -> Example:
+    try:
+        enc = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except TemplateError as err:  # templates raise on conversations they reject (roles, order)
+        raise ValueError(f"{where}: the chat template rejects this conversation: {err}") from None
+    ids = list(enc["input_ids"])
+    return Example(ids, [t if marked else IGNORE for t, marked in zip(ids, enc["assistant_masks"])])
 
 
 def _chat_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
@@ -114,57 +159,92 @@ def _chat_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
             continue
         prompt = _render(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
         turn = _render(tokenizer, messages[: i + 1], where)
-        # Templates that rewrite earlier turns (e.g. dropping old reasoning) break the prefix property;
-        # response-only labels cannot be placed then, so say so rather than train on the wrong tokens.
+        # A template that rewrites earlier turns (e.g. dropping old reasoning) breaks the prefix property, and
+        # then the labels cannot be placed: say so rather than train on the wrong tokens.
         if not (full.startswith(turn) and turn.startswith(prompt)):
-            raise ValueError(f"{where}: the chat template does not render turns as prefixes; use {{\"text\"}} records")
+            raise ValueError(
+                f"{where}: the chat template renders earlier turns differently from the last, and it has no "
+                "{% generation %} markers to say where the assistant turns are; add them or use {\"text\"} records"
+            )
         spans.append((len(prompt), len(turn)))
     return full, spans
 
 
-def _tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]] | None) -> Example:
+def _tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]] | None, special_tokens: bool) -> Example:
+    """Token ids of text with loss inside the character spans (everywhere where spans is None). special_tokens: the
+    tokenizer adds its BOS (plain text; rendered chat templates write their own)."""
     # verbose=False: an over-long record gets our error naming its line, not transformers' warning too.
-    enc = tokenizer(text, add_special_tokens=spans is None, return_offsets_mapping=True, verbose=False)
+    enc = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     if spans is None:  # plain text: loss everywhere, and an end-of-sequence token to learn where text ends
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
         return Example(ids, list(ids))
     labels = [IGNORE] * len(ids)
-    for i, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(s <= start < e for s, e in spans):
+    for i, (start, end) in enumerate(enc["offset_mapping"]):
+        if end > start and any(s <= start < e for s, e in spans):  # end > start: added BOS/EOS have no characters
             labels[i] = ids[i]
     return Example(ids, labels)
 
 
-def _tokenize(tokenizer, fmt: str, record: dict, where: str) -> Example:
+def _tokenize(tokenizer, fmt: str, record: dict, where: str, template: str | None) -> Example:
     if fmt == "text":
         if not isinstance(record["text"], str) or not record["text"]:
             raise ValueError(f"{where}: \"text\" must be a non-empty string")
-        return _tokenize_spans(tokenizer, record["text"], None)
+        return _tokenize_spans(tokenizer, record["text"], None, special_tokens=True)
     messages = _as_messages(fmt, record, where)
+    if template is not None:
+        return _marked_example(tokenizer, messages, template, where)
     if tokenizer.chat_template:
         text, spans = _chat_spans(tokenizer, messages, where)
-        return _tokenize_spans(tokenizer, text, spans)
+        return _tokenize_spans(tokenizer, text, spans, special_tokens=False)
     if fmt == "messages":
         raise ValueError(f"{where}: \"messages\" records need a tokenizer with a chat template; this one has none")
-    template = PLAIN_PROMPT_INPUT if record.get("input") else PLAIN_PROMPT
-    prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
-    answer = record["output"] + (tokenizer.eos_token or "")
-    return _tokenize_spans(tokenizer, prompt + answer, [(len(prompt), len(prompt) + len(answer))])
+    # A base model's tokenizer: the plain prompt, with the BOS the tokenizer adds (as text records get it), and the
+    # answer ending in EOS, which is trained.
+    template_text = PLAIN_PROMPT_INPUT if record.get("input") else PLAIN_PROMPT
+    prompt = template_text.format(instruction=record["instruction"], input=record.get("input", ""))
+    text = prompt + record["output"]
+    example = _tokenize_spans(tokenizer, text, [(len(prompt), len(text))], special_tokens=True)
+    eos = tokenizer.eos_token_id
+    if eos is not None and example.input_ids[-1] != eos:
+        return Example(example.input_ids + [eos], example.labels + [eos])
+    if eos is not None:  # the tokenizer appended EOS itself, outside the answer's characters: train it
+        return Example(example.input_ids, example.labels[:-1] + [eos])
+    return example
+
+
+def stop_token_note(tokenizer) -> str | None:
+    """A warning when the assistant turns' labels do not end on a special token (the model would never learn to
+    end its turn), found by placing the labels of a probe conversation as the records' are placed; None if they do
+    or the tokenizer has no chat template."""
+    if not tokenizer.chat_template:
+        return None
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]
+    try:
+        example = _tokenize(tokenizer, "messages", {"messages": probe}, "probe", training_template(tokenizer))
+    except ValueError:
+        return None  # the records themselves say what is wrong
+    special = (set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())) - {tokenizer.unk_token_id}
+    trained = [t for t in example.labels if t != IGNORE and tokenizer.decode([t]).strip()]
+    if trained and trained[-1] in special:
+        return None
+    return ("the chat template ends an assistant turn with no special token inside the turn, so the model is not "
+            "trained to stop; add {% generation %} markers around the turn and its end-of-turn token")
 
 
 def load_examples(path: str, tokenizer, max_seq_length: int) -> tuple[str, list[Example]]:
     """(format name, tokenised examples) of a JSONL file; any bad record raises ValueError naming its line."""
     records = _read_jsonl(path)
     fmt = _detect_format(path, *records[0])
+    template = training_template(tokenizer) if fmt != "text" else None
     examples = []
     for line_no, record in records:
         where = _where(path, line_no)
         if not all(k in record for k in FORMATS[fmt]):
             missing = [k for k in FORMATS[fmt] if k not in record]
             raise ValueError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (line {records[0][0]} is {fmt!r} format)")
-        example = _tokenize(tokenizer, fmt, record, where)
+        example = _tokenize(tokenizer, fmt, record, where, template)
         if len(example.input_ids) > max_seq_length:
             raise ValueError(
                 f"{where}: {len(example.input_ids)} tokens, longer than --max-seq-length {max_seq_length}"

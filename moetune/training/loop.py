@@ -212,6 +212,8 @@ def run(plan: Plan, console=None) -> dict:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)
         raise
+    if plan.data_note:
+        print(f"moetune: data: {plan.data_note}", file=sys.stderr)
     if checkpoint_plan is not None and checkpoint_plan["checkpoint_layers"] is not None and "why" in checkpoint_plan:
         print(f"moetune: checkpoint plan: {checkpoint_plan['why']}", file=sys.stderr)
     if plan.resume_from is None and config.overwrite:

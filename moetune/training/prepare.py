@@ -39,6 +39,7 @@ class Plan:
     data_format: str
     examples: list
     resume_from: str | None
+    data_note: str | None = None  # a warning about the data the run should print (the chat template's stop token)
 
 
 def _device(name: str) -> torch.device:
@@ -195,4 +196,5 @@ def prepare(config: TrainConfig) -> Plan:
         config=config, device=device, dtype=dtype, backend=backend, backend_why=why, model_dir=model_dir,
         model_config=model_config, tokenizer=tokenizer, data_path=data_path, data_format=data_format,
         examples=examples, resume_from=resume_from,
+        data_note=data_mod.stop_token_note(tokenizer) if data_format != "text" else None,
     )

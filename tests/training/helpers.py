@@ -47,3 +47,36 @@ def metrics(output_dir) -> list[dict]:
 def summary(output_dir) -> dict:
     with open(os.path.join(output_dir, "summary.json")) as f:
         return json.load(f)
+
+
+# Each family's added tokens, for family_tokenizer (the names its official chat template writes).
+FAMILY_TOKENS = {
+    "qwen3": dict(eos="<|im_end|>", bos=None, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                  normal=["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]),
+    "gptoss": dict(eos="<|return|>", bos=None, normal=[],
+                   special=["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]),
+    "glm4moe": dict(eos="<|endoftext|>", bos=None, normal=["<think>", "</think>", "<tool_call>", "</tool_call>"],
+                    special=["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]),
+    "deepseekv3": dict(eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>", normal=["<think>", "</think>"],
+                       special=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]),
+}
+
+
+def family_tokenizer(family: str, chat_template: str | None = None):
+    """The demo's byte-level BPE with a model family's special tokens and its official chat template (TRL keeps the
+    hub's templates verbatim: trl.chat_template_utils.<family>_chat_template); chat_template replaces it."""
+    import transformers
+    import trl.chat_template_utils
+    from tokenizers import AddedToken, Tokenizer
+
+    from moetune.training.prepare import DEMO_DIR
+
+    spec = FAMILY_TOKENS[family]
+    tok = Tokenizer.from_file(os.path.join(DEMO_DIR, "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["special"]])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec["normal"]])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=spec["eos"], bos_token=spec["bos"], pad_token=spec["eos"]
+    )
+    tokenizer.chat_template = chat_template or getattr(trl.chat_template_utils, f"{family}_chat_template")
+    return tokenizer

@@ -10,7 +10,7 @@ from moetune.training import data
 from moetune.training.prepare import DEMO_DIR
 
 from ..models.helpers import tiny_tokenizer
-from .helpers import write_jsonl
+from .helpers import family_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,103 @@ def test_a_byte_order_mark_is_skipped(tmp_path, demo_tokenizer):
     path.write_bytes(b'\xef\xbb\xbf{"text": "hello world"}\n{"text": "and again"}\n')
     fmt, examples = data.load_examples(str(path), demo_tokenizer, 64)
     assert fmt == "text" and len(examples) == 2
+
+
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."},
+    {"role": "user", "content": "And 3 plus 4?"}, {"role": "assistant", "content": "7."},
+]
+
+
+def load_one(tmp_path, tokenizer, record) -> data.Example:
+    _, [example] = data.load_examples(write_jsonl(tmp_path / "d.jsonl", [record]), tokenizer, 256)
+    return example
+
+
+def test_qwen3_multi_turn_trains_every_reply_as_trl_training_template_renders_it(tmp_path):
+    # The official template adds the empty think block only to the last turn, so no rendering of a prefix is a
+    # prefix of the whole: these records were refused. TRL's training version renders every turn alike.
+    tok = family_tokenizer("qwen3")
+    example = load_one(tmp_path, tok, {"messages": TWO_TURNS})
+    assert trained_text(tok, example) == "<think>\n\n</think>\n\n5.<|im_end|>\n<think>\n\n</think>\n\n7.<|im_end|>\n"
+    assert "What is 2 plus 3?" in tok.decode(example.input_ids)
+    assert data.stop_token_note(tok) is None
+
+
+def test_qwen3_tool_calls_with_null_content_and_a_final_user_turn(tmp_path):
+    tok = family_tokenizer("qwen3")
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    messages = [
+        {"role": "user", "content": "2+3?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "It is 5."}, {"role": "user", "content": "ok"},
+    ]
+    trained = trained_text(tok, load_one(tmp_path, tok, {"messages": messages}))
+    assert '"name": "add"' in trained and "It is 5.<|im_end|>" in trained
+    assert "<tool_response>" not in trained and "ok" not in trained
+
+
+def test_gpt_oss_trains_end_and_return_stop_tokens(tmp_path):
+    tok = family_tokenizer("gptoss")
+    trained = trained_text(tok, load_one(tmp_path, tok, {"messages": TWO_TURNS}))
+    assert "5.<|end|>" in trained and trained.endswith("7.<|return|>")
+    assert "plus" not in trained
+
+
+def test_glm_trains_the_token_that_ends_a_turn(tmp_path):
+    # GLM has no end-of-turn marker: a reply ends when the model writes the next role's token. The official
+    # template's turn ends on the content, so the model was never trained to stop.
+    tok = family_tokenizer("glm4moe")
+    trained = trained_text(tok, load_one(tmp_path, tok, {"messages": TWO_TURNS}))
+    assert "5.<|user|>" in trained
+    assert data.stop_token_note(tok) is None
+
+
+def test_deepseek_v3_instruction_records_are_accepted(tmp_path):
+    tok = family_tokenizer("deepseekv3")
+    example = load_one(tmp_path, tok, {"instruction": "Add 2 and 3.", "output": "5."})
+    assert trained_text(tok, example).endswith("5.<｜end▁of▁sentence｜>")
+    assert example.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_a_template_with_generation_markers_marks_the_turns_itself(tmp_path):
+    template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{% generation %}"
+        "{{ m.content }}<|im_end|>{% endgeneration %}\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = family_tokenizer("qwen3", chat_template=template)
+    assert data.training_template(tok) == template
+    assert trained_text(tok, load_one(tmp_path, tok, {"messages": TWO_TURNS})) == "5.<|im_end|>7.<|im_end|>"
+
+
+def test_an_unknown_template_that_rewrites_earlier_turns_is_refused_in_one_line(tmp_path):
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and loop.last %}<think>"
+        "</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+        "assistant\n{% endif %}"
+    )
+    tok = family_tokenizer("qwen3", chat_template=template)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    with pytest.raises(ValueError, match=r"line 1: the chat template renders earlier turns differently.*generation"):
+        data.load_examples(path, tok, 256)
+
+
+def test_a_template_whose_turns_end_without_a_special_token_gets_a_note():
+    template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}"
+        "assistant: {% endif %}"
+    )
+    tok = family_tokenizer("qwen3", chat_template=template)
+    assert "not trained to stop" in data.stop_token_note(tok)
+    assert data.stop_token_note(transformers.AutoTokenizer.from_pretrained(DEMO_DIR, local_files_only=True)) is None
+
+
+def test_instruction_records_on_a_base_tokenizer_keep_its_bos_and_train_eos(tmp_path):
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert tok("the router picks").input_ids[0] == tok.bos_token_id
+    example = load_one(tmp_path, tok, {"instruction": "the router picks", "output": "two experts"})
+    assert example.input_ids[0] == tok.bos_token_id and example.input_ids.count(tok.bos_token_id) == 1
+    assert trained_text(tok, example) == "two experts </s>"

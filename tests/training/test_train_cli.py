@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from ..models.helpers import save_checkpoint
+from ..models.helpers import save_checkpoint, tiny_tokenizer
 from .helpers import metrics, run_cli, run_subprocess, summary, write_jsonl
 
 
@@ -273,3 +273,17 @@ def test_a_bare_resume_takes_the_checkpoints_settings(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, "train", "--output-dir", out, "--resume", "--max-steps", 6)
     assert code == 0, stderr
     assert "done: 6 steps" in stdout and [r["step"] for r in metrics(out)] == list(range(1, 7))
+
+
+def test_a_chat_template_that_never_trains_a_stop_token_is_named(tmp_path, capsys):
+    model_dir = save_checkpoint("qwen3_moe", str(tmp_path / "model"), tokenizer=False)
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m.role }} : {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    tok.save_pretrained(model_dir)
+    record = {"messages": [{"role": "user", "content": "the router picks"}, {"role": "assistant", "content": "two experts"}]}
+    data_path = write_jsonl(tmp_path / "d.jsonl", [record] * 4)
+    code, _, stderr = run_cli(capsys, "train", "--model", model_dir, "--data", data_path, "--max-steps", 1,
+                              "--max-seq-length", 64, "--output-dir", tmp_path / "out")
+    assert code == 0, stderr
+    assert "moetune: data: the chat template ends an assistant turn with no special token" in stderr
