@@ -337,14 +337,17 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_war
                ) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
     seconds of the warm-up, each timed step's host split by StepClock). Peak-memory stats restart after the
-    warm-up. after_warmup_step: called after each warm-up step (the memory plan's step checks)."""
+    warm-up. after_warmup_step: called after each warm-up step (the memory plan's step checks); where it returns
+    True (the plan changed), the warm-up goes on for another step, so the timed steps run a plan that was checked."""
     times, losses = [], []
     host = {key: [] for key, _ in HOST_LABELS}
     clock = StepClock()
     t_warmup, warmup_s = time.perf_counter(), 0.0
+    warmed, changed, timing = 0, False, False
     try:
-        for step in range(warmup + steps):
-            if step == warmup:
+        while len(times) < steps:
+            if not timing and warmed >= warmup and not changed:
+                timing = True
                 _sync(device)
                 warmup_s = time.perf_counter() - t_warmup
                 if device.type == "cuda":
@@ -354,13 +357,14 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_war
             loss = training_step(model, optimizer, ids)
             queued = time.perf_counter() - t0
             _sync(device)
-            if step >= warmup:
+            if timing:
                 times.append(time.perf_counter() - t0)
                 host["queued_s"].append(queued)
                 for key, value in clock.split().items():
                     host[key].append(value)
-            elif after_warmup_step is not None:
-                after_warmup_step()
+            else:
+                warmed += 1
+                changed = bool(after_warmup_step()) if after_warmup_step is not None else False
             losses.append(loss.item())
     finally:
         clock.close()

@@ -238,24 +238,27 @@ def test_a_plan_above_the_floor_is_checked_by_a_probe_with_itself(tmp_path):
     # three go back, one as a margin for the next check.
     plan, checks = plan_with([budget - state + 2 * (per_layer - attention), 0])
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (3, 3, 2)
-    # Over by more than the layers left out free: all back, then kept attention drops too (two outputs' worth and
-    # one more), checked each time.
+    # Over by more than the layers left out free: all back but the last (checkpointing the last layer saves
+    # nothing at the peak: its backward recomputes at once what it did not hold), then kept attention drops (two
+    # outputs' worth and one more), checked each time.
     plan, checks = plan_with([budget - state + 4 * (per_layer - attention) + attention + 1,
                               budget - state + attention + 1, budget - state])
-    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 1, 3)
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (3, 0, 3)
     assert plan["verified_peak_bytes"] == budget
     assert [peak for _, peak in plan["checks"]] == [budget + 4 * (per_layer - attention) + attention + 1,
                                                     budget + attention + 1, budget]  # each check reported
-    assert plan["checks"][0][0] == (0, 0) and plan["checks"][-1][0] == (4, 1)
+    assert [c[0] for c in plan["checks"]] == [(0, 0), (3, 3), (3, 0)]
     # Still over after three checks, or a check out of memory: every layer checkpointed, none keeping, unchecked.
     for failing, said in (([budget - state + 1], "peaked at"), ([None], "ran out of memory")):
         plan, _ = plan_with(failing)
         assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
         assert plan["verified_peak_bytes"] is None and said in plan["why"]
-    # Given back to the floor by a check: the over-budget measurement was of the plan before, not reported.
-    plan, checks = plan_with([budget - state + 4 * per_layer + 4 * attention])
-    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 2)  # layers, then attention
+    # Given back to the floor by a check (planned without kept attention, the last layer left out has nothing
+    # else to give): the over-budget measurement was of the plan before, not reported.
+    plan, checks = plan_with([budget - state + 4 * per_layer, budget - state + 1], keep_attention=False)
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 2)  # layers, then the last
     assert plan["verified_peak_bytes"] is None and "why" not in plan
+    assert [c[0] for c in plan["checks"]] == [(0, 0), (3, 0)]
     # Every layer checkpointed without kept attention (the floor) is not checked.
     plan, checks = plan_with([None], keep_attention=False, max_memory_gib=1e-6)
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"], checks) == (4, 0, 0)
@@ -275,8 +278,8 @@ def test_probe_out_of_memory_keeps_every_layer_checkpointed(checkpoint):
 
 
 def test_a_real_step_over_the_budget_gives_back_as_a_failed_check(tmp_path):
-    """refit_to_step: a training step's own peak over the plan's budget checkpoints more layers, then keeps less
-    attention, by the excess and one more; under the budget, or at the floor, nothing changes."""
+    """refit_to_step: a training step's own peak over the plan's budget checkpoints more layers (all but the last),
+    then keeps less attention, by the excess and one more; under the budget, or at the floor, nothing changes."""
     from moetune.checkpoint_plan import _apply, refit_to_step
     from moetune.models import kept_attention
 
@@ -289,16 +292,19 @@ def test_a_real_step_over_the_budget_gives_back_as_a_failed_check(tmp_path):
                 budget_bytes=10**6)
     assert _apply(layers, 2, 2) == 2
     assert refit_to_step(model, plan, 10**6) is False  # at the budget: kept
-    # Over by less than a layer's saving (9 kept outputs): one layer back, and one more as the margin.
+    # Over by less than a layer's saving (9 kept outputs): one layer back, and one more as the margin, but not the
+    # last layer: checkpointing it saves nothing at the peak (its backward recomputes at once what it did not hold).
     assert refit_to_step(model, plan, 10**6 + attention) is True
-    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 4), plan
-    assert _flags(model) == [True] * 4 and kept_attention.kept_attention_layers(layers) == 4
-    # Every layer checkpointed: kept attention goes, by the excess (two outputs) and one more.
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (3, 3), plan
+    assert _flags(model) == [True, True, True, False] and kept_attention.kept_attention_layers(layers) == 3
+    # Only the last layer left out (run 58b's case): kept attention goes, by the excess (two outputs) and one more.
     assert refit_to_step(model, plan, 10**6 + 2 * attention) is True
-    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 1)
-    assert kept_attention.kept_attention_layers(layers) == 1
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (3, 0)
+    assert kept_attention.kept_attention_layers(layers) == 0
+    # Nothing else to give: every layer checkpointed, the floor.
     assert refit_to_step(model, plan, 10**6 + 5 * attention) is True
     assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 0)
+    assert _flags(model) == [True] * 4
     assert refit_to_step(model, plan, 2 * 10**6) is False  # the floor: nothing left to give back
     assert [peak for _, peak in plan["step_checks"]] == [10**6, 10**6 + attention, 10**6 + 2 * attention,
                                                         10**6 + 5 * attention, 2 * 10**6]

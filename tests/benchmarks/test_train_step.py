@@ -138,3 +138,21 @@ def test_step_in_backward_ab_alternates_on_one_model(tmp_path):
     assert all(len(r["step_times_s"]) == 2 and r["tokens_per_s"] > 0 for r in rows)
     losses = [loss for r in rows for loss in r["losses"]]
     assert losses[-1] < losses[0]  # one model trains on through both settings
+
+
+def test_a_plan_changed_by_the_last_warm_up_check_gets_a_checked_step_before_timing(monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    import torch
+    import train_step
+
+    calls = []
+    monkeypatch.setattr(train_step, "training_step", lambda model, optimizer, ids: calls.append("step") or torch.tensor(1.0))
+    answers = iter([False, True, False])  # the plan changes after the second warm-up step, then holds
+
+    def check():
+        calls.append("check")
+        return next(answers)
+
+    times, losses, _, _ = train_step.time_steps(None, None, None, 2, 3, torch.device("cpu"), check)
+    assert calls == ["step", "check", "step", "check", "step", "check", "step", "step", "step"]
+    assert len(times) == 3 and len(losses) == 6
