@@ -93,6 +93,9 @@ def cross_entropy_(
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits: expected a 2-D tensor with contiguous rows, got shape {list(logits.shape)} "
                          f"strides {list(logits.stride())}")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:  # the gradient is written over the logits
+        raise ValueError(f"logits: rows overlap in memory (row stride {logits.stride(0)} < {logits.shape[1]} columns); "
+                         "expected rows of their own, as the gradient is written in place")
     if targets.shape != logits.shape[:1] or targets.dtype != torch.int64:
         raise ValueError(f"targets: expected int64 of shape [{logits.shape[0]}], got {targets.dtype} {list(targets.shape)}")
     num_rows, num_cols = logits.shape

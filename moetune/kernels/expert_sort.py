@@ -26,6 +26,8 @@ Shapes: S pairs, E experts, NB = ceil(S / BLOCK) blocks, E_P2 = E rounded up to 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -126,9 +128,18 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     An id outside [0, E) is left out of the counts and its pair of the rows; the rows past sum(counts_E) are then
     unset. plan_routing checks on the device that the rows add up to S (every id in range) before any launch reads
     the plan."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
+    try:  # operator.index: a NumPy or 0-d tensor integer counts, a float or a bool does not
+        experts = None if isinstance(num_experts, bool) else operator.index(num_experts)
+    except TypeError:
+        experts = None
+    if experts is None or not 1 <= experts <= MAX_EXPERTS:
         raise ValueError(f"num_experts: expected an integer from 1 to {MAX_EXPERTS} for the counting sort, "
                          f"got {num_experts!r}")
+    num_experts = experts
+    if topk_ids_TK.dim() != 2 or topk_ids_TK.is_floating_point() or topk_ids_TK.is_complex() \
+            or topk_ids_TK.dtype == torch.bool:
+        raise ValueError(f"topk_ids: expected integer ids of shape [T, K], got {topk_ids_TK.dtype} "
+                         f"{list(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
     ids_S = topk_ids_TK.reshape(-1)
     if not ids_S.is_contiguous():

@@ -53,6 +53,7 @@ except ImportError:
 from . import autotune, hopper_gemm
 from .activations import act_backward, act_forward
 from .launch import launch as launch_kernel
+from .operands import check_rows, check_vector
 from .sizes import cdiv, next_power_of_2
 
 
@@ -452,9 +453,13 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 
     Memoised on the counts tensor: the 6-8 launches of one MoE call share their routing, and each
     recomputation is four small torch ops of host time (the 4K-token step is host-bound). A plan from the counting
-    sort comes with them (remember_tile_schedule).
+    sort comes with them (remember_tile_schedule). The memo holds for the counts' version: counts written in place
+    (a caller reusing its buffers) get new schedules.
     """
-    cache = counts_E.__dict__.setdefault("_moetune_tile_ends", {})
+    version, cache = counts_E.__dict__.get("_moetune_tile_ends", (None, None))
+    if version != counts_E._version:
+        cache = {}
+        counts_E.__dict__["_moetune_tile_ends"] = (counts_E._version, cache)
     if block_m not in cache:
         cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
     return cache[block_m]
@@ -462,8 +467,8 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 
 def remember_tile_schedule(counts_E: torch.Tensor, tile_ends: torch.Tensor) -> None:
     """Keep tile_ends [len(TILE_BLOCKS), E] (row i: tile_schedule(counts_E, TILE_BLOCKS[i]), made on the device
-    with counts_E) as counts_E's tile schedules."""
-    counts_E.__dict__["_moetune_tile_ends"] = dict(zip(TILE_BLOCKS, tile_ends.unbind(0)))
+    with counts_E) as counts_E's tile schedules, for counts_E as it is now."""
+    counts_E.__dict__["_moetune_tile_ends"] = (counts_E._version, dict(zip(TILE_BLOCKS, tile_ends.unbind(0))))
 
 
 def _check_in_loop_lora(a, b, lora_u, weight, out, lora_b, num_rows: int) -> None:
@@ -478,6 +483,37 @@ def _check_in_loop_lora(a, b, lora_u, weight, out, lora_b, num_rows: int) -> Non
         raise ValueError(f"lora_u_out: expected [num_rows={num_rows}, R={R}] in {a.dtype}, got {list(out.shape)} {out.dtype}")
     if lora_b.shape[1] != R:
         raise ValueError(f"lora_b: expected rank {R} (lora_u_weight's) in dim 1, got {list(lora_b.shape)}")
+
+
+def _check_operands(a, b, offsets_E, counts_E, num_rows, a_index, lora_u, lora_b, bias, out, out_index, row_scale,
+                    epilogue, gu) -> None:
+    """grouped_gemm's operands against b's [E, K, N_b]: one-line errors instead of reads and writes out of bounds
+    (the in-loop LoRA ones are _check_in_loop_lora's)."""
+    if b.dim() != 3:
+        raise ValueError(f"b: expected [E, K, N] expert weights, got shape {list(b.shape)}")
+    E, K, N_b = b.shape
+    check_rows("a", a, 0 if a_index is not None else num_rows, K, b.dtype)
+    check_vector("offsets_E", offsets_E, E)
+    check_vector("counts_E", counts_E, E)
+    check_vector("a_index", a_index, num_rows)
+    check_vector("out_index", out_index, num_rows)
+    check_vector("row_scale", row_scale, num_rows)
+    if (lora_u is None) != (lora_b is None):
+        raise ValueError("lora_u, lora_b: expected both (the split-LoRA product) or neither")
+    if lora_b is not None:
+        rank = lora_b.shape[1] if lora_b.dim() == 3 else -1
+        if lora_b.dim() != 3 or tuple(lora_b.shape) != (E, rank, N_b):
+            raise ValueError(f"lora_b: expected [{E}, r, {N_b}], got {list(lora_b.shape)}")
+        if lora_u is not None:
+            check_rows("lora_u", lora_u, num_rows, rank, lora_u.dtype)
+    if bias is not None and tuple(bias.shape) != (E, N_b):
+        raise ValueError(f"bias: expected [{E}, {N_b}], got {list(bias.shape)}")
+    if epilogue == 2 and (gu is None or row_scale is None):
+        raise ValueError("gu, row_scale: expected with epilogue 2 (the activation's backward reads both)")
+    if epilogue in (1, 2) and out is not None:
+        raise ValueError(f"out: epilogue {epilogue} returns buffers of its own; expected none")
+    if epilogue == 1 and gu is not None:
+        raise ValueError("gu: epilogue 1 returns its own (the pre-activation it writes); expected none")
 
 
 def _tune_key(epilogue: int, interleaved: bool, gathered: bool, lora: bool, scattered: bool, N: int, K: int,
@@ -782,6 +818,8 @@ def grouped_gemm(
         raise ValueError("lora_u_in_loop: expected only with lora_u_weight")
     if config is not None and config.get("SPLIT") and (epilogue != 2 or out_index is not None):
         raise ValueError("config: SPLIT applies to the activation-gradient epilogue (2) without out_index only")
+    _check_operands(a, b, offsets_E, counts_E, num_rows, a_index, lora_u if lora_u_weight is None else lora_u_out,
+                    lora_b, bias, out, out_index, row_scale, epilogue, gu)
     E, K = b.shape[0], b.shape[1]
     N = b.shape[2] // 2 if epilogue == 1 else b.shape[2]
     dtype = out_dtype or a.dtype
@@ -793,7 +831,6 @@ def grouped_gemm(
         out = torch.empty(num_rows, N, device=device, dtype=dtype)
         gu = torch.empty(num_rows, 2 * N, device=device, dtype=dtype)
     else:
-        assert gu is not None and row_scale is not None
         out = torch.empty(num_rows, 2 * N, device=device, dtype=dtype)
     in_loop = lora_u_weight is not None
     if in_loop:

@@ -23,6 +23,7 @@ from . import autotune
 from .activations import act_forward
 from .grouped_gemm import _pow2_at_least, dot_precision
 from .launch import launch as launch_kernel
+from .operands import check_rows, check_vector
 from .sizes import cdiv, next_power_of_2
 
 
@@ -134,6 +135,14 @@ def grouped_wgrad(
 
     config: one of wgrad_candidates(...) to use instead of the tuned one (tests, benchmarks)."""
     E = offsets_E.shape[0]
+    check_vector("offsets_E", offsets_E, E)
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a, b: expected 2-D row operands, got shapes {list(a.shape)} and {list(b.shape)}")
+    check_rows("a", a, 0 if a_index is not None else num_rows, 0, a.dtype)
+    check_rows("b", b, 0 if b_index is not None else num_rows, 0, a.dtype)  # one dtype: tl.dot takes no mix
+    check_vector("a_index", a_index, num_rows)
+    check_vector("b_index", b_index, num_rows)
+    check_vector("scale", scale, num_rows)
     M = a.shape[1]
     N = b.shape[1] // 2 if b_act is not None else b.shape[1]
     out = torch.empty(E, M, N, device=a.device, dtype=out_dtype)

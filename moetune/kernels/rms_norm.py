@@ -165,6 +165,7 @@ def _output_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: boo
 
 def _forward(x, weight, eps, cast_before_weight, block_rows=0):
     _check(x, weight)
+    weight = weight.contiguous()  # the kernels read it as w_ptr + column (H elements: nothing to copy as a rule)
     num_cols = x.shape[-1]
     num_rows = x.numel() // num_cols if num_cols else 0
     y = torch.empty(x.shape, device=x.device, dtype=_output_dtype(x, weight, cast_before_weight))
@@ -191,6 +192,7 @@ def _num_dw_programs(device: torch.device, num_blocks: int) -> int:
 
 def _backward(dy, x, weight, rstd, cast_before_weight, compute_dw, block_rows=0):
     _check(x, weight)
+    weight = weight.contiguous()
     if dy.shape != x.shape:
         raise ValueError(f"dy: expected the shape of x {list(x.shape)}, got {list(dy.shape)}")
     num_cols = x.shape[-1]

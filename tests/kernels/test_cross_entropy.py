@@ -117,3 +117,11 @@ def test_custom_op_registration():
 
     args = (torch.randn(3, 40, device=DEVICE), torch.tensor([1, IGNORE, 39], device=DEVICE), IGNORE, 0.5, True, 16)
     torch.library.opcheck(cross_entropy_, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rows_that_overlap_in_memory_are_refused():
+    from moetune.kernels.cross_entropy import cross_entropy_
+
+    row = torch.randn(37, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^logits: rows overlap in memory \(row stride 0 < 37 columns\)"):
+        cross_entropy_(row.expand(4, 37), torch.zeros(4, dtype=torch.int64, device=DEVICE), IGNORE, 1.0, True, 0)

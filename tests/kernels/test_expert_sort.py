@@ -49,7 +49,8 @@ def assert_same_plan(ids, num_experts):
         assert tensor.dtype == expected.dtype, name
         assert torch.equal(tensor.cpu(), expected), name
     counts_E = got[4]
-    kept = counts_E.__dict__["_moetune_tile_ends"]
+    version, kept = counts_E.__dict__["_moetune_tile_ends"]
+    assert version == counts_E._version
     assert sorted(kept) == sorted(gg.TILE_BLOCKS)
     for block_m in gg.TILE_BLOCKS:
         expected = torch.cumsum((want.counts_E + block_m - 1) // block_m, 0).to(torch.int32)
@@ -182,3 +183,18 @@ def test_plan_routing_checks_the_ids_through_the_counting_sort(monkeypatch):
         with pytest.raises(RuntimeError, match=r"topk_ids: expected expert ids in \[0, 5\]"):
             moe_experts(x, wrong, w, gate_up, down, backend="native")
     assert aminmax == []  # the ids were left to the plan
+
+
+def test_ids_that_are_not_integer_pairs_are_refused_in_one_line():
+    ids = routed(4, 2, 3)
+    for bad in (ids.reshape(-1), ids.float(), ids.bool()):
+        with pytest.raises(ValueError, match=r"^topk_ids: expected integer ids of shape \[T, K\]"):
+            expert_sort(bad, 3)
+
+
+def test_a_numpy_or_tensor_integer_expert_count_is_taken():
+    import numpy as np
+
+    ids = routed(6, 2, 3)
+    assert_same_plan(ids, np.int64(3))
+    assert_same_plan(ids, torch.tensor(3))

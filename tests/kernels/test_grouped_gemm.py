@@ -1005,3 +1005,72 @@ def test_every_candidate_config_in_bf16_on_gpu(launch, few_sms):
         d_gu, dots = out
         close(d_gu, act.backward(gu.double(), g * w.double()[:, None], interleaved), tol=1e-2)
         close(dots, (act.forward(gu.double(), interleaved) * g).sum(-1), tol=1e-2)
+
+
+def _bad_operand_cases(plan, gen):
+    """(what is wrong, grouped_gemm's keyword arguments, the error's start) for operands that used to be read or
+    written out of bounds, or silently ignored."""
+    S, K, N, E = plan.num_rows, 8, 6, 5
+    x, b = rand(gen, plan.num_tokens, K), rand(gen, E, K, N)
+    ok = dict(a=x, b=b, offsets_E=plan.offsets_E, counts_E=plan.counts_E, num_rows=S, a_index=plan.token_S)
+    strided = torch.stack([plan.perm_S, plan.perm_S], 1)[:, 0]  # every other element of a buffer
+    wide = rand(gen, S, 2)
+    gu, scale = rand(gen, S, 2 * N), rand(gen, S)
+    return [
+        ("a narrower than b's K", dict(ok, a=x[:, : K - 2]), "a: expected a 2-D"),
+        ("a of another dtype", dict(ok, a=x.double()), "a: expected a 2-D torch.float32"),
+        ("b with one expert less", dict(ok, b=b[:-1]), "offsets_E: expected a contiguous 1-D tensor of 4"),
+        ("a strided out_index", dict(ok, out_index=strided), "out_index: expected a contiguous 1-D"),
+        ("a strided row_scale", dict(ok, row_scale=wide[:, 0]), "row_scale: expected a contiguous 1-D"),
+        ("a short row_scale", dict(ok, row_scale=rand(gen, S - 5)), f"row_scale: expected a contiguous 1-D tensor of {S}"),
+        ("a strided a_index", dict(ok, a_index=torch.stack([plan.token_S] * 2, 1)[:, 0]), "a_index: expected"),
+        ("lora_u without lora_b", dict(ok, lora_u=rand(gen, S, 3)), "lora_u, lora_b: expected both"),
+        ("lora_b of another width", dict(ok, lora_u=rand(gen, S, 3), lora_b=rand(gen, E, 3, N + 1)), "lora_b: expected"),
+        ("bias of another width", dict(ok, bias=rand(gen, E, N + 2)), "bias: expected"),
+        ("epilogue 2 without gu", dict(ok, epilogue=2, row_scale=scale), "gu, row_scale: expected with epilogue 2"),
+        ("epilogue 1 given out", dict(ok, b=rand(gen, E, K, 2 * N), epilogue=1, out=rand(gen, S, N)),
+         "out: epilogue 1 returns buffers of its own"),
+        ("epilogue 1 given gu", dict(ok, b=rand(gen, E, K, 2 * N), epilogue=1, gu=gu), "gu: epilogue 1 returns"),
+    ]
+
+
+def test_bad_operands_get_one_line_errors_naming_them():
+    from moetune.kernels import grouped_gemm
+
+    plan, gen = problem()
+    for what, kwargs, message in _bad_operand_cases(plan, gen):
+        a, b = kwargs.pop("a"), kwargs.pop("b")
+        with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")) as err:
+            grouped_gemm(a, b, **kwargs)
+        assert "\n" not in str(err.value), what
+
+
+def test_wgrad_bad_operands_get_one_line_errors_naming_them():
+    from moetune.kernels import grouped_wgrad
+
+    plan, gen = problem()
+    S = plan.num_rows
+    a, b = rand(gen, S, 4), rand(gen, S, 6)
+    ok = dict(num_rows=S, offsets_E=plan.offsets_E)
+    cases = [
+        (dict(ok, a=a, b=b.half()), "b: expected a 2-D torch.float32"),
+        (dict(ok, a=a, b=b, scale=rand(gen, S, 2)[:, 1]), "scale: expected a contiguous 1-D"),
+        (dict(ok, a=a, b=b, scale=rand(gen, S - 1)), f"scale: expected a contiguous 1-D tensor of {S}"),
+        (dict(ok, a=a[:-3], b=b), f"a: expected a 2-D torch.float32 tensor of at least \\[{S}, 0\\]"),
+        (dict(ok, a=rand(gen, plan.num_tokens, 4), b=b, a_index=torch.stack([plan.token_S] * 2, 1)[:, 1]),
+         "a_index: expected a contiguous 1-D"),
+        (dict(ok, offsets_E=torch.stack([plan.offsets_E] * 2, 1)[:, 0], a=a, b=b), "offsets_E: expected"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match="^" + message):
+            grouped_wgrad(kwargs.pop("a"), kwargs.pop("b"), **kwargs)
+
+
+def test_tile_schedules_follow_counts_written_in_place():
+    """A caller that reuses its counts buffer for the next routing gets that routing's tile schedule."""
+    gg = importlib.import_module("moetune.kernels.grouped_gemm")
+    counts = torch.tensor([5, 0, 17, 3], device=DEVICE)
+    first = gg.tile_schedule(counts, 16)
+    assert gg.tile_schedule(counts, 16) is first  # memoised
+    counts.copy_(torch.tensor([40, 1, 0, 2], device=DEVICE))
+    assert gg.tile_schedule(counts, 16).tolist() == [3, 4, 4, 5]

@@ -205,3 +205,22 @@ def test_custom_ops_pass_opcheck():
     for compute_dw in (True, False):
         torch.library.opcheck(rms_norm_backward, (dy, x, weight, rstd, True, compute_dw, 0),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_a_weight_that_is_not_contiguous_reads_as_its_values(layout):
+    x, weight, gen = inputs(7, 24, torch.float32, seed=3)
+    x.requires_grad_()
+    dy = torch.randn(7, 24, generator=gen).to(DEVICE)
+    if layout == "strided":  # a column of a bigger buffer: stride 2
+        w = torch.stack([weight, torch.full_like(weight, 9.0)], 1)[:, 0]
+    else:  # one value for every column: stride 0
+        weight = torch.full_like(weight, 1.5)
+        w = weight[:1].expand(weight.shape[0])
+    w.requires_grad_()
+    y = rms_norm(x, w, EPS)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    y64, dx64, dw64 = reference_grads(x, weight, dy)
+    close(y, y64, torch.float32)
+    close(dx, dx64, torch.float32)
+    close(dw, dw64, torch.float32)
