@@ -345,13 +345,15 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_war
     t_warmup, warmup_s = time.perf_counter(), 0.0
     warmed, changed, timing = 0, False, False
     try:
-        while len(times) < steps:
+        while not timing or len(times) < steps:
             if not timing and warmed >= warmup and not changed:
                 timing = True
                 _sync(device)
                 warmup_s = time.perf_counter() - t_warmup
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                if steps == 0:
+                    break
             t0 = time.perf_counter()
             clock.start()
             loss = training_step(model, optimizer, ids)

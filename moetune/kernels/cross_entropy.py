@@ -93,7 +93,7 @@ def cross_entropy_(
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits: expected a 2-D tensor with contiguous rows, got shape {list(logits.shape)} "
                          f"strides {list(logits.stride())}")
-    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:  # the gradient is written over the logits
+    if compute_grad and logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:  # the gradient goes over them
         raise ValueError(f"logits: rows overlap in memory (row stride {logits.stride(0)} < {logits.shape[1]} columns); "
                          "expected rows of their own, as the gradient is written in place")
     if targets.shape != logits.shape[:1] or targets.dtype != torch.int64:

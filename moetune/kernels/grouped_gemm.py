@@ -457,9 +457,9 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     (a caller reusing its buffers) get new schedules.
     """
     version, cache = counts_E.__dict__.get("_moetune_tile_ends", (None, None))
-    if version != counts_E._version:
+    if version != _version(counts_E):
         cache = {}
-        counts_E.__dict__["_moetune_tile_ends"] = (counts_E._version, cache)
+        counts_E.__dict__["_moetune_tile_ends"] = (_version(counts_E), cache)
     if block_m not in cache:
         cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
     return cache[block_m]
@@ -468,7 +468,16 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 def remember_tile_schedule(counts_E: torch.Tensor, tile_ends: torch.Tensor) -> None:
     """Keep tile_ends [len(TILE_BLOCKS), E] (row i: tile_schedule(counts_E, TILE_BLOCKS[i]), made on the device
     with counts_E) as counts_E's tile schedules, for counts_E as it is now."""
-    counts_E.__dict__["_moetune_tile_ends"] = (counts_E._version, dict(zip(TILE_BLOCKS, tile_ends.unbind(0))))
+    counts_E.__dict__["_moetune_tile_ends"] = (_version(counts_E), dict(zip(TILE_BLOCKS, tile_ends.unbind(0))))
+
+
+def _version(t: torch.Tensor) -> int:
+    """t's in-place write count; 0 for a tensor made under inference_mode, which keeps none (it is written in place
+    only inside inference_mode, where a caller reusing buffers is not expected)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
 
 
 def _check_in_loop_lora(a, b, lora_u, weight, out, lora_b, num_rows: int) -> None:

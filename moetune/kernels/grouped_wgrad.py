@@ -138,8 +138,8 @@ def grouped_wgrad(
     check_vector("offsets_E", offsets_E, E)
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"a, b: expected 2-D row operands, got shapes {list(a.shape)} and {list(b.shape)}")
-    check_rows("a", a, 0 if a_index is not None else num_rows, 0, a.dtype)
-    check_rows("b", b, 0 if b_index is not None else num_rows, 0, a.dtype)  # one dtype: tl.dot takes no mix
+    check_rows("a", a, 0 if a_index is not None else num_rows)
+    check_rows("b", b, 0 if b_index is not None else num_rows)  # (the kernel casts b's tiles to a's dtype)
     check_vector("a_index", a_index, num_rows)
     check_vector("b_index", b_index, num_rows)
     check_vector("scale", scale, num_rows)

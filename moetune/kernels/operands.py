@@ -17,9 +17,10 @@ def check_vector(name: str, t: torch.Tensor | None, length: int) -> None:
                          f"{list(t.shape)} strides {list(t.stride())}")
 
 
-def check_rows(name: str, t: torch.Tensor, rows: int, columns: int, dtype: torch.dtype) -> None:
-    """A 2-D operand read as [rows, columns] (at least that many of each) in dtype."""
+def check_rows(name: str, t: torch.Tensor, rows: int, columns: int = 0, dtype: torch.dtype | None = None) -> None:
+    """A 2-D operand read as [rows, columns] (at least that many of each), in dtype where one is given."""
     shape = t.shape
-    if len(shape) != 2 or shape[0] < rows or shape[1] < columns or t.dtype != dtype:
-        raise ValueError(f"{name}: expected a 2-D {dtype} tensor of at least [{rows}, {columns}], got "
-                         f"{t.dtype} {list(t.shape)}")
+    if len(shape) != 2 or shape[0] < rows or shape[1] < columns or (dtype is not None and t.dtype != dtype):
+        kind = "2-D tensor" if dtype is None else f"2-D {dtype} tensor"
+        wanted = f"at least [{rows}, {columns}]" if columns else f"at least {rows} rows"
+        raise ValueError(f"{name}: expected a {kind} of {wanted}, got {t.dtype} {list(shape)}")

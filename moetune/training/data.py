@@ -90,16 +90,19 @@ def _as_messages(fmt: str, record: dict, where: str) -> list[dict]:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: \"messages\" must be a non-empty list")
+        calls = False
         for i, m in enumerate(messages):
             # OpenAI-style tool calls: an assistant message may carry "tool_calls" and no content.
             content_ok = isinstance(m.get("content"), str) if isinstance(m, dict) else False
             if isinstance(m, dict) and m.get("tool_calls") and m.get("content") is None:
-                content_ok = True
+                content_ok = calls = True
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not content_ok:
                 raise ValueError(
                     f"{where}: messages[{i}] needs string \"role\" and \"content\" fields (content may be null "
                     f"only beside \"tool_calls\")"
                 )
+        if calls:  # templates read content as a string (DeepSeek-V3's fails on a missing one): an empty one
+            messages = [dict(m, content="") if m.get("content") is None else m for m in messages]
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: no \"assistant\" message, so nothing to train on")
         return messages
@@ -132,16 +135,23 @@ def training_template(tokenizer) -> str | None:
         return None
     if has_generation_markers(template):
         return template
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # TRL's probes of the template may pass a short --max-seq-length: not ours to say
     try:
         return get_training_chat_template(tokenizer)
     except (ValueError, TemplateError):  # TRL has no training version of this template
         return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _marked_example(tokenizer, messages: list[dict], template: str, where: str) -> Example:
     try:
         enc = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            tokenizer_kwargs={"verbose": False},  # an over-long record gets our error naming its line only
         )
     except TemplateError as err:  # templates raise on conversations they reject (roles, order)
         raise ValueError(f"{where}: the chat template rejects this conversation: {err}") from None
@@ -193,6 +203,10 @@ def _tokenize(tokenizer, fmt: str, record: dict, where: str, template: str | Non
             raise ValueError(f"{where}: \"text\" must be a non-empty string")
         return _tokenize_spans(tokenizer, record["text"], None, special_tokens=True)
     messages = _as_messages(fmt, record, where)
+    rendering = template or tokenizer.chat_template
+    calls = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
+    if calls is not None and rendering and "tool_calls" not in str(rendering):  # (a dict of named templates too)
+        raise ValueError(f"{where}: messages[{calls}] has \"tool_calls\", which the chat template does not render")
     if template is not None:
         return _marked_example(tokenizer, messages, template, where)
     if tokenizer.chat_template:
@@ -229,8 +243,9 @@ def stop_token_note(tokenizer) -> str | None:
     trained = [t for t in example.labels if t != IGNORE and tokenizer.decode([t]).strip()]
     if trained and trained[-1] in special:
         return None
-    return ("the chat template ends an assistant turn with no special token inside the turn, so the model is not "
-            "trained to stop; add {% generation %} markers around the turn and its end-of-turn token")
+    return ("the chat template ends an assistant turn with no special token inside the turn's loss, so the model "
+            "is not trained to stop (the template's end-of-turn token is missing, not a special token of this "
+            "tokenizer, or outside the turn's {% generation %} markers)")
 
 
 def load_examples(path: str, tokenizer, max_seq_length: int) -> tuple[str, list[Example]]:

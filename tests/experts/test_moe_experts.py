@@ -179,11 +179,14 @@ def test_a_misspelt_geglu_approximation_is_refused():
 
 @pytest.mark.parametrize("backend", _backends(torch.float32))
 def test_grad_mode_off_and_no_base_grad(backend):
-    """Inference under no_grad works; the frozen base weights never receive a gradient."""
+    """Inference under no_grad and inference_mode works (the same output); the frozen base weights never receive a
+    gradient."""
     args, kwargs, _ = make_problem(CASES["typical"], torch.float32, seed=BASE_SEED)
     with torch.no_grad():
         out = moe_experts(*args, **kwargs, backend=backend)
     assert not out.requires_grad
+    with torch.inference_mode():  # its tensors keep no version counter (the tile schedules' memo reads it)
+        assert torch.equal(moe_experts(*args, **kwargs, backend=backend), out)
     out = moe_experts(*args, **kwargs, backend=backend)
     out.sum().backward()
     assert args[3].grad is None and args[4].grad is None

@@ -123,5 +123,10 @@ def test_rows_that_overlap_in_memory_are_refused():
     from moetune.kernels.cross_entropy import cross_entropy_
 
     row = torch.randn(37, device=DEVICE)
+    targets = torch.tensor([0, 5, 9, 36], device=DEVICE)
     with pytest.raises(ValueError, match=r"^logits: rows overlap in memory \(row stride 0 < 37 columns\)"):
-        cross_entropy_(row.expand(4, 37), torch.zeros(4, dtype=torch.int64, device=DEVICE), IGNORE, 1.0, True, 0)
+        cross_entropy_(row.expand(4, 37), targets, IGNORE, 1.0, True, 0)
+    # The loss alone writes nothing back: taken.
+    loss = cross_entropy_(row.expand(4, 37), targets, IGNORE, 1.0, False, 0)
+    want, _ = reference(row.expand(4, 37), targets, 1.0)
+    assert torch.allclose(loss.double().cpu(), want.cpu(), atol=1e-5)

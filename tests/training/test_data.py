@@ -186,3 +186,29 @@ def test_instruction_records_on_a_base_tokenizer_keep_its_bos_and_train_eos(tmp_
     example = load_one(tmp_path, tok, {"instruction": "the router picks", "output": "two experts"})
     assert example.input_ids[0] == tok.bos_token_id and example.input_ids.count(tok.bos_token_id) == 1
     assert trained_text(tok, example) == "two experts </s>"
+
+
+def test_tool_calls_the_template_cannot_render_are_refused_and_null_content_renders_as_empty(tmp_path, demo_tokenizer):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    messages = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "5"}, {"role": "assistant", "content": "It is 5."}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    with pytest.raises(ValueError, match=r"line 1: messages\[1\] has \"tool_calls\", which the chat template does not"):
+        data.load_examples(path, demo_tokenizer, 256)  # the demo's ChatML would train an empty turn
+    tok = family_tokenizer("deepseekv3")  # its template reads content as a string
+    _, [example] = data.load_examples(write_jsonl(tmp_path / "e.jsonl", [{"messages": messages}]), tok, 1024)
+    trained = trained_text(tok, example)
+    assert "add" in trained and trained.endswith("It is 5.<｜end▁of▁sentence｜>")
+
+
+def test_an_over_long_marked_record_gets_only_our_error(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    tok = family_tokenizer("qwen3")
+    tok.model_max_length = 64  # as moetune train sets it (transformers warns past it)
+    record = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    with CaptureLogger(hf_logging.get_logger("transformers")) as logged:
+        with pytest.raises(ValueError, match="longer than --max-seq-length 64"):
+            data.load_examples(write_jsonl(tmp_path / "d.jsonl", [record]), tok, 64)
+    assert "Token indices sequence length" not in logged.out
