@@ -42,13 +42,13 @@ class TrainConfig:
     """Passes over the data (fractions allowed) when --max-steps is not given."""
 
     lr: float = 3e-3
-    """Peak learning rate (AdamW), reached after warm-up and decayed on a cosine to a tenth of it."""
+    """Peak learning rate (AdamW), reached after warm-up and decayed on a cosine to a tenth of it (transformers' cosine_with_min_lr schedule, as Trainer runs it)."""
 
     warmup_steps: int = 5
-    """Steps of linear learning-rate warm-up."""
+    """Steps of linear learning-rate warm-up (the first at lr 0, as in transformers' Trainer)."""
 
     weight_decay: float = 0.0
-    """AdamW weight decay on the LoRA parameters."""
+    """AdamW weight decay on the trained parameters, none on biases and norm weights (as transformers' Trainer)."""
 
     optim: str = "adamw"
     """adamw (torch, fp32 states: 8 bytes per trainable parameter), adamw_bf16 (moetune's AdamW with bf16 states rounded stochastically, 4 bytes: 2.4 GiB less for the 643M LoRA parameters of a whole Qwen3-30B-A3B; one launch per parameter group on CUDA) or adamw_8bit (bitsandbytes' 8-bit states, 2 bytes: 3.6 GiB less; needs pip install bitsandbytes and a CUDA GPU; it steps each tensor on its own, slow with --step-in-backward)."""

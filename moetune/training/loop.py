@@ -40,15 +40,34 @@ def train(config: TrainConfig, console=None) -> dict:
     return run(prepare(config), console)
 
 
+# transformers' Trainer.get_decay_parameter_names: no weight decay on these (biases, norm weights).
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def decay_groups(model, weight_decay: float) -> list:
+    """The trainable parameters as the optimizer's groups, split as transformers' Trainer splits them: weight decay
+    on the rest, none on biases and norm weights (a trained router's bias, as gpt-oss has, is a routing offset).
+    One group where nothing is exempt or there is no decay, as before the split (checkpoints' optimizer state)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS)) if weight_decay else None
+    if decayed is None or all(name in decayed for name, _ in trainable):
+        return [p for _, p in trainable]
+    return [{"params": [p for name, p in trainable if name in decayed], "weight_decay": weight_decay},
+            {"params": [p for name, p in trainable if name not in decayed], "weight_decay": 0.0}]
+
+
 def make_optimizer(params, config):
-    """AdamW over the LoRA parameters: torch's, moetune's with bf16 states (--optim adamw_bf16, bf16_adamw.py), or
-    bitsandbytes' with 8-bit states (--optim adamw_8bit); with
+    """AdamW over the LoRA parameters (tensors, or groups as decay_groups makes them): torch's, moetune's with bf16
+    states (--optim adamw_bf16, bf16_adamw.py), or bitsandbytes' with 8-bit states (--optim adamw_8bit); with
     config.step_in_backward, stepped inside the backward pass (step_in_backward.py).
 
     On CUDA torch's fused kernel: its default there (foreach) allocates a temporary the size of the state's
     second moment (4 bytes per trainable parameter: 2.4 GiB for Qwen3-30B-A3B's 643M) at the step, on top of the
     gradients, which can make the optimizer step the peak of the whole training step."""
     params = list(params)
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
     if config.optim == "adamw_8bit":
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
@@ -60,7 +79,7 @@ def make_optimizer(params, config):
         optimizer_class = AdamWBf16
     else:
         optimizer_class = torch.optim.AdamW
-        kwargs["fused"] = (bool(params) and all(p.is_cuda for p in params)) or None
+        kwargs["fused"] = (bool(tensors) and all(p.is_cuda for p in tensors)) or None
     if config.step_in_backward:
         from .step_in_backward import StepInBackward
 
@@ -94,16 +113,6 @@ def collector_frozen():
         _frozen_depth -= 1
         if _frozen_depth == 0:
             gc.unfreeze()
-
-
-def _schedule(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def _write_demo_model(plan: Plan, directory: str) -> None:
@@ -232,9 +241,14 @@ def run(plan: Plan, console=None) -> dict:
     units = data_mod.make_units(plan.examples, config.max_seq_length, config.packing)
     per_epoch = data_mod.steps_per_epoch(len(units), config.batch_size, config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup_steps, total))
+    optimizer = make_optimizer(decay_groups(peft_model, config.weight_decay), config)
+    # transformers' schedule, as Trainer's lr_scheduler_type="cosine_with_min_lr" (min_lr_rate 0.1) runs it: the
+    # first step of a warm-up at lr 0, then linear to the peak and a cosine down to a tenth of it.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, total,
+                                                           min_lr_rate=MIN_LR_RATIO)
     start = 0
     settings = resume_settings(dataclasses.asdict(config), plan.examples)
     window: dict = {}  # the metrics' sums since their last row before the checkpoint
@@ -307,8 +321,10 @@ def run(plan: Plan, console=None) -> dict:
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
                 window = {"loss": float(loss_interval), "steps": steps_interval, "expert_counts": load.counts.cpu()}
+                saving = time.perf_counter()
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
                                 settings, log_window=window)
+                t_interval += time.perf_counter() - saving  # tokens/s counts training, not the checkpoint's writing
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,

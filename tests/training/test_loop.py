@@ -73,3 +73,72 @@ def test_the_training_steps_run_with_the_collector_frozen(tmp_path, capsys, monk
     assert code == 0, stderr
     assert len(frozen_at_write) == 2 and all(n > 0 for n in frozen_at_write)
     assert gc.get_freeze_count() == 0
+
+
+def test_the_learning_rate_follows_transformers_cosine_with_min_lr_schedule(tmp_path, capsys):
+    """Each step's lr as Trainer's lr_scheduler_type="cosine_with_min_lr" (min_lr_rate 0.1) gives it: the first
+    warm-up step at 0, as in Trainer, so loss curves compare step for step."""
+    import json
+
+    import torch
+    import transformers
+
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out", "--max-steps", 9,
+                              "--warmup-steps", 3, "--lr", 0.01)
+    assert code == 0, stderr
+    logged = [json.loads(line)["lr"] for line in open(tmp_path / "out" / "metrics.jsonl")]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = transformers.get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=3, num_training_steps=9,
+                                           scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    expected = []
+    for _ in range(9):
+        expected.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert logged == expected and logged[0] == 0.0
+
+
+def test_weight_decay_spares_biases_and_norms_as_trainer_does(tmp_path):
+    """A trained router's bias (gpt-oss) gets no weight decay, as transformers' Trainer exempts biases and norm
+    weights; the LoRA factors get it."""
+    import torch
+
+    from moetune import FastMoEModel
+
+    from ..models.helpers import save_checkpoint
+
+    model, _ = FastMoEModel.from_pretrained(save_checkpoint("gpt_oss", str(tmp_path / "m")), dtype=torch.float32)
+    peft_model = FastMoEModel.get_peft_model(model, r=4, target_modules=["q_proj", "gate_up_proj"], train_router=True)
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    decay, spared = loop.decay_groups(peft_model, 0.1)
+    assert decay["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    assert spared["params"] and all(names[id(p)].endswith("bias") for p in spared["params"])
+    assert any("router" in names[id(p)] for p in spared["params"])
+    assert all("lora_" in names[id(p)] or "router" in names[id(p)] for p in decay["params"])
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(spared["params"]) == len(trainable)
+    assert loop.decay_groups(peft_model, 0.0) == trainable  # no decay: one group, as checkpoints before the split
+
+
+def test_a_checkpoints_writing_is_not_counted_in_tokens_per_s(tmp_path, capsys, monkeypatch):
+    import json
+    import time
+
+    real_save, clock = loop.save_checkpoint, [0.0]
+
+    def perf_counter():  # a millisecond a reading: a step takes a few
+        clock[0] += 1e-3
+        return clock[0]
+
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+
+    def slow_save(*args, **kwargs):
+        clock[0] += 1000.0  # a checkpoint that takes 1000 s to write
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out", "--max-steps", 4, "--save-steps", 2)
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    # Steps of a few fake milliseconds: thousands of tokens/s. Counting a 1000 s save would give under 1.
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and min(row["tokens_per_s"] for row in rows) > 100, rows
