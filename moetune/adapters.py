@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models.hook import DEFAULT_ADAPTER, LORA_PARAMS, expert_lora
+from .models.quantized import dequantizing_kwargs
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -222,16 +224,28 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
         raise ValueError(f"adapter_dir: expected a directory with {ADAPTER_CONFIG}, got {adapter_dir!r}")
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = get_spec(config.model_type)
-    model = getattr(transformers, spec.auto_class).from_pretrained(
-        model_dir, dtype=dtype, local_files_only=True, use_kernels=False  # no Hub kernels (5.25's default): offline
-    )
+    model = getattr(transformers, spec.auto_class).from_pretrained(  # (MXFP4 experts dequantized: models/quantized.py)
+        model_dir, dtype=dtype, local_files_only=True, **dequantizing_kwargs(config, {"use_kernels": False})
+    )  # use_kernels=False: no Hub kernels (5.25's default), offline
     _untie_adapted_embeddings(model, adapter_dir)
     with peft_deprecation_quiet():
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
-    for entry in os.listdir(model_dir):
-        source = os.path.join(model_dir, entry)
-        if not os.path.isfile(source) or entry in _MODEL_FILES or entry.endswith((".safetensors", ".bin", ".pt")):
-            continue
-        shutil.copy2(source, os.path.join(out_dir, entry))
+    # Written beside out_dir and renamed into place: a merge that fails leaves no directory that looks finished.
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".moetune-merge-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)  # (not mkdtemp: its directory is private, this one takes the umask as out_dir would)
+    try:
+        merged.save_pretrained(staging)
+        for entry in os.listdir(model_dir):
+            source = os.path.join(model_dir, entry)
+            if not os.path.isfile(source) or entry in _MODEL_FILES or entry.endswith((".safetensors", ".bin", ".pt")):
+                continue
+            shutil.copy2(source, os.path.join(staging, entry))
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as err:  # user-facing: one line, exit 2
-        print(f"moetune {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]  # (some errors carry no message)
+        print(f"moetune {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

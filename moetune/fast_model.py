@@ -47,6 +47,7 @@ from .models.hook import (
     remove_expert_lora,
     set_expert_adapter,
 )
+from .models.quantized import dequantizing_kwargs
 from .models.registry import get_spec
 from .models.spec import ArchSpec
 from .training.offload import enable_offloaded_checkpointing
@@ -395,7 +396,8 @@ class FastMoEModel:
             # replacing modules moetune patches); moetune brings its own. Accepted (default off) since 5.17.
             kwargs.setdefault("use_kernels", False)
             model = auto.from_pretrained(
-                model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn, local_files_only=True, **kwargs
+                model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn, local_files_only=True,
+                **dequantizing_kwargs(config, kwargs),
             )
         else:
             if device_map is not None and not isinstance(device_map, (str, torch.device)):

@@ -228,6 +228,9 @@ def find_experts(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
         and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
     }
     if not found:
+        if any(name.endswith("gate_up_proj_blocks") for name, _ in model.named_parameters()):
+            raise ValueError("model: its experts are MXFP4-quantized (gate_up_proj_blocks); moetune trains on "
+                             "dequantized experts: load with quantization_config=Mxfp4Config(dequantize=True)")
         raise ValueError(
             f"model: expected {spec.experts_module} modules with gate_up_proj for model_type {spec.model_type!r}, "
             f"found none in {type(model).__name__}"

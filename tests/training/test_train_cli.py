@@ -287,3 +287,21 @@ def test_a_chat_template_that_never_trains_a_stop_token_is_named(tmp_path, capsy
                               "--max-seq-length", 64, "--output-dir", tmp_path / "out")
     assert code == 0, stderr
     assert "moetune: data: the chat template ends an assistant turn with no special token" in stderr
+
+
+def test_a_failed_merge_leaves_no_directory_and_one_line(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 1)
+    assert code == 0, stderr
+
+    def failing_save(self, directory, **kwargs):  # a disk that fills halfway, with an error that has no message
+        (directory_path := __import__("pathlib").Path(directory)).mkdir(exist_ok=True)
+        (directory_path / "config.json").write_text("{}")
+        raise RuntimeError("")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", failing_save)
+    code, _, stderr = run_cli(capsys, "merge", out / "demo-model", out / "adapter", tmp_path / "merged")
+    assert code == 2 and stderr.strip() == "moetune merge: error: RuntimeError", stderr
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # neither the merged directory nor its staging one

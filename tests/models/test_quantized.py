@@ -1,0 +1,114 @@
+"""Checkpoints whose experts ship quantized: gpt-oss's MXFP4, loaded dequantized (moetune/models/quantized.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from moetune import FastMoEModel
+from moetune.adapters import merge
+
+from .helpers import tiny_tokenizer
+from .tiny import tiny_config
+
+# E2M1's sixteen values, in code order (the low nibble of a block byte is the even element).
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [..., K] in groups of 32 along K -> (blocks [..., K/32, 16] uint8, scales [..., K/32] uint8 as E8M0,
+    the values they stand for)."""
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+    codes = (groups / torch.exp2(exponent)[..., None]).unsqueeze(-1).sub(FP4).abs().argmin(-1)
+    values = (FP4[codes] * torch.exp2(exponent)[..., None]).reshape(w.shape)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8), (exponent + 127).to(torch.uint8), values
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    """(an MXFP4 gpt-oss checkpoint laid out as openai/gpt-oss-20b ships, a plain one of the weights it stands for)."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    config = tiny_config("gpt_oss")
+    config.intermediate_size = 32  # MXFP4 groups of 32 along the hidden and intermediate sizes
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).float()
+    state, quantized = {k: v.clone() for k, v in model.state_dict().items()}, {}
+    for key, value in state.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            # stored [E, in, out]; the checkpoint holds [E, out, in/32, 16] blocks
+            blocks, scales, values = mxfp4(value.transpose(1, 2).contiguous())
+            quantized[key + "_blocks"], quantized[key + "_scales"] = blocks, scales
+            state[key] = values.transpose(1, 2).contiguous()
+        else:
+            quantized[key] = value.to(torch.bfloat16)
+            state[key] = quantized[key].float()
+    model.load_state_dict(state)
+    plain, packed = str(root / "plain"), str(root / "mxfp4")
+    model.save_pretrained(plain)
+    tiny_tokenizer().save_pretrained(plain)
+    os.makedirs(packed)
+    for name in os.listdir(plain):
+        if not name.endswith(".safetensors"):
+            with open(os.path.join(plain, name), "rb") as src, open(os.path.join(packed, name), "wb") as dst:
+                dst.write(src.read())
+    save_file(quantized, os.path.join(packed, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(packed, "config.json")) as f:
+        saved = json.load(f)
+    saved["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(packed, "config.json"), "w") as f:
+        json.dump(saved, f)
+    return packed, plain
+
+
+def test_mxfp4_experts_load_dequantized_and_compute_as_their_values(mxfp4_checkpoint):
+    packed, plain = mxfp4_checkpoint
+    model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32)
+    reference, _ = FastMoEModel.from_pretrained(plain, dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 9))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    peft_model = FastMoEModel.get_peft_model(model, r=2, target_modules=["gate_up_proj"])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_an_adapter_merges_into_an_mxfp4_checkpoint_as_a_plain_one(mxfp4_checkpoint, tmp_path):
+    packed, _ = mxfp4_checkpoint
+    model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32)
+    peft_model = FastMoEModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_up_proj"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge(packed, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    with open(tmp_path / "merged" / "config.json") as f:
+        assert "quantization_config" not in json.load(f)  # the weights written are the dequantized ones
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                               local_files_only=True)
+    ids = torch.randint(0, 64, (1, 7))
+    peft_model.eval()
+    torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kept_mxfp4_experts_are_named_in_the_error(mxfp4_checkpoint, monkeypatch):
+    """A caller's own quantization_config wins; where transformers keeps the experts quantized (its Hub kernels),
+    moetune says so in one line instead of finding no experts."""
+    from moetune.models import hook
+
+    class Packed(torch.nn.Module):  # the parameters transformers' MXFP4 experts hold
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj_blocks = torch.nn.Parameter(torch.zeros(2, 4, 1, 16, dtype=torch.uint8), requires_grad=False)
+
+    model = torch.nn.Module()
+    model.experts = Packed()
+    spec = type("Spec", (), {"experts_module": "mlp.experts", "model_type": "gpt_oss"})()
+    with pytest.raises(ValueError, match=r"^model: its experts are MXFP4-quantized .*Mxfp4Config\(dequantize=True\)"):
+        hook.find_experts(model, spec)
