@@ -180,8 +180,21 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_
             if params[name].shape != value.shape:
                 raise ValueError(f"--resume: checkpoint {path} has {name} of shape {list(value.shape)}, this run {list(params[name].shape)}")
             params[name].copy_(value)
+    saved_groups, groups = len(state["optimizer"]["param_groups"]), len(optimizer.param_groups)
+    if saved_groups != groups:  # weight decay spares biases and norms (a group of its own) since 2026-12-05
+        raise ValueError(
+            f"--resume: checkpoint {path} holds {saved_groups} optimizer parameter group(s), this run {groups}: its "
+            f"weight decay {'spares' if groups > saved_groups else 'decays'} biases and norm weights (a --weight-decay "
+            f"of 0 against one above 0, or a checkpoint from before biases were spared); resume with the checkpoint's "
+            f"--weight-decay, or start again"
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The lr of the step to come from this run's schedule: a run resumed with another --max-steps (or from a
+    # checkpoint of an older schedule) would otherwise take its first step at the lr the checkpoint saved.
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     _set_rng_state(state["rng"])
     if log_window is not None:
         log_window.update(state.get("log_window", {}))

@@ -275,6 +275,7 @@ def run(plan: Plan, console=None) -> dict:
         steps_interval = window["steps"]
         load.counts.copy_(window["expert_counts"])
     t_interval = t_start = time.perf_counter()
+    saving_s = 0.0  # writing checkpoints: not training time (tokens/s)
     tokens_total = 0
     with collector_frozen(), _progress(console, total, start) as progress:
         task = progress.add_task("train", total=total, completed=start, loss="-", tps="-")
@@ -324,15 +325,17 @@ def run(plan: Plan, console=None) -> dict:
                 saving = time.perf_counter()
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
                                 settings, log_window=window)
-                t_interval += time.perf_counter() - saving  # tokens/s counts training, not the checkpoint's writing
+                saving = time.perf_counter() - saving
+                t_interval += saving  # tokens/s counts training, not the checkpoint's writing
+                saving_s += saving
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,
-                   checkpoint_plan)
+                   checkpoint_plan, saving_s)
 
 
 def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens,
-            checkpoint_plan=None) -> dict:
+            checkpoint_plan=None, saving_s: float = 0.0) -> dict:
     from .plots import plot_expert_load, plot_loss
 
     config = plan.config
@@ -361,8 +364,9 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         # its size (on CUDA triton only from its measured threshold up).
         "moe_backend": plan.backend,
         "moe_backend_why": plan.backend_why,
-        "train_seconds_this_session": round(elapsed, 2),
-        "tokens_per_s_this_session": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "train_seconds_this_session": round(elapsed, 2),  # wall time, checkpoints' writing included
+        "checkpoint_seconds_this_session": round(saving_s, 2),
+        "tokens_per_s_this_session": round(tokens / (elapsed - saving_s), 1) if elapsed > saving_s else None,
         "loss_first": sum(r["loss"] for r in head) / len(head),
         "loss_last": sum(r["loss"] for r in tail) / len(tail),
         "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),

@@ -142,3 +142,40 @@ def test_a_checkpoints_writing_is_not_counted_in_tokens_per_s(tmp_path, capsys, 
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     # Steps of a few fake milliseconds: thousands of tokens/s. Counting a 1000 s save would give under 1.
     assert [row["step"] for row in rows] == [1, 2, 3, 4] and min(row["tokens_per_s"] for row in rows) > 100, rows
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["checkpoint_seconds_this_session"] >= 2000 and summary["tokens_per_s_this_session"] > 100
+
+
+def test_a_resumed_run_takes_its_own_schedule_from_the_first_step(tmp_path, capsys):
+    """Resumed with a longer --max-steps, the first resumed step's lr is this run's schedule's, not the one the
+    checkpoint saved for its shorter run."""
+    import json
+
+    common = ("--warmup-steps", 1, "--lr", 0.01, "--save-steps", 3)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "long", "--max-steps", 6, *common)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "cut", "--max-steps", 3, *common)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "cut", "--max-steps", 6, "--resume", *common)
+    assert code == 0, stderr
+
+    def lrs(run):
+        return [json.loads(line)["lr"] for line in open(tmp_path / run / "metrics.jsonl")]
+
+    assert lrs("cut")[3:] == lrs("long")[3:]
+
+
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_in_one_line(tmp_path, capsys):
+    from ..models.helpers import save_checkpoint
+    from .helpers import write_jsonl
+
+    model = save_checkpoint("gpt_oss", str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the router picks two experts for every token"}] * 8)
+    common = ("--model", model, "--data", data, "--max-seq-length", 32, "--train-router", "--save-steps", 1)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out", "--max-steps", 1,
+                              "--weight-decay", 0.1, *common)  # the router's bias spared: two groups
+    assert code == 0, stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out", "--max-steps", 2, "--resume",
+                              "--weight-decay", 0, *common)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "holds 2 optimizer parameter group(s), this run 1" in stderr and "--weight-decay" in stderr
