@@ -105,9 +105,9 @@ def resume_settings(config: dict, examples) -> dict:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, keep: int, settings: dict,
-                    log_window: dict | None = None) -> str:
+                    log_window: dict | None = None, scaler=None) -> str:
     """log_window: what the metrics have summed since their last row (loss, steps, expert counts), so a run resumed
-    here logs its next row over the same steps as the uninterrupted run."""
+    here logs its next row over the same steps as the uninterrupted run. scaler: fp16's loss scaler, if any."""
     root = os.path.join(output_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
@@ -122,6 +122,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, kee
             "rng": _rng_state(),
             "log_window": log_window or {},
             "settings": {k: settings[k] for k in RESUME_KEYS},
+            "scaler": scaler.state_dict() if scaler is not None else None,
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
         # The run's settings, readable without the optimizer state: a bare --resume takes them (config.py).
@@ -155,7 +156,8 @@ def _current_name(name: str) -> str:
     return f"{name}.{DEFAULT_ADAPTER}.weight" if name.rsplit(".", 1)[-1] in LORA_PARAMS else name
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_window: dict | None = None) -> int:
+def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_window: dict | None = None,
+                    scaler=None) -> int:
     """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step. log_window, where
     given, is filled with the metrics' window saved with it (empty for a checkpoint without one)."""
     try:
@@ -195,6 +197,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if scaler is not None and state.get("scaler"):  # (a checkpoint of another dtype has none: the scaler starts anew)
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     if log_window is not None:
         log_window.update(state.get("log_window", {}))

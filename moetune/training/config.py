@@ -101,7 +101,7 @@ class TrainConfig:
     """Seed for the LoRA initialisation, the data order and the demo model's random weights."""
 
     dtype: str = "auto"
-    """Compute dtype: auto (bfloat16 on a GPU, float32 on CPU), bfloat16, float16 or float32."""
+    """Compute dtype: auto (bfloat16 on a GPU that has it, else float32), bfloat16, float16 (with dynamic loss scaling, as Trainer's fp16; GPUs without bf16: T4, V100) or float32."""
 
     device: str = "auto"
     """cpu, cuda or cuda:N (auto: the GPU if there is one)."""
@@ -292,6 +292,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(
             "--step-in-backward: needs --max-grad-norm 0 and --grad-accum 1 (clipping and accumulation need every "
             f"gradient at once), got --max-grad-norm {config.max_grad_norm} --grad-accum {config.grad_accum}")
+    if config.step_in_backward and config.dtype == "float16":
+        raise ValueError("--step-in-backward: not with --dtype float16, whose loss scaling checks every gradient "
+                         "before the step (use bfloat16 or float32)")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"--max-steps: expected an integer >= 1, got {config.max_steps}")
     inf = float("inf")

@@ -115,6 +115,19 @@ def collector_frozen():
             gc.unfreeze()
 
 
+def _loss_scaler(plan: Plan, params: list):
+    """fp16's dynamic loss scaler (torch.amp.GradScaler, as Trainer's fp16 uses it): without one, the gradients of
+    long sequences' losses (each token's share 1/labels) underflow in fp16 activations. The trained parameters must
+    be fp32 (LoRA's are): the scaler does not unscale fp16 gradients in place."""
+    if plan.dtype != torch.float16:
+        return None
+    half = [p for p in params if p.dtype == torch.float16]
+    if half:
+        raise ValueError(f"--dtype: float16 trains with loss scaling, which needs fp32 trained parameters; "
+                         f"{len(half)} are fp16 (--train-router's copies of the routers): use bfloat16 or float32")
+    return torch.amp.GradScaler(plan.device.type)
+
+
 def _write_demo_model(plan: Plan, directory: str) -> None:
     """The demo base model: Qwen3-MoE from the shipped config, random weights from the run's seed. Written
     out so the adapter has a base to load onto (and `moetune merge` has a checkpoint to merge into)."""
@@ -207,6 +220,7 @@ def run(plan: Plan, console=None) -> dict:
     model_dir, demo_tmp = _base_model_dir(plan)
     try:  # the model and its LoRA set-up load (or fail on bad input) before anything is written
         base_model, peft_model = _build_model(plan, model_dir)
+        scaler = _loss_scaler(plan, [p for p in peft_model.parameters() if p.requires_grad])
         checkpoint_plan = None
         if config.checkpoint_layers == "auto" and config.gradient_checkpointing:
             from ..fast_model import FastMoEModel
@@ -253,7 +267,8 @@ def run(plan: Plan, console=None) -> dict:
     settings = resume_settings(dataclasses.asdict(config), plan.examples)
     window: dict = {}  # the metrics' sums since their last row before the checkpoint
     if plan.resume_from is not None:
-        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, settings, log_window=window)
+        start = load_checkpoint(plan.resume_from, peft_model, optimizer, scheduler, settings, log_window=window,
+                                scaler=scaler)
         if start > total:  # nothing written yet: the run would report steps it did not take back
             raise ValueError(f"--max-steps: this run ends at step {total} (--max-steps or --epochs), before the step "
                              f"of the checkpoint it resumes ({start}); ask for at least {start} steps")
@@ -292,13 +307,22 @@ def run(plan: Plan, console=None) -> dict:
                 load.token_mask = token_mask.reshape(-1).to(device, non_blocking=True)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 loss_interval += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # before clipping, which reads the true gradients
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            if scaler is None:
+                optimizer.step()
+                scheduler.step()
+            else:  # a step with inf/nan gradients is skipped and lowers the scale; the schedule waits, as in Trainer
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                if scaler.get_scale() >= scale:
+                    scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             plan_checks.after_step()
             steps_interval += 1
@@ -324,7 +348,7 @@ def run(plan: Plan, console=None) -> dict:
                 window = {"loss": float(loss_interval), "steps": steps_interval, "expert_counts": load.counts.cpu()}
                 saving = time.perf_counter()
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
-                                settings, log_window=window)
+                                settings, log_window=window, scaler=scaler)
                 saving = time.perf_counter() - saving
                 t_interval += saving  # tokens/s counts training, not the checkpoint's writing
                 saving_s += saving

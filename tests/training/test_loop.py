@@ -179,3 +179,54 @@ def test_a_checkpoint_with_other_optimizer_groups_is_refused_in_one_line(tmp_pat
                               "--weight-decay", 0, *common)
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert "holds 2 optimizer parameter group(s), this run 1" in stderr and "--weight-decay" in stderr
+
+
+def test_float16_trains_with_dynamic_loss_scaling(tmp_path, capsys, monkeypatch):
+    """--dtype float16 scales the loss (torch.amp.GradScaler, as Trainer's fp16), unscales before clipping, skips
+    the steps whose gradients overflow (the schedule waits) and resumes with the scaler's state."""
+    import json
+
+    import torch
+
+    scalers = []
+    real = torch.amp.GradScaler
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scalers.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 4, "--dtype", "float16",
+                              "--save-steps", 2, "--warmup-steps", 0)
+    assert code == 0, stderr
+    assert len(scalers) == 1 and scalers[0].get_scale() > 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    state = torch.load(out / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    assert state["scaler"]["scale"] == scalers[0].get_scale()
+    # A first step whose scaled gradients overflow is skipped: the scale backs off and the schedule waits.
+    scalers.clear()
+
+    class Overflowing(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, init_scale=2.0**40, backoff_factor=2.0**-24, **kwargs)
+            scalers.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Overflowing)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "skip", "--max-steps", 3, "--dtype",
+                              "float16", "--warmup-steps", 0, "--lr", 0.01)
+    assert code == 0, stderr
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert scalers[0].get_scale() == 2.0**16  # backed off once
+    assert lrs[0] == lrs[1] == 0.01 and lrs[2] < 0.01
+
+
+def test_float16_refuses_what_its_loss_scaling_cannot_serve(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "a", "--dtype", "float16",
+                              "--step-in-backward", "--max-grad-norm", 0)
+    assert code == 2 and "--step-in-backward: not with --dtype float16" in stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "b", "--dtype", "float16", "--train-router")
+    assert code == 2 and "loss scaling, which needs fp32 trained parameters" in stderr
+    assert not (tmp_path / "b").exists()
