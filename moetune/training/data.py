@@ -141,7 +141,7 @@ def training_template(tokenizer) -> str | None:
     hf_logging.set_verbosity_error()  # TRL's probes of the template may pass a short --max-seq-length: not ours to say
     try:
         return get_training_chat_template(tokenizer)
-    except (ValueError, TemplateError):  # TRL has no training version of this template
+    except Exception:  # TRL has no training version of this template (or its probes of it raised): the prefix rule
         return None
     finally:
         hf_logging.set_verbosity(verbosity)

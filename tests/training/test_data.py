@@ -212,3 +212,16 @@ def test_an_over_long_marked_record_gets_only_our_error(tmp_path):
         with pytest.raises(ValueError, match="longer than --max-seq-length 64"):
             data.load_examples(write_jsonl(tmp_path / "d.jsonl", [record]), tok, 64)
     assert "Token indices sequence length" not in logged.out
+
+
+def test_a_template_that_raises_on_trls_probes_keeps_the_prefix_rule(tmp_path):
+    # TRL renders a tool message through the template to decide; a template that fails there with a non-template
+    # error (arguments added to a number: TypeError) still trains by the prefix rule.
+    template = (
+        "{% for m in messages %}{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments + 1 }}{% endif %}<|im_start|>"
+        "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+    tok = family_tokenizer("qwen3", chat_template=template)
+    assert data.training_template(tok) is None
+    assert trained_text(tok, load_one(tmp_path, tok, {"messages": TWO_TURNS})) == "5.<|im_end|>\n7.<|im_end|>\n"
