@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"moetune train: interrupted; {advice}", file=sys.stderr)
         return 130
     print(f"done: {summary['steps']} steps on {summary['device']} (experts backend {summary['moe_backend']}), "
-          f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
+          f"loss {_loss(summary['loss_first'])} -> {_loss(summary['loss_last'])}, "
           f"{summary['train_seconds_this_session']:.1f} s, peak {summary['peak_memory_gib']:.2f} GiB")
     out = summary["outputs"]
     print(f"adapter       {out['adapter']}")
@@ -161,6 +161,10 @@ def _add_merge(sub) -> None:
     merge.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
                        help="dtype of the merged weights (default: auto, as stored in MODEL_DIR)")
     merge.set_defaults(func=cmd_merge)
+
+
+def _loss(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -335,6 +335,7 @@ def run(plan: Plan, console=None) -> dict:
                     "loss": float(loss_interval) / steps_interval,
                     "lr": lr,
                     "tokens_per_s": tokens_interval / (now - t_interval),
+                    "tokens": tokens_interval,  # (non-padding; weighs this row's expert load in the run's)
                     # (the first steps' peaks too, which the plan's checks took out of the device's statistics)
                     "peak_memory_gib": round(max(peak_memory_gib(device), plan_checks.earlier_peak_bytes / 2**30), 4),
                     "expert_load": {str(layer): shares for layer, shares in zip(load.layers, load.take())},
@@ -369,7 +370,8 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
     plot_loss(rows, os.path.join(out, "loss.png"))
     plot_expert_load(_mean_load(rows), load.layers, os.path.join(out, "expert_load.png"))
     load.remove()
-    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
+    finite = [r for r in rows if r["loss"] is not None]  # (a non-finite loss is written as null)
+    head, tail = finite[: max(1, len(finite) // 10)], finite[-max(1, len(finite) // 10) :]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     summary = {
         "model": config.model or "built-in demo (Qwen3-MoE, random init)",
@@ -391,8 +393,9 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         "train_seconds_this_session": round(elapsed, 2),  # wall time, checkpoints' writing included
         "checkpoint_seconds_this_session": round(saving_s, 2),
         "tokens_per_s_this_session": round(tokens / (elapsed - saving_s), 1) if elapsed > saving_s else None,
-        "loss_first": sum(r["loss"] for r in head) / len(head),
-        "loss_last": sum(r["loss"] for r in tail) / len(tail),
+        # The mean loss of the first and of the last tenth of the logged rows (at least one row each).
+        "loss_first": sum(r["loss"] for r in head) / len(head) if head else None,
+        "loss_last": sum(r["loss"] for r in tail) / len(tail) if tail else None,
         "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
         "outputs": {
             "adapter": os.path.join(out, "adapter"), "metrics": metrics_path,
@@ -407,6 +410,11 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
 
 
 def _mean_load(rows: list[dict]) -> list[list[float]]:
-    """Expert load over the whole run: the mean of the logged shares (a resumed run's rows included)."""
+    """Expert load over the whole run (a resumed run's rows included): each row's shares weighted by the tokens it
+    counted, so the result is the run's share whatever --logging-steps was (rows written before rows carried their
+    tokens weigh one each)."""
     layers = sorted(rows[0]["expert_load"], key=int)
-    return [[sum(r["expert_load"][layer][e] for r in rows) / len(rows) for e in range(len(rows[0]["expert_load"][layer]))] for layer in layers]
+    weights = [r.get("tokens", 1) for r in rows]
+    total = sum(weights) or 1
+    return [[sum(w * r["expert_load"][layer][e] for w, r in zip(weights, rows)) / total
+             for e in range(len(rows[0]["expert_load"][layer]))] for layer in layers]

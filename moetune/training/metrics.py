@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -92,8 +93,10 @@ class MetricsLog:
                         f.write(json.dumps(row) + "\n")
 
     def write(self, row: dict) -> None:
+        # JSON has no NaN or Infinity: a non-finite figure (a diverged loss) is written as null.
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 def read_metrics(path: str) -> list[dict]:

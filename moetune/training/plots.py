@@ -13,16 +13,19 @@ __all__ = ["plot_loss", "plot_expert_load"]
 def plot_loss(rows: list[dict], path: str) -> None:
     """Training loss per step, with the learning rate on a second axis."""
     steps = [r["step"] for r in rows]
+    marker = "o" if len(rows) <= 30 else None  # (a line of one point draws nothing)
+    losses = [float("nan") if r["loss"] is None else r["loss"] for r in rows]  # null: a non-finite loss, a gap
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+    ax.plot(steps, losses, color="tab:blue", label="loss", marker=marker, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.6, linestyle="--", label="lr")
+    lr_ax.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.6, linestyle="--", label="lr",
+               marker=marker, markersize=3)
     lr_ax.set_ylabel("learning rate")
-    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88))
-    fig.tight_layout()
+    fig.legend(loc="upper center", ncol=2, frameon=False)  # above the axes, clear of both axes' tick labels
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path)
     plt.close(fig)
 

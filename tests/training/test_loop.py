@@ -230,3 +230,45 @@ def test_float16_refuses_what_its_loss_scaling_cannot_serve(tmp_path, capsys):
     code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "b", "--dtype", "float16", "--train-router")
     assert code == 2 and "loss scaling, which needs fp32 trained parameters" in stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_the_runs_expert_load_weighs_each_row_by_its_tokens():
+    rows = [{"tokens": 30, "expert_load": {"3": [1.0, 0.0]}}, {"tokens": 10, "expert_load": {"3": [0.0, 1.0]}}]
+    assert loop._mean_load(rows) == [[0.75, 0.25]]
+    old_rows = [{"expert_load": {"1": [1.0, 0.0]}}, {"expert_load": {"1": [0.0, 1.0]}}]  # written before "tokens"
+    assert loop._mean_load(old_rows) == [[0.5, 0.5]]
+
+
+def test_a_non_finite_loss_is_written_as_null_and_the_summary_stays_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    write = MetricsLog.write
+
+    def diverged_first_row(self, row):
+        return write(self, dict(row, loss=float("nan")) if row["step"] == 1 else row)
+
+    monkeypatch.setattr(MetricsLog, "write", diverged_first_row)
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out", "--max-steps", 2)
+    assert code == 0, stderr
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+
+    rows = [strict(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert rows[0]["loss"] is None and rows[1]["loss"] > 0 and rows[0]["tokens"] > 0
+    summary = strict((tmp_path / "out" / "summary.json").read_text())
+    assert summary["loss_first"] == summary["loss_last"] == rows[1]["loss"]
+
+
+def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from moetune.training import plots
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plots.plot_loss([{"step": 1, "loss": 2.5, "lr": 0.0}], str(tmp_path / "loss.png"))
+    lines = [line for ax in figures[0].axes for line in ax.get_lines()]
+    assert len(lines) == 2 and all(line.get_marker() == "o" for line in lines)
+    plots.plot_loss([{"step": s, "loss": 2.0, "lr": 1e-3} for s in range(1, 100)], str(tmp_path / "long.png"))
+    assert all(line.get_marker() in ("None", None, "") for ax in figures[1].axes for line in ax.get_lines())
