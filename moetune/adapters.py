@@ -216,12 +216,18 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     import transformers
     from peft import PeftModel
 
+    from .fast_model import check_dtype
     from .models.registry import get_spec
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"model_dir: expected a local checkpoint directory, got {model_dir!r}")
     if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG)):
         raise ValueError(f"adapter_dir: expected a directory with {ADAPTER_CONFIG}, got {adapter_dir!r}")
+    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in (ADAPTER_WEIGHTS, "adapter_model.bin")):
+        raise ValueError(f"adapter_dir: no {ADAPTER_WEIGHTS} in {adapter_dir!r}")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"out_dir: {out_dir} exists and is not empty; choose a new directory")
+    check_dtype(dtype)
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = get_spec(config.model_type)
     model = getattr(transformers, spec.auto_class).from_pretrained(  # (MXFP4 experts dequantized: models/quantized.py)
@@ -229,7 +235,13 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     )  # use_kernels=False: no Hub kernels (5.25's default), offline
     _untie_adapted_embeddings(model, adapter_dir)
     with peft_deprecation_quiet():
-        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        try:
+            merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        except RuntimeError as err:  # torch's load_state_dict: the mismatch is on its second line, not its first
+            mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
+            if mismatch is None:
+                raise
+            raise ValueError(f"adapter_dir: {adapter_dir} does not fit {model_dir} ({mismatch})") from None
     # Written beside out_dir and renamed into place: a merge that fails leaves no directory that looks finished.
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -42,7 +42,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         try:
             device = torch.device(args.device)
         except RuntimeError:
-            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
     dtype = _DTYPES[args.dtype]
     resolved = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     name, why = select_backend(resolved, dtype, explain=True)

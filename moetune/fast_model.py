@@ -70,10 +70,32 @@ def _check_local_source(source) -> str | None:
         return None
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         return os.fspath(source)
+    shown = repr(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__  # (not a model's repr)
     raise ValueError(
         "model_dir_or_config: expected a local checkpoint directory or a transformers config object "
-        f"(moetune never downloads), got {source!r}"
+        f"(moetune never downloads), got {shown}"
     )
+
+
+def _has_lora(model) -> bool:
+    """Whether get_peft_model already put LoRA on the model (peft's Linear LoRA, or expert LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    return bool(getattr(model, "peft_config", None)) or any(
+        isinstance(module, LoraLayer) or expert_adapters(module) for module in model.modules())
+
+
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_dtype(dtype) -> None:
+    """dtype for from_pretrained / merge: a torch floating dtype, or one of DTYPE_NAMES."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return
+    raise ValueError(f"dtype: expected a torch floating dtype or one of {', '.join(map(repr, DTYPE_NAMES))}, "
+                     f"got {dtype!r}")
 
 
 def choose_attention(spec: ArchSpec, requested: str | None, device_map) -> str:
@@ -379,6 +401,7 @@ class FastMoEModel:
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
+        check_dtype(dtype)
         _check_bool("fused_cross_entropy", fused_cross_entropy)
         _check_bool("fused_norms", fused_norms)
         _check_bool("fused_rotary", fused_rotary)
@@ -479,6 +502,9 @@ class FastMoEModel:
             raise ValueError(
                 f"model: expected a model from moetune.FastMoEModel.from_pretrained, got {type(model).__name__}"
             )
+        if _has_lora(model):
+            raise ValueError("model: it already has LoRA from an earlier get_peft_model (a second would change the "
+                             "first's modules); load it again with moetune.FastMoEModel.from_pretrained")
         if checkpoint_layers is not None and checkpoint_layers > (count := len(_decoder_layers(model))):
             raise ValueError(f"checkpoint_layers: expected at most the model's {count} decoder layers, got {checkpoint_layers}")
         linear, gate_up, down = plan_targets(model, spec, target_modules)

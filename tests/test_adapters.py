@@ -369,3 +369,46 @@ def test_switching_or_disabling_while_merged_unmerges_first(targets, checkpoint)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
     with torch.no_grad():
         assert relative_error(model(ids).logits, adapted) < 1e-5  # "other" is a copy of "default"
+
+
+
+def test_merge_refuses_a_full_out_dir_a_missing_adapter_file_and_an_adapter_of_another_model(checkpoint, tmp_path):
+    """Each in one line naming the argument; the first two before anything loads."""
+    import shutil
+
+    qwen, mixtral = checkpoint("qwen3_moe"), checkpoint("mixtral")
+    model, _ = FastMoEModel.from_pretrained(qwen, dtype=torch.float32)
+    FastMoEModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_up_proj"]).save_pretrained(tmp_path / "a")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ValueError, match=r"^out_dir: .* exists and is not empty"):
+        moetune.merge(qwen, str(tmp_path / "a"), str(tmp_path / "full"))
+    shutil.copytree(tmp_path / "a", tmp_path / "config_only")
+    (tmp_path / "config_only" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"^adapter_dir: no adapter_model.safetensors in"):
+        moetune.merge(qwen, str(tmp_path / "config_only"), str(tmp_path / "m1"))
+    with pytest.raises(ValueError, match=r"^dtype: expected a torch floating dtype or one of 'auto'.*got 'bf16'"):
+        moetune.merge(qwen, str(tmp_path / "a"), str(tmp_path / "m2"), dtype="bf16")
+    with pytest.raises(ValueError, match=r"^adapter_dir: .* does not fit .* \(size mismatch for "):
+        moetune.merge(mixtral, str(tmp_path / "a"), str(tmp_path / "m3"))
+    assert not any(p.name.startswith(("m1", "m2", "m3", ".moetune-merge")) for p in tmp_path.iterdir())
+
+
+def test_a_second_get_peft_model_on_one_model_is_refused(checkpoint):
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    FastMoEModel.get_peft_model(model, r=4, target_modules=["q_proj", "gate_up_proj"])
+    with pytest.raises(ValueError, match=r"^model: it already has LoRA from an earlier get_peft_model"):
+        FastMoEModel.get_peft_model(model, r=8, target_modules=["q_proj", "gate_up_proj"])
+    fresh, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    FastMoEModel.get_peft_model(fresh, r=4, target_modules=["gate_up_proj"])  # expert LoRA only: refused too
+    with pytest.raises(ValueError, match=r"^model: it already has LoRA"):
+        FastMoEModel.get_peft_model(fresh, r=4, target_modules=["gate_up_proj"])
+
+
+def test_from_pretrained_names_a_bad_dtype_and_a_model_passed_as_its_source(checkpoint):
+    with pytest.raises(ValueError, match=r"^dtype: expected a torch floating dtype .*got 'bf16'"):
+        FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype="bf16")
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    with pytest.raises(ValueError) as err:
+        FastMoEModel.from_pretrained(model)
+    assert str(err.value).endswith("got Qwen3MoeForCausalLM") and "\n" not in str(err.value)

@@ -35,6 +35,11 @@ def test_info_honours_environment_variable():
     [
         (("info",), {"MOETUNE_MOE_BACKEND": "fastest"}, "MOETUNE_MOE_BACKEND: expected one of native, grouped_mm, triton"),
         (("info", "--device", "potato"), {}, "--device: expected cpu, cuda or cuda:N"),
+        (("info", "--device", "mps"), {}, "--device: expected cpu, cuda or cuda:N, got 'mps'"),
+        (("train", "--data", ""), {}, "--data: expected a path, got ''"),
+        (("train", "--output-dir", ""), {}, "--output-dir: expected a path, got ''"),
+        (("train", "--checkpoint-layers", "1", "--no-gradient-checkpointing"), {},
+         "--checkpoint-layers: applies with gradient checkpointing on"),
         (("info", "--dtype", "int8"), {}, "--dtype"),
         (("no-such-command",), {}, "invalid choice"),
     ],

@@ -283,6 +283,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     planned = layers == "auto" and config.gradient_checkpointing
     given = ("--no-gradient-checkpointing" if not config.gradient_checkpointing
              else f"--checkpoint-layers {'all' if layers is None else layers}")
+    if layers != "auto" and not config.gradient_checkpointing:
+        raise ValueError(f"--checkpoint-layers: applies with gradient checkpointing on, got "
+                         f"--checkpoint-layers {'all' if layers is None else layers} with --no-gradient-checkpointing")
+    for name in ("data", "output_dir"):  # an empty value (an unset shell variable) is not the default
+        if getattr(config, name) == "":
+            raise ValueError(f"{_flag(name)}: expected a path, got ''")
     for flag, asked in (("--max-memory", config.max_memory is not None), ("--no-keep-attention", not config.keep_attention)):
         if asked and not planned:
             raise ValueError(f"{flag}: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
