@@ -154,7 +154,7 @@ def fit_checkpoint_layers(
         or not 0 < max_memory_gib < float("inf")
     ):
         raise ValueError(f"max_memory_gib: expected None or a number of GiB > 0, got {max_memory_gib!r}")
-    if optimizer not in OPTIMIZER_STATE_BYTES:
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
     for name, value in (("keep_attention", keep_attention), ("step_in_backward", step_in_backward)):
         if not isinstance(value, bool):

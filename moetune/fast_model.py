@@ -69,6 +69,8 @@ def _check_local_source(source) -> str | None:
     if isinstance(source, transformers.PretrainedConfig):
         return None
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):  # an adapter or tokenizer directory, say
+            raise ValueError(f"model_dir_or_config: {os.fspath(source)!r} has no config.json (not a model checkpoint)")
         return os.fspath(source)
     shown = repr(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__  # (not a model's repr)
     raise ValueError(
@@ -484,8 +486,8 @@ class FastMoEModel:
         from peft.utils.constants import DUMMY_TARGET_MODULES
 
         _check_positive_int("r", r)
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-            raise ValueError(f"lora_alpha: expected a number > 0, got {lora_alpha!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not 0 < lora_alpha < float("inf"):
+            raise ValueError(f"lora_alpha: expected a finite number > 0, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
             raise ValueError(f"lora_dropout: expected a number in [0, 1), got {lora_dropout!r}")
         _check_bool("use_gradient_checkpointing", use_gradient_checkpointing)

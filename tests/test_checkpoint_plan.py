@@ -369,6 +369,7 @@ def test_bad_arguments_and_cpu(checkpoint):
         (dict(batch_size=0, seq_len=8), "batch_size: expected an integer >= 1"),
         (dict(batch_size=1, seq_len=8, memory_fraction=1.5), r"memory_fraction: expected a number in \(0, 1\]"),
         (dict(batch_size=1, seq_len=8, optimizer="sgd"), "optimizer: expected one of adamw, adamw_bf16, adamw_8bit"),
+        (dict(batch_size=1, seq_len=8, optimizer=["adamw"]), "optimizer: expected one of adamw, adamw_bf16, adamw_8bit"),
         (dict(batch_size=1, seq_len=8, max_memory_gib=0), "max_memory_gib: expected None or a number of GiB > 0"),
         (dict(batch_size=1, seq_len=8, max_memory_gib=float("inf")), "max_memory_gib: expected None or a number"),
         (dict(batch_size=1, seq_len=8, keep_attention="yes"), "keep_attention: expected True or False"),

@@ -179,7 +179,8 @@ def test_from_pretrained_rejects_bad_input(kwargs, match):
         (dict(r=0), "r: expected an integer >= 1"),
         (dict(r=2.5), "r: expected an integer >= 1"),
         (dict(r=True), "r: expected an integer >= 1"),
-        (dict(lora_alpha=0), "lora_alpha: expected a number > 0"),
+        (dict(lora_alpha=0), "lora_alpha: expected a finite number > 0"),
+        (dict(lora_alpha=float("inf")), "lora_alpha: expected a finite number > 0"),
         (dict(lora_dropout=1.0), r"lora_dropout: expected a number in \[0, 1\)"),
         (dict(lora_dropout=0.1), "lora_dropout: expected 0 with LoRA on the experts"),
         (dict(target_modules=()), "target_modules: expected a non-empty sequence"),
@@ -439,3 +440,8 @@ def test_checkpoint_layers_without_checkpointing_warns():
     model, _ = _load(tiny_config("qwen3_moe"))
     with pytest.warns(UserWarning, match="checkpoint_layers: needs use_gradient_checkpointing=True"):
         FastMoEModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, checkpoint_layers=1)
+
+
+def test_a_directory_without_config_json_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"^model_dir_or_config: .* has no config.json \(not a model checkpoint\)"):
+        FastMoEModel.from_pretrained(str(tmp_path))

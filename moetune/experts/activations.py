@@ -126,6 +126,6 @@ def get_activation(activation: str | Activation) -> Activation:
         if isinstance(activation, GeGLU) and activation.approximate not in ("none", "tanh"):
             raise ValueError(f"activation: geglu approximate must be 'none' or 'tanh', got {activation.approximate!r}")
         return activation
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)} or an Activation, got {activation!r}")
     return ACTIVATIONS[activation]()

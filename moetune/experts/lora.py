@@ -67,8 +67,15 @@ class ExpertLoRA:
 
         kaiming_uniform(a=sqrt(5)) on a [R, fan_in] matrix is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         """
-        if rank < 1:
-            raise ValueError(f"rank: expected an integer >= 1, got {rank}")
+        for name, value in (("num_experts", num_experts), ("hidden", hidden), ("intermediate", intermediate),
+                            ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0 < alpha < float("inf")):
+            raise ValueError(f"alpha: expected a finite number > 0 (or None: the rank), got {alpha!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating dtype for the factors, got {dtype}")
 
         def make_A(fan_in: int) -> torch.Tensor:
             bound = fan_in**-0.5

@@ -100,3 +100,22 @@ def test_bad_environment_variable(monkeypatch):
 def test_rank_must_be_positive():
     with pytest.raises(ValueError, match="rank: expected an integer >= 1"):
         ExpertLoRA.init(E, H, I, 0)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((E, H, I, 2.5), {}, "rank: expected an integer >= 1, got 2.5"),
+    ((E, H, I, "4"), {}, "rank: expected an integer >= 1, got '4'"),
+    ((-1, H, I, 2), {}, "num_experts: expected an integer >= 1, got -1"),
+    ((E, H, I, 2), {"alpha": 0}, "alpha: expected a finite number > 0"),
+    ((E, H, I, 2), {"dtype": torch.int64}, "dtype: expected a floating dtype"),
+])
+def test_lora_init_names_a_bad_argument(args, kwargs, message):
+    with pytest.raises(ValueError, match="^" + message):
+        ExpertLoRA.init(*args, **kwargs)
+
+
+def test_an_activation_of_another_type_is_named():
+    from moetune.experts.activations import get_activation
+
+    with pytest.raises(ValueError, match=r"^activation: expected one of .* got \['swiglu'\]"):
+        get_activation(["swiglu"])
