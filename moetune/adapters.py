@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 import warnings
 
 import torch
@@ -242,22 +241,15 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
             if mismatch is None:
                 raise
             raise ValueError(f"adapter_dir: {adapter_dir} does not fit {model_dir} ({mismatch})") from None
-    # Written beside out_dir and renamed into place: a merge that fails leaves no directory that looks finished.
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".moetune-merge-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)  # (not mkdtemp: its directory is private, this one takes the umask as out_dir would)
-    try:
-        merged.save_pretrained(staging)
+    from .training.checkpoint import atomic_dir
+
+    def write(directory: str) -> None:
+        merged.save_pretrained(directory)
         for entry in os.listdir(model_dir):
             source = os.path.join(model_dir, entry)
             if not os.path.isfile(source) or entry in _MODEL_FILES or entry.endswith((".safetensors", ".bin", ".pt")):
                 continue
-            shutil.copy2(source, os.path.join(staging, entry))
-        if os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            shutil.copy2(source, os.path.join(directory, entry))
+
+    atomic_dir(out_dir, write)  # a merge that fails leaves no directory that looks finished
     return out_dir

@@ -38,7 +38,8 @@ that depends on the model, the tokens per step, the GPU and the optimizer, so it
 5. The probe is not the training step: the optimizer's state comes into the estimate as a sum, not as it lives,
    and the step's own work is not run. Whole Qwen3-30B-A3B at 8K peaked 0.14 GiB over its checked plan in run 56
    (66.14 against 66.00 GiB; run 52c, 0.05 under), and 0.17 GiB over its checked plan on an H100 in run 58b
-   (the probe steps nothing; the real step's optimizer chunks work inside backward). So a training loop hands its first steps' peaks to `refit_to_step` (through StepChecks), which gives
+   (the probe steps nothing; the real step's optimizer chunks work inside backward). So a training loop hands
+   its first steps' peaks to `refit_to_step` (through StepChecks), which gives
    back as a failed check does while a real step is over the budget; moetune train and
    benchmarks/train_step.py do. Steps that autotune are skipped: the timing's buffers set their peak.
 

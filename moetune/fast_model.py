@@ -80,11 +80,9 @@ def _check_local_source(source) -> str | None:
 
 
 def _has_lora(model) -> bool:
-    """Whether get_peft_model already put LoRA on the model (peft's Linear LoRA, or expert LoRA)."""
-    from peft.tuners.lora import LoraLayer
-
-    return bool(getattr(model, "peft_config", None)) or any(
-        isinstance(module, LoraLayer) or expert_adapters(module) for module in model.modules())
+    """Whether get_peft_model already put LoRA on the model (peft's layers, or expert LoRA)."""
+    return (bool(getattr(model, "peft_config", None)) or _has_peft_layers(model)
+            or any(expert_adapters(module) for module in model.modules()))
 
 
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")

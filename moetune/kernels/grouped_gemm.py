@@ -457,9 +457,10 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     (a caller reusing its buffers) get new schedules.
     """
     version, cache = counts_E.__dict__.get("_moetune_tile_ends", (None, None))
-    if version != _version(counts_E):
+    current = _version(counts_E)
+    if version != current:
         cache = {}
-        counts_E.__dict__["_moetune_tile_ends"] = (_version(counts_E), cache)
+        counts_E.__dict__["_moetune_tile_ends"] = (current, cache)
     if block_m not in cache:
         cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
     return cache[block_m]

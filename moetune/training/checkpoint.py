@@ -47,12 +47,17 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def atomic_dir(final: str, write) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to final (replacing an older final)."""
+    """Call write(tmp_dir), then rename tmp_dir to final (replacing an older final); a write that fails leaves
+    neither final nor tmp_dir behind."""
     parent, name = os.path.split(final)
     tmp = os.path.join(parent, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(final):
         old = os.path.join(parent, f".old-{name}")
         shutil.rmtree(old, ignore_errors=True)
