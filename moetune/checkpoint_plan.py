@@ -344,7 +344,7 @@ def _give_back(layers: int, checkpointed: int, keeping: int, per_layer: int, att
 
     The last layer left out is not returned for memory: its backward comes first, and a checkpointed last layer
     recomputes there the activations it did not hold, so the step's peak stays (run 58b, whole Qwen3-30B-A3B at 8K:
-    47 -> 48 layers checkpointed, each keeping attention, peaked 38 MB higher, not 568 MB lower). Kept attention
+    47 -> 48 layers checkpointed, each keeping attention, peaked 36 MB higher, not 568 MB lower). Kept attention
     goes instead, and every layer is checkpointed only at the floor."""
     returnable = layers - 1 - checkpointed  # the layers left out, less the last
     if returnable > 0:
