@@ -173,7 +173,7 @@ def training_step(model, optimizer, ids) -> torch.Tensor:
     return loss
 
 
-def profile_step(model, optimizer, ids, device, rows: int = 25) -> dict:
+def profile_step(model, optimizer, ids, device, rows: int = 40) -> dict:
     """One more step under torch.profiler: GPU time per kernel group, the top kernels, and host vs GPU time."""
     import re
 

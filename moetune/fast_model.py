@@ -28,6 +28,7 @@ import transformers
 from torch import nn
 
 from . import adapters
+from .devices import PLACEMENT_STRATEGIES, check_device_map
 from .lora_linear import install_fast_lora_linear
 from .models import fused_loss, recompute
 from .models.fast_norms import install_fast_norms
@@ -406,6 +407,7 @@ class FastMoEModel:
         _check_bool("fused_norms", fused_norms)
         _check_bool("fused_rotary", fused_rotary)
         _check_bool("fused_router", fused_router)
+        check_device_map(device_map)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
             config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -423,11 +425,12 @@ class FastMoEModel:
                 **dequantizing_kwargs(config, kwargs),
             )
         else:
-            if device_map is not None and not isinstance(device_map, (str, torch.device)):
+            if isinstance(device_map, dict) or device_map in PLACEMENT_STRATEGIES:
                 raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")
             # Build (and randomly initialise) the weights where they will live: a 30B model initialised
             # on the CPU first would need its whole size in host memory and minutes of CPU time.
-            with torch.device(device_map or "cpu"):  # a copy: the model keeps its config, and moetune sets its own
+            # (a copy of the config: the model keeps its own, and moetune sets its own)
+            with torch.device("cpu" if device_map is None else device_map):
                 model = auto.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation=attn, **kwargs)
         install(model, spec)
         if fused_cross_entropy:

@@ -174,6 +174,13 @@ def _check(hidden, weight, targets, bias, reduction, num_items_in_batch, chunk_s
         raise ValueError(f"chunk_size: expected an integer >= 1 (rows per chunk) or None, got {chunk_size!r}")
 
 
+def _check_class_ids(targets_N: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = (targets_N != ignore_index) & ((targets_N < 0) | (targets_N >= num_classes))
+    if bad.any():
+        raise ValueError(f"targets: expected class ids in [0, {num_classes}) or ignore_index {ignore_index}, "
+                         f"got {int(targets_N[bad][0])} ({int(bad.sum())} of {targets_N.numel()} out of range)")
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -188,6 +195,7 @@ def linear_cross_entropy(
     """F.cross_entropy(F.linear(hidden, weight, bias).float(), targets) without the [N, V] logits. fp32 scalar.
 
     hidden [..., H]; weight [V, H]; bias [V]; targets: one class id per row of hidden (ignore_index skips a row).
+    A class id outside [0, V) is refused on CPU; on a GPU its row's loss is NaN (a check there would sync).
     reduction: "mean" over the non-ignored rows (NaN when there are none, as F.cross_entropy), or the sum
       divided by num_items_in_batch when given (transformers' convention for gradient accumulation); "sum".
     chunk_size: rows per chunk of logits; default: as many as fit in CHUNK_BYTES.
@@ -204,6 +212,8 @@ def linear_cross_entropy(
                          + ("" if bias is None else f" (bias {bias.dtype})"))
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     targets_N = targets.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    if targets_N.device.type == "cpu":  # free to check here; on a GPU a check would sync, and the kernel gives NaN
+        _check_class_ids(targets_N, weight.shape[0], ignore_index)
     rows = chunk_size or chunk_rows(weight.shape[0], hidden.dtype)
     if reduction == "sum":
         divisor = None

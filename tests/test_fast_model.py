@@ -153,6 +153,13 @@ def test_full_finetuning_falls_back_to_transformers_experts():
 # --- bad input -----------------------------------------------------------------------------------------
 
 
+def test_device_map_to_a_gpu_this_machine_lacks_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^device_map: expected a device this machine has, got cuda:2 but it has 1"):
+        FastMoEModel.from_pretrained(tiny_config("qwen3_moe"), device_map=2)
+
+
 def test_unsupported_model_type_lists_the_supported_ones():
     config = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
     with pytest.raises(ValueError, match="model_type: expected one of " + ", ".join(SUPPORTED_MODEL_TYPES)):
@@ -165,6 +172,10 @@ def test_unsupported_model_type_lists_the_supported_ones():
         (dict(model_dir_or_config="/no/such/dir"), "model_dir_or_config: expected a local checkpoint directory"),
         (dict(max_seq_length=0), "max_seq_length: expected an integer >= 1"),
         (dict(attn_implementation="sdpa", model_type="gpt_oss"), "attn_implementation: gpt_oss needs one of"),
+        (dict(device_map="cdua"), r"device_map: expected a torch device such as 'cpu' or 'cuda:0', got 'cdua'"),
+        (dict(device_map=-1), "device_map: expected a GPU index >= 0, got -1"),
+        (dict(device_map=["cpu"]), "device_map: expected a device, a GPU index, .* got list"),
+        (dict(device_map="auto"), "device_map: expected a device for a config"),
     ],
 )
 def test_from_pretrained_rejects_bad_input(kwargs, match):

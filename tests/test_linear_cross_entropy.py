@@ -212,6 +212,8 @@ def test_chunk_rows_bounds_the_logits_chunk():
         ({"reduction": "sum", "num_items_in_batch": 3}, "num_items_in_batch: divides a 'mean'"),
         ({"chunk_size": 0}, "chunk_size: expected an integer >= 1"),
         ({"weight": torch.zeros(V, H, dtype=torch.float16)}, "weight: expected dtype torch.float32"),
+        ({"targets": torch.full((B, S), V)}, r"targets: expected class ids in \[0, 1000\) or ignore_index -100, got 1000"),
+        ({"targets": torch.full((B, S), -5)}, r"targets: expected class ids in \[0, 1000\) .*got -5 \(39 of 39"),
     ],
 )
 def test_rejects_bad_input(kwargs, match):

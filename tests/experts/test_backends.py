@@ -98,3 +98,16 @@ def test_moe_experts_passes_its_projection_size(monkeypatch):
     ids = torch.randint(0, E, (T, k))
     moe_experts(x, ids, torch.rand(T, k), torch.randn(E, 2 * I, H), torch.randn(E, H, I))
     assert seen == [T * k * H * I]
+
+
+@pytest.mark.parametrize("device", ["cdua", "cuda:x", 5.0])
+def test_bad_device_string_is_one_line(device):
+    with pytest.raises(ValueError, match=r"device: expected a torch device such as 'cpu' or 'cuda:0', got "):
+        select_backend(device)
+
+
+def test_missing_gpu_index_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device: expected a device this machine has, got cuda:3 but it has 1 CUDA"):
+        select_backend("cuda:3")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...devices import resolve_device
 from . import grouped_mm as _grouped_mm
 from . import triton as _triton
 from .native import native_experts
@@ -89,15 +90,7 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | N
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: expected a device this machine has, got {device} but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return resolve_device(device, "device")
 
 
 def available_backends(device=None, dtype: torch.dtype = torch.bfloat16) -> list[str]:
