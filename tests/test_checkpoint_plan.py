@@ -26,12 +26,12 @@ def test_choice_from_the_probe():
     assert choose(80 * GiB) == (0, 0)  # plenty: nothing recomputed
     assert choose(15 * GiB) == (4, 0)  # 2 GiB spare: four layers left out
     assert choose(14 * GiB) == (6, 0)
-    assert choose(13 * GiB) == (8, 0)  # nothing spare: all checkpointed
+    assert choose(13 * GiB) == (7, 0)  # nothing spare: all checkpointed but the last, which saves nothing
     assert choose(12 * GiB, GiB // 8) == (8, 0)  # over budget already
     assert choose_plan(8, 0, 13 * GiB, 80 * GiB) == (8, 0)  # a measurement of nothing: all checkpointed
     # Kept attention (1/8 GiB a layer) first: 0.5 GiB spare keeps it in four checkpointed layers.
-    assert choose(13 * GiB + GiB // 2, GiB // 8) == (8, 4)
-    assert choose(14 * GiB, GiB // 8) == (8, 8)  # all eight keep it
+    assert choose(13 * GiB + GiB // 2, GiB // 8) == (7, 4)
+    assert choose(14 * GiB, GiB // 8) == (7, 7)  # all seven keep it (room for eight)
     # 2 GiB spare: 1 GiB for all eight, then each layer left out costs 3/8 GiB more: two of them.
     assert choose(15 * GiB, GiB // 8) == (6, 6)
     assert choose(15 * GiB + GiB // 2, GiB // 8) == (4, 4)  # 1.5 GiB after the kept outputs: four out
@@ -93,9 +93,11 @@ def test_probe_measures_both_ends_and_plans(checkpoint):
     assert "even with every layer checkpointed the step is estimated at" in plan["why"]  # said, not silent
     # The estimate for every layer checkpointed: the probe's peak less what its two layers kept, plus the state.
     least = plan["probe_peak_bytes"] - 2 * plan["activation_bytes_per_layer"] + plan["optimizer_state_bytes"]
-    for cap, said in ((least - 1, True), (least, False)):
-        plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=cap / GiB, memory=FakeMemory())
-        assert plan["checkpoint_layers"] == 2 and ("why" in plan) == said, (cap, plan)
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=(least - 1) / GiB, memory=FakeMemory())
+    assert plan["checkpoint_layers"] == 2 and "why" in plan, plan
+    # Exactly at the budget: the last layer left out (free at the peak), checked by a probe with the plan.
+    plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=least / GiB, memory=FakeMemory())
+    assert plan["checkpoint_layers"] == 1 and "why" not in plan and plan["checks"] == [((1, 0), plan["verified_peak_bytes"])]
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=1.0, memory=FakeMemory())
     assert plan["budget_bytes"] == 90_000 and plan["checkpoint_layers"] == 0  # the device's 90% is the smaller
 
@@ -195,16 +197,16 @@ def test_probe_measures_the_kept_attention_and_plans_it(tmp_path):
     attention = plan["attention_bytes_per_layer"]
     assert output < attention < 2 * output  # the output and its log-sum-exp
     assert plan["checkpoint_layers"] == 0 and plan["kept_attention_layers"] == 0  # plenty of room
-    # Room for exactly three kept outputs over every layer checkpointed: all checkpointed, three keep.
+    # Room for exactly three kept outputs over every layer checkpointed: all but the last checkpointed, three keep.
     least = (plan["probe_peak_bytes"] - 2 * plan["activation_bytes_per_layer"] - 2 * attention
              + plan["optimizer_state_bytes"])
     cap = (least + 3 * attention) / GiB
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=cap, memory=FakeMemory(available=2**30))
-    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (4, 3), plan
-    assert _flags(model) == [True] * 4 and kept_attention.kept_attention_layers(layers) == 3
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"]) == (3, 3), plan
+    assert _flags(model) == [True] * 3 + [False] and kept_attention.kept_attention_layers(layers) == 3
     plan = FastMoEModel.fit_checkpoint_layers(model, 2, 9, max_memory_gib=cap, keep_attention=False,
                                               memory=FakeMemory(available=2**30))
-    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], plan["attention_bytes_per_layer"]) == (4, 0, 0)
+    assert (plan["checkpoint_layers"], plan["kept_attention_layers"], plan["attention_bytes_per_layer"]) == (3, 0, 0)
     assert kept_attention.kept_attention_layers(layers) == 0
     ids = torch.randint(0, VOCAB, (2, 9))
     model(input_ids=ids, labels=ids).loss.backward()  # trains as planned
