@@ -112,3 +112,109 @@ def test_kept_mxfp4_experts_are_named_in_the_error(mxfp4_checkpoint, monkeypatch
     spec = type("Spec", (), {"experts_module": "mlp.experts", "model_type": "gpt_oss"})()
     with pytest.raises(ValueError, match=r"^model: its experts are MXFP4-quantized .*Mxfp4Config\(dequantize=True\)"):
         hook.find_experts(model, spec)
+
+
+def fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (float8_e4m3fn weight, weight_scale_inv [N/block, K/block] fp32, the values they stand for), as
+    DeepSeek-V3 and Qwen3-*-FP8 ship them: each block scaled so its largest magnitude is 448."""
+    n, k = w.shape
+    tiles = w.reshape(n // block, block, k // block, block)
+    scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)
+    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    values = (q.float() * scale[:, None, :, None]).reshape(n, k)
+    return q.reshape(n, k), scale, values
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """(a fine-grained FP8 Qwen3-MoE checkpoint in the layout Qwen3-30B-A3B-FP8 ships, a plain one of its values)."""
+    root = tmp_path_factory.mktemp("fp8")
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(tiny_config("qwen3_moe")).float()
+    model.save_pretrained(root / "source")
+    from safetensors.torch import load_file
+
+    state = load_file(str(root / "source" / "model.safetensors"))
+    quantized, plain = {}, {}
+    for key, value in state.items():
+        if value.dim() == 2 and key.endswith("proj.weight"):  # attention, dense MLP, each expert (not the router)
+            q, scale, values = fp8_blocks(value, 8)
+            quantized[key], quantized[key + "_scale_inv"], plain[key] = q, scale, values
+        else:
+            quantized[key] = plain[key] = value
+    packed, reference = root / "fp8", root / "plain"
+    for path, tensors in ((packed, quantized), (reference, plain)):
+        os.makedirs(path)
+        for name in os.listdir(root / "source"):
+            if not name.endswith(".safetensors"):
+                (path / name).write_bytes((root / "source" / name).read_bytes())
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    saved = json.loads((packed / "config.json").read_text())
+    saved["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                    "weight_block_size": [8, 8], "modules_to_not_convert": ["lm_head", "mlp.gate"]}
+    (packed / "config.json").write_text(json.dumps(saved))
+    return str(packed), str(reference)
+
+
+def test_dequantization_is_asked_for_fp8_checkpoints_keeping_their_settings(fp8_checkpoint):
+    from moetune.models.quantized import dequantizing_kwargs
+
+    config = transformers.AutoConfig.from_pretrained(fp8_checkpoint[0], local_files_only=True)
+    asked = dequantizing_kwargs(config, {"revision": "x"})["quantization_config"]
+    assert isinstance(asked, transformers.FineGrainedFP8Config) and asked.dequantize
+    assert asked.modules_to_not_convert == ["lm_head", "mlp.gate"]
+    own = transformers.FineGrainedFP8Config()
+    assert dequantizing_kwargs(config, {"quantization_config": own})["quantization_config"] is own  # the caller's wins
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_checkpoints_load_dequantized_and_compute_as_their_values(fp8_checkpoint, device):
+    """On an sm89+ GPU transformers would keep FP8Experts (weights moetune's GEMMs do not read); dequantized there
+    too. On CPU transformers dequantizes anyway: the layout and the values are checked."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    packed, reference = fp8_checkpoint
+    model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32, device_map=device)
+    plain, _ = FastMoEModel.from_pretrained(reference, dtype=torch.float32, device_map=device)
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.dim() == 3
+    ids = torch.randint(0, 96, (2, 9), device=device)
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    peft_model = FastMoEModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_up_proj"])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_kept_fp8_experts_are_named_in_the_error():
+    from moetune.models import hook
+
+    class Kept(torch.nn.Module):  # transformers' FP8Experts holds float8 stacks
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 4, 8, dtype=torch.float8_e4m3fn), requires_grad=False)
+
+    model = torch.nn.Module()
+    model.mlp = torch.nn.Module()
+    model.mlp.experts = Kept()
+    spec = type("Spec", (), {"experts_module": "mlp.experts", "model_type": "qwen3_moe"})()
+    with pytest.raises(ValueError, match=r"^model: its experts are FP8-quantized \(mlp.experts.gate_up_proj is "
+                                         r"torch.float8_e4m3fn\); .*FineGrainedFP8Config\(dequantize=True\)"):
+        hook.find_experts(model, spec)
+
+
+def test_an_adapter_merges_into_an_fp8_checkpoint_as_a_plain_one(fp8_checkpoint, tmp_path):
+    packed, _ = fp8_checkpoint
+    model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32)
+    peft_model = FastMoEModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_up_proj"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge(packed, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    with open(tmp_path / "merged" / "config.json") as f:
+        assert "quantization_config" not in json.load(f)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                               local_files_only=True)
+    ids = torch.randint(0, 96, (1, 7))
+    peft_model.eval()
+    torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
