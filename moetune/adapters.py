@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models.hook import DEFAULT_ADAPTER, LORA_PARAMS, expert_lora
-from .models.quantized import dequantizing_kwargs
+from .models.quantized import from_pretrained_dequantized
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -229,9 +229,10 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     check_dtype(dtype)
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = get_spec(config.model_type)
-    model = getattr(transformers, spec.auto_class).from_pretrained(  # (MXFP4 experts dequantized: models/quantized.py)
-        model_dir, dtype=dtype, local_files_only=True, **dequantizing_kwargs(config, {"use_kernels": False})
-    )  # use_kernels=False: no Hub kernels (5.25's default), offline
+    model = from_pretrained_dequantized(  # (quantized experts dequantized: models/quantized.py)
+        getattr(transformers, spec.auto_class), model_dir, config, dtype=dtype, local_files_only=True,
+        use_kernels=False,  # no Hub kernels (5.25's default), offline
+    )
     _untie_adapted_embeddings(model, adapter_dir)
     with peft_deprecation_quiet():
         try:

@@ -48,7 +48,7 @@ from .models.hook import (
     remove_expert_lora,
     set_expert_adapter,
 )
-from .models.quantized import dequantizing_kwargs
+from .models.quantized import from_pretrained_dequantized
 from .models.registry import get_spec
 from .models.spec import ArchSpec
 from .training.offload import enable_offloaded_checkpointing
@@ -420,9 +420,9 @@ class FastMoEModel:
             # transformers >= 5.25 swaps in the `kernels` library's Hub kernels by default (downloaded at load time,
             # replacing modules moetune patches); moetune brings its own. Accepted (default off) since 5.17.
             kwargs.setdefault("use_kernels", False)
-            model = auto.from_pretrained(
-                model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn, local_files_only=True,
-                **dequantizing_kwargs(config, kwargs),
+            model = from_pretrained_dequantized(
+                auto, model_dir, config, dtype=dtype, device_map=device_map, attn_implementation=attn,
+                local_files_only=True, **kwargs,
             )
         else:
             if isinstance(device_map, dict) or device_map in PLACEMENT_STRATEGIES:

@@ -14,6 +14,8 @@ checkpoint's own settings (block size, modules it left unquantized) kept.
 
 from __future__ import annotations
 
+import torch
+
 
 def _quant_method(config) -> str | None:
     quantization = getattr(config, "quantization_config", None)
@@ -44,3 +46,28 @@ def dequantizing_kwargs(config, kwargs: dict) -> dict:
         return {**kwargs, "quantization_config": FineGrainedFP8Config(
             dequantize=True, modules_to_not_convert=saved.get("modules_to_not_convert"))}
     return kwargs
+
+
+def from_pretrained_dequantized(auto_class, model_dir: str, config, **kwargs):
+    """auto_class.from_pretrained(model_dir, **kwargs) with a quantized checkpoint's experts dequantized
+    (dequantizing_kwargs) and the result made plain where transformers 5.17-5.23 leave it half-quantized:
+
+    - 5.17-5.22 dequantize MXFP4 experts to bf16 whatever `dtype` asks (5.23 passes the dtype through): the
+      dequantized stacks are cast to the model's dtype (exact: bf16 holds every MXFP4 value);
+    - 5.17-5.23 save a dequantized model through the quantizer's load conversions reversed (MXFP4 experts written
+      under `gate_up_proj$` or `*_blocks` names, lost on reload; FP8 fails with "Undefined Operation"): the model
+      forgets them, so save_pretrained writes the plain layout (transformers' default mapping for the architecture,
+      as for a model built from its config)."""
+    load_kwargs = dequantizing_kwargs(config, kwargs)
+    model = auto_class.from_pretrained(model_dir, **load_kwargs)
+    if "quantization_config" in load_kwargs and "quantization_config" not in kwargs:
+        dtype = kwargs.get("dtype")
+        if not isinstance(dtype, torch.dtype):  # "auto" or unset: what the rest of the model was loaded in
+            dtype = model.get_input_embeddings().weight.dtype
+        for module in model.modules():
+            for name in ("gate_up_proj", "down_proj"):
+                weight = module._parameters.get(name)
+                if weight is not None and weight.dim() == 3 and weight.is_floating_point() and weight.dtype != dtype:
+                    weight.data = weight.data.to(dtype)
+        model._weight_conversions = None
+    return model
