@@ -78,8 +78,11 @@ def test_mxfp4_experts_load_dequantized_and_compute_as_their_values(mxfp4_checkp
     peft_model(input_ids=ids, labels=ids).loss.backward()
 
 
-def test_an_adapter_merges_into_an_mxfp4_checkpoint_as_a_plain_one(mxfp4_checkpoint, tmp_path):
-    packed, _ = mxfp4_checkpoint
+@pytest.mark.parametrize("checkpoint", ["mxfp4_checkpoint", "fp8_checkpoint"])
+def test_an_adapter_merges_into_a_quantized_checkpoint_as_a_plain_one(checkpoint, request, tmp_path):
+    """The merged checkpoint holds the dequantized weights with the LoRA folded in, in a plain layout
+    transformers reloads (5.17-5.23 wrote the experts under names lost on reload, or failed, for FP8)."""
+    packed, _ = request.getfixturevalue(checkpoint)
     model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32)
     peft_model = FastMoEModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_up_proj"])
     with torch.no_grad():
@@ -200,21 +203,3 @@ def test_kept_fp8_experts_are_named_in_the_error():
                                          r"torch.float8_e4m3fn\); .*FineGrainedFP8Config\(dequantize=True\)"):
         hook.find_experts(model, spec)
 
-
-def test_an_adapter_merges_into_an_fp8_checkpoint_as_a_plain_one(fp8_checkpoint, tmp_path):
-    packed, _ = fp8_checkpoint
-    model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32)
-    peft_model = FastMoEModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_up_proj"])
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    merge(packed, str(tmp_path / "adapter"), str(tmp_path / "merged"))
-    with open(tmp_path / "merged" / "config.json") as f:
-        assert "quantization_config" not in json.load(f)
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
-                                                               local_files_only=True)
-    ids = torch.randint(0, 96, (1, 7))
-    peft_model.eval()
-    torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
