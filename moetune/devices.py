@@ -23,10 +23,15 @@ def resolve_device(device, argument: str = "device") -> torch.device:
             raise ValueError(f"{argument}: expected a device this machine has, got {device} but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        elif device.index >= torch.cuda.device_count():
-            raise ValueError(f"{argument}: expected a device this machine has, got {device} "
-                             f"but it has {torch.cuda.device_count()} CUDA device(s)")
+        check_gpu_index(device, argument)
     return device
+
+
+def check_gpu_index(device: torch.device, argument: str = "device") -> None:
+    """ValueError naming `argument` when `device` is a CUDA GPU index past this machine's GPUs."""
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{argument}: expected a device this machine has, got {device} "
+                         f"but it has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def check_device_map(device_map) -> None:

@@ -13,6 +13,7 @@ from importlib import resources
 
 import torch
 
+from ..devices import check_gpu_index
 from ..experts import select_backend
 from . import data as data_mod
 from .checkpoint import latest_checkpoint
@@ -53,6 +54,7 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--device: {name} asked for, but torch sees no CUDA GPU")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    check_gpu_index(device, "--device")
     return device
 
 

@@ -152,3 +152,17 @@ def test_real_entry_point_errors(tmp_path, args, env, message):
     assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_a_gpu_index_this_machine_lacks(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", out, "--device", "cuda:3")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "--device: expected a device this machine has, got cuda:3 but it has 1 CUDA device(s)" in stderr
+    assert not out.exists() or os.listdir(out) == []
+    code, _, stderr = run_cli(capsys, "info", "--device", "cuda:1")
+    assert code == 2 and "--device: expected a device this machine has, got cuda:1 but it has 1" in stderr, stderr
