@@ -90,7 +90,7 @@ def choose_plan(layers: int, per_layer: int, least: int, budget: int, attention:
     # The last layer is left out for free: its backward comes first, so a checkpointed last layer recomputes there
     # at once what it did not hold and the step peaks as high (run 58b: 48 layers checkpointed peaked 36 MB above
     # 47), while its recompute costs time. The plan's check measures it.
-    if checkpointed == layers > 1:
+    if checkpointed == layers:
         checkpointed, keeping = layers - 1, min(keeping, layers - 1)
     return checkpointed, keeping
 

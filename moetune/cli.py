@@ -16,7 +16,7 @@ import sys
 import torch
 
 from . import __version__
-from .devices import check_gpu_index
+from .devices import resolve_device
 from .experts import ENV_VAR, KNOWN_BACKENDS, available_backends, select_backend
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -46,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             device = None
         if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
-        check_gpu_index(device, "--device")
+        device = resolve_device(device, "--device")  # CUDA asked for without one, or a GPU index past them
     dtype = _DTYPES[args.dtype]
     resolved = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     name, why = select_backend(resolved, dtype, explain=True)

@@ -36,6 +36,8 @@ def test_choice_from_the_probe():
     assert choose(15 * GiB, GiB // 8) == (6, 6)
     assert choose(15 * GiB + GiB // 2, GiB // 8) == (4, 4)  # 1.5 GiB after the kept outputs: four out
     assert choose(80 * GiB, GiB // 8) == (0, 0)
+    assert choose_plan(1, GiB, 10 * GiB, 10 * GiB) == (0, 0)  # one layer, the last: left out for free
+    assert choose_plan(1, GiB, 10 * GiB, 9 * GiB) == (1, 0)  # over budget already: the floor
 
 
 class FakeMemory:

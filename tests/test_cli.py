@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def moetune(*args, env=None):
@@ -36,6 +37,8 @@ def test_info_honours_environment_variable():
         (("info",), {"MOETUNE_MOE_BACKEND": "fastest"}, "MOETUNE_MOE_BACKEND: expected one of native, grouped_mm, triton"),
         (("info", "--device", "potato"), {}, "--device: expected cpu, cuda or cuda:N"),
         (("info", "--device", "mps"), {}, "--device: expected cpu, cuda or cuda:N, got 'mps'"),
+        pytest.param(("info", "--device", "cuda"), {}, "--device: expected a device this machine has, got cuda",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
         (("train", "--data", ""), {}, "--data: expected a path, got ''"),
         (("train", "--output-dir", ""), {}, "--output-dir: expected a path, got ''"),
         (("train", "--checkpoint-layers", "1", "--no-gradient-checkpointing"), {},

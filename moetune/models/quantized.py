@@ -22,8 +22,10 @@ def _quant_method(config) -> str | None:
     if quantization is None:
         return None
     if isinstance(quantization, dict):
-        return quantization.get("quant_method")
-    return getattr(quantization, "quant_method", None)
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
+    return getattr(method, "value", method)  # a QuantizationMethod enum on a config object
 
 
 def dequantizing_kwargs(config, kwargs: dict) -> dict:
@@ -60,7 +62,9 @@ def from_pretrained_dequantized(auto_class, model_dir: str, config, **kwargs):
       as for a model built from its config)."""
     load_kwargs = dequantizing_kwargs(config, kwargs)
     model = auto_class.from_pretrained(model_dir, **load_kwargs)
-    if "quantization_config" in load_kwargs and "quantization_config" not in kwargs:
+    method = str(_quant_method(config)).lower()
+    # dequantized, by moetune's request or a caller's own config asking the same
+    if (method.endswith("mxfp4") or method == "fp8") and not getattr(model, "is_quantized", False):
         dtype = kwargs.get("dtype")
         if not isinstance(dtype, torch.dtype):  # "auto" or unset: what the rest of the model was loaded in
             dtype = model.get_input_embeddings().weight.dtype

@@ -168,6 +168,32 @@ def test_dequantization_is_asked_for_fp8_checkpoints_keeping_their_settings(fp8_
     assert asked.modules_to_not_convert == ["lm_head", "mlp.gate"]
     own = transformers.FineGrainedFP8Config()
     assert dequantizing_kwargs(config, {"quantization_config": own})["quantization_config"] is own  # the caller's wins
+    # A config object (a loaded model's) carries the method as an enum, not a string.
+    config.quantization_config = transformers.FineGrainedFP8Config(modules_to_not_convert=["lm_head"])
+    assert dequantizing_kwargs(config, {})["quantization_config"].dequantize
+
+
+@pytest.mark.parametrize("checkpoint", ["mxfp4_checkpoint", "fp8_checkpoint"])
+@pytest.mark.parametrize("own", [False, True])
+def test_dequantized_checkpoints_are_plain_however_dequantization_was_asked(checkpoint, own, request, tmp_path):
+    """moetune's request or the caller's own dequantizing config (as moetune's errors suggest): experts in the
+    model's dtype (transformers 5.17-5.22 gave MXFP4 ones bf16) and save_pretrained writing a plain layout that
+    reloads equal (5.17-5.23 wrote the experts under names lost on reload, or failed for FP8)."""
+    packed, _ = request.getfixturevalue(checkpoint)
+    kwargs = {}
+    if own:
+        kwargs["quantization_config"] = (transformers.Mxfp4Config(dequantize=True) if checkpoint.startswith("mxfp4")
+                                         else transformers.FineGrainedFP8Config(dequantize=True))
+    model, _ = FastMoEModel.from_pretrained(packed, dtype=torch.float32, **kwargs)
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float32
+    model.save_pretrained(tmp_path / "saved")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32,
+                                                              local_files_only=True)
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(theirs[key], mine[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
