@@ -46,9 +46,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             device = None
         if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
-        device = resolve_device(device, "--device")  # CUDA asked for without one, or a GPU index past them
     dtype = _DTYPES[args.dtype]
-    resolved = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    # (None: the GPU if there is one; a one-line error for CUDA without one, or a GPU index past them)
+    resolved = resolve_device(device, "--device")
     name, why = select_backend(resolved, dtype, explain=True)
     print(f"moetune       {__version__}")
     print(f"python        {platform.python_version()}")

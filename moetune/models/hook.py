@@ -219,10 +219,6 @@ def moetune_experts_forward(
 ExpertsInterface.register(IMPLEMENTATION, moetune_experts_forward)
 
 
-FLOAT8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                                           "float8_e5m2fnuz") if hasattr(torch, name))
-
-
 def find_experts(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     """Experts modules of the model, by qualified name (those ending in spec.experts_module)."""
     found = {
@@ -232,7 +228,7 @@ def find_experts(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
         and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
     }
     for name, module in found.items():
-        if module.gate_up_proj.dtype in FLOAT8_DTYPES:
+        if module.gate_up_proj.is_floating_point() and module.gate_up_proj.element_size() == 1:  # a float8 kind
             raise ValueError(f"model: its experts are FP8-quantized ({name}.gate_up_proj is {module.gate_up_proj.dtype});"
                              " moetune trains on dequantized experts: load with "
                              "quantization_config=FineGrainedFP8Config(dequantize=True)")

@@ -17,37 +17,37 @@ from __future__ import annotations
 import torch
 
 
-def _quant_method(config) -> str | None:
+def _quantization(config) -> dict:
+    """The checkpoint's quantization_config as a dict (a config object's too), {} where there is none."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
-        return None
-    if isinstance(quantization, dict):
-        method = quantization.get("quant_method")
-    else:
-        method = getattr(quantization, "quant_method", None)
-    return getattr(method, "value", method)  # a QuantizationMethod enum on a config object
+        return {}
+    return quantization if isinstance(quantization, dict) else quantization.to_dict()
+
+
+def _dequantized_method(config) -> str | None:
+    """"mxfp4" or "fp8" for a checkpoint whose experts moetune has dequantized on load, else None."""
+    method = _quantization(config).get("quant_method")
+    method = str(getattr(method, "value", method)).lower()  # (a QuantizationMethod enum on a config object)
+    return method if method in ("mxfp4", "fp8") else None
 
 
 def dequantizing_kwargs(config, kwargs: dict) -> dict:
     """kwargs for transformers' from_pretrained with the experts' dequantization asked for where the checkpoint
-    needs it (MXFP4) and the caller did not choose."""
-    method = str(_quant_method(config)).lower()
-    if "quantization_config" in kwargs:
+    needs it (MXFP4, FP8) and the caller did not choose."""
+    method = _dequantized_method(config)
+    if method is None or "quantization_config" in kwargs:
         return kwargs
-    if method.endswith("mxfp4"):
+    if method == "mxfp4":
         from transformers import Mxfp4Config
 
         return {**kwargs, "quantization_config": Mxfp4Config(dequantize=True)}
-    if method == "fp8":
-        from transformers import FineGrainedFP8Config
+    from transformers import FineGrainedFP8Config
 
-        saved = config.quantization_config
-        saved = saved if isinstance(saved, dict) else saved.to_dict()
-        # from_pretrained keeps the checkpoint's config and takes only the loading attributes (dequantize and
-        # modules_to_not_convert) from this one: the checkpoint's list is passed back so it is not replaced by None.
-        return {**kwargs, "quantization_config": FineGrainedFP8Config(
-            dequantize=True, modules_to_not_convert=saved.get("modules_to_not_convert"))}
-    return kwargs
+    # from_pretrained keeps the checkpoint's config and takes only the loading attributes (dequantize and
+    # modules_to_not_convert) from this one: the checkpoint's list is passed back so it is not replaced by None.
+    return {**kwargs, "quantization_config": FineGrainedFP8Config(
+        dequantize=True, modules_to_not_convert=_quantization(config).get("modules_to_not_convert"))}
 
 
 def from_pretrained_dequantized(auto_class, model_dir: str, config, **kwargs):
@@ -62,9 +62,8 @@ def from_pretrained_dequantized(auto_class, model_dir: str, config, **kwargs):
       as for a model built from its config)."""
     load_kwargs = dequantizing_kwargs(config, kwargs)
     model = auto_class.from_pretrained(model_dir, **load_kwargs)
-    method = str(_quant_method(config)).lower()
     # dequantized, by moetune's request or a caller's own config asking the same
-    if (method.endswith("mxfp4") or method == "fp8") and not getattr(model, "is_quantized", False):
+    if _dequantized_method(config) is not None and not getattr(model, "is_quantized", False):
         dtype = kwargs.get("dtype")
         if not isinstance(dtype, torch.dtype):  # "auto" or unset: what the rest of the model was loaded in
             dtype = model.get_input_embeddings().weight.dtype

@@ -68,7 +68,7 @@ def test_cuda_choice_by_problem_size(monkeypatch):
     """On CUDA triton is chosen from TRITON_MIN_GEMM_SIZE (rows x hidden x expert width, measured), grouped_mm below."""
     from moetune.experts import backends
 
-    monkeypatch.setattr(backends, "_resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(backends, "resolve_device", lambda device: torch.device("cuda", 0))
     monkeypatch.setattr(backends, "_unavailable", lambda name, device, dtype: None)
     big, small = backends.TRITON_MIN_GEMM_SIZE, backends.TRITON_MIN_GEMM_SIZE - 1
     assert select_backend("cuda", torch.bfloat16, gemm_size=big) == "triton"

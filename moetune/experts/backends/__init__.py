@@ -89,13 +89,9 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | N
     return BACKENDS[name].unavailable_reason(device, dtype)
 
 
-def _resolve_device(device) -> torch.device:
-    return resolve_device(device, "device")
-
-
 def available_backends(device=None, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """Backends usable for `device` (default: the current GPU, else CPU) and `dtype`, fastest first."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     return [name for name in _preference(device) if _unavailable(name, device, dtype) is None]
 
 
@@ -133,7 +129,7 @@ def select_backend(
     multiply-adds of one projection; None: a large problem).
     A forced backend that cannot run here raises ValueError with the reason.
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     forced, source = backend, "backend"
     if forced is None and os.environ.get(ENV_VAR):
         forced, source = os.environ[ENV_VAR].strip(), ENV_VAR
