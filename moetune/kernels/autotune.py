@@ -9,10 +9,12 @@ In Triton's interpreter (CPU tests) nothing is timed: the first candidate is use
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import stat
 import statistics
 import sys
 import tempfile
@@ -31,28 +33,88 @@ _tunings = 0  # picks timed in this process (tunings())
 
 def cache_path() -> Path:
     root = os.environ.get("MOETUNE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moetune"
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "moetune"
     )
-    return Path(root) / "autotune.json"
+    return Path(os.path.expanduser(root)) / "autotune.json"  # a `~` from a Dockerfile's ENV is not the shell's
+
+
+def _read(path: Path) -> dict[str, dict] | None:
+    """The file's entries: {} where there is none or it is damaged (truncated, not JSON, not a mapping: re-tuned and
+    rewritten); None where it exists but cannot be read, which this process then leaves as it is."""
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        print(f"moetune: cannot read the autotune cache {path} ({err}); tuning into memory only, the file is left "
+              "as it is", file=sys.stderr)
+        return None
+    except ValueError:  # UnicodeDecodeError included
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+_writable = True  # False once the file proved unreadable: writing would replace entries this process never saw
 
 
 def _load() -> dict[str, dict]:
-    global _memory
+    global _memory, _writable
     if _memory is None:
-        try:
-            _memory = json.loads(cache_path().read_text())
-        except (OSError, ValueError):
-            _memory = {}
+        entries = _read(cache_path())
+        _writable = entries is not None
+        _memory = entries or {}
     return _memory
 
 
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """Holds an exclusive lock on the cache's directory (POSIX), so that processes sharing the cache (ranks of one
+    job, two jobs) merge their entries instead of writing over each other's; no lock where flock is missing."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _save(entries: dict[str, dict]) -> None:
+    """Writes entries merged into what the file holds now (another process may have added some since this one read
+    it); the result is also this process's view."""
     path = cache_path()
+    _load()  # (whether the file could be read)
+    if not _writable:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(entries, f, indent=0, sort_keys=True)
-        os.replace(f.name, path)  # atomic: a reader never sees half a file
+        with _locked(path.parent):
+            on_disk = _read(path)
+            if on_disk is None:
+                return
+            merged = {**on_disk, **entries}
+            tmp = None
+            try:
+                with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+                    tmp = f.name
+                    json.dump(merged, f, indent=0, sort_keys=True)
+                # NamedTemporaryFile makes the file 0600: keep the cache's mode, or let everyone read a new one
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+                os.replace(tmp, path)  # atomic: a reader never sees half a file
+                tmp = None
+            finally:
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)  # a failed write (a full disk) leaves no half-written file behind
+        if _memory is not None:
+            _memory.update(merged)
     except OSError as err:  # a read-only home must not stop training
         print(f"moetune: could not write the autotune cache {path}: {err}", file=sys.stderr)
 
@@ -167,9 +229,13 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
     # reusing a winner picked from an older list.
     digest = hashlib.sha1(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:8]
     full_key = f"{gpu}|triton {triton.__version__}|{name}|{key}|{digest}"
+    as_stored = [json.loads(json.dumps(config)) for config in candidates]  # what a cached pick reads back as
     with _lock:
         hit = _load().get(full_key)
-    if hit is not None:
+        if hit not in as_stored:  # a miss, or an entry edited or damaged on disk: look again, then tune
+            hit = ((_read(cache_path()) if _writable else None) or {}).get(full_key)  # tuned meanwhile elsewhere?
+    if hit in as_stored:
+        hit = candidates[as_stored.index(hit)]
         _picked[(index, name, key)] = (candidates, hit)
         return hit
     print(f"moetune: tuning {name} {key} on {gpu} (once; cached in {cache_path()})", file=sys.stderr)
@@ -196,6 +262,6 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
     with _lock:
         entries = _load()
         entries[full_key] = best
-        _save(entries)
+        _save({full_key: best})
     _picked[(index, name, key)] = (candidates, best)
     return best

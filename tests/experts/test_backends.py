@@ -43,6 +43,15 @@ def test_environment_forces_backend(monkeypatch):
     assert select_backend("cpu", torch.float32, backend="grouped_mm") == "grouped_mm"
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_environment_value_means_automatic(monkeypatch, blank):
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", blank)
+    monkeypatch.delenv("MOETUNE_MOE_BACKEND")
+    automatic = select_backend(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("MOETUNE_MOE_BACKEND", blank)
+    assert select_backend(torch.device("cpu"), torch.float32) == automatic
+
+
 def test_environment_backend_that_cannot_run(monkeypatch):
     monkeypatch.setenv("MOETUNE_MOE_BACKEND", "grouped_mm")
     with pytest.raises(ValueError, match="MOETUNE_MOE_BACKEND: 'grouped_mm' cannot run on cpu with torch.float64"):

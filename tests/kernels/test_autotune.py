@@ -25,11 +25,102 @@ def test_small_or_cpu_problems_take_the_first_candidate_without_timing():
     assert autotune.pick("k", (1,), candidates, launched.append, "cpu", num_rows=10) == candidates[0]
 
 
+def test_cache_path_expands_a_home_tilde(monkeypatch, tmp_path):
+    """Docker's ENV and os.environ do not expand `~`: the cache must not land in a directory named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", "~/cache")
+    assert autotune.cache_path() == tmp_path / "cache" / "autotune.json"
+    monkeypatch.delenv("MOETUNE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert autotune.cache_path() == tmp_path / "xdg" / "moetune" / "autotune.json"
+
+
 def test_save_is_atomic_and_readable(monkeypatch, tmp_path):
     monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", None)
     autotune._save({"gpu|triton|k|(1,)": {"BLOCK_M": 64}})
     assert json.loads((tmp_path / "autotune.json").read_text()) == {"gpu|triton|k|(1,)": {"BLOCK_M": 64}}
     assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temp file left behind
+    assert (tmp_path / "autotune.json").stat().st_mode & 0o777 == 0o644  # readable by the users sharing it
+    (tmp_path / "autotune.json").chmod(0o664)
+    autotune._save({"gpu|triton|k|(2,)": {"BLOCK_M": 32}})
+    assert (tmp_path / "autotune.json").stat().st_mode & 0o777 == 0o664  # a cache's own mode is kept
+
+
+def test_a_save_merges_what_another_process_wrote_since_this_one_read(monkeypatch, tmp_path):
+    """Ranks of one job (or two jobs) share the cache: each save re-reads the file under a lock, so no process
+    drops the others' picks."""
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", None)
+    path = tmp_path / "autotune.json"
+    path.write_text(json.dumps({"b1": {"BLOCK_M": 16}}))
+    assert autotune._load() == {"b1": {"BLOCK_M": 16}}  # this process read the file
+    path.write_text(json.dumps({"b1": {"BLOCK_M": 16}, "a1": {"BLOCK_M": 32}}))  # another process added a1
+    autotune._save({"b2": {"BLOCK_M": 64}})
+    expected = {"a1": {"BLOCK_M": 32}, "b1": {"BLOCK_M": 16}, "b2": {"BLOCK_M": 64}}
+    assert json.loads(path.read_text()) == expected
+    assert autotune._load() == expected
+
+
+def test_a_pick_another_process_tuned_meanwhile_is_read_not_tuned_again(monkeypatch, tmp_path):
+    launch, timed = _fake_gpu(monkeypatch, tmp_path, {"first": [1.0], "second": [0.5]})
+    candidates = [{"name": "first"}, {"name": "second"}]
+    assert autotune._load() == {}  # read before the other process wrote
+    key = f"fake GPU|triton {__import__('triton').__version__}|k|('meanwhile',)|"
+    digest = __import__("hashlib").sha1(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:8]
+    (tmp_path / "autotune.json").write_text(json.dumps({key + digest: {"name": "second"}}))
+    assert autotune.pick("k", ("meanwhile",), candidates, launch, "cuda:0", num_rows=10**6) == {"name": "second"}
+    assert timed == []
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '"text"', "7", '{"truncated": ', "\udcff"])
+def test_a_damaged_cache_file_is_tuned_over_and_rewritten(monkeypatch, tmp_path, content):
+    launch, timed = _fake_gpu(monkeypatch, tmp_path, {"first": [1.0, 1.0, 1.0, 1.0], "second": [0.5, 0.5, 0.5, 0.5]})
+    (tmp_path / "autotune.json").write_text(content, errors="surrogateescape")
+    candidates = [{"name": "first"}, {"name": "second"}]
+    assert autotune.pick("k", ("damaged",), candidates, launch, "cuda:0", num_rows=10**6) == {"name": "second"}
+    assert list(json.loads((tmp_path / "autotune.json").read_text()).values()) == [{"name": "second"}]
+
+
+def test_a_cached_entry_that_is_not_among_the_candidates_is_tuned_again(monkeypatch, tmp_path):
+    """An entry edited by hand or left by a bug must not reach a kernel as its config."""
+    launch, timed = _fake_gpu(monkeypatch, tmp_path, {"first": [1.0, 1.0, 1.0, 1.0], "second": [0.5, 0.5, 0.5, 0.5]})
+    candidates = [{"name": "first", "shape": (1, 2)}, {"name": "second", "shape": (3, 4)}]
+    key = f"fake GPU|triton {__import__('triton').__version__}|k|('stale',)|"
+    digest = __import__("hashlib").sha1(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:8]
+    (tmp_path / "autotune.json").write_text(json.dumps({key + digest: {"name": "gone"}}))
+    picked = autotune.pick("k", ("stale",), candidates, launch, "cuda:0", num_rows=10**6)
+    assert picked is candidates[1] and timed
+    # a good entry comes back as the candidate itself (its tuple, not JSON's list)
+    monkeypatch.setattr(autotune, "_memory", None)
+    monkeypatch.setattr(autotune, "_picked", {})
+    timed.clear()
+    assert autotune.pick("k", ("stale",), candidates, launch, "cuda:0", num_rows=10**6) is candidates[1]
+    assert timed == []
+
+
+def test_an_unreadable_cache_is_left_as_it_is_and_tuning_goes_on_in_memory(monkeypatch, tmp_path, capsys):
+    launch, _ = _fake_gpu(monkeypatch, tmp_path, {"first": [1.0, 1.0, 1.0, 1.0], "second": [0.5, 0.5, 0.5, 0.5]})
+    (tmp_path / "autotune.json").mkdir()  # read_text raises IsADirectoryError, as an unreadable file raises
+    candidates = [{"name": "first"}, {"name": "second"}]
+    assert autotune.pick("k", ("unreadable",), candidates, launch, "cuda:0", num_rows=10**6) == {"name": "second"}
+    err = capsys.readouterr().err
+    assert err.count("cannot read the autotune cache") == 1 and "left as it is" in err
+    assert (tmp_path / "autotune.json").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["autotune.json"]
+
+
+def test_a_failed_write_leaves_no_half_written_file(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", None)
+
+    def full_disk(obj, f, **kwargs):
+        f.write("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(autotune.json, "dump", full_disk)
+    autotune._save({"k": {"BLOCK_M": 64}})
+    assert list(tmp_path.iterdir()) == []
+    assert "could not write the autotune cache" in capsys.readouterr().err
 
 
 def test_a_near_tie_keeps_the_favourite_and_a_clear_win_replaces_it():
@@ -118,6 +209,7 @@ def _fake_gpu(monkeypatch, tmp_path, times: dict[str, list[float]]):
     monkeypatch.setattr(autotune, "_memory", None)
     monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    monkeypatch.setattr(autotune, "_picked", {})
     timed = []
 
     def launch(config):

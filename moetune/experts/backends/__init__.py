@@ -131,7 +131,7 @@ def select_backend(
     """
     device = resolve_device(device)
     forced, source = backend, "backend"
-    if forced is None and os.environ.get(ENV_VAR):
+    if forced is None and os.environ.get(ENV_VAR, "").strip():  # set but blank counts as unset, as empty does
         forced, source = os.environ[ENV_VAR].strip(), ENV_VAR
     if forced is not None:
         _check_name(forced, source)
