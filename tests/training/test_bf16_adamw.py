@@ -146,6 +146,43 @@ def test_a_parameter_moved_after_the_first_step_is_stepped_where_it_is(device):
     torch.testing.assert_close(params[0], reference[0], rtol=0, atol=1e-3)
 
 
+def test_the_gradients_address_table_is_reused_only_while_their_addresses_repeat(device, way, monkeypatch):
+    """The kernel reads gradients through a device table of addresses: made again when a gradient lives somewhere
+    else (a new tensor, a gradient dropped), reused when every address repeats (the usual step)."""
+    if way != "triton":
+        pytest.skip("the table is the kernel's")
+    made = []
+    real = bf16_adamw._to_device
+    monkeypatch.setattr(bf16_adamw, "_to_device", lambda values, *args: made.append(list(values)) or real(values, *args))
+    params, reference = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2, weight_decay=0.0)
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(6)
+    grads = [torch.empty_like(p) for p in params]  # fixed storage: the same addresses every step
+    held = []
+    for step in range(5):
+        set_grads(params, reference, gen)
+        if step in (0, 1, 2):
+            for p, g in zip(params, grads):
+                p.grad = g.copy_(p.grad)
+        elif step == 3:
+            held = [p.grad for p in params]  # new tensors, the old storage still alive: other addresses
+        else:
+            params[2].grad = None  # a gradient dropped: address 0
+            reference[2].grad = None
+        made.clear()
+        optimizer.step()
+        torch_adamw.step()
+        tables = [values for values in made if len(values) == len(params)]
+        if step in (1, 2):
+            assert tables == []  # the same addresses as the step before: nothing built
+        else:
+            assert [0 if p.grad is None else p.grad.data_ptr() for p in params] in tables
+        for p, r in zip(params, reference):
+            torch.testing.assert_close(p, r, rtol=0, atol=1e-3)
+    assert held
+
+
 def test_state_dict_round_trip_and_torchs_state_dict_loads(device):
     params, reference = params_and_reference(device)
     optimizer = AdamWBf16(params, lr=1e-2)
