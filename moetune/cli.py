@@ -68,8 +68,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     config = train_config.resolve_config(flags, args.config)
+    from .training.loop import TrainingDiverged
+
     try:
         summary = train(config)
+    except TrainingDiverged as err:  # not a usage error: exit 1, one line
+        print(f"moetune train: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from .training.checkpoint import latest_checkpoint
 

@@ -30,9 +30,25 @@ from .config import TrainConfig
 from .metrics import ExpertLoad, MetricsLog, peak_memory_gib, read_metrics
 from .prepare import RUN_FILES, Plan, prepare
 
-__all__ = ["train", "run"]
+__all__ = ["train", "run", "TrainingDiverged"]
 
 MIN_LR_RATIO = 0.1
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss was not finite and no loss scaler skipped it: the weights it stepped hold NaN or inf, so the run
+    stops before any checkpoint or adapter is written from them."""
+
+
+def _stop_if_diverged(loss_sum: float, step: int, output_dir: str) -> None:
+    if math.isfinite(loss_sum):
+        return
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
+    raise TrainingDiverged(f"the loss is {loss_sum} by step {step}; stopped without writing the weights it stepped "
+                           f"({where}); try a lower --lr, --max-grad-norm 1.0, or bfloat16/float32")
 
 
 def train(config: TrainConfig, console=None) -> dict:
@@ -341,11 +357,15 @@ def run(plan: Plan, console=None) -> dict:
                     "expert_load": {str(layer): shares for layer, shares in zip(load.layers, load.take())},
                 }
                 metrics.write(row)
+                if scaler is None:  # (fp16's scaler skips the steps whose gradients overflowed, the loss too)
+                    _stop_if_diverged(row["loss"], done, config.output_dir)
                 progress.update(task, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:,.0f}")
                 tokens_total += tokens_interval
                 tokens_interval, steps_interval, t_interval = 0, 0, now
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
+                if scaler is None:  # steps since the last logged row
+                    _stop_if_diverged(float(loss_interval), done, config.output_dir)
                 window = {"loss": float(loss_interval), "steps": steps_interval, "expert_counts": load.counts.cpu()}
                 saving = time.perf_counter()
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,

@@ -67,7 +67,11 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _check_optimizer(name: str, device: torch.device) -> None:
+def _check_optimizer(name: str, device: torch.device, dtype: torch.dtype, train_router: bool) -> None:
+    if name == "adamw_bf16" and train_router and dtype != torch.float32:
+        # (checked before anything is written: the optimizer is built after the model's files)
+        raise ValueError(f"--optim: adamw_bf16 steps float32 weights, and --train-router trains the routers in the "
+                         f"model's {str(dtype).removeprefix('torch.')}; use --optim adamw, or --dtype float32")
     if name != "adamw_8bit":
         return
     if device.type != "cuda":
@@ -174,7 +178,7 @@ def prepare(config: TrainConfig) -> Plan:
     device = _device(config.device)
     dtype = _dtype(config.dtype, device)
     backend, why = select_backend(device, dtype, explain=True)  # a bad MOETUNE_MOE_BACKEND fails here
-    _check_optimizer(config.optim, device)
+    _check_optimizer(config.optim, device, dtype, config.train_router)
     if config.model is None:
         model_dir, source = None, DEMO_DIR
         model_config = _model_config(DEMO_DIR)

@@ -71,6 +71,7 @@ CASES = {
     "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
     "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),
     "8-bit optimizer on the CPU": (lambda t: ["--optim", "adamw_8bit", "--device", "cpu"], "--optim: adamw_8bit runs on a CUDA GPU"),
+    "bf16-state AdamW with bf16 routers trained": (lambda t: ["--optim", "adamw_bf16", "--train-router", "--dtype", "bfloat16"], "--optim: adamw_bf16 steps float32 weights, and --train-router trains the routers in the model's bfloat16; use --optim adamw, or --dtype float32"),
     "epochs not finite": (lambda t: ["--epochs", "inf"], "--epochs: expected a finite number > 0, got inf"),
     "learning rate not finite": (lambda t: ["--lr", "inf"], "--lr: expected a finite number > 0, got inf"),
     "weight decay not a number": (lambda t: ["--weight-decay", "nan"], "--weight-decay: expected a finite number >= 0, got nan"),

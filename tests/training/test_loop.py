@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
+
 from moetune.training import loop
 from moetune.training.metrics import MetricsLog
 
@@ -165,6 +167,40 @@ def test_a_resumed_run_takes_its_own_schedule_from_the_first_step(tmp_path, caps
     assert lrs("cut")[3:] == lrs("long")[3:]
 
 
+def test_a_resumed_run_takes_its_own_lr_and_weight_decay(tmp_path, capsys, monkeypatch):
+    """--lr and --weight-decay given again on --resume are used from the first resumed step (the optimizer's and the
+    schedule's saved states would otherwise bring the checkpoint's back, silently)."""
+    import json
+
+    from moetune.training import loop
+
+    loaded = []
+    real = loop.load_checkpoint
+
+    def recording(path, model, optimizer, scheduler, *args, **kwargs):
+        step = real(path, model, optimizer, scheduler, *args, **kwargs)
+        loaded.append([(group["lr"], group["weight_decay"]) for group in optimizer.param_groups])
+        return step
+
+    monkeypatch.setattr(loop, "load_checkpoint", recording)
+    common = ("--warmup-steps", 1, "--save-steps", 3, "--max-steps", 6)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "new", "--lr", 0.02, "--weight-decay",
+                              0.2, *common)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "cut", "--lr", 0.01, "--weight-decay", 0.1,
+                              *common[:-2], "--max-steps", 3)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "cut", "--resume", "--lr", 0.02,
+                              "--weight-decay", 0.2, *common)
+    assert code == 0, stderr
+
+    def lrs(run):
+        return [json.loads(line)["lr"] for line in open(tmp_path / run / "metrics.jsonl")]
+
+    assert lrs("cut")[3:] == lrs("new")[3:] and lrs("cut")[:3] != lrs("new")[:3]
+    assert {decay for _, decay in loaded[-1]} <= {0.2, 0.0} and 0.2 in {decay for _, decay in loaded[-1]}
+
+
 def test_a_checkpoint_with_other_optimizer_groups_is_refused_in_one_line(tmp_path, capsys):
     from ..models.helpers import save_checkpoint
     from .helpers import write_jsonl
@@ -272,3 +308,32 @@ def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
     assert len(lines) == 2 and all(line.get_marker() == "o" for line in lines)
     plots.plot_loss([{"step": s, "loss": 2.0, "lr": 1e-3} for s in range(1, 100)], str(tmp_path / "long.png"))
     assert all(line.get_marker() in ("None", None, "") for ax in figures[1].axes for line in ax.get_lines())
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True], ids=["after-backward", "in-backward"])
+def test_a_non_finite_loss_stops_the_run_before_it_writes_nan_weights(tmp_path, capsys, monkeypatch,
+                                                                       step_in_backward):
+    """One step whose loss is NaN (here forced at the third step's forward) steps every trained weight to NaN: the
+    run stops with one line and exit 1, writes no checkpoint, adapter or summary from those weights, and says which
+    checkpoint is still good."""
+    import torch
+
+    forwards = [0]
+    real = torch.nn.Embedding.forward
+
+    def poisoned(self, ids):
+        forwards[0] += 1
+        out = real(self, ids)
+        return out * float("nan") if forwards[0] == 3 else out
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", poisoned)
+    extra = ["--step-in-backward", "--max-grad-norm", 0] if step_in_backward else []
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 6, "--save-steps", 2,
+                              "--logging-steps", 2, "--checkpoint-layers", 0, *extra)
+    last = stderr.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert code == 1 and stderr.count("error") == 1 and last.startswith("moetune train: error: the loss is nan by "
+                                                                        "step 4"), stderr
+    assert "step-000002" in last and "Traceback" not in stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
