@@ -87,6 +87,12 @@ def _locked(directory: Path):
         os.close(fd)  # closing releases the lock
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # (the only way to read it; set back at once)
+    os.umask(mask)
+    return mask
+
+
 def _save(entries: dict[str, dict]) -> None:
     """Writes entries merged into what the file holds now (another process may have added some since this one read
     it); the result is also this process's view."""
@@ -106,8 +112,8 @@ def _save(entries: dict[str, dict]) -> None:
                 with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
                     tmp = f.name
                     json.dump(merged, f, indent=0, sort_keys=True)
-                # NamedTemporaryFile makes the file 0600: keep the cache's mode, or let everyone read a new one
-                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+                # NamedTemporaryFile makes the file 0600: keep the cache's mode, or a new file's under the umask
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
                 os.replace(tmp, path)  # atomic: a reader never sees half a file
                 tmp = None
             finally:

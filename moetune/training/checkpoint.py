@@ -196,13 +196,15 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_
             f"--weight-decay, or start again"
         )
     # This run's --lr and --weight-decay, which the optimizer and the schedule were just built with: loading their
-    # states would bring back the checkpoint's (a resume with a new --lr would silently keep the old one).
+    # states would bring back the checkpoint's (a resume with a new --lr would silently keep the old one). Only
+    # where the checkpoint has its settings file: a bare --resume of an older one took the defaults for them.
     own_lrs, own_decays = list(scheduler.base_lrs), [group["weight_decay"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scheduler.base_lrs = own_lrs
-    for group, lr, decay in zip(optimizer.param_groups, own_lrs, own_decays):
-        group["initial_lr"], group["weight_decay"] = lr, decay
+    if os.path.exists(os.path.join(path, RUN_SETTINGS)):
+        scheduler.base_lrs = own_lrs
+        for group, lr, decay in zip(optimizer.param_groups, own_lrs, own_decays):
+            group["initial_lr"], group["weight_decay"] = lr, decay
     # The lr of the step to come from this run's schedule: a run resumed with another --max-steps (or from a
     # checkpoint of an older schedule) would otherwise take its first step at the lr the checkpoint saved.
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -36,19 +36,28 @@ MIN_LR_RATIO = 0.1
 
 
 class TrainingDiverged(RuntimeError):
-    """A step's loss was not finite and no loss scaler skipped it: the weights it stepped hold NaN or inf, so the run
-    stops before any checkpoint or adapter is written from them."""
+    """A step's loss or a trained weight was not finite and no loss scaler skipped the step: the weights hold NaN or
+    inf, so the run stops before any checkpoint or adapter is written from them."""
 
 
-def _stop_if_diverged(loss_sum: float, step: int, output_dir: str) -> None:
-    if math.isfinite(loss_sum):
+def _stop_if_diverged(loss_sum: float, step: int, config: TrainConfig, params=()) -> None:
+    """Raise TrainingDiverged where the loss (summed since the last check) or, where given, a trained weight is not
+    finite. The weights are checked before anything is written from them: a gradient can overflow while its loss
+    stays finite, and the weights then turn NaN a step before the loss does."""
+    what = None
+    if not math.isfinite(loss_sum):
+        what = f"the loss is {loss_sum}"
+    elif params and not bool(torch.stack([n.float() for n in torch._foreach_norm(list(params))]).isfinite().all()):
+        what = "a trained weight is not finite"
+    if what is None:
         return
     from .checkpoint import latest_checkpoint
 
-    last = latest_checkpoint(output_dir)
+    last = latest_checkpoint(config.output_dir)
     where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
-    raise TrainingDiverged(f"the loss is {loss_sum} by step {step}; stopped without writing the weights it stepped "
-                           f"({where}); try a lower --lr, --max-grad-norm 1.0, or bfloat16/float32")
+    advice = "a lower --lr" if config.step_in_backward else "a lower --lr or --max-grad-norm 1.0"
+    raise TrainingDiverged(f"{what} by step {step}; stopped without writing the weights it stepped ({where}); try "
+                           f"{advice}, or bfloat16/float32")
 
 
 def train(config: TrainConfig, console=None) -> dict:
@@ -358,14 +367,14 @@ def run(plan: Plan, console=None) -> dict:
                 }
                 metrics.write(row)
                 if scaler is None:  # (fp16's scaler skips the steps whose gradients overflowed, the loss too)
-                    _stop_if_diverged(row["loss"], done, config.output_dir)
+                    _stop_if_diverged(row["loss"], done, config)
                 progress.update(task, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:,.0f}")
                 tokens_total += tokens_interval
                 tokens_interval, steps_interval, t_interval = 0, 0, now
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
-                if scaler is None:  # steps since the last logged row
-                    _stop_if_diverged(float(loss_interval), done, config.output_dir)
+                if scaler is None:  # the steps since the last logged row, and the weights about to be written
+                    _stop_if_diverged(float(loss_interval), done, config, params)
                 window = {"loss": float(loss_interval), "steps": steps_interval, "expert_counts": load.counts.cpu()}
                 saving = time.perf_counter()
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -38,10 +39,15 @@ def test_cache_path_expands_a_home_tilde(monkeypatch, tmp_path):
 def test_save_is_atomic_and_readable(monkeypatch, tmp_path):
     monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "_memory", None)
-    autotune._save({"gpu|triton|k|(1,)": {"BLOCK_M": 64}})
+    mask = os.umask(0o022)
+    try:
+        autotune._save({"gpu|triton|k|(1,)": {"BLOCK_M": 64}})
+    finally:
+        os.umask(mask)
     assert json.loads((tmp_path / "autotune.json").read_text()) == {"gpu|triton|k|(1,)": {"BLOCK_M": 64}}
     assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temp file left behind
-    assert (tmp_path / "autotune.json").stat().st_mode & 0o777 == 0o644  # readable by the users sharing it
+    # not NamedTemporaryFile's 0600: a new file as the umask makes files, readable by the users sharing it
+    assert (tmp_path / "autotune.json").stat().st_mode & 0o777 == 0o644
     (tmp_path / "autotune.json").chmod(0o664)
     autotune._save({"gpu|triton|k|(2,)": {"BLOCK_M": 32}})
     assert (tmp_path / "autotune.json").stat().st_mode & 0o777 == 0o664  # a cache's own mode is kept

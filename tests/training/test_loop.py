@@ -310,9 +310,10 @@ def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
     assert all(line.get_marker() in ("None", None, "") for ax in figures[1].axes for line in ax.get_lines())
 
 
-@pytest.mark.parametrize("step_in_backward", [False, True], ids=["after-backward", "in-backward"])
+@pytest.mark.parametrize(("step_in_backward", "logging"), [(False, 2), (True, 2), (False, 5)],
+                         ids=["after-backward", "in-backward", "caught-at-the-save"])
 def test_a_non_finite_loss_stops_the_run_before_it_writes_nan_weights(tmp_path, capsys, monkeypatch,
-                                                                       step_in_backward):
+                                                                       step_in_backward, logging):
     """One step whose loss is NaN (here forced at the third step's forward) steps every trained weight to NaN: the
     run stops with one line and exit 1, writes no checkpoint, adapter or summary from those weights, and says which
     checkpoint is still good."""
@@ -330,10 +331,62 @@ def test_a_non_finite_loss_stops_the_run_before_it_writes_nan_weights(tmp_path, 
     extra = ["--step-in-backward", "--max-grad-norm", 0] if step_in_backward else []
     out = tmp_path / "out"
     code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 6, "--save-steps", 2,
-                              "--logging-steps", 2, "--checkpoint-layers", 0, *extra)
+                              "--logging-steps", logging, "--checkpoint-layers", 0, *extra)
     last = stderr.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert ("--max-grad-norm" in last) is not step_in_backward  # (advice the run's mode can take)
     assert code == 1 and stderr.count("error") == 1 and last.startswith("moetune train: error: the loss is nan by "
                                                                         "step 4"), stderr
     assert "step-000002" in last and "Traceback" not in stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+def test_weights_made_non_finite_by_a_gradient_are_not_written_though_the_loss_was_finite(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A gradient that overflows while its loss stays finite steps the weights to NaN a step before any loss shows
+    it: the weights themselves are checked before each checkpoint and the adapter."""
+    import torch
+
+    steps = [0]
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 2:
+            next(p for group in self.param_groups for p in group["params"] if p.grad is not None).grad.fill_(
+                float("inf"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 4, "--save-steps", 2,
+                              "--logging-steps", 5, "--checkpoint-layers", 0)
+    last = stderr.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("moetune train: error: a trained weight is not finite by step 2"), stderr
+    assert "no checkpoint was written" in last
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+def test_a_bare_resume_of_a_checkpoint_without_its_settings_keeps_its_lr(tmp_path, capsys):
+    """Checkpoints from before settings.json was written: a bare --resume takes the defaults for the flags not
+    given, so the checkpoint's own learning rate must stay, not the default's."""
+    import json
+    import shutil
+
+    common = ("--warmup-steps", 1, "--save-steps", 3)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "long", "--lr", 0.01, "--max-steps", 6,
+                              *common)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "cut", "--lr", 0.01, "--max-steps", 3,
+                              *common)
+    assert code == 0, stderr
+    (tmp_path / "cut" / "checkpoints" / "step-000003" / "settings.json").unlink()
+    shutil.rmtree(tmp_path / "cut" / "adapter")
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "cut", "--resume", "--max-steps", 6, *common)
+    assert code == 0, stderr
+
+    def lrs(run):
+        return [json.loads(line)["lr"] for line in open(tmp_path / run / "metrics.jsonl")]
+
+    assert lrs("cut")[3:] == lrs("long")[3:]
