@@ -215,7 +215,6 @@ class _Layout:
             self._addresses = addresses
         return self._table
 
-
     def grad_ptrs(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         """The gradients' addresses (0: none) as a device table. The caching allocator mostly hands a chunk's
         gradients the same blocks every step, so the last table is reused while the addresses repeat: a host list
