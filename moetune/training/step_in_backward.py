@@ -13,8 +13,10 @@ own optimizer of the given class; a post-accumulate-grad hook counts the arrival
 gradient is in, then sets those gradients to None. Elementwise optimizers (AdamW, 8-bit AdamW) compute exactly what
 one optimizer over all the parameters computes.
 
-What needs every gradient at once cannot run: clipping by the global gradient norm, and accumulating gradients
-over several backward passes. A clip after backward finds no gradients (they are stepped and freed) and clips
+Not with several processes (DistributedDataParallel, FSDP): a gradient arrives here before it is averaged across
+processes, so this is refused while a process group of more than one is initialised. What needs every gradient at
+once cannot run: clipping by the global gradient norm, and accumulating gradients over several backward passes.
+A clip after backward finds no gradients (they are stepped and freed) and clips
 nothing: handed to transformers' Trainer, whose max_grad_norm defaults to 1.0, set max_grad_norm=0 (it logs a
 grad_norm of 0 otherwise). A parameter whose chunk already stepped and that gets another gradient before
 step() or zero_grad() raises: a second backward pass, or a parameter used in two graphs (two segments of a
@@ -53,6 +55,7 @@ class StepInBackward(torch.optim.Optimizer):
     def __init__(self, params, optimizer_class, *, chunk_bytes: int = CHUNK_BYTES, **defaults):
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes: expected an integer >= 1, got {chunk_bytes!r}")
+        _refuse_several_processes()
         self._optimizer_class = optimizer_class
         self._given = dict(defaults)  # the inner class's keyword arguments, as the caller gave them
         self._chunk_bytes = chunk_bytes
@@ -107,6 +110,7 @@ class StepInBackward(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_chunk(self, index: int) -> None:
+        _refuse_several_processes()  # (a process group made after this optimizer)
         group, inner, params = self._chunks[index]
         inner.param_groups[0].update(_hyper(group))
         inner.step()
@@ -175,6 +179,15 @@ class StepInBackward(torch.optim.Optimizer):
                      if saved_index[p] in state_dict["state"]}
             inner_group = dict(inner.param_groups[0], **_hyper(group), params=list(range(len(params))))
             inner.load_state_dict({"state": state, "param_groups": [inner_group]})
+
+
+def _refuse_several_processes() -> None:
+    """A chunk steps on its gradients as they arrive in this process, before DistributedDataParallel (or FSDP) has
+    averaged them over the processes: each process would step on its own batch only, apart from the others."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        raise RuntimeError("StepInBackward: not with several processes (DistributedDataParallel, FSDP): it steps each "
+                           "gradient before they are averaged across processes; use a plain optimizer there")
 
 
 def _arrive(ref, p: torch.Tensor) -> None:
