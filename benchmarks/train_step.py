@@ -165,12 +165,13 @@ KERNEL_GROUPS = (
 
 def training_step(model, optimizer, ids) -> torch.Tensor:
     """One step as every provider runs it: forward with labels, backward, optimizer step, gradients dropped. Returns
-    the loss (not read here: no sync)."""
+    the loss detached (not read here: no sync), as Trainer's training_step does: the loss itself would keep this
+    step's autograd graph, and whatever its nodes hold, alive through the next step (NOTES session 27)."""
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return loss.detach()
 
 
 def profile_step(model, optimizer, ids, device, rows: int = 40) -> dict:

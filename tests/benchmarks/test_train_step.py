@@ -156,3 +156,42 @@ def test_a_plan_changed_by_the_last_warm_up_check_gets_a_checked_step_before_tim
     times, losses, _, _ = train_step.time_steps(None, None, None, 2, 3, torch.device("cpu"), check)
     assert calls == ["step", "check", "step", "check", "step", "check", "step", "step", "step"]
     assert len(times) == 3 and len(losses) == 6
+
+
+def test_a_step_keeps_nothing_of_its_graph_alive():
+    """The returned loss is detached, as Trainer's: kept by the timing loop until the next step returns, an attached
+    loss held the whole previous graph, and what its nodes hold as ctx attributes (routing plans, LoRA casts), at
+    the next step's peak."""
+    sys.path.insert(0, str(BENCH))
+    import gc
+    import weakref
+
+    import torch
+    import train_step
+
+    held = []
+
+    class Holding(torch.autograd.Function):  # keeps a tensor on ctx, as moetune's experts keep their routing plan
+        @staticmethod
+        def forward(ctx, x):
+            ctx.plan = torch.arange(4.0)
+            held.append(weakref.ref(ctx.plan))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    model = torch.nn.Linear(4, 4)
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def forward(input_ids, labels):
+        return Out(Holding.apply(model(input_ids)).square().mean())
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = train_step.training_step(forward, optimizer, torch.randn(2, 4))
+    gc.collect()
+    assert not loss.requires_grad and held[0]() is None
