@@ -390,3 +390,39 @@ def test_a_bare_resume_of_a_checkpoint_without_its_settings_keeps_its_lr(tmp_pat
         return [json.loads(line)["lr"] for line in open(tmp_path / run / "metrics.jsonl")]
 
     assert lrs("cut")[3:] == lrs("long")[3:]
+
+
+def test_a_step_leaves_nothing_of_its_graph_to_the_next_one(tmp_path, capsys, monkeypatch):
+    """What autograd nodes hold as ctx attributes (moetune's experts keep their routing plan so) goes with the
+    loss: the loop drops each micro-batch's loss after its backward, so the next forward does not run beside it."""
+    import weakref
+
+    import torch
+
+    held, alive = [], []
+
+    class Holding(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, anchor):
+            ctx.plan = torch.zeros(4)
+            held.append(weakref.ref(ctx.plan))
+            return x + anchor
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, grad.sum()
+
+    real = torch.nn.Embedding.forward
+    anchor = torch.zeros((), requires_grad=True)  # puts the node in the graph (the embedding itself is frozen)
+
+    def holding(self, ids):
+        if held:
+            alive.append(held[-1]() is not None)  # the previous forward's, at this forward's start
+        out = real(self, ids)
+        return Holding.apply(out, anchor.to(out.dtype))
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", holding)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out", "--max-steps", 3, "--grad-accum", 2,
+                              "--checkpoint-layers", 0)
+    assert code == 0, stderr
+    assert len(alive) >= 5 and not any(alive)
