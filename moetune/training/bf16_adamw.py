@@ -90,7 +90,7 @@ class AdamWBf16(torch.optim.Optimizer):
             uniform = all(corrections[i:i + 3] == corrections[:3] for i in range(0, len(corrections), 3)) \
                 and corrections[0] != 0.0
             table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
-            adamw_step(layout.param_ptrs(), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
+            adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
                        layout.block_offset, layout.base, layout.numel, layout.seeds, table, **hyper)
         else:
             _step_torch(layout, corrections, self.state, **hyper)
@@ -191,8 +191,7 @@ class _Layout:
             self.block_segment = as_tensor([s for s, _ in segments], torch.int32)
             self.block_offset = as_tensor([offset for _, offset in segments])
             self.base, self.numel, self.seeds = as_tensor(starts), as_tensor(numel), as_tensor(seeds)
-            self._addresses, self._table = None, None
-            self._grad_addresses, self._grad_table = None, None
+            self.param_ptrs, self.grad_ptrs = _AddressTable(self.device), _AddressTable(self.device)
 
     def holds(self, params: list[torch.Tensor], state: dict) -> bool:
         """Whether this layout is still the one for params and their state (a cleared state starts over)."""
@@ -207,23 +206,22 @@ class _Layout:
                 raise ValueError("params: a parameter changed shape, dtype, device or layout after AdamWBf16's first "
                                  "step; make a new optimizer for it")
 
-    def param_ptrs(self) -> torch.Tensor:
-        """The parameters' addresses as a device table, made again if any parameter moved (.data = a copy)."""
-        addresses = tuple(p.data_ptr() for p in self.params)
+
+class _AddressTable:
+    """Tensors' addresses (0: None) as a device table for the kernel, made again only when an address changed: a
+    parameter moved (.data = a copy), or a gradient landed in another block. The caching allocator mostly hands a
+    chunk's gradients the same blocks every step, and a host list pinned and copied at every chunk's step was a
+    visible share of the backward thread's time (NOTES run 60c)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self._addresses, self._table = device, None, None
+
+    def __call__(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
         if addresses != self._addresses:
             self._table = _to_device(list(addresses), torch.int64, self.device)
             self._addresses = addresses
         return self._table
-
-    def grad_ptrs(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """The gradients' addresses (0: none) as a device table. The caching allocator mostly hands a chunk's
-        gradients the same blocks every step, so the last table is reused while the addresses repeat: a host list
-        pinned and copied at every chunk's step was a visible share of the backward thread's time (NOTES run 60c)."""
-        addresses = tuple(0 if g is None else g.data_ptr() for g in grads)
-        if addresses != self._grad_addresses:
-            self._grad_table = _to_device(list(addresses), torch.int64, self.device)
-            self._grad_addresses = addresses
-        return self._grad_table
 
 
 def round_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
