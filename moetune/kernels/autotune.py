@@ -17,7 +17,6 @@ import os
 import stat
 import statistics
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -87,12 +86,6 @@ def _locked(directory: Path):
         os.close(fd)  # closing releases the lock
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # (the only way to read it; set back at once)
-    os.umask(mask)
-    return mask
-
-
 def _save(entries: dict[str, dict]) -> None:
     """Writes entries merged into what the file holds now (another process may have added some since this one read
     it); the result is also this process's view."""
@@ -107,18 +100,18 @@ def _save(entries: dict[str, dict]) -> None:
             if on_disk is None:
                 return
             merged = {**on_disk, **entries}
-            tmp = None
+            # This process's temp name (the lock may be missing); created 0666 less the umask, as any new file
+            # (tempfile's would be 0600), then given the cache's own mode where there is one.
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             try:
-                with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-                    tmp = f.name
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w") as f:
                     json.dump(merged, f, indent=0, sort_keys=True)
-                # NamedTemporaryFile makes the file 0600: keep the cache's mode, or a new file's under the umask
-                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+                if path.exists():
+                    os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
                 os.replace(tmp, path)  # atomic: a reader never sees half a file
-                tmp = None
             finally:
-                if tmp is not None and os.path.exists(tmp):
-                    os.unlink(tmp)  # a failed write (a full disk) leaves no half-written file behind
+                if tmp.exists():
+                    tmp.unlink()  # a failed write (a full disk) leaves no half-written file behind
         if _memory is not None:
             _memory.update(merged)
     except OSError as err:  # a read-only home must not stop training

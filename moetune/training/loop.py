@@ -374,9 +374,10 @@ def run(plan: Plan, console=None) -> dict:
                 tokens_interval, steps_interval, t_interval = 0, 0, now
                 loss_interval.zero_()
             if done % config.save_steps == 0 or done == total:
+                loss_sum = float(loss_interval)  # (one read of the device: the check's and the window's)
                 if scaler is None:  # the steps since the last logged row, and the weights about to be written
-                    _stop_if_diverged(float(loss_interval), done, config, params)
-                window = {"loss": float(loss_interval), "steps": steps_interval, "expert_counts": load.counts.cpu()}
+                    _stop_if_diverged(loss_sum, done, config, params)
+                window = {"loss": loss_sum, "steps": steps_interval, "expert_counts": load.counts.cpu()}
                 saving = time.perf_counter()
                 save_checkpoint(config.output_dir, done, peft_model, optimizer, scheduler, config.keep_checkpoints,
                                 settings, log_window=window, scaler=scaler)

@@ -16,10 +16,9 @@ one optimizer over all the parameters computes.
 Not with several processes (DistributedDataParallel, FSDP): a gradient arrives here before it is averaged across
 processes, so this is refused while a process group of more than one is initialised. What needs every gradient at
 once cannot run: clipping by the global gradient norm, and accumulating gradients over several backward passes.
-A clip after backward finds no gradients (they are stepped and freed) and clips
-nothing: handed to transformers' Trainer, whose max_grad_norm defaults to 1.0, set max_grad_norm=0 (it logs a
-grad_norm of 0 otherwise). A parameter whose chunk already stepped and that gets another gradient before
-step() or zero_grad() raises: a second backward pass, or a parameter used in two graphs (two segments of a
+A clip after backward finds no gradients (they are stepped and freed) and clips nothing: handed to transformers'
+Trainer, whose max_grad_norm defaults to 1.0, set max_grad_norm=0 (it logs a grad_norm of 0 otherwise). A parameter
+whose chunk already stepped and that gets another gradient before step() or zero_grad() raises: a second backward pass, or a parameter used in two graphs (two segments of a
 reentrant torch checkpoint; moetune's checkpointing is not reentrant). A backward that fails midway leaves the
 chunks it reached stepped; zero_grad() then starts the next step.
 
