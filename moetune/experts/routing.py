@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingPlan", "plan_routing"]
+__all__ = ["PlanLayout", "RoutingPlan", "plan_routing"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,13 @@ class RoutingPlan:
     counts_E:      rows per expert                                        int64 [E]
     offsets_E:     cumulative row counts (end of each group), the form
                    torch._grouped_mm takes                                int32 [E]
+
+    All six are views of one int64 buffer (`buffer`, laid out by `layout`): a backend saves the buffer for its
+    backward as one saved tensor and rebuilds the plan there with layout.plan(buffer), rather than keeping the plan
+    on ctx. Autograd frees saved tensors after backward and gradient checkpointing drops and recomputes them; an
+    attribute on ctx lives as long as the graph node, which under checkpointing is the whole step: 2 MiB a layer,
+    96 MiB for Qwen3-30B-A3B's 48 layers at 8K tokens, 384 MiB at 32K. One tensor, not six: under checkpointing
+    each saved tensor costs three hook calls of host time (saved_tensors.py).
     """
 
     perm_S: torch.Tensor
@@ -38,6 +45,8 @@ class RoutingPlan:
     offsets_E: torch.Tensor
     num_tokens: int
     top_k: int
+    buffer: torch.Tensor
+    layout: PlanLayout
 
     @property
     def num_experts(self) -> int:
@@ -83,6 +92,48 @@ class RoutingPlan:
         return values_S.index_select(0, self.inv_perm_S).view(self.num_tokens, self.top_k)
 
 
+class PlanLayout:
+    """Where a RoutingPlan's tensors lie in its one int64 buffer, each part starting on 16 bytes (as Triton's
+    launches specialise pointers): the four [S] index arrays, counts_E, then an int32 part with offsets_E and, where
+    the counting sort made them, tile_rows rows of grouped_gemm's tile schedules (cumulative M tiles per expert for
+    BLOCK_M = 16 << i, rows of E rounded up to 4 int32)."""
+
+    __slots__ = ("num_tokens", "top_k", "num_experts", "tile_rows", "_rows", "_small", "size")
+
+    def __init__(self, num_tokens: int, top_k: int, num_experts: int, tile_rows: int = 0):
+        self.num_tokens, self.top_k, self.num_experts, self.tile_rows = num_tokens, top_k, num_experts, tile_rows
+        rows = num_tokens * top_k
+        self._rows = rows + rows % 2                      # int64 per index array, padded to 16 bytes
+        self._small = 4 * self._rows + num_experts + num_experts % 2  # where the int32 part starts
+        width = -(-num_experts // 4) * 4                  # int32 per row of the int32 part
+        self.size = self._small + (1 + tile_rows) * width // 2
+
+    def new_buffer(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.size, dtype=torch.int64, device=device)
+
+    def views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends) in buffer; tile_ends is
+        [tile_rows, E rounded up to 4] int32 (its rows 16-byte aligned), None where tile_rows is 0."""
+        S, E = self.num_tokens * self.top_k, self.num_experts
+        perm_S, inv_perm_S, token_S, expert_S = buffer[: 4 * self._rows].view(4, self._rows)[:, :S].unbind(0)
+        small = buffer[self._small:].view(torch.int32)
+        tile_ends = small[-(-E // 4) * 4:].view(self.tile_rows, -1) if self.tile_rows else None
+        counts_E = buffer[4 * self._rows: 4 * self._rows + E]
+        return perm_S, inv_perm_S, token_S, expert_S, counts_E, small[:E], tile_ends
+
+    def plan(self, buffer: torch.Tensor, views: tuple | None = None) -> RoutingPlan:
+        """The plan in buffer (a backward's saved buffer, or a new one's views). Its tile schedules, where it has
+        them, are handed to grouped_gemm's memo again: they belong to the counts tensor, which is new here."""
+        perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends = views or self.views(buffer)
+        if tile_ends is not None and views is None:
+            from ..kernels.grouped_gemm import remember_tile_schedule
+
+            remember_tile_schedule(counts_E, tile_ends[:, :self.num_experts])
+        return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
+                           counts_E=counts_E, offsets_E=offsets_E, num_tokens=self.num_tokens, top_k=self.top_k,
+                           buffer=buffer, layout=self)
+
+
 def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Sort the T*K pairs by expert (stable, so rows of one expert keep token order). Ids must lie in
     [0, num_experts): moe_experts checks them first, except where this does (checks_ids).
@@ -93,40 +144,37 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     num_tokens, top_k = topk_ids_TK.shape
     counting_sort = _checking_sort(topk_ids_TK, num_experts)
     if counting_sort is not None:
-        perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E = counting_sort(topk_ids_TK, num_experts)
+        sort, tile_rows = counting_sort
+        layout = PlanLayout(num_tokens, top_k, num_experts, tile_rows)
+        buffer = layout.new_buffer(topk_ids_TK.device)
+        views = layout.views(buffer)
+        sort(topk_ids_TK, num_experts, out=views)
         # The sort leaves an id outside [0, E) out of the counts (and writes nothing for it): the rows add up to
         # every pair exactly when all ids are in range. Two ops after the plan instead of five before it (aminmax,
         # compares) while the GPU waits for the step's first large launch (run 55c); the assert runs before any
         # launch that reads the plan. A bad id stops the process with a device-side assert, as CUDA's own index
         # checks would (the message is for the CPU; torch's CUDA assert may not print it).
-        torch._assert_async(offsets_E[-1] == topk_ids_TK.numel(),
+        torch._assert_async(views[5][-1] == topk_ids_TK.numel(),
                             f"topk_ids: expected expert ids in [0, {num_experts - 1}]")
-        return RoutingPlan(perm_S=perm_S, inv_perm_S=inv_perm_S, token_S=token_S, expert_S=expert_S,
-                           counts_E=counts_E, offsets_E=offsets_E, num_tokens=num_tokens, top_k=top_k)
+        return layout.plan(buffer, views)
     return torch_sorted_plan(topk_ids_TK, num_experts)
 
 
 def torch_sorted_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     """plan_routing's plan by torch's stable sort, on any device (no id check: see plan_routing)."""
     num_tokens, top_k = topk_ids_TK.shape
+    layout = PlanLayout(num_tokens, top_k, num_experts)
+    buffer = layout.new_buffer(topk_ids_TK.device)
+    views = layout.views(buffer)
+    perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, _ = views
     flat_ids = topk_ids_TK.reshape(-1).long()
-    expert_S, perm_S = torch.sort(flat_ids, stable=True)
-    inv_perm_S = torch.empty_like(perm_S)
-    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
+    torch.sort(flat_ids, stable=True, out=(expert_S, perm_S))
+    inv_perm_S.index_copy_(0, perm_S, torch.arange(perm_S.numel(), device=perm_S.device))
+    torch.div(perm_S, top_k, rounding_mode="floor", out=token_S)
     # Not torch.bincount: on CUDA it reads the max id back to the host (a sync per MoE layer).
-    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device)
-    counts_E.index_add_(0, flat_ids, torch.ones_like(flat_ids))
-    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    return RoutingPlan(
-        perm_S=perm_S,
-        inv_perm_S=inv_perm_S,
-        token_S=perm_S // top_k,
-        expert_S=expert_S,
-        counts_E=counts_E,
-        offsets_E=offsets_E,
-        num_tokens=num_tokens,
-        top_k=top_k,
-    )
+    counts_E.zero_().index_add_(0, flat_ids, torch.ones_like(flat_ids))
+    torch.cumsum(counts_E, dim=0, dtype=torch.int32, out=offsets_E)
+    return layout.plan(buffer, views)
 
 
 def checks_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> bool:
@@ -144,14 +192,15 @@ def _checking_sort(topk_ids_TK: torch.Tensor, num_experts: int):
 
 @functools.lru_cache(maxsize=None)
 def _counting_sort(device: torch.device, num_experts: int):
-    """kernels.expert_sort.expert_sort where it runs for this device and expert count, else None. Memoised: the plan
-    is made twice per MoE layer and step, and the imports (deferred so that experts/ imports without triton) and
-    the probe cost a few microseconds each. probe's dtype is that of the Triton kernels' data; the sort reads
-    integer ids only, so any dtype the GPU runs gives the same answer."""
+    """(kernels.expert_sort.expert_sort, the tile schedule rows it writes) where it runs for this device and expert
+    count, else None. Memoised: the plan is made twice per MoE layer and step, and the imports (deferred so that
+    experts/ imports without triton) and the probe cost a few microseconds each. probe's dtype is that of the Triton
+    kernels' data; the sort reads integer ids only, so any dtype the GPU runs gives the same answer."""
     from .backends.triton import probe
 
     if probe(device.type, device.index, torch.float32) is not None:
         return None
     from ..kernels.expert_sort import MAX_EXPERTS, expert_sort
+    from ..kernels.grouped_gemm import TILE_BLOCKS
 
-    return expert_sort if 1 <= num_experts <= MAX_EXPERTS else None
+    return (expert_sort, len(TILE_BLOCKS)) if 1 <= num_experts <= MAX_EXPERTS else None

@@ -121,9 +121,12 @@ def scatter_kernel(ids_ptr, prefix_ptr, counts_ptr, offsets_ptr, tile_ends_ptr, 
     tl.store(expert_ptr + row, ids.to(tl.int64), mask=routed)
 
 
-def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int, out: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """topk_ids [T, K] (any integer dtype, ids in [0, E)) -> (perm_S, inv_perm_S, token_S, expert_S, counts_E,
     offsets_E), as moetune.experts.routing.plan_routing defines them (int64, offsets_E int32).
+
+    out: those six and the tile schedules' [len(TILE_BLOCKS), >= E] int32 (contiguous rows), to write into instead
+    of new tensors (plan_routing's one buffer, experts/routing.py).
 
     An id outside [0, E) is left out of the counts and its pair of the rows; the rows past sum(counts_E) are then
     unset. plan_routing checks on the device that the rows add up to S (every id in range) before any launch reads
@@ -151,11 +154,16 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     if num_pairs >= 2**31 or num_blocks * num_experts >= 2**31:  # the kernels index in int32
         raise ValueError(f"topk_ids: expected fewer than 2**31 pairs for the counting sort, got {num_pairs}")
     hist_NE = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
-    counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
-    offsets_E = torch.empty(num_experts, dtype=torch.int32, device=device)
-    # Rows 16-byte aligned, as grouped_gemm's launches key their tensor arguments (launch.py): one compile for all E.
-    tile_ends = torch.empty((len(TILE_BLOCKS), cdiv(num_experts, 4) * 4), dtype=torch.int32, device=device)
-    perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
+    if out is None:
+        counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
+        offsets_E = torch.empty(num_experts, dtype=torch.int32, device=device)
+        # Rows 16-byte aligned, as grouped_gemm's launches key their tensor arguments (launch.py): one compile for
+        # all E.
+        tile_ends = torch.empty((len(TILE_BLOCKS), cdiv(num_experts, 4) * 4), dtype=torch.int32, device=device)
+        perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
+    else:
+        _check_out(out, num_pairs, num_experts, device)
+        perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends = out
     launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
                   E_P2=e_p2, num_warps=WARPS)
     group = min(EXPERT_GROUP, e_p2)
@@ -166,3 +174,19 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tens
                   TILE_SIZES=len(TILE_BLOCKS), num_warps=WARPS)
     remember_tile_schedule(counts_E, tile_ends[:, :num_experts])
     return perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E
+
+
+def _check_out(out: tuple, num_pairs: int, num_experts: int, device: torch.device) -> None:
+    """expert_sort's out: one line naming what does not fit, rather than writes out of bounds."""
+    if not isinstance(out, (tuple, list)) or len(out) != 7:
+        raise ValueError("out: expected (perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends)")
+    wants = [((num_pairs,), torch.int64)] * 4 + [((num_experts,), torch.int64), ((num_experts,), torch.int32)]
+    for i, (t, (shape, dtype)) in enumerate(zip(out[:6], wants)):
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError(f"out[{i}]: expected a contiguous {dtype} tensor of shape {list(shape)} on {device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    tile_ends = out[6]
+    if tile_ends.dim() != 2 or tile_ends.shape[0] != len(TILE_BLOCKS) or tile_ends.shape[1] < num_experts \
+            or tile_ends.dtype != torch.int32 or tile_ends.device != device or tile_ends.stride(1) != 1:
+        raise ValueError(f"out[6]: expected int32 tile schedules of shape [{len(TILE_BLOCKS)}, >= {num_experts}] "
+                         f"with contiguous rows on {device}, got {tile_ends.dtype} {list(tile_ends.shape)}")

@@ -7,6 +7,7 @@ import torch
 
 from moetune.experts import moe_experts, plan_routing
 from moetune.experts.backends.grouped_mm import gmm, gmm_wgrad
+from moetune.experts.routing import PlanLayout
 
 from .cases import Case, make_problem
 
@@ -38,7 +39,8 @@ def test_gmm_wgrad_zero_for_empty_experts(M, N):
 
 
 def test_backward_keeps_no_token_sized_copies():
-    """Saved for backward: gu [S, 2I] and the two [S, r] LoRA inputs; no [S, H] tensor, no weight copy."""
+    """Saved for backward: gu [S, 2I], the two [S, r] LoRA inputs and the routing plan's one int64 buffer (four [S]
+    index arrays and per-expert counts); no [S, H] tensor, no weight copy."""
     case = Case(E=8, k=4, H=64, I=32, r=8, T=40)
     args, kwargs, _ = make_problem(case, torch.float32, seed=0)
     x, ids, w, gate_up, down = args
@@ -53,4 +55,5 @@ def test_backward_keeps_no_token_sized_copies():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         moe_experts(*args, **kwargs, backend="grouped_mm")
     S = case.T * case.k
-    assert sorted(saved) == sorted([(S, 2 * case.I), (S, case.r), (S, case.r)]), saved
+    plan = (PlanLayout(case.T, case.k, case.E).size,)
+    assert sorted(saved) == sorted([(S, 2 * case.I), (S, case.r), (S, case.r), plan]), saved

@@ -164,13 +164,13 @@ def test_plan_routing_checks_the_ids_through_the_counting_sort(monkeypatch):
     are in range) and check_inputs leaves them to it. Run on CPU here by standing in for the CUDA condition: the
     device assert then raises at once, with check_inputs' message."""
     from moetune.experts import moe_experts, validation
-
-    def sort(ids, num_experts):
-        return expert_sort(ids, num_experts)
+    from moetune.kernels.expert_sort import expert_sort
+    from moetune.kernels.grouped_gemm import TILE_BLOCKS
 
     ids = routed(40, 2, 6).cpu()
     want = torch_plan(ids, 6)  # before the stand-ins: torch's sort
-    monkeypatch.setattr(routing, "_checking_sort", lambda ids, num_experts: sort if ids.numel() else None)
+    monkeypatch.setattr(routing, "_checking_sort",
+                        lambda ids, num_experts: (expert_sort, len(TILE_BLOCKS)) if ids.numel() else None)
     plan = routing.plan_routing(ids, 6)
     assert all(torch.equal(getattr(plan, name).cpu(), getattr(want, name)) for name in FIELDS)
     aminmax = []
@@ -204,3 +204,41 @@ def test_plans_made_under_inference_mode():
     ids = routed(9, 2, 5)
     with torch.inference_mode():
         assert_same_plan(ids, 5)
+
+
+def test_the_plan_in_one_buffer_and_rebuilt_from_it_keeps_its_tile_schedules(monkeypatch):
+    """plan_routing's counting sort writes into the plan's one buffer (a backward saves it as one tensor); the plan
+    a backward rebuilds from that buffer gives grouped_gemm the tile schedules the sort wrote, not four torch ops."""
+    from moetune.kernels.expert_sort import expert_sort
+    from moetune.kernels.grouped_gemm import TILE_BLOCKS
+
+    gg = importlib.import_module("moetune.kernels.grouped_gemm")
+    ids = routed(45, 3, 7).cpu()
+    want = torch_plan(ids, 7)
+    monkeypatch.setattr(routing, "_checking_sort", lambda ids, num_experts: (expert_sort, len(TILE_BLOCKS)))
+    plan = routing.plan_routing(ids, 7)
+    rebuilt = plan.layout.plan(plan.buffer.clone())
+    expected = {b: torch.cumsum((want.counts_E + b - 1) // b, 0).to(torch.int32) for b in TILE_BLOCKS}
+    computed, cumsum = [], torch.cumsum
+    monkeypatch.setattr(gg.torch, "cumsum", lambda *a, **k: computed.append(a) or cumsum(*a, **k))
+    for got in (plan, rebuilt):
+        assert all(torch.equal(getattr(got, name), getattr(want, name)) for name in FIELDS)
+        assert got.counts_E.untyped_storage().data_ptr() == got.buffer.untyped_storage().data_ptr()
+        for block_m in TILE_BLOCKS:
+            assert torch.equal(gg.tile_schedule(got.counts_E, block_m), expected[block_m]), block_m
+    assert computed == []
+
+
+def test_out_that_does_not_fit_is_refused_in_one_line():
+    from moetune.kernels.expert_sort import expert_sort
+
+    ids = routed(5, 2, 3)
+    layout = routing.PlanLayout(5, 2, 3, 5)
+    good = layout.views(layout.new_buffer(ids.device))
+    with pytest.raises(ValueError, match=r"^out: expected \(perm_S, "):
+        expert_sort(ids, 3, out=good[:6])
+    with pytest.raises(ValueError, match=r"^out\[1\]: expected a contiguous torch.int64 tensor of shape \[10\]"):
+        expert_sort(ids, 3, out=(good[0], good[1][:9], *good[2:]))
+    with pytest.raises(ValueError, match=r"^out\[6\]: expected int32 tile schedules of shape \[5, >= 3\]"):
+        expert_sort(ids, 3, out=(*good[:6], good[6][:4]))
+    assert all(torch.equal(a, b) for a, b in zip(expert_sort(ids, 3, out=good), expert_sort(ids, 3)))

@@ -133,8 +133,8 @@ class GroupedExpertsFunction(torch.autograd.Function):
         su2 = None
         if A2 is not None:
             su2 = gmm(h, A2.transpose(1, 2), offs).mul_(scaling)
-        saved_tensors.save(ctx, x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2)
-        ctx.plan, ctx.scaling, ctx.act, ctx.interleaved = plan, scaling, act, interleaved
+        saved_tensors.save(ctx, x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, plan.buffer)
+        ctx.plan_layout, ctx.scaling, ctx.act, ctx.interleaved = plan.layout, scaling, act, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
             return x.new_zeros(x.shape)
 
@@ -149,8 +149,8 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         refuse_create_graph("grouped_mm")
-        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2 = saved_tensors.load(ctx)
-        plan, s, act, interleaved = ctx.plan, ctx.scaling, ctx.act, ctx.interleaved
+        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, plan_buffer = saved_tensors.load(ctx)
+        plan, s, act, interleaved = ctx.plan_layout.plan(plan_buffer), ctx.scaling, ctx.act, ctx.interleaved
         need = ctx.needs_input_grad
         offs = plan.offsets_E
         d_out = d_out.to(x.dtype)

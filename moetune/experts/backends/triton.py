@@ -105,8 +105,9 @@ class TritonExpertsFunction(torch.autograd.Function):
             su2, lora2 = _lora_input(h, A2.transpose(1, 2), B2.transpose(1, 2), scaling, not only_for_backward,
                                      common)
         # (su2 may be filled by the down projection's launch below, before backward reads it)
-        saved_tensors.save(ctx, x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S)
-        ctx.plan, ctx.scaling, ctx.code, ctx.interleaved = plan, scaling, code, interleaved
+        saved_tensors.save(ctx, x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S,
+                           plan.buffer)
+        ctx.plan_layout, ctx.scaling, ctx.code, ctx.interleaved = plan.layout, scaling, code, interleaved
         if only_for_backward:  # a recompute: backward needs only what is saved above
             return x.new_zeros(x.shape)
 
@@ -121,8 +122,9 @@ class TritonExpertsFunction(torch.autograd.Function):
         refuse_create_graph("triton")
         from ...kernels import grouped_gemm, grouped_wgrad
 
-        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S = saved_tensors.load(ctx)
-        plan, s, code, interleaved = ctx.plan, ctx.scaling, ctx.code, ctx.interleaved
+        x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S, plan_buffer = \
+            saved_tensors.load(ctx)
+        plan, s, code, interleaved = ctx.plan_layout.plan(plan_buffer), ctx.scaling, ctx.code, ctx.interleaved
         need = ctx.needs_input_grad
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
