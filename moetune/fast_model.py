@@ -532,7 +532,7 @@ class FastMoEModel:
             _enable_checkpointing(model, spec, checkpoint_layers)
             if offload_checkpoints is None:
                 offload_checkpoints = any(p.is_cuda for p in model.parameters())
-            if offload_checkpoints and checkpoint_layers != 0:
+            if offload_checkpoints:  # on every layer, also those a later memory plan checkpoints
                 enable_offloaded_checkpointing(model)
         config = LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none", task_type="CAUSAL_LM",

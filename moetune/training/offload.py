@@ -156,17 +156,21 @@ def offloaded_checkpoint(function, *args, use_reentrant: bool = False, **kwargs)
         inputs.clear()
 
 
-def _checkpointed_layers(model) -> list:
+def _checkpointable_layers(model) -> list:
+    """The decoder layers checkpointing was enabled on: those checkpointing now, and those a partial plan left out
+    (get_peft_model's checkpoint_layers), which a memory plan may checkpoint later by their flag alone."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+            and (m.gradient_checkpointing or "_gradient_checkpointing_func" in m.__dict__)]
 
 
 def enable_offloaded_checkpointing(model) -> int:
-    """Switch every checkpointed decoder layer of `model` (transformers model, bare or peft-wrapped) to
-    `offloaded_checkpoint`; returns the number of layers. Checkpointing must be enabled already; checkpoint
-    options set then (transformers' partial keywords) are kept. Idempotent."""
-    layers = _checkpointed_layers(model)
+    """Switch every decoder layer of `model` (transformers model, bare or peft-wrapped) that checkpointing was
+    enabled on to `offloaded_checkpoint`, whether it checkpoints now or only once a plan sets its flag; returns the
+    number of layers. Checkpointing must be enabled already; checkpoint options set then (transformers' partial
+    keywords) are kept. Idempotent."""
+    layers = _checkpointable_layers(model)
     if not layers:
         raise ValueError(
             "model: no decoder layer has gradient checkpointing enabled; enable it first "

@@ -135,6 +135,19 @@ def test_enable_and_disable_on_peft_and_bare_models(checkpoint):
     assert disable_offloaded_checkpointing(bare) == 0
 
 
+@pytest.mark.parametrize("checkpoint_layers", [0, 1])
+def test_layers_a_partial_plan_leaves_out_offload_once_a_plan_checkpoints_them(checkpoint_layers, checkpoint):
+    """get_peft_model(checkpoint_layers=N) checkpoints N layers; a memory plan (fit_checkpoint_layers, the step
+    checks' refit) later checkpoints more by their flag alone: those must offload their inputs as well."""
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, checkpoint_layers=checkpoint_layers, offload_checkpoints=True)
+    layers = _decoder_layers(model)
+    assert [layer.gradient_checkpointing for layer in layers] == [i < checkpoint_layers for i in range(2)]
+    for layer in layers:
+        layer.gradient_checkpointing = True  # as checkpoint_plan's _apply does
+        assert layer._gradient_checkpointing_func.func is offloaded_checkpoint
+
+
 def test_enable_refuses_models_it_cannot_switch():
     model, _ = FastMoEModel.from_pretrained(tiny_config("qwen3_moe"), dtype=torch.float32)
     with pytest.raises(ValueError, match="no decoder layer has gradient checkpointing enabled"):
