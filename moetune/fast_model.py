@@ -190,7 +190,7 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
     return names - set(config.target_modules or ())
 
 
-def _enable_checkpointing(model, spec: ArchSpec, checkpoint_layers: int | None = None) -> None:
+def _enable_checkpointing(model, checkpoint_layers: int | None = None) -> None:
     # transformers >= 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable and
     # deprecated the old name; 5.17 has only the old one.
     kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
@@ -198,13 +198,34 @@ def _enable_checkpointing(model, spec: ArchSpec, checkpoint_layers: int | None =
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with recompute
-    spec.language_config(model.config).use_cache = False
+    _no_cache_in_training(model)
     _mark_recomputes(model)
     if checkpoint_layers is not None:
         # transformers checks the flag on each layer at call time (GradientCheckpointingLayer.__call__).
         for layer in _decoder_layers(model)[checkpoint_layers:]:
             layer.gradient_checkpointing = False
+
+
+def _no_cache_in_training(model) -> None:
+    """A training forward (train mode, building a graph) runs without a KV cache unless the caller asks for one: the
+    cache is of no use there, and layers left out of checkpointing would fill it, holding their keys and values for
+    as long as the output lives. transformers drops it only for the layers it checkpoints. The config's use_cache is
+    left as it was: eval, generate and a checkpoint saved from this model (an in-process merge) keep their cache.
+    The hook sits on the decoder stack (the module holding the layers), which its causal-LM head calls as a module
+    whatever wraps the model."""
+    layers = _decoder_layers(model)
+    stack = next((m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
+                  and layers and any(layer is layers[0] for layer in m.layers)), None)
+    if stack is None or getattr(stack, "_moetune_no_cache_hook", None) is not None:
+        return
+    stack._moetune_no_cache_hook = stack.register_forward_pre_hook(_drop_cache_in_training, with_kwargs=True)
+
+
+def _drop_cache_in_training(module, args, kwargs):
+    if module.training and torch.is_grad_enabled() and kwargs.get("use_cache") is None:
+        kwargs["use_cache"] = False
+        return args, kwargs
+    return None
 
 
 def _mark_recomputes(model) -> None:
@@ -529,7 +550,7 @@ class FastMoEModel:
         if checkpoint_layers is not None and not use_gradient_checkpointing:
             warnings.warn("checkpoint_layers: needs use_gradient_checkpointing=True; ignored", stacklevel=2)
         if use_gradient_checkpointing:
-            _enable_checkpointing(model, spec, checkpoint_layers)
+            _enable_checkpointing(model, checkpoint_layers)
             if offload_checkpoints is None:
                 offload_checkpoints = any(p.is_cuda for p in model.parameters())
             if offload_checkpoints:  # on every layer, also those a later memory plan checkpoints

@@ -456,3 +456,26 @@ def test_checkpoint_layers_without_checkpointing_warns():
 def test_a_directory_without_config_json_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"^model_dir_or_config: .* has no config.json \(not a model checkpoint\)"):
         FastMoEModel.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_checkpointing_leaves_use_cache_to_the_config_outside_training(model_type, checkpoint):
+    """A training forward builds no KV cache; eval and no-grad forwards keep the config's use_cache, and so does a
+    config saved from the model (an in-process merge), as plain peft's would."""
+    model, _ = _load(checkpoint(model_type))
+    peft_model = FastMoEModel.get_peft_model(model, r=2, checkpoint_layers=1)  # layer 2 is not checkpointed
+    assert model.config.use_cache is True
+    ids = token_batch(2, 9)
+
+    def cache(out):
+        return out.get("past_key_values", out.get("cache"))
+
+    peft_model.train()
+    out = peft_model(input_ids=ids, labels=ids)
+    assert cache(out) is None
+    out.loss.backward()
+    with torch.no_grad():
+        assert cache(peft_model(input_ids=ids)) is not None
+        peft_model.eval()
+        assert cache(peft_model(input_ids=ids)) is not None
+    assert peft_model.merge_and_unload().config.to_dict()["use_cache"] is True
