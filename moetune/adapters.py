@@ -25,6 +25,7 @@ import shutil
 import warnings
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -202,6 +203,34 @@ def _untie_adapted_embeddings(model: nn.Module, adapter_dir: str) -> None:
             config.tie_word_embeddings = False
 
 
+def _check_every_factor_loads(peft_model, adapter_dir: str, model_dir: str) -> None:
+    """The adapter's LoRA factors are exactly the ones peft made for this model. peft's load leaves a saved factor
+    with no module to go to (an adapter of more layers, or of other modules) unread and says nothing, and one of
+    its modules without a saved factor keeps its initial LoRA (B = 0, so that module merges unchanged)."""
+    from peft import get_peft_model_state_dict
+
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            saved = set(f.keys())
+    else:
+        from peft.utils import load_peft_weights
+
+        saved = set(load_peft_weights(adapter_dir, device="cpu"))
+
+    def factors(keys) -> set:
+        return {key for key in keys if ".lora_" in key}
+
+    made = factors(get_peft_model_state_dict(peft_model))
+    saved = factors(saved)
+    if saved - made:
+        raise ValueError(f"adapter_dir: {adapter_dir} holds LoRA weights for modules {model_dir} does not have, e.g. "
+                         f"{sorted(saved - made)[0]}; was it trained on another model?")
+    if made - saved:
+        raise ValueError(f"adapter_dir: {adapter_dir} has no LoRA weights for modules it targets in {model_dir}, "
+                         f"e.g. {sorted(made - saved)[0]}; was it trained on another model?")
+
+
 # Files of a checkpoint directory that the merged checkpoint rewrites itself.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -227,21 +256,33 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"out_dir: {out_dir} exists and is not empty; choose a new directory")
     check_dtype(dtype)
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    _adapter_config(adapter_dir)  # a file peft would read with no word of which file it was
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model_dir: no transformers model config in {model_dir} ({str(err).splitlines()[0]})") \
+            from None
     spec = get_spec(config.model_type)
-    model = from_pretrained_dequantized(  # (quantized experts dequantized: models/quantized.py)
-        getattr(transformers, spec.auto_class), model_dir, config, dtype=dtype, local_files_only=True,
-        use_kernels=False,  # no Hub kernels (5.25's default), offline
-    )
+    try:
+        model = from_pretrained_dequantized(  # (quantized experts dequantized: models/quantized.py)
+            getattr(transformers, spec.auto_class), model_dir, config, dtype=dtype, local_files_only=True,
+            use_kernels=False,  # no Hub kernels (5.25's default), offline
+        )
+    except SafetensorError as err:
+        raise ValueError(f"model_dir: cannot read the weights in {model_dir} ({err})") from None
     _untie_adapted_embeddings(model, adapter_dir)
     with peft_deprecation_quiet():
         try:
-            merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            adapted = PeftModel.from_pretrained(model, adapter_dir)
+        except SafetensorError as err:
+            raise ValueError(f"adapter_dir: cannot read the weights in {adapter_dir} ({err})") from None
         except RuntimeError as err:  # torch's load_state_dict: the mismatch is on its second line, not its first
             mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
             if mismatch is None:
                 raise
             raise ValueError(f"adapter_dir: {adapter_dir} does not fit {model_dir} ({mismatch})") from None
+        _check_every_factor_loads(adapted, adapter_dir, model_dir)
+        merged = adapted.merge_and_unload()
     from .training.checkpoint import atomic_dir
 
     def write(directory: str) -> None:

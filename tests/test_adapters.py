@@ -412,3 +412,49 @@ def test_from_pretrained_names_a_bad_dtype_and_a_model_passed_as_its_source(chec
     with pytest.raises(ValueError) as err:
         FastMoEModel.from_pretrained(model)
     assert str(err.value).endswith("got Qwen3MoeForCausalLM") and "\n" not in str(err.value)
+
+
+def test_merge_into_an_out_dir_spelled_with_a_trailing_slash(checkpoint, tmp_path):
+    model_dir = checkpoint("qwen3_moe")
+    _peft_model(model_dir).save_pretrained(tmp_path / "adapter")
+    moetune.merge(model_dir, str(tmp_path / "adapter"), str(tmp_path / "merged") + "/")
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temp dir left, none inside
+
+
+def test_merge_refuses_an_adapter_of_more_or_fewer_layers(checkpoint, tmp_path):
+    """peft would load what fits and leave the rest: a layer's LoRA silently dropped, or a layer merged unchanged."""
+    config = tiny_config("qwen3_moe")
+    for layers in (2, 3):
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        auto_class("qwen3_moe").from_config(config).save_pretrained(tmp_path / f"base{layers}")
+        model, _ = FastMoEModel.from_pretrained(str(tmp_path / f"base{layers}"), dtype=torch.float32)
+        FastMoEModel.get_peft_model(model, r=2, use_gradient_checkpointing=False).save_pretrained(
+            tmp_path / f"adapter{layers}")
+    with pytest.raises(ValueError, match=r"^adapter_dir: .* holds LoRA weights for modules .* does not have, e\.g\. "
+                                         r"base_model\.model\.model\.layers\.2\."):
+        moetune.merge(str(tmp_path / "base2"), str(tmp_path / "adapter3"), str(tmp_path / "m1"))
+    with pytest.raises(ValueError, match=r"^adapter_dir: .* has no LoRA weights for modules it targets in .*, e\.g\. "
+                                         r"base_model\.model\.model\.layers\.2\."):
+        moetune.merge(str(tmp_path / "base3"), str(tmp_path / "adapter2"), str(tmp_path / "m2"))
+    assert not any(p.name.startswith(("m1", "m2", ".tmp")) for p in tmp_path.iterdir())
+
+
+def test_merge_names_the_directory_it_cannot_read(checkpoint, tmp_path):
+    import shutil
+
+    model_dir = checkpoint("qwen3_moe")
+    _peft_model(model_dir).save_pretrained(tmp_path / "adapter")
+    weights = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    shutil.copytree(tmp_path / "adapter", tmp_path / "cut")
+    (tmp_path / "cut" / "adapter_model.safetensors").write_bytes(weights[:100])
+    with pytest.raises(ValueError, match=r"^adapter_dir: cannot read the weights in .*cut \("):
+        moetune.merge(model_dir, str(tmp_path / "cut"), str(tmp_path / "m1"))
+    shutil.copytree(tmp_path / "adapter", tmp_path / "bad_json")
+    (tmp_path / "bad_json" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^adapter_dir: cannot read adapter_config.json in .*bad_json: "):
+        moetune.merge(model_dir, str(tmp_path / "bad_json"), str(tmp_path / "m2"))
+    with pytest.raises(ValueError, match=r"^model_dir: no transformers model config in .*adapter \("):
+        moetune.merge(str(tmp_path / "adapter"), str(tmp_path / "adapter"), str(tmp_path / "m3"))
+    assert not any(p.name.startswith(("m1", "m2", "m3", ".tmp")) for p in tmp_path.iterdir())

@@ -49,6 +49,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def atomic_dir(final: str, write) -> None:
     """Call write(tmp_dir), then rename tmp_dir to final (replacing an older final); a write that fails leaves
     neither final nor tmp_dir behind."""
+    final = os.path.normpath(final)  # "out/" would split to ("out", ""): a temp dir inside the final one
     parent, name = os.path.split(final)
     tmp = os.path.join(parent, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
