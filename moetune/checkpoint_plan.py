@@ -181,7 +181,8 @@ def fit_checkpoint_layers(
     (device,) = devices
     if memory is None:
         if device.type != "cuda":
-            return {"checkpoint_layers": None, "layers": len(layers), "why": f"no memory plan on {device.type}"}
+            return {"checkpoint_layers": None, "layers": len(layers),
+                    "why": f"no memory plan on {device.type} (it measures CUDA memory); the checkpointing is unchanged"}
         memory = CudaMemory(device)
 
     probed = [layers[0], layers[-1]] if len(layers) > 1 else [layers[0]]
@@ -259,11 +260,11 @@ def fit_checkpoint_layers(
         "checks": checked,
     }
     if least > budget:
-        plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.1f} GiB, "
-                       f"over the budget of {budget / 2**30:.1f} GiB: it may not fit")
+        plan["why"] = (f"even with every layer checkpointed the step is estimated at {least / 2**30:.2f} GiB, "
+                       f"over the budget of {budget / 2**30:.2f} GiB: it may not fit")
     elif unfit is not None:
         plan["why"] = (f"a probe step with a plan above every layer checkpointed {unfit} (budget "
-                       f"{budget / 2**30:.1f} GiB): every layer checkpointed, none keeping attention")
+                       f"{budget / 2**30:.2f} GiB): every layer checkpointed, none keeping attention")
     return plan
 
 

@@ -262,7 +262,8 @@ def run(plan: Plan, console=None) -> dict:
         raise
     if plan.data_note:
         print(f"moetune: data: {plan.data_note}", file=sys.stderr)
-    if checkpoint_plan is not None and checkpoint_plan["checkpoint_layers"] is not None and "why" in checkpoint_plan:
+    if checkpoint_plan is not None and "why" in checkpoint_plan \
+            and (checkpoint_plan["checkpoint_layers"] is not None or config.max_memory is not None):  # asked, not met
         print(f"moetune: checkpoint plan: {checkpoint_plan['why']}", file=sys.stderr)
     if plan.resume_from is None and config.overwrite:
         _clear_old_run(config.output_dir)

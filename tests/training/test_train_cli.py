@@ -179,6 +179,8 @@ def test_the_plan_gets_the_memory_cap_and_the_kept_attention_switch(tmp_path, ca
                                       "--max-grad-norm", "0"), False)):
         code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / f"out-{keep}", "--max-steps", 1, *extra)
         assert code == 0, stderr
+        # No plan made (a CPU): said where a cap was asked for, quiet where the plan is only the default
+        assert ("moetune: checkpoint plan: test" in stderr) is not keep
         assert asked[-1][2]["keep_attention"] is keep
         assert asked[-1][2]["step_in_backward"] is not keep
     assert asked[-1][2]["max_memory_gib"] == 30
