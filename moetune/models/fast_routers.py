@@ -3,7 +3,8 @@
 On by default on NVIDIA GPUs (`FastMoEModel.from_pretrained(..., fused_router=False)` keeps transformers' ops).
 `install_fast_routers(model)` gives each router module whose forward it recognises an instance `forward` that keeps
 the router's Linear (torch's GEMM, so a trainable router weight still gets its gradient) and replaces what follows it:
-softmax, top-k, the weights' normalisation and cast, five launches and their gradients, by one launch each way.
+softmax, top-k, the weights' normalisation and cast, five launches and their gradients (a sigmoid router's group-
+limited choice: about twenty), by one launch each way.
 Parameters and state_dict keys stay as they are; `uninstall_fast_routers(model)` deletes the instance attributes.
 
 A router is recognised by the code of its class's forward: the body (docstring, comments aside) must be, statement for
@@ -15,11 +16,13 @@ statement, one of the forms transformers 5.17 - 5.25 write:
     "mixtral"                 the same, always normalised, the weights left in fp32
     "gpt_oss"                 top-k of the logits (Linear with a bias), softmax over them in the logits' dtype:
                               the same weights as the normalised form
+    "sigmoid_group_topk"      sigmoid, a choice bias, group-limited top-k, normalised, scaled (its own kernel,
+                              kernels/sigmoid_router_topk.py): deepseek_v3, glm4_moe, glm4_moe_lite
 
 The chosen experts are those transformers' routers choose on NVIDIA GPUs, ties included (but for experts whose
 weights are ~0 either way); the weights agree with theirs to ~1e-6 relative before their rounding to the logits'
-dtype, not bitwise: kernels/router_topk.py says why. Sigmoid routers with group-limited top-k
-(deepseek_v3, glm4_moe, glm4_moe_lite) keep transformers' forward. At call time the fused forward falls back to the
+dtype, not bitwise: kernels/router_topk.py says why (the sigmoid routers' weights agree to fp32 rounding, and their
+order among a token's experts is the kernel's: kernels/sigmoid_router_topk.py). At call time the fused forward falls back to the
 class's forward where the kernel cannot run (a CPU tensor outside Triton's interpreter, bf16 in the interpreter,
 more experts than MAX_E, torch.compile).
 """
@@ -72,6 +75,33 @@ router_top_value, router_indices = torch.topk(router_logits, self.top_k, dim=-1)
 router_scores = torch.nn.functional.softmax(router_top_value, dim=1, dtype=router_top_value.dtype)
 return router_logits, router_scores, router_indices
 """,
+    "sigmoid_group_topk": """
+hidden_states = hidden_states.view(-1, self.hidden_dim)
+router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+scores = router_logits.sigmoid()
+scores_for_choice = scores + self.e_score_correction_bias
+group_scores = (
+    scores_for_choice.view(-1, self.num_group, self.num_experts // self.num_group)
+    .topk(2, dim=-1)[0]
+    .sum(dim=-1)
+)
+group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+group_mask = torch.zeros_like(group_scores)
+group_mask.scatter_(1, group_idx, 1)
+score_mask = (
+    group_mask.unsqueeze(-1)
+    .expand(-1, self.num_group, self.num_experts // self.num_group)
+    .reshape(-1, self.num_experts)
+)
+scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+topk_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
+topk_weights = scores.gather(1, topk_indices)
+if self.norm_topk_prob:
+    denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+    topk_weights /= denominator
+topk_weights = topk_weights * self.routed_scaling_factor
+return router_logits, topk_weights, topk_indices
+""",
 }
 _KNOWN_BODIES = {source_body_dump(source): name for name, source in VARIANTS.items()}
 
@@ -99,9 +129,30 @@ def router_variant(module: nn.Module) -> str | None:
     variant = _forward_variant(forward)
     if variant == "gpt_oss":
         return variant if set(module._parameters) == {"weight", "bias"} else None
+    if variant == "sigmoid_group_topk":
+        return variant if _sigmoid_router_fits(module) else None
     if variant is None or set(module._parameters) != {"weight"} or getattr(module, "hidden_dim", None) != weight.shape[1]:
         return None
     return variant
+
+
+def _sigmoid_router_fits(module: nn.Module) -> bool:
+    """A sigmoid router whose attributes the kernel takes as they are: its own weight [E, hidden_dim], the choice bias
+    buffer [E], a grouping it can route (kernels/sigmoid_router_topk.py's check_routing)."""
+    from ..kernels.sigmoid_router_topk import check_routing
+
+    weight, bias = module._parameters["weight"], module._buffers.get("e_score_correction_bias")
+    num_experts = weight.shape[0]
+    if set(module._parameters) != {"weight"} or getattr(module, "hidden_dim", None) != weight.shape[1] \
+            or getattr(module, "num_experts", None) != num_experts:
+        return False
+    if not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,) or not bias.is_floating_point():
+        return False
+    if isinstance(module.__dict__.get("routed_scaling_factor"), bool) \
+            or not isinstance(getattr(module, "routed_scaling_factor", None), (int, float)):
+        return False
+    return check_routing(num_experts, module.top_k, getattr(module, "num_group", None),
+                         getattr(module, "topk_group", None)) is None
 
 
 def _kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -121,6 +172,8 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
     variant = self.__dict__[_VARIANT_ATTR]
     if not _kernel_runs(hidden_states, self.weight) or (variant == "gpt_oss" and hidden_states.dim() != 2):
         return type(self).forward(self, hidden_states)
+    if variant == "sigmoid_group_topk":
+        return _sigmoid_forward(self, hidden_states)
     if variant == "gpt_oss":
         router_logits = F.linear(hidden_states, self.weight, self.bias)
     else:
@@ -129,6 +182,19 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
     out_dtype = torch.float32 if variant == "mixtral" else router_logits.dtype
     router_scores, router_indices = router_topk(router_logits, self.top_k, normalize=normalize, out_dtype=out_dtype)
     return router_logits, router_scores, router_indices
+
+
+def _sigmoid_forward(self: nn.Module, hidden_states: torch.Tensor):
+    """transformers' sigmoid router: its fp32 Linear as written, the rest in one launch each way."""
+    from ..kernels.sigmoid_router_topk import sigmoid_router_topk
+
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    topk_weights, topk_indices = sigmoid_router_topk(
+        router_logits, self.e_score_correction_bias, self.top_k, num_groups=self.num_group,
+        topk_groups=self.topk_group, normalize=bool(self.norm_topk_prob), scale=self.routed_scaling_factor,
+    )
+    return router_logits, topk_weights, topk_indices
 
 
 def install_fast_routers(model: nn.Module) -> int:

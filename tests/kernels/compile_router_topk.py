@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CASES = [(8, 2), (32, 4), (60, 4), (60, 8), (64, 8), (128, 8), (256, 8), (1024, 8)]  # mixtral ... MAX_E
+# The sigmoid routers (experts, top_k, groups, topk_groups): GLM-4.7-Flash, GLM-4.5, DeepSeek-V3, MAX_E in groups
+SIGMOID_CASES = [(64, 4, 1, 1), (160, 8, 1, 1), (256, 8, 8, 4), (1024, 8, 64, 8)]
 TOKENS = 4096
 
 
@@ -59,26 +61,55 @@ def ptxas_report(kernel, args, kwargs) -> dict:
             "spilled": int(re.search(r"(\d+) bytes spill stores", report).group(1))}
 
 
-def main() -> int:
+def _recorded(module, names: tuple[str, str], run) -> list[tuple[str, dict]]:
+    """(kernel name, ptxas report) of the forward and backward launches `run()` makes with module's two kernels."""
     from compile_for_arch import Recorder
 
+    kernels = {name: getattr(module, name) for name in names}
+    recorders = {name: Recorder() for name in names}
+    for name in names:
+        setattr(module, name, recorders[name])
+    try:
+        run()
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    reports = []
+    for label, name in zip(("forward", "backward"), names):
+        (args, kwargs), = recorders[name].calls
+        reports.append((label, ptxas_report(kernels[name], args, kwargs)))
+    return reports
+
+
+def sigmoid_main() -> None:
+    from moetune.kernels import sigmoid_router_topk as sr
+
+    for experts, top_k, groups, topk_groups in SIGMOID_CASES:
+        logits = torch.zeros(TOKENS, experts, dtype=torch.float32)  # transformers' fp32 router logits
+        bias = torch.zeros(experts, dtype=torch.float32)
+
+        def run(logits=logits, bias=bias, routing=(top_k, groups, topk_groups)):
+            weights, ids = sr._forward(logits, bias, *routing, True, 2.5)
+            sr._backward(weights, logits, ids, True, 2.5)
+
+        for label, report in _recorded(sr, ("sigmoid_topk_forward_kernel", "sigmoid_topk_backward_kernel"), run):
+            print(json.dumps(dict(experts=experts, top_k=top_k, groups=groups, kernel=f"sigmoid {label}", **report)),
+                  flush=True)
+
+
+def main() -> int:
     from moetune.kernels import router_topk as rt
 
-    kernels = {"forward": rt.router_topk_forward_kernel, "backward": rt.router_topk_backward_kernel}
-    recorders = {name: Recorder() for name in kernels}
-    rt.router_topk_forward_kernel, rt.router_topk_backward_kernel = recorders["forward"], recorders["backward"]
-    try:
-        for experts, top_k in CASES:
-            logits = torch.zeros(TOKENS, experts, dtype=torch.bfloat16)
+    for experts, top_k in CASES:
+        logits = torch.zeros(TOKENS, experts, dtype=torch.bfloat16)
+
+        def run(logits=logits, top_k=top_k):
             weights, ids = rt._forward(logits, top_k, True, torch.bfloat16)
             rt._backward(weights, logits, ids, False)
-            for name, kernel in kernels.items():
-                (args, kwargs), = recorders[name].calls
-                recorders[name].calls.clear()
-                print(json.dumps(dict(experts=experts, top_k=top_k, kernel=name, **ptxas_report(kernel, args, kwargs))),
-                      flush=True)
-    finally:
-        rt.router_topk_forward_kernel, rt.router_topk_backward_kernel = kernels["forward"], kernels["backward"]
+
+        for label, report in _recorded(rt, ("router_topk_forward_kernel", "router_topk_backward_kernel"), run):
+            print(json.dumps(dict(experts=experts, top_k=top_k, kernel=label, **report)), flush=True)
+    sigmoid_main()
     return 0
 
 

@@ -16,8 +16,8 @@ from moetune.models.fast_routers import fused_routers, install_fast_routers, rou
 from .helpers import ALL_ARCHS, auto_class, logits_and_lora_grads, lora_model, needs_triton, relative_error, token_batch
 from .tiny import tiny_config
 
-# Fused routers per tiny model (2 decoder layers, one of them dense in qwen3_moe's and qwen2_moe's); sigmoid routers
-# with group-limited top-k keep transformers'.
+# Fused routers per tiny model (2 decoder layers, one of them dense in qwen3_moe's, qwen2_moe's and the sigmoid
+# routers' models).
 EXPECTED = {
     "qwen3_moe": ("softmax_topk", 1),
     "qwen2_moe": ("softmax_topk", 1),
@@ -25,9 +25,9 @@ EXPECTED = {
     "qwen3_vl_moe": ("softmax_topk_normalized", 2),
     "mixtral": ("mixtral", 2),
     "gpt_oss": ("gpt_oss", 2),
-    "deepseek_v3": (None, 0),
-    "glm4_moe": (None, 0),
-    "glm4_moe_lite": (None, 0),
+    "deepseek_v3": ("sigmoid_group_topk", 1),
+    "glm4_moe": ("sigmoid_group_topk", 1),
+    "glm4_moe_lite": ("sigmoid_group_topk", 1),
 }
 RTOL = 1e-5  # fp32: the weights differ from transformers' by a few ulps
 
