@@ -93,6 +93,12 @@ def saved_settings(output_dir: str) -> dict:
         raise ValueError(f"--resume: cannot read {path}: {err}") from None
 
 
+def _resolved(path: str) -> str:
+    """A file's or directory's real path (the same file spelled another way compares equal); anything else as given:
+    a pipe's (`--data <(zcat ...)`, /dev/fd/63) real path names the pipe of one process."""
+    return os.path.realpath(path) if os.path.isfile(path) or os.path.isdir(path) else path
+
+
 def resume_settings(config: dict, examples) -> dict:
     """The run's settings as its checkpoints record them and a resume compares them: paths resolved (the same file
     spelled another way resumes), and a fingerprint of the tokenised data (a file changed under the same name, which
@@ -100,7 +106,7 @@ def resume_settings(config: dict, examples) -> dict:
     settings = dict(config)
     for key in _PATHS:
         if settings[key] is not None:
-            settings[key] = os.path.realpath(settings[key])
+            settings[key] = _resolved(settings[key])
     digest = hashlib.sha1()
     for example in examples:
         digest.update(len(example.input_ids).to_bytes(8, "little"))
@@ -172,7 +178,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_
         raise ValueError(f"--resume: cannot read checkpoint {path}: {err}") from None
     for key, saved in state["settings"].items():  # a checkpoint's own keys: older ones have fewer
         if key in _PATHS and saved is not None:
-            saved = os.path.realpath(saved)
+            saved = _resolved(saved)
         if key == "data_fingerprint" and settings[key] != saved:
             raise ValueError(f"--resume: {path} was trained on other data (the records of --data or their "
                              "tokenisation changed): its batches would not continue")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -46,35 +47,64 @@ class Example:
     labels: list[int]
 
 
+# A \uD800-\uDFFF escape: JSON decodes a lone one (a truncated emoji, seen in scraped data) into a string no tokenizer
+# takes; only lines with one get the full check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _read_jsonl(path: str) -> list[tuple[int, dict]]:
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ValueError(f"--data: {path} is a directory; expected a JSONL file")
+    if not os.path.exists(path):
         raise ValueError(f"--data: no such file: {path}")
-    records = []
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is skipped
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"--data: {path}, line {line_no}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"--data: {path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
-                records.append((line_no, record))
-    except UnicodeDecodeError:
-        raise ValueError(f"--data: {path} is not UTF-8 text") from None
+        # Read once, in bytes (a pipe too: `--data <(zcat train.jsonl.gz)`), and split as text mode's universal
+        # newlines would (\n, \r\n, \r) but not at U+2028 inside a string; decoded line by line to name a bad one.
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
     except OSError as err:
         raise ValueError(f"--data: cannot read {path}: {err.strerror}") from None
+    records = []
+    for line_no, raw in enumerate(lines, 1):
+        line = _decode(raw, path, line_no)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--data: {path}, line {line_no}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            got = "null" if record is None else type(record).__name__
+            raise ValueError(f"--data: {path}, line {line_no}: expected a JSON object, got {got}")
+        if _SURROGATE_ESCAPE.search(line):
+            try:
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"--data: {path}, line {line_no}: a string holds a lone UTF-16 surrogate "
+                                 f"(\\u{ord(err.object[err.start]):04x}), which is no text") from None
+        records.append((line_no, record))
     if not records:
         raise ValueError(f"--data: {path} holds no records (empty dataset)")
     return records
 
 
+def _decode(raw: bytes, path: str, line_no: int) -> str:
+    """One line of the file as text; a byte-order mark (Windows editors) before the first is skipped."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data: {path}, line {line_no}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                         f"{err.start + 1})") from None
+    return line.removeprefix("\ufeff") if line_no == 1 else line
+
+
 def _detect_format(path: str, line_no: int, record: dict) -> str:
-    for name, keys in FORMATS.items():
-        if all(k in record for k in keys):
-            return name
+    found = [name for name, keys in FORMATS.items() if all(k in record for k in keys)]
+    if len(found) > 1:  # an export carrying a rendered "text" beside its "messages", say: which to train is the user's
+        raise ValueError(f"{_where(path, line_no)}: has the fields of more than one format ({', '.join(found)}); "
+                         "keep one")
+    if found:
+        return found[0]
     raise ValueError(
         f"--data: {path}, line {line_no}: expected a record with \"text\", \"messages\" or "
         f"\"instruction\" + \"output\", got keys {sorted(record)}"
@@ -107,7 +137,8 @@ def _as_messages(fmt: str, record: dict, where: str) -> list[dict]:
             raise ValueError(f"{where}: no \"assistant\" message, so nothing to train on")
         return messages
     for key in ("instruction", "input", "output"):
-        if not isinstance(record.get(key, ""), str):
+        value = record.get(key, "")
+        if not isinstance(value, str) and not (key == "input" and value is None):  # null input: none (pandas' NaN)
             raise ValueError(f"{where}: \"{key}\" must be a string")
     if not record["output"]:
         raise ValueError(f"{where}: \"output\" is empty, so nothing to train on")
@@ -259,6 +290,7 @@ def load_examples(path: str, tokenizer, max_seq_length: int) -> tuple[str, list[
         if not all(k in record for k in FORMATS[fmt]):
             missing = [k for k in FORMATS[fmt] if k not in record]
             raise ValueError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (line {records[0][0]} is {fmt!r} format)")
+        _detect_format(path, line_no, record)  # not also another format's record
         example = _tokenize(tokenizer, fmt, record, where, template)
         if len(example.input_ids) > max_seq_length:
             raise ValueError(

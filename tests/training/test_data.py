@@ -88,6 +88,43 @@ def test_a_byte_order_mark_is_skipped(tmp_path, demo_tokenizer):
     assert fmt == "text" and len(examples) == 2
 
 
+def test_line_endings_of_any_platform_and_a_line_separator_inside_a_string(tmp_path, demo_tokenizer):
+    """\\r\\n (Windows) and a lone \\r (old Macs) end lines as \\n does; U+2028 inside a string does not."""
+    path = tmp_path / "endings.jsonl"
+    path.write_bytes('{"text": "one"}\r\n{"text": "two"}\r{"text": "three\u2028still three"}'.encode())
+    fmt, examples = data.load_examples(str(path), demo_tokenizer, 64)
+    assert fmt == "text" and len(examples) == 3
+    assert "three\u2028still three" in demo_tokenizer.decode(examples[2].input_ids)
+
+
+def test_a_pipe_is_read_once(tmp_path, demo_tokenizer):
+    """`--data <(zcat train.jsonl.gz)`: a named pipe, not a regular file, read once."""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "w") as f:
+            f.write('{"text": "from a pipe"}\n{"text": "and more"}\n')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    fmt, examples = data.load_examples(str(fifo), demo_tokenizer, 64)
+    writer.join()
+    assert fmt == "text" and len(examples) == 2
+
+
+def test_a_null_input_is_no_input(tmp_path, demo_tokenizer):
+    """pandas writes a missing "input" as null: the prompt is then the instruction alone, as with no "input"."""
+    with_null = {"instruction": "Say hi.", "input": None, "output": "hi"}
+    without = {"instruction": "Say hi.", "output": "hi"}
+    _, [a] = data.load_examples(write_jsonl(tmp_path / "a.jsonl", [with_null]), demo_tokenizer, 64)
+    _, [b] = data.load_examples(write_jsonl(tmp_path / "b.jsonl", [without]), demo_tokenizer, 64)
+    assert a == b
+
+
 TWO_TURNS = [
     {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."},
     {"role": "user", "content": "And 3 plus 4?"}, {"role": "assistant", "content": "7."},

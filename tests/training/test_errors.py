@@ -35,8 +35,14 @@ def _data(tmp_path, records=(), raw=(), name="d.jsonl") -> str:
 # Each case: (builder of extra arguments from tmp_path, text the one-line message must contain).
 CASES = {
     "missing data file": (lambda t: ["--data", t / "nope.jsonl"], "--data: no such file"),
-    "data is a directory": (lambda t: ["--data", t], "--data: no such file"),
-    "not utf-8": (lambda t: ["--data", _binary(t)], "is not UTF-8 text"),
+    "data is a directory": (lambda t: ["--data", t], "is a directory; expected a JSONL file"),
+    "not utf-8": (lambda t: ["--data", _binary(t)], "line 3: not UTF-8 text (byte 0xe9 at column 14)"),
+    "lone surrogate": (lambda t: ["--data", _data(t, raw=['{"text": "a truncated emoji \\ud83d"}'])],
+                       "line 1: a string holds a lone UTF-16 surrogate (\\ud83d), which is no text"),
+    "two formats in one record": (lambda t: ["--data", _data(t, [{"text": "a", "messages": GOOD[0]["messages"]}])],
+                                  "line 1: has the fields of more than one format (text, messages); keep one"),
+    "two formats in a later record": (lambda t: ["--data", _data(t, [*GOOD, {**GOOD[0], "text": "a"}])],
+                                      "line 4: has the fields of more than one format (text, messages); keep one"),
     "malformed json line": (lambda t: ["--data", _data(t, GOOD, ['{"messages": [']) ], "line 4: not valid JSON"),
     "json array line": (lambda t: ["--data", _data(t, GOOD, ["[1, 2]"])], "line 4: expected a JSON object"),
     "unknown format": (lambda t: ["--data", _data(t, [{"prompt": "a", "completion": "b"}])], "line 1: expected a record with"),
@@ -104,7 +110,7 @@ def _demo_tokenizer_on_tiny_model(tmp_path) -> str:
 
 def _binary(tmp_path) -> str:
     path = tmp_path / "bin.jsonl"
-    path.write_bytes(b"\xff\xfe\x00garbage\n")
+    path.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9 latin-1"}\n')
     return str(path)
 
 
