@@ -99,14 +99,20 @@ def _targets(module: nn.Module) -> tuple[str, ...]:
     return tuple(p for p, present in zip(EXPERT_PARAMS, (lora.has_gate_up, lora.has_down)) if present)
 
 
-def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.experts") -> None:
+def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.experts",
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
 
-    Linear LoRA and modules_to_save come from peft itself; expert LoRA is converted to target_parameters.
+    Linear LoRA and modules_to_save come from peft itself; expert LoRA is converted to target_parameters. The weights
+    are read from `state_dict` where given (the model's full state dict gathered across processes: what Trainer and
+    accelerate pass under FSDP, where the modules hold only their shards), else from the model.
     """
     from peft import get_peft_model_state_dict
     from peft.utils.constants import DUMMY_TARGET_MODULES
 
+    if state_dict is None:
+        _refuse_sharded(peft_model)
+        state_dict = peft_model.state_dict()
     experts = _expert_modules(peft_model)
     targets = _targets(next(iter(experts.values()))) if experts else ()
     config = copy.deepcopy(peft_model.peft_config["default"])
@@ -115,19 +121,34 @@ def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.exp
     config.target_parameters = [f"{experts_module}.{p}" for p in targets] or None
     config.inference_mode = True  # as PeftModel.save_pretrained writes it
 
-    own = {k: v for k, v in peft_model.state_dict().items() if not _is_expert_factor(k)}
+    own = {k: v for k, v in state_dict.items() if not _is_expert_factor(k)}
     tensors = dict(get_peft_model_state_dict(peft_model, state_dict=own))
-    for name, module in experts.items():
-        lora = expert_lora(module, DEFAULT_ADAPTER)
-        factors = {"gate_up_proj": (lora.A_gate_up, lora.B_gate_up), "down_proj": (lora.A_down, lora.B_down)}
+    for name in experts:
         for param, (key_A, key_B) in expert_peft_keys(name, targets).items():
-            A, B = expert_factors_to_peft(*(f.detach() for f in factors[param]))
-            tensors[key_A], tensors[key_B] = A, B
+            part = param.removesuffix("_proj")  # gate_up, down
+            factors = [state_dict.get(f"{name}.lora_{ab}_{part}.{DEFAULT_ADAPTER}.weight") for ab in "AB"]
+            if any(f is None for f in factors):
+                raise ValueError(f"state_dict: expected {name}.lora_A_{part}.{DEFAULT_ADAPTER}.weight and its B, the "
+                                 "model's expert LoRA; pass the model's full state dict")
+            tensors[key_A], tensors[key_B] = expert_factors_to_peft(*(f.detach() for f in factors))
 
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(save_directory, ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """A model sharded across processes (FSDP2: DTensor parameters) holds only its shards; gathering them is a
+    collective every process must join, which a save called on one process cannot do."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("state_dict: the model is sharded (FSDP); gather its full state dict on every process "
+                         "(torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True) "
+                         "and pass it as save_pretrained(..., state_dict=...)")
 
 
 def load_adapter_weights(peft_model, adapter_dir: str) -> None:

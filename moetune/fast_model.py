@@ -269,14 +269,17 @@ def _peft_model_class():
         def _experts(self) -> list[nn.Module]:
             return [module for module in self.modules() if expert_adapters(module)]
 
-        def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs) -> None:
+        def save_pretrained(self, save_directory: str, is_main_process: bool = True,
+                            state_dict: dict | None = None, **kwargs) -> None:
             """Write a PEFT adapter directory of the "default" adapter (expert LoRA in target_parameters layout).
 
-            Other peft keyword arguments (state_dict, safe_serialization, ...) are accepted and ignored:
-            the weights are read from the modules and always written as safetensors.
+            state_dict: the model's full state dict, where the modules hold only shards (FSDP: Trainer and
+            accelerate gather it and pass it here). Other peft keyword arguments (safe_serialization, ...) are
+            accepted and ignored: the adapter is always written as safetensors.
             """
             if is_main_process:
-                adapters.save_adapter(self, save_directory, experts_module=getattr(self, _SPEC_ATTR).experts_module)
+                adapters.save_adapter(self, save_directory, experts_module=getattr(self, _SPEC_ATTR).experts_module,
+                                      state_dict=state_dict)
 
         def load_adapter(self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, **kwargs):
             """Load saved weights into this model's "default" adapter in place (what Trainer's resume calls)."""
