@@ -9,7 +9,8 @@ Shape legend: T tokens, E experts, G expert groups of E / G, K the experts a tok
 
 Forward, per row, in fp32, as transformers' DeepseekV3TopkRouter / Glm4MoeTopkRouter / Glm4MoeLiteTopkRouter write
 it (5.17 - 5.25):
-    s = sigmoid(l)                            c = s + bias        (the choice score)
+    s = sigmoid(l), rounded to the logits' dtype (transformers' sigmoid runs in it: bf16 under autocast, where the
+    rounding decides near-equal choices)      c = s + bias        (the choice score, fp32)
     with G > 1: each group's score is the sum of its two largest c; the TOPK_GROUPS best groups stay, the others'
     experts are out of the choice
     the K largest c among the experts left (NaN counts as the largest, as in torch.topk); among equal scores the
@@ -65,7 +66,7 @@ def sigmoid_topk_forward_kernel(
     in_row = cols < E
     mask = (rows < T)[:, None] & in_row[None, :]
     l = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(l)
+    s = tl.sigmoid(l).to(logits_ptr.dtype.element_ty).to(tl.float32)  # rounded as transformers' sigmoid (autocast)
     bias = tl.load(bias_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     c = s + bias[None, :]
     # Chosen by `key`, NaN as the largest value (as torch.topk orders it), among the experts still available (a mask,
@@ -123,7 +124,7 @@ def sigmoid_topk_backward_kernel(
     k_mask = row_mask[:, None] & (slots < TOP_K)[None, :]
     ids = tl.load(ids_ptr + rows64[:, None] * TOP_K + slots[None, :], mask=k_mask, other=0)
     l = tl.load(logits_ptr + rows64[:, None] * E + ids, mask=k_mask, other=0.0).to(tl.float32)
-    s = tl.where(k_mask, tl.sigmoid(l), 0.0)
+    s = tl.where(k_mask, tl.sigmoid(l).to(logits_ptr.dtype.element_ty).to(tl.float32), 0.0)
     g = tl.load(grad_ptr + rows64[:, None] * TOP_K + slots[None, :], mask=k_mask, other=0.0).to(tl.float32)
     if NORMALIZE:
         denominator = tl.sum(s, axis=1) + 1e-20

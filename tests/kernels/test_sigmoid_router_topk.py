@@ -47,9 +47,12 @@ def transformers_router(logits, bias, top_k, groups, topk_groups, normalize, sca
 
 
 def reference(logits, ids, normalize, scale):
-    """float64 weights of the given experts, differentiable in the logits."""
+    """float64 weights of the given experts, differentiable in the logits: the router's arithmetic done exactly, from
+    the sigmoid as transformers has it (rounded to the logits' dtype), whose derivative s (1 - s) it takes too."""
     logits64 = logits.detach().double().requires_grad_()
-    chosen = logits64.sigmoid().gather(1, ids)
+    s = torch.sigmoid(logits.detach()).double()
+    s = s + (logits64 - logits64.detach()) * s * (1 - s)  # the value s, the gradient s (1 - s)
+    chosen = s.gather(1, ids)
     weights = chosen / (chosen.sum(-1, keepdim=True) + 1e-20) if normalize else chosen
     return logits64, weights * scale
 
@@ -93,13 +96,12 @@ def test_forward_and_backward_match_transformers_choice_and_float64(dtype, norma
     scale = 2.5
     weights, ids = sigmoid_router_topk(logits, bias, top_k, num_groups=groups, topk_groups=topk_groups,
                                        normalize=normalize, scale=scale)
-    want_weights, want_ids = transformers_router(logits.detach().float(), bias, top_k, groups, topk_groups, normalize,
-                                                 scale)
+    want_weights, want_ids = transformers_router(logits.detach(), bias, top_k, groups, topk_groups, normalize, scale)
     assert ids.dtype == torch.int64 and weights.dtype == dtype and weights.shape == (tokens, top_k)
     got_ids, got_sorted = by_expert(weights, ids)
     want_sorted_ids, want_sorted = by_expert(want_weights, want_ids)
     assert torch.equal(got_ids, want_sorted_ids)  # the same experts
-    choice = (torch.sigmoid(logits.detach().float()) + bias).gather(1, ids)
+    choice = (torch.sigmoid(logits.detach()) + bias).gather(1, ids)
     assert torch.all(choice[:, :-1] >= choice[:, 1:])  # in order of falling choice score
     logits64, ref = reference(logits, ids, normalize, scale)
     assert relative(weights, ref) < RTOL[dtype]
@@ -110,6 +112,19 @@ def test_forward_and_backward_match_transformers_choice_and_float64(dtype, norma
     assert d_logits.dtype == dtype and relative(d_logits, d_ref) < RTOL[dtype]
     unchosen = torch.ones_like(d_logits, dtype=torch.bool).scatter_(1, ids, False)
     assert not d_logits[unchosen].any()  # only the chosen experts' logits move the weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_half_logits_choose_as_transformers_sigmoid_in_their_dtype(dtype):
+    """Under autocast the router's Linear gives half logits and transformers' sigmoid rounds to their dtype before the
+    fp32 bias is added: near-equal scores order by the rounded values (an fp32 sigmoid chose other experts for 11 of
+    512 tokens here)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(512, 64, generator=gen) * 0.5).to(DEVICE, dtype)
+    bias = (torch.rand(64, generator=gen) * 1e-3).to(DEVICE)  # small: the rounding of s decides the order
+    _, ids = sigmoid_router_topk(logits, bias, 6, num_groups=4, topk_groups=2, scale=2.5)
+    _, want = transformers_router(logits, bias, 6, 4, 2, True, 2.5)
+    assert torch.equal(ids.sort(dim=1).values, want.sort(dim=1).values)
 
 
 def test_ties_choose_the_lower_id_for_groups_and_experts():
