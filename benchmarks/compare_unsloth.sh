@@ -23,7 +23,7 @@ chosen() { [[ " ${VARIANTS[*]} " == *" $1 "* ]]; }
 quiet() { grep -v "Warning\|warn\|Loading weights\|USDT\|Writing model\|tuning"; }
 step() {  # step NAME ARGS...: one train_step.py process
     local name=$1; shift
-    python3 benchmarks/train_step.py --checkpoint "$CK" --layers 8 --warmup 3 --steps 6 --seq "${SEQS[@]}" \
+    python3 benchmarks/train_step.py --checkpoint "$CK" --layers 8 --warmup 3 --steps 10 --seq "${SEQS[@]}" \
         --out "$OUT/$name.json" "$@" 2>&1 | quiet
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$name")
 }
@@ -31,7 +31,7 @@ unsloth() {  # unsloth NAME ARGS...: one unsloth_step.py process
     local name=$1; shift
     env PYTHONPATH="/tmp/unsloth-site:$PYTHONPATH" HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 \
         UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache \
-        python3 benchmarks/unsloth_step.py --checkpoint "$CK" --layers 8 --warmup 3 --steps 6 --seq "${SEQS[@]}" \
+        python3 benchmarks/unsloth_step.py --checkpoint "$CK" --layers 8 --warmup 3 --steps 10 --seq "${SEQS[@]}" \
         --out "$OUT/$name.json" "$@" 2>&1 | grep "tok/s\|out of memory\|Error"
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$name")
 }

@@ -1,13 +1,16 @@
 """Shared benchmark harness: real MoE shapes, the transformers+PEFT baseline, timing, memory, JSON rows.
 
-The baseline is what a user gets today: the model's own transformers v5 experts module with
+The baseline is the model's own transformers v5 experts module with
 `config._experts_implementation = "grouped_mm"`, wrapped by PEFT LoRA through
-`target_parameters` (the delta `B @ A` is formed for every expert on each forward).
+`target_parameters` (the delta `B @ A` is formed for every expert on each forward). Its LoRA factors are in the
+experts' dtype (bf16), as are moetune's here: inject_adapter_in_model keeps them so, where peft.get_peft_model (what
+a user calls) would upcast them to fp32 and compute the delta in fp32, slower. The block ratios are conservative so.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib
 import json
 import os
@@ -282,15 +285,42 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         pass
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         env["commit"] = subprocess.run(
             # "-dirty" where the files differ from HEAD (the device copy of a working tree carries an older HEAD)
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True, cwd=here,
         ).stdout.strip()
+        if env["commit"].endswith("-dirty"):  # which changes: the diff's hash (the same tree gives the same hash)
+            diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, check=True, cwd=here).stdout
+            env["diff_sha1"] = hashlib.sha1(diff).hexdigest()
     except (OSError, subprocess.CalledProcessError):
         pass
+    env.update(machine())
     return env
+
+
+def machine() -> dict:
+    """What else moves a timing from one machine to the next: the driver and CUDA runtime, the GPU's clocks and power
+    limit now (a clock drop from 1980 to ~1755 MHz explained a slow run), the host's CPU (steps wait on slow hosts)."""
+    info = {"cuda_runtime": torch.version.cuda, "host_cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["host_cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        fields = ("driver_version", "clocks.sm", "clocks.max.sm", "power.limit", "temperature.gpu")
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", f"--id={torch.cuda.current_device()}", f"--query-gpu={','.join(fields)}",
+                 "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True, timeout=20,
+            ).stdout.strip()
+            info.update(zip(("driver", "sm_clock_mhz", "sm_clock_max_mhz", "power_limit_w", "temperature_c"),
+                            (v.strip() for v in out.split(","))))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -64,19 +64,21 @@ def take_the_cuda_path() -> None:
 
     torch.cuda.is_available = lambda: True  # FastMoEModel installs the fused rotary on CUDA only
     torch._assert_async = lambda *args, **kwargs: None  # the plan's id check reads the skipped sort's output
+    from moetune.kernels.grouped_gemm import TILE_BLOCKS
+
     counting = expert_sort.expert_sort
 
-    def sort(ids, num_experts):
-        out = counting(ids, num_experts)  # its host work, kernels skipped
+    def sort(ids, num_experts, out):
+        counting(ids, num_experts, out=out)  # its host work, kernels skipped
         start = time.perf_counter()
         plan = routing.torch_sorted_plan(ids, num_experts)
         values = (plan.perm_S, plan.inv_perm_S, plan.token_S, plan.expert_S, plan.counts_E, plan.offsets_E)
-        for tensor, value in zip(out, values):  # into the sort's own tensors: its counts carry its tile schedules
+        for tensor, value in zip(out, values):  # into the plan's buffer (its counts carry the tile schedules)
             tensor.copy_(value)
         untimed[0] += time.perf_counter() - start
-        return out
+        return out[:6]
 
-    routing._checking_sort = lambda ids, num_experts: sort if ids.numel() else None  # plan_routing and check_inputs
+    routing._checking_sort = lambda ids, num_experts: (sort, len(TILE_BLOCKS)) if ids.numel() else None
 
     from moetune.kernels import router_topk
 
@@ -93,17 +95,32 @@ def take_the_cuda_path() -> None:
 
     router_topk._forward = router
 
+    from moetune.kernels import sigmoid_router_topk
 
-def build(layers: int, seq: int, source: str, fused_router: bool = True):
+    fused_sigmoid = sigmoid_router_topk._forward
+
+    def sigmoid_router(logits, bias, top_k, num_groups, topk_groups, normalize, scale):
+        weights, ids = fused_sigmoid(logits, bias, top_k, num_groups, topk_groups, normalize, scale)  # kernel skipped
+        start = time.perf_counter()
+        scores = logits.detach().float().sigmoid()
+        ids.copy_(torch.topk(scores + bias, top_k, dim=-1).indices)  # valid experts for the plan (groups aside)
+        weights.copy_(scores.gather(1, ids) * scale)
+        untimed[0] += time.perf_counter() - start
+        return weights, ids
+
+    sigmoid_router_topk._forward = sigmoid_router
+
+
+def build(layers: int, seq: int, source: str, fused_router: bool = True, model_name: str = "qwen3-30b-a3b"):
     import train_step
 
     from moetune.training.bf16_adamw import AdamWBf16
     from moetune.training.step_in_backward import StepInBackward
 
-    config = train_step.make_config("qwen3-30b-a3b", layers, tiny=True)
+    config = train_step.make_config(model_name, layers, tiny=True)
     device = torch.device("cpu")
     train_step.save_checkpoint(config, source, device)  # the real loading path, as train_step.py
-    model = train_step.build_moetune(source, "qwen3-30b-a3b", 16, 32, device, offload=False, fused_router=fused_router)
+    model = train_step.build_moetune(source, model_name, 16, 32, device, offload=False, fused_router=fused_router)
     model.train()
     optimizer = StepInBackward([p for p in model.parameters() if p.requires_grad], AdamWBf16, lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
@@ -112,6 +129,7 @@ def build(layers: int, seq: int, source: str, fused_router: bool = True):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen3-30b-a3b", help="a train_step.py model name, at toy width")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="steps a round")
@@ -125,7 +143,7 @@ def main(argv=None) -> int:
     skip_kernel_bodies()
     take_the_cuda_path()
     with tempfile.TemporaryDirectory(prefix="moetune-host-cost-") as source:
-        return measure(args, *build(args.layers, args.seq, source, args.fused_router == "on"))
+        return measure(args, *build(args.layers, args.seq, source, args.fused_router == "on", args.model))
 
 
 def measure(args, model, optimizer, ids, step) -> int:

@@ -486,8 +486,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", default=["moetune", "baseline"], choices=["moetune", "baseline"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", nargs="*", default=[], choices=["moetune", "baseline"],
                         help="after timing, profile one more step of these providers (GPU time per kernel group)")
     parser.add_argument("--memory-peak", nargs="*", default=[], choices=["moetune", "baseline"],

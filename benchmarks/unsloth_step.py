@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq", nargs="+", type=int, default=[4096])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--targets", choices=["notebook", "explicit"], default="notebook",
                         help="notebook: target_modules q/k/v/o + gate/up/down (Unsloth maps them onto the experts); "
                              "explicit: q/k/v/o + target_parameters mlp.experts.gate_up_proj/down_proj")
@@ -225,7 +225,9 @@ def run(checkpoint: str, vocab_size: int, seq: int, args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     targets = lora_targets(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # The optimizer moetune and the baseline get (fused AdamW; torch's default foreach one takes ~4 bytes a parameter
+    # more at its step and more time: run 57's Unsloth ran that, helper 64)
+    optimizer = train_step.make_optimizer(params, "adamw")
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, vocab_size, (1, seq), generator=gen).to(device)
     try:
@@ -293,8 +295,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         config = json.load(f)
     import harness  # after unsloth: its environment() imports transformers and peft
+    import train_step
 
     env = harness.environment()
+    env["alloc_conf"] = {name: os.environ.get(name) for name in train_step.ALLOC_CONF_VARS}  # unsloth_zoo's setting
     env["unsloth"] = unsloth.__version__
     env["unsloth_zoo"] = getattr(unsloth_zoo, "__version__", None)
     rows = []

@@ -41,7 +41,7 @@ def test_help_does_not_import_unsloth():
 def test_arguments():
     args = unsloth_step.parse_args(["--checkpoint", "/tmp/x", "--seq", "4096", "8192", "16384", "32768"])
     assert args.seq == [4096, 8192, 16384, 32768]
-    assert (args.rank, args.alpha, args.warmup, args.steps) == (16, 32, 2, 5)  # train_step.py's defaults
+    assert (args.rank, args.alpha, args.warmup, args.steps) == (16, 32, 3, 10)  # train_step.py's defaults
     assert (args.model, args.layers, args.targets, args.out) == ("qwen3-30b-a3b", 8, "notebook", None)
     assert not args.tiny and not args.create_only
     with pytest.raises(SystemExit):
