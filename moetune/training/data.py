@@ -58,34 +58,40 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
     if not os.path.exists(path):
         raise ValueError(f"--data: no such file: {path}")
     try:
-        # Read once, in bytes (a pipe too: `--data <(zcat train.jsonl.gz)`), and split as text mode's universal
-        # newlines would (\n, \r\n, \r) but not at U+2028 inside a string; decoded line by line to name a bad one.
         with open(path, "rb") as f:
-            lines = f.read().splitlines()
+            records = [(line_no, record) for line_no, record in _records(f, path)]
     except OSError as err:
         raise ValueError(f"--data: cannot read {path}: {err.strerror}") from None
-    records = []
-    for line_no, raw in enumerate(lines, 1):
-        line = _decode(raw, path, line_no)
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--data: {path}, line {line_no}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            got = "null" if record is None else type(record).__name__
-            raise ValueError(f"--data: {path}, line {line_no}: expected a JSON object, got {got}")
-        if _SURROGATE_ESCAPE.search(line):
-            try:
-                json.dumps(record, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError(f"--data: {path}, line {line_no}: a string holds a lone UTF-16 surrogate "
-                                 f"(\\u{ord(err.object[err.start]):04x}), which is no text") from None
-        records.append((line_no, record))
     if not records:
         raise ValueError(f"--data: {path} holds no records (empty dataset)")
     return records
+
+
+def _records(f, path: str):
+    """(line number, record) of each non-blank line of a binary file, read once (a pipe too: `--data <(zcat
+    train.jsonl.gz)`) and split as text mode's universal newlines would (\\n, \\r\\n, \\r), not at U+2028 inside a
+    string; decoded line by line, to name a bad one."""
+    line_no = 0
+    for chunk in f:  # each ends at a \n
+        for raw in chunk.splitlines():
+            line_no += 1
+            line = _decode(raw, path, line_no)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--data: {path}, line {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                got = "null" if record is None else type(record).__name__
+                raise ValueError(f"--data: {path}, line {line_no}: expected a JSON object, got {got}")
+            if _SURROGATE_ESCAPE.search(line):
+                try:
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"--data: {path}, line {line_no}: a string holds a lone UTF-16 surrogate "
+                                     f"(\\u{ord(err.object[err.start]):04x}), which is no text") from None
+            yield line_no, record
 
 
 def _decode(raw: bytes, path: str, line_no: int) -> str:
