@@ -218,6 +218,12 @@ def _untie_adapted_embeddings(model: nn.Module, adapter_dir: str) -> None:
         adapted, keys = False, keys + list(targets)
     if not adapted and not any(name == key or name.endswith("." + key) for name in names for key in keys):
         return
+    if adapter.get("ensure_weight_tying"):
+        # One LoRA for both (peft ties the lm_head's factors to the embedding's): peft's merge_and_unload folds it
+        # into the shared weight once for each module, twice in all (checked with peft 0.21), and untying leaves
+        # the lm_head's factors without a module. Neither gives the adapter model's outputs.
+        raise ValueError(f"adapter_dir: {adapter_dir} ties its LoRA on the tied embedding and lm_head "
+                         "(ensure_weight_tying), which no merged checkpoint reproduces; load it with peft instead")
     outputs.weight = nn.Parameter(outputs.weight.detach().clone(), requires_grad=outputs.weight.requires_grad)
     for config in configs:
         if getattr(config, "tie_word_embeddings", False):

@@ -458,3 +458,23 @@ def test_merge_names_the_directory_it_cannot_read(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"^model_dir: no transformers model config in .*adapter \("):
         moetune.merge(str(tmp_path / "adapter"), str(tmp_path / "adapter"), str(tmp_path / "m3"))
     assert not any(p.name.startswith(("m1", "m2", "m3", ".tmp")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft 0.21 on transformers 5.2x
+def test_merge_refuses_an_adapter_that_ties_its_embedding_lora(tmp_path):
+    """peft's ensure_weight_tying: one LoRA for the tied embedding and lm_head. peft's own merge folds it into the
+    shared weight twice (the merged model's logits are not the adapter model's), and untying first leaves its lm_head
+    factors without a module: refused in one line, before anything is written."""
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny_config("qwen3_moe")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    auto_class("qwen3_moe").from_config(config).save_pretrained(tmp_path / "base")
+    base = auto_class("qwen3_moe").from_pretrained(tmp_path / "base", dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True)
+                   ).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"^adapter_dir: .* ties its LoRA on the tied embedding and lm_head"):
+        moetune.merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
