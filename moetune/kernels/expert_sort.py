@@ -125,8 +125,8 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int, out: tuple | None =
     """topk_ids [T, K] (any integer dtype, ids in [0, E)) -> (perm_S, inv_perm_S, token_S, expert_S, counts_E,
     offsets_E), as moetune.experts.routing.plan_routing defines them (int64, offsets_E int32).
 
-    out: those six and the tile schedules' [len(TILE_BLOCKS), >= E] int32 (contiguous rows), to write into instead
-    of new tensors (plan_routing's one buffer, experts/routing.py).
+    out: those six and the tile schedules' [len(TILE_BLOCKS), >= E] int32 (contiguous rows) to write into: views of a
+    routing plan's one buffer (experts/routing.py's PlanLayout; a new one where not given).
 
     An id outside [0, E) is left out of the counts and its pair of the rows; the rows past sum(counts_E) are then
     unset. plan_routing checks on the device that the rows add up to S (every id in range) before any launch reads
@@ -154,16 +154,13 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int, out: tuple | None =
     if num_pairs >= 2**31 or num_blocks * num_experts >= 2**31:  # the kernels index in int32
         raise ValueError(f"topk_ids: expected fewer than 2**31 pairs for the counting sort, got {num_pairs}")
     hist_NE = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
-    if out is None:
-        counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
-        offsets_E = torch.empty(num_experts, dtype=torch.int32, device=device)
-        # Rows 16-byte aligned, as grouped_gemm's launches key their tensor arguments (launch.py): one compile for
-        # all E.
-        tile_ends = torch.empty((len(TILE_BLOCKS), cdiv(num_experts, 4) * 4), dtype=torch.int32, device=device)
-        perm_S, inv_perm_S, token_S, expert_S = torch.empty((4, num_pairs), dtype=torch.int64, device=device).unbind(0)
-    else:
-        _check_out(out, num_pairs, num_experts, device)
-        perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends = out
+    if out is None:  # a plan's own buffer (plan_routing passes its views)
+        from ..experts.routing import PlanLayout
+
+        layout = PlanLayout(num_tokens, top_k, num_experts, len(TILE_BLOCKS))
+        out = layout.views(layout.new_buffer(device))
+    _check_out(out, num_pairs, num_experts, device)
+    perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends = out
     launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
                   E_P2=e_p2, num_warps=WARPS)
     group = min(EXPERT_GROUP, e_p2)

@@ -127,24 +127,22 @@ def router_variant(module: nn.Module) -> str | None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= weight.shape[0]:
         return None
     variant = _forward_variant(forward)
-    if variant == "gpt_oss":
-        return variant if set(module._parameters) == {"weight", "bias"} else None
-    if variant == "sigmoid_group_topk":
-        return variant if _sigmoid_router_fits(module) else None
-    if variant is None or set(module._parameters) != {"weight"} or getattr(module, "hidden_dim", None) != weight.shape[1]:
+    if variant is None or set(module._parameters) != ({"weight", "bias"} if variant == "gpt_oss" else {"weight"}):
+        return None
+    if variant != "gpt_oss" and getattr(module, "hidden_dim", None) != weight.shape[1]:
+        return None
+    if variant == "sigmoid_group_topk" and not _sigmoid_router_fits(module):
         return None
     return variant
 
 
 def _sigmoid_router_fits(module: nn.Module) -> bool:
-    """A sigmoid router whose attributes the kernel takes as they are: its own weight [E, hidden_dim], the choice bias
+    """A sigmoid router whose attributes the kernel takes as they are: num_experts its weight's rows, the choice bias
     buffer [E], a grouping it can route (kernels/sigmoid_router_topk.py's check_routing)."""
     from ..kernels.sigmoid_router_topk import check_routing
 
-    weight, bias = module._parameters["weight"], module._buffers.get("e_score_correction_bias")
-    num_experts = weight.shape[0]
-    if set(module._parameters) != {"weight"} or getattr(module, "hidden_dim", None) != weight.shape[1] \
-            or getattr(module, "num_experts", None) != num_experts:
+    num_experts, bias = module._parameters["weight"].shape[0], module._buffers.get("e_score_correction_bias")
+    if getattr(module, "num_experts", None) != num_experts:
         return False
     if not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,) or not bias.is_floating_point():
         return False
