@@ -8,16 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetune.experts.backends import triton as triton_backend
+from .router_checks import DEVICE, DTYPES, RTOL, needs_triton, relative
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
-    reason="no Triton that can run here",
-)
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-# Relative error (Frobenius) against float64 from the same rounded logits: fp32 a few ulps, else one rounding.
-RTOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+pytestmark = needs_triton
 
 
 def sigmoid_router_topk(*args, **kwargs):
@@ -57,9 +50,6 @@ def reference(logits, ids, normalize, scale):
     return logits64, weights * scale
 
 
-def relative(got, ref):
-    scale = ref.double().norm().item()
-    return (got.double() - ref.double()).norm().item() / (scale if scale > 1e-12 else 1.0)
 
 
 def by_expert(weights, ids):
