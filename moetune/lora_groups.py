@@ -187,7 +187,8 @@ class _Group:
     def _lead(self, x: torch.Tensor) -> torch.Tensor | None:
         self._clear()
         # Inference tensors have no version counter to check the hand-over by; torch.compile traces the layers alone.
-        if not isinstance(x, torch.Tensor) or x.is_inference() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.is_inference():  # (is_inference:
+            # a graph break under compile)
             return None
         members, scalings = [], []
         for layer in self.members:

@@ -39,6 +39,12 @@ def _frozen_parameter(t: torch.Tensor | None) -> bool:
 
 
 def save(ctx, *tensors: torch.Tensor | None, hold: tuple = ()) -> None:
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace t._is_view() and would run the whole Function eagerly (a graph break at every LoRA
+        # projection); a compiled graph keeps what it saves itself, so all of it goes through save_for_backward.
+        ctx._moetune_slots = tuple(None if t is None else _SAVED for t in tensors)
+        ctx.save_for_backward(*(t for t in tensors if t is not None))
+        return
     held = [any(t is h for h in hold) or _frozen_parameter(t) for t in tensors]
     ctx._moetune_slots = tuple(t if keep else _SAVED for t, keep in zip(tensors, held))
     ctx.save_for_backward(*(t for t, keep in zip(tensors, held) if not keep))
