@@ -66,6 +66,24 @@ def _softmax_parts(logits_ptr, rows, cols, T, E):
 
 
 @triton.jit
+def top_k_of(key, values, available, cols, slots, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
+             BLOCK_E: tl.constexpr):
+    """(values [BLOCK_T, K_PAD] fp32, ids int32) of the TOP_K largest keys of each row among the available experts,
+    in falling order, the lowest id among equal keys (as torch.topk's CUDA kernel takes the k-th value's). Chosen
+    experts leave a mask, not a key set to -inf: a row of -inf keys still gives TOP_K different experts."""
+    chosen = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    chosen_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(available, key, float("-inf")), axis=1)
+        pick = tl.min(tl.where(available & (key == best[:, None]), cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == pick[:, None]
+        chosen = tl.where(slots[None, :] == j, tl.sum(tl.where(hit, values, 0.0), axis=1)[:, None], chosen)
+        chosen_id = tl.where(slots[None, :] == j, pick[:, None], chosen_id)
+        available = available & (cols[None, :] != pick[:, None])
+    return chosen, chosen_id
+
+
+@triton.jit
 def router_topk_forward_kernel(
     logits_ptr, weights_ptr, ids_ptr, T,
     E: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -75,20 +93,9 @@ def router_topk_forward_kernel(
     cols = tl.arange(0, BLOCK_E)
     slots = tl.arange(0, K_PAD)
     l, e, total = _softmax_parts(logits_ptr, rows, cols, T, E)
-    # Chosen by `key`, NaN as the largest value (as torch.topk orders it), among the experts not chosen yet (a mask,
-    # not the key set to -inf: a row of -inf logits must still give K different experts).
-    key = tl.where(l != l, float("inf"), l)
+    key = tl.where(l != l, float("inf"), l)  # NaN as the largest value, as torch.topk orders it
     available = (cols < E)[None, :] & (rows >= 0)[:, None]
-    chosen_e = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
-    chosen_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(tl.where(available, key, float("-inf")), axis=1)
-        candidates = available & (key == best[:, None])
-        pick = tl.min(tl.where(candidates, cols[None, :], BLOCK_E), axis=1)  # the lowest id among ties
-        hit = cols[None, :] == pick[:, None]
-        chosen_e = tl.where(slots[None, :] == j, tl.sum(tl.where(hit, e, 0.0), axis=1)[:, None], chosen_e)
-        chosen_id = tl.where(slots[None, :] == j, pick[:, None], chosen_id)
-        available = available & (cols[None, :] != pick[:, None])
+    chosen_e, chosen_id = top_k_of(key, e, available, cols, slots, TOP_K, BLOCK_T, K_PAD, BLOCK_E)
     if NORMALIZE:
         denominator = tl.sum(chosen_e, axis=1)
     else:

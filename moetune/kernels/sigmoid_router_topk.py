@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .. import saved_tensors
 from .launch import launch as launch_kernel
-from .router_topk import MAX_BLOCK_T
+from .router_topk import MAX_BLOCK_T, top_k_of
 from .sizes import cdiv, next_power_of_2
 
 __all__ = ["MAX_E", "MAX_GROUPS", "SigmoidTopKFunction", "sigmoid_router_topk"]
@@ -50,7 +50,6 @@ MAX_GROUPS = 64  # each group is a pass over the row's tile (DeepSeek-V3: 8)
 # and 256 experts (no spills); tests/kernels/compile_router_topk.py checks the bound.
 TILE_ELEMENTS = 2048
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_EPS = 1e-20  # transformers' guard on the sum of the chosen weights
 
 
 @triton.jit
@@ -69,9 +68,7 @@ def sigmoid_topk_forward_kernel(
     s = tl.sigmoid(l).to(logits_ptr.dtype.element_ty).to(tl.float32)  # rounded as transformers' sigmoid (autocast)
     bias = tl.load(bias_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     c = s + bias[None, :]
-    # Chosen by `key`, NaN as the largest value (as torch.topk orders it), among the experts still available (a mask,
-    # not the key set to -inf: K different experts whatever the scores).
-    key = tl.where(c != c, float("inf"), c)
+    key = tl.where(c != c, float("inf"), c)  # NaN as the largest value, as torch.topk orders it
     available = in_row[None, :] & (rows >= 0)[:, None]
     if GROUPS > 1:
         group = cols // GROUP_SIZE
@@ -91,15 +88,7 @@ def sigmoid_topk_forward_kernel(
             groups_left = groups_left & (gslots[None, :] != pick[:, None])
             kept = kept | (group[None, :] == pick[:, None])
         available = available & kept
-    chosen_s = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
-    chosen_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(tl.where(available, key, float("-inf")), axis=1)
-        pick = tl.min(tl.where(available & (key == best[:, None]), cols[None, :], BLOCK_E), axis=1)  # lowest id
-        hit = cols[None, :] == pick[:, None]
-        chosen_s = tl.where(slots[None, :] == j, tl.sum(tl.where(hit, s, 0.0), axis=1)[:, None], chosen_s)
-        chosen_id = tl.where(slots[None, :] == j, pick[:, None], chosen_id)
-        available = available & (cols[None, :] != pick[:, None])
+    chosen_s, chosen_id = top_k_of(key, s, available, cols, slots, TOP_K, BLOCK_T, K_PAD, BLOCK_E)
     weights = chosen_s
     if NORMALIZE:
         weights = weights / (tl.sum(chosen_s, axis=1) + 1e-20)[:, None]
