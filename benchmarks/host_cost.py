@@ -66,10 +66,10 @@ def take_the_cuda_path() -> None:
     torch._assert_async = lambda *args, **kwargs: None  # the plan's id check reads the skipped sort's output
     from moetune.kernels.grouped_gemm import TILE_BLOCKS
 
-    counting = expert_sort.expert_sort
+    counting = expert_sort.sort_into
 
     def sort(ids, num_experts, out):
-        counting(ids, num_experts, out=out)  # its host work, kernels skipped
+        counting(ids, num_experts, out)  # its host work, kernels skipped
         start = time.perf_counter()
         plan = routing.torch_sorted_plan(ids, num_experts)
         values = (plan.perm_S, plan.inv_perm_S, plan.token_S, plan.expert_S, plan.counts_E, plan.offsets_E)

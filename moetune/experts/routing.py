@@ -148,7 +148,7 @@ def plan_routing(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
         layout = PlanLayout(num_tokens, top_k, num_experts, tile_rows)
         buffer = layout.new_buffer(topk_ids_TK.device)
         views = layout.views(buffer)
-        sort(topk_ids_TK, num_experts, out=views)
+        sort(topk_ids_TK, num_experts, views)
         # The sort leaves an id outside [0, E) out of the counts (and writes nothing for it): the rows add up to
         # every pair exactly when all ids are in range. Two ops after the plan instead of five before it (aminmax,
         # compares) while the GPU waits for the step's first large launch (run 55c); the assert runs before any
@@ -192,7 +192,7 @@ def _checking_sort(topk_ids_TK: torch.Tensor, num_experts: int):
 
 @functools.lru_cache(maxsize=None)
 def _counting_sort(device: torch.device, num_experts: int):
-    """(kernels.expert_sort.expert_sort, the tile schedule rows it writes) where it runs for this device and expert
+    """(kernels.expert_sort.sort_into, the tile schedule rows it writes) where it runs for this device and expert
     count, else None. Memoised: the plan is made twice per MoE layer and step, and the imports (deferred so that
     experts/ imports without triton) and the probe cost a few microseconds each. probe's dtype is that of the Triton
     kernels' data; the sort reads integer ids only, so any dtype the GPU runs gives the same answer."""
@@ -200,7 +200,7 @@ def _counting_sort(device: torch.device, num_experts: int):
 
     if probe(device.type, device.index, torch.float32) is not None:
         return None
-    from ..kernels.expert_sort import MAX_EXPERTS, expert_sort
+    from ..kernels.expert_sort import MAX_EXPERTS, sort_into
     from ..kernels.grouped_gemm import TILE_BLOCKS
 
-    return (expert_sort, len(TILE_BLOCKS)) if 1 <= num_experts <= MAX_EXPERTS else None
+    return (sort_into, len(TILE_BLOCKS)) if 1 <= num_experts <= MAX_EXPERTS else None

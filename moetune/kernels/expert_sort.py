@@ -36,7 +36,7 @@ from .grouped_gemm import TILE_BLOCKS, remember_tile_schedule
 from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
-__all__ = ["MAX_EXPERTS", "expert_sort"]
+__all__ = ["MAX_EXPERTS", "expert_sort", "sort_into"]
 
 # scatter_kernel writes tile schedules for BLOCK_M = 16 << i, i < len(TILE_BLOCKS): they must be those.
 assert TILE_BLOCKS == tuple(16 << i for i in range(len(TILE_BLOCKS))), TILE_BLOCKS
@@ -143,6 +143,18 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int, out: tuple | None =
             or topk_ids_TK.dtype == torch.bool:
         raise ValueError(f"topk_ids: expected integer ids of shape [T, K], got {topk_ids_TK.dtype} "
                          f"{list(topk_ids_TK.shape)}")
+    if out is None:
+        from ..experts.routing import PlanLayout
+
+        layout = PlanLayout(*topk_ids_TK.shape, num_experts, len(TILE_BLOCKS))
+        out = layout.views(layout.new_buffer(topk_ids_TK.device))
+    _check_out(out, topk_ids_TK.numel(), num_experts, topk_ids_TK.device)
+    return sort_into(topk_ids_TK, num_experts, out)
+
+
+def sort_into(topk_ids_TK: torch.Tensor, num_experts: int, out: tuple) -> tuple[torch.Tensor, ...]:
+    """expert_sort's launches without its argument checks: plan_routing's entry, for ids moe_experts checked, an
+    expert count it checked, and out the views of a PlanLayout it made (twice per MoE layer and step)."""
     num_tokens, top_k = topk_ids_TK.shape
     ids_S = topk_ids_TK.reshape(-1)
     if not ids_S.is_contiguous():
@@ -154,12 +166,6 @@ def expert_sort(topk_ids_TK: torch.Tensor, num_experts: int, out: tuple | None =
     if num_pairs >= 2**31 or num_blocks * num_experts >= 2**31:  # the kernels index in int32
         raise ValueError(f"topk_ids: expected fewer than 2**31 pairs for the counting sort, got {num_pairs}")
     hist_NE = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
-    if out is None:  # a plan's own buffer (plan_routing passes its views)
-        from ..experts.routing import PlanLayout
-
-        layout = PlanLayout(num_tokens, top_k, num_experts, len(TILE_BLOCKS))
-        out = layout.views(layout.new_buffer(device))
-    _check_out(out, num_pairs, num_experts, device)
     perm_S, inv_perm_S, token_S, expert_S, counts_E, offsets_E, tile_ends = out
     launch_kernel(block_counts_kernel, (num_blocks,), ids_S, hist_NE, num_pairs, num_experts, BLOCK=block,
                   E_P2=e_p2, num_warps=WARPS)
