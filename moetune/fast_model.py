@@ -198,34 +198,13 @@ def _enable_checkpointing(model, checkpoint_layers: int | None = None) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    _no_cache_in_training(model)
+    # (config.use_cache stays the user's: transformers' merge_with_config_defaults drops the KV cache itself in a
+    # training forward of a model with checkpointing on, 5.17 - 5.25, every supported architecture)
     _mark_recomputes(model)
     if checkpoint_layers is not None:
         # transformers checks the flag on each layer at call time (GradientCheckpointingLayer.__call__).
         for layer in _decoder_layers(model)[checkpoint_layers:]:
             layer.gradient_checkpointing = False
-
-
-def _no_cache_in_training(model) -> None:
-    """A training forward (train mode, building a graph) runs without a KV cache unless the caller asks for one: the
-    cache is of no use there, and layers left out of checkpointing would fill it, holding their keys and values for
-    as long as the output lives. transformers drops it only for the layers it checkpoints. The config's use_cache is
-    left as it was: eval, generate and a checkpoint saved from this model (an in-process merge) keep their cache.
-    The hook sits on the decoder stack (the module holding the layers), which its causal-LM head calls as a module
-    whatever wraps the model."""
-    layers = _decoder_layers(model)
-    stack = next((m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
-                  and layers and any(layer is layers[0] for layer in m.layers)), None)
-    if stack is None or getattr(stack, "_moetune_no_cache_hook", None) is not None:
-        return
-    stack._moetune_no_cache_hook = stack.register_forward_pre_hook(_drop_cache_in_training, with_kwargs=True)
-
-
-def _drop_cache_in_training(module, args, kwargs):
-    if module.training and torch.is_grad_enabled() and kwargs.get("use_cache") is None:
-        kwargs["use_cache"] = False
-        return args, kwargs
-    return None
 
 
 def _mark_recomputes(model) -> None:
