@@ -335,7 +335,7 @@ def run(plan: Plan, console=None) -> dict:
                 loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
                 (loss if scaler is None else scaler.scale(loss)).backward()
                 loss_interval += loss.detach()
-                del loss  # its graph, and what the graph's nodes hold (routing plans), would live into the next forward
+                del loss  # its graph, and what the graph's nodes hold (the LoRA factors' casts), would live into the next forward
             if scaler is not None:
                 scaler.unscale_(optimizer)  # before clipping, which reads the true gradients
             if config.max_grad_norm > 0:

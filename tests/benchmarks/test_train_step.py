@@ -160,7 +160,7 @@ def test_a_plan_changed_by_the_last_warm_up_check_gets_a_checked_step_before_tim
 
 def test_a_step_keeps_nothing_of_its_graph_alive():
     """The returned loss is detached, as Trainer's: kept by the timing loop until the next step returns, an attached
-    loss held the whole previous graph, and what its nodes hold as ctx attributes (routing plans, LoRA casts), at
+    loss held the whole previous graph, and what its nodes hold as ctx attributes (the LoRA factors' casts), at
     the next step's peak."""
     sys.path.insert(0, str(BENCH))
     import gc
@@ -171,7 +171,7 @@ def test_a_step_keeps_nothing_of_its_graph_alive():
 
     held = []
 
-    class Holding(torch.autograd.Function):  # keeps a tensor on ctx, as moetune's experts keep their routing plan
+    class Holding(torch.autograd.Function):  # keeps a tensor on ctx, as moetune's LoRA Functions keep their factors' casts
         @staticmethod
         def forward(ctx, x):
             ctx.plan = torch.arange(4.0)

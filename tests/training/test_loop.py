@@ -393,7 +393,7 @@ def test_a_bare_resume_of_a_checkpoint_without_its_settings_keeps_its_lr(tmp_pat
 
 
 def test_a_step_leaves_nothing_of_its_graph_to_the_next_one(tmp_path, capsys, monkeypatch):
-    """What autograd nodes hold as ctx attributes (moetune's experts keep their routing plan so) goes with the
+    """What autograd nodes hold as ctx attributes (moetune's LoRA Functions keep their factors' casts so) goes with the
     loss: the loop drops each micro-batch's loss after its backward, so the next forward does not run beside it."""
     import weakref
 
