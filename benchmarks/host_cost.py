@@ -12,7 +12,10 @@ the model runs at toy width on one CPU thread, through the code paths a GPU take
 - the CUDA path's choices: fused norms, rotary and router top-k (--fused-router off: transformers' router), and
   the routing plan by the counting sort. The sort's and the router's kernels are skipped too,
   so after their host code a valid plan and valid experts are written into their outputs by torch, untimed;
-- the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs.
+- the optimizer stepped in backward (AdamWBf16 in chunks), every layer checkpointed, as `moetune train` runs;
+- the GPU's dtypes: a bf16 model with fp32 LoRA factors, cast for each call (--dtype float32: no casts), and the
+  LoRA weight gradients' one GEMM with an fp32 result (CUDA's torch.mm out_dtype; here a Python kernel for CPU
+  stands in, counted as the one op, its own inner ops unseen).
 
 A step's wall time is then host time, with the CPU's own small GEMMs and attention in it. Absolute figures are not a
 GPU host's; use it to compare two versions of the code, in one process where possible (two processes of the same
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import functools
 import os
 import pstats
 import statistics
@@ -64,7 +68,7 @@ def take_the_cuda_path() -> None:
 
     torch.cuda.is_available = lambda: True  # FastMoEModel installs the fused rotary on CUDA only
     torch._assert_async = lambda *args, **kwargs: None  # the plan's id check reads the skipped sort's output
-    from moetune.kernels.grouped_gemm import TILE_BLOCKS
+    from moetune.kernels.grouped_gemm import TILE_BLOCKS, remember_tile_schedule
 
     counting = expert_sort.sort_into
 
@@ -73,12 +77,33 @@ def take_the_cuda_path() -> None:
         start = time.perf_counter()
         plan = routing.torch_sorted_plan(ids, num_experts)
         values = (plan.perm_S, plan.inv_perm_S, plan.token_S, plan.expert_S, plan.counts_E, plan.offsets_E)
-        for tensor, value in zip(out, values):  # into the plan's buffer (its counts carry the tile schedules)
+        for tensor, value in zip(out, values):  # into the plan's buffer
             tensor.copy_(value)
+        counts, tile_ends = out[4], out[6]  # and the tile schedules the skipped scatter kernel writes
+        for row, block_m in zip(tile_ends, TILE_BLOCKS):
+            row[:num_experts].copy_(torch.cumsum((counts + block_m - 1) // block_m, 0))
+        remember_tile_schedule(counts, tile_ends[:, :num_experts])  # as sort_into (the copies above renewed counts)
         untimed[0] += time.perf_counter() - start
         return out[:6]
 
     routing._checking_sort = lambda ids, num_experts: (sort, len(TILE_BLOCKS)) if ids.numel() else None
+
+    # The interpreter refuses bf16 for its unreliable arithmetic, which is skipped here: bf16 takes fp32's answer.
+    from moetune.experts.backends import triton as triton_backend
+
+    interpreted = triton_backend.probe
+    triton_backend.probe = functools.lru_cache(maxsize=None)(
+        lambda device_type, index, dtype: interpreted(device_type, index, torch.float32 if dtype == torch.bfloat16
+                                                      else dtype))
+
+    # lora_linear's LoRA weight gradients: on CUDA one GEMM with an fp32 result (aten::mm.dtype), which has no CPU
+    # kernel; one here, so that the CPU's casts of its operands are not counted as the GPU path's.
+    global _mm_dtype_library
+    _mm_dtype_library = torch.library.Library("aten", "IMPL")
+    _mm_dtype_library.impl("mm.dtype", lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)), "CPU")
+    from moetune import lora_linear
+
+    lora_linear._mm_fp32 = lambda a, b: a @ b if a.dtype == torch.float32 else torch.mm(a, b, torch.float32)
 
     from moetune.kernels import router_topk
 
@@ -111,8 +136,14 @@ def take_the_cuda_path() -> None:
     sigmoid_router_topk._forward = sigmoid_router
 
 
-def build(layers: int, seq: int, source: str, fused_router: bool = True, model_name: str = "qwen3-30b-a3b"):
+_mm_dtype_library = None  # take_the_cuda_path's CPU kernel for aten::mm.dtype, registered while this lives
+
+
+def build(layers: int, seq: int, source: str, fused_router: bool = True, model_name: str = "qwen3-30b-a3b",
+          dtype: torch.dtype = torch.bfloat16):
     import train_step
+
+    train_step.DTYPE["cpu"] = dtype  # the model's dtype (train_step's CPU default is float32)
 
     from moetune.training.bf16_adamw import AdamWBf16
     from moetune.training.step_in_backward import StepInBackward
@@ -136,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="then profile 5 steps")
     parser.add_argument("--fused-router", default="on", choices=["on", "off"], help="the router's fused top-k")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="the model's dtype (bfloat16, as on a GPU: the LoRA factors stay fp32 and are cast)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # the skipped kernels leave their outputs uninitialised: no slow denormal math
@@ -143,7 +176,8 @@ def main(argv=None) -> int:
     skip_kernel_bodies()
     take_the_cuda_path()
     with tempfile.TemporaryDirectory(prefix="moetune-host-cost-") as source:
-        return measure(args, *build(args.layers, args.seq, source, args.fused_router == "on", args.model))
+        return measure(args, *build(args.layers, args.seq, source, args.fused_router == "on", args.model,
+                                    getattr(torch, args.dtype)))
 
 
 def measure(args, model, optimizer, ids, step) -> int:
