@@ -62,12 +62,12 @@ class LoRAGroupFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scalings, *members):
+    def forward(ctx, x, scalings, casts, *members):
         weights, biases, As, Bs = members[0::4], members[1::4], members[2::4], members[3::4]
         assert not any(w.requires_grad for w in weights), "frozen base weights expected"
         x2 = x.reshape(-1, x.shape[-1])
-        A_cat = torch.cat(As).to(x.dtype)  # [R_1 + R_2 + ..., in]
-        B_c = tuple(B.to(x.dtype) for B in Bs)
+        A_cat, *B_c = casts if casts is not None else group_casts(As, Bs, x.dtype)  # A_cat [R_1 + R_2 + ..., in]
+        B_c = tuple(B_c)
         U = x2 @ A_cat.t()
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
@@ -91,16 +91,22 @@ class LoRAGroupFunction(torch.autograd.Function):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
         dys = tuple(None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys)
         weights, B_c = rest[:count], rest[count:]
-        need = ctx.needs_input_grad  # x, scalings, then (W, b, A, B) a member
+        need = ctx.needs_input_grad  # x, scalings, casts, then (W, b, A, B) a member
         scalings, ranks = ctx.scalings, ctx.ranks
-        need_A = [need[4 + 4 * i] and dys[i] is not None for i in range(count)]
+        need_A = [need[5 + 4 * i] and dys[i] is not None for i in range(count)]
 
         # G [N, sum R]: dy_i B_i side by side (zeros for a member without an output gradient); s_i is applied after
         # the products, as lora_linear applies it, so that a scale that is not a power of 2 rounds as there.
         G = None
         if need[0] or any(need_A):
-            pieces = [x.new_zeros(x.shape[0], rank) if dy is None else dy @ B for dy, B, rank in zip(dys, B_c, ranks)]
-            G = torch.cat(pieces, dim=1) if count > 1 else pieces[0]
+            G = x.new_empty(x.shape[0], sum(ranks))
+            start = 0
+            for dy, B, rank in zip(dys, B_c, ranks):  # each product written into its columns: no concatenation
+                if dy is None:
+                    G[:, start:start + rank].zero_()
+                else:
+                    torch.mm(dy, B, out=G[:, start:start + rank])
+                start += rank
 
         dx = None
         if need[0]:
@@ -116,32 +122,48 @@ class LoRAGroupFunction(torch.autograd.Function):
                 dx = dx.view(shape)
 
         dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
+        scaled = dA_cat is not None and len(set(scalings)) == 1
+        if scaled:  # one launch for every member's block (the same products as scaling each block)
+            dA_cat.mul_(scalings[0])
         grads, start = [], 0
         for i, (dy, rank, s, (bias_dtype, A_dtype, B_dtype)) in enumerate(zip(dys, ranks, scalings, ctx.dtypes)):
             db = dA = dB = None
             if dy is not None:
-                if need[3 + 4 * i]:
+                if need[4 + 4 * i]:
                     db = dy.sum(0, dtype=torch.float32).to(bias_dtype)
                 if need_A[i]:
-                    dA = dA_cat[start:start + rank].mul_(s).to(A_dtype)
-                if need[5 + 4 * i]:
+                    dA = dA_cat[start:start + rank]
+                    dA = (dA if scaled else dA.mul_(s)).to(A_dtype)
+                if need[6 + 4 * i]:
                     dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank]).mul_(s).to(B_dtype)
             grads += [None, db, dA, dB]
             start += rank
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
-def linear_group_with_lora(x, members, scalings) -> tuple[torch.Tensor, ...]:
+def group_casts(As: tuple, Bs: tuple, dtype: torch.dtype) -> tuple:
+    """(A_cat, B_1, B_2, ...) for LoRAGroupFunction: the A factors stacked, everything in dtype, outside autograd."""
+    return (torch.cat([A.detach() for A in As]).to(dtype), *lora_linear.cast_factors(Bs, dtype))
+
+
+def linear_group_with_lora(x, members, scalings, owner=None) -> tuple[torch.Tensor, ...]:
     """One output [..., out_i] per member (W, b, A, B) of x [..., in], see LoRAGroupFunction. Under torch.autocast
     everything is cast to the autocast dtype first and the Function runs with autocast off, as
-    lora_linear.linear_with_lora."""
+    lora_linear.linear_with_lora. owner (the group): a checkpointed recompute takes its forward's factor casts
+    (lora_linear.forward_casts)."""
     dtype = lora_linear._autocast_dtype(x.device.type)
+    if dtype is not None:
+        x = x.to(dtype)
+        members = [(W.to(dtype), None if b is None else b.to(dtype), A, B) for W, b, A, B in members]
+    casts = None
+    if owner is not None:
+        As, Bs = tuple(m[2] for m in members), tuple(m[3] for m in members)
+        casts = lora_linear.forward_casts(owner, As + Bs, x.dtype, lambda: group_casts(As, Bs, x.dtype))
+    args = (x, tuple(scalings), casts, *(t for member in members for t in member))
     if dtype is None:
-        return LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
-    x = x.to(dtype)
-    members = [(W.to(dtype), None if b is None else b.to(dtype), A, B) for W, b, A, B in members]
+        return LoRAGroupFunction.apply(*args)
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAGroupFunction.apply(x, tuple(scalings), *(t for member in members for t in member))
+        return LoRAGroupFunction.apply(*args)
 
 
 def _mode(x: torch.Tensor) -> tuple:
@@ -199,7 +221,7 @@ class _Group:
             scalings.append(fast[1])
         if len({w.shape[1] for w, *_ in members}) != 1:
             return None  # not one input width: these layers cannot be reading the same tensor
-        outputs = linear_group_with_lora(x, members, scalings)
+        outputs = linear_group_with_lora(x, members, scalings, self)
         self.x, self.mode = weakref.ref(x), _mode(x)
         self.waiting = {layer: (out, _signature(tensors, s))
                         for layer, out, tensors, s in zip(self.members[1:], outputs[1:], members[1:], scalings[1:])}

@@ -261,12 +261,12 @@ def _expected_k(model, x):
 
 @pytest.fixture
 def group_calls(monkeypatch):
-    """Counts LoRAGroupFunction calls (each entry: the number of tensors it got after x and the scalings)."""
+    """Counts LoRAGroupFunction calls (each entry: the number of tensors it got after x, the scalings and the casts)."""
     calls = []
     real = LoRAGroupFunction.apply
 
     def spy(*args):
-        calls.append(len(args) - 2)
+        calls.append(len(args) - 3)
         return real(*args)
 
     monkeypatch.setattr(LoRAGroupFunction, "apply", spy)

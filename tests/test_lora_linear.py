@@ -202,21 +202,23 @@ def fast_calls(monkeypatch):
 
     def spy(*args):
         calls.append(1)
-        return linear_with_lora(*args)
+        return real(*args)
 
-    def group_spy(x, members, scalings):
+    def group_spy(x, members, scalings, owner=None):
         calls.extend([1] * len(members))
-        return linear_group_with_lora(x, members, scalings)
+        return linear_group_with_lora(x, members, scalings, owner)
 
-    monkeypatch.setattr(lora_linear, "linear_with_lora", spy)
+    real = lora_linear._linear_with_lora
+    monkeypatch.setattr(lora_linear, "_linear_with_lora", spy)
     monkeypatch.setattr(lora_groups, "linear_group_with_lora", group_spy)
     return calls
 
 
-def _outputs_and_grads(model, x, **kwargs):
+def _outputs_and_grads(model, x, params=None, **kwargs):
+    """model(x) and the gradients of x and the trainable parameters (params: model's, where model is a function)."""
     x = x.detach().requires_grad_()
     out = model(x, **kwargs)
-    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    params = [x] + [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     return [out, *torch.autograd.grad(out.float().square().sum(), params, materialize_grads=True)]
 
 
@@ -320,6 +322,107 @@ def test_extra_forward_arguments_take_peft_path(fast_calls):
 @pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
 def test_uncovered_variants_are_not_installed(config):
     assert install_fast_lora_linear(_tiny_peft(**config)) == 0
+
+
+# --- a checkpointed recompute takes its forward's casts of the factors ---------------------------------------
+
+
+@pytest.fixture
+def casts_made(monkeypatch):
+    """Each time a LoRA call makes its factors' casts itself: (the owner's label, whether in a recompute)."""
+    from moetune.models import recompute
+
+    made = []
+    real = lora_linear.forward_casts
+
+    def spy(owner, factors, dtype, make):
+        def counted():
+            made.append((getattr(owner, "label", None) or type(owner).__name__, recompute.recomputing()))
+            return make()
+
+        return real(owner, factors, dtype, counted)
+
+    monkeypatch.setattr(lora_linear, "forward_casts", spy)
+    return made
+
+
+def _checkpointed(model):
+    from moetune.models import recompute
+
+    return lambda *inputs: recompute.checkpoint(model, *inputs, use_reentrant=False)
+
+
+def test_a_checkpointed_recompute_takes_the_casts_its_forward_made(casts_made):
+    """q_proj and o_proj alone: each casts its factors once a step (in forward), and the gradients are bitwise those
+    of the same layers without checkpointing."""
+    model = _tiny_peft(torch.bfloat16)
+    install_fast_lora_linear(model)
+    x = torch.randn(2, 5, 12).to(torch.bfloat16)
+    want = _outputs_and_grads(model, x)
+    assert [recomputing for _, recomputing in casts_made] == [False, False]
+    casts_made.clear()
+    got = _outputs_and_grads(_checkpointed(model), x, params=list(model.parameters()))
+    assert [recomputing for _, recomputing in casts_made] == [False, False]  # none in the recompute
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not lora_linear._forward_casts  # taken by the recompute: nothing left behind
+
+
+def test_a_factor_changed_between_forward_and_recompute_is_cast_again(casts_made):
+    model = _tiny_peft(torch.bfloat16)
+    install_fast_lora_linear(model)
+    x = torch.randn(2, 5, 12).to(torch.bfloat16)
+    out = _checkpointed(model)(x)
+    with torch.no_grad():
+        model.q_proj.lora_A["default"].weight.mul_(2.0)  # in place: its version count moves
+    out.float().square().sum().backward()
+    assert [recomputing for _, recomputing in casts_made] == [False, False, True]  # q_proj's recompute casts again
+
+
+@pytest.mark.parametrize("how", ["not checkpointed", "no grad", "fp32 model"])
+def test_nothing_is_kept_where_no_recompute_follows(how, casts_made):
+    model = _tiny_peft(torch.float32 if how == "fp32 model" else torch.bfloat16)
+    install_fast_lora_linear(model)
+    x = torch.randn(2, 5, 12).to(next(model.q_proj.base_layer.parameters()).dtype)
+    call = model if how == "not checkpointed" else _checkpointed(model)
+    with torch.set_grad_enabled(how != "no grad"):
+        call(x)
+    assert not lora_linear._forward_casts
+    assert len(casts_made) == 2
+
+
+def test_a_group_recompute_takes_the_casts_its_forward_made(casts_made):
+    from .test_lora_groups import _Attention, _peft
+
+    model = _peft(_Attention().to(torch.bfloat16))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    install_fast_lora_linear(model)
+    x = torch.randn(5, 12).to(torch.bfloat16)
+    want = _outputs_and_grads(model, x)
+    casts_made.clear()
+    got = _outputs_and_grads(_checkpointed(model), x, params=list(model.parameters()))
+    assert casts_made == [("q_proj, k_proj, v_proj of _Attention", False), ("Linear", False)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not lora_linear._forward_casts
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe_lite"])
+def test_model_recompute_casts_no_factor_and_keeps_its_gradients(checkpoint, casts_made, monkeypatch, model_type):
+    """A bf16 model with every layer checkpointed: no LoRA Linear casts its factors in a recompute, and logits and
+    every LoRA gradient equal (bitwise) those with each recompute casting its own."""
+    model, _ = FastMoEModel.from_pretrained(checkpoint(model_type), dtype=torch.bfloat16)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    randomize_lora_B(model)
+    model.train()
+    ids = token_batch()
+    logits, grads = logits_and_lora_grads(model, ids)
+    assert casts_made and not any(recomputing for _, recomputing in casts_made)
+    assert not lora_linear._forward_casts
+    monkeypatch.setattr(lora_linear, "forward_casts", lambda owner, factors, dtype, make: make())
+    own_logits, own_grads = logits_and_lora_grads(model, ids)
+    assert torch.equal(logits, own_logits)
+    assert all(torch.equal(g, own_grads[name]) for name, g in grads.items())
 
 
 # --- whole moetune model -----------------------------------------------------------------------------

@@ -8,9 +8,10 @@ shared experts), so no saved tensor depends on its values: during a recompute th
 down projection and the sum over k (see moe_experts' only_for_backward). tests/models/test_recompute.py
 checks that gradients stay bitwise equal for every registered architecture.
 
-`checkpoint` is torch.utils.checkpoint.checkpoint with the function marked: its first call is the forward,
-later calls (one per backward through it) run with `recomputing()` true on their thread (the autograd
-device thread runs the recompute).
+`checkpoint` is torch.utils.checkpoint.checkpoint with the function marked: its first call is the forward
+(`checkpointed_forward()` true), later calls (one per backward through it) run with `recomputing()` true on their
+thread (the autograd device thread runs the recompute). What a forward makes that its recompute would make again
+from the same parameters (the LoRA factors' casts, lora_linear.py) may be handed from one to the other.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ import threading
 
 import torch.utils.checkpoint
 
-__all__ = ["checkpoint", "marked", "recomputing"]
+__all__ = ["checkpoint", "checkpointed_forward", "marked", "recomputing"]
 
 _state = threading.local()
 
 
 def recomputing() -> bool:
     """True inside a checkpointed function's second or later call (its recompute in backward)."""
-    return getattr(_state, "active", False)
+    return getattr(_state, "call", 0) > 1
+
+
+def checkpointed_forward() -> bool:
+    """True inside a checkpointed function's first call (the forward whose tensors its recompute makes again)."""
+    return getattr(_state, "call", 0) == 1
 
 
 def marked(function):
@@ -40,11 +46,11 @@ def marked(function):
         nonlocal calls
         calls += 1
         # Set either way: a checkpoint nested inside another's recompute runs its own first call as a forward.
-        previous, _state.active = recomputing(), calls > 1
+        previous, _state.call = getattr(_state, "call", 0), min(calls, 2)
         try:
             return function(*args, **kwargs)
         finally:
-            _state.active = previous
+            _state.call = previous
 
     return run
 
