@@ -7,14 +7,16 @@ kernels, and the host pays three Functions' Python, three times a checkpointed l
 Here the first member of a group (its leader) computes every member's output when it is called, and each other
 member, called next with the same tensor, takes its output instead of computing it:
 
-    U   = x [A_1; A_2; ...]^T                     [N, R_1 + R_2 + ...]: one GEMM reads x for every member
-    y_i = x W_i^T (+ b_i) + s_i U_i B_i^T          U_i: member i's columns of U
+    U   = x [s_1 A_1; s_2 A_2; ...]^T             [N, R_1 + R_2 + ...]: one GEMM reads x for every member (s_i A_i
+                                                  cast with A_i, as lora_linear.py, which says why)
+    y_i = x W_i^T (+ b_i) + U_i B_i^T              U_i: member i's columns of U
   backward (dy_i: member i's output gradient; members whose output was not used get no gradient):
     G_i = dy_i B_i                                side by side in G [N, R_1 + R_2 + ...]
-    dx  = sum_i dy_i W_i + [s_1 G_1, s_2 G_2, ...] [A_1; A_2; ...]   accumulated in place (addmm): no per-member
-                                                  dx tensors, no kernels to sum them
-    [dA_1; dA_2; ...] = G^T x, then each block times s_i   one GEMM (fp32 result on CUDA, as lora_linear.py)
-    dB_i = s_i dy_i^T U_i,  db_i = sum_N dy_i     (db only for a trainable base bias)
+    dx  = sum_i dy_i W_i + G [s_1 A_1; s_2 A_2; ...]   accumulated in place (addmm): no per-member dx tensors, no
+                                                  kernels to sum them
+    [dA_1; dA_2; ...] = G^T x, then each block times s_i   one GEMM (fp32 result on CUDA, as lora_linear.py); one
+                                                  scaling for all blocks where the s_i are equal
+    dB_i = dy_i^T U_i,  db_i = sum_N dy_i         (db only for a trainable base bias)
 
 Kept for backward: x and U (instead of x and u_i for every member); the frozen W_i, and the factors' casts for this
 call, held on ctx (saved_tensors.py; the casts are R_i x (in + out_i) elements a member).
@@ -66,15 +68,16 @@ class LoRAGroupFunction(torch.autograd.Function):
         weights, biases, As, Bs = members[0::4], members[1::4], members[2::4], members[3::4]
         assert not any(w.requires_grad for w in weights), "frozen base weights expected"
         x2 = x.reshape(-1, x.shape[-1])
-        A_cat, *B_c = casts if casts is not None else group_casts(As, Bs, x.dtype)  # A_cat [R_1 + R_2 + ..., in]
+        # A_cat [R_1 + R_2 + ..., in]: the s_i A_i stacked
+        A_cat, *B_c = casts if casts is not None else group_casts(As, Bs, scalings, x.dtype)
         B_c = tuple(B_c)
         U = x2 @ A_cat.t()
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
-        for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
+        for weight, bias, B, rank in zip(weights, biases, B_c, ranks):
             y = lora_linear.base_output(x, x2, weight, bias)
             # one rounding of base + LoRA, as lora_linear
-            y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t(), alpha=s)
+            y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t())
             outputs.append(y)
             start += rank
         casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
@@ -95,8 +98,8 @@ class LoRAGroupFunction(torch.autograd.Function):
         scalings, ranks = ctx.scalings, ctx.ranks
         need_A = [need[5 + 4 * i] and dys[i] is not None for i in range(count)]
 
-        # G [N, sum R]: dy_i B_i side by side (zeros for a member without an output gradient); s_i is applied after
-        # the products, as lora_linear applies it, so that a scale that is not a power of 2 rounds as there.
+        # G [N, sum R]: dy_i B_i side by side (zeros for a member without an output gradient). A_cat and U carry the
+        # s_i; dA's is applied after its product, as lora_linear applies it.
         G = None
         if need[0] or any(need_A):
             G = x.new_empty(x.shape[0], sum(ranks))
@@ -114,12 +117,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 if dy is not None:
                     dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
             if dx is not None:  # (autograd calls backward with at least one output gradient)
-                if len(set(scalings)) == 1:
-                    dx.addmm_(G, A_cat, alpha=scalings[0])
-                else:  # each member's columns of G scaled by its own s
-                    scale = torch.cat([G.new_full((rank,), s) for rank, s in zip(ranks, scalings)])
-                    dx.addmm_(G * scale, A_cat)
-                dx = dx.view(shape)
+                dx = dx.addmm_(G, A_cat).view(shape)
 
         dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
         scaled = dA_cat is not None and len(set(scalings)) == 1
@@ -135,15 +133,24 @@ class LoRAGroupFunction(torch.autograd.Function):
                     dA = dA_cat[start:start + rank]
                     dA = (dA if scaled else dA.mul_(s)).to(A_dtype)
                 if need[6 + 4 * i]:
-                    dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank]).mul_(s).to(B_dtype)
+                    dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank]).to(B_dtype)
             grads += [None, db, dA, dB]
             start += rank
         return (dx, None, None, *grads)
 
 
-def group_casts(As: tuple, Bs: tuple, dtype: torch.dtype) -> tuple:
-    """(A_cat, B_1, B_2, ...) for LoRAGroupFunction: the A factors stacked, everything in dtype, outside autograd."""
-    return (torch.cat([A.detach() for A in As]).to(dtype), *lora_linear.cast_factors(Bs, dtype))
+def group_casts(As: tuple, Bs: tuple, scalings: tuple, dtype: torch.dtype) -> tuple:
+    """(A_cat, B_1, B_2, ...) for LoRAGroupFunction: the s_i A_i stacked, everything in dtype, outside autograd.
+    Two launches with one s for all (stack, then scale and cast), else one a member, into its rows."""
+    if len(set(scalings)) == 1:
+        A_cat = lora_linear.scaled_cast(torch.cat([A.detach() for A in As]), scalings[0], dtype)
+    else:
+        A_cat = torch.empty(sum(A.shape[0] for A in As), As[0].shape[1], dtype=dtype, device=As[0].device)
+        start = 0
+        for A, s in zip(As, scalings):
+            lora_linear.scaled_cast(A, s, dtype, out=A_cat[start:start + A.shape[0]])
+            start += A.shape[0]
+    return (A_cat, *lora_linear.cast_factors(Bs, dtype))
 
 
 def linear_group_with_lora(x, members, scalings, owner=None) -> tuple[torch.Tensor, ...]:
@@ -158,7 +165,9 @@ def linear_group_with_lora(x, members, scalings, owner=None) -> tuple[torch.Tens
     casts = None
     if owner is not None:
         As, Bs = tuple(m[2] for m in members), tuple(m[3] for m in members)
-        casts = lora_linear.forward_casts(owner, As + Bs, x.dtype, lambda: group_casts(As, Bs, x.dtype))
+        scalings = tuple(scalings)
+        casts = lora_linear.forward_casts(owner, As + Bs, x.dtype, scalings,
+                                          lambda: group_casts(As, Bs, scalings, x.dtype))
     args = (x, tuple(scalings), casts, *(t for member in members for t in member))
     if dtype is None:
         return LoRAGroupFunction.apply(*args)

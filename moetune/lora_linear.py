@@ -6,24 +6,28 @@ back, in forward, again in the checkpointing recompute, and in backward, with ev
 intermediate saved by autograd. Here the same layer is one autograd Function in the activation
 dtype:
 
-    y  = x W^T (+ b) + s * (x A^T) B^T          W [out, in] frozen   A [R, in]   B [out, R]
-    dx = dy W + s * (dy B) A
+    y  = x W^T (+ b) + u B^T                    W [out, in] frozen   A [R, in]   B [out, R]
+    u  = x (s A)^T                              [N, R]; s A is cast with A (one launch), so that
+    dx = dy W + (dy B) (s A)                    neither y's product nor dB needs a scaling of its own
     dA = s * (dy B)^T x                         returned in A's own dtype (fp32 master weights)
-    dB = s * dy^T (x A^T)                       returned in B's own dtype
+    dB = dy^T u                                 returned in B's own dtype
     db = sum_N dy                               only when the base bias is trainable
 
-A and B are cast to x's dtype for the products; the AdamW update stays on the fp32 parameters.
+s A and B are cast to x's dtype for the products; the AdamW update stays on the fp32 parameters.
 N is every leading dimension of x flattened.
 
 Precision (bf16 activations, fp32 master factors):
-- The LoRA branch is added inside the second GEMM (addmm with beta=1, alpha=s): the sum of the base
-  output and the LoRA term is rounded to bf16 once, as in peft (which adds in fp32 and casts back).
+- The LoRA branch is added inside the second GEMM (addmm with beta=1): the sum of the base output and the
+  LoRA term is rounded to bf16 once, as in peft (which adds in fp32 and casts back).
+- s A is rounded to bf16 once, as A alone would be: for a power-of-2 s (lora_alpha / r, and rsLoRA's
+  lora_alpha / sqrt(r), at the usual ranks and alphas) every result is bitwise that of scaling after the
+  products; otherwise it differs by that one rounding's place.
 - dA and dB are reductions over all N tokens: on CUDA their GEMMs write fp32 directly (torch.mm with
   out_dtype, fp32 accumulation and no bf16 rounding of the [R, in] / [out, R] results); elsewhere the
   operands are upcast to fp32 first (CPU tests only, same result or better).
 - The [N, R] intermediates (x A^T and dy B) are rounded to bf16 like any activation.
 
-A checkpointed layer's recompute takes the casts of A and B its forward made (forward_casts), rather than casting
+A checkpointed layer's recompute takes the casts of s A and B its forward made (forward_casts), rather than casting
 the same parameters again: the forward's ctx holds them until backward anyway, so this costs no memory and saves a
 launch a factor (7-10 a decoder layer of the supported models, each ~8-20 us of a GPU host's time).
 
@@ -69,20 +73,20 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _forward_casts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def forward_casts(owner, factors: tuple, dtype: torch.dtype, make) -> tuple:
-    """make(): the factors' casts to dtype for a LoRA Function called by owner; in a checkpointed layer's recompute,
-    the casts the same owner's forward made instead, when they come from the same factor tensors with the same
-    contents (the same objects, storage and in-place version counts) and dtype. A layer whose recompute does not
+def forward_casts(owner, factors: tuple, dtype: torch.dtype, scalings, make) -> tuple:
+    """make(): the factors' casts to dtype (scaled by scalings) for a LoRA Function called by owner; in a checkpointed
+    layer's recompute, the casts the same owner's forward made instead, when they come from the same factor tensors
+    with the same contents (the same objects, storage and in-place version counts), dtype and scalings. A layer whose recompute does not
     call owner (kept attention) leaves its forward's casts until its next forward replaces them."""
     if recompute.recomputing():
         entry = _forward_casts.pop(owner, None)
-        if entry is not None and entry[0] == _made_from(factors, dtype):
+        if entry is not None and entry[0] == _made_from(factors, dtype, scalings):
             return entry[1]
         return make()
     casts = make()
     if recompute.checkpointed_forward() and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
             and any(c is not f for c, f in zip(casts, factors)):
-        _forward_casts[owner] = (_made_from(factors, dtype), casts)
+        _forward_casts[owner] = (_made_from(factors, dtype, scalings), casts)
     return casts
 
 
@@ -92,8 +96,23 @@ def cast_factors(factors: tuple, dtype: torch.dtype) -> tuple:
     return tuple(f if f.dtype == dtype else f.detach().to(dtype) for f in factors)
 
 
-def _made_from(factors: tuple, dtype: torch.dtype) -> tuple:
-    return (dtype, *((id(f), f.data_ptr(), f._version) for f in factors))
+def scaled_cast(factor: torch.Tensor, scaling: float, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """scaling * factor in dtype (rounded once), outside autograd, in one launch: into out where given, else the
+    factor itself where there is nothing to do."""
+    if out is None:
+        if scaling == 1 and factor.dtype == dtype:
+            return factor
+        out = torch.empty(factor.shape, dtype=dtype, device=factor.device)
+    return torch.mul(factor.detach(), scaling, out=out)
+
+
+def lora_casts(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype) -> tuple:
+    """(s A, B) in dtype, as LoRALinearFunction computes with them."""
+    return (scaled_cast(lora_A, scaling, dtype), *cast_factors((lora_B,), dtype))
+
+
+def _made_from(factors: tuple, dtype: torch.dtype, scalings) -> tuple:
+    return (dtype, scalings, *((id(f), f.data_ptr(), f._version) for f in factors))
 
 
 def base_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -115,12 +134,12 @@ class LoRALinearFunction(torch.autograd.Function):
 
     x [..., in], W [out, in] (must not require grad), b [out] or None, A [R, in], B [out, R] in any
     float dtype (cast to x's dtype for the products), s a Python number.
-    Kept for backward: x, W (the parameter itself, no copy), A and B cast to x's dtype ([R, in] and [out, R]),
-    u = x A^T [N, R] (cheaper to keep than to recompute: recomputing reads all of x again).
+    Kept for backward: x, W (the parameter itself, no copy), s A and B cast to x's dtype ([R, in] and [out, R]),
+    u = x (s A)^T [N, R] (cheaper to keep than to recompute: recomputing reads all of x again).
     Recomputed in backward: nothing.
 
     W, when it is the frozen parameter itself, is held on ctx rather than saved (moetune/saved_tensors.py says why);
-    a W cast for this call (autocast) is saved, so that checkpointing frees it. Fresh casts of A and B are held on
+    a W cast for this call (autocast) is saved, so that checkpointing frees it. Fresh casts of s A and B are held on
     ctx too, as they are small by construction (R x (in + out) elements: 544 KiB a Qwen3-30B-A3B layer, 25 MiB for
     all 48, freed with the graph): eight fewer saved tensors a layer, each of which costs a checkpointed layer three
     hook calls of host time.
@@ -130,10 +149,10 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, casts=None):
         assert not weight.requires_grad, "frozen base weight expected: trainable ones take peft's path"
         x2 = x.reshape(-1, x.shape[-1])
-        A_c, B_c = casts if casts is not None else (lora_A.to(x.dtype), lora_B.to(x.dtype))
+        A_c, B_c = casts if casts is not None else lora_casts(lora_A, lora_B, scaling, x.dtype)  # A_c: s A
         y = base_output(x, x2, weight, bias)
         u = x2 @ A_c.t()
-        y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=scaling)  # one rounding of base + LoRA
+        y.view(-1, y.shape[-1]).addmm_(u, B_c.t())  # one rounding of base + LoRA
         casts = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
         saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=casts)
         ctx.scaling = scaling
@@ -150,13 +169,13 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dx = db = dA = dB = None
         if need_x or need_A:
-            g = dy2 @ B_c  # [N, R]; s is applied where it is cheapest
+            g = dy2 @ B_c  # [N, R]
             if need_x:
-                dx = (dy2 @ weight).addmm_(g, A_c, alpha=s).reshape(x.shape)
+                dx = (dy2 @ weight).addmm_(g, A_c).reshape(x.shape)  # A_c carries s
             if need_A:
                 dA = _mm_fp32(g.t(), x2).mul_(s).to(A_dtype)
         if need_B:
-            dB = _mm_fp32(dy2.t(), u).mul_(s).to(B_dtype)
+            dB = _mm_fp32(dy2.t(), u).to(B_dtype)  # u carries s
         if need_b:
             db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
         return dx, None, db, dA, dB, None, None
@@ -179,8 +198,8 @@ def _linear_with_lora(x, weight, bias, lora_A, lora_B, scaling, owner) -> torch.
         bias = None if bias is None else bias.to(dtype)
     casts = None
     if owner is not None:
-        factors = (lora_A, lora_B)
-        casts = forward_casts(owner, factors, x.dtype, lambda: cast_factors(factors, x.dtype))
+        casts = forward_casts(owner, (lora_A, lora_B), x.dtype, scaling,
+                              lambda: lora_casts(lora_A, lora_B, scaling, x.dtype))
     if dtype is None:
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, casts)
     with torch.autocast(x.device.type, enabled=False):

@@ -121,9 +121,30 @@ def _saved(fn):
     return {id(t) for t in packed}, out
 
 
+@pytest.mark.parametrize("s", [2.0, 0.5, 8.0])
+def test_a_power_of_two_scale_folded_into_a_is_bitwise_scaling_after_the_products(s):
+    """s A is cast with A: for a power-of-2 s that is exact, so output and gradients are bitwise those of casting A
+    and scaling each product's result (alpha), as before the fold."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight, _, A, B = _factors((7,), 24, 20, 4, torch.bfloat16, False, gen)
+    y = LoRALinearFunction.apply(x, weight, None, A, B, s)
+    dy = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+    with torch.no_grad():
+        A_c, B_c = A.to(torch.bfloat16), B.to(torch.bfloat16)
+        u = x @ A_c.t()
+        want_y = (x @ weight.t()).addmm_(u, B_c.t(), alpha=s)
+        g = dy @ B_c
+        want_dx = (dy @ weight).addmm_(g, A_c, alpha=s)
+        want_dA = (g.t().float() @ x.float()).mul_(s)
+        want_dB = (dy.t().float() @ u.float()).mul_(s)
+    for got, want in ((y, want_y), (dx, want_dx), (dA, want_dA), (dB, want_dB)):
+        assert torch.equal(got, want)
+
+
 def test_only_activations_casts_of_w_and_uncast_factors_go_through_save_for_backward():
     """Each saved tensor costs checkpoint hook calls of host time: x and u are saved; the frozen W parameter and
-    the small fresh casts of A and B ride on ctx. A W cast for the call (autocast) is saved, so checkpointing frees
+    the small fresh casts of s A and B ride on ctx. A W cast for the call (autocast) is saved, so checkpointing frees
     it; factors already in x's dtype are the parameters, saved so that an in-place change before backward is
     caught."""
     gen = torch.Generator().manual_seed(3)
@@ -141,13 +162,16 @@ def test_only_activations_casts_of_w_and_uncast_factors_go_through_save_for_back
     for g, w in zip(got, torch.autograd.grad(want, leaves, dy)):
         assert relative_error(g, w) < 1e-6
     weight = nn.Parameter(weight, requires_grad=False)
-    saved, _ = _saved(lambda: LoRALinearFunction.apply(x, weight, None, A, B, 2.0))  # same dtype: A, B saved
+    saved, _ = _saved(lambda: LoRALinearFunction.apply(x, weight, None, A, B, 1.0))  # same dtype, s = 1: A, B saved
     assert len(saved) == 4 and id(A) in saved and id(B) in saved and id(weight) not in saved
-    y = LoRALinearFunction.apply(x, weight, None, A, B, 2.0)  # (saved-tensor hooks skip autograd's version check)
-    with torch.no_grad():
-        A.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
+    saved, _ = _saved(lambda: LoRALinearFunction.apply(x, weight, None, A, B, 2.0))  # s A made for the call: held
+    assert len(saved) == 3 and id(A) not in saved and id(B) in saved
+    for factor in (A, B):
+        y = LoRALinearFunction.apply(x, weight, None, A, B, 1.0)  # (saved-tensor hooks skip the version check)
+        with torch.no_grad():
+            factor.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 
 def test_autocast_casts_like_autocast_linear():
@@ -184,7 +208,7 @@ class _Tiny(nn.Module):
 def _tiny_peft(dtype=torch.float32, **config):
     torch.manual_seed(0)
     model = inject_adapter_in_model(
-        LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "o_proj"], **config), _Tiny(dtype)
+        LoraConfig(**{"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "o_proj"], **config}), _Tiny(dtype)
     )
     model.requires_grad_(False)
     randomize_lora_B(model, std=0.3)
@@ -334,13 +358,14 @@ def casts_made(monkeypatch):
 
     made = []
     real = lora_linear.forward_casts
+    lora_linear._forward_casts.clear()  # what an earlier test's forward left behind
 
-    def spy(owner, factors, dtype, make):
+    def spy(owner, factors, dtype, scalings, make):
         def counted():
             made.append((getattr(owner, "label", None) or type(owner).__name__, recompute.recomputing()))
             return make()
 
-        return real(owner, factors, dtype, counted)
+        return real(owner, factors, dtype, scalings, counted)
 
     monkeypatch.setattr(lora_linear, "forward_casts", spy)
     return made
@@ -378,9 +403,10 @@ def test_a_factor_changed_between_forward_and_recompute_is_cast_again(casts_made
     assert [recomputing for _, recomputing in casts_made] == [False, False, True]  # q_proj's recompute casts again
 
 
-@pytest.mark.parametrize("how", ["not checkpointed", "no grad", "fp32 model"])
+@pytest.mark.parametrize("how", ["not checkpointed", "no grad", "nothing cast"])
 def test_nothing_is_kept_where_no_recompute_follows(how, casts_made):
-    model = _tiny_peft(torch.float32 if how == "fp32 model" else torch.bfloat16)
+    """Nothing is kept without a checkpoint, without grad, or where the factors are used as they are (fp32, s = 1)."""
+    model = _tiny_peft(torch.float32, lora_alpha=3) if how == "nothing cast" else _tiny_peft(torch.bfloat16)
     install_fast_lora_linear(model)
     x = torch.randn(2, 5, 12).to(next(model.q_proj.base_layer.parameters()).dtype)
     call = model if how == "not checkpointed" else _checkpointed(model)
@@ -419,7 +445,7 @@ def test_model_recompute_casts_no_factor_and_keeps_its_gradients(checkpoint, cas
     logits, grads = logits_and_lora_grads(model, ids)
     assert casts_made and not any(recomputing for _, recomputing in casts_made)
     assert not lora_linear._forward_casts
-    monkeypatch.setattr(lora_linear, "forward_casts", lambda owner, factors, dtype, make: make())
+    monkeypatch.setattr(lora_linear, "forward_casts", lambda owner, factors, dtype, scalings, make: make())
     own_logits, own_grads = logits_and_lora_grads(model, ids)
     assert torch.equal(logits, own_logits)
     assert all(torch.equal(g, own_grads[name]) for name, g in grads.items())
