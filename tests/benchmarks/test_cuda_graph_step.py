@@ -1,0 +1,86 @@
+"""benchmarks/cuda_graph_step.py: whole steps replayed from a CUDA graph against eager ones (the capture on a GPU;
+on a CPU the eager path and the mask patches a capture needs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPT = BENCH / "cuda_graph_step.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def test_without_a_gpu_it_says_so_in_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _run("--steps", "1")
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_dry_run_writes_both_phases_and_the_check(tmp_path):
+    out = tmp_path / "graph.json"
+    proc = _run("--dry-run", "--layers", "2", "--seq", "32", "--warmup", "1", "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["tiny"] and result["check_equal"]
+    for name in ("eager", "graph"):
+        assert len(result[name]["losses"]) == 2 and result[name]["step_s"] > 0
+    assert result["environment"]["torch"] == torch.__version__
+
+
+def _attention_masks(model, ids) -> list:
+    """The attn_mask each scaled_dot_product_attention call of a forward gets."""
+    masks = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return real(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)  # as in training: no cache, so transformers checks for packing
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    return masks
+
+
+def test_eager_masks_give_a_captured_forward_the_eager_attention(monkeypatch):
+    """transformers takes a CUDA stream capture for tracing and then builds an explicit causal mask (no flash
+    path): under eager_masks a forward during capture calls attention as the eager one does, without a mask."""
+    sys.path.insert(0, str(BENCH))
+    import cuda_graph_step
+    import train_step
+    import transformers
+
+    config = train_step.make_config("qwen3-30b-a3b", 1, tiny=True)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.randint(0, config.vocab_size, (1, 16))
+    assert _attention_masks(model, ids) == [None]  # eager: the causal shortcut
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = _attention_masks(model, ids)
+    assert isinstance(captured[0], torch.Tensor)  # what a capture would record without the patches
+    with cuda_graph_step.eager_masks():
+        assert _attention_masks(model, ids) == [None]
+
+
+@pytest.mark.gpu
+def test_a_tiny_step_captured_and_replayed_matches_eager(tmp_path):
+    out = tmp_path / "graph.json"
+    proc = _run("--tiny", "--layers", "2", "--seq", "256", "--steps", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["check_equal"], (result["check_loss_eager"], result["check_loss_graph"])
+    assert result["graph"]["host_s"] < result["eager"]["host_s"]
