@@ -39,9 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 import harness  # noqa: E402
+import torch  # noqa: E402
 import train_step  # noqa: E402
 
 LR = 1e-4
