@@ -17,6 +17,7 @@ member, called next with the same tensor, takes its output instead of computing 
     [dA_1; dA_2; ...] = G^T x, then each block times s_i   one GEMM (fp32 result on CUDA, as lora_linear.py); one
                                                   scaling for all blocks where the s_i are equal
     dB_i = dy_i^T U_i,  db_i = sum_N dy_i         (db only for a trainable base bias)
+  In fp16 the s_i stay out of the cast and scale each member's products after them instead, as lora_linear.py says.
 
 Kept for backward: x and U (instead of x and u_i for every member); the frozen W_i, and the factors' casts for this
 call, held on ctx (saved_tensors.py; the casts are R_i x (in + out_i) elements a member).
@@ -38,6 +39,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import lora_linear, saved_tensors
 from .models import recompute
@@ -68,26 +70,28 @@ class LoRAGroupFunction(torch.autograd.Function):
         weights, biases, As, Bs = members[0::4], members[1::4], members[2::4], members[3::4]
         assert not any(w.requires_grad for w in weights), "frozen base weights expected"
         x2 = x.reshape(-1, x.shape[-1])
-        # A_cat [R_1 + R_2 + ..., in]: the s_i A_i stacked
+        # A_cat [R_1 + R_2 + ..., in]: the s_i A_i stacked (the A_i where the scales are not folded: fp16)
         A_cat, *B_c = casts if casts is not None else group_casts(As, Bs, scalings, x.dtype)
         B_c = tuple(B_c)
+        folded = lora_linear.folds_scale(x.dtype)
         U = x2 @ A_cat.t()
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
-        for weight, bias, B, rank in zip(weights, biases, B_c, ranks):
+        for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
             y = lora_linear.base_output(x, x2, weight, bias)
             # one rounding of base + LoRA, as lora_linear
-            y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t())
+            y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t(), alpha=1 if folded else s)
             outputs.append(y)
             start += rank
         casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
         saved_tensors.save(ctx, x, U, A_cat, *weights, *B_c, hold=casts)
-        ctx.scalings, ctx.ranks = scalings, ranks
+        ctx.scalings, ctx.ranks, ctx.folded = scalings, ranks, folded
         ctx.dtypes = tuple((None if b is None else b.dtype, A.dtype, B.dtype) for b, A, B in zip(biases, As, Bs))
         ctx.set_materialize_grads(False)  # an unused member output gets None, not a zero tensor
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *dys):
         count = len(dys)
         x, U, A_cat, *rest = saved_tensors.load(ctx)
@@ -95,11 +99,11 @@ class LoRAGroupFunction(torch.autograd.Function):
         dys = tuple(None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys)
         weights, B_c = rest[:count], rest[count:]
         need = ctx.needs_input_grad  # x, scalings, casts, then (W, b, A, B) a member
-        scalings, ranks = ctx.scalings, ctx.ranks
+        scalings, ranks, folded = ctx.scalings, ctx.ranks, ctx.folded
         need_A = [need[5 + 4 * i] and dys[i] is not None for i in range(count)]
 
         # G [N, sum R]: dy_i B_i side by side (zeros for a member without an output gradient). A_cat and U carry the
-        # s_i; dA's is applied after its product, as lora_linear applies it.
+        # s_i where folded; dA's is applied after its product, as lora_linear applies it.
         G = None
         if need[0] or any(need_A):
             G = x.new_empty(x.shape[0], sum(ranks))
@@ -117,7 +121,12 @@ class LoRAGroupFunction(torch.autograd.Function):
                 if dy is not None:
                     dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
             if dx is not None:  # (autograd calls backward with at least one output gradient)
-                dx = dx.addmm_(G, A_cat).view(shape)
+                if folded or len(set(scalings)) == 1:
+                    dx.addmm_(G, A_cat, alpha=1 if folded else scalings[0])
+                else:  # fp16, unequal scales: each member's columns of G scaled by its own s
+                    scale = torch.cat([G.new_full((rank,), s) for rank, s in zip(ranks, scalings)])
+                    dx.addmm_(G * scale, A_cat)
+                dx = dx.view(shape)
 
         dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
         scaled = dA_cat is not None and len(set(scalings)) == 1
@@ -133,15 +142,19 @@ class LoRAGroupFunction(torch.autograd.Function):
                     dA = dA_cat[start:start + rank]
                     dA = (dA if scaled else dA.mul_(s)).to(A_dtype)
                 if need[6 + 4 * i]:
-                    dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank]).to(B_dtype)
+                    dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank])
+                    dB = (dB if folded else dB.mul_(s)).to(B_dtype)
             grads += [None, db, dA, dB]
             start += rank
         return (dx, None, None, *grads)
 
 
 def group_casts(As: tuple, Bs: tuple, scalings: tuple, dtype: torch.dtype) -> tuple:
-    """(A_cat, B_1, B_2, ...) for LoRAGroupFunction: the s_i A_i stacked, everything in dtype, outside autograd.
-    Two launches with one s for all (stack, then scale and cast), else one a member, into its rows."""
+    """(A_cat, B_1, B_2, ...) for LoRAGroupFunction: the s_i A_i stacked (the A_i in fp16), everything in dtype,
+    outside autograd. Two launches with one s for all (stack, then scale and cast), else one a member, into its
+    rows."""
+    if not lora_linear.folds_scale(dtype):
+        return (torch.cat([A.detach() for A in As]).to(dtype), *lora_linear.cast_factors(Bs, dtype))
     if len(set(scalings)) == 1:
         A_cat = lora_linear.scaled_cast(torch.cat([A.detach() for A in As]), scalings[0], dtype)
     else:

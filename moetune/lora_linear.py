@@ -14,14 +14,16 @@ dtype:
     db = sum_N dy                               only when the base bias is trainable
 
 s A and B are cast to x's dtype for the products; the AdamW update stays on the fp32 parameters.
-N is every leading dimension of x flattened.
+N is every leading dimension of x flattened. In fp16 (5 exponent bits) s stays out of the cast: u = x A^T, and s
+scales y's LoRA product, dx's and dB after them, so that u does not overflow s times sooner (and subnormals do
+not round differently); bf16 and fp32 have fp32's exponent range.
 
 Precision (bf16 activations, fp32 master factors):
 - The LoRA branch is added inside the second GEMM (addmm with beta=1): the sum of the base output and the
   LoRA term is rounded to bf16 once, as in peft (which adds in fp32 and casts back).
 - s A is rounded to bf16 once, as A alone would be: for a power-of-2 s (lora_alpha / r, and rsLoRA's
   lora_alpha / sqrt(r), at the usual ranks and alphas) every result is bitwise that of scaling after the
-  products; otherwise it differs by that one rounding's place.
+  products (tested on CPU; the same arithmetic on a GPU); otherwise it differs by that one rounding's place.
 - dA and dB are reductions over all N tokens: on CUDA their GEMMs write fp32 directly (torch.mm with
   out_dtype, fp32 accumulation and no bf16 rounding of the [R, in] / [out, R] results); elsewhere the
   operands are upcast to fp32 first (CPU tests only, same result or better).
@@ -31,6 +33,9 @@ A checkpointed layer's recompute takes the casts of s A and B its forward made (
 the same parameters again: the forward's ctx holds them until backward anyway, so this costs no memory and saves a
 launch a factor (7-10 a decoder layer of the supported models, each ~8-20 us of a GPU host's time).
 
+Differentiable once: backward's products are not themselves recorded (create_graph is refused with torch's
+once_differentiable error, as the experts' Functions refuse it).
+
 install_fast_lora_linear(peft_model) swaps this in per instance (no class patch) on the lora.Linear
 layers it covers exactly; each call re-checks the layer's state and hands anything else to peft's
 own forward. Parameters, state dict keys and peft save/load are untouched.
@@ -39,10 +44,10 @@ own forward. Parameters, state dict keys and peft save/load are untouched.
 from __future__ import annotations
 
 import types
-import weakref
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import saved_tensors
 from .models import recompute
@@ -68,26 +73,32 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-# owner (a LoRA layer, or a group of them) -> (what its casts were made from, the casts), from a checkpointed forward
-# until its recompute takes them. Weak keys: a deleted model leaves nothing behind.
-_forward_casts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def forward_casts(owner, factors: tuple, dtype: torch.dtype, scalings, make) -> tuple:
-    """make(): the factors' casts to dtype (scaled by scalings) for a LoRA Function called by owner; in a checkpointed
-    layer's recompute, the casts the same owner's forward made instead, when they come from the same factor tensors
-    with the same contents (the same objects, storage and in-place version counts), dtype and scalings. A layer whose recompute does not
-    call owner (kept attention) leaves its forward's casts until its next forward replaces them."""
+    """make(): the factors' casts to dtype (scaled by scalings) for a LoRA Function called by owner (a layer or a
+    group); in a checkpointed layer's recompute, the casts the same owner made in that checkpoint's forward instead,
+    when they come from the same factor tensors with the same contents (the same objects, storage and in-place
+    version counts), dtype and scalings. They wait in the checkpoint call's own hand-over dict (recompute.handover),
+    which goes with the checkpoint's graph. Under torch.compile every call makes its own (nothing is read that
+    Dynamo would guard on)."""
+    if torch.compiler.is_compiling():
+        return make()
+    store = recompute.handover()
+    if store is None:
+        return make()
     if recompute.recomputing():
-        entry = _forward_casts.pop(owner, None)
+        entry = store.pop(owner, None)
         if entry is not None and entry[0] == _made_from(factors, dtype, scalings):
             return entry[1]
         return make()
     casts = make()
-    if recompute.checkpointed_forward() and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and any(c is not f for c, f in zip(casts, factors)):
-        _forward_casts[owner] = (_made_from(factors, dtype, scalings), casts)
+    if torch.is_grad_enabled() and any(c is not f for c, f in zip(casts, factors)):
+        store[owner] = (_made_from(factors, dtype, scalings), casts)
     return casts
+
+
+def folds_scale(dtype: torch.dtype) -> bool:
+    """Whether the LoRA Functions cast s into A for this compute dtype (see the module docstring): not in fp16."""
+    return dtype != torch.float16
 
 
 def cast_factors(factors: tuple, dtype: torch.dtype) -> tuple:
@@ -107,7 +118,9 @@ def scaled_cast(factor: torch.Tensor, scaling: float, dtype: torch.dtype, out: t
 
 
 def lora_casts(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype) -> tuple:
-    """(s A, B) in dtype, as LoRALinearFunction computes with them."""
+    """(s A, B) in dtype, as LoRALinearFunction computes with them ((A, B) where the scale is not folded)."""
+    if not folds_scale(dtype):
+        return cast_factors((lora_A, lora_B), dtype)
     return (scaled_cast(lora_A, scaling, dtype), *cast_factors((lora_B,), dtype))
 
 
@@ -149,20 +162,22 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, casts=None):
         assert not weight.requires_grad, "frozen base weight expected: trainable ones take peft's path"
         x2 = x.reshape(-1, x.shape[-1])
-        A_c, B_c = casts if casts is not None else lora_casts(lora_A, lora_B, scaling, x.dtype)  # A_c: s A
+        A_c, B_c = casts if casts is not None else lora_casts(lora_A, lora_B, scaling, x.dtype)  # A_c: s A (folded)
+        folded = folds_scale(x.dtype)
         y = base_output(x, x2, weight, bias)
         u = x2 @ A_c.t()
-        y.view(-1, y.shape[-1]).addmm_(u, B_c.t())  # one rounding of base + LoRA
+        y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=1 if folded else scaling)  # one rounding of base + LoRA
         casts = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
         saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=casts)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.folded = scaling, folded
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, A_c, B_c, u = saved_tensors.load(ctx)
-        s = ctx.scaling
+        s, folded = ctx.scaling, ctx.folded
         bias_dtype, A_dtype, B_dtype = ctx.dtypes
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -171,11 +186,12 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x or need_A:
             g = dy2 @ B_c  # [N, R]
             if need_x:
-                dx = (dy2 @ weight).addmm_(g, A_c).reshape(x.shape)  # A_c carries s
+                dx = (dy2 @ weight).addmm_(g, A_c, alpha=1 if folded else s).reshape(x.shape)  # folded: A_c has s
             if need_A:
                 dA = _mm_fp32(g.t(), x2).mul_(s).to(A_dtype)
         if need_B:
-            dB = _mm_fp32(dy2.t(), u).to(B_dtype)  # u carries s
+            dB = _mm_fp32(dy2.t(), u)  # folded: u has s
+            dB = (dB if folded else dB.mul_(s)).to(B_dtype)
         if need_b:
             db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
         return dx, None, db, dA, dB, None, None

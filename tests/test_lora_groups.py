@@ -72,7 +72,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead, d_in, shapes, scalings", CASES)
 def test_function_matches_float64(dtype, lead, d_in, shapes, scalings):
     gen = torch.Generator().manual_seed(0)

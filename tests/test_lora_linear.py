@@ -53,7 +53,7 @@ def _factors(lead, d_in, d_out, rank, dtype, bias, gen):
     return x, weight, b, A, B
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "lead, d_in, d_out, rank, bias",
     [
@@ -353,17 +353,21 @@ def test_uncovered_variants_are_not_installed(config):
 
 @pytest.fixture
 def casts_made(monkeypatch):
-    """Each time a LoRA call makes its factors' casts itself: (the owner's label, whether in a recompute)."""
+    """Each time a LoRA call makes its factors' casts itself: (the owner's label, whether in a recompute, weak
+    references to the new cast tensors)."""
+    import weakref
+
     from moetune.models import recompute
 
     made = []
     real = lora_linear.forward_casts
-    lora_linear._forward_casts.clear()  # what an earlier test's forward left behind
 
     def spy(owner, factors, dtype, scalings, make):
         def counted():
-            made.append((getattr(owner, "label", None) or type(owner).__name__, recompute.recomputing()))
-            return make()
+            casts = make()
+            fresh = [weakref.ref(c) for c, f in zip(casts, factors) if c is not f]
+            made.append((getattr(owner, "label", None) or type(owner).__name__, recompute.recomputing(), fresh))
+            return casts
 
         return real(owner, factors, dtype, scalings, counted)
 
@@ -371,25 +375,38 @@ def casts_made(monkeypatch):
     return made
 
 
-def _checkpointed(model):
+def _recomputing(made) -> list[bool]:
+    return [recomputing for _, recomputing, _ in made]
+
+
+def _alive(made) -> int:
+    """How many of the casts made are still held by anything."""
+    import gc
+
+    gc.collect()
+    return sum(ref() is not None for *_, refs in made for ref in refs)
+
+
+def _checkpointed(model, reentrant=False):
     from moetune.models import recompute
 
-    return lambda *inputs: recompute.checkpoint(model, *inputs, use_reentrant=False)
+    return lambda *inputs: recompute.checkpoint(model, *inputs, use_reentrant=reentrant)
 
 
 def test_a_checkpointed_recompute_takes_the_casts_its_forward_made(casts_made):
     """q_proj and o_proj alone: each casts its factors once a step (in forward), and the gradients are bitwise those
-    of the same layers without checkpointing."""
+    of the same layers without checkpointing; nothing is held after backward."""
     model = _tiny_peft(torch.bfloat16)
     install_fast_lora_linear(model)
     x = torch.randn(2, 5, 12).to(torch.bfloat16)
     want = _outputs_and_grads(model, x)
-    assert [recomputing for _, recomputing in casts_made] == [False, False]
+    assert _recomputing(casts_made) == [False, False]
     casts_made.clear()
     got = _outputs_and_grads(_checkpointed(model), x, params=list(model.parameters()))
-    assert [recomputing for _, recomputing in casts_made] == [False, False]  # none in the recompute
+    assert _recomputing(casts_made) == [False, False]  # none in the recompute
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert not lora_linear._forward_casts  # taken by the recompute: nothing left behind
+    del got
+    assert _alive(casts_made) == 0
 
 
 def test_a_factor_changed_between_forward_and_recompute_is_cast_again(casts_made):
@@ -400,20 +417,85 @@ def test_a_factor_changed_between_forward_and_recompute_is_cast_again(casts_made
     with torch.no_grad():
         model.q_proj.lora_A["default"].weight.mul_(2.0)  # in place: its version count moves
     out.float().square().sum().backward()
-    assert [recomputing for _, recomputing in casts_made] == [False, False, True]  # q_proj's recompute casts again
+    assert _recomputing(casts_made) == [False, False, True]  # q_proj's recompute casts again
 
 
-@pytest.mark.parametrize("how", ["not checkpointed", "no grad", "nothing cast"])
-def test_nothing_is_kept_where_no_recompute_follows(how, casts_made):
-    """Nothing is kept without a checkpoint, without grad, or where the factors are used as they are (fp32, s = 1)."""
-    model = _tiny_peft(torch.float32, lora_alpha=3) if how == "nothing cast" else _tiny_peft(torch.bfloat16)
+@pytest.mark.parametrize("how", ["not checkpointed", "no grad", "no backward"])
+def test_nothing_outlives_a_forward_without_its_recompute(how, casts_made):
+    """The forward's casts wait in its checkpoint's own store: they go with the output (and its graph) where no
+    recompute follows."""
+    model = _tiny_peft(torch.bfloat16)
     install_fast_lora_linear(model)
-    x = torch.randn(2, 5, 12).to(next(model.q_proj.base_layer.parameters()).dtype)
+    x = torch.randn(2, 5, 12).to(torch.bfloat16)
     call = model if how == "not checkpointed" else _checkpointed(model)
     with torch.set_grad_enabled(how != "no grad"):
-        call(x)
-    assert not lora_linear._forward_casts
+        out = call(x)
     assert len(casts_made) == 2
+    del out
+    assert _alive(casts_made) == 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_left_over_forward_feeds_no_other_checkpoint(reentrant, casts_made):
+    """A checkpointed forward whose backward never runs (a skipped step), then a factor changed without a version
+    count (a .data write), then another checkpoint: its recompute casts what is there now."""
+    model = _tiny_peft(torch.bfloat16)
+    install_fast_lora_linear(model)
+    x = torch.randn(2, 5, 12).to(torch.bfloat16)
+    left_over = _checkpointed(model)(x)  # noqa: F841 (kept: its checkpoint and casts stay alive)
+    model.q_proj.lora_A["default"].weight.data.mul_(3.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for call in (model, _checkpointed(model, reentrant)):  # (a reentrant checkpoint takes backward(), not grad())
+        x_in = x.detach().requires_grad_()
+        call(x_in).float().square().sum().backward()
+        grads.append([x_in.grad] + [p.grad for p in params])
+        for p in params:
+            p.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_compiled_layers_after_a_left_over_forward(casts_made):
+    """torch.compile inside moetune's checkpoint after an eager checkpointed forward left its casts: the compiled
+    recompute makes its own (nothing is read that Dynamo would guard on), and backward gives eager's gradients."""
+    model = _tiny_peft(torch.bfloat16)
+    install_fast_lora_linear(model)
+    x = torch.randn(2, 5, 12).to(torch.bfloat16)
+    left_over = _checkpointed(model)(x)  # noqa: F841
+    want = _outputs_and_grads(model, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    got = _outputs_and_grads(_checkpointed(compiled), x, params=list(model.parameters()))
+    assert all(relative_error(a, b) < 1e-2 for a, b in zip(got, want))
+
+
+def test_fp16_keeps_the_scale_out_of_the_lora_input():
+    """In fp16 (max 65504) u = x A^T stays unscaled: a u of ~5,000 with s = 16 would overflow as s x A^T."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.full((4, 24), 2000.0).to(torch.float16).requires_grad_()
+    weight = (torch.randn(6, 24, generator=gen) * 1e-3).to(torch.float16)
+    A = torch.full((2, 24), 0.104).requires_grad_()  # x A^T ~ 4,992
+    B = (torch.randn(6, 2, generator=gen) * 1e-3).requires_grad_()
+    y = LoRALinearFunction.apply(x, weight, None, A, B, 16.0)
+    dy = torch.ones_like(y)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    want, leaves = _reference(x, weight, None, A, B, 16.0)
+    assert torch.isfinite(y).all() and relative_error(y, want) < 1e-2
+    for g, w in zip(grads, torch.autograd.grad(want, leaves, dy.double())):
+        assert torch.isfinite(g).all() and relative_error(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_a_second_derivative_is_refused(group):
+    gen = torch.Generator().manual_seed(8)
+    x, weight, _, A, B = _factors((5,), 8, 6, 2, torch.float32, False, gen)
+    if group:
+        y = linear_group_with_lora(x, [(weight, None, A, B), (weight, None, A, B)], (2.0, 2.0))[0]
+    else:
+        y = linear_with_lora(x, weight, None, A, B, 2.0)
+    (dA,) = torch.autograd.grad(y.square().sum(), [A], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dA.sum().backward()
 
 
 def test_a_group_recompute_takes_the_casts_its_forward_made(casts_made):
@@ -428,9 +510,9 @@ def test_a_group_recompute_takes_the_casts_its_forward_made(casts_made):
     want = _outputs_and_grads(model, x)
     casts_made.clear()
     got = _outputs_and_grads(_checkpointed(model), x, params=list(model.parameters()))
-    assert casts_made == [("q_proj, k_proj, v_proj of _Attention", False), ("Linear", False)]
+    assert [(label, recomputing) for label, recomputing, _ in casts_made] == [
+        ("q_proj, k_proj, v_proj of _Attention", False), ("Linear", False)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert not lora_linear._forward_casts
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe_lite"])
@@ -443,8 +525,8 @@ def test_model_recompute_casts_no_factor_and_keeps_its_gradients(checkpoint, cas
     model.train()
     ids = token_batch()
     logits, grads = logits_and_lora_grads(model, ids)
-    assert casts_made and not any(recomputing for _, recomputing in casts_made)
-    assert not lora_linear._forward_casts
+    assert casts_made and not any(_recomputing(casts_made))
+    assert _alive(casts_made) == 0  # the logits keep no graph (autograd.grad freed it)
     monkeypatch.setattr(lora_linear, "forward_casts", lambda owner, factors, dtype, scalings, make: make())
     own_logits, own_grads = logits_and_lora_grads(model, ids)
     assert torch.equal(logits, own_logits)

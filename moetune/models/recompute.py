@@ -11,7 +11,9 @@ checks that gradients stay bitwise equal for every registered architecture.
 `checkpoint` is torch.utils.checkpoint.checkpoint with the function marked: its first call is the forward
 (`checkpointed_forward()` true), later calls (one per backward through it) run with `recomputing()` true on their
 thread (the autograd device thread runs the recompute). What a forward makes that its recompute would make again
-from the same parameters (the LoRA factors' casts, lora_linear.py) may be handed from one to the other.
+from the same parameters (the LoRA factors' casts, lora_linear.py) may be handed from one to the other through
+`handover()`: a dict of that one checkpoint call's own, which lives as long as the checkpoint does (with its
+autograd graph), so nothing outlives a forward whose backward never runs, and no other checkpoint can take it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 
 import torch.utils.checkpoint
 
-__all__ = ["checkpoint", "checkpointed_forward", "marked", "recomputing"]
+__all__ = ["checkpoint", "checkpointed_forward", "handover", "marked", "recomputing"]
 
 _state = threading.local()
 
@@ -37,20 +39,28 @@ def checkpointed_forward() -> bool:
     return getattr(_state, "call", 0) == 1
 
 
+def handover() -> dict | None:
+    """The innermost running checkpoint call's hand-over dict (the same in its forward and its recompute), or None
+    outside a marked checkpoint."""
+    return getattr(_state, "handover", None)
+
+
 def marked(function):
     """`function`, with every call after the first run as a recompute."""
     calls = 0
+    store: dict = {}
 
     @functools.wraps(function)
     def run(*args, **kwargs):
         nonlocal calls
         calls += 1
         # Set either way: a checkpoint nested inside another's recompute runs its own first call as a forward.
-        previous, _state.call = getattr(_state, "call", 0), min(calls, 2)
+        previous = getattr(_state, "call", 0), getattr(_state, "handover", None)
+        _state.call, _state.handover = min(calls, 2), store
         try:
             return function(*args, **kwargs)
         finally:
-            _state.call = previous
+            _state.call, _state.handover = previous
 
     return run
 

@@ -85,7 +85,7 @@ def randomize_lora_B(model, std: float = 0.05, seed: int = 1) -> None:
 
 
 # Relative error against float64 computed from the same rounded inputs, by dtype (the LoRA Linear paths).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
