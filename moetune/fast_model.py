@@ -31,6 +31,7 @@ from . import adapters
 from .devices import PLACEMENT_STRATEGIES, check_device_map
 from .lora_linear import install_fast_lora_linear
 from .models import fused_loss, recompute
+from .models.fast_mlp import install_fast_mlp
 from .models.fast_norms import install_fast_norms
 from .models.fast_rotary import install_fast_rotary, installed_modules
 from .models.fast_routers import install_fast_routers
@@ -383,6 +384,7 @@ class FastMoEModel:
         fused_norms: bool = True,
         fused_rotary: bool = True,
         fused_router: bool = True,
+        fused_mlp: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -402,6 +404,9 @@ class FastMoEModel:
         fused_router: on NVIDIA GPUs, a softmax router's softmax, top-k and normalisation as one Triton launch each
           way (qwen3_moe, qwen2_moe, olmoe, qwen3_vl_moe, mixtral, gpt_oss; the experts transformers chooses, the
           weights within ~1e-6 relative of transformers' before rounding). False keeps transformers' ops.
+        fused_mlp: on CUDA GPUs, a gated MLP's silu(gate) * up (shared experts, dense layers) as one Triton launch
+          each way instead of five (moetune/models/fast_mlp.py; within one rounding of transformers' result).
+          False keeps transformers' ops.
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
@@ -410,6 +415,7 @@ class FastMoEModel:
         _check_bool("fused_norms", fused_norms)
         _check_bool("fused_rotary", fused_rotary)
         _check_bool("fused_router", fused_router)
+        _check_bool("fused_mlp", fused_mlp)
         check_device_map(device_map)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
@@ -442,6 +448,8 @@ class FastMoEModel:
             install_fast_norms(model)
         if fused_router and torch.cuda.is_available():
             install_fast_routers(model)
+        if fused_mlp and torch.cuda.is_available():
+            install_fast_mlp(model)
         if fused_rotary and torch.cuda.is_available():
             install_fast_rotary(model)
         elif not fused_rotary and type(model).__module__ in installed_modules():
