@@ -180,6 +180,7 @@ def capture(step, optimizer, device):
             optimizer.zero_grad(set_to_none=True)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the eager steps' cached blocks, for the graph's private pool to take
     graph = torch.cuda.CUDAGraph()
     with eager_masks(), torch.cuda.graph(graph):
         static_loss = step()  # the gradients it makes live in the graph's pool: every replay writes them again
