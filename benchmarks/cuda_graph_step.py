@@ -9,17 +9,21 @@ that gap on one model, before any of moetune's own code is changed for capture:
   offloaded checkpoints (its side-stream copies keep their blocks for the capture's whole length, NOTES session 29);
 - torch's fused AdamW with `capturable=True` and its learning rate in a GPU tensor, stepped after backward, instead of
   moetune's AdamWBf16 in backward (whose step counts, bias corrections and learning rate are host numbers that a
-  replay would repeat);
+  replay would repeat); or, `--optim none`, forward and backward alone: a whole model then fits as the step in
+  backward fits it (its gradients, 2.4 GiB for Qwen3-30B-A3B, in place of bf16 AdamW's states), and the optimizer's
+  kernels are a few ms of a step either way;
 - while capturing, transformers' mask functions are told the batch is not packed (what they decide eagerly for it)
   and not to treat the capture as tracing: otherwise they build an explicit [T, T] mask, which turns off the causal
   flash path, and the captured step is not the eager one. The checkpoints do not preserve RNG state (no layer of
   these models draws random numbers).
 
 It runs --warmup eager steps, times --steps eager steps, checks the graph against an eager step with the learning rate
-at 0 (the parameters stay put, so the two losses must agree), then times --steps replays (learning rate back on).
+at 0 (the parameters stay put, so the two losses must agree; without an optimizer they stay put anyway), then times
+--steps replays (learning rate back on).
 Peak memory of each phase from torch.cuda.max_memory_allocated (the graph's private pool included).
 
     python benchmarks/cuda_graph_step.py --model qwen3-30b-a3b --layers 8 --seq 8192
+    python benchmarks/cuda_graph_step.py --model qwen3-30b-a3b --layers 48 --optim none      # the whole model
     python benchmarks/cuda_graph_step.py --tiny --layers 2 --seq 64         # a quick check of the capture
     python benchmarks/cuda_graph_step.py --dry-run --layers 2 --seq 32      # CPU: the eager path and the patches
 """
@@ -54,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=32)
     parser.add_argument("--checkpoint-layers", type=int, default=None, help="default: every layer checkpointed")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "none"],
+                        help="adamw: torch's fused capturable AdamW after backward; none: forward and backward only")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="the same architecture at toy width (train_step.py's)")
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = torch.tensor(LR, device=device)
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=cuda, capturable=cuda, foreach=False)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=cuda, capturable=cuda, foreach=False) \
+        if args.optim == "adamw" else NoOptimizer(params)
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=gen).to(device)  # the graph's static input
 
@@ -113,7 +120,8 @@ def main(argv=None) -> int:
     tokens = args.seq
     result = {
         "model": args.model, "layers": args.layers, "seq": args.seq, "rank": args.rank,
-        "checkpoint_layers": args.checkpoint_layers, "tiny": args.tiny or args.dry_run, "dry_run": args.dry_run,
+        "checkpoint_layers": args.checkpoint_layers, "optim": args.optim, "tiny": args.tiny or args.dry_run,
+        "dry_run": args.dry_run,
         "trainable_params": sum(p.numel() for p in params),
         "eager": phase(eager_times, eager_host, eager_losses, eager_peak, tokens),
         "graph": phase(graph_times, graph_host, graph_losses, graph_peak, tokens),
@@ -133,6 +141,20 @@ def main(argv=None) -> int:
           f"GiB): {result['speedup']:.2f}x; check losses {result['check_loss_eager']:.6f} / "
           f"{result['check_loss_graph']:.6f} ({'equal' if result['check_equal'] else 'DIFFER'}); {out}")
     return 0
+
+
+class NoOptimizer:
+    """--optim none: a step is forward and backward; the gradients are dropped after each eager step."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
 
 
 def without_rng_state(model) -> None:

@@ -28,12 +28,14 @@ def test_without_a_gpu_it_says_so_in_one_line():
     assert "Traceback" not in proc.stderr
 
 
-def test_dry_run_writes_both_phases_and_the_check(tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "none"])
+def test_dry_run_writes_both_phases_and_the_check(tmp_path, optim):
     out = tmp_path / "graph.json"
-    proc = _run("--dry-run", "--layers", "2", "--seq", "32", "--warmup", "1", "--steps", "2", "--out", str(out))
+    proc = _run("--dry-run", "--layers", "2", "--seq", "32", "--warmup", "1", "--steps", "2", "--optim", optim,
+                "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["dry_run"] and result["tiny"] and result["check_equal"]
+    assert result["dry_run"] and result["tiny"] and result["check_equal"] and result["optim"] == optim
     for name in ("eager", "graph"):
         assert len(result[name]["losses"]) == 2 and result[name]["step_s"] > 0
     assert result["environment"]["torch"] == torch.__version__
@@ -77,9 +79,10 @@ def test_eager_masks_give_a_captured_forward_the_eager_attention(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_a_tiny_step_captured_and_replayed_matches_eager(tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "none"])
+def test_a_tiny_step_captured_and_replayed_matches_eager(tmp_path, optim):
     out = tmp_path / "graph.json"
-    proc = _run("--tiny", "--layers", "2", "--seq", "256", "--steps", "3", "--out", str(out))
+    proc = _run("--tiny", "--layers", "2", "--seq", "256", "--steps", "3", "--optim", optim, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["check_equal"], (result["check_loss_eager"], result["check_loss_graph"])
