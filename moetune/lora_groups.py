@@ -59,8 +59,9 @@ GROUPS = (
 class LoRAGroupFunction(torch.autograd.Function):
     """Every member's F.linear(x, W_i, b_i) + s_i F.linear(F.linear(x, A_i), B_i) in x's dtype; no W_i gradient.
 
-    forward(ctx, x, scalings, W_1, b_1, A_1, B_1, W_2, ...): x [..., in]; per member W [out_i, in] (frozen), b
-    [out_i] or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member.
+    forward(ctx, x, scalings, casts, W_1, b_1, A_1, B_1, W_2, ...): x [..., in]; per member W [out_i, in] (frozen),
+    b [out_i] or None, A [R_i, in], B [out_i, R_i] in any float dtype (cast to x's); scalings: one number a member;
+    casts: what group_casts returns for them, made by the caller (a recompute's from its forward), or None.
     Returns one output [..., out_i] a member (not views made here: a caller may change them in place, as with
     lora_linear). See the module docstring for the math and what is kept.
     """

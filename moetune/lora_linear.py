@@ -146,7 +146,8 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = F.linear(x, W, b) + s * F.linear(F.linear(x, A), B) in x's dtype; W gets no gradient.
 
     x [..., in], W [out, in] (must not require grad), b [out] or None, A [R, in], B [out, R] in any
-    float dtype (cast to x's dtype for the products), s a Python number.
+    float dtype (cast to x's dtype for the products), s a Python number; casts: what lora_casts(A, B, s, x.dtype)
+    returns, made by the caller (a recompute's from its forward, forward_casts), or None to make them here.
     Kept for backward: x, W (the parameter itself, no copy), s A and B cast to x's dtype ([R, in] and [out, R]),
     u = x (s A)^T [N, R] (cheaper to keep than to recompute: recomputing reads all of x again).
     Recomputed in backward: nothing.
