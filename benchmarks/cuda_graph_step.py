@@ -36,7 +36,6 @@ import functools
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,10 +75,9 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     torch.manual_seed(0)
     config = train_step.make_config(args.model, args.layers, tiny=args.tiny or args.dry_run)
-    with tempfile.TemporaryDirectory(prefix="moetune-graph-step-") as source:
-        train_step.save_checkpoint(config, source, device)
-        model = train_step.build_moetune(source, args.model, args.rank, args.alpha, device, offload=False,
-                                         checkpoint_layers=args.checkpoint_layers)
+    # random weights built where they live, from the config, as train_step.py does without --checkpoint
+    model = train_step.build_moetune(config, args.model, args.rank, args.alpha, device, offload=False,
+                                     checkpoint_layers=args.checkpoint_layers)
     model.train()
     without_rng_state(model)
     params = [p for p in model.parameters() if p.requires_grad]

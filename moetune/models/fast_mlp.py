@@ -63,13 +63,24 @@ def mlp_variant(module: nn.Module) -> str | None:
     return "swiglu" if type(children.get("act_fn")) in _silu_classes() else None
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling module runs more than its forward: hooks of its own or registered for every module (the fused
+    path does not call act_fn), or a forward put on the instance."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
 def _kernel_runs(gate: torch.Tensor, act_fn: nn.Module) -> bool:
     from ..experts.backends.triton import probe
 
     return (
         not torch.compiler.is_compiling()
         and type(act_fn) in _silu_classes()
-        and not (act_fn._forward_hooks or act_fn._forward_pre_hooks or "forward" in act_fn.__dict__)
+        and not _hooked(act_fn)
         and gate.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and gate.is_contiguous()
         and probe(gate.device.type, gate.device.index, gate.dtype) is None

@@ -17,7 +17,16 @@ from moetune.kernels import swiglu
 from moetune.models import fast_mlp
 from moetune.models.fast_mlp import fused_mlps, install_fast_mlp, mlp_variant, uninstall_fast_mlp
 
-from .helpers import ALL_ARCHS, auto_class, logits_and_lora_grads, lora_model, needs_triton, relative_error, token_batch
+from .helpers import (
+    ALL_ARCHS,
+    DEVICE,
+    auto_class,
+    logits_and_lora_grads,
+    lora_model,
+    needs_triton,
+    relative_error,
+    token_batch,
+)
 from .tiny import tiny_config
 
 # Gated MLPs per tiny model (2 decoder layers): the dense first layer and the MoE layer's shared expert, or the dense
@@ -53,9 +62,9 @@ def kernel_calls(monkeypatch):
 def test_lora_step_with_checkpointing_is_unchanged(checkpoint, kernel_calls, model_type):
     if not EXPECTED[model_type]:
         pytest.skip("no gated MLP in this model")
-    model = lora_model(checkpoint(model_type))
+    model = lora_model(checkpoint(model_type)).to(DEVICE)  # (the kernel runs on the GPU, or in the interpreter)
     model.train()
-    ids = token_batch()
+    ids = token_batch().to(DEVICE)
     fused = install_fast_mlp(model)
     assert fused == EXPECTED[model_type] and install_fast_mlp(model) == fused  # idempotent
     logits, grads = logits_and_lora_grads(model, ids)
@@ -69,19 +78,20 @@ def test_lora_step_with_checkpointing_is_unchanged(checkpoint, kernel_calls, mod
 
 @needs_triton
 @pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+@pytest.mark.filterwarnings("error:moetune. the LoRA layers")  # the group's hand-over failing warns: fail instead
 def test_lora_on_the_mlps_projections_keeps_its_gate_up_group(checkpoint, kernel_calls):
     """qwen2_moe's shared expert and dense layer with LoRA on gate_proj and up_proj: the fused forward calls them in
     transformers' order on one input, so they still compute as one LoRA group, and the gradients are unchanged."""
     from moetune import lora_groups
 
-    model = lora_model(checkpoint("qwen2_moe"), target_modules=("gate_proj", "up_proj"))
+    model = lora_model(checkpoint("qwen2_moe"), target_modules=("gate_proj", "up_proj")).to(DEVICE)
     model.train()
     group_calls = []
     real = lora_groups.LoRAGroupFunction.apply
     lora_groups.LoRAGroupFunction.apply = lambda *args: group_calls.append(1) or real(*args)
     try:
         install_fast_mlp(model)
-        ids = token_batch()
+        ids = token_batch().to(DEVICE)
         logits, grads = logits_and_lora_grads(model, ids)
         assert kernel_calls and group_calls
         uninstall_fast_mlp(model)
@@ -100,19 +110,33 @@ def _shared_expert(dtype=torch.float32):
     return model, model.model.layers[1].mlp.shared_expert
 
 
-@pytest.mark.parametrize("case", ["float64", "bfloat16 on CPU", "act_fn swapped", "act_fn hooked"])
+@pytest.mark.parametrize("case", ["float64", "bfloat16 on CPU", "act_fn swapped", "act_fn hooked",
+                                  "act_fn backward hook", "a global hook"])
 def test_the_class_math_runs_where_the_kernel_cannot(case, kernel_calls):
     dtype = {"float64": torch.float64, "bfloat16 on CPU": torch.bfloat16}.get(case, torch.float32)
     model, mlp = _shared_expert(dtype)
     install_fast_mlp(model)
+    seen, handles = [], []
     if case == "act_fn swapped":
         mlp.act_fn = nn.GELU()
     elif case == "act_fn hooked":
-        mlp.act_fn.register_forward_hook(lambda module, args, out: out * 2)
-    x = torch.randn(3, mlp.gate_proj.in_features, dtype=dtype)
-    got = mlp(x)
-    assert uninstall_fast_mlp(model) == (1 if fast_mlp.fast_norm_available() else 0) * EXPECTED["qwen2_moe"]
-    assert torch.equal(got, mlp(x)) and not kernel_calls
+        handles.append(mlp.act_fn.register_forward_hook(lambda module, args, out: out * 2))
+    elif case == "act_fn backward hook":
+        handles.append(mlp.act_fn.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(1)))
+    elif case == "a global hook":
+        handles.append(nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(1)))
+    try:
+        x = torch.randn(3, mlp.gate_proj.in_features, dtype=dtype, requires_grad=True)
+        got = mlp(x)
+        got.sum().backward()
+        fused_seen = len(seen)
+        assert uninstall_fast_mlp(model) == (1 if fast_mlp.fast_norm_available() else 0) * EXPECTED["qwen2_moe"]
+        want = mlp(x)
+        want.sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(got, want) and not kernel_calls and fused_seen == len(seen) - fused_seen
 
 
 def test_uninstall_leaves_a_later_wrapper_alone():
@@ -137,6 +161,16 @@ def test_an_mlp_of_another_form_is_left_alone():
             return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))  # the halves swapped
 
     assert mlp_variant(Other()) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False])
+def test_from_pretrained_installs_it_on_a_gpu(fused):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model, _ = FastMoEModel.from_pretrained(tiny_config("qwen2_moe"), dtype=torch.bfloat16, device_map="cuda",
+                                           fused_mlp=fused)
+    assert len(fused_mlps(model)) == (EXPECTED["qwen2_moe"] if fused else 0)
 
 
 def test_fused_mlp_must_be_a_bool():
