@@ -57,31 +57,31 @@ def ulps(a, b):
 MAX_ULPS = {torch.float32: 8.0, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 
+def against_torch(gate, up, dh) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(the kernels' result, torch's ops' result) for h, d_gate and d_up."""
+    h = swiglu(gate, up)
+    got = (h, *torch.autograd.grad(h, (gate, up), dh))
+    want = F.silu(gate) * up
+    return list(zip(got, (want, *torch.autograd.grad(want, (gate, up), dh))))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_backward_match_torch_and_float64(shape, dtype):
     gate, up, dh = make(shape, dtype)
-    h = swiglu(gate, up)
-    d_gate, d_up = torch.autograd.grad(h, (gate, up), dh)
-    want = F.silu(gate) * up
-    want_gate, want_up = torch.autograd.grad(want, (gate, up), dh)
-    for got, ref in ((h, want), (d_gate, want_gate), (d_up, want_up)):
+    pairs = against_torch(gate, up, dh)
+    for got, ref in pairs:
         assert got.dtype == dtype and got.shape == ref.shape
         assert ulps(got, ref) <= MAX_ULPS[dtype]  # at most a rounding of the dtype from torch's ops
     g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
     h64 = F.silu(g64) * u64
     refs = (h64, *torch.autograd.grad(h64, (g64, u64), dh.double()))
-    for got, ref in zip((h, d_gate, d_up), refs):
+    for (got, _), ref in zip(pairs, refs):
         assert relative_error(got, ref) < TOLERANCE[dtype]
 
 
 def test_most_elements_are_torchs_bitwise():
-    gate, up, dh = make((64, 1000), torch.float16, seed=1)
-    h = swiglu(gate, up)
-    d_gate, d_up = torch.autograd.grad(h, (gate, up), dh)
-    want = F.silu(gate) * up
-    want_gate, want_up = torch.autograd.grad(want, (gate, up), dh)
-    for got, ref in ((h, want), (d_gate, want_gate), (d_up, want_up)):
+    for got, ref in against_torch(*make((64, 1000), torch.float16, seed=1)):
         assert (got == ref).float().mean() > 0.99
 
 
@@ -89,11 +89,7 @@ def test_saturated_gates_give_finite_results():
     """exp(-gate) overflows for gate < -88 in fp32: silu is then -0, its gradient 0, as torch's."""
     gate = torch.tensor([-200.0, -90.0, 0.0, 90.0, 200.0], device=DEVICE).requires_grad_()
     up = torch.ones(5, device=DEVICE).requires_grad_()
-    h = swiglu(gate, up)
-    d_gate, d_up = torch.autograd.grad(h, (gate, up), torch.ones(5, device=DEVICE))
-    want = F.silu(gate) * up
-    want_gate, want_up = torch.autograd.grad(want, (gate, up), torch.ones(5, device=DEVICE))
-    for got, ref in ((h, want), (d_gate, want_gate), (d_up, want_up)):
+    for got, ref in against_torch(gate, up, torch.ones(5, device=DEVICE)):
         assert torch.isfinite(got).all() and torch.allclose(got, ref, atol=1e-6)
 
 
@@ -125,10 +121,5 @@ def test_bf16_at_a_shared_experts_size():
     """GLM-4.7-Flash's shared expert at 8K tokens: [8192, 1536] bf16."""
     if DEVICE != "cuda":
         pytest.skip("needs a GPU")
-    gate, up, dh = make((8192, 1536), torch.bfloat16, seed=2)
-    h = swiglu(gate, up)
-    d_gate, d_up = torch.autograd.grad(h, (gate, up), dh)
-    want = F.silu(gate) * up
-    want_gate, want_up = torch.autograd.grad(want, (gate, up), dh)
-    for got, ref in ((h, want), (d_gate, want_gate), (d_up, want_up)):
+    for got, ref in against_torch(*make((8192, 1536), torch.bfloat16, seed=2)):
         assert ulps(got, ref) <= 1.0 and (got == ref).float().mean() > 0.99
