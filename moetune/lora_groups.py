@@ -86,7 +86,7 @@ class LoRAGroupFunction(torch.autograd.Function):
             start += rank
         casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
         saved_tensors.save(ctx, x, U, A_cat, *weights, *B_c, hold=casts)
-        ctx.scalings, ctx.ranks, ctx.folded = scalings, ranks, folded
+        ctx.scalings, ctx.ranks = scalings, ranks
         ctx.dtypes = tuple((None if b is None else b.dtype, A.dtype, B.dtype) for b, A, B in zip(biases, As, Bs))
         ctx.set_materialize_grads(False)  # an unused member output gets None, not a zero tensor
         return tuple(outputs)
@@ -100,7 +100,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         dys = tuple(None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys)
         weights, B_c = rest[:count], rest[count:]
         need = ctx.needs_input_grad  # x, scalings, casts, then (W, b, A, B) a member
-        scalings, ranks, folded = ctx.scalings, ctx.ranks, ctx.folded
+        scalings, ranks, folded = ctx.scalings, ctx.ranks, lora_linear.folds_scale(x.dtype)
         need_A = [need[5 + 4 * i] and dys[i] is not None for i in range(count)]
 
         # G [N, sum R]: dy_i B_i side by side (zeros for a member without an output gradient). A_cat and U carry the
@@ -154,10 +154,9 @@ def group_casts(As: tuple, Bs: tuple, scalings: tuple, dtype: torch.dtype) -> tu
     """(A_cat, B_1, B_2, ...) for LoRAGroupFunction: the s_i A_i stacked (the A_i in fp16), everything in dtype,
     outside autograd. Two launches with one s for all (stack, then scale and cast), else one a member, into its
     rows."""
-    if not lora_linear.folds_scale(dtype):
-        return (torch.cat([A.detach() for A in As]).to(dtype), *lora_linear.cast_factors(Bs, dtype))
-    if len(set(scalings)) == 1:
-        A_cat = lora_linear.scaled_cast(torch.cat([A.detach() for A in As]), scalings[0], dtype)
+    folded = lora_linear.folds_scale(dtype)
+    if not folded or len(set(scalings)) == 1:
+        A_cat = lora_linear.scaled_cast(torch.cat([A.detach() for A in As]), scalings[0] if folded else 1, dtype)
     else:
         A_cat = torch.empty(sum(A.shape[0] for A in As), As[0].shape[1], dtype=dtype, device=As[0].device)
         start = 0

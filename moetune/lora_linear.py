@@ -50,7 +50,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import saved_tensors
-from .models import recompute
+from .models import instance_forward, recompute
 
 __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
 
@@ -168,9 +168,9 @@ class LoRALinearFunction(torch.autograd.Function):
         y = base_output(x, x2, weight, bias)
         u = x2 @ A_c.t()
         y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=1 if folded else scaling)  # one rounding of base + LoRA
-        casts = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
-        saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=casts)
-        ctx.scaling, ctx.folded = scaling, folded
+        hold = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
+        saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=hold)
+        ctx.scaling = scaling
         ctx.dtypes = (None if bias is None else bias.dtype, lora_A.dtype, lora_B.dtype)
         return y
 
@@ -178,7 +178,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, A_c, B_c, u = saved_tensors.load(ctx)
-        s, folded = ctx.scaling, ctx.folded
+        s, folded = ctx.scaling, folds_scale(x.dtype)
         bias_dtype, A_dtype, B_dtype = ctx.dtypes
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -234,7 +234,7 @@ def _lora_linear_class():
 
 def _has_hooks(module: nn.Module) -> bool:
     # ZeRO-3 / offloading gather parameters in pre-hooks; peft's own forward runs them, ours would not.
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    return instance_forward.runs_more_than_forward(module)
 
 
 def _plain_lora(layer, name: str):

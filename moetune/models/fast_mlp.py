@@ -63,26 +63,13 @@ def mlp_variant(module: nn.Module) -> str | None:
     return "swiglu" if type(children.get("act_fn")) in _silu_classes() else None
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling module runs more than its forward: hooks of its own or registered for every module (the fused
-    path does not call act_fn), or a forward put on the instance."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__
-                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
-
-
 def _kernel_runs(gate: torch.Tensor, act_fn: nn.Module) -> bool:
     from ..experts.backends.triton import probe
 
     return (
         not torch.compiler.is_compiling()
         and type(act_fn) in _silu_classes()
-        and not _hooked(act_fn)
-        and gate.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and gate.is_contiguous()
+        and not instance_forward.runs_more_than_forward(act_fn)  # the fused path does not call act_fn
         and probe(gate.device.type, gate.device.index, gate.dtype) is None
     )
 
@@ -93,10 +80,10 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not _kernel_runs(gate, act_fn):
         return self.down_proj(act_fn(gate) * self.up_proj(x))  # transformers' order: act_fn before up_proj
     up = self.up_proj(x)
-    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or not up.is_contiguous():
-        return self.down_proj(act_fn(gate) * up)
-    from ..kernels.swiglu import SwiGLUFunction
+    from ..kernels.swiglu import SwiGLUFunction, check_inputs
 
+    if check_inputs(gate, up) is not None:  # shapes, dtypes, devices, layouts the kernel does not take
+        return self.down_proj(act_fn(gate) * up)
     return self.down_proj(SwiGLUFunction.apply(gate, up))
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["class_forward", "install", "uninstall"]
+__all__ = ["class_forward", "install", "runs_more_than_forward", "uninstall"]
 
 
 def class_forward(module: nn.Module):
@@ -21,6 +21,17 @@ def class_forward(module: nn.Module):
     if forward is None or "forward" in module.__dict__ or type(module).__call__ is not nn.Module.__call__:
         return None
     return forward
+
+
+def runs_more_than_forward(module: nn.Module) -> bool:
+    """Whether calling module runs more than its forward: hooks of its own or registered for every module, or a
+    forward put on the instance. A fused path that computes a module's work without calling it must then call it."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
 
 def install(model: nn.Module, marker: str, recognise: Callable[[nn.Module], str | None], fused) -> tuple[int, list]:
