@@ -1,0 +1,122 @@
+"""Causal attention of the whole-model steps under each of torch's SDPA backends: which is fastest at our shapes.
+
+GLM-4.7-Flash's step at 8K is GPU-bound on a fast host (run 61: a CUDA-graph replay saves <= 1%) and a third of its
+GPU time is attention: transformers' sdpa path lets torch pick cuDNN for [1, 20, 8192, 256], whose backward ran at
+~400 TFLOP/s against ~640 for its forward (run 61g's profile). This times forward alone and forward + backward of
+one layer's attention (bf16, causal, batch 1) under cuDNN, flash and memory-efficient attention, torch's choice
+included, so that a faster backend can be forced where it pays.
+
+FLOPs: forward 2 * T^2 * H * (d_qk + d_v) / 2 (causal halves the square), backward 2.5x the forward (dQ, dK, dV and
+the recomputed scores).
+
+    python benchmarks/attention_backends.py --seq 8192 16384 --out results/attention-backends-H100.json
+    python benchmarks/attention_backends.py --tiny      # CPU: the math backend at toy sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+# (query heads, key/value heads, query/key head dim, value head dim), from the models' configs (train_step.MODELS)
+SHAPES = {
+    "glm-4.7-flash": (20, 20, 256, 256),
+    "qwen3-30b-a3b": (32, 4, 128, 128),
+}
+BACKENDS = {
+    "auto": None,  # torch's own choice
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def attention_flops(seq: int, heads: int, d_qk: int, d_v: int) -> float:
+    """Forward FLOPs of causal attention for one sequence (the two products over the lower triangle)."""
+    return 2.0 * seq * seq * heads * (d_qk + d_v) / 2
+
+
+def time_backend(backend: str, seq: int, shape: tuple, device, dtype, warmup: int, repeat: int) -> dict:
+    heads, kv_heads, d_qk, d_v = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, seq, d_qk, device=device, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(1, kv_heads, seq, d_qk, device=device, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(1, kv_heads, seq, d_v, device=device, dtype=dtype, generator=gen).requires_grad_()
+    grad = torch.randn(1, heads, seq, d_v, device=device, dtype=dtype, generator=gen)
+    chosen = BACKENDS[backend]
+
+    def context():  # a fresh one each call: sdpa_kernel's context manager is single-use
+        return sdpa_kernel([chosen]) if chosen is not None else contextlib.nullcontext()  # None: torch picks
+
+    def forward():
+        with context():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+
+    def forward_backward():
+        out = forward()
+        torch.autograd.backward(out, grad)
+        q.grad = k.grad = v.grad = None
+
+    try:
+        forward_backward()
+    except RuntimeError as error:  # the backend refuses this shape, dtype or GPU
+        return {"backend": backend, "seq": seq, "unsupported": str(error).splitlines()[0][:200]}
+    flops = attention_flops(seq, heads, d_qk, d_v)
+    with torch.no_grad():
+        fwd = harness.measure(forward, device, warmup, repeat)
+    both = harness.measure(forward_backward, device, warmup, repeat)
+    row = {"backend": backend, "seq": seq, "forward_ms": fwd["ms"], "forward_backward_ms": both["ms"]}
+    row["backward_ms"] = both["ms"] - fwd["ms"]
+    row["forward_tflops"] = flops / fwd["ms"] / 1e9
+    row["backward_tflops"] = 2.5 * flops / max(row["backward_ms"], 1e-9) / 1e9
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=sorted(SHAPES), choices=sorted(SHAPES))
+    parser.add_argument("--seq", nargs="+", type=int, default=[8192])
+    parser.add_argument("--backends", nargs="+", default=None, choices=sorted(BACKENDS),
+                        help="default: auto, cudnn, flash, efficient (math alone with --tiny)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = harness.parse_gpu_args(parser, argv)
+    for seq in args.seq:
+        if seq < 1:
+            parser.error(f"--seq: expected positive lengths, got {seq}")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    backends = args.backends or (["math"] if args.tiny else ["auto", "cudnn", "flash", "efficient"])
+    rows = []
+    for model in args.models:
+        shape = SHAPES[model]
+        if args.tiny:  # toy width, the same head-count ratio
+            shape = (max(shape[0] // 4, 1), max(shape[1] // 4, 1), 16, 16)
+        for seq in ([64] if args.tiny else args.seq):
+            for backend in backends:
+                row = {"model": model, **time_backend(backend, seq, shape, device, dtype, args.warmup, args.repeat)}
+                rows.append(row)
+                if "unsupported" in row:
+                    print(f"{model} T={seq} {backend:>9}: unsupported ({row['unsupported']})")
+                else:
+                    print(f"{model} T={seq} {backend:>9}: forward {row['forward_ms']:.3f} ms "
+                          f"({row['forward_tflops']:.0f} TFLOP/s), backward {row['backward_ms']:.3f} ms "
+                          f"({row['backward_tflops']:.0f} TFLOP/s)")
+    if args.out:
+        harness.write_json(args.out, {"environment": harness.environment(), "args": vars(args), "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/attention_backends.py: one layer's causal attention timed under each SDPA backend (on CPU: the math
+backend at toy sizes, and a backend that refuses the inputs recorded as such rather than crashing the run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPT = BENCH / "attention_backends.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_tiny_run_times_every_model_and_records_a_refusing_backend(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU cuDNN may accept the toy inputs")
+    out = tmp_path / "attention.json"
+    proc = _run("--tiny", "--warmup", "1", "--repeat", "2", "--backends", "math", "cudnn", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["model"] for row in rows} == {"glm-4.7-flash", "qwen3-30b-a3b"}
+    timed = [row for row in rows if row["backend"] == "math"]
+    assert len(timed) == 2
+    for row in timed:
+        assert 0 < row["forward_ms"] < row["forward_backward_ms"]
+        assert row["forward_tflops"] > 0 and row["backward_tflops"] > 0
+    refused = [row for row in rows if row["backend"] == "cudnn"]
+    assert len(refused) == 2 and all(row["unsupported"] for row in refused)
+
+
+def test_flops_count_the_causal_triangle():
+    sys.path.insert(0, str(BENCH))
+    import attention_backends
+
+    # QK^T (d_qk) and PV (d_v) over half of the T x T scores, 2 FLOPs a multiply-add, per head
+    assert attention_backends.attention_flops(seq=4, heads=2, d_qk=8, d_v=16) == 2 * 4 * 4 / 2 * 2 * (8 + 16)
+
+
+def test_bad_sequence_length_is_a_one_line_error():
+    proc = _run("--tiny", "--seq", "0")
+    assert proc.returncode == 2 and "--seq" in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr
