@@ -101,11 +101,16 @@ def save_checkpoint(config, path: str, device) -> None:
 
 
 def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None,
-                  fused_router=True, lora_groups=True):
+                  fused_router=True, lora_groups=True, fused_sinks=True):
     import moetune
 
+    if not fused_sinks:  # a process-wide wrap: an earlier model of this process may have made it
+        from moetune.models.fast_sinks import uninstall_fast_sinks
+
+        uninstall_fast_sinks()
     model, _ = moetune.FastMoEModel.from_pretrained(
-        source, dtype=DTYPE[device.type], device_map=device, fused_rotary=fused_rotary, fused_router=fused_router
+        source, dtype=DTYPE[device.type], device_map=device, fused_rotary=fused_rotary, fused_router=fused_router,
+        fused_sinks=fused_sinks,
     )
     return moetune.FastMoEModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, target_modules=(*LINEAR_TARGETS[name], "gate_up_proj", "down_proj"),
@@ -399,7 +404,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
             None if args.checkpoint_layers == "auto" else args.checkpoint_layers, args.fused_router == "on",
-            args.lora_groups == "on",
+            args.lora_groups == "on", args.fused_sinks == "on",
         )
         if args.keep_attention == "all":
             from moetune.fast_model import _decoder_layers
@@ -461,12 +466,14 @@ def run(provider, source, config, seq, args, device) -> dict:
         result = {"oom": True}
     if provider == "moetune":
         from moetune.lora_groups import grouped_layers
+        from moetune.models import fast_sinks
         from moetune.models.fast_rotary import installed_modules, uninstall_fast_rotary
         from moetune.models.fast_routers import fused_routers
 
         result["fused_rotary"] = bool(installed_modules())  # what ran (never on CPU)
         result["grouped_lora_layers"] = grouped_layers(model)
         result["fused_routers"] = len(fused_routers(model))
+        result["fused_sinks"] = fast_sinks.wrapped() and fast_sinks.runs_flex_with_sinks(model)  # what ran
         if plan is not None:
             result["checkpoint_plan"] = plan
             result["plan_probe_allocator"] = probe_peaks
@@ -508,6 +515,9 @@ def main(argv=None) -> int:
                         help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--fused-router", default="on", choices=["on", "off"],
                         help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA)")
+    parser.add_argument("--fused-sinks", default="on", choices=["on", "off"],
+                        help="moetune: gpt-oss's attention sinks on flex attention's output as one Triton launch each "
+                             "way (on CUDA)")
     parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
                         help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
                              "(moetune/lora_groups.py; off: one Function a layer)")
@@ -563,7 +573,8 @@ def main(argv=None) -> int:
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
                             "offload": args.offload, "recompute_skip": args.recompute_skip,
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
-                            "lora_groups": args.lora_groups, "fused_router": args.fused_router}
+                            "lora_groups": args.lora_groups, "fused_router": args.fused_router,
+                            "fused_sinks": args.fused_sinks}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

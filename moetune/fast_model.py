@@ -35,6 +35,8 @@ from .models.fast_mlp import install_fast_mlp
 from .models.fast_norms import install_fast_norms
 from .models.fast_rotary import install_fast_rotary, installed_modules
 from .models.fast_routers import install_fast_routers
+from .models.fast_sinks import install_fast_sinks, runs_flex_with_sinks
+from .models.fast_sinks import wrapped as fast_sinks_wrapped
 from .models.hook import (
     DEFAULT_ADAPTER,
     add_expert_adapter,
@@ -385,6 +387,7 @@ class FastMoEModel:
         fused_rotary: bool = True,
         fused_router: bool = True,
         fused_mlp: bool = True,
+        fused_sinks: bool = True,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -407,6 +410,11 @@ class FastMoEModel:
         fused_mlp: on CUDA GPUs, a gated MLP's silu(gate) * up (shared experts, dense layers) as one Triton launch
           each way instead of five (moetune/models/fast_mlp.py; within one rounding of transformers' result).
           False keeps transformers' ops.
+        fused_sinks: on CUDA GPUs, gpt-oss's attention sinks applied to flex attention's output in one Triton launch
+          each way instead of about a dozen (moetune/models/fast_sinks.py; within one rounding of transformers'
+          result). transformers' "flex_attention" function is wrapped for the whole process (calls without sinks
+          pass through); False does not undo an earlier model's wrap (moetune.models.fast_sinks.uninstall_fast_sinks()
+          does; a warning says so).
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
@@ -416,6 +424,7 @@ class FastMoEModel:
         _check_bool("fused_rotary", fused_rotary)
         _check_bool("fused_router", fused_router)
         _check_bool("fused_mlp", fused_mlp)
+        _check_bool("fused_sinks", fused_sinks)
         check_device_map(device_map)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
@@ -456,6 +465,14 @@ class FastMoEModel:
             warnings.warn(
                 "fused_rotary=False: an earlier model of this architecture swapped in the fused rotary for the whole "
                 "process (bitwise the same results); moetune.models.fast_rotary.uninstall_fast_rotary() removes it",
+                stacklevel=2,
+            )
+        if fused_sinks and torch.cuda.is_available() and runs_flex_with_sinks(model):
+            install_fast_sinks()
+        elif not fused_sinks and runs_flex_with_sinks(model) and fast_sinks_wrapped():
+            warnings.warn(
+                "fused_sinks=False: an earlier model wrapped transformers' flex attention for the whole process; "
+                "moetune.models.fast_sinks.uninstall_fast_sinks() removes it",
                 stacklevel=2,
             )
         setattr(model, _SPEC_ATTR, spec)

@@ -1,0 +1,127 @@
+"""gpt-oss's attention sinks on flex attention's output in one launch each way (moetune/kernels/attention_sinks.py).
+
+On by default on CUDA GPUs for models that run flex attention with sinks (`FastMoEModel.from_pretrained(...,
+fused_sinks=False)` keeps transformers' ops). transformers' flex attention function renormalises flex's output with
+its log-sum-exp and the sinks in about a dozen launches each way, two of them reading and writing the whole output
+twice, then copies it transposed; in a whole gpt-oss-20b step at 8K that is ~14 ms of GPU time (NOTES, run 61g).
+
+`install_fast_sinks()` wraps transformers' registered "flex_attention" function (process-wide, once, as
+kept_attention.py wraps "sdpa"). A call with sinks, a block mask and nothing else flex's score_mod would have to
+apply (softcap, an additive mask, a position bias) calls transformers' own compiled flex attention with the lse
+requested, exactly as transformers does (the same compiled function, the same kernel options, the key/value heads
+shared through enable_gqa), then the sink kernel, which writes the output in the [B, T, H, D] layout transformers
+returns. Every other call, and every call where the kernel cannot run (a CPU tensor outside Triton's interpreter,
+a head count transformers would repeat the key/value heads for, torch.compile tracing the model, a transformers
+without the functions used here), is transformers' function unchanged. `uninstall_fast_sinks()` puts it back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["install_fast_sinks", "runs_flex_with_sinks", "uninstall_fast_sinks", "wrapped"]
+
+_KEY = "flex_attention"
+# Flex attention has no backward on CPU, and transformers refuses sinks there: the fused call is for GPUs. Tests add
+# "cpu" with a stand-in for flex attention to check this module's plumbing in Triton's interpreter.
+DEVICE_TYPES = ("cuda",)
+
+
+def _flex_module():
+    """transformers' flex attention integration where it has what the fused call uses, else None."""
+    try:
+        from transformers.integrations import flex_attention as module
+    except ImportError:
+        return None
+    needed = ("compile_friendly_flex_attention", "get_flex_attention_lse_kwargs", "BlockMask")
+    return module if all(hasattr(module, name) for name in needed) else None
+
+
+def _kernel_runs(query, value, attention_mask, softcap, s_aux, kwargs, flex) -> bool:
+    from ..experts.backends.triton import probe
+    from ..kernels.attention_sinks import DTYPES, MAX_HEAD_DIM
+
+    heads = query.shape[1]
+    return (
+        isinstance(attention_mask, flex.BlockMask)
+        and softcap is None
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("dropout", 0.0)
+        and heads & (heads - 1) == 0  # otherwise transformers repeats the key/value heads instead of enable_gqa
+        and query.dim() == 4
+        and s_aux.shape == (heads,)
+        and s_aux.dtype in DTYPES
+        and query.dtype in DTYPES
+        and value.dtype == query.dtype
+        and value.shape[-1] <= MAX_HEAD_DIM
+        and query.device.type in DEVICE_TYPES
+        and s_aux.device == query.device
+        and not torch.compiler.is_compiling()
+        and probe(query.device.type, query.device.index, query.dtype) is None
+    )
+
+
+def _fused_flex_attention(original, module, query, key, value, attention_mask, scaling=None, softcap=None,
+                          s_aux=None, **kwargs):
+    flex = _flex_module() if s_aux is not None else None
+    if flex is None or not _kernel_runs(query, value, attention_mask, softcap, s_aux, kwargs, flex):
+        return original(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, s_aux=s_aux,
+                        **kwargs)
+    from ..kernels.attention_sinks import apply_sinks
+
+    out, aux = flex.compile_friendly_flex_attention(
+        query, key, value, score_mod=None, block_mask=attention_mask, enable_gqa=True, scale=scaling,
+        kernel_options=kwargs.get("kernel_options"), training=module.training,
+        **flex.get_flex_attention_lse_kwargs(True),
+    )
+    lse = getattr(aux, "lse", aux)  # torch >= 2.9 returns an AuxOutput, earlier the lse itself
+    # transformers returns the lse, cast to value's dtype, as the attention weights
+    return apply_sinks(out, lse, s_aux, value.dtype), lse.to(value.dtype)
+
+
+def runs_flex_with_sinks(model: torch.nn.Module) -> bool:
+    """Whether `model` runs flex attention and has attention sinks (gpt-oss with attn_implementation
+    "flex_attention")."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != _KEY:
+        return False
+    return any(isinstance(getattr(module, "sinks", None), torch.nn.Parameter) for module in model.modules())
+
+
+def _registry():
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        return None
+    return AttentionInterface
+
+
+def wrapped() -> bool:
+    """Whether transformers' "flex_attention" function is wrapped now."""
+    registry = _registry()
+    current = getattr(registry, "_global_mapping", {}).get(_KEY) if registry is not None else None
+    return isinstance(current, functools.partial) and current.func is _fused_flex_attention
+
+
+def install_fast_sinks() -> bool:
+    """Wrap transformers' "flex_attention" function (process-wide; idempotent). False where this transformers has no
+    such function registered."""
+    registry = _registry()
+    current = getattr(registry, "_global_mapping", {}).get(_KEY) if registry is not None else None
+    if current is None:
+        return False
+    if not wrapped():
+        registry.register(_KEY, functools.partial(_fused_flex_attention, current))
+    return True
+
+
+def uninstall_fast_sinks() -> bool:
+    """Put transformers' function back. False where it was not wrapped (a wrapper another library registered after
+    this one stays)."""
+    if not wrapped():
+        return False
+    registry = _registry()
+    registry.register(_KEY, registry._global_mapping[_KEY].args[0])
+    return True

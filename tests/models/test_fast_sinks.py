@@ -1,0 +1,230 @@
+"""moetune/models/fast_sinks.py: gpt-oss's flex attention with the sink kernel, against transformers' attention.
+
+Flex attention has no backward on CPU, so on CPU a stand-in computes flex attention's (out, lse) with torch's ops
+from the block mask's mask_mod; everything else (transformers' block masks, the wrapper, the kernel in Triton's
+interpreter) is the real path. The GPU test runs the real flex attention against transformers' own function.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import transformers
+
+from moetune import FastMoEModel
+from moetune.experts.backends import triton as triton_backend
+from moetune.kernels import attention_sinks
+from moetune.models import fast_sinks
+
+from .helpers import randomize_lora_B, relative_error, save_checkpoint, token_batch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
+    reason="no Triton that can run here",
+)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """transformers' attention registry, its "flex_attention" entry restored after the test."""
+    mapping = transformers.AttentionInterface._global_mapping
+    monkeypatch.setitem(mapping, "flex_attention", mapping["flex_attention"])
+    fast_sinks.uninstall_fast_sinks()
+    return mapping
+
+
+def flex_stand_in(query, key, value, training=False, score_mod=None, block_mask=None, enable_gqa=False, scale=None,
+                  kernel_options=None, return_aux=None, return_lse=False):
+    """Flex attention's (out, lse) with torch's ops: the block mask's mask_mod evaluated for every query and key."""
+    B, H, T, D = query.shape
+    key = key.repeat_interleave(H // key.shape[1], 1)
+    value = value.repeat_interleave(H // value.shape[1], 1)
+    scores = (query @ key.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    index = {"dtype": torch.long, "device": query.device}
+    allowed = block_mask.mask_mod(torch.arange(B, **index).view(B, 1, 1, 1), torch.zeros(1, 1, 1, 1, **index),
+                                  torch.arange(T, **index).view(1, 1, T, 1),
+                                  torch.arange(key.shape[2], **index).view(1, 1, 1, -1))
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.softmax(scores, -1).to(query.dtype) @ value
+    return (out, types.SimpleNamespace(lse=lse)) if return_aux is not None else (out, lse)
+
+
+@pytest.fixture
+def cpu_flex(monkeypatch, registry):
+    """The stand-in as transformers' compiled flex attention, the fused call allowed on CPU; counts kernel calls."""
+    from transformers.integrations import flex_attention
+
+    monkeypatch.setattr(flex_attention, "compile_friendly_flex_attention", flex_stand_in)
+    monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ("cuda", "cpu"))
+    calls = []
+    real = attention_sinks.apply_sinks
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_sinks, "apply_sinks", counting)
+    assert fast_sinks.install_fast_sinks()
+    return calls
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_dir(tmp_path_factory):
+    return save_checkpoint("gpt_oss", str(tmp_path_factory.mktemp("gpt_oss")))
+
+
+def lora_model(model_dir, attn_implementation, device="cpu"):
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn_implementation,
+                                            device_map=device if device != "cpu" else None)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    randomize_lora_B(model)
+    return model
+
+
+def loss_and_grads(model, ids, extra=()):
+    """The loss and the gradients of every trainable parameter and of `extra` (names of other parameters)."""
+    params = dict(model.named_parameters())
+    for name in extra:
+        params[name].requires_grad_(True)
+    names = [n for n, p in params.items() if p.requires_grad]
+    loss = model(input_ids=ids, labels=ids).loss
+    return loss.detach(), dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+
+
+@needs_triton
+def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_dir, cpu_flex):
+    ids = token_batch()
+    eager = lora_model(gpt_oss_dir, "eager")
+    sinks = [n for n, _ in eager.named_parameters() if n.endswith("self_attn.sinks")]  # trained here, to check them
+    assert sinks
+    expected_loss, expected = loss_and_grads(eager, ids, sinks)
+    model = lora_model(gpt_oss_dir, "flex_attention")
+    assert fast_sinks.runs_flex_with_sinks(model)
+    loss, grads = loss_and_grads(model, ids, sinks)
+    assert len(cpu_flex) >= model.config.num_hidden_layers  # every layer (again in a checkpointed one's recompute)
+    assert torch.allclose(loss, expected_loss, rtol=1e-5)
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        assert relative_error(grads[name], expected[name]) < 1e-4, name
+
+
+def _attention_module(heads=4):
+    return types.SimpleNamespace(training=True, num_heads=heads)
+
+
+def _inputs(heads=4, kv_heads=2, tokens=8, dim=16, sinks=True):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, tokens, dim, generator=gen)
+    k = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+    v = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, tokens, tokens, device="cpu")
+    return q, k, v, mask, (torch.randn(heads, generator=gen) if sinks else None)
+
+
+@pytest.mark.parametrize("case", ["no-sinks", "softcap", "dense-mask", "three-heads", "dropout", "device"])
+def test_calls_it_cannot_fuse_go_to_transformers_unchanged(cpu_flex, monkeypatch, case):
+    q, k, v, mask, sinks = _inputs(heads=3 if case == "three-heads" else 4, kv_heads=1 if case == "three-heads" else 2,
+                                   sinks=case != "no-sinks")
+    kwargs = {"scaling": 0.25, "softcap": 30.0 if case == "softcap" else None, "s_aux": sinks,
+              "dropout": 0.1 if case == "dropout" else 0.0, "sliding_window": None}
+    if case == "dense-mask":
+        mask = torch.zeros(1, 1, 8, 8)
+    if case == "device":
+        monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ("cuda",))
+    seen = []
+
+    def original(*args, **kw):
+        seen.append((args, kw))
+        return "transformers"
+
+    module = _attention_module()
+    assert fast_sinks._fused_flex_attention(original, module, q, k, v, mask, **kwargs) == "transformers"
+    assert seen == [((module, q, k, v, mask), kwargs)] and not cpu_flex
+
+
+@needs_triton
+def test_a_fusable_call_returns_transformers_layout_and_lse(cpu_flex):
+    q, k, v, mask, sinks = _inputs()
+    out, weights = fast_sinks._fused_flex_attention(None, _attention_module(), q, k, v, mask, scaling=0.25,
+                                                    s_aux=sinks, dropout=0.0, sliding_window=None)
+    raw, lse = flex_stand_in(q, k, v, block_mask=mask, scale=0.25)
+    shares = torch.sigmoid(lse - sinks.view(1, -1, 1))  # the keys' share of a softmax that includes the sink
+    assert out.shape == (1, 8, 4, 16) and out.is_contiguous()
+    assert torch.allclose(out, (raw * shares.unsqueeze(-1)).transpose(1, 2), atol=1e-6)
+    assert torch.equal(weights, lse) and len(cpu_flex) == 1
+
+
+def test_install_wraps_once_and_uninstall_restores(registry):
+    original = registry["flex_attention"]
+    assert fast_sinks.install_fast_sinks() and fast_sinks.install_fast_sinks()
+    assert fast_sinks.wrapped() and registry["flex_attention"].args[0] is original
+    assert fast_sinks.uninstall_fast_sinks() and registry["flex_attention"] is original
+    assert not fast_sinks.uninstall_fast_sinks()
+
+
+def test_uninstall_leaves_a_later_wrapper_alone(registry):
+    fast_sinks.install_fast_sinks()
+    later = lambda *args, **kwargs: registry["flex_attention"](*args, **kwargs)  # noqa: E731
+    transformers.AttentionInterface.register("flex_attention", later)
+    assert not fast_sinks.wrapped() and not fast_sinks.uninstall_fast_sinks()
+    assert registry["flex_attention"] is later
+
+
+def test_install_without_transformers_flex_function(registry, monkeypatch):
+    monkeypatch.delitem(registry, "flex_attention")
+    assert not fast_sinks.install_fast_sinks() and not fast_sinks.wrapped()
+
+
+def test_which_models_run_flex_with_sinks(gpt_oss_dir, tmp_path):
+    flex, _ = FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation="flex_attention")
+    eager, _ = FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation="eager")
+    qwen, _ = FastMoEModel.from_pretrained(save_checkpoint("qwen3_moe", str(tmp_path / "q")), dtype=torch.float32,
+                                           attn_implementation="flex_attention")
+    assert fast_sinks.runs_flex_with_sinks(flex)
+    assert not fast_sinks.runs_flex_with_sinks(eager) and not fast_sinks.runs_flex_with_sinks(qwen)
+
+
+def test_fused_sinks_must_be_a_bool(gpt_oss_dir):
+    with pytest.raises(ValueError, match="fused_sinks") as error:
+        FastMoEModel.from_pretrained(gpt_oss_dir, fused_sinks="on")
+    assert "\n" not in str(error.value)
+
+
+def test_turning_it_off_after_an_earlier_wrap_says_how(gpt_oss_dir, registry):
+    fast_sinks.install_fast_sinks()
+    with pytest.warns(UserWarning, match="uninstall_fast_sinks"):
+        FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation="flex_attention",
+                                     fused_sinks=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt_oss_dir, registry, dtype):
+    ids = token_batch().cuda()
+
+    def run(fused):
+        if fused:
+            fast_sinks.install_fast_sinks()
+        else:
+            fast_sinks.uninstall_fast_sinks()
+        model, _ = FastMoEModel.from_pretrained(gpt_oss_dir, dtype=dtype, attn_implementation="flex_attention",
+                                                device_map="cuda", fused_sinks=fused)
+        model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+        randomize_lora_B(model)
+        sinks = [n for n, _ in model.named_parameters() if n.endswith("self_attn.sinks")]
+        return loss_and_grads(model, ids, sinks)
+
+    expected_loss, expected = run(False)
+    loss, grads = run(True)
+    assert fast_sinks.wrapped()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(loss, expected_loss, rtol=tolerance)
+    for name in expected:
+        assert relative_error(grads[name].float(), expected[name].float()) < tolerance, name
