@@ -477,7 +477,9 @@ def run(provider, source, config, seq, args, device) -> dict:
         if plan is not None:
             result["checkpoint_plan"] = plan
             result["plan_probe_allocator"] = probe_peaks
-        uninstall_fast_rotary()  # process-wide: the baseline must run transformers' own rotary
+        # process-wide swaps: the baseline must run transformers' own rotary and flex attention (sinks)
+        uninstall_fast_rotary()
+        fast_sinks.uninstall_fast_sinks()
     del model, optimizer, params
     gc.collect()
     if device.type == "cuda":

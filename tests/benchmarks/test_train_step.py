@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,36 @@ def test_a_step_keeps_nothing_of_its_graph_alive():
     loss = train_step.training_step(forward, optimizer, torch.randn(2, 4))
     gc.collect()
     assert not loss.requires_grad and held[0]() is None
+
+
+def test_the_baseline_runs_after_moetune_without_its_process_wide_swaps(monkeypatch, tmp_path):
+    """moetune's provider wraps transformers' flex attention for the process (gpt-oss's sinks, on CUDA); the
+    baseline measured after it in the same process must run transformers' own function."""
+    import transformers
+
+    sys.path.insert(0, str(BENCH))
+    import train_step
+
+    from moetune.models import fast_sinks
+
+    mapping = transformers.AttentionInterface._global_mapping
+    monkeypatch.setitem(mapping, "flex_attention", mapping["flex_attention"])
+    real_build_moetune, real_build_baseline, seen = train_step.build_moetune, train_step.build_baseline, []
+
+    def build_moetune(*args, **kwargs):
+        model = real_build_moetune(*args, **kwargs)
+        fast_sinks.install_fast_sinks()  # what from_pretrained does on CUDA for gpt-oss with flex attention
+        return model
+
+    def build_baseline(*args, **kwargs):
+        seen.append(fast_sinks.wrapped())
+        return real_build_baseline(*args, **kwargs)
+
+    monkeypatch.setattr(train_step, "build_moetune", build_moetune)
+    monkeypatch.setattr(train_step, "build_baseline", build_baseline)
+    with warnings.catch_warnings():  # the baseline calls transformers as users of 5.17 do (deprecated in 5.25)
+        warnings.simplefilter("ignore", FutureWarning)
+        assert train_step.main(["--tiny", "--model", "gpt-oss-20b", "--layers", "2", "--seq", "32", "--warmup", "0",
+                                "--steps", "1", "--providers", "moetune", "baseline", "--out",
+                                str(tmp_path / "step.json")]) == 0
+    assert seen == [False]

@@ -36,9 +36,15 @@ def registry(monkeypatch):
     return mapping
 
 
+STAND_IN_CALLS: list[dict] = []  # the keywords of each call, cleared by cpu_flex
+
+
 def flex_stand_in(query, key, value, training=False, score_mod=None, block_mask=None, enable_gqa=False, scale=None,
                   kernel_options=None, return_aux=None, return_lse=False):
     """Flex attention's (out, lse) with torch's ops: the block mask's mask_mod evaluated for every query and key."""
+    STAND_IN_CALLS.append(dict(training=training, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa,
+                               scale=scale, kernel_options=kernel_options, return_aux=return_aux,
+                               return_lse=return_lse))
     B, H, T, D = query.shape
     key = key.repeat_interleave(H // key.shape[1], 1)
     value = value.repeat_interleave(H // value.shape[1], 1)
@@ -60,6 +66,7 @@ def cpu_flex(monkeypatch, registry):
 
     monkeypatch.setattr(flex_attention, "compile_friendly_flex_attention", flex_stand_in)
     monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ("cuda", "cpu"))
+    STAND_IN_CALLS.clear()
     calls = []
     real = attention_sinks.apply_sinks
 
@@ -112,8 +119,8 @@ def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_d
         assert relative_error(grads[name], expected[name]) < 1e-4, name
 
 
-def _attention_module(heads=4):
-    return types.SimpleNamespace(training=True, num_heads=heads)
+def _attention_module():
+    return types.SimpleNamespace(training=True)
 
 
 def _inputs(heads=4, kv_heads=2, tokens=8, dim=16, sinks=True):
@@ -127,7 +134,8 @@ def _inputs(heads=4, kv_heads=2, tokens=8, dim=16, sinks=True):
     return q, k, v, mask, (torch.randn(heads, generator=gen) if sinks else None)
 
 
-@pytest.mark.parametrize("case", ["no-sinks", "softcap", "dense-mask", "three-heads", "dropout", "device"])
+@pytest.mark.parametrize("case", ["no-sinks", "softcap", "dense-mask", "three-heads", "dropout", "device",
+                                  "position-bias", "compiling"])
 def test_calls_it_cannot_fuse_go_to_transformers_unchanged(cpu_flex, monkeypatch, case):
     q, k, v, mask, sinks = _inputs(heads=3 if case == "three-heads" else 4, kv_heads=1 if case == "three-heads" else 2,
                                    sinks=case != "no-sinks")
@@ -137,6 +145,10 @@ def test_calls_it_cannot_fuse_go_to_transformers_unchanged(cpu_flex, monkeypatch
         mask = torch.zeros(1, 1, 8, 8)
     if case == "device":
         monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ("cuda",))
+    if case == "position-bias":
+        kwargs["position_bias"] = torch.zeros(1, 4, 8, 8)
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     seen = []
 
     def original(*args, **kw):
@@ -145,15 +157,26 @@ def test_calls_it_cannot_fuse_go_to_transformers_unchanged(cpu_flex, monkeypatch
 
     module = _attention_module()
     assert fast_sinks._fused_flex_attention(original, module, q, k, v, mask, **kwargs) == "transformers"
-    assert seen == [((module, q, k, v, mask), kwargs)] and not cpu_flex
+    assert seen == [((module, q, k, v, mask), kwargs)] and not cpu_flex and not STAND_IN_CALLS
 
 
 @needs_triton
-def test_a_fusable_call_returns_transformers_layout_and_lse(cpu_flex):
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_fusable_call_passes_flex_attention_what_transformers_passes(cpu_flex, training):
+    from transformers.integrations.flex_attention import get_flex_attention_lse_kwargs
+
     q, k, v, mask, sinks = _inputs()
-    out, weights = fast_sinks._fused_flex_attention(None, _attention_module(), q, k, v, mask, scaling=0.25,
-                                                    s_aux=sinks, dropout=0.0, sliding_window=None)
-    raw, lse = flex_stand_in(q, k, v, block_mask=mask, scale=0.25)
+    module = types.SimpleNamespace(training=training)
+    options = {"BLOCK_M": 64}
+    out, weights = fast_sinks._fused_flex_attention(None, module, q, k, v, mask, scaling=0.3, s_aux=sinks,
+                                                    dropout=0.0, sliding_window=None, kernel_options=options)
+    (call,) = STAND_IN_CALLS
+    lse_request = get_flex_attention_lse_kwargs(True)
+    assert call["block_mask"] is mask and call["scale"] == 0.3 and call["enable_gqa"] is True
+    assert call["training"] is training and call["kernel_options"] is options and call["score_mod"] is None
+    for name, value in lse_request.items():  # return_aux=AuxRequest(lse=True) (torch >= 2.9) or return_lse=True
+        assert call[name] == value
+    raw, lse = flex_stand_in(q, k, v, block_mask=mask, scale=0.3)
     shares = torch.sigmoid(lse - sinks.view(1, -1, 1))  # the keys' share of a softmax that includes the sink
     assert out.shape == (1, 8, 4, 16) and out.is_contiguous()
     assert torch.allclose(out, (raw * shares.unsqueeze(-1)).transpose(1, 2), atol=1e-6)
@@ -190,6 +213,19 @@ def test_which_models_run_flex_with_sinks(gpt_oss_dir, tmp_path):
     assert not fast_sinks.runs_flex_with_sinks(eager) and not fast_sinks.runs_flex_with_sinks(qwen)
 
 
+@pytest.mark.parametrize("attention, expected", [("flex_attention", True), ("eager", False)])
+def test_from_pretrained_wraps_flex_attention_on_cuda_for_a_model_with_sinks(gpt_oss_dir, tmp_path, registry,
+                                                                              monkeypatch, attention, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rest of the model stays on the CPU
+    off = dict(fused_norms=False, fused_rotary=False, fused_router=False, fused_mlp=False)  # no other swaps
+    FastMoEModel.from_pretrained(save_checkpoint("qwen3_moe", str(tmp_path / "q")), dtype=torch.float32,
+                                 attn_implementation="flex_attention", **off)
+    assert not fast_sinks.wrapped()  # no sinks
+    FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation=attention, device_map="cpu",
+                                 **off)
+    assert fast_sinks.wrapped() == expected
+
+
 def test_fused_sinks_must_be_a_bool(gpt_oss_dir):
     with pytest.raises(ValueError, match="fused_sinks") as error:
         FastMoEModel.from_pretrained(gpt_oss_dir, fused_sinks="on")
@@ -210,12 +246,10 @@ def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt
     ids = token_batch().cuda()
 
     def run(fused):
-        if fused:
-            fast_sinks.install_fast_sinks()
-        else:
-            fast_sinks.uninstall_fast_sinks()
+        fast_sinks.uninstall_fast_sinks()
         model, _ = FastMoEModel.from_pretrained(gpt_oss_dir, dtype=dtype, attn_implementation="flex_attention",
                                                 device_map="cuda", fused_sinks=fused)
+        assert fast_sinks.wrapped() == fused
         model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
         randomize_lora_B(model)
         sinks = [n for n, _ in model.named_parameters() if n.endswith("self_attn.sinks")]
@@ -223,7 +257,6 @@ def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt
 
     expected_loss, expected = run(False)
     loss, grads = run(True)
-    assert fast_sinks.wrapped()
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.allclose(loss, expected_loss, rtol=tolerance)
     for name in expected:
