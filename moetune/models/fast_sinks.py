@@ -1,7 +1,7 @@
 """gpt-oss's attention sinks on flex attention's output in one launch each way (moetune/kernels/attention_sinks.py).
 
-On by default on CUDA GPUs for models that run flex attention with sinks (`FastMoEModel.from_pretrained(...,
-fused_sinks=False)` keeps transformers' ops). transformers' flex attention function renormalises flex's output with
+For models that run flex attention with sinks, on CUDA GPUs, with `FastMoEModel.from_pretrained(...,
+fused_sinks=True)`: off by default until it has run on a GPU (NOTES, session 30; checked in Triton's interpreter). transformers' flex attention function renormalises flex's output with
 its log-sum-exp and the sinks in about a dozen launches each way, two of them reading and writing the whole output
 twice, then copies it transposed; in a whole gpt-oss-20b step at 8K that is ~14 ms of GPU time (NOTES, run 61g).
 

@@ -219,10 +219,13 @@ def test_from_pretrained_wraps_flex_attention_on_cuda_for_a_model_with_sinks(gpt
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rest of the model stays on the CPU
     off = dict(fused_norms=False, fused_rotary=False, fused_router=False, fused_mlp=False)  # no other swaps
     FastMoEModel.from_pretrained(save_checkpoint("qwen3_moe", str(tmp_path / "q")), dtype=torch.float32,
-                                 attn_implementation="flex_attention", **off)
+                                 attn_implementation="flex_attention", fused_sinks=True, **off)
     assert not fast_sinks.wrapped()  # no sinks
     FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation=attention, device_map="cpu",
                                  **off)
+    assert not fast_sinks.wrapped()  # off by default until it has run on a GPU
+    FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation=attention, device_map="cpu",
+                                 fused_sinks=True, **off)
     assert fast_sinks.wrapped() == expected
 
 
