@@ -17,7 +17,7 @@ each way: forward reads out and lse once and writes y transposed; backward reads
 Rounding, where torch rounds (V = value's dtype, C = the promotion of V and the sink's dtype, Q = out's dtype):
     lse_v = round_V(lse);  m = max(lse_v, sink) (0 where infinite)
     combined = round_C(round_C(log(round_C(round_C(exp(round_C(lse_v - m))) + round_C(exp(round_C(sink - m)))))) + m)
-    r = round_C(exp(round_C(lse_v - combined)));  y = round_Q(round_promote(Q, C)(out * r))
+    r = round_C(exp(round_C(lse_v - combined)));  y = round_Q(out * r)   (promote(Q, C) is never narrower than Q)
 Each value is computed in fp32 from the same rounded inputs as torch's; Triton's exp / log and torch's may differ in
 the last fp32 bit, so an element can differ from torch's by one rounding (tests/kernels/test_attention_sinks.py).
 Backward computes in fp32 from the forward's rounded r (autograd rounds its intermediate gradients to C as well;
@@ -61,8 +61,15 @@ def _round(v, code: tl.constexpr):
 
 
 @triton.jit
-def _shares(lse_ptr, sink_ptr, b, h, t, t_mask, s_lb, s_lh, s_lt, V: tl.constexpr, C: tl.constexpr):
-    """(lse_v, combined, r) per token of head h, rounded as transformers' ops round them."""
+def _tile(lse_ptr, sink_ptr, s_lb, s_lh, s_lt, T, D, V: tl.constexpr, C: tl.constexpr, BLOCK_T: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """This program's tokens (BLOCK_T of head h in sequence b) and head dims, their masks, and per token lse_v, the
+    sink and r, rounded as transformers' ops round them."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    t_mask = t < T
+    mask = t_mask[:, None] & (d < D)[None, :]
     lse = _round(tl.load(lse_ptr + b * s_lb + h * s_lh + t * s_lt, mask=t_mask, other=0.0), V)
     sink = tl.load(sink_ptr + h).to(tl.float32)
     m = tl.maximum(lse, sink)
@@ -70,21 +77,16 @@ def _shares(lse_ptr, sink_ptr, b, h, t, t_mask, s_lb, s_lh, s_lt, V: tl.constexp
     total = _round(tl.exp(_round(lse - m, C)), C) + _round(tl.exp(_round(sink - m, C)), C)
     combined = _round(_round(tl.log(_round(total, C)), C) + m, C)
     r = _round(tl.exp(_round(lse - combined, C)), C)
-    return lse, sink, combined, r
+    return pid_t, h, b, t, d, t_mask, mask, lse, sink, r
 
 
 @triton.jit
 def sinks_forward_kernel(out_ptr, s_ob, s_oh, s_ot, lse_ptr, s_lb, s_lh, s_lt, sink_ptr, y_ptr, s_yb, s_yt, s_yh,
-                         T, D, V: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    t_mask = t < T
-    mask = t_mask[:, None] & (d < D)[None, :]
-    _, _, _, r = _shares(lse_ptr, sink_ptr, b, h, t, t_mask, s_lb, s_lh, s_lt, V, C)
+                         T, D, V: tl.constexpr, C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    _, h, b, t, d, _, mask, _, _, r = _tile(lse_ptr, sink_ptr, s_lb, s_lh, s_lt, T, D, V, C, BLOCK_T, BLOCK_D)
     out = tl.load(out_ptr + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=mask, other=0.0)
-    y = _round(out.to(tl.float32) * r[:, None], P)
+    # out * r rounds to promote(out, r)'s dtype, then to out's: never narrower than out's, so once to out's dtype
+    y = out.to(tl.float32) * r[:, None]
     tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,12 +95,8 @@ def sinks_backward_kernel(dy_ptr, s_gb, s_gt, s_gh, out_ptr, s_ob, s_oh, s_ot, l
                           d_out_ptr, s_db, s_dh, s_dt, d_lse_ptr, d_sink_ptr, T, D, H,
                           V: tl.constexpr, C: tl.constexpr, WANT_LSE: tl.constexpr, WANT_SINK: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    t_mask = t < T
-    mask = t_mask[:, None] & (d < D)[None, :]
-    lse, sink, _, r = _shares(lse_ptr, sink_ptr, b, h, t, t_mask, s_lb, s_lh, s_lt, V, C)
+    pid_t, h, b, t, d, t_mask, mask, lse, sink, r = _tile(lse_ptr, sink_ptr, s_lb, s_lh, s_lt, T, D, V, C, BLOCK_T,
+                                                          BLOCK_D)
     dy = tl.load(dy_ptr + b * s_gb + t[:, None] * s_gt + h * s_gh + d[None, :], mask=mask, other=0.0).to(tl.float32)
     d_out = dy * r[:, None]
     tl.store(d_out_ptr + b * s_db + h * s_dh + t[:, None] * s_dt + d[None, :],
@@ -151,12 +149,11 @@ class SinksFunction(torch.autograd.Function):
     def forward(ctx, out, lse, sinks, value_dtype):
         B, H, T, D = out.shape
         V, C = _CODES[value_dtype], _code(value_dtype, sinks.dtype)
-        P = _code(out.dtype, value_dtype, sinks.dtype)
         y = torch.empty((B, T, H, D), dtype=out.dtype, device=out.device)
         block_t, block_d = _blocks(D)
         if y.numel():
             launch_kernel(sinks_forward_kernel, (cdiv(T, block_t), H, B), out, *out.stride()[:3], lse, *lse.stride(),
-                          sinks, y, y.stride(0), y.stride(1), y.stride(2), T, D, V=V, C=C, P=P,
+                          sinks, y, y.stride(0), y.stride(1), y.stride(2), T, D, V=V, C=C,
                           BLOCK_T=block_t, BLOCK_D=block_d)
         saved_tensors.save(ctx, out, lse, sinks)  # a frozen sink parameter rides on ctx (no hook calls)
         ctx.codes = V, C
