@@ -412,9 +412,10 @@ class FastMoEModel:
           False keeps transformers' ops.
         fused_sinks: on CUDA GPUs, gpt-oss's attention sinks applied to flex attention's output in one Triton launch
           each way instead of about a dozen (moetune/models/fast_sinks.py; within one rounding of transformers'
-          result). Off by default until it has run on a GPU (checked in Triton's interpreter only). transformers' "flex_attention" function is wrapped for the whole process (calls without sinks
-          pass through); False does not undo an earlier model's wrap (moetune.models.fast_sinks.uninstall_fast_sinks()
-          does; a warning says so).
+          result). Off by default until it has run on a GPU (checked in Triton's interpreter only). transformers'
+          "flex_attention" function is wrapped for the whole process (calls without sinks pass through); False does
+          not undo an earlier model's wrap (moetune.models.fast_sinks.uninstall_fast_sinks() does; a warning says
+          so).
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
