@@ -1,25 +1,27 @@
 """gpt-oss's attention sinks on flex attention's output in one launch each way (moetune/kernels/attention_sinks.py).
 
 For models that run flex attention with sinks, on CUDA GPUs, with `FastMoEModel.from_pretrained(...,
-fused_sinks=True)`: off by default until it has run on a GPU (NOTES, session 30; checked in Triton's interpreter). transformers' flex attention function renormalises flex's output with
-its log-sum-exp and the sinks in about a dozen launches each way, two of them reading and writing the whole output
-twice, then copies it transposed; in a whole gpt-oss-20b step at 8K that is ~14 ms of GPU time (NOTES, run 61g).
+fused_sinks=True)`: off by default until it has run on a GPU (NOTES, session 30; checked in Triton's interpreter).
+transformers' flex attention function renormalises flex's output with its log-sum-exp and the sinks in about a
+dozen launches each way, two of them reading and writing the whole output twice, then copies it transposed; in a
+whole gpt-oss-20b step at 8K that is ~14 ms of GPU time (NOTES, run 61g).
 
 `install_fast_sinks()` wraps transformers' registered "flex_attention" function (process-wide, once, as
-kept_attention.py wraps "sdpa"). A call with sinks, a block mask and nothing else flex's score_mod would have to
-apply (softcap, an additive mask, a position bias) calls transformers' own compiled flex attention with the lse
-requested, exactly as transformers does (the same compiled function, the same kernel options, the key/value heads
-shared through enable_gqa), then the sink kernel, which writes the output in the [B, T, H, D] layout transformers
-returns. Every other call, and every call where the kernel cannot run (a CPU tensor outside Triton's interpreter,
-a head count transformers would repeat the key/value heads for, torch.compile tracing the model, a transformers
-without the functions used here), is transformers' function unchanged. `uninstall_fast_sinks()` puts it back.
+kept_attention.py wraps "sdpa"; attention_functions.py). A call with sinks, a block mask and nothing else flex's
+score_mod would have to apply (softcap, an additive mask, a position bias) calls transformers' own compiled flex
+attention with the lse requested, exactly as transformers does (the same compiled function, the same kernel
+options, the key/value heads shared through enable_gqa), then the sink kernel, which writes the output in the
+[B, T, H, D] layout transformers returns. Every other call, and every call where the kernel cannot run (a CPU
+tensor outside Triton's interpreter, a head count transformers would repeat the key/value heads for, torch.compile
+tracing the model, a transformers without the functions used here), is transformers' function unchanged.
+`uninstall_fast_sinks()` puts it back.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from . import attention_functions
 
 __all__ = ["install_fast_sinks", "runs_flex_with_sinks", "uninstall_fast_sinks", "wrapped"]
 
@@ -90,38 +92,18 @@ def runs_flex_with_sinks(model: torch.nn.Module) -> bool:
     return any(isinstance(getattr(module, "sinks", None), torch.nn.Parameter) for module in model.modules())
 
 
-def _registry():
-    try:
-        from transformers import AttentionInterface
-    except ImportError:
-        return None
-    return AttentionInterface
-
-
 def wrapped() -> bool:
     """Whether transformers' "flex_attention" function is wrapped now."""
-    registry = _registry()
-    current = getattr(registry, "_global_mapping", {}).get(_KEY) if registry is not None else None
-    return isinstance(current, functools.partial) and current.func is _fused_flex_attention
+    return attention_functions.wrapped(_KEY, _fused_flex_attention)
 
 
 def install_fast_sinks() -> bool:
     """Wrap transformers' "flex_attention" function (process-wide; idempotent). False where this transformers has no
     such function registered."""
-    registry = _registry()
-    current = getattr(registry, "_global_mapping", {}).get(_KEY) if registry is not None else None
-    if current is None:
-        return False
-    if not wrapped():
-        registry.register(_KEY, functools.partial(_fused_flex_attention, current))
-    return True
+    return attention_functions.wrap(_KEY, _fused_flex_attention)
 
 
 def uninstall_fast_sinks() -> bool:
     """Put transformers' function back. False where it was not wrapped (a wrapper another library registered after
     this one stays)."""
-    if not wrapped():
-        return False
-    registry = _registry()
-    registry.register(_KEY, registry._global_mapping[_KEY].args[0])
-    return True
+    return attention_functions.unwrap(_KEY, _fused_flex_attention)

@@ -33,6 +33,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import attention_functions
+
 __all__ = ["ATTENTION_OPS", "keep_attention", "kept_attention_layers", "largest_kept_bytes", "reset_kept_bytes"]
 
 _NAMES = (
@@ -138,17 +140,7 @@ def _keeping_sdpa(original, *args, **kwargs):
 def _wrap_sdpa() -> bool:
     """Wrap transformers' registered "sdpa" attention function (once, process-wide; transparent outside a
     keeping checkpoint call). False where this transformers has no such registry entry."""
-    try:
-        from transformers import AttentionInterface
-    except ImportError:
-        return False
-    mapping = getattr(AttentionInterface, "_global_mapping", {})
-    current = mapping.get("sdpa")
-    if current is None:
-        return False
-    if not (isinstance(current, functools.partial) and current.func is _keeping_sdpa):
-        AttentionInterface.register("sdpa", functools.partial(_keeping_sdpa, current))
-    return True
+    return attention_functions.wrap("sdpa", _keeping_sdpa)
 
 
 def _set_context(layer, keep: bool) -> bool:
