@@ -133,13 +133,6 @@ def check_inputs(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> s
     return None
 
 
-def _code(*dtypes: torch.dtype) -> int:
-    promoted = dtypes[0]
-    for dtype in dtypes[1:]:
-        promoted = torch.promote_types(promoted, dtype)
-    return _CODES[promoted]
-
-
 class SinksFunction(torch.autograd.Function):
     """y [B, T, H, D] from flex attention's out [B, H, T, D] (any strides, the last dim contiguous), its lse [B, H,
     T] (fp32) and the sinks [H]; value_dtype: the dtype transformers casts lse to (value's). See the module
@@ -148,7 +141,7 @@ class SinksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, lse, sinks, value_dtype):
         B, H, T, D = out.shape
-        V, C = _CODES[value_dtype], _code(value_dtype, sinks.dtype)
+        V, C = _CODES[value_dtype], _CODES[torch.promote_types(value_dtype, sinks.dtype)]
         y = torch.empty((B, T, H, D), dtype=out.dtype, device=out.device)
         block_t, block_d = _blocks(D)
         if y.numel():

@@ -9,13 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetune.experts.backends import triton as triton_backend
+from ..models.helpers import DEVICE, needs_triton, relative_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
-    reason="no Triton that can run here",
-)
+pytestmark = needs_triton
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # (B, H, T, D): one token, sizes that are no multiple of a block, a 256-wide head, several token blocks.
 SHAPES = [(1, 4, 1, 16), (2, 3, 37, 24), (1, 2, 300, 64), (1, 2, 9, 256)]
@@ -72,11 +68,6 @@ def float64_gradients(out, lse, sinks, dy):
     y = transformers_sinks(*leaves, torch.float64)
     y.backward(dy.double())
     return [t.grad for t in leaves]
-
-
-def relative_error(a, b):
-    a, b = a.double(), b.double()
-    return 0.0 if b.numel() == 0 else ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

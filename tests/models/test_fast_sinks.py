@@ -14,17 +14,10 @@ import torch
 import transformers
 
 from moetune import FastMoEModel
-from moetune.experts.backends import triton as triton_backend
 from moetune.kernels import attention_sinks
 from moetune.models import fast_sinks
 
-from .helpers import randomize_lora_B, relative_error, save_checkpoint, token_batch
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    triton_backend.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is not None,
-    reason="no Triton that can run here",
-)
+from .helpers import needs_triton, randomize_lora_B, relative_error, save_checkpoint, token_batch
 
 
 @pytest.fixture
