@@ -102,8 +102,22 @@ def check_dtype(dtype) -> None:
                      f"got {dtype!r}")
 
 
-def choose_attention(spec: ArchSpec, requested: str | None, device_map) -> str:
-    """The requested attention implementation if it is correct for the model, else the spec's preferred one."""
+# torch's compiled flex attention refuses query/key/value head dims below 16 ("NYI: embedding dimension ... must be
+# at least 16", raised when the first step compiles it).
+FLEX_MIN_HEAD_DIM = 16
+
+
+def _head_dim(config) -> int | None:
+    """The attention head dim of `config` (head_dim, else hidden_size / heads), None where neither is set."""
+    dim = getattr(config, "head_dim", None)
+    if dim is None and getattr(config, "hidden_size", None) and getattr(config, "num_attention_heads", None):
+        dim = config.hidden_size // config.num_attention_heads
+    return dim
+
+
+def choose_attention(spec: ArchSpec, requested: str | None, device_map, config=None) -> str:
+    """The requested attention implementation if it is correct for the model, else the spec's preferred one that
+    runs here: flex attention only on CUDA, and only at head dims torch's flex kernels take."""
     if requested is not None:
         if requested == "sdpa" and "sdpa" not in spec.attn_implementations:
             raise ValueError(
@@ -114,6 +128,8 @@ def choose_attention(spec: ArchSpec, requested: str | None, device_map) -> str:
     on_cuda = torch.cuda.is_available() and device_map not in (None, "cpu") and str(device_map) != "cpu"
     for impl in spec.attn_implementations:
         if impl == "flex_attention" and not on_cuda:  # flex needs torch.compile on a GPU to be usable
+            continue
+        if impl == "flex_attention" and (_head_dim(config) or FLEX_MIN_HEAD_DIM) < FLEX_MIN_HEAD_DIM:
             continue
         return impl
     raise AssertionError(f"{spec.model_type}: no usable attention implementation in {spec.attn_implementations}")
@@ -433,7 +449,7 @@ class FastMoEModel:
         else:
             config = model_dir_or_config
         spec = get_spec(config.model_type)
-        attn = choose_attention(spec, attn_implementation, device_map)
+        attn = choose_attention(spec, attn_implementation, device_map, config)
         auto = getattr(transformers, spec.auto_class)
         if model_dir is not None:
             # transformers >= 5.25 swaps in the `kernels` library's Hub kernels by default (downloaded at load time,

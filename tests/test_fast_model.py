@@ -65,6 +65,20 @@ def test_from_config_is_random_init_without_tokenizer():
         assert torch.isfinite(model(token_batch()).logits).all()
 
 
+@pytest.mark.parametrize("head_dim, device_map, expected", [(64, "cuda", "flex_attention"), (8, "cuda", "eager"),
+                                                             (64, None, "eager"), (64, "cpu", "eager")])
+def test_gpt_oss_gets_flex_attention_only_where_it_runs(monkeypatch, head_dim, device_map, expected):
+    """Flex attention needs CUDA and a head dim of at least 16 (torch's compiled kernels; run 62d: a tiny gpt-oss
+    with head dim 8 failed its first step on an H100); sdpa has no sinks, so eager otherwise."""
+    from moetune.fast_model import choose_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = tiny_config("gpt_oss")
+    config.head_dim = head_dim
+    assert choose_attention(get_spec("gpt_oss"), None, device_map, config) == expected
+    assert choose_attention(get_spec("gpt_oss"), "flex_attention", device_map, config) == "flex_attention"  # asked
+
+
 def test_directory_without_tokenizer(tmp_path):
     auto_class("olmoe").from_config(tiny_config("olmoe")).save_pretrained(tmp_path)
     _, tokenizer = _load(str(tmp_path))
