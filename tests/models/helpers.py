@@ -39,10 +39,13 @@ def auto_class(model_type: str):
     return getattr(transformers, get_spec(model_type).auto_class)
 
 
-def save_checkpoint(model_type: str, directory: str, *, tokenizer: bool = True, seed: int = 0) -> str:
-    """Random-init tiny model saved with save_pretrained (fp32), plus a tokenizer."""
+def save_checkpoint(model_type: str, directory: str, *, tokenizer: bool = True, seed: int = 0, **config) -> str:
+    """Random-init tiny model saved with save_pretrained (fp32), plus a tokenizer; `config` overrides the tiny
+    config's attributes."""
     torch.manual_seed(seed)
-    model = auto_class(model_type).from_config(tiny_config(model_type), dtype=torch.float32)
+    tiny = tiny_config(model_type)
+    tiny.update(config)
+    model = auto_class(model_type).from_config(tiny, dtype=torch.float32)
     with torch.no_grad():  # routers start at zero in some models (gpt-oss): random routing exercises more experts
         for name, p in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.router.bias")):

@@ -1,8 +1,9 @@
 """moetune/models/fast_sinks.py: gpt-oss's flex attention with the sink kernel, against transformers' attention.
 
-Flex attention has no backward on CPU, so on CPU a stand-in computes flex attention's (out, lse) with torch's ops
-from the block mask's mask_mod; everything else (transformers' block masks, the wrapper, the kernel in Triton's
-interpreter) is the real path. The GPU test runs the real flex attention against transformers' own function.
+Flex attention has no backward on CPU, so the plumbing tests use a stand-in that computes flex attention's (out, lse)
+with torch's ops from the block mask's mask_mod; everything else (transformers' block masks, the wrapper, the kernel:
+compiled on a GPU, in Triton's interpreter on CPU) is the real path, on DEVICE. The GPU test runs the real flex
+attention against transformers' own function.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from moetune import FastMoEModel
 from moetune.kernels import attention_sinks
 from moetune.models import fast_sinks
 
-from .helpers import needs_triton, randomize_lora_B, relative_error, save_checkpoint, token_batch
+from .helpers import DEVICE, needs_triton, randomize_lora_B, relative_error, save_checkpoint, token_batch
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def registry(monkeypatch):
     return mapping
 
 
-STAND_IN_CALLS: list[dict] = []  # the keywords of each call, cleared by cpu_flex
+STAND_IN_CALLS: list[dict] = []  # the keywords of each call, cleared by stand_in_flex
 
 
 def flex_stand_in(query, key, value, training=False, score_mod=None, block_mask=None, enable_gqa=False, scale=None,
@@ -53,7 +54,7 @@ def flex_stand_in(query, key, value, training=False, score_mod=None, block_mask=
 
 
 @pytest.fixture
-def cpu_flex(monkeypatch, registry):
+def stand_in_flex(monkeypatch, registry):
     """The stand-in as transformers' compiled flex attention, the fused call allowed on CPU; counts kernel calls."""
     from transformers.integrations import flex_attention
 
@@ -77,7 +78,13 @@ def gpt_oss_dir(tmp_path_factory):
     return save_checkpoint("gpt_oss", str(tmp_path_factory.mktemp("gpt_oss")))
 
 
-def lora_model(model_dir, attn_implementation, device="cpu"):
+@pytest.fixture(scope="module")
+def gpt_oss_flex_dir(tmp_path_factory):
+    """The tiny gpt-oss at head dim 16: torch's compiled flex attention refuses less (run 62b)."""
+    return save_checkpoint("gpt_oss", str(tmp_path_factory.mktemp("gpt_oss_flex")), head_dim=16)
+
+
+def lora_model(model_dir, attn_implementation, device=DEVICE):
     model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn_implementation,
                                             device_map=device if device != "cpu" else None)
     model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
@@ -96,8 +103,8 @@ def loss_and_grads(model, ids, extra=()):
 
 
 @needs_triton
-def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_dir, cpu_flex):
-    ids = token_batch()
+def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_dir, stand_in_flex):
+    ids = token_batch().to(DEVICE)
     eager = lora_model(gpt_oss_dir, "eager")
     sinks = [n for n, _ in eager.named_parameters() if n.endswith("self_attn.sinks")]  # trained here, to check them
     assert sinks
@@ -105,7 +112,7 @@ def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_d
     model = lora_model(gpt_oss_dir, "flex_attention")
     assert fast_sinks.runs_flex_with_sinks(model)
     loss, grads = loss_and_grads(model, ids, sinks)
-    assert len(cpu_flex) >= model.config.num_hidden_layers  # every layer (again in a checkpointed one's recompute)
+    assert len(stand_in_flex) >= model.config.num_hidden_layers  # every layer (again in a checkpointed one's recompute)
     assert torch.allclose(loss, expected_loss, rtol=1e-5)
     assert grads.keys() == expected.keys()
     for name in expected:
@@ -118,28 +125,26 @@ def _attention_module():
 
 def _inputs(heads=4, kv_heads=2, tokens=8, dim=16, sinks=True):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, tokens, dim, generator=gen)
-    k = torch.randn(1, kv_heads, tokens, dim, generator=gen)
-    v = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+    q, k, v = (torch.randn(1, n, tokens, dim, generator=gen).to(DEVICE) for n in (heads, kv_heads, kv_heads))
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, tokens, tokens, device="cpu")
-    return q, k, v, mask, (torch.randn(heads, generator=gen) if sinks else None)
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, tokens, tokens, device=DEVICE)
+    return q, k, v, mask, (torch.randn(heads, generator=gen).to(DEVICE) if sinks else None)
 
 
 @pytest.mark.parametrize("case", ["no-sinks", "softcap", "dense-mask", "three-heads", "dropout", "device",
                                   "position-bias", "compiling"])
-def test_calls_it_cannot_fuse_go_to_transformers_unchanged(cpu_flex, monkeypatch, case):
+def test_calls_it_cannot_fuse_go_to_transformers_unchanged(stand_in_flex, monkeypatch, case):
     q, k, v, mask, sinks = _inputs(heads=3 if case == "three-heads" else 4, kv_heads=1 if case == "three-heads" else 2,
                                    sinks=case != "no-sinks")
     kwargs = {"scaling": 0.25, "softcap": 30.0 if case == "softcap" else None, "s_aux": sinks,
               "dropout": 0.1 if case == "dropout" else 0.0, "sliding_window": None}
     if case == "dense-mask":
-        mask = torch.zeros(1, 1, 8, 8)
-    if case == "device":
-        monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ("cuda",))
+        mask = torch.zeros(1, 1, 8, 8, device=DEVICE)
+    if case == "device":  # a device type the kernel is not for
+        monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ())
     if case == "position-bias":
-        kwargs["position_bias"] = torch.zeros(1, 4, 8, 8)
+        kwargs["position_bias"] = torch.zeros(1, 4, 8, 8, device=DEVICE)
     if case == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     seen = []
@@ -150,12 +155,12 @@ def test_calls_it_cannot_fuse_go_to_transformers_unchanged(cpu_flex, monkeypatch
 
     module = _attention_module()
     assert fast_sinks._fused_flex_attention(original, module, q, k, v, mask, **kwargs) == "transformers"
-    assert seen == [((module, q, k, v, mask), kwargs)] and not cpu_flex and not STAND_IN_CALLS
+    assert seen == [((module, q, k, v, mask), kwargs)] and not stand_in_flex and not STAND_IN_CALLS
 
 
 @needs_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_a_fusable_call_passes_flex_attention_what_transformers_passes(cpu_flex, training):
+def test_a_fusable_call_passes_flex_attention_what_transformers_passes(stand_in_flex, training):
     from transformers.integrations.flex_attention import get_flex_attention_lse_kwargs
 
     q, k, v, mask, sinks = _inputs()
@@ -173,7 +178,7 @@ def test_a_fusable_call_passes_flex_attention_what_transformers_passes(cpu_flex,
     shares = torch.sigmoid(lse - sinks.view(1, -1, 1))  # the keys' share of a softmax that includes the sink
     assert out.shape == (1, 8, 4, 16) and out.is_contiguous()
     assert torch.allclose(out, (raw * shares.unsqueeze(-1)).transpose(1, 2), atol=1e-6)
-    assert torch.equal(weights, lse) and len(cpu_flex) == 1
+    assert torch.equal(weights, lse) and len(stand_in_flex) == 1
 
 
 def test_install_wraps_once_and_uninstall_restores(registry):
@@ -238,12 +243,12 @@ def test_turning_it_off_after_an_earlier_wrap_says_how(gpt_oss_dir, registry):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt_oss_dir, registry, dtype):
+def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt_oss_flex_dir, registry, dtype):
     ids = token_batch().cuda()
 
     def run(fused):
         fast_sinks.uninstall_fast_sinks()
-        model, _ = FastMoEModel.from_pretrained(gpt_oss_dir, dtype=dtype, attn_implementation="flex_attention",
+        model, _ = FastMoEModel.from_pretrained(gpt_oss_flex_dir, dtype=dtype, attn_implementation="flex_attention",
                                                 device_map="cuda", fused_sinks=fused)
         assert fast_sinks.wrapped() == fused
         model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)

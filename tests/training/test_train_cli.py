@@ -161,8 +161,11 @@ def test_checkpoint_layers_gives_the_same_run(tmp_path, capsys):
     assert len(losses[None]) == 3
     assert losses[1] == pytest.approx(losses[None], abs=1e-6)
     assert losses["auto"] == losses[None]
-    summary = json.loads((tmp_path / "out-auto" / "summary.json").read_text())
-    assert summary["checkpoint_layers"]["checkpoint_layers"] is None and "cpu" in summary["checkpoint_layers"]["why"]
+    plan = json.loads((tmp_path / "out-auto" / "summary.json").read_text())["checkpoint_layers"]
+    if torch.cuda.is_available():  # measured and checked: the demo's 4 layers fit with few or none checkpointed
+        assert plan["checkpoint_layers"] in range(plan["layers"] + 1) and plan["probe_peak_bytes"] > 0
+    else:
+        assert plan["checkpoint_layers"] is None and "cpu" in plan["why"]
 
 
 def test_the_plan_gets_the_memory_cap_and_the_kept_attention_switch(tmp_path, capsys, monkeypatch):
