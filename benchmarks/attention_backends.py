@@ -4,7 +4,10 @@ GLM-4.7-Flash's step at 8K is GPU-bound on a fast host (run 61: a CUDA-graph rep
 GPU time is attention: transformers' sdpa path lets torch pick cuDNN for [1, 20, 8192, 256], whose backward ran at
 ~400 TFLOP/s against ~640 for its forward (run 61g's profile). This times forward alone and forward + backward of
 one layer's attention (bf16, causal, batch 1) under cuDNN, flash and memory-efficient attention, torch's choice
-included, so that a faster backend can be forced where it pays.
+included, so that a faster backend can be forced where it pays; and under compiled flex attention with a causal block
+mask, which is what gpt-oss-20b runs (its sinks rule out sdpa) for its 12 full-attention layers: run 61g's profile
+puts flex at ~110 ms of a 490 ms step, so a faster backend there (cuDNN with its log-sum-exp, the sinks applied
+after, as moetune's sink kernel does for flex) is worth measuring first.
 
 FLOPs: forward 2 * T^2 * H * (d_qk + d_v) / 2 (causal halves the square), backward 2.5x the forward (dQ, dK, dV and
 the recomputed scores).
@@ -30,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 # (query heads, key/value heads, query/key head dim, value head dim), from the models' configs (train_step.MODELS)
 SHAPES = {
     "glm-4.7-flash": (20, 20, 256, 256),
+    "gpt-oss-20b": (64, 8, 64, 64),
     "qwen3-30b-a3b": (32, 4, 128, 128),
 }
 BACKENDS = {
@@ -38,12 +42,22 @@ BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
+    "flex": "flex",  # torch.compile'd flex_attention with a causal BlockMask (transformers' flex path)
 }
 
 
 def attention_flops(seq: int, heads: int, d_qk: int, d_v: int) -> float:
     """Forward FLOPs of causal attention for one sequence (the two products over the lower triangle)."""
     return 2.0 * seq * seq * heads * (d_qk + d_v) / 2
+
+
+def _flex_forward(q, k, v, seq: int, device):
+    """Compiled flex attention over a causal block mask, the key/value heads shared as transformers shares them."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seq, seq, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda: compiled(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def time_backend(backend: str, seq: int, shape: tuple, device, dtype, warmup: int, repeat: int) -> dict:
@@ -62,6 +76,9 @@ def time_backend(backend: str, seq: int, shape: tuple, device, dtype, warmup: in
         with context():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
 
+    if chosen == "flex":
+        forward = _flex_forward(q, k, v, seq, device)
+
     def forward_backward():
         out = forward()
         torch.autograd.backward(out, grad)
@@ -69,7 +86,7 @@ def time_backend(backend: str, seq: int, shape: tuple, device, dtype, warmup: in
 
     try:
         forward_backward()
-    except RuntimeError as error:  # the backend refuses this shape, dtype or GPU
+    except (RuntimeError, NotImplementedError) as error:  # the backend refuses this shape, dtype or GPU
         return {"backend": backend, "seq": seq, "unsupported": str(error).splitlines()[0][:200]}
     flops = attention_flops(seq, heads, d_qk, d_v)
     with torch.no_grad():
@@ -87,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=sorted(SHAPES), choices=sorted(SHAPES))
     parser.add_argument("--seq", nargs="+", type=int, default=[8192])
     parser.add_argument("--backends", nargs="+", default=None, choices=sorted(BACKENDS),
-                        help="default: auto, cudnn, flash, efficient (math alone with --tiny)")
+                        help="default: auto, cudnn, flash, efficient, flex (math alone with --tiny)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = harness.parse_gpu_args(parser, argv)
@@ -96,7 +113,7 @@ def main(argv=None) -> int:
             parser.error(f"--seq: expected positive lengths, got {seq}")
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    backends = args.backends or (["math"] if args.tiny else ["auto", "cudnn", "flash", "efficient"])
+    backends = args.backends or (["math"] if args.tiny else ["auto", "cudnn", "flash", "efficient", "flex"])
     rows = []
     for model in args.models:
         shape = SHAPES[model]

@@ -27,14 +27,14 @@ def test_tiny_run_times_every_model_and_records_a_refusing_backend(tmp_path):
     proc = _run("--tiny", "--warmup", "1", "--repeat", "2", "--backends", "math", "cudnn", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {row["model"] for row in rows} == {"glm-4.7-flash", "qwen3-30b-a3b"}
+    assert {row["model"] for row in rows} == {"glm-4.7-flash", "gpt-oss-20b", "qwen3-30b-a3b"}
     timed = [row for row in rows if row["backend"] == "math"]
-    assert len(timed) == 2
+    assert len(timed) == 3
     for row in timed:
         assert row["forward_ms"] > 0 and row["forward_backward_ms"] > 0  # no order: a loaded CPU times noise
         assert row["forward_tflops"] > 0 and row["backward_tflops"] > 0
     refused = [row for row in rows if row["backend"] == "cudnn"]
-    assert len(refused) == 2 and all(row["unsupported"] for row in refused)
+    assert len(refused) == 3 and all(row["unsupported"] for row in refused)
 
 
 def test_flops_count_the_causal_triangle():
