@@ -42,7 +42,7 @@ from .. import saved_tensors
 from .launch import launch as launch_kernel
 from .sizes import cdiv
 
-__all__ = ["SinksFunction", "apply_sinks", "check_inputs"]
+__all__ = ["SinksFunction", "apply_sinks", "check_inputs", "sinks_backward", "sinks_forward"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the rounding a kernel applies, as a constexpr
@@ -94,7 +94,7 @@ def sinks_forward_kernel(out_ptr, s_ob, s_oh, s_ot, lse_ptr, s_lb, s_lh, s_lt, s
 def sinks_backward_kernel(dy_ptr, s_gb, s_gt, s_gh, out_ptr, s_ob, s_oh, s_ot, lse_ptr, s_lb, s_lh, s_lt, sink_ptr,
                           d_out_ptr, s_db, s_dh, s_dt, d_lse_ptr, d_sink_ptr, T, D, H,
                           V: tl.constexpr, C: tl.constexpr, WANT_LSE: tl.constexpr, WANT_SINK: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                          SCALED_OUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t, h, b, t, d, t_mask, mask, lse, sink, r = _tile(lse_ptr, sink_ptr, s_lb, s_lh, s_lt, T, D, V, C, BLOCK_T,
                                                           BLOCK_D)
     dy = tl.load(dy_ptr + b * s_gb + t[:, None] * s_gt + h * s_gh + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -103,7 +103,9 @@ def sinks_backward_kernel(dy_ptr, s_gb, s_gt, s_gh, out_ptr, s_ob, s_oh, s_ot, l
              d_out.to(d_out_ptr.dtype.element_ty), mask=mask)
     if WANT_LSE or WANT_SINK:
         out = tl.load(out_ptr + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=mask, other=0.0)
-        g = tl.sum(dy * out.to(tl.float32), axis=1) * r
+        g = tl.sum(dy * out.to(tl.float32), axis=1)
+        if not SCALED_OUT:  # out is attention's output before the sinks (else y = out * r, as saved by the caller)
+            g = g * r
         g = tl.where(t_mask, g, 0.0)
         # the sink's share of the softmax, 1 - exp(lse_v - combined), without the cancellation where r is near 1
         w = 1.0 / (1.0 + tl.exp(lse - sink))
@@ -133,6 +135,57 @@ def check_inputs(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> s
     return None
 
 
+def sinks_forward(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, codes: tuple[int, int]) -> torch.Tensor:
+    """y [B, T, H, D] (contiguous) from out [B, H, T, D], lse [B, H, T] and the sinks, in one launch; codes: the
+    roundings (V, C) of the module docstring (dtype_codes)."""
+    B, H, T, D = out.shape
+    y = torch.empty((B, T, H, D), dtype=out.dtype, device=out.device)
+    block_t, block_d = _blocks(D)
+    if y.numel():
+        launch_kernel(sinks_forward_kernel, (cdiv(T, block_t), H, B), out, *out.stride()[:3], lse, *lse.stride(),
+                      sinks, y, y.stride(0), y.stride(1), y.stride(2), T, D, V=codes[0], C=codes[1],
+                      BLOCK_T=block_t, BLOCK_D=block_d)
+    return y
+
+
+def sinks_backward(dy: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor,
+                   codes: tuple[int, int], want_lse: bool, want_sink: bool, scaled_out: bool = False,
+                   d_out: torch.Tensor | None = None):
+    """(d_out, d_lse or None, d_sink or None) for dy [B, T, H, D], in one launch. out [B, H, T, D]: attention's
+    output before the sinks, or with scaled_out the sinks' result y itself (viewed [B, H, T, D]; the lse gradient is
+    then sum_D(dy * y) * w, the same value without the multiplication by r). d_out: where to write dy * r (default:
+    a new tensor in out's layout)."""
+    B, H, T, D = out.shape
+    V, C = codes
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    if d_out is None:
+        d_out = torch.empty_like(out)
+    block_t, block_d = _blocks(D)
+    d_lse = torch.empty((B, H, T), dtype=torch.float32, device=out.device) if want_lse else None
+    n_blocks = cdiv(T, block_t)
+    partial = torch.empty((B, n_blocks, H), dtype=torch.float32, device=out.device) if want_sink else None
+    if out.numel():
+        launch_kernel(sinks_backward_kernel, (n_blocks, H, B), dy, *dy.stride()[:3], out, *out.stride()[:3],
+                      lse, *lse.stride(), sinks, d_out, *d_out.stride()[:3],
+                      d_lse if want_lse else lse, partial if want_sink else lse, T, D, H,
+                      V=V, C=C, WANT_LSE=want_lse, WANT_SINK=want_sink, SCALED_OUT=scaled_out,
+                      BLOCK_T=block_t, BLOCK_D=block_d)
+    d_sink = None
+    if want_sink:
+        d_sink = partial.sum((0, 1)) if out.numel() else torch.zeros(H, device=out.device)
+        d_sink = d_sink.to(sinks.dtype)
+    if want_lse and not out.numel():
+        d_lse.zero_()
+    return d_out, d_lse, d_sink
+
+
+def dtype_codes(value_dtype: torch.dtype, sinks_dtype: torch.dtype) -> tuple[int, int]:
+    """The roundings (V, C) transformers' ops apply: lse cast to value's dtype, then computed in the promotion of
+    value's and the sinks' dtypes."""
+    return _CODES[value_dtype], _CODES[torch.promote_types(value_dtype, sinks_dtype)]
+
+
 class SinksFunction(torch.autograd.Function):
     """y [B, T, H, D] from flex attention's out [B, H, T, D] (any strides, the last dim contiguous), its lse [B, H,
     T] (fp32) and the sinks [H]; value_dtype: the dtype transformers casts lse to (value's). See the module
@@ -140,43 +193,18 @@ class SinksFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, lse, sinks, value_dtype):
-        B, H, T, D = out.shape
-        V, C = _CODES[value_dtype], _CODES[torch.promote_types(value_dtype, sinks.dtype)]
-        y = torch.empty((B, T, H, D), dtype=out.dtype, device=out.device)
-        block_t, block_d = _blocks(D)
-        if y.numel():
-            launch_kernel(sinks_forward_kernel, (cdiv(T, block_t), H, B), out, *out.stride()[:3], lse, *lse.stride(),
-                          sinks, y, y.stride(0), y.stride(1), y.stride(2), T, D, V=V, C=C,
-                          BLOCK_T=block_t, BLOCK_D=block_d)
+        ctx.codes = dtype_codes(value_dtype, sinks.dtype)
+        y = sinks_forward(out, lse, sinks, ctx.codes)
         saved_tensors.save(ctx, out, lse, sinks)  # a frozen sink parameter rides on ctx (no hook calls)
-        ctx.codes = V, C
         return y
 
     @staticmethod
     @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, dy):
         out, lse, sinks = saved_tensors.load(ctx)
-        B, H, T, D = out.shape
-        V, C = ctx.codes
-        want_lse, want_sink = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        d_out = torch.empty_like(out)  # out's layout (dense): what flex attention's backward reads
-        block_t, block_d = _blocks(D)
-        d_lse = torch.empty((B, H, T), dtype=torch.float32, device=out.device) if want_lse else None
-        n_blocks = cdiv(T, block_t)
-        partial = torch.empty((B, n_blocks, H), dtype=torch.float32, device=out.device) if want_sink else None
-        if out.numel():
-            launch_kernel(sinks_backward_kernel, (n_blocks, H, B), dy, *dy.stride()[:3], out, *out.stride()[:3],
-                          lse, *lse.stride(), sinks, d_out, *d_out.stride()[:3],
-                          d_lse if want_lse else lse, partial if want_sink else lse, T, D, H,
-                          V=V, C=C, WANT_LSE=want_lse, WANT_SINK=want_sink, BLOCK_T=block_t, BLOCK_D=block_d)
-        d_sink = None
-        if want_sink:
-            d_sink = partial.sum((0, 1)) if out.numel() else torch.zeros(H, device=out.device)
-            d_sink = d_sink.to(sinks.dtype)
-        if want_lse and not out.numel():
-            d_lse.zero_()
+        # d_out in out's layout (dense): what flex attention's backward reads
+        d_out, d_lse, d_sink = sinks_backward(dy, out, lse, sinks, ctx.codes, ctx.needs_input_grad[1],
+                                              ctx.needs_input_grad[2])
         return d_out, d_lse, d_sink, None
 
 
