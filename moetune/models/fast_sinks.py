@@ -15,6 +15,14 @@ options, the key/value heads shared through enable_gqa), then the sink kernel, w
 tensor outside Triton's interpreter, a head count transformers would repeat the key/value heads for, torch.compile
 tracing the model, a transformers without the functions used here), is transformers' function unchanged.
 `uninstall_fast_sinks()` puts it back.
+
+Plain causal attention (gpt-oss's full-attention layers, a mask with no padding, packing or offset) can skip flex
+attention: with CAUSAL_ON_FUSED_ATTENTION (off until measured on a GPU: NOTES, session 31) such a call runs torch's
+fused cuDNN attention with the sinks applied after it (moetune/kernels/causal_sink_attention.py), exact in forward
+and backward. Which masks are plain causal is known only where transformers builds them, so the install also wraps
+its "flex_attention" mask builder: a BlockMask built from transformers' causal mask function alone, without a 2D
+padding mask, over as many keys as queries at offset 0, is marked (an attribute on the BlockMask; a checkpointed
+layer's recompute gets the same object, so it takes the same path). No device sync: the decision is on the host.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ _KEY = "flex_attention"
 # Flex attention has no backward on CPU, and transformers refuses sinks there: the fused call is for GPUs. Tests add
 # "cpu" with a stand-in for flex attention to check this module's plumbing in Triton's interpreter.
 DEVICE_TYPES = ("cuda",)
+# Plain causal calls on torch's fused (cuDNN) attention instead of flex attention; see the module docstring.
+CAUSAL_ON_FUSED_ATTENTION = False
+_PLAIN_CAUSAL = "_moetune_plain_causal"  # the BlockMask attribute the mask wrapper sets
 
 
 def _flex_module():
@@ -71,6 +82,12 @@ def _fused_flex_attention(original, module, query, key, value, attention_mask, s
     if flex is None or not _kernel_runs(query, value, attention_mask, softcap, s_aux, kwargs, flex):
         return original(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, s_aux=s_aux,
                         **kwargs)
+    if _runs_causal_on_fused_attention(query, key, value, attention_mask):
+        from ..kernels.causal_sink_attention import causal_sink_attention
+
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        y, lse = causal_sink_attention(query, key, value, s_aux, scale, value.dtype)
+        return y, lse.to(value.dtype)
     from ..kernels.attention_sinks import apply_sinks
 
     out, aux = flex.compile_friendly_flex_attention(
@@ -81,6 +98,39 @@ def _fused_flex_attention(original, module, query, key, value, attention_mask, s
     lse = getattr(aux, "lse", aux)  # torch >= 2.9 returns an AuxOutput, earlier the lse itself
     # transformers returns the lse, cast to value's dtype, as the attention weights
     return apply_sinks(out, lse, s_aux, value.dtype), lse.to(value.dtype)
+
+
+def _runs_causal_on_fused_attention(query, key, value, attention_mask) -> bool:
+    if not (CAUSAL_ON_FUSED_ATTENTION and getattr(attention_mask, _PLAIN_CAUSAL, False)):
+        return False
+    from ..kernels.causal_sink_attention import HEAD_DIMS, probe
+
+    return (
+        query.shape[2] == key.shape[2] > 0
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and query.shape[-1] in HEAD_DIMS
+        and query.shape[1] % key.shape[1] == 0
+        and probe(query.device.type, query.device.index, query.dtype) is None
+    )
+
+
+def _marking_flex_mask(original, *args, **kwargs):
+    """transformers' flex mask builder, its BlockMask marked where it is plain causal (module docstring)."""
+    mask = original(*args, **kwargs)
+    try:
+        from transformers.masking_utils import causal_mask_function
+    except ImportError:
+        return mask
+    plain = (
+        not args
+        and kwargs.get("mask_function") is causal_mask_function
+        and kwargs.get("attention_mask") is None
+        and all(type(kwargs.get(name, 0)) is int and kwargs.get(name, 0) == 0 for name in ("q_offset", "kv_offset"))
+        and kwargs.get("q_length") == kwargs.get("kv_length")
+    )
+    if plain:
+        setattr(mask, _PLAIN_CAUSAL, True)
+    return mask
 
 
 def runs_flex_with_sinks(model: torch.nn.Module) -> bool:
@@ -98,12 +148,14 @@ def wrapped() -> bool:
 
 
 def install_fast_sinks() -> bool:
-    """Wrap transformers' "flex_attention" function (process-wide; idempotent). False where this transformers has no
-    such function registered."""
+    """Wrap transformers' "flex_attention" function and its flex mask builder (process-wide; idempotent). False
+    where this transformers has no such function registered."""
+    attention_functions.wrap(_KEY, _marking_flex_mask, interface="mask")  # marking only: harmless without the other
     return attention_functions.wrap(_KEY, _fused_flex_attention)
 
 
 def uninstall_fast_sinks() -> bool:
-    """Put transformers' function back. False where it was not wrapped (a wrapper another library registered after
-    this one stays)."""
+    """Put transformers' functions back. False where the attention function was not wrapped (a wrapper another
+    library registered after this one stays)."""
+    attention_functions.unwrap(_KEY, _marking_flex_mask, interface="mask")
     return attention_functions.unwrap(_KEY, _fused_flex_attention)

@@ -23,9 +23,14 @@ from .helpers import DEVICE, needs_triton, randomize_lora_B, relative_error, sav
 
 @pytest.fixture
 def registry(monkeypatch):
-    """transformers' attention registry, its "flex_attention" entry restored after the test."""
+    """transformers' attention registry, its "flex_attention" entry (and the mask builder's) restored after the
+    test."""
+    from transformers.masking_utils import AttentionMaskInterface
+
     mapping = transformers.AttentionInterface._global_mapping
     monkeypatch.setitem(mapping, "flex_attention", mapping["flex_attention"])
+    masks = AttentionMaskInterface._global_mapping
+    monkeypatch.setitem(masks, "flex_attention", masks["flex_attention"])
     fast_sinks.uninstall_fast_sinks()
     return mapping
 
@@ -262,3 +267,78 @@ def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt
     assert torch.allclose(loss, expected_loss, rtol=tolerance)
     for name in expected:
         assert relative_error(grads[name].float(), expected[name].float()) < tolerance, name
+
+
+def _flex_mask(**overrides):
+    """transformers' flex mask builder as create_causal_mask calls it (keywords), for 8 queries and keys."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    kwargs = dict(batch_size=1, q_length=8, kv_length=8, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+                  attention_mask=None, device=DEVICE)
+    return ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](**{**kwargs, **overrides})
+
+
+def _plain(mask) -> bool:
+    return getattr(mask, fast_sinks._PLAIN_CAUSAL, False)
+
+
+def test_the_mask_builder_marks_plain_causal_masks_only(registry):
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    assert not _plain(_flex_mask())  # not installed
+    assert fast_sinks.install_fast_sinks()
+    assert _plain(_flex_mask())
+    padding = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    padding[0, :2] = False
+    assert not _plain(_flex_mask(attention_mask=padding))  # any 2D mask, even all ones: no sync to look inside
+    assert not _plain(_flex_mask(mask_function=sliding_window_causal_mask_function(4)))
+    assert not _plain(_flex_mask(q_length=4, q_offset=4))
+    assert not _plain(_flex_mask(q_offset=torch.tensor(0)))  # a tensor offset would need a sync
+    assert fast_sinks.uninstall_fast_sinks()
+    assert not _plain(_flex_mask())
+
+
+@needs_triton
+def test_tiny_gpt_oss_with_its_full_layers_on_fused_attention_matches_eager(gpt_oss_dir, stand_in_flex, monkeypatch):
+    """The full-attention layer on torch's fused attention with the sinks after it, the sliding one on (stand-in)
+    flex attention with the sink kernel: eager attention's loss and gradients, sinks included, through a
+    checkpointed layer's recompute."""
+    from moetune.kernels import causal_sink_attention
+
+    monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", True)
+    assert causal_sink_attention.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32) is None  # cached now
+    fused = []
+    real = causal_sink_attention.causal_sink_attention
+
+    def counting(*args, **kwargs):
+        fused.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(causal_sink_attention, "causal_sink_attention", counting)
+    ids = token_batch().to(DEVICE)
+    eager = lora_model(gpt_oss_dir, "eager")
+    sinks = [n for n, _ in eager.named_parameters() if n.endswith("self_attn.sinks")]
+    expected_loss, expected = loss_and_grads(eager, ids, sinks)
+    model = lora_model(gpt_oss_dir, "flex_attention")
+    loss, grads = loss_and_grads(model, ids, sinks)
+    layer_types = model.config.layer_types
+    assert len(fused) >= layer_types.count("full_attention")  # again in a checkpointed layer's recompute
+    assert len(stand_in_flex) >= layer_types.count("sliding_attention")  # the sink kernel after flex
+    assert all(shape == (2, 4, ids.shape[1], 8) for shape in fused)  # the model's queries
+    assert torch.allclose(loss, expected_loss, rtol=1e-5)
+    for name in expected:
+        assert relative_error(grads[name], expected[name]) < 1e-4, name
+
+
+@needs_triton
+def test_a_padded_batch_keeps_flex_attention(gpt_oss_dir, stand_in_flex, monkeypatch):
+    monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", True)
+    from moetune.kernels import causal_sink_attention
+
+    monkeypatch.setattr(causal_sink_attention, "causal_sink_attention", None)  # would raise if called
+    ids = token_batch().to(DEVICE)
+    model = lora_model(gpt_oss_dir, "flex_attention")
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=ids).loss)
+    assert len(stand_in_flex) == model.config.num_hidden_layers
