@@ -396,10 +396,11 @@ def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     plan, probe_peaks = None, None
     if provider == "moetune":
-        from moetune.models import hook, recompute
+        from moetune.models import fast_sinks, hook, recompute
 
         # off: measure what the recompute skip gains (the experts' down projection in each recompute)
         hook.recomputing = recompute.recomputing if args.recompute_skip == "on" else (lambda: False)
+        fast_sinks.CAUSAL_ON_FUSED_ATTENTION = args.sink_causal == "on"
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
@@ -466,7 +467,6 @@ def run(provider, source, config, seq, args, device) -> dict:
         result = {"oom": True}
     if provider == "moetune":
         from moetune.lora_groups import grouped_layers
-        from moetune.models import fast_sinks
         from moetune.models.fast_rotary import installed_modules, uninstall_fast_rotary
         from moetune.models.fast_routers import fused_routers
 
@@ -520,6 +520,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fused-sinks", default="off", choices=["on", "off"],
                         help="moetune: gpt-oss's attention sinks on flex attention's output as one Triton launch each "
                              "way (on CUDA)")
+    parser.add_argument("--sink-causal", default="off", choices=["on", "off"],
+                        help="moetune with --fused-sinks on: gpt-oss's full-attention layers (plain causal) on torch's "
+                             "fused cuDNN attention with the sinks after it instead of flex attention "
+                             "(moetune/kernels/causal_sink_attention.py)")
     parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
                         help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
                              "(moetune/lora_groups.py; off: one Function a layer)")
@@ -576,7 +580,7 @@ def main(argv=None) -> int:
                             "offload": args.offload, "recompute_skip": args.recompute_skip,
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,
-                            "fused_sinks": args.fused_sinks}
+                            "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

@@ -341,8 +341,11 @@ def epoch_steps(num_units: int, batch_size: int, grad_accum: int, seed: int, epo
 
 
 def collate(units: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-padded tensors. Unpacked rows get an attention_mask; packed rows get position_ids that restart
-    at every example, from which transformers builds a block-diagonal causal mask (no cross-example attention)."""
+    """Right-padded tensors. Unpacked rows get an attention_mask where any row is padded (none where no row is:
+    transformers then knows the mask is plain causal without looking at a tensor on the GPU, and gpt-oss's
+    full-attention layers can leave flex attention, moetune/models/fast_sinks.py); packed rows get position_ids that
+    restart at every example, from which transformers builds a block-diagonal causal mask (no cross-example
+    attention)."""
     length = max(sum(len(e.input_ids) for e in unit) for unit in units)
     ids, labels, positions, mask = [], [], [], []
     for unit in units:
@@ -360,7 +363,7 @@ def collate(units: list[list[Example]], pad_id: int, packed: bool) -> dict[str, 
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
     if packed:
         batch["position_ids"] = torch.tensor(positions)
-    else:
+    elif any(0 in row for row in mask):
         batch["attention_mask"] = torch.tensor(mask)
     batch["token_mask"] = torch.tensor(mask, dtype=torch.bool)
     return batch

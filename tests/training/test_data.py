@@ -67,6 +67,16 @@ def test_packing_fills_rows_and_restarts_positions():
     assert "attention_mask" not in batch
 
 
+def test_unpacked_rows_get_an_attention_mask_only_where_one_is_padded():
+    short, long = data.Example([5, 6], [5, 6]), data.Example([7, 8, 9], [7, 8, 9])
+    padded = data.collate([[short], [long]], pad_id=0, packed=False)
+    assert padded["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert padded["token_mask"].tolist() == [[True, True, False], [True, True, True]]
+    full = data.collate([[long], [long]], pad_id=0, packed=False)
+    assert "attention_mask" not in full and "position_ids" not in full  # plain causal: nothing to mask
+    assert full["token_mask"].all()
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = data.epoch_steps(10, batch_size=3, grad_accum=2, seed=1, epoch=0)
     assert a == data.epoch_steps(10, batch_size=3, grad_accum=2, seed=1, epoch=0)
