@@ -148,10 +148,14 @@ def probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> str
     sinks = rand(H).requires_grad_()
     dy = rand(B, T, H, D)
     try:
-        y, _ = causal_sink_attention(q, k, v, sinks, D**-0.5, dtype)
-        got = torch.autograd.grad(y, (q, k, v, sinks), dy)
-        expected_y = reference(q, k, v, sinks, D**-0.5)
-        expected = torch.autograd.grad(expected_y, (q, k, v, sinks), dy)
+        # The first call comes from inside a model's forward: maybe under no_grad or autocast, or in a checkpointed
+        # layer whose saved-tensor hooks would take this check's saved tensors (identity hooks on top win).
+        with torch.enable_grad(), torch.autocast(device_type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            y, _ = causal_sink_attention(q, k, v, sinks, D**-0.5, dtype)
+            got = torch.autograd.grad(y, (q, k, v, sinks), dy)
+            expected_y = reference(q, k, v, sinks, D**-0.5)
+            expected = torch.autograd.grad(expected_y, (q, k, v, sinks), dy)
     except Exception as error:  # noqa: BLE001 - any failure of a private op means: not here
         problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     else:

@@ -82,7 +82,7 @@ def _fused_flex_attention(original, module, query, key, value, attention_mask, s
     if flex is None or not _kernel_runs(query, value, attention_mask, softcap, s_aux, kwargs, flex):
         return original(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap, s_aux=s_aux,
                         **kwargs)
-    if _runs_causal_on_fused_attention(query, key, value, attention_mask):
+    if _runs_causal_on_fused_attention(query, key, value, attention_mask, kwargs.get("sliding_window")):
         from ..kernels.causal_sink_attention import causal_sink_attention
 
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -100,8 +100,9 @@ def _fused_flex_attention(original, module, query, key, value, attention_mask, s
     return apply_sinks(out, lse, s_aux, value.dtype), lse.to(value.dtype)
 
 
-def _runs_causal_on_fused_attention(query, key, value, attention_mask) -> bool:
-    if not (CAUSAL_ON_FUSED_ATTENTION and getattr(attention_mask, _PLAIN_CAUSAL, False)):
+def _runs_causal_on_fused_attention(query, key, value, attention_mask, sliding_window) -> bool:
+    # the layer's own window too: a sliding layer's mask is never marked, and a window is never plain causal
+    if not (CAUSAL_ON_FUSED_ATTENTION and getattr(attention_mask, _PLAIN_CAUSAL, False) and sliding_window is None):
         return False
     from ..kernels.causal_sink_attention import HEAD_DIMS, probe
 

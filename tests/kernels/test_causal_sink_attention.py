@@ -99,6 +99,27 @@ def test_the_probe_passes_here_and_refuses_a_device_without_the_ops():
     assert "no fused attention" in probe("meta", None, torch.float32)
 
 
+def test_the_probe_runs_from_inside_a_checkpointed_forward_under_no_grad_and_autocast():
+    """Where its first call comes from: a model's forward, in a checkpointed layer, in eval or under autocast."""
+    from torch.utils.checkpoint import checkpoint
+
+    from moetune.kernels import causal_sink_attention as module
+
+    results = []
+
+    def layer(x):
+        module.probe.cache_clear()
+        results.append(module.probe(DEVICE, 0 if DEVICE == "cuda" else None, torch.float32))
+        return x * x  # saves x: the backward recomputes the layer
+
+    x = torch.ones(3, device=DEVICE, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()  # the forward, then the recompute
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        layer(x)
+    assert results == [None, None, None]
+    module.probe.cache_clear()
+
+
 def test_a_failing_probe_warns_and_says_why(monkeypatch):
     from moetune.kernels import causal_sink_attention as module
 

@@ -342,3 +342,18 @@ def test_a_padded_batch_keeps_flex_attention(gpt_oss_dir, stand_in_flex, monkeyp
     mask[0, -2:] = 0
     assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=ids).loss)
     assert len(stand_in_flex) == model.config.num_hidden_layers
+
+
+@needs_triton
+def test_only_a_marked_mask_without_a_window_leaves_flex_attention(registry, monkeypatch):
+    q, k, v, _, _ = _inputs()
+    monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", True)
+    fast_sinks.install_fast_sinks()
+    marked, unmarked = _flex_mask(), _flex_mask(q_length=8, kv_length=8, q_offset=0, kv_offset=0,
+                                                attention_mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
+    assert fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, None)
+    assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, 128)  # a sliding layer's window
+    assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, unmarked, None)
+    assert not fast_sinks._runs_causal_on_fused_attention(q, k[:, :, :4], v[:, :, :4], marked, None)
+    monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", False)
+    assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, None)
