@@ -73,7 +73,8 @@ def _rows_major(t: torch.Tensor) -> torch.Tensor:
 class CausalSinkAttention(torch.autograd.Function):
     """(y [B, T, H, D], lse [B, H, T]) of causal attention over q [B, H, T, D], k / v [B, KV, T, D] with the sinks
     [H]; value_dtype: the dtype transformers rounds the lse to (value's). See the module docstring. Kept for backward:
-    q, k, v, y (the output), lse, the sinks."""
+    q, k, v, y (the output), lse, the sinks. The lse is returned without a gradient (transformers returns it as the
+    attention weights, which training does not use; its flex path would differentiate it)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale, value_dtype):
@@ -128,43 +129,44 @@ def reference(q, k, v, sinks, scale: float) -> torch.Tensor:
 _TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
+# torch's own SDPA dispatch checks these before it picks cuDNN; calling the op directly skips the checks.
+_FUSED_DTYPES = {"cuda": (torch.float16, torch.bfloat16), "cpu": DTYPES}  # cuDNN computes in fp16 / bf16 only
+
+
 @functools.cache
 def probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> str | None:
     """Why causal_sink_attention cannot serve this device and dtype (None when it can): torch's private fused
     attention ops may be missing, refuse the call or differ across versions, so a small problem (grouped key/value
     heads, a length off every tile) runs forward and backward against `reference` once. Warns once on failure."""
-    if device_type not in _OPS or dtype not in DTYPES:
+    if dtype not in _FUSED_DTYPES.get(device_type, ()):
         return f"{device_type} / {dtype}: no fused attention with a log-sum-exp here"
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    gen = torch.Generator(device=device).manual_seed(0)
     B, H, KV, T, D = 1, 4, 2, 77, 64
-
-    def rand(*shape):
-        return torch.randn(*shape, device=device, generator=gen).to(dtype)
-
-    q = rand(B, T, H, D).transpose(1, 2).requires_grad_()
-    k = rand(B, T, KV, D).transpose(1, 2).requires_grad_()
-    v = rand(B, T, KV, D).transpose(1, 2).requires_grad_()
-    sinks = rand(H).requires_grad_()
-    dy = rand(B, T, H, D)
     try:
-        # The first call comes from inside a model's forward: maybe under no_grad or autocast, or in a checkpointed
-        # layer whose saved-tensor hooks would take this check's saved tensors (identity hooks on top win).
-        with torch.enable_grad(), torch.autocast(device_type, enabled=False), \
+        # The first call comes from inside a model's forward: maybe under no_grad, inference_mode or autocast, or in
+        # a checkpointed layer whose saved-tensor hooks would take this check's saved tensors (identity hooks on top
+        # win; without them the check's backward recomputes the layer).
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            gen = torch.Generator(device=device).manual_seed(0)
+
+            def rand(*shape):
+                return torch.randn(*shape, device=device, generator=gen).to(dtype)
+
+            q, k, v = (rand(B, T, n, D).transpose(1, 2).requires_grad_() for n in (H, KV, KV))
+            sinks, dy = rand(H).requires_grad_(), rand(B, T, H, D)
             y, _ = causal_sink_attention(q, k, v, sinks, D**-0.5, dtype)
             got = torch.autograd.grad(y, (q, k, v, sinks), dy)
             expected_y = reference(q, k, v, sinks, D**-0.5)
             expected = torch.autograd.grad(expected_y, (q, k, v, sinks), dy)
+            problem = None
+            for name, a, b in zip(("y", "dq", "dk", "dv", "d_sink"), (y, *got), (expected_y, *expected)):
+                error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+                if not error < _TOLERANCE[dtype]:
+                    problem = f"{name} differs from the reference by {error:.2e} (relative)"
+                    break
     except Exception as error:  # noqa: BLE001 - any failure of a private op means: not here
         problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    else:
-        problem = None
-        for name, a, b in zip(("y", "dq", "dk", "dv", "d_sink"), (y, *got), (expected_y, *expected)):
-            error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-            if not error < _TOLERANCE[dtype]:
-                problem = f"{name} differs from the reference by {error:.2e} (relative)"
-                break
     if problem is not None:
         warnings.warn(f"moetune: gpt-oss's causal attention with sinks stays on flex attention on {device_type} "
                       f"({dtype}): the fused attention check failed ({problem})", stacklevel=2)

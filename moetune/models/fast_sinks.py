@@ -22,7 +22,8 @@ fused cuDNN attention with the sinks applied after it (moetune/kernels/causal_si
 and backward. Which masks are plain causal is known only where transformers builds them, so the install also wraps
 its "flex_attention" mask builder: a BlockMask built from transformers' causal mask function alone, without a 2D
 padding mask, over as many keys as queries at offset 0, is marked (an attribute on the BlockMask; a checkpointed
-layer's recompute gets the same object, so it takes the same path). No device sync: the decision is on the host.
+layer's recompute gets the same object, so it takes the same path: do not change the setting between a forward and
+its backward). No device sync: the decision is on the host.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def _runs_causal_on_fused_attention(query, key, value, attention_mask, sliding_w
 
     return (
         query.shape[2] == key.shape[2] > 0
+        and not torch.are_deterministic_algorithms_enabled()  # torch refuses cuDNN attention then
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and query.shape[-1] in HEAD_DIMS
         and query.shape[1] % key.shape[1] == 0
@@ -127,6 +129,7 @@ def _marking_flex_mask(original, *args, **kwargs):
         and kwargs.get("mask_function") is causal_mask_function
         and kwargs.get("attention_mask") is None
         and all(type(kwargs.get(name, 0)) is int and kwargs.get(name, 0) == 0 for name in ("q_offset", "kv_offset"))
+        and type(kwargs.get("q_length")) is int
         and kwargs.get("q_length") == kwargs.get("kv_length")
     )
     if plain:
