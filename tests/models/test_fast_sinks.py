@@ -66,15 +66,20 @@ def stand_in_flex(monkeypatch, registry):
     monkeypatch.setattr(flex_attention, "compile_friendly_flex_attention", flex_stand_in)
     monkeypatch.setattr(fast_sinks, "DEVICE_TYPES", ("cuda", "cpu"))
     STAND_IN_CALLS.clear()
-    calls = []
-    real = attention_sinks.apply_sinks
+    calls = count_calls(monkeypatch, attention_sinks, "apply_sinks")
+    assert fast_sinks.install_fast_sinks()
+    return calls
+
+
+def count_calls(monkeypatch, module, name) -> list:
+    """module.name wrapped for the test: the returned list gets its first argument's shape at every call."""
+    calls, real = [], getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention_sinks, "apply_sinks", counting)
-    assert fast_sinks.install_fast_sinks()
+    monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -309,14 +314,7 @@ def test_tiny_gpt_oss_with_its_full_layers_on_fused_attention_matches_eager(gpt_
     monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", True)
     causal_sink_attention.probe.cache_clear()
     dtype, tolerance = (torch.bfloat16, 3e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
-    fused = []
-    real = causal_sink_attention.causal_sink_attention
-
-    def counting(*args, **kwargs):
-        fused.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(causal_sink_attention, "causal_sink_attention", counting)
+    fused = count_calls(monkeypatch, causal_sink_attention, "causal_sink_attention")
     ids = token_batch().to(DEVICE)
     eager = lora_model(gpt_oss_dir, "eager", dtype=dtype).train()
     sinks = [n for n, _ in eager.named_parameters() if n.endswith("self_attn.sinks")]
