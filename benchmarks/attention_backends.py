@@ -7,7 +7,12 @@ one layer's attention (bf16, causal, batch 1) under cuDNN, flash and memory-effi
 included, so that a faster backend can be forced where it pays; and under compiled flex attention with a causal block
 mask, which is what gpt-oss-20b runs (its sinks rule out sdpa) for its 12 full-attention layers: run 61g's profile
 puts flex at ~110 ms of a 490 ms step, so a faster backend there (cuDNN with its log-sum-exp, the sinks applied
-after, as moetune's sink kernel does for flex) is worth measuring first.
+after, as moetune's sink kernel does for flex) is worth measuring first. For gpt-oss also the two paths moetune runs
+with its sinks, whole: "flex-sinks" (compiled flex attention, then the sink kernel: fast_sinks.py) and "cudnn-sinks"
+(kernels/causal_sink_attention.py: cuDNN, then the sink kernel, its backward through cuDNN's).
+
+q, k and v are laid out as transformers' projections give them ([B, T, H, D] memory viewed [B, H, T, D]); runs
+before session 31 (run 62b) used contiguous [B, H, T, D].
 
 FLOPs: forward 2 * T^2 * H * (d_qk + d_v) / 2 (causal halves the square), backward 2.5x the forward (dQ, dK, dV and
 the recomputed scores).
@@ -43,7 +48,11 @@ BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
     "flex": "flex",  # torch.compile'd flex_attention with a causal BlockMask (transformers' flex path)
+    "flex-sinks": "flex-sinks",  # flex, then moetune's sink kernel (models with sinks)
+    "cudnn-sinks": "cudnn-sinks",  # moetune's causal sink attention: cuDNN (CPU: flash for CPU), then the sink kernel
 }
+SINK_BACKENDS = ("flex-sinks", "cudnn-sinks")
+SINK_MODELS = ("gpt-oss-20b",)
 
 
 def attention_flops(seq: int, heads: int, d_qk: int, d_v: int) -> float:
@@ -51,21 +60,47 @@ def attention_flops(seq: int, heads: int, d_qk: int, d_v: int) -> float:
     return 2.0 * seq * seq * heads * (d_qk + d_v) / 2
 
 
-def _flex_forward(q, k, v, seq: int, device):
-    """Compiled flex attention over a causal block mask, the key/value heads shared as transformers shares them."""
+def _flex_forward(q, k, v, seq: int, device, lse: bool = False):
+    """Compiled flex attention over a causal block mask, the key/value heads shared as transformers shares them;
+    lse: (out, lse), requested as transformers requests it."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seq, seq, device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    extra = {}
+    if lse:
+        from transformers.integrations.flex_attention import get_flex_attention_lse_kwargs
+
+        extra = get_flex_attention_lse_kwargs(True)
+    return lambda: compiled(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1], **extra)
+
+
+def _sinks_forward(backend: str, q, k, v, seq: int, device, dtype):
+    """y [B, T, H, D] of causal attention with gpt-oss's sinks, the way moetune runs it under `backend`."""
+    from moetune.kernels.attention_sinks import apply_sinks
+    from moetune.kernels.causal_sink_attention import causal_sink_attention
+
+    sinks = torch.randn(q.shape[1], device=device, generator=torch.Generator(device=device).manual_seed(1))
+    sinks = sinks.to(dtype).requires_grad_()
+    if backend == "cudnn-sinks":
+        return lambda: causal_sink_attention(q, k, v, sinks, q.shape[-1] ** -0.5, dtype)[0]
+    flex = _flex_forward(q, k, v, seq, device, lse=True)
+
+    def forward():
+        out, aux = flex()
+        return apply_sinks(out, getattr(aux, "lse", aux), sinks, dtype)
+
+    return forward
 
 
 def time_backend(backend: str, seq: int, shape: tuple, device, dtype, warmup: int, repeat: int) -> dict:
     heads, kv_heads, d_qk, d_v = shape
     gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, heads, seq, d_qk, device=device, dtype=dtype, generator=gen).requires_grad_()
-    k = torch.randn(1, kv_heads, seq, d_qk, device=device, dtype=dtype, generator=gen).requires_grad_()
-    v = torch.randn(1, kv_heads, seq, d_v, device=device, dtype=dtype, generator=gen).requires_grad_()
+
+    def rows(n, d):  # transformers' layout: [B, T, H, D] memory viewed [B, H, T, D]
+        return torch.randn(1, seq, n, d, device=device, dtype=dtype, generator=gen).transpose(1, 2).requires_grad_()
+
+    q, k, v = rows(heads, d_qk), rows(kv_heads, d_qk), rows(kv_heads, d_v)
     grad = torch.randn(1, heads, seq, d_v, device=device, dtype=dtype, generator=gen)
     chosen = BACKENDS[backend]
 
@@ -78,6 +113,8 @@ def time_backend(backend: str, seq: int, shape: tuple, device, dtype, warmup: in
 
     if chosen == "flex":
         forward = _flex_forward(q, k, v, seq, device)
+    if chosen in SINK_BACKENDS:  # y is [B, T, H, D]
+        forward, grad = _sinks_forward(chosen, q, k, v, seq, device, dtype), grad.transpose(1, 2)
 
     def forward_backward():
         out = forward()
@@ -104,7 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=sorted(SHAPES), choices=sorted(SHAPES))
     parser.add_argument("--seq", nargs="+", type=int, default=[8192])
     parser.add_argument("--backends", nargs="+", default=None, choices=sorted(BACKENDS),
-                        help="default: auto, cudnn, flash, efficient, flex (math alone with --tiny)")
+                        help="default: auto, cudnn, flash, efficient, flex, and for models with sinks flex-sinks and "
+                             "cudnn-sinks (math alone with --tiny)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = harness.parse_gpu_args(parser, argv)
@@ -113,7 +151,8 @@ def main(argv=None) -> int:
             parser.error(f"--seq: expected positive lengths, got {seq}")
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    backends = args.backends or (["math"] if args.tiny else ["auto", "cudnn", "flash", "efficient", "flex"])
+    backends = args.backends or (["math"] if args.tiny else ["auto", "cudnn", "flash", "efficient", "flex",
+                                                             *SINK_BACKENDS])
     rows = []
     for model in args.models:
         shape = SHAPES[model]
@@ -121,6 +160,8 @@ def main(argv=None) -> int:
             shape = (max(shape[0] // 4, 1), max(shape[1] // 4, 1), 16, 16)
         for seq in ([64] if args.tiny else args.seq):
             for backend in backends:
+                if backend in SINK_BACKENDS and model not in SINK_MODELS:
+                    continue
                 row = {"model": model, **time_backend(backend, seq, shape, device, dtype, args.warmup, args.repeat)}
                 rows.append(row)
                 if "unsupported" in row:

@@ -49,3 +49,18 @@ def test_bad_sequence_length_is_a_one_line_error():
     proc = _run("--tiny", "--seq", "0")
     assert proc.returncode == 2 and "--seq" in proc.stderr.splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_tiny_run_times_the_cudnn_sink_path_for_gpt_oss_alone(tmp_path):
+    """cudnn-sinks (moetune's causal sink attention; on CPU torch's flash attention for CPU and the sink kernel in
+    Triton's interpreter) forward and backward; models without sinks skip the sink backends."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the tiny fp32 run is not cuDNN's dtype")
+    out = tmp_path / "attention.json"
+    proc = _run("--tiny", "--warmup", "1", "--repeat", "2", "--backends", "math", "cudnn-sinks", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    sink_rows = [row for row in rows if row["backend"] == "cudnn-sinks"]
+    assert [row["model"] for row in sink_rows] == ["gpt-oss-20b"]
+    assert sink_rows[0]["forward_ms"] > 0 and sink_rows[0]["backward_tflops"] > 0
+    assert len([row for row in rows if row["backend"] == "math"]) == 3
