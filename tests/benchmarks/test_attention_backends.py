@@ -20,13 +20,18 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
+def _tiny_rows(tmp_path, *backends: str) -> list[dict]:
+    """The rows of a --tiny run of these backends (CPU)."""
+    out = tmp_path / "attention.json"
+    proc = _run("--tiny", "--warmup", "1", "--repeat", "2", "--backends", *backends, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["rows"]
+
+
 def test_tiny_run_times_every_model_and_records_a_refusing_backend(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on a GPU cuDNN may accept the toy inputs")
-    out = tmp_path / "attention.json"
-    proc = _run("--tiny", "--warmup", "1", "--repeat", "2", "--backends", "math", "cudnn", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = _tiny_rows(tmp_path, "math", "cudnn")
     assert {row["model"] for row in rows} == {"glm-4.7-flash", "gpt-oss-20b", "qwen3-30b-a3b"}
     timed = [row for row in rows if row["backend"] == "math"]
     assert len(timed) == 3
@@ -56,10 +61,7 @@ def test_tiny_run_times_the_cudnn_sink_path_for_gpt_oss_alone(tmp_path):
     Triton's interpreter) forward and backward; models without sinks skip the sink backends."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU the tiny fp32 run is not cuDNN's dtype")
-    out = tmp_path / "attention.json"
-    proc = _run("--tiny", "--warmup", "1", "--repeat", "2", "--backends", "math", "cudnn-sinks", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = _tiny_rows(tmp_path, "math", "cudnn-sinks")
     sink_rows = [row for row in rows if row["backend"] == "cudnn-sinks"]
     assert [row["model"] for row in sink_rows] == ["gpt-oss-20b"]
     assert sink_rows[0]["forward_ms"] > 0 and sink_rows[0]["backward_tflops"] > 0
