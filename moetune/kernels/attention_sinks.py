@@ -149,18 +149,16 @@ def sinks_forward(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, cod
 
 
 def sinks_backward(dy: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor,
-                   codes: tuple[int, int], want_lse: bool, want_sink: bool, scaled_out: bool = False,
-                   d_out: torch.Tensor | None = None):
+                   codes: tuple[int, int], want_lse: bool, want_sink: bool, scaled_out: bool = False):
     """(d_out, d_lse or None, d_sink or None) for dy [B, T, H, D], in one launch. out [B, H, T, D]: attention's
     output before the sinks, or with scaled_out the sinks' result y itself (viewed [B, H, T, D]; the lse gradient is
-    then sum_D(dy * y) * w, the same value without the multiplication by r). d_out: where to write dy * r (default:
-    a new tensor in out's layout)."""
+    then sum_D(dy * y) * w, the same value without the multiplication by r). d_out = dy * r comes in out's layout
+    (dense): what the attention backward that follows reads."""
     B, H, T, D = out.shape
     V, C = codes
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    if d_out is None:
-        d_out = torch.empty_like(out)
+    d_out = torch.empty_like(out)
     block_t, block_d = _blocks(D)
     d_lse = torch.empty((B, H, T), dtype=torch.float32, device=out.device) if want_lse else None
     n_blocks = cdiv(T, block_t)
@@ -202,7 +200,6 @@ class SinksFunction(torch.autograd.Function):
     @once_differentiable  # a double backward (create_graph=True) raises instead of silently losing its graph
     def backward(ctx, dy):
         out, lse, sinks = saved_tensors.load(ctx)
-        # d_out in out's layout (dense): what flex attention's backward reads
         d_out, d_lse, d_sink = sinks_backward(dy, out, lse, sinks, ctx.codes, ctx.needs_input_grad[1],
                                               ctx.needs_input_grad[2])
         return d_out, d_lse, d_sink, None

@@ -95,10 +95,9 @@ class CausalSinkAttention(torch.autograd.Function):
         q, k, v, y, lse_kernel, sinks = saved_tensors.load(ctx)
         _, backward = _OPS[q.device.type]
         y_heads = y.transpose(1, 2)
-        d_out = torch.empty_like(y).transpose(1, 2)  # y's layout, as the fused backward reads out and grad_out
+        # d_out comes in y's layout: the fused backward reads out and grad_out in the one layout
         d_out, _, d_sink = sinks_backward(dy, y_heads, lse_kernel.view(lse_kernel.shape[:3]), sinks, ctx.codes,
-                                          want_lse=False, want_sink=ctx.needs_input_grad[3], scaled_out=True,
-                                          d_out=d_out)
+                                          want_lse=False, want_sink=ctx.needs_input_grad[3], scaled_out=True)
         if y.numel():
             dq, dk, dv = backward(d_out, q, k, v, y_heads, lse_kernel, ctx.scale, ctx.state)
         else:
