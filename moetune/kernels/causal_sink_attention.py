@@ -31,9 +31,26 @@ from torch.autograd.function import once_differentiable
 from .. import saved_tensors
 from .attention_sinks import DTYPES, dtype_codes, sinks_backward, sinks_forward
 
-__all__ = ["CausalSinkAttention", "causal_sink_attention", "probe", "reference"]
+__all__ = ["CausalSinkAttention", "causal_sink_attention", "probe", "reference", "supports"]
 
 HEAD_DIMS = range(8, 129, 8)  # what cuDNN's fused attention takes on every GPU it runs on (gpt-oss: 64)
+# cuDNN's backward refuses one query over one key ("s_q = s_kv = 1 is not supported", run 63a on an H100) although
+# its forward runs; torch's flash attention for CPU takes it.
+MIN_TOKENS = {"cuda": 2, "cpu": 1}
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused kernels take these shapes (host-side checks, no sync): as many keys as queries, at least
+    MIN_TOKENS of them, one head dim of HEAD_DIMS, key/value heads that divide the query heads. The dtype is probe's."""
+    tokens = q.shape[2]
+    return (
+        tokens == k.shape[2] == v.shape[2]
+        and tokens >= MIN_TOKENS.get(q.device.type, tokens + 1)
+        and q.shape[-1] == k.shape[-1] == v.shape[-1]
+        and q.shape[-1] in HEAD_DIMS
+        and k.shape[1] == v.shape[1]
+        and q.shape[1] % k.shape[1] == 0
+    )
 
 
 def _cudnn_forward(q, k, v, scale):
@@ -107,7 +124,12 @@ class CausalSinkAttention(torch.autograd.Function):
 
 def causal_sink_attention(q, k, v, sinks, scale: float, value_dtype: torch.dtype):
     """(y [B, T, H, D], lse [B, H, T]): transformers' gpt-oss attention with sinks for a plain causal mask, on
-    torch's fused attention kernel. CUDA, or CPU with the sink kernels in Triton's interpreter."""
+    torch's fused attention kernel. CUDA, or CPU with the sink kernels in Triton's interpreter. Shapes as `supports`
+    takes them (a ValueError otherwise, rather than a refusal deep in the backward)."""
+    if not supports(q, k, v):
+        raise ValueError(f"causal_sink_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} on "
+                         f"{q.device.type}: expected CUDA or CPU tensors [B, H, T, D] / [B, KV, T, D] with KV dividing H, D "
+                         f"in 8..128 step 8 and T >= {MIN_TOKENS.get(q.device.type, 1)}")
     return CausalSinkAttention.apply(q, k, v, sinks, scale, value_dtype)
 
 

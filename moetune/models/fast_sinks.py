@@ -1,7 +1,7 @@
 """gpt-oss's attention sinks on flex attention's output in one launch each way (moetune/kernels/attention_sinks.py).
 
-For models that run flex attention with sinks, on CUDA GPUs, with `FastMoEModel.from_pretrained(...,
-fused_sinks=True)`: off by default until it has run on a GPU (NOTES, session 30; checked in Triton's interpreter).
+For models that run flex attention with sinks, on CUDA GPUs, by default (`FastMoEModel.from_pretrained(...,
+fused_sinks=False)` keeps transformers' function; measured in NOTES, runs 62 and 63).
 transformers' flex attention function renormalises flex's output with its log-sum-exp and the sinks in about a
 dozen launches each way, two of them reading and writing the whole output twice, then copies it transposed; in a
 whole gpt-oss-20b step at 8K that is ~14 ms of GPU time (NOTES, run 61g).
@@ -16,10 +16,10 @@ tensor outside Triton's interpreter, a head count transformers would repeat the 
 tracing the model, a transformers without the functions used here), is transformers' function unchanged.
 `uninstall_fast_sinks()` puts it back.
 
-Plain causal attention (gpt-oss's full-attention layers, a mask with no padding, packing or offset) can skip flex
-attention: with CAUSAL_ON_FUSED_ATTENTION (off until measured on a GPU: NOTES, session 31) such a call runs torch's
-fused cuDNN attention with the sinks applied after it (moetune/kernels/causal_sink_attention.py), exact in forward
-and backward. Which masks are plain causal is known only where transformers builds them, so the install also wraps
+Plain causal attention (gpt-oss's full-attention layers, a mask with no padding, packing or offset) skips flex
+attention: with CAUSAL_ON_FUSED_ATTENTION (on: -25 ms of a 479 ms gpt-oss-20b step at 8K, run 63) such a call runs
+torch's fused cuDNN attention with the sinks applied after it (moetune/kernels/causal_sink_attention.py), exact in
+forward and backward. Which masks are plain causal is known only where transformers builds them, so the install also wraps
 its "flex_attention" mask builder: a BlockMask built from transformers' causal mask function alone, without a 2D
 padding mask, over as many keys as queries at offset 0, is marked (an attribute on the BlockMask; a checkpointed
 layer's recompute gets the same object, so it takes the same path: do not change the setting between a forward and
@@ -39,7 +39,7 @@ _KEY = "flex_attention"
 # "cpu" with a stand-in for flex attention to check this module's plumbing in Triton's interpreter.
 DEVICE_TYPES = ("cuda",)
 # Plain causal calls on torch's fused (cuDNN) attention instead of flex attention; see the module docstring.
-CAUSAL_ON_FUSED_ATTENTION = False
+CAUSAL_ON_FUSED_ATTENTION = True
 _PLAIN_CAUSAL = "_moetune_plain_causal"  # the BlockMask attribute the mask wrapper sets
 
 
@@ -105,14 +105,11 @@ def _runs_causal_on_fused_attention(query, key, value, attention_mask, sliding_w
     # the layer's own window too: a sliding layer's mask is never marked, and a window is never plain causal
     if not (CAUSAL_ON_FUSED_ATTENTION and getattr(attention_mask, _PLAIN_CAUSAL, False) and sliding_window is None):
         return False
-    from ..kernels.causal_sink_attention import HEAD_DIMS, probe
+    from ..kernels.causal_sink_attention import probe, supports
 
     return (
-        query.shape[2] == key.shape[2] > 0
-        and not torch.are_deterministic_algorithms_enabled()  # torch refuses cuDNN attention then
-        and query.shape[-1] == key.shape[-1] == value.shape[-1]
-        and query.shape[-1] in HEAD_DIMS
-        and query.shape[1] % key.shape[1] == 0
+        not torch.are_deterministic_algorithms_enabled()  # torch refuses cuDNN attention then
+        and supports(query, key, value)
         and probe(query.device.type, query.device.index, query.dtype) is None
     )
 

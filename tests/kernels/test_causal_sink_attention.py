@@ -17,10 +17,11 @@ pytestmark = needs_triton
 # Triton's interpreter).
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
 DTYPE = DTYPES[-1] if DEVICE == "cuda" else torch.float32  # for the tests of one dtype
-# (B, H, KV, T, D): one token, a length that is no multiple of any tile, shared key/value heads, one key/value head,
-# as many as the queries; on a GPU also gpt-oss-20b's heads (64 / 8, D 64) over 1K tokens (cuDNN plans per shape).
-SHAPES = [(1, 4, 2, 1, 16), (2, 4, 2, 77, 64), (1, 8, 1, 130, 32), (1, 2, 2, 40, 64)]
-SHAPES += [(1, 64, 8, 1024, 64)] if DEVICE == "cuda" else []
+# (B, H, KV, T, D): a length that is no multiple of any tile, shared key/value heads, one key/value head, as many as
+# the queries; on CPU one token (cuDNN's backward refuses it: test_shapes_the_fused_kernels_cannot_take_...); on a
+# GPU gpt-oss-20b's heads (64 / 8, D 64) over 1K tokens (cuDNN plans per shape).
+SHAPES = [(2, 4, 2, 77, 64), (1, 8, 1, 130, 32), (1, 2, 2, 40, 64)]
+SHAPES += [(1, 64, 8, 1024, 64)] if DEVICE == "cuda" else [(1, 4, 2, 1, 16)]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
@@ -68,6 +69,24 @@ def test_forward_and_backward_match_float64(shape, dtype):
     for name, a, b in zip(("q", "k", "v", "sinks"), got, expected):
         assert a.shape == b.shape and a.dtype == dtype, name
         assert relative_error(a.double(), b) < 4 * TOLERANCE[dtype], name
+
+
+def test_shapes_the_fused_kernels_cannot_take_are_refused_in_one_line_before_the_call():
+    from moetune.kernels.causal_sink_attention import MIN_TOKENS, causal_sink_attention, supports
+
+    q, k, v, sinks, _ = make((1, 4, 2, 8, 16), DTYPE)
+    assert supports(q, k, v)
+    one = make((1, 4, 2, 1, 16), DTYPE)
+    cases = {"head dim 12": make((1, 4, 2, 8, 12), DTYPE)[:3], "3 heads over 2": (q[:, :3], k, v),
+             "more keys than queries": (q[:, :, :4], k, v), "no tokens": (q[:, :, :0], k[:, :, :0], v[:, :, :0])}
+    if MIN_TOKENS[DEVICE] > 1:  # cuDNN: one query over one key
+        cases["one token"] = one[:3]
+    else:
+        assert supports(*one[:3])
+    for name, (q_, k_, v_) in cases.items():
+        assert not supports(q_, k_, v_), name
+        with pytest.raises(ValueError, match=r"^causal_sink_attention: q .* expected CUDA or CPU tensors"):
+            causal_sink_attention(q_, k_, v_, sinks, 0.25, DTYPE)
 
 
 def test_heads_major_inputs_are_laid_out_as_the_fused_kernels_read_them():
