@@ -101,7 +101,7 @@ def save_checkpoint(config, path: str, device) -> None:
 
 
 def build_moetune(source, name, rank, alpha, device, offload=None, fused_rotary=True, checkpoint_layers=None,
-                  fused_router=True, lora_groups=True, fused_sinks=False):
+                  fused_router=True, lora_groups=True, fused_sinks=True):
     import moetune
 
     if not fused_sinks:  # a process-wide wrap: an earlier model of this process may have made it
@@ -517,10 +517,10 @@ def main(argv=None) -> int:
                         help="moetune: the fused rotary kernel (on CUDA)")
     parser.add_argument("--fused-router", default="on", choices=["on", "off"],
                         help="moetune: the router's softmax and top-k as one Triton launch each way (on CUDA)")
-    parser.add_argument("--fused-sinks", default="off", choices=["on", "off"],
+    parser.add_argument("--fused-sinks", default="on", choices=["on", "off"],
                         help="moetune: gpt-oss's attention sinks on flex attention's output as one Triton launch each "
                              "way (on CUDA)")
-    parser.add_argument("--sink-causal", default="off", choices=["on", "off"],
+    parser.add_argument("--sink-causal", default="on", choices=["on", "off"],
                         help="moetune with --fused-sinks on: gpt-oss's full-attention layers (plain causal) on torch's "
                              "fused cuDNN attention with the sinks after it instead of flex attention "
                              "(moetune/kernels/causal_sink_attention.py)")

@@ -113,7 +113,8 @@ def loss_and_grads(model, ids, extra=()):
 
 
 @needs_triton
-def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_dir, stand_in_flex):
+def test_tiny_gpt_oss_with_flex_and_the_kernel_matches_eager_attention(gpt_oss_dir, stand_in_flex, monkeypatch):
+    monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", False)  # every layer on flex attention here
     ids = token_batch().to(DEVICE)
     eager = lora_model(gpt_oss_dir, "eager").train()
     sinks = [n for n, _ in eager.named_parameters() if n.endswith("self_attn.sinks")]  # trained here, to check them
@@ -133,9 +134,9 @@ def _attention_module():
     return types.SimpleNamespace(training=True)
 
 
-def _inputs(heads=4, kv_heads=2, tokens=8, dim=16, sinks=True):
+def _inputs(heads=4, kv_heads=2, tokens=8, dim=16, sinks=True, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n, tokens, dim, generator=gen).to(DEVICE) for n in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(1, n, tokens, dim, generator=gen).to(DEVICE, dtype) for n in (heads, kv_heads, kv_heads))
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, tokens, tokens, device=DEVICE)
@@ -230,11 +231,12 @@ def test_from_pretrained_wraps_flex_attention_on_cuda_for_a_model_with_sinks(gpt
                                  attn_implementation="flex_attention", fused_sinks=True, **off)
     assert not fast_sinks.wrapped()  # no sinks
     FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation=attention, device_map="cpu",
-                                 **off)
-    assert not fast_sinks.wrapped()  # off by default until it has run on a GPU
+                                 fused_sinks=False, **off)
+    assert not fast_sinks.wrapped()
     FastMoEModel.from_pretrained(gpt_oss_dir, dtype=torch.float32, attn_implementation=attention, device_map="cpu",
-                                 fused_sinks=True, **off)
-    assert fast_sinks.wrapped() == expected
+                                 **off)
+    assert fast_sinks.wrapped() == expected  # on by default (runs 62-63)
+    assert fast_sinks.CAUSAL_ON_FUSED_ATTENTION  # and the full-attention layers on cuDNN (run 63)
 
 
 def test_fused_sinks_must_be_a_bool(gpt_oss_dir):
@@ -252,8 +254,16 @@ def test_turning_it_off_after_an_earlier_wrap_says_how(gpt_oss_dir, registry):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [False, True], ids=["flex", "causal-on-cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt_oss_flex_dir, registry, dtype):
+def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt_oss_flex_dir, registry, monkeypatch,
+                                                                             dtype, causal):
+    """transformers' flex path against moetune's: the sink kernel after real flex attention, and with `causal` the
+    full-attention layer on cuDNN (bf16; fp32 keeps flex attention, which cuDNN does not compute in)."""
+    from moetune.kernels import causal_sink_attention
+
+    monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", causal)
+    fused_calls = count_calls(monkeypatch, causal_sink_attention, "causal_sink_attention")
     ids = token_batch().cuda()
 
     def run(fused):
@@ -268,6 +278,8 @@ def test_real_flex_attention_with_the_kernel_matches_transformers_on_the_gpu(gpt
 
     expected_loss, expected = run(False)
     loss, grads = run(True)
+    model_calls = [shape for shape in fused_calls if shape[2] == ids.shape[1]]  # not the probe's
+    assert bool(model_calls) == (causal and dtype == torch.bfloat16)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.allclose(loss, expected_loss, rtol=tolerance)
     for name in expected:
@@ -347,7 +359,8 @@ def test_a_padded_batch_keeps_flex_attention(gpt_oss_dir, stand_in_flex, monkeyp
 
 @needs_triton
 def test_only_a_marked_mask_without_a_window_leaves_flex_attention(registry, monkeypatch):
-    q, k, v, _, _ = _inputs()
+    fused_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # cuDNN computes in fp16 / bf16 only
+    q, k, v, _, _ = _inputs(dtype=fused_dtype)
     monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", True)
     fast_sinks.install_fast_sinks()
     marked, unmarked = _flex_mask(), _flex_mask(q_length=8, kv_length=8, q_offset=0, kv_offset=0,
@@ -356,5 +369,8 @@ def test_only_a_marked_mask_without_a_window_leaves_flex_attention(registry, mon
     assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, 128)  # a sliding layer's window
     assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, unmarked, None)
     assert not fast_sinks._runs_causal_on_fused_attention(q, k[:, :, :4], v[:, :, :4], marked, None)
+    if DEVICE == "cuda":  # the shapes and dtypes cuDNN refuses keep flex attention
+        assert not fast_sinks._runs_causal_on_fused_attention(*_inputs(dtype=torch.float32)[:3], marked, None)
+        assert not fast_sinks._runs_causal_on_fused_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], marked, None)
     monkeypatch.setattr(fast_sinks, "CAUSAL_ON_FUSED_ATTENTION", False)
     assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, None)
