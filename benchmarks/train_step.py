@@ -396,11 +396,13 @@ def run(provider, source, config, seq, args, device) -> dict:
     torch.manual_seed(0)
     plan, probe_peaks = None, None
     if provider == "moetune":
+        from moetune import lora_linear
         from moetune.models import fast_sinks, hook, recompute
 
         # off: measure what the recompute skip gains (the experts' down projection in each recompute)
         hook.recomputing = recompute.recomputing if args.recompute_skip == "on" else (lambda: False)
         fast_sinks.CAUSAL_ON_FUSED_ATTENTION = args.sink_causal == "on"
+        lora_linear.CONCAT_K_MIN_RATIO = 4 if args.lora_concat == "on" else None
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
@@ -527,6 +529,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-groups", default="on", choices=["on", "off"],
                         help="moetune: sibling LoRA projections on one input (q/k/v, ...) as one Function "
                              "(moetune/lora_groups.py; off: one Function a layer)")
+    parser.add_argument("--lora-concat", default="on", choices=["on", "off"],
+                        help="moetune: projections at least 4x wider than their input (MLA's q_b / kv_b) add the LoRA "
+                             "term inside their one GEMM over [x | u] [W | B]^T (moetune/lora_linear.py)")
     parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],
                         help="moetune: checkpoint recomputes skip the experts' output (off: recompute it all)")
     parser.add_argument("--same-lora-init", action="store_true",
@@ -580,7 +585,8 @@ def main(argv=None) -> int:
                             "offload": args.offload, "recompute_skip": args.recompute_skip,
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,
-                            "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal}
+                            "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal,
+                            "lora_concat": args.lora_concat}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

@@ -18,9 +18,17 @@ N is every leading dimension of x flattened. In fp16 (5 exponent bits) s stays o
 scales y's LoRA product, dx's and dB after them, so that u does not overflow s times sooner (and subnormals do
 not round differently); bf16 and fp32 have fp32's exponent range.
 
+A projection much wider than its input (MLA's q_b_proj 768 -> 5120 and kv_b_proj 512 -> 8960 in GLM-4.7-Flash,
+DeepSeek-V3's alike: out >= CONCAT_K_MIN_RATIO x in) computes y in one GEMM over the concatenated inner dimension,
+y = [x | u] [W | B]^T (+ b), instead of adding u B^T to the base output in a second pass over that wide output
+(read and written again: ~19 ms of a whole GLM-4.7-Flash 8K step on an H100, NOTES session 30). The concatenations
+copy x and W for the call (in + R columns each, freed after it; far fewer bytes than the pass over [N, out]); the
+backward is the same. Where s is not folded into A (fp16) the two-GEMM form stays.
+
 Precision (bf16 activations, fp32 master factors):
-- The LoRA branch is added inside the second GEMM (addmm with beta=1): the sum of the base output and the
-  LoRA term is rounded to bf16 once, as in peft (which adds in fp32 and casts back).
+- The LoRA branch is added inside the second GEMM (addmm with beta=1): the base output is rounded to bf16, then
+  its sum with the LoRA term is rounded to bf16 again (peft adds in fp32 and casts back). The concatenated form
+  rounds the sum once.
 - s A is rounded to bf16 once, as A alone would be: for a power-of-2 s (lora_alpha / r, and rsLoRA's
   lora_alpha / sqrt(r), at the usual ranks and alphas) every result is bitwise that of scaling after the
   products (tested on CPU; the same arithmetic on a GPU); otherwise it differs by that one rounding's place.
@@ -55,6 +63,10 @@ from .models import instance_forward, recompute
 __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
 
 GROUP_ATTR = "_moetune_lora_group"  # on a layer in a group of siblings that read the same input (lora_groups.py)
+# out >= this x in: the LoRA term inside the base GEMM over the concatenated inner dimension (module docstring);
+# None: never. Below ~2x the copies of x and W cost about what the second pass over the output saves, and the extra
+# launch costs host time where steps wait on their host (Qwen3's and gpt-oss's projections are at most 2x).
+CONCAT_K_MIN_RATIO: float | None = 4
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -165,9 +177,12 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         A_c, B_c = casts if casts is not None else lora_casts(lora_A, lora_B, scaling, x.dtype)  # A_c: s A (folded)
         folded = folds_scale(x.dtype)
-        y = base_output(x, x2, weight, bias)
         u = x2 @ A_c.t()
-        y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=1 if folded else scaling)  # one rounding of base + LoRA
+        if folded and CONCAT_K_MIN_RATIO is not None and weight.shape[0] >= CONCAT_K_MIN_RATIO * weight.shape[1]:
+            y = base_output(x, torch.cat((x2, u), 1), torch.cat((weight, B_c), 1), bias)  # [x | u] [W | B]^T
+        else:
+            y = base_output(x, x2, weight, bias)
+            y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=1 if folded else scaling)  # rounds the base output too
         hold = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
         saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=hold)
         ctx.scaling = scaling

@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetune import FastMoEModel, lora_groups, lora_linear
 from moetune.lora_groups import linear_group_with_lora
@@ -61,6 +62,8 @@ def _factors(lead, d_in, d_out, rank, dtype, bias, gen):
         ((2, 9), 24, 40, 4, True),   # [B, T, in], trainable base bias, out > in
         ((1,), 8, 5, 3, False),      # T=1
         ((3, 1, 5), 33, 7, 16, True),  # three leading dims, rank > out
+        ((2, 9), 8, 40, 4, True),    # out >= 4 x in: one GEMM over [x | u] (bf16, fp32), with a bias
+        ((1,), 6, 37, 2, False),     # the same at T=1, odd sizes
     ],
 )
 def test_function_matches_float64(dtype, lead, d_in, d_out, rank, bias):
@@ -82,12 +85,14 @@ def test_function_matches_float64(dtype, lead, d_in, d_out, rank, bias):
 
 
 @pytest.mark.gpu
-def test_function_cuda_bf16_at_real_size():
-    """Qwen3-30B-A3B q_proj (2048 -> 4096, r=16), 4096 tokens: the CUDA fp32-output GEMMs for dA, dB."""
+@pytest.mark.parametrize("d_in, d_out", [(2048, 4096), (512, 8960)], ids=["qwen3-q_proj", "glm-kv_b_proj"])
+def test_function_cuda_bf16_at_real_size(d_in, d_out):
+    """Qwen3-30B-A3B's q_proj (2048 -> 4096) and GLM-4.7-Flash's kv_b_proj (512 -> 8960, one GEMM over [x | u]),
+    r=16, 4096 tokens: the CUDA fp32-output GEMMs for dA, dB."""
     gen = torch.Generator().manual_seed(0)
     x, weight, b, A, B = (
         None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
-        for t in _factors((2, 2048), 2048, 4096, 16, torch.bfloat16, False, gen)
+        for t in _factors((2, 2048), d_in, d_out, 16, torch.bfloat16, False, gen)
     )
     y = linear_with_lora(x, weight, b, A, B, 2.0)
     y_ref, inputs_ref = _reference(x, weight, b, A, B, 2.0)
@@ -140,6 +145,48 @@ def test_a_power_of_two_scale_folded_into_a_is_bitwise_scaling_after_the_product
         want_dB = (dy.t().float() @ u.float()).mul_(s)
     for got, want in ((y, want_y), (dx, want_dx), (dA, want_dA), (dB, want_dB)):
         assert torch.equal(got, want)
+
+
+class _ForwardOps(TorchDispatchMode):
+    """The aten ops a forward runs, by name (addmm_, cat, mm, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_wide_projection_adds_the_lora_term_inside_its_one_gemm(bias, monkeypatch):
+    """out >= CONCAT_K_MIN_RATIO x in: y = [x | u] [W | B]^T (+ b), no second pass over the wide output and one
+    rounding of base + LoRA instead of two: closer to float64 than the two-GEMM form, the gradients the same."""
+    gen = torch.Generator().manual_seed(3)
+    x, weight, b, A, B = _factors((64,), 32, 256, 8, torch.bfloat16, bias, gen)
+    dy = torch.randn(64, 256, generator=gen).to(torch.bfloat16)
+    inputs = [x, A, B] + ([b] if bias else [])
+    results = {}
+    for ratio in (4, None):
+        monkeypatch.setattr(lora_linear, "CONCAT_K_MIN_RATIO", ratio)
+        with _ForwardOps() as ops:
+            y = LoRALinearFunction.apply(x, weight, b, A, B, 2.0)
+        results[ratio] = (y, torch.autograd.grad(y, inputs, dy), ops.names)
+    y_ref, inputs_ref = _reference(x, weight, b, A, B, 2.0)
+    grads_ref = torch.autograd.grad(y_ref, inputs_ref, dy.double())
+    (y_one, grads_one, ops_one), (y_two, grads_two, ops_two) = results[4], results[None]
+    assert "addmm_" not in ops_one and ops_one.count("cat") == 2
+    assert "addmm_" in ops_two and "cat" not in ops_two
+    assert relative_error(y_one, y_ref) < relative_error(y_two, y_ref)
+    for got, want, ref in zip(grads_one, grads_two, grads_ref):
+        assert torch.equal(got, want)  # the backward is the same
+        assert relative_error(got, ref) < TOLERANCE[torch.bfloat16]
+    monkeypatch.setattr(lora_linear, "CONCAT_K_MIN_RATIO", 4)
+    narrow = _factors((64,), 32, 127, 8, torch.bfloat16, bias, gen)  # out < 4 x in: the two-GEMM form
+    with _ForwardOps() as ops:
+        LoRALinearFunction.apply(*narrow, 2.0)
+    assert "addmm_" in ops.names and "cat" not in ops.names
 
 
 def test_only_activations_casts_of_w_and_uncast_factors_go_through_save_for_backward():
