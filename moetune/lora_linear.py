@@ -22,8 +22,9 @@ A projection much wider than its input (MLA's q_b_proj 768 -> 5120 and kv_b_proj
 DeepSeek-V3's alike: out >= CONCAT_K_MIN_RATIO x in) computes y in one GEMM over the concatenated inner dimension,
 y = [x | u] [W | B]^T (+ b), instead of adding u B^T to the base output in a second pass over that wide output
 (read and written again: ~19 ms of a whole GLM-4.7-Flash 8K step on an H100, NOTES session 30). The concatenations
-copy x and W for the call (in + R columns each, freed after it; far fewer bytes than the pass over [N, out]); the
-backward is the same. Where s is not folded into A (fp16) the two-GEMM form stays.
+copy x and W for the call (in + R columns each, freed after it; far fewer bytes than the pass over [N, out] once N
+is a few times in + R, which the choice checks: decode steps keep the two GEMMs); the backward is the same. Where s
+is not folded into A (fp16) the two-GEMM form stays.
 
 Precision (bf16 activations, fp32 master factors):
 - The LoRA branch is added inside the second GEMM (addmm with beta=1): the base output is rounded to bf16, then
@@ -63,8 +64,8 @@ from .models import instance_forward, recompute
 __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
 
 GROUP_ATTR = "_moetune_lora_group"  # on a layer in a group of siblings that read the same input (lora_groups.py)
-# out >= this x in: the LoRA term inside the base GEMM over the concatenated inner dimension (module docstring);
-# None: never. Below ~2x the copies of x and W cost about what the second pass over the output saves, and the extra
+# out >= this x in: the LoRA term inside the base GEMM over the concatenated inner dimension (module docstring,
+# _concatenates); None: never. Below ~2x the copies of x and W cost about what the second pass over the output saves, and the extra
 # launch costs host time where steps wait on their host (Qwen3's and gpt-oss's projections are at most 2x).
 CONCAT_K_MIN_RATIO: float | None = 4
 
@@ -140,6 +141,20 @@ def _made_from(factors: tuple, dtype: torch.dtype, scalings) -> tuple:
     return (dtype, scalings, *((id(f), f.data_ptr(), f._version) for f in factors))
 
 
+def _concatenates(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
+    """Whether y = [x | u] [W | B]^T in one GEMM (module docstring): a projection CONCAT_K_MIN_RATIO times wider
+    than its input, in x's dtype (torch.cat would promote a mismatched W where the two-GEMM form refuses it), over
+    enough rows that the pass it saves over y (N x out, read and written) outweighs copying x and W (N x K and
+    out x K, K = in + R, each read and written): a decode step or a short eval batch keeps the two GEMMs."""
+    rows, (out, inner) = x2.shape[0], weight.shape
+    return (
+        CONCAT_K_MIN_RATIO is not None
+        and out >= CONCAT_K_MIN_RATIO * inner
+        and weight.dtype == x2.dtype
+        and rows * (out - inner - rank) > out * (inner + rank)
+    )
+
+
 def base_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) [..., out] from x's rows x2 [N, in], as a tensor of its own: a LoRA Function returns
     it after adding to it in place, and a caller may change it in place too (OLMoE's clip_qkv clamps the
@@ -178,7 +193,7 @@ class LoRALinearFunction(torch.autograd.Function):
         A_c, B_c = casts if casts is not None else lora_casts(lora_A, lora_B, scaling, x.dtype)  # A_c: s A (folded)
         folded = folds_scale(x.dtype)
         u = x2 @ A_c.t()
-        if folded and CONCAT_K_MIN_RATIO is not None and weight.shape[0] >= CONCAT_K_MIN_RATIO * weight.shape[1]:
+        if folded and _concatenates(x2, weight, u.shape[1]):
             y = base_output(x, torch.cat((x2, u), 1), torch.cat((weight, B_c), 1), bias)  # [x | u] [W | B]^T
         else:
             y = base_output(x, x2, weight, bias)

@@ -62,8 +62,8 @@ def _factors(lead, d_in, d_out, rank, dtype, bias, gen):
         ((2, 9), 24, 40, 4, True),   # [B, T, in], trainable base bias, out > in
         ((1,), 8, 5, 3, False),      # T=1
         ((3, 1, 5), 33, 7, 16, True),  # three leading dims, rank > out
-        ((2, 9), 8, 40, 4, True),    # out >= 4 x in: one GEMM over [x | u] (bf16, fp32), with a bias
-        ((1,), 6, 37, 2, False),     # the same at T=1, odd sizes
+        ((2, 33), 8, 40, 4, True),   # out >= 4 x in: one GEMM over [x | u] (bf16, fp32), with a bias
+        ((1,), 6, 37, 2, False),     # the same at T=1, odd sizes: two GEMMs (too few rows to pay for the copies)
     ],
 )
 def test_function_matches_float64(dtype, lead, d_in, d_out, rank, bias):
@@ -183,10 +183,21 @@ def test_a_wide_projection_adds_the_lora_term_inside_its_one_gemm(bias, monkeypa
         assert torch.equal(got, want)  # the backward is the same
         assert relative_error(got, ref) < TOLERANCE[torch.bfloat16]
     monkeypatch.setattr(lora_linear, "CONCAT_K_MIN_RATIO", 4)
-    narrow = _factors((64,), 32, 127, 8, torch.bfloat16, bias, gen)  # out < 4 x in: the two-GEMM form
-    with _ForwardOps() as ops:
-        LoRALinearFunction.apply(*narrow, 2.0)
-    assert "addmm_" in ops.names and "cat" not in ops.names
+    narrow = _factors((64,), 32, 127, 8, torch.bfloat16, bias, gen)  # out < 4 x in
+    decode = (x[:8], weight, b, A, B)  # too few rows: copying W would cost more than the pass over y saves
+    for factors in (narrow, decode):
+        with _ForwardOps() as ops:
+            LoRALinearFunction.apply(*factors, 2.0)
+        assert "addmm_" in ops.names and "cat" not in ops.names
+
+
+def test_a_wide_projection_refuses_a_weight_of_another_dtype_in_its_forward():
+    """torch.cat would promote [W | B] to x's dtype and run; the backward's dy @ W would then fail. Refused in the
+    forward, as F.linear refuses it."""
+    gen = torch.Generator().manual_seed(4)
+    x, weight, _, A, B = _factors((64,), 32, 256, 8, torch.float32, False, gen)
+    with pytest.raises(RuntimeError, match="dtype"):
+        LoRALinearFunction.apply(x, weight.bfloat16(), None, A, B, 2.0)
 
 
 def test_only_activations_casts_of_w_and_uncast_factors_go_through_save_for_backward():

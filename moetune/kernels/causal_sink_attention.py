@@ -40,11 +40,15 @@ MIN_TOKENS = {"cuda": 2, "cpu": 1}
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the fused kernels take these shapes (host-side checks, no sync): as many keys as queries, at least
-    MIN_TOKENS of them, one head dim of HEAD_DIMS, key/value heads that divide the query heads. The dtype is probe's."""
+    """Whether the fused kernels take these tensors (host-side checks, no sync): 4-D, one batch size, dtype and
+    device, as many keys as queries, at least MIN_TOKENS of them, one head dim of HEAD_DIMS, key/value heads that
+    divide the query heads. Whether the dtype works on the device is probe's answer."""
+    if not (q.dim() == k.dim() == v.dim() == 4 and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        return False
     tokens = q.shape[2]
     return (
-        tokens == k.shape[2] == v.shape[2]
+        q.shape[0] == k.shape[0] == v.shape[0]
+        and tokens == k.shape[2] == v.shape[2]
         and tokens >= MIN_TOKENS.get(q.device.type, tokens + 1)
         and q.shape[-1] == k.shape[-1] == v.shape[-1]
         and q.shape[-1] in HEAD_DIMS
@@ -128,8 +132,8 @@ def causal_sink_attention(q, k, v, sinks, scale: float, value_dtype: torch.dtype
     takes them (a ValueError otherwise, rather than a refusal deep in the backward)."""
     if not supports(q, k, v):
         raise ValueError(f"causal_sink_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} on "
-                         f"{q.device.type}: expected CUDA or CPU tensors [B, H, T, D] / [B, KV, T, D] with KV dividing H, D "
-                         f"in 8..128 step 8 and T >= {MIN_TOKENS.get(q.device.type, 1)}")
+                         f"{q.device.type}: expected CUDA or CPU tensors [B, H, T, D] / [B, KV, T, D] of one dtype and device with "
+                         f"KV dividing H, D in 8..128 step 8 and T >= {MIN_TOKENS.get(q.device.type, 1)}")
     return CausalSinkAttention.apply(q, k, v, sinks, scale, value_dtype)
 
 

@@ -78,7 +78,9 @@ def test_shapes_the_fused_kernels_cannot_take_are_refused_in_one_line_before_the
     assert supports(q, k, v)
     one = make((1, 4, 2, 1, 16), DTYPE)
     cases = {"head dim 12": make((1, 4, 2, 8, 12), DTYPE)[:3], "3 heads over 2": (q[:, :3], k, v),
-             "more keys than queries": (q[:, :, :4], k, v), "no tokens": (q[:, :, :0], k[:, :, :0], v[:, :, :0])}
+             "more keys than queries": (q[:, :, :4], k, v), "no tokens": (q[:, :, :0], k[:, :, :0], v[:, :, :0]),
+             "two batches over one": (torch.cat((q, q)), k, v), "3-D": (q[0], k[0], v[0]),
+             "key of another dtype": (q, k.double(), v)}
     if MIN_TOKENS[DEVICE] > 1:  # cuDNN: one query over one key
         cases["one token"] = one[:3]
     else:

@@ -369,6 +369,11 @@ def test_only_a_marked_mask_without_a_window_leaves_flex_attention(registry, mon
     assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, 128)  # a sliding layer's window
     assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, unmarked, None)
     assert not fast_sinks._runs_causal_on_fused_attention(q, k[:, :, :4], v[:, :, :4], marked, None)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # a user's opt-out of torch's fused attention holds here too
+        assert not fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, None)
+    assert fast_sinks._runs_causal_on_fused_attention(q, k, v, marked, None)
     if DEVICE == "cuda":  # the shapes and dtypes cuDNN refuses keep flex attention
         assert not fast_sinks._runs_causal_on_fused_attention(*_inputs(dtype=torch.float32)[:3], marked, None)
         assert not fast_sinks._runs_causal_on_fused_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], marked, None)
