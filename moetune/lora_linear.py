@@ -21,7 +21,7 @@ not round differently); bf16 and fp32 have fp32's exponent range.
 A projection much wider than its input (MLA's q_b_proj 768 -> 5120 and kv_b_proj 512 -> 8960 in GLM-4.7-Flash,
 DeepSeek-V3's alike: out >= CONCAT_K_MIN_RATIO x in) computes y in one GEMM over the concatenated inner dimension,
 y = [x | u] [W | B]^T (+ b), instead of adding u B^T to the base output in a second pass over that wide output
-(read and written again: ~19 ms of a whole GLM-4.7-Flash 8K step on an H100, NOTES session 30). The concatenations
+(read and written again: -14 ms of a whole GLM-4.7-Flash 8K step on an H100, NOTES run 64). The concatenations
 copy x and W for the call (in + R columns each, freed after it; far fewer bytes than the pass over [N, out] once N
 is a few times in + R, which the choice checks: decode steps keep the two GEMMs); the backward is the same. Where s
 is not folded into A (fp16) the two-GEMM form stays.
@@ -65,8 +65,9 @@ __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora",
 
 GROUP_ATTR = "_moetune_lora_group"  # on a layer in a group of siblings that read the same input (lora_groups.py)
 # out >= this x in: the LoRA term inside the base GEMM over the concatenated inner dimension (module docstring,
-# _concatenates); None: never. Below ~2x the copies of x and W cost about what the second pass over the output saves, and the extra
-# launch costs host time where steps wait on their host (Qwen3's and gpt-oss's projections are at most 2x).
+# _concatenates); None: never. Narrower projections save little (the pass over y is not much larger than the copies)
+# and the concatenations are one launch more, host time where steps wait on their host (Qwen3's and gpt-oss's
+# projections are at most 2x wider than their input).
 CONCAT_K_MIN_RATIO: float | None = 4
 
 

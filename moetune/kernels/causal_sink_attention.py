@@ -132,8 +132,9 @@ def causal_sink_attention(q, k, v, sinks, scale: float, value_dtype: torch.dtype
     takes them (a ValueError otherwise, rather than a refusal deep in the backward)."""
     if not supports(q, k, v):
         raise ValueError(f"causal_sink_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} on "
-                         f"{q.device.type}: expected CUDA or CPU tensors [B, H, T, D] / [B, KV, T, D] of one dtype and device with "
-                         f"KV dividing H, D in 8..128 step 8 and T >= {MIN_TOKENS.get(q.device.type, 1)}")
+                         f"{q.device.type}: expected CUDA or CPU tensors [B, H, T, D] / [B, KV, T, D] of one dtype "
+                         f"and device with KV dividing H, D in 8..128 step 8 and T >= "
+                         f"{MIN_TOKENS.get(q.device.type, 1)}")
     return CausalSinkAttention.apply(q, k, v, sinks, scale, value_dtype)
 
 

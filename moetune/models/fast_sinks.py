@@ -19,11 +19,12 @@ tracing the model, a transformers without the functions used here), is transform
 Plain causal attention (gpt-oss's full-attention layers, a mask with no padding, packing or offset) skips flex
 attention: with CAUSAL_ON_FUSED_ATTENTION (on: -25 ms of a 479 ms gpt-oss-20b step at 8K, run 63) such a call runs
 torch's fused cuDNN attention with the sinks applied after it (moetune/kernels/causal_sink_attention.py), exact in
-forward and backward. Which masks are plain causal is known only where transformers builds them, so the install also wraps
-its "flex_attention" mask builder: a BlockMask built from transformers' causal mask function alone, without a 2D
-padding mask, over as many keys as queries at offset 0, is marked (an attribute on the BlockMask; a checkpointed
-layer's recompute gets the same object, so it takes the same path: do not change the setting between a forward and
-its backward). No device sync: the decision is on the host.
+forward and backward (not bitwise reproducible from run to run, as cuDNN's attention backward is not; deterministic
+mode keeps flex attention). Which masks are plain causal is known only where transformers builds them, so the
+install also wraps its "flex_attention" mask builder: a BlockMask built from transformers' causal mask function
+alone, without a 2D padding mask, over as many keys as queries at offset 0, is marked (an attribute on the
+BlockMask; a checkpointed layer's recompute gets the same object, so it takes the same path: do not change the
+setting between a forward and its backward). No device sync: the decision is on the host.
 """
 
 from __future__ import annotations
