@@ -613,6 +613,33 @@ def test_model_logits_and_every_lora_gradient_unchanged(checkpoint, fast_calls):
         assert relative_error(fast_grads[name], g) < 1e-5, name
 
 
+@pytest.mark.parametrize("model_type", ["glm4_moe_lite", "deepseek_v3"])
+def test_model_latent_attention_kv_b_takes_one_gemm_and_matches_peft(checkpoint, model_type, monkeypatch):
+    """MLA's kv_b_proj (the tiny configs: 8 -> 64) is wide enough for [x | u] [W | B]^T: peft's own forward against
+    the fast path, checkpointed, logits and every LoRA gradient. The latent projections as train_step targets them."""
+    targets = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_up_proj", "down_proj")
+    model = lora_model(checkpoint(model_type), target_modules=targets)
+    model.train()
+    ids = token_batch()
+    wide = []
+    real = lora_linear._concatenates
+
+    def spy(x2, weight, rank):
+        taken = real(x2, weight, rank)
+        wide.append((tuple(weight.shape), taken))
+        return taken
+
+    monkeypatch.setattr(lora_linear, "_concatenates", spy)
+    fast_logits, fast_grads = logits_and_lora_grads(model, ids)
+    assert any(taken for _, taken in wide) and all(taken == (shape[0] >= 4 * shape[1]) for shape, taken in wide)
+    uninstall_fast_lora_linear(model)
+    logits, grads = logits_and_lora_grads(model, ids)
+    assert relative_error(fast_logits, logits) < 1e-5
+    assert any("kv_b_proj.lora_A" in n for n in grads)
+    for name, g in grads.items():
+        assert relative_error(fast_grads[name], g) < 1e-5, name
+
+
 def test_model_disable_merge_and_plain_peft_load(checkpoint, tmp_path, fast_calls):
     model_dir = checkpoint("qwen3_moe")
     base, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.float32)
