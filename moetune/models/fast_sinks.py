@@ -17,7 +17,7 @@ tracing the model, a transformers without the functions used here), is transform
 `uninstall_fast_sinks()` puts it back.
 
 Plain causal attention (gpt-oss's full-attention layers, a mask with no padding, packing or offset) skips flex
-attention: with CAUSAL_ON_FUSED_ATTENTION (on: -25 ms of a 479 ms gpt-oss-20b step at 8K, run 63) such a call runs
+attention: with CAUSAL_ON_FUSED_ATTENTION (on: -26 ms of a 479 ms gpt-oss-20b step at 8K, run 63b) such a call runs
 torch's fused cuDNN attention with the sinks applied after it (moetune/kernels/causal_sink_attention.py), exact in
 forward and backward (not bitwise reproducible from run to run, as cuDNN's attention backward is not; deterministic
 mode keeps flex attention). Which masks are plain causal is known only where transformers builds them, so the
