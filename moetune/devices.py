@@ -3,6 +3,8 @@ string torch cannot parse or a GPU this machine does not have, before anything i
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # device_map strings that ask accelerate to place the model, not a device
@@ -47,3 +49,22 @@ def check_device_map(device_map) -> None:
             raise ValueError(f"device_map: expected a GPU index >= 0, got {device_map}")
         device_map = f"cuda:{device_map}"
     resolve_device(device_map, "device_map")
+
+
+def warn_if_split_over_gpus(model) -> None:
+    """Warns where a device_map placed one model over several CUDA GPUs (accelerate's hf_device_map, e.g. "auto" on
+    a machine with several): moetune's Triton kernels launch on the current GPU and its stream, so layers living on
+    another GPU are not supported yet (NOTES, session 32). One GPU per process (DDP) or FSDP2 are."""
+    gpus = set()
+    for place in (getattr(model, "hf_device_map", None) or {}).values():
+        if isinstance(place, int) and not isinstance(place, bool):
+            gpus.add(place)
+        elif isinstance(place, (str, torch.device)) and str(place).startswith("cuda"):
+            gpus.add(torch.device(place).index or 0)
+    if len(gpus) > 1:
+        warnings.warn(
+            f"device_map: the model is split over GPUs {sorted(gpus)}; moetune's kernels launch on the current GPU, so "
+            "a model split over several GPUs in one process is not supported yet: load it on one GPU per process "
+            "(DistributedDataParallel) or shard it with FSDP2",
+            stacklevel=3,
+        )

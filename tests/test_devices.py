@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import types
+import warnings
+
 import pytest
 import torch
 
-from moetune.devices import check_device_map, resolve_device
+from moetune.devices import check_device_map, resolve_device, warn_if_split_over_gpus
 
 
 def test_resolve_device_defaults_and_parses():
@@ -43,3 +47,23 @@ def test_device_maps_passed_on(device_map):
 def test_bad_device_maps_refused(device_map, match):
     with pytest.raises(ValueError, match=match):
         check_device_map(device_map)
+
+
+@pytest.mark.parametrize("placed, split", [
+    ({"model.layers.0": 0, "model.layers.1": 1}, [0, 1]),
+    ({"model.embed_tokens": "cuda:0", "model.layers": torch.device("cuda", 2), "lm_head": "cuda"}, [0, 2]),
+    ({"": 0}, None),
+    ({"model.layers.0": 1, "model.layers.1": "cpu", "lm_head": "disk"}, None),  # offloaded weights run on one GPU
+    ({"model.layers.0": True, "model.layers.1": 0}, None),
+    (None, None),  # no device_map placement
+])
+def test_a_model_split_over_several_gpus_is_warned_about_in_one_line(placed, split):
+    model = types.SimpleNamespace(hf_device_map=placed)
+    if split is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_if_split_over_gpus(model)
+        return
+    with pytest.warns(UserWarning, match="^" + re.escape(f"device_map: the model is split over GPUs {split};")) as record:
+        warn_if_split_over_gpus(model)
+    assert "\n" not in str(record[0].message)
