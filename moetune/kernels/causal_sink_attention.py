@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from .. import saved_tensors
 from .attention_sinks import DTYPES, dtype_codes, sinks_backward, sinks_forward
 
-__all__ = ["CausalSinkAttention", "causal_sink_attention", "probe", "reference", "supports"]
+__all__ = ["CausalSinkAttention", "causal_sink_attention", "enabled", "probe", "reference", "supports"]
 
 HEAD_DIMS = range(8, 129, 8)  # what cuDNN's fused attention takes on every GPU it runs on (gpt-oss: 64)
 # cuDNN's backward refuses one query over one key ("s_q = s_kv = 1 is not supported", run 63a on an H100) although
@@ -47,9 +47,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     tokens = q.shape[2]
     return (
-        q.shape[0] == k.shape[0] == v.shape[0]
+        q.device.type in MIN_TOKENS
+        and q.shape[0] == k.shape[0] == v.shape[0]
         and tokens == k.shape[2] == v.shape[2]
-        and tokens >= MIN_TOKENS.get(q.device.type, tokens + 1)
+        and tokens >= MIN_TOKENS[q.device.type]
         and q.shape[-1] == k.shape[-1] == v.shape[-1]
         and q.shape[-1] in HEAD_DIMS
         and k.shape[1] == v.shape[1]
@@ -80,6 +81,16 @@ def _cpu_backward(d_out, q, k, v, out, lse, scale, state):
 
 
 _OPS = {"cuda": (_cudnn_forward, _cudnn_backward), "cpu": (_cpu_forward, _cpu_backward)}
+# torch's SDPA backend flags for the op above on each device (on CPU flash attention for CPU, the tests' stand-in)
+_BACKEND_FLAGS = {"cuda": torch.backends.cuda.cudnn_sdp_enabled, "cpu": torch.backends.cuda.flash_sdp_enabled}
+
+
+def enabled(device_type: str) -> bool:
+    """Whether torch lets this module's op run now (flag reads, no sync): not in deterministic mode (torch refuses
+    cuDNN attention there), and not turned off by the user (torch.backends.cuda.enable_cudnn_sdp(False), or an
+    sdpa_kernel context without that backend: the usual way out where cuDNN attention misbehaves)."""
+    flag = _BACKEND_FLAGS.get(device_type)
+    return flag is not None and flag() and not torch.are_deterministic_algorithms_enabled()
 
 
 def _rows_major(t: torch.Tensor) -> torch.Tensor:

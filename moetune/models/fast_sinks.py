@@ -42,9 +42,6 @@ DEVICE_TYPES = ("cuda",)
 # Plain causal calls on torch's fused (cuDNN) attention instead of flex attention; see the module docstring.
 CAUSAL_ON_FUSED_ATTENTION = True
 _PLAIN_CAUSAL = "_moetune_plain_causal"  # the BlockMask attribute the mask wrapper sets
-# torch's SDPA backend flags for the op the fused path calls (cuDNN; on CPU, for the tests, flash attention for CPU):
-# a user's opt-out (torch.backends.cuda.enable_cudnn_sdp(False), sdpa_kernel without that backend) holds here too.
-_FUSED_BACKEND_ENABLED = {"cuda": torch.backends.cuda.cudnn_sdp_enabled, "cpu": torch.backends.cuda.flash_sdp_enabled}
 
 
 def _flex_module():
@@ -109,11 +106,10 @@ def _runs_causal_on_fused_attention(query, key, value, attention_mask, sliding_w
     # the layer's own window too: a sliding layer's mask is never marked, and a window is never plain causal
     if not (CAUSAL_ON_FUSED_ATTENTION and getattr(attention_mask, _PLAIN_CAUSAL, False) and sliding_window is None):
         return False
-    from ..kernels.causal_sink_attention import probe, supports
+    from ..kernels.causal_sink_attention import enabled, probe, supports
 
     return (
-        not torch.are_deterministic_algorithms_enabled()  # torch refuses cuDNN attention then
-        and _FUSED_BACKEND_ENABLED.get(query.device.type, lambda: False)()
+        enabled(query.device.type)
         and supports(query, key, value)
         and probe(query.device.type, query.device.index, query.dtype) is None
     )
