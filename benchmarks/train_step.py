@@ -402,7 +402,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         # off: measure what the recompute skip gains (the experts' down projection in each recompute)
         hook.recomputing = recompute.recomputing if args.recompute_skip == "on" else (lambda: False)
         fast_sinks.CAUSAL_ON_FUSED_ATTENTION = args.sink_causal == "on"
-        lora_linear.CONCAT_K_MIN_RATIO = 4 if args.lora_concat == "on" else None
+        if args.lora_concat == "off":  # on: the library's own ratio (one setting a process, as args are)
+            lora_linear.CONCAT_K_MIN_RATIO = None
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
