@@ -31,6 +31,7 @@ inputs differ), which is what transformers' forward already gets right.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -121,11 +122,15 @@ class FusedCrossEntropy:
             )
         hidden, lm_head = kept
         # Under accelerate's device_map the hook sees the input before accelerate moves it to lm_head's device.
-        hidden = hidden.to(lm_head.weight.device)
-        return causal_lm_loss(
-            hidden, lm_head.weight, labels, shift_labels=shift_labels, bias=lm_head.bias, ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch,
-        )
+        device = lm_head.weight.device
+        hidden = hidden.to(device)
+        # The loss runs outside lm_head's forward, so a model split over GPUs (devices.follow_split_devices) has not
+        # made lm_head's GPU the current one, where the cross-entropy kernel launches.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return causal_lm_loss(
+                hidden, lm_head.weight, labels, shift_labels=shift_labels, bias=lm_head.bias,
+                ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+            )
 
 
 def _positional_index(model: nn.Module, name: str) -> int | None:

@@ -22,6 +22,7 @@ are refused).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -41,7 +42,9 @@ class AdamWBf16(torch.optim.Optimizer):
             raise ValueError(f"betas: expected two values in [0, 1), got {betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
-        self._layouts: dict[int, _Layout] = {}  # group index -> its flat moments and tables, made at its first step
+        # (group index, device) -> that part's flat moments and tables, made at its first step; a group spans
+        # several devices where a device_map split the model over GPUs (each GPU's part is one launch there).
+        self._layouts: dict[tuple[int, torch.device], _Layout] = {}
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -60,13 +63,13 @@ class AdamWBf16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params = group["params"]
-            if not any(p.grad is not None for p in params):
-                continue
-            layout = self._layouts.get(index)
-            if layout is None or not layout.holds(params, self.state):
-                layout = self._layouts[index] = _Layout(params, self.state)
-            self._step_group(group, layout)
+            for device, params in _by_device(group["params"]).items():
+                if not any(p.grad is not None for p in params):
+                    continue
+                layout = self._layouts.get((index, device))
+                if layout is None or not layout.holds(params, self.state):
+                    layout = self._layouts[index, device] = _Layout(params, self.state)
+                self._step_group(group, layout)
         return loss
 
     def _step_group(self, group: dict, layout: _Layout) -> None:
@@ -90,8 +93,11 @@ class AdamWBf16(torch.optim.Optimizer):
             uniform = all(corrections[i:i + 3] == corrections[:3] for i in range(0, len(corrections), 3)) \
                 and corrections[0] != 0.0
             table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
-            adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
-                       layout.block_offset, layout.base, layout.numel, layout.seeds, table, **hyper)
+            # Triton launches on the current GPU: make it this part's (a model split over GPUs)
+            with torch.cuda.device(layout.device) if layout.device.type == "cuda" else contextlib.nullcontext():
+                adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq,
+                           layout.block_segment, layout.block_offset, layout.base, layout.numel, layout.seeds, table,
+                           **hyper)
         else:
             _step_torch(layout, corrections, self.state, **hyper)
         # Counted once the step is queued; one op for the group (the step in backward steps ~40 chunks a step).
@@ -107,8 +113,17 @@ class AdamWBf16(torch.optim.Optimizer):
         super().load_state_dict(state_dict)  # the moments come back in the parameters' dtype (torch's policy)
         self._layouts.clear()
         for index, group in enumerate(self.param_groups):
-            if any(p in self.state for p in group["params"]):
-                self._layouts[index] = _Layout(group["params"], self.state)
+            for device, params in _by_device(group["params"]).items():
+                if any(p in self.state for p in params):
+                    self._layouts[index, device] = _Layout(params, self.state)
+
+
+def _by_device(params: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    """params grouped by device, each part in the group's order."""
+    parts: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        parts.setdefault(p.device, []).append(p)
+    return parts
 
 
 def _check_param(p: torch.Tensor) -> None:
@@ -156,9 +171,7 @@ class _Layout:
 
     def __init__(self, params: list[torch.Tensor], state: dict):
         self.params = list(params)
-        self.device = params[0].device
-        if any(p.device != self.device for p in params):
-            raise ValueError("params: AdamWBf16 expects the parameters of a group on one device")
+        self.device = params[0].device  # one device: the optimizer lays out each device's part apart
         self.use_triton = _use_triton(self.device)
         numel = [p.numel() for p in params]
         self.shapes = [p.shape for p in params]

@@ -58,7 +58,7 @@ def test_first_step_is_torchs_and_the_moments_are_its_rounded(device, way):
     set_grads(params, reference, torch.Generator().manual_seed(1))
     optimizer.step()
     torch_adamw.step()
-    assert optimizer._layouts[0].use_triton == (way == "triton")
+    assert optimizer._layouts[0, params[0].device].use_triton == (way == "triton")
     for p, r in zip(params, reference):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)  # the update reads the fp32 moments
         state, expected = optimizer.state[p], torch_adamw.state[r]
