@@ -3,6 +3,7 @@ string torch cannot parse or a GPU this machine does not have, before anything i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 
@@ -86,6 +87,12 @@ def follow_split_devices(model) -> list[int]:
         module.register_forward_pre_hook(functools.partial(_enter_device, index), prepend=True)
         module.register_forward_hook(_leave_device, always_call=True)
     return gpus
+
+
+def current_gpu(device: torch.device):
+    """A context making `device` the current GPU (Triton launches there) and setting the caller's back after; does
+    nothing for another kind of device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # Each thread's (module, device to set back) pairs, innermost last: a placed module may sit inside another ("" and

@@ -31,7 +31,6 @@ inputs differ), which is what transformers' forward already gets right.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from ..devices import current_gpu
 from ..linear_cross_entropy import causal_lm_loss
 
 __all__ = ["FusedCrossEntropy", "install", "installed", "uninstall"]
@@ -126,7 +126,7 @@ class FusedCrossEntropy:
         hidden = hidden.to(device)
         # The loss runs outside lm_head's forward, so a model split over GPUs (devices.follow_split_devices) has not
         # made lm_head's GPU the current one, where the cross-entropy kernel launches.
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with current_gpu(device):
             return causal_lm_loss(
                 hidden, lm_head.weight, labels, shift_labels=shift_labels, bias=lm_head.bias,
                 ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,

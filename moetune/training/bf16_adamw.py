@@ -22,11 +22,12 @@ are refused).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 
 import torch
+
+from ..devices import current_gpu
 
 __all__ = ["AdamWBf16", "round_bf16_stochastic"]
 
@@ -94,7 +95,7 @@ class AdamWBf16(torch.optim.Optimizer):
                 and corrections[0] != 0.0
             table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
             # Triton launches on the current GPU: make it this part's (a model split over GPUs)
-            with torch.cuda.device(layout.device) if layout.device.type == "cuda" else contextlib.nullcontext():
+            with current_gpu(layout.device):
                 adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq,
                            layout.block_segment, layout.block_offset, layout.base, layout.numel, layout.seeds, table,
                            **hyper)
