@@ -3,10 +3,6 @@ string torch cannot parse or a GPU this machine does not have, before anything i
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-
 import torch
 
 # device_map strings that ask accelerate to place the model, not a device
@@ -51,62 +47,3 @@ def check_device_map(device_map) -> None:
             raise ValueError(f"device_map: expected a GPU index >= 0, got {device_map}")
         device_map = f"cuda:{device_map}"
     resolve_device(device_map, "device_map")
-
-
-def gpu_places(device_map) -> dict[str, int]:
-    """The entries of accelerate's hf_device_map placed on a CUDA GPU, as {module name: GPU index} ("cuda" alone
-    is GPU 0, as accelerate places it); CPU- or disk-offloaded entries are left out (they run on the main GPU)."""
-    places = {}
-    for name, place in (device_map or {}).items():
-        if isinstance(place, int) and not isinstance(place, bool):
-            places[name] = place
-        elif isinstance(place, (str, torch.device)) and str(place).startswith("cuda"):
-            places[name] = torch.device(place).index or 0
-    return places
-
-
-def follow_split_devices(model) -> list[int]:
-    """For a model a device_map split over several CUDA GPUs in one process (accelerate's hf_device_map, e.g.
-    "auto" on a machine with several): each module the map placed runs its forward with its GPU as the current
-    device, and the caller's current device is set back after it (also when the forward raises).
-
-    Why: moetune's Triton kernels launch, as Triton's own launcher does, on the current GPU and its stream, and
-    torch's ops on a tensor's own device; without this a layer on cuda:1 would launch its kernels on cuda:0.
-    The backward needs nothing: autograd runs each GPU's nodes on a thread whose current device is that GPU, and a
-    checkpointed layer's recompute runs inside the backward of the layer's own nodes, so on its GPU's thread
-    (transformers 5.17 recomputes the layer's `__call__`, these hooks included; 5.25 its `forward` alone). Models on one
-    GPU (and DDP / FSDP2, one GPU a process) get no hooks. Returns the GPUs the model is split over ([] where it is
-    not split)."""
-    places = gpu_places(getattr(model, "hf_device_map", None))
-    gpus = sorted(set(places.values()))
-    if len(gpus) < 2:
-        return []
-    for name, index in places.items():
-        module = model.get_submodule(name)
-        # First in, last out: the other hooks of the module run on its GPU too.
-        module.register_forward_pre_hook(functools.partial(_enter_device, index), prepend=True)
-        module.register_forward_hook(_leave_device, always_call=True)
-    return gpus
-
-
-def current_gpu(device: torch.device):
-    """A context making `device` the current GPU (Triton launches there) and setting the caller's back after; does
-    nothing for another kind of device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-# Each thread's (module, device to set back) pairs, innermost last: a placed module may sit inside another ("" and
-# its layers), and a checkpointed layer's recompute runs on autograd's thread for its GPU.
-_callers = threading.local()
-
-
-def _enter_device(index: int, module, args) -> None:
-    stack = _callers.__dict__.setdefault("stack", [])
-    stack.append((module, torch.cuda.current_device()))
-    torch.cuda.set_device(index)
-
-
-def _leave_device(module, args, output) -> None:
-    stack = _callers.__dict__.get("stack")
-    if stack and stack[-1][0] is module:  # (not ours where our pre-hook never ran: an earlier one raised)
-        torch.cuda.set_device(stack.pop()[1])

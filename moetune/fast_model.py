@@ -28,7 +28,7 @@ import transformers
 from torch import nn
 
 from . import adapters
-from .devices import PLACEMENT_STRATEGIES, check_device_map, follow_split_devices
+from .devices import PLACEMENT_STRATEGIES, check_device_map
 from .lora_linear import install_fast_lora_linear
 from .models import fused_loss, recompute
 from .models.fast_mlp import install_fast_mlp
@@ -460,7 +460,6 @@ class FastMoEModel:
                 auto, model_dir, config, dtype=dtype, device_map=device_map, attn_implementation=attn,
                 local_files_only=True, **kwargs,
             )
-            follow_split_devices(model)
         else:
             if isinstance(device_map, dict) or device_map in PLACEMENT_STRATEGIES:
                 raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")

@@ -240,6 +240,23 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
     print(f"moetune: tuning {name} {key} on {gpu} (once; cached in {cache_path()})", file=sys.stderr)
     global _tunings
     _tunings += 1
+    # do_bench times on the current GPU's stream, and each launch runs on its operands' GPU (launch.py)
+    with _on_gpu(index):
+        best = _tune(launch, candidates, first_bonus_ms, host_ms)
+    with _lock:
+        entries = _load()
+        entries[full_key] = best
+        _save({full_key: best})
+    _picked[(index, name, key)] = (candidates, best)
+    return best
+
+
+_on_gpu = torch.cuda.device  # (tests without a GPU replace it)
+
+
+def _tune(launch: Callable[[dict], object], candidates: Sequence[dict], first_bonus_ms: float,
+          host_ms: Callable[[dict], float] | None) -> dict:
+    """Times every candidate that compiles and fits, then the close ones again (see pick)."""
     timings = []
     for config in candidates:
         try:
@@ -257,10 +274,4 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
                 raise
             continue
         timings.append((ms, config))
-    best = _choose(_retimed_finalists(timings, launch, host_ms), first_bonus_ms, host_ms)
-    with _lock:
-        entries = _load()
-        entries[full_key] = best
-        _save({full_key: best})
-    _picked[(index, name, key)] = (candidates, best)
-    return best
+    return _choose(_retimed_finalists(timings, launch, host_ms), first_bonus_ms, host_ms)

@@ -86,6 +86,17 @@ def _arg_key(arg):
     return NotImplemented
 
 
+def _gpu_of(args) -> int:
+    """The GPU index of the first tensor among a launch's arguments (a descriptor's base counts), -1 for none or a
+    CPU tensor (the interpreter)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.get_device()
+        if TensorDescriptor is not None and type(arg) is TensorDescriptor:
+            return arg.base.get_device()
+    return -1
+
+
 class DirectLauncher:
     """`launcher(grid, *args, **constexprs)` launches `kernel` as `kernel[grid](*args, **constexprs)` does.
 
@@ -110,6 +121,13 @@ class DirectLauncher:
         self.direct_launches = 0  # how many went straight to a compiled kernel (tests, diagnostics)
 
     def __call__(self, grid: tuple, *args, **constexprs):
+        # Triton launches on the current GPU and its stream: make it the operands' (a model split over GPUs by a
+        # device_map, or one on cuda:1 with cuda:0 current), for this launch only.
+        gpu = _gpu_of(args)
+        current = torch.cuda.current_device() if gpu >= 0 else -1
+        if gpu != current:
+            with torch.cuda.device(gpu):
+                return self(grid, *args, **constexprs)
         if (not self._direct or os.environ.get("MOETUNE_DIRECT_LAUNCH") == "0" or _hooked() or callable(grid)
                 or len(args) > self._first_constexpr or self.kernel.pre_run_hooks):
             return self.kernel[grid](*args, **constexprs)
@@ -119,7 +137,7 @@ class DirectLauncher:
         if NotImplemented in arg_keys:
             return self.kernel[grid](*args, **constexprs)
         driver = triton.runtime.driver.active
-        device = driver.get_current_device()
+        device = current if current >= 0 else driver.get_current_device()  # (Triton's is torch's current device)
         # Triton keys a constexpr by str(value) (True, 1 and 1.0 are three kernels), and reads these settings at
         # every call.
         key = (device, arg_keys, tuple([(name, type(value), value) for name, value in constexprs.items()]),

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from ..devices import current_gpu
 from ..linear_cross_entropy import causal_lm_loss
 
 __all__ = ["FusedCrossEntropy", "install", "installed", "uninstall"]
@@ -122,15 +121,11 @@ class FusedCrossEntropy:
             )
         hidden, lm_head = kept
         # Under accelerate's device_map the hook sees the input before accelerate moves it to lm_head's device.
-        device = lm_head.weight.device
-        hidden = hidden.to(device)
-        # The loss runs outside lm_head's forward, so a model split over GPUs (devices.follow_split_devices) has not
-        # made lm_head's GPU the current one, where the cross-entropy kernel launches.
-        with current_gpu(device):
-            return causal_lm_loss(
-                hidden, lm_head.weight, labels, shift_labels=shift_labels, bias=lm_head.bias,
-                ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-            )
+        hidden = hidden.to(lm_head.weight.device)
+        return causal_lm_loss(
+            hidden, lm_head.weight, labels, shift_labels=shift_labels, bias=lm_head.bias, ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
+        )
 
 
 def _positional_index(model: nn.Module, name: str) -> int | None:

@@ -27,8 +27,6 @@ import os
 
 import torch
 
-from ..devices import current_gpu
-
 __all__ = ["AdamWBf16", "round_bf16_stochastic"]
 
 
@@ -94,11 +92,8 @@ class AdamWBf16(torch.optim.Optimizer):
             uniform = all(corrections[i:i + 3] == corrections[:3] for i in range(0, len(corrections), 3)) \
                 and corrections[0] != 0.0
             table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
-            # Triton launches on the current GPU: make it this part's (a model split over GPUs)
-            with current_gpu(layout.device):
-                adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq,
-                           layout.block_segment, layout.block_offset, layout.base, layout.numel, layout.seeds, table,
-                           **hyper)
+            adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
+                       layout.block_offset, layout.base, layout.numel, layout.seeds, table, **hyper)
         else:
             _step_torch(layout, corrections, self.state, **hyper)
         # Counted once the step is queued; one op for the group (the step in backward steps ~40 chunks a step).

@@ -34,6 +34,7 @@ a time: another one over it is refused until the first is garbage-collected or r
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -62,6 +63,7 @@ class StepInBackward(torch.optim.Optimizer):
         self._chunk_of: dict[torch.Tensor, int] = {}
         self._arrived: list[set[int]] = []  # per chunk: ids of the parameters whose gradient is in
         self._stepped: set[int] = set()  # chunks that stepped since the last step() or zero_grad()
+        self._arrival_lock = threading.Lock()
         self._hooks = []
         super().__init__(params, defaults)  # calls add_param_group for each group
 
@@ -98,13 +100,20 @@ class StepInBackward(torch.optim.Optimizer):
 
     def _on_gradient(self, p: torch.Tensor) -> None:
         index = self._chunk_of[p]
-        if index in self._stepped:
-            raise RuntimeError(
-                "StepInBackward: a parameter got a second gradient after its chunk stepped; the step in backward "
-                "needs one backward pass per step() (no gradient accumulation) and each parameter in one graph")
-        arrived = self._arrived[index]
-        arrived.add(id(p))
-        if len(arrived) == len(self._chunks[index][2]):
+        # Each chunk lives on one device, so its gradients come on one autograd thread; the lock keeps the count
+        # whole should two threads ever bring one chunk's (the chunk is marked stepped before it steps).
+        with self._arrival_lock:
+            if index in self._stepped:
+                raise RuntimeError(
+                    "StepInBackward: a parameter got a second gradient after its chunk stepped; the step in "
+                    "backward needs one backward pass per step() (no gradient accumulation) and each parameter in "
+                    "one graph")
+            arrived = self._arrived[index]
+            arrived.add(id(p))
+            complete = len(arrived) == len(self._chunks[index][2])
+            if complete:
+                self._stepped.add(index)
+        if complete:
             self._step_chunk(index)
 
     @torch.no_grad()
@@ -202,10 +211,12 @@ def _hyper(group: dict) -> dict:
 
 
 def chunk_indices(params: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> list[list[int]]:
-    """Indices of consecutive parameters in chunks of at most chunk_bytes of gradient (a larger parameter alone)."""
+    """Indices of consecutive parameters in chunks of at most chunk_bytes of gradient (a larger parameter alone),
+    each on one device: a model split over GPUs gets its gradients on one autograd thread per GPU, and a chunk's
+    step then runs on the thread of the GPU it lives on."""
     chunks, current, size = [], [], 0
     for i, p in enumerate(params):
-        if current and size + p.nbytes > chunk_bytes:
+        if current and (size + p.nbytes > chunk_bytes or p.device != params[current[0]].device):
             chunks.append(current)
             current, size = [], 0
         current.append(i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -172,6 +173,7 @@ def test_a_failing_tma_persistent_or_gluon_candidate_is_skipped_and_other_failur
     monkeypatch.setattr(autotune, "_memory", None)
     monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
+    monkeypatch.setattr(autotune, "_on_gpu", lambda index: contextlib.nullcontext())
 
     def launch(config):
         if config.get("TMA_B") or config.get("PERSISTENT") or config.get("GLUON") or config.get("broken"):
@@ -196,6 +198,7 @@ def test_a_gpu_fault_in_a_tma_candidate_is_not_skipped(monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "_memory", None)
     monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn() or 1.0)
+    monkeypatch.setattr(autotune, "_on_gpu", lambda index: contextlib.nullcontext())
 
     def launch(config):
         if config.get("TMA_B"):
@@ -216,6 +219,7 @@ def _fake_gpu(monkeypatch, tmp_path, times: dict[str, list[float]]):
     monkeypatch.setattr(autotune, "_gpu_name", lambda index: "fake GPU")
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: fn())
     monkeypatch.setattr(autotune, "_picked", {})
+    monkeypatch.setattr(autotune, "_on_gpu", lambda index: contextlib.nullcontext())
     timed = []
 
     def launch(config):
@@ -278,3 +282,24 @@ def test_finalists_are_ranked_with_the_host_time_of_each_config(monkeypatch, tmp
     finalists = _retimed_finalists(timings, launch, host_ms=lambda config: 0.3 if config["name"] == "tma" else 0.0)
     assert [config["name"] for _, config in finalists] == ["first", "pointers"]
     assert "tma" not in calls
+
+
+def test_tuning_runs_with_the_operands_gpu_current(monkeypatch, tmp_path):
+    """do_bench times on the current GPU's stream: tuning a launch for cuda:1 makes GPU 1 current meanwhile."""
+    launch, timed = _fake_gpu(monkeypatch, tmp_path, {"first": [1.0], "second": [2.0]})
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def on_gpu(index):
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(autotune, "_on_gpu", on_gpu)
+    candidates = [{"name": "first"}, {"name": "second"}]
+    picked = autotune.pick("k", ("gpu 1",), candidates, lambda config: seen.append(current[0]) or launch(config),
+                           "cuda:1", num_rows=10**6)
+    assert picked == {"name": "first"} and timed == ["first", "second"]
+    assert seen == [1, 1] and current[0] == 0

@@ -6,6 +6,7 @@ go back to Triton's path whenever the specialisation may differ. tests/kernels/t
 compare the two paths' results on real launches.
 """
 
+import contextlib
 import inspect
 
 import pytest
@@ -152,6 +153,47 @@ def test_a_launch_triton_did_not_make_is_not_kept(kernel, monkeypatch):
     for _ in range(3):
         launcher((1,), x, 16, 0.5, False, WIDTH=32)
     assert len(through_triton) == 2 and len(compiled.direct) == 1
+
+
+def test_a_launch_runs_with_its_operands_gpu_current(kernel, monkeypatch):
+    """Triton launches on the current GPU and its stream: a launch whose tensors live on another GPU (a model split
+    over GPUs, or one on cuda:1 with cuda:0 current) makes theirs current for that launch only."""
+    launcher, compiled, through_triton = kernel
+    state = {"current": 0, "switches": []}
+
+    @contextlib.contextmanager
+    def device(index):
+        before, state["current"] = state["current"], index
+        state["switches"].append(index)
+        try:
+            yield
+        finally:
+            state["current"] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    streams = []
+    monkeypatch.setattr(launcher.driver, "get_current_stream",
+                        lambda index: streams.append((index, state["current"])) or 99, raising=False)
+    operands_gpu = {"index": 1}
+    monkeypatch.setattr(launch_module, "_gpu_of", lambda args: operands_gpu["index"])
+    x = torch.zeros(64)
+    for _ in range(2):  # through Triton, then direct
+        launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    assert state["switches"] == [1, 1] and state["current"] == 0  # the caller's GPU again after each
+    assert streams == [(1, 1)]  # the direct launch: GPU 1's stream, with GPU 1 current
+    assert len(through_triton) == 1 and len(compiled.direct) == 1
+    operands_gpu["index"] = 0
+    launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    assert state["switches"] == [1, 1]  # on the current GPU: no switch (its own compiled entry: the key has the GPU)
+    assert len(through_triton) == 2
+
+
+def test_the_operands_gpu_is_the_first_tensors():
+    assert launch_module._gpu_of((3, torch.zeros(2), 0.5)) == -1  # a CPU tensor (the interpreter): no GPU
+    assert launch_module._gpu_of((3, 0.5, True)) == -1
+    if torch.cuda.is_available():
+        assert launch_module._gpu_of((3, torch.nn.Parameter(torch.zeros(2, device="cuda:0")), torch.zeros(2))) == 0
 
 
 def test_launch_calls_a_stand_in_as_triton_would():

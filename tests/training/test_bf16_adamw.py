@@ -357,3 +357,18 @@ def test_step_in_backward_state_dict_round_trip(device):
     assert saved.keys() == loaded.keys() == {0, 1, 2, 3}
     assert all(saved[i]["seed"] == loaded[i]["seed"] and torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"])
                for i in saved)
+
+
+def test_a_group_over_two_devices_is_laid_out_per_device():
+    """A model split over GPUs by a device_map puts one group's parameters on several devices: each device's part
+    gets its own flat moments (one launch on that device), in the group's order."""
+    from moetune.training.bf16_adamw import _by_device
+
+    a, b, c = torch.zeros(2), torch.zeros(3, device="meta"), torch.zeros(4)
+    parts = _by_device([a, b, c])
+    assert list(parts) == [torch.device("cpu"), torch.device("meta")]
+    assert parts[torch.device("cpu")][0] is a and parts[torch.device("cpu")][1] is c and parts[torch.device("meta")][0] is b
+    optimizer = AdamWBf16([torch.nn.Parameter(a), torch.nn.Parameter(b)], lr=1e-2)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(2)  # the meta part has no gradient: not stepped
+    optimizer.step()
+    assert list(optimizer._layouts) == [(0, torch.device("cpu"))]

@@ -144,6 +144,9 @@ def test_chunks_hold_at_most_chunk_bytes_or_one_larger_parameter():
     small = StepInBackward(make_model().parameters(), torch.optim.AdamW, chunk_bytes=100, lr=1e-2)
     assert [len(chunk) for _, _, chunk in small._chunks] == [1] * 10  # each weight alone; each bias alone
     assert chunk_indices(params) == [list(range(10))]  # 64 MiB by default: one chunk here
+    # A model split over GPUs: no chunk spans two devices (each device's gradients come on its own autograd thread)
+    on = [torch.empty(4, device=device) for device in ("cpu", "cpu", "meta", "meta", "cpu")]
+    assert chunk_indices(on) == [[0, 1], [2, 3], [4]]
 
 
 def test_one_stepper_per_parameter_and_a_discarded_one_lets_go():
