@@ -206,6 +206,11 @@ def tunings() -> int:
     return _tunings
 
 
+# A tuning runs with the launch's GPU current: do_bench times on the current GPU's stream (tests without a GPU replace
+# this).
+_on_gpu = torch.cuda.device
+
+
 def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], object], device,
          num_rows: int, first_bonus_ms: float = 0.0, host_ms: Callable[[dict], float] | None = None) -> dict:
     """The fastest of `candidates` for this key; `launch(config)` must be safe to repeat. Costs the GPU timing does
@@ -240,8 +245,7 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
     print(f"moetune: tuning {name} {key} on {gpu} (once; cached in {cache_path()})", file=sys.stderr)
     global _tunings
     _tunings += 1
-    # do_bench times on the current GPU's stream, and each launch runs on its operands' GPU (launch.py)
-    with _on_gpu(index):
+    with _on_gpu(index):  # (each launch runs on its operands' GPU, launch.py; do_bench times the current one)
         best = _tune(launch, candidates, first_bonus_ms, host_ms)
     with _lock:
         entries = _load()
@@ -249,9 +253,6 @@ def pick(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[di
         _save({full_key: best})
     _picked[(index, name, key)] = (candidates, best)
     return best
-
-
-_on_gpu = torch.cuda.device  # (tests without a GPU replace it)
 
 
 def _tune(launch: Callable[[dict], object], candidates: Sequence[dict], first_bonus_ms: float,
