@@ -128,7 +128,8 @@ class DirectLauncher:
     def __call__(self, grid: tuple, *args, **constexprs):
         # Triton launches on the current GPU and its stream: make it the operands' (a model split over GPUs by a
         # device_map, or one on cuda:1 with cuda:0 current), for this launch only.
-        gpu = _gpu_of(args)
+        first = args[0] if args else None
+        gpu = first.get_device() if type(first) is torch.Tensor else _gpu_of(args)  # (the common case inline)
         current = torch.cuda.current_device() if gpu >= 0 else -1
         if gpu != current:
             with torch.cuda.device(gpu):

@@ -62,7 +62,10 @@ class AdamWBf16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            for device, params in _by_device(group["params"]).items():
+            parts = _by_device(group["params"])
+            for key in [key for key in self._layouts if key[0] == index and key[1] not in parts]:
+                del self._layouts[key]  # every parameter of that part moved to another device (laid out there)
+            for device, params in parts.items():
                 if not any(p.grad is not None for p in params):
                     continue
                 layout = self._layouts.get((index, device))
@@ -211,8 +214,8 @@ class _Layout:
         """The kernel writes fp32 through each parameter's address, for the numel it was laid out with: refuse a
         parameter changed since (another dtype, shape or device) rather than write past it."""
         for p, shape in zip(self.params, self.shapes):
-            if p.shape != shape or p.dtype != torch.float32 or p.device != self.device or not p.is_contiguous():
-                raise ValueError("params: a parameter changed shape, dtype, device or layout after AdamWBf16's first "
+            if p.shape != shape or p.dtype != torch.float32 or not p.is_contiguous():  # (a move: another part)
+                raise ValueError("params: a parameter changed shape, dtype or layout after AdamWBf16's first "
                                  "step; make a new optimizer for it")
 
 

@@ -62,7 +62,11 @@ def _stop_if_diverged(loss_sum: float, step: int, config: TrainConfig, params=()
 
 def train(config: TrainConfig, console=None) -> dict:
     """Check the inputs, train, write the outputs; returns the run summary."""
-    return run(prepare(config), console)
+    plan = prepare(config)
+    # The run's GPU current while it runs (the caller's after): a launch on another GPU than the current one
+    # switches devices each time (kernels/launch.py), and torch's defaults ("cuda") go to the current one.
+    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
+        return run(plan, console)
 
 
 # transformers' Trainer.get_decay_parameter_names: no weight decay on these (biases, norm weights).

@@ -176,8 +176,8 @@ def test_a_launch_runs_with_its_operands_gpu_current(kernel, monkeypatch):
     monkeypatch.setattr(launcher.driver, "get_current_stream",
                         lambda index: streams.append((index, state["current"])) or 99, raising=False)
     operands_gpu = {"index": 1}
-    monkeypatch.setattr(launch_module, "_gpu_of", lambda args: operands_gpu["index"])
     x = torch.zeros(64)
+    x.get_device = lambda: operands_gpu["index"]  # a stand-in for a tensor on that GPU
     for _ in range(2):  # through Triton, then direct
         launcher((1,), x, 16, 0.5, False, WIDTH=32)
     assert state["switches"] == [1, 1] and state["current"] == 0  # the caller's GPU again after each
@@ -187,11 +187,24 @@ def test_a_launch_runs_with_its_operands_gpu_current(kernel, monkeypatch):
     launcher((1,), x, 16, 0.5, False, WIDTH=32)
     assert state["switches"] == [1, 1]  # on the current GPU: no switch (its own compiled entry: the key has the GPU)
     assert len(through_triton) == 2
+    # Triton's own path (direct launches off, a profiler's hook, ...) is switched too
+    operands_gpu["index"] = 1
+    triton_run, current_at_run = launcher.kernel.run, []
+    monkeypatch.setattr(launcher.kernel, "run",
+                        lambda *a, **kw: current_at_run.append(state["current"]) or triton_run(*a, **kw))
+    monkeypatch.setenv("MOETUNE_DIRECT_LAUNCH", "0")
+    launcher((1,), x, 16, 0.5, False, WIDTH=32)
+    assert current_at_run == [1] and state["current"] == 0
 
 
 def test_the_operands_gpu_is_the_first_tensors():
     assert launch_module._gpu_of((3, torch.zeros(2), 0.5)) == -1  # a CPU tensor (the interpreter): no GPU
     assert launch_module._gpu_of((3, 0.5, True)) == -1
+    if launch_module.TensorDescriptor is not None:  # a descriptor counts by its base
+        on_gpu_1 = torch.zeros(64)
+        on_gpu_1.get_device = lambda: 1
+        descriptor = launch_module.TensorDescriptor(on_gpu_1, [8, 8], [8, 1], [8, 8])
+        assert launch_module._gpu_of((3, descriptor, torch.zeros(2))) == 1
     if torch.cuda.is_available():
         assert launch_module._gpu_of((3, torch.nn.Parameter(torch.zeros(2, device="cuda:0")), torch.zeros(2))) == 0
 

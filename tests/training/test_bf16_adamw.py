@@ -309,7 +309,7 @@ def test_a_parameter_changed_after_the_first_step_is_refused(device):
     optimizer.step()
     params[0].data = params[0].data.double()
     params[0].grad = torch.ones_like(params[0])
-    with pytest.raises(ValueError, match="params: a parameter changed shape, dtype, device or layout"):
+    with pytest.raises(ValueError, match="params: a parameter changed shape, dtype or layout"):
         optimizer.step()
 
 
@@ -359,16 +359,42 @@ def test_step_in_backward_state_dict_round_trip(device):
                for i in saved)
 
 
-def test_a_group_over_two_devices_is_laid_out_per_device():
+def test_a_group_over_two_devices_is_laid_out_per_device(device, monkeypatch):
     """A model split over GPUs by a device_map puts one group's parameters on several devices: each device's part
-    gets its own flat moments (one launch on that device), in the group's order."""
+    gets its own flat moments (one launch on that device). Parts stood in for by a split of one device's group: the
+    steps are torch's AdamW's, state_dict() has one optimizer's layout, and a part whose parameters all moved is
+    dropped with its buffers."""
     from moetune.training.bf16_adamw import _by_device
 
     a, b, c = torch.zeros(2), torch.zeros(3, device="meta"), torch.zeros(4)
     parts = _by_device([a, b, c])
     assert list(parts) == [torch.device("cpu"), torch.device("meta")]
-    assert parts[torch.device("cpu")][0] is a and parts[torch.device("cpu")][1] is c and parts[torch.device("meta")][0] is b
-    optimizer = AdamWBf16([torch.nn.Parameter(a), torch.nn.Parameter(b)], lr=1e-2)
-    optimizer.param_groups[0]["params"][0].grad = torch.ones(2)  # the meta part has no gradient: not stepped
+    assert [id(p) for p in parts[torch.device("cpu")]] == [id(a), id(c)] and parts[torch.device("meta")][0] is b
+
+    params, reference = params_and_reference(device)
+    split = {"gpu 0": [0, 2], "gpu 1": [1]}  # parameter indices of each stand-in device
+    monkeypatch.setattr(bf16_adamw, "_by_device",
+                        lambda group: {name: [group[i] for i in indices] for name, indices in split.items()})
+    optimizer = AdamWBf16(params, lr=1e-2, weight_decay=0.1)
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1)
+    set_grads(params, reference, torch.Generator().manual_seed(1))
     optimizer.step()
-    assert list(optimizer._layouts) == [(0, torch.device("cpu"))]
+    torch_adamw.step()
+    assert sorted(optimizer._layouts) == [(0, "gpu 0"), (0, "gpu 1")]
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    saved = optimizer.state_dict()
+    assert sorted(saved["state"]) == [0, 1, 2] and saved["param_groups"][0]["params"] == [0, 1, 2]
+
+    whole = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=1e-2, weight_decay=0.1)
+    whole.load_state_dict(saved)  # into one layout
+    for i, p in enumerate(whole.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(whole.state[p][key], optimizer.state[params[i]][key])
+
+    split.clear()
+    split["gpu 1"] = [0, 1, 2]  # every parameter of "gpu 0" moved to "gpu 1"
+    set_grads(params, reference, torch.Generator().manual_seed(2))
+    optimizer.step()
+    assert list(optimizer._layouts) == [(0, "gpu 1")]
+    assert all(optimizer.state[p]["step"].item() == 2 for p in params)  # the moved state went along

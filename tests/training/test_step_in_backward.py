@@ -297,3 +297,39 @@ def test_8bit_adamw_steps_in_backward_as_one_8bit_optimizer():
     resumed = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
     optimizer.remove_hooks()
     resumed.load_state_dict(optimizer.state_dict())  # the layout of one 8-bit optimizer
+
+
+def test_a_chunks_last_gradients_from_two_threads_step_it_once(monkeypatch):
+    """A model split over GPUs brings gradients on one autograd thread per GPU: two threads bringing a chunk's last
+    gradients at once must step it once (the arrivals are counted under a lock)."""
+    import threading
+    import time
+
+    weights = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    optimizer = StepInBackward(weights, torch.optim.SGD, lr=0.5)
+    (_, inner, chunk), = optimizer._chunks
+    assert len(chunk) == 2
+    steps = []
+    real_step = inner.step
+    monkeypatch.setattr(inner, "step", lambda: steps.append(1) or real_step())
+
+    class SlowSet(set):  # hands the GIL over between the arrival and the count, where the threads would collide
+        def add(self, item):
+            super().add(item)
+            time.sleep(0.01)
+
+    optimizer._arrived[0] = SlowSet()
+    barrier = threading.Barrier(2)
+
+    def arrive(p):
+        p.grad = torch.ones(4)
+        barrier.wait()
+        optimizer._on_gradient(p)
+
+    threads = [threading.Thread(target=arrive, args=(p,)) for p in weights]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert steps == [1]
+    assert all(torch.equal(p.detach(), torch.full((4,), 0.5)) for p in weights)
