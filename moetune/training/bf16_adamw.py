@@ -212,9 +212,10 @@ class _Layout:
 
     def check(self) -> None:
         """The kernel writes fp32 through each parameter's address, for the numel it was laid out with: refuse a
-        parameter changed since (another dtype, shape or device) rather than write past it."""
+        parameter changed since (another dtype, shape or layout) rather than write past it. (A parameter moved to
+        another device lands in another part, laid out anew: AdamWBf16.step.)"""
         for p, shape in zip(self.params, self.shapes):
-            if p.shape != shape or p.dtype != torch.float32 or not p.is_contiguous():  # (a move: another part)
+            if p.shape != shape or p.dtype != torch.float32 or not p.is_contiguous():
                 raise ValueError("params: a parameter changed shape, dtype or layout after AdamWBf16's first "
                                  "step; make a new optimizer for it")
 
