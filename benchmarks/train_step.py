@@ -397,13 +397,14 @@ def run(provider, source, config, seq, args, device) -> dict:
     plan, probe_peaks = None, None
     if provider == "moetune":
         from moetune import lora_linear
-        from moetune.models import fast_sinks, hook, recompute
+        from moetune.models import fast_routers, fast_sinks, hook, recompute
 
         # off: measure what the recompute skip gains (the experts' down projection in each recompute)
         hook.recomputing = recompute.recomputing if args.recompute_skip == "on" else (lambda: False)
         fast_sinks.CAUSAL_ON_FUSED_ATTENTION = args.sink_causal == "on"
         if args.lora_concat == "off":  # on: the library's own ratio (one setting a process, as args are)
             lora_linear.CONCAT_K_MIN_RATIO = None
+        fast_routers.TENSOR_CORE_LOGITS = args.router_logits == "bf16"
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
@@ -533,6 +534,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-concat", default="on", choices=["on", "off"],
                         help="moetune: projections at least 4x wider than their input (MLA's q_b / kv_b) add the LoRA "
                              "term inside their one GEMM over [x | u] [W | B]^T (moetune/lora_linear.py)")
+    parser.add_argument("--router-logits", default="bf16", choices=["bf16", "fp32"],
+                        help="moetune: the sigmoid routers' fp32 Linear (GLM, DeepSeek-V3) on bf16 tensor cores with "
+                             "fp32 accumulation and output (models/fast_routers.py; fp32: transformers' fp32 GEMM)")
     parser.add_argument("--recompute-skip", default="on", choices=["on", "off"],
                         help="moetune: checkpoint recomputes skip the experts' output (off: recompute it all)")
     parser.add_argument("--same-lora-init", action="store_true",
@@ -587,7 +591,7 @@ def main(argv=None) -> int:
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,
                             "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal,
-                            "lora_concat": args.lora_concat}
+                            "lora_concat": args.lora_concat, "router_logits": args.router_logits}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

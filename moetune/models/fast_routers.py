@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora_linear import _autocast_dtype, _mm_fp32
 from . import instance_forward
 from .code_match import known_form, source_body_dump
 from .fast_norms import fast_norm_available
@@ -42,6 +43,9 @@ from .fast_norms import fast_norm_available
 __all__ = ["VARIANTS", "fused_routers", "install_fast_routers", "router_variant", "uninstall_fast_routers"]
 
 _VARIANT_ATTR = "_moetune_router_variant"
+# The sigmoid routers' fp32 Linear on bf16 tensor cores where that computes the same sums (_Bf16RouterLogits);
+# False: transformers' fp32 GEMM (benchmarks' A/B)
+TENSOR_CORE_LOGITS = True
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SOFTMAX_TOPK = """
@@ -156,7 +160,6 @@ def _sigmoid_router_fits(module: nn.Module) -> bool:
 def _kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel can take the logits F.linear(x, weight) will make (their dtype under autocast too)."""
     from ..experts.backends.triton import probe
-    from ..lora_linear import _autocast_dtype
 
     if torch.compiler.is_compiling() or x.device != weight.device:
         return False
@@ -183,16 +186,56 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
 
 
 def _sigmoid_forward(self: nn.Module, hidden_states: torch.Tensor):
-    """transformers' sigmoid router: its fp32 Linear as written, the rest in one launch each way."""
+    """transformers' sigmoid router: its fp32 Linear (on tensor cores where that computes the same, _router_logits),
+    the rest in one launch each way."""
     from ..kernels.sigmoid_router_topk import sigmoid_router_topk
 
     hidden_states = hidden_states.view(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    router_logits = _router_logits(hidden_states, self.weight)
     topk_weights, topk_indices = sigmoid_router_topk(
         router_logits, self.e_score_correction_bias, self.top_k, num_groups=self.num_group,
         topk_groups=self.topk_group, normalize=bool(self.norm_topk_prob), scale=self.routed_scaling_factor,
     )
     return router_logits, topk_weights, topk_indices
+
+
+def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x.float(), weight.float()), the sigmoid routers' fp32 Linear: through _Bf16RouterLogits for bf16 x and
+    weight on CUDA (TENSOR_CORE_LOGITS), as transformers writes it otherwise. fp16 keeps the fp32 GEMM: the split of
+    the fp32 gradient into fp16 parts would overflow or flush where bf16's exponent range does not."""
+    if TENSOR_CORE_LOGITS and x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and _autocast_dtype("cuda") is None:
+        return _Bf16RouterLogits.apply(x, weight)
+    return F.linear(x.type(torch.float32), weight.type(torch.float32))
+
+
+class _Bf16RouterLogits(torch.autograd.Function):
+    """x weight^T in fp32 for bf16 x [N, H] and weight [E, H], as F.linear(x.float(), weight.float()) computes it.
+
+    A bf16 x bf16 product is exact in fp32, so a bf16 tensor-core GEMM that accumulates and stores in fp32 computes
+    the same sums (in another order) without the fp32 copy of x and cuBLAS' fp32 GEMM, which runs on the FMA units
+    (GLM-4.7-Flash at 8K: 63 us a call and a 67 MB copy of x, run 61g's profile).
+    The input gradient g weight (g the fp32 logits' gradient) runs as one bf16 GEMM over g split in two bf16 parts,
+    [hi | lo] [weight ; weight] with hi = bf16(g), lo = bf16(g - hi): g to ~2^-17 relative, the products exact, the
+    sum accumulated in fp32 and rounded to bf16 once, as the cast after transformers' fp32 GEMM rounds it (hi alone
+    would differ from it by an ulp in a large share of the elements: tests/models/test_fast_routers.py).
+    A trainable weight gets g^T x in fp32, cast to its dtype, as autograd through transformers' casts gives it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return _mm_fp32(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            hi = grad.to(weight.dtype)
+            lo = (grad - hi.float()).to(weight.dtype)
+            grad_x = torch.cat((hi, lo), 1) @ torch.cat((weight, weight))
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.t() @ x.float()).to(weight.dtype)
+        return grad_x, grad_weight
 
 
 def install_fast_routers(model: nn.Module) -> int:

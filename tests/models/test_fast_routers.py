@@ -124,3 +124,125 @@ def test_the_class_forward_runs_where_the_kernel_cannot():
     uninstall_fast_routers(model)
     want = router(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _bf16_gradient_excess(grad: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> float:
+    """How far grad (bf16) lies from the exact g @ weight beyond half a bf16 ulp of it, as a share of |g| @ |weight|
+    (the scale a rounding of g or of the sum's terms errs by)."""
+    exact = g.double() @ weight.double()
+    half_ulp = torch.finfo(torch.bfloat16).eps / 2 * exact.abs()
+    return (((grad.double() - exact).abs() - half_ulp) / (g.double().abs() @ weight.double().abs())).max().item()
+
+
+def _router_case(device: str, tokens: int, hidden: int, experts: int, seed: int = 0):
+    """bf16 hidden states and router weight, and a logits gradient spanning six orders of magnitude (fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16().to(device)
+    weight = (torch.randn(experts, hidden, generator=gen) * 0.02).bfloat16().to(device)
+    g = (torch.randn(tokens, experts, generator=gen) * torch.logspace(-6, 0, experts)).to(device)
+    return x, weight, g
+
+
+def _through_fp32_linear(x, weight, g):
+    """transformers' sigmoid router Linear: logits and the gradients autograd gives through its casts."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    logits = torch.nn.functional.linear(x.type(torch.float32), weight.type(torch.float32))
+    logits.backward(g)
+    return logits.detach(), x.grad, weight.grad
+
+
+def _through_bf16_logits(x, weight, g, *, train_weight: bool = False):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_(train_weight)
+    logits = fast_routers._Bf16RouterLogits.apply(x, weight)
+    logits.backward(g)
+    return logits.detach(), x.grad, weight.grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_router_logits_compute_the_fp32_linear(seed):
+    """The logits are the fp32 Linear's; the input gradient, split in two bf16 parts, lies within 2^-15 of the exact
+    gradient's scale beyond bf16's rounding (the fp32 GEMM's: ~2^-25; rounding g to bf16 alone: ~2^-8.5, rejected
+    here) and equals the fp32 path's in >= 99% of the elements."""
+    x, weight, g = _router_case("cpu", 257, 384, 64, seed)
+    logits, grad_x, grad_weight = _through_bf16_logits(x, weight, g)
+    ref_logits, ref_grad_x, _ = _through_fp32_linear(x, weight, g)
+    assert logits.dtype == torch.float32 and torch.allclose(logits, ref_logits, rtol=1e-6, atol=1e-6)
+    assert grad_x.dtype == torch.bfloat16 and grad_weight is None
+    assert _bf16_gradient_excess(grad_x, g, weight) < 2**-15
+    assert _bf16_gradient_excess((g.bfloat16() @ weight), g, weight) > 2**-15  # the criterion tells hi alone apart
+    assert (grad_x == ref_grad_x).float().mean().item() >= 0.99
+
+
+def test_bf16_router_logits_give_a_trainable_weight_its_gradient():
+    x, weight, g = _router_case("cpu", 65, 96, 8)
+    _, grad_x, grad_weight = _through_bf16_logits(x, weight, g, train_weight=True)
+    _, ref_grad_x, ref_grad_weight = _through_fp32_linear(x, weight, g)
+    assert grad_weight.dtype == torch.bfloat16 and relative_error(grad_weight, ref_grad_weight) < 1e-2
+    assert (grad_weight == ref_grad_weight).float().mean().item() >= 0.99
+
+
+def test_bf16_router_logits_take_no_tokens():
+    x, weight, g = _router_case("cpu", 0, 96, 8)
+    logits, grad_x, _ = _through_bf16_logits(x, weight, g)
+    assert logits.shape == (0, 8) and grad_x.shape == (0, 96)
+
+
+def test_the_fp32_linear_stays_where_bf16_logits_do_not_apply(monkeypatch):
+    """CPU tensors, fp16 (its range cannot hold g's split), and TENSOR_CORE_LOGITS off: transformers' fp32 GEMM."""
+    calls = []
+    monkeypatch.setattr(fast_routers._Bf16RouterLogits, "apply", lambda *a: calls.append(a))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, weight = torch.randn(5, 16, dtype=dtype), torch.randn(4, 16, dtype=dtype)
+        got = fast_routers._router_logits(x, weight)
+        assert torch.equal(got, torch.nn.functional.linear(x.float(), weight.float()))
+    assert not calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 8192])
+def test_bf16_router_logits_on_a_gpu(tokens):
+    """GLM-4.7-Flash's router shape (2048 -> 64 experts) on cuBLAS: the fp32 GEMM's logits to fp32 rounding, the
+    input gradient within 2^-15 of its scale beyond bf16's rounding, as on CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    x, weight, g = _router_case("cuda", tokens, 2048, 64)
+    logits, grad_x, _ = _through_bf16_logits(x, weight, g)
+    taken = fast_routers._router_logits(x.detach().requires_grad_(), weight).grad_fn
+    assert type(taken).__name__ == "_Bf16RouterLogitsBackward"
+    ref_logits, ref_grad_x, _ = _through_fp32_linear(x, weight, g)
+    exact = x.double() @ weight.double().t()
+    scale = x.double().abs() @ weight.double().abs().t()
+    assert ((logits.double() - exact).abs() / scale).max().item() < 1e-6
+    assert ((ref_logits.double() - exact).abs() / scale).max().item() < 1e-6
+    assert _bf16_gradient_excess(grad_x, g, weight) < 2**-15
+    assert (grad_x == ref_grad_x).float().mean().item() >= 0.99
+
+
+@pytest.mark.gpu
+def test_a_bf16_sigmoid_router_on_a_gpu_chooses_transformers_experts():
+    """glm4_moe_lite's router at GLM-4.7-Flash's width in bf16 on CUDA, fused (logits on tensor cores) against its
+    class forward: the same experts for every token (a swap needs two scores within fp32 rounding), the weights to
+    fp32 rounding, the input gradient as test_bf16_router_logits_on_a_gpu says."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    config = tiny_config("glm4_moe_lite")
+    config.update(hidden_size=2048, n_routed_experts=64, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    model = auto_class("glm4_moe_lite").from_config(config, dtype=torch.bfloat16).cuda()
+    router = next(m for m in model.modules() if router_variant(m) is not None)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.02)
+        router.e_score_correction_bias.normal_(0, 0.01)
+    x = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        (install_fast_routers if fused else uninstall_fast_routers)(model)
+        xi = x.clone().requires_grad_()
+        logits, weights, ids = router(xi)
+        (weights.float() * torch.linspace(-1, 1, weights.numel(), device="cuda").view_as(weights)).sum().backward()
+        order = ids.sort(-1)
+        results.append((logits, weights.gather(1, order.indices), order.values, xi.grad))
+    (logits, weights, ids, grad), (ref_logits, ref_weights, ref_ids, ref_grad) = results
+    assert torch.equal(ids, ref_ids)
+    assert relative_error(logits, ref_logits) < 1e-6 and relative_error(weights, ref_weights) < 1e-5
+    assert relative_error(grad, ref_grad) < 1e-2
