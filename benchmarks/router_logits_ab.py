@@ -1,7 +1,8 @@
 """The sigmoid routers' fp32 Linear: transformers' fp32 GEMM against moetune's bf16 tensor-core path, one process.
 
 One router call forward and backward (the input gradient; the router frozen) at a model's router shape, each way
-timed with harness.measure, then the two ways' logits and input gradients against float64. GLM-4.7-Flash and
+timed with harness.measure and its GPU busy time from a profile of 20 steps queued back to back (a slow host
+makes the timed step host-bound: run 68), then the two ways' logits and input gradients against float64. GLM-4.7-Flash and
 DeepSeek-V3-style routers (models/fast_routers.py, _Bf16RouterLogits) compute these logits in fp32 from bf16 inputs.
 
     python benchmarks/router_logits_ab.py --tokens 8192 16384 --out results/router-logits-ab.json
@@ -17,11 +18,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import block_timing  # noqa: E402
 import harness  # noqa: E402
 
 from moetune.models import fast_routers  # noqa: E402
 
 # (hidden size, routed experts) of the published configs
+PROFILED = 20  # steps in the profile that gives the GPU busy time
 SHAPES = {"glm-4.7-flash": (2048, 64), "deepseek-v3": (7168, 256), "glm-4.5-air": (4096, 128)}
 
 
@@ -72,10 +75,14 @@ def main(argv=None) -> int:
         for on in (False, True, False, True):  # alternating: the second pair checks the first
             fast_routers.TENSOR_CORE_LOGITS = on
             result = harness.measure(step, device, args.warmup, args.repeat)
+            if device.type == "cuda":
+                busy = block_timing.gaps(step, steps=PROFILED)
+                result.update(gpu_busy_us=busy["busy_ms"] * 1e3 / PROFILED, gpu_ops=busy["gpu_ops"] / PROFILED)
             row = {"tokens": tokens, "way": "bf16 tensor cores" if on else "fp32 (transformers)", **result,
                    **errors(x, weight, g, on)}
             rows.append(row)
-            print(f"{tokens:6d} {row['way']:20s} {row['ms'] * 1e3:8.1f} us (queued {row.get('queued_ms', 0) * 1e3:7.1f})"
+            print(f"{tokens:6d} {row['way']:20s} {row['ms'] * 1e3:8.1f} us (queued {row.get('queued_ms', 0) * 1e3:7.1f},"
+                  f" GPU busy {row.get('gpu_busy_us', 0):6.1f} in {row.get('gpu_ops', 0):.0f} ops)"
                   f"  logits err {row['logits_error']:.1e}  grad err {row['grad_error']:.1e}", flush=True)
     fast_routers.TENSOR_CORE_LOGITS = True
     if args.out:

@@ -212,8 +212,10 @@ class _Bf16RouterLogits(torch.autograd.Function):
     """x weight^T in fp32 for bf16 x [N, H] and weight [E, H], as F.linear(x.float(), weight.float()) computes it.
 
     A bf16 x bf16 product is exact in fp32, so a bf16 tensor-core GEMM that accumulates and stores in fp32 computes
-    the same sums (in another order) without the fp32 copy of x and cuBLAS' fp32 GEMM, which runs on the FMA units
-    (GLM-4.7-Flash at 8K: 63 us a call and a 67 MB copy of x, run 61g's profile).
+    the same sums, without the fp32 copy of x and cuBLAS' fp32 GEMM, which runs on the FMA units (GLM-4.7-Flash at
+    8K: 58 us a call and a 67 MB copy of x, run 61g's profile). Tensor cores add in fp32 but truncate: the logits
+    err ~2e-6 relative on an H100 against the fp32 GEMM's ~2e-7 (run 68), both far inside the bf16 rounding of the
+    hidden states they come from; a token whose k-th and (k+1)-th expert score within that may choose the other.
     The input gradient g weight (g the fp32 logits' gradient) runs as one bf16 GEMM over g split in two bf16 parts,
     [hi | lo] [weight ; weight] with hi = bf16(g), lo = bf16(g - hi): g to ~2^-17 relative, the products exact, the
     sum accumulated in fp32 and rounded to bf16 once, as the cast after transformers' fp32 GEMM rounds it (hi alone
@@ -230,9 +232,11 @@ class _Bf16RouterLogits(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            hi = grad.to(weight.dtype)
-            lo = (grad - hi.float()).to(weight.dtype)
-            grad_x = torch.cat((hi, lo), 1) @ torch.cat((weight, weight))
+            parts = grad.new_empty(grad.shape[0], 2 * grad.shape[1], dtype=weight.dtype)
+            hi, lo = parts.split(grad.shape[1], 1)
+            hi.copy_(grad)
+            lo.copy_(grad - hi)  # fp32 (promoted), exact: hi is g rounded
+            grad_x = parts @ torch.cat((weight, weight))
         if ctx.needs_input_grad[1]:
             grad_weight = (grad.t() @ x.float()).to(weight.dtype)
         return grad_x, grad_weight

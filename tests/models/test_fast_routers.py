@@ -220,13 +220,15 @@ def test_bf16_router_logits_on_a_gpu(tokens):
 
 @pytest.mark.gpu
 def test_a_bf16_sigmoid_router_on_a_gpu_chooses_transformers_experts():
-    """glm4_moe_lite's router at GLM-4.7-Flash's width in bf16 on CUDA, fused (logits on tensor cores) against its
-    class forward: the same experts for every token (a swap needs two scores within fp32 rounding), the weights to
-    fp32 rounding, the input gradient as test_bf16_router_logits_on_a_gpu says."""
+    """glm4_moe_lite's router at GLM-4.7-Flash's width in bf16 on CUDA, fused (logits on tensor cores, which truncate
+    in their fp32 sums) against its class forward: the same experts but where transformers' own choice scores of the
+    two sets lie within 1e-5 (a near tie; 1e-3 of the tokens at most), the weights of the tokens that chose alike
+    to fp32 rounding, the input gradient to bf16 rounding."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     config = tiny_config("glm4_moe_lite")
-    config.update(hidden_size=2048, n_routed_experts=64, num_experts_per_tok=4)
+    config.update({"hidden_size": 2048, "n_routed_experts": 64, "num_experts_per_tok": 4, "n_group": 1,
+                   "topk_group": 1})
     torch.manual_seed(0)
     model = auto_class("glm4_moe_lite").from_config(config, dtype=torch.bfloat16).cuda()
     router = next(m for m in model.modules() if router_variant(m) is not None)
@@ -243,6 +245,9 @@ def test_a_bf16_sigmoid_router_on_a_gpu_chooses_transformers_experts():
         order = ids.sort(-1)
         results.append((logits, weights.gather(1, order.indices), order.values, xi.grad))
     (logits, weights, ids, grad), (ref_logits, ref_weights, ref_ids, ref_grad) = results
-    assert torch.equal(ids, ref_ids)
-    assert relative_error(logits, ref_logits) < 1e-6 and relative_error(weights, ref_weights) < 1e-5
-    assert relative_error(grad, ref_grad) < 1e-2
+    choice = ref_logits.sigmoid() + router.e_score_correction_bias  # transformers' scores_for_choice
+    alike = (ids == ref_ids).all(-1)
+    gap = choice.gather(1, ref_ids).sum(-1) - choice.gather(1, ids).sum(-1)
+    assert alike.float().mean().item() >= 0.999 and gap.max().item() <= 1e-5
+    assert relative_error(logits, ref_logits) < 1e-5 and relative_error(weights[alike], ref_weights[alike]) < 1e-5
+    assert relative_error(grad[alike], ref_grad[alike]) < 1e-2
