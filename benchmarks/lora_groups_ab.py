@@ -47,9 +47,15 @@ class _Projections(nn.Module):
 
 
 def build(model: str, rank: int, dtype, device):
+    width, members = PROJECTIONS[model]
+    return build_projections(width, members, rank, dtype, device), width
+
+
+def build_projections(width: int, members, rank: int, dtype, device) -> nn.Module:
+    """Linear layers (name, out width, bias) on one input of this width, with peft LoRA (fp32 factors on the base's
+    dtype) through moetune's fast path."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    width, members = PROJECTIONS[model]
     torch.manual_seed(0)
     module = _Projections(width, members, dtype, device)
     module = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=module.names), module)
@@ -60,7 +66,7 @@ def build(model: str, rank: int, dtype, device):
                 nn.init.normal_(p, std=0.02)
         p.requires_grad_("lora_" in name)
     assert lora_linear.install_fast_lora_linear(module) == len(members)
-    return module, width
+    return module
 
 
 def set_grouped(module: nn.Module, grouped: bool) -> None:

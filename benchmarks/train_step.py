@@ -405,6 +405,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         if args.lora_concat == "off":  # on: the library's own ratio (one setting a process, as args are)
             lora_linear.CONCAT_K_MIN_RATIO = None
         fast_routers.TENSOR_CORE_LOGITS = args.router_logits == "bf16"
+        lora_linear.LORA_TERM_FIRST = args.lora_term == "first"
         offload = {"auto": None, "on": True, "off": False}[args.offload]
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
@@ -534,6 +535,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-concat", default="on", choices=["on", "off"],
                         help="moetune: projections at least 4x wider than their input (MLA's q_b / kv_b) add the LoRA "
                              "term inside their one GEMM over [x | u] [W | B]^T (moetune/lora_linear.py)")
+    parser.add_argument("--lora-term", default="first", choices=["first", "last"],
+                        help="moetune: the LoRA Linear path writes the LoRA term first and each base GEMM adds into it "
+                             "(moetune/lora_linear.py; last: the base GEMM, then the LoRA term added in a pass of "
+                             "its own)")
     parser.add_argument("--router-logits", default="bf16", choices=["bf16", "fp32"],
                         help="moetune: the sigmoid routers' fp32 Linear (GLM, DeepSeek-V3) on bf16 tensor cores with "
                              "fp32 accumulation and output (models/fast_routers.py; fp32: transformers' fp32 GEMM)")
@@ -591,7 +596,8 @@ def main(argv=None) -> int:
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,
                             "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal,
-                            "lora_concat": args.lora_concat, "router_logits": args.router_logits}
+                            "lora_concat": args.lora_concat, "router_logits": args.router_logits,
+                            "lora_term": args.lora_term}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

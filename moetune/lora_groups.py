@@ -79,10 +79,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         ranks = tuple(A.shape[0] for A in As)
         outputs, start = [], 0
         for weight, bias, B, rank, s in zip(weights, biases, B_c, ranks, scalings):
-            y = lora_linear.base_output(x, x2, weight, bias)
-            # one rounding of base + LoRA, as lora_linear
-            y.view(-1, y.shape[-1]).addmm_(U[:, start:start + rank], B.t(), alpha=1 if folded else s)
-            outputs.append(y)
+            outputs.append(lora_linear.lora_output(x, x2, weight, bias, U[:, start:start + rank], B, 1 if folded else s))
             start += rank
         casts = (A_cat,) + tuple(c for c, B in zip(B_c, Bs) if c is not B)
         saved_tensors.save(ctx, x, U, A_cat, *weights, *B_c, hold=casts)
@@ -117,17 +114,14 @@ class LoRAGroupFunction(torch.autograd.Function):
                 start += rank
 
         dx = None
-        if need[0]:
-            for dy, weight in zip(dys, weights):
-                if dy is not None:
-                    dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
-            if dx is not None:  # (autograd calls backward with at least one output gradient)
-                if folded or len(set(scalings)) == 1:
-                    dx.addmm_(G, A_cat, alpha=1 if folded else scalings[0])
-                else:  # fp16, unequal scales: each member's columns of G scaled by its own s
-                    scale = torch.cat([G.new_full((rank,), s) for rank, s in zip(ranks, scalings)])
-                    dx.addmm_(G * scale, A_cat)
-                dx = dx.view(shape)
+        if need[0]:  # (autograd calls backward with at least one output gradient)
+            bases = [(dy, weight) for dy, weight in zip(dys, weights) if dy is not None]
+            if folded or len(set(scalings)) == 1:
+                lora, alpha = (G, A_cat), 1 if folded else scalings[0]
+            else:  # fp16, unequal scales: each member's columns of G scaled by its own s
+                scale = torch.cat([G.new_full((rank,), s) for rank, s in zip(ranks, scalings)])
+                lora, alpha = (G * scale, A_cat), 1
+            dx = lora_linear.lora_sum(x.new_empty(x.shape), lora, bases, alpha).view(shape)
 
         dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
         scaled = dA_cat is not None and len(set(scalings)) == 1

@@ -27,9 +27,9 @@ is a few times in + R, which the choice checks: decode steps keep the two GEMMs)
 is not folded into A (fp16) the two-GEMM form stays.
 
 Precision (bf16 activations, fp32 master factors):
-- The LoRA branch is added inside the second GEMM (addmm with beta=1): the base output is rounded to bf16, then
-  its sum with the LoRA term is rounded to bf16 again (peft adds in fp32 and casts back). The concatenated form
-  rounds the sum once.
+- The LoRA term (+ b) is computed first and rounded to bf16; the base GEMM adds its product to it in fp32 (addmm_
+  with beta=1, in its epilogue) and rounds the sum once (peft rounds the base output, adds in fp32 and casts
+  back). The concatenated form rounds the sum once too. The input gradient alike: dx = (dy B) (s A), then + dy W.
 - s A is rounded to bf16 once, as A alone would be: for a power-of-2 s (lora_alpha / r, and rsLoRA's
   lora_alpha / sqrt(r), at the usual ranks and alphas) every result is bitwise that of scaling after the
   products (tested on CPU; the same arithmetic on a GPU); otherwise it differs by that one rounding's place.
@@ -69,6 +69,9 @@ GROUP_ATTR = "_moetune_lora_group"  # on a layer in a group of siblings that rea
 # and the concatenations are one launch more, host time where steps wait on their host (Qwen3's and gpt-oss's
 # projections are at most 2x wider than their input).
 CONCAT_K_MIN_RATIO: float | None = 4
+# The LoRA term computed first and each base GEMM adding into it (lora_sum); False: the base GEMM first and the LoRA
+# term added in a pass of its own (benchmarks' A/B)
+LORA_TERM_FIRST = True
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -158,9 +161,8 @@ def _concatenates(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
 
 def base_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) [..., out] from x's rows x2 [N, in], as a tensor of its own: a LoRA Function returns
-    it after adding to it in place, and a caller may change it in place too (OLMoE's clip_qkv clamps the
-    projections' outputs), which autograd refuses for a view made inside a Function. (F.linear of a 3-D x with a
-    bias returns a view of its 2-D product.)"""
+    it, and a caller may change it in place (OLMoE's clip_qkv clamps the projections' outputs), which autograd
+    refuses for a view made inside a Function. (F.linear of a 3-D x with a bias returns a view of its 2-D product.)"""
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     rows = y.view(-1, weight.shape[0])
     if bias is None:
@@ -168,6 +170,42 @@ def base_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: t
     else:
         torch.addmm(bias, x2, weight.t(), out=rows)
     return y
+
+
+def lora_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+                B_c: torch.Tensor, alpha: float) -> torch.Tensor:
+    """F.linear(x, weight, bias) + alpha u B_c^T [..., out] as a tensor of its own (as base_output's), through
+    lora_sum."""
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    lora_sum(y.view(-1, weight.shape[0]), (u, B_c.t()), [(x2, weight.t())], alpha, bias)
+    return y
+
+
+def lora_sum(out: torch.Tensor, lora: tuple, bases: list, alpha: float, bias: torch.Tensor | None = None):
+    """out = alpha a b (+ bias) + sum_i p_i q_i for lora = (a, b), the small LoRA product, and bases = [(p_i, q_i),
+    ...], one or more base products, whatever out held before.
+
+    LORA_TERM_FIRST: the LoRA product (+ bias) written first, each base GEMM then adding into it (addmm_, beta=1):
+    cuBLAS reads the LoRA term in the base GEMM's epilogue, under that GEMM's compute. Otherwise (the order before,
+    for benchmarks' A/B) the LoRA product is added last, in a pass of its own that reads and writes all of out again
+    (Qwen3-30B-A3B's q_proj output at 8K, [8192, 4096]: ~63 us a call on an H100, run 60c)."""
+    a, b = lora
+    if LORA_TERM_FIRST:
+        if bias is not None:
+            torch.addmm(bias, a, b, alpha=alpha, out=out)
+        else:
+            torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)  # beta=0 reads none of out (NaN included)
+        for p, q in bases:
+            out.addmm_(p, q)
+        return out
+    (p, q), *rest = bases
+    if bias is not None:
+        torch.addmm(bias, p, q, out=out)
+    else:
+        torch.mm(p, q, out=out)
+    for p, q in rest:
+        out.addmm_(p, q)
+    return out.addmm_(a, b, alpha=alpha)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -197,8 +235,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if folded and _concatenates(x2, weight, u.shape[1]):
             y = base_output(x, torch.cat((x2, u), 1), torch.cat((weight, B_c), 1), bias)  # [x | u] [W | B]^T
         else:
-            y = base_output(x, x2, weight, bias)
-            y.view(-1, y.shape[-1]).addmm_(u, B_c.t(), alpha=1 if folded else scaling)  # rounds the base output too
+            y = lora_output(x, x2, weight, bias, u, B_c, 1 if folded else scaling)
         hold = tuple(cast for cast, factor in ((A_c, lora_A), (B_c, lora_B)) if cast is not factor)
         saved_tensors.save(ctx, x, weight, A_c, B_c, u, hold=hold)
         ctx.scaling = scaling
@@ -218,7 +255,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x or need_A:
             g = dy2 @ B_c  # [N, R]
             if need_x:
-                dx = (dy2 @ weight).addmm_(g, A_c, alpha=1 if folded else s).reshape(x.shape)  # folded: A_c has s
+                dx = lora_sum(x2.new_empty(x2.shape), (g, A_c), [(dy2, weight)], 1 if folded else s)  # folded: A_c has s
+                dx = dx.reshape(x.shape)
             if need_A:
                 dA = _mm_fp32(g.t(), x2).mul_(s).to(A_dtype)
         if need_B:

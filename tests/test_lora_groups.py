@@ -72,9 +72,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("first", [True, False])  # lora_linear.LORA_TERM_FIRST: either order of the products
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead, d_in, shapes, scalings", CASES)
-def test_function_matches_float64(dtype, lead, d_in, shapes, scalings):
+def test_function_matches_float64(dtype, lead, d_in, shapes, scalings, first, monkeypatch):
+    monkeypatch.setattr(lora_linear, "LORA_TERM_FIRST", first)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*lead, d_in, generator=gen).to(dtype).requires_grad_()
     members = [_member(d_in, out, rank, dtype, bias, gen) for out, rank, bias in shapes]

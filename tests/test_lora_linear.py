@@ -126,10 +126,13 @@ def _saved(fn):
     return {id(t) for t in packed}, out
 
 
+@pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("s", [2.0, 0.5, 8.0])
-def test_a_power_of_two_scale_folded_into_a_is_bitwise_scaling_after_the_products(s):
+def test_a_power_of_two_scale_folded_into_a_is_bitwise_scaling_after_the_products(s, first, monkeypatch):
     """s A is cast with A: for a power-of-2 s that is exact, so output and gradients are bitwise those of casting A
-    and scaling each product's result (alpha), as before the fold."""
+    and scaling each product's result (alpha), as before the fold; in either order of the LoRA and base products
+    (lora_linear.LORA_TERM_FIRST)."""
+    monkeypatch.setattr(lora_linear, "LORA_TERM_FIRST", first)
     gen = torch.Generator().manual_seed(5)
     x, weight, _, A, B = _factors((7,), 24, 20, 4, torch.bfloat16, False, gen)
     y = LoRALinearFunction.apply(x, weight, None, A, B, s)
@@ -138,9 +141,13 @@ def test_a_power_of_two_scale_folded_into_a_is_bitwise_scaling_after_the_product
     with torch.no_grad():
         A_c, B_c = A.to(torch.bfloat16), B.to(torch.bfloat16)
         u = x @ A_c.t()
-        want_y = (x @ weight.t()).addmm_(u, B_c.t(), alpha=s)
         g = dy @ B_c
-        want_dx = (dy @ weight).addmm_(g, A_c, alpha=s)
+        if first:  # the LoRA term (alpha: s applied to the product), the base product added into it
+            want_y = torch.addmm(u.new_empty(7, 20), u, B_c.t(), beta=0, alpha=s).addmm_(x, weight.t())
+            want_dx = torch.addmm(g.new_empty(7, 24), g, A_c, beta=0, alpha=s).addmm_(dy, weight)
+        else:  # the base product, the LoRA term added after it
+            want_y = (x @ weight.t()).addmm_(u, B_c.t(), alpha=s)
+            want_dx = (dy @ weight).addmm_(g, A_c, alpha=s)
         want_dA = (g.t().float() @ x.float()).mul_(s)
         want_dB = (dy.t().float() @ u.float()).mul_(s)
     for got, want in ((y, want_y), (dx, want_dx), (dA, want_dA), (dB, want_dB)):
