@@ -1,4 +1,5 @@
-"""benchmarks/lora_order_ab.py on CPU (fp32): both orders agree, each is timed, and the library's order is left on."""
+"""benchmarks/lora_order_ab.py: both orders agree (fp32 on CPU; bf16 on a GPU, to its rounding), each is timed, and
+the library's order is left on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -23,7 +25,7 @@ def test_both_orders_agree_and_are_timed(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["part"]) for r in rows] == [(m, p) for m in lora_order_ab.O_PROJ for p in ("qkv", "o_proj")]
     for row in rows:
-        assert row["max_relative_difference"] < 1e-5  # fp32 on CPU
+        assert row["max_relative_difference"] < (1e-2 if torch.cuda.is_available() else 1e-5)
         assert row["first_ms"] > 0 and row["last_ms"] > 0
     assert lora_linear.LORA_TERM_FIRST is True
 
