@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import saved_tensors
 from ..lora_linear import _autocast_dtype, _mm_fp32
 from . import instance_forward
 from .code_match import known_form, source_body_dump
@@ -43,8 +44,8 @@ from .fast_norms import fast_norm_available
 __all__ = ["VARIANTS", "fused_routers", "install_fast_routers", "router_variant", "uninstall_fast_routers"]
 
 _VARIANT_ATTR = "_moetune_router_variant"
-# The sigmoid routers' fp32 Linear on bf16 tensor cores where that computes the same sums (_Bf16RouterLogits);
-# False: transformers' fp32 GEMM (benchmarks' A/B)
+# The sigmoid routers' fp32 Linear of bf16 inputs on bf16 tensor cores with fp32 sums (_Bf16RouterLogits); False:
+# transformers' fp32 GEMM (benchmarks' A/B)
 TENSOR_CORE_LOGITS = True
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -224,12 +225,12 @@ class _Bf16RouterLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        saved_tensors.save(ctx, x if ctx.needs_input_grad[1] else None, weight)  # a frozen weight is held
         return _mm_fp32(x, weight.t())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight = saved_tensors.load(ctx)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             parts = grad.new_empty(grad.shape[0], 2 * grad.shape[1], dtype=weight.dtype)
