@@ -114,8 +114,8 @@ class LoRAGroupFunction(torch.autograd.Function):
                 start += rank
 
         dx = None
-        if need[0]:  # (autograd calls backward with at least one output gradient)
-            bases = [(dy, weight) for dy, weight in zip(dys, weights) if dy is not None]
+        bases = [(dy, weight) for dy, weight in zip(dys, weights) if dy is not None]
+        if need[0] and bases:  # (every output gradient None: x gets None too)
             if folded or len(set(scalings)) == 1:
                 lora, alpha = (G, A_cat), 1 if folded else scalings[0]
             else:  # fp16, unequal scales: each member's columns of G scaled by its own s

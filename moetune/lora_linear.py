@@ -20,8 +20,9 @@ not round differently); bf16 and fp32 have fp32's exponent range.
 
 A projection much wider than its input (MLA's q_b_proj 768 -> 5120 and kv_b_proj 512 -> 8960 in GLM-4.7-Flash,
 DeepSeek-V3's alike: out >= CONCAT_K_MIN_RATIO x in) computes y in one GEMM over the concatenated inner dimension,
-y = [x | u] [W | B]^T (+ b), instead of adding u B^T to the base output in a second pass over that wide output
-(read and written again: -14 ms of a whole GLM-4.7-Flash 8K step on an H100, NOTES run 64). The concatenations
+y = [x | u] [W | B]^T (+ b), instead of the two GEMMs (lora_sum: u B^T written, the base GEMM reading it back; run
+64's -14 ms of a whole GLM-4.7-Flash 8K step on an H100 was against the older order, a second pass over the wide
+output after the base GEMM). The concatenations
 copy x and W for the call (in + R columns each, freed after it; far fewer bytes than the pass over [N, out] once N
 is a few times in + R, which the choice checks: decode steps keep the two GEMMs); the backward is the same. Where s
 is not folded into A (fp16) the two-GEMM form stays.
@@ -65,7 +66,8 @@ __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora",
 
 GROUP_ATTR = "_moetune_lora_group"  # on a layer in a group of siblings that read the same input (lora_groups.py)
 # out >= this x in: the LoRA term inside the base GEMM over the concatenated inner dimension (module docstring,
-# _concatenates); None: never. Narrower projections save little (the pass over y is not much larger than the copies)
+# _concatenates); None: never. Narrower projections save little (the write and read of y's LoRA term are not much
+# more than the copies)
 # and the concatenations are one launch more, host time where steps wait on their host (Qwen3's and gpt-oss's
 # projections are at most 2x wider than their input).
 CONCAT_K_MIN_RATIO: float | None = 4
@@ -193,8 +195,10 @@ def lora_sum(out: torch.Tensor, lora: tuple, bases: list, alpha: float, bias: to
     if LORA_TERM_FIRST:
         if bias is not None:
             torch.addmm(bias, a, b, alpha=alpha, out=out)
-        else:
-            torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)  # beta=0 reads none of out (NaN included)
+        elif alpha == 1:
+            torch.mm(a, b, out=out)
+        else:  # fp16 (s not folded): beta=0 reads none of out, NaN included (eager; compiled graphs take mm above)
+            torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
         for p, q in bases:
             out.addmm_(p, q)
         return out

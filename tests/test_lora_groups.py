@@ -99,6 +99,30 @@ def test_function_matches_float64(dtype, lead, d_in, shapes, scalings, first, mo
             assert b.grad.dtype == dtype and relative_error(b.grad, b64.grad) < TOLERANCE[dtype]
 
 
+class _NoGradient(torch.autograd.Function):
+    """Passes its input on; backward gives it no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_no_member_gradient_gives_x_none_from_the_group(first, monkeypatch):
+    """Every member output used, none of them with a gradient back: the group adds nothing to x's gradient."""
+    monkeypatch.setattr(lora_linear, "LORA_TERM_FIRST", first)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=gen).requires_grad_()
+    members = [_member(16, out, 4, torch.float32, None, gen) for out in (24, 8)]
+    outputs = linear_group_with_lora(x, members, (2.0, 2.0))
+    (sum(_NoGradient.apply(o).sum() for o in outputs) + x.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
 @pytest.mark.gpu
 def test_function_cuda_bf16_at_real_size():
     """Qwen3-30B-A3B's q/k/v (2048 -> 4096, 512, 512; r=16), 4096 tokens: strided U columns in the CUDA GEMMs

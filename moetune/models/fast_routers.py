@@ -2,7 +2,8 @@
 
 On by default on NVIDIA GPUs (`FastMoEModel.from_pretrained(..., fused_router=False)` keeps transformers' ops).
 `install_fast_routers(model)` gives each router module whose forward it recognises an instance `forward` that keeps
-the router's Linear (torch's GEMM, so a trainable router weight still gets its gradient) and replaces what follows it:
+the router's Linear (torch's GEMM, so a trainable router weight still gets its gradient; the sigmoid routers' fp32
+Linear of a bf16 model on bf16 tensor cores, _Bf16RouterLogits) and replaces what follows it:
 softmax, top-k, the weights' normalisation and cast, five launches and their gradients (a sigmoid router's group-
 limited choice: about twenty), by one launch each way.
 Parameters and state_dict keys stay as they are; `uninstall_fast_routers(model)` deletes the instance attributes.
@@ -22,7 +23,9 @@ statement, one of the forms transformers 5.17 - 5.25 write:
 The chosen experts are those transformers' routers choose on NVIDIA GPUs, ties included (but for experts whose
 weights are ~0 either way); the weights agree with theirs to ~1e-6 relative before their rounding to the logits'
 dtype, not bitwise: kernels/router_topk.py says why (the sigmoid routers' weights agree to fp32 rounding, and their
-order among a token's experts is the kernel's: kernels/sigmoid_router_topk.py). At call time the fused forward falls back to the
+order among a token's experts is the kernel's: kernels/sigmoid_router_topk.py). A bf16 sigmoid router's logits
+come from tensor cores, ~2e-6 relative from transformers' fp32 GEMM (_Bf16RouterLogits): a token whose experts'
+choice scores tie within that may choose the other of the two. At call time the fused forward falls back to the
 class's forward where the kernel cannot run (a CPU tensor outside Triton's interpreter, bf16 in the interpreter,
 more experts than MAX_E, torch.compile).
 """
@@ -34,6 +37,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .. import saved_tensors
 from ..lora_linear import _autocast_dtype, _mm_fp32
@@ -204,9 +208,16 @@ def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x.float(), weight.float()), the sigmoid routers' fp32 Linear: through _Bf16RouterLogits for bf16 x and
     weight on CUDA (TENSOR_CORE_LOGITS), as transformers writes it otherwise. fp16 keeps the fp32 GEMM: the split of
     the fp32 gradient into fp16 parts would overflow or flush where bf16's exponent range does not."""
-    if TENSOR_CORE_LOGITS and x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and _autocast_dtype("cuda") is None:
+    if _tensor_core_logits(x.device.type, x.dtype, weight.dtype):
         return _Bf16RouterLogits.apply(x, weight)
     return F.linear(x.type(torch.float32), weight.type(torch.float32))
+
+
+def _tensor_core_logits(device_type: str, dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether _router_logits takes _Bf16RouterLogits: TENSOR_CORE_LOGITS, CUDA, bf16 x and weight, no autocast
+    (under which transformers' F.linear would run in autocast's dtype)."""
+    return (TENSOR_CORE_LOGITS and device_type == "cuda" and dtype == weight_dtype == torch.bfloat16
+            and _autocast_dtype("cuda") is None)
 
 
 class _Bf16RouterLogits(torch.autograd.Function):
@@ -229,6 +240,7 @@ class _Bf16RouterLogits(torch.autograd.Function):
         return _mm_fp32(x, weight.t())
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = saved_tensors.load(ctx)
         grad_x = grad_weight = None

@@ -188,7 +188,7 @@ def test_bf16_router_logits_take_no_tokens():
 
 
 def test_the_fp32_linear_stays_where_bf16_logits_do_not_apply(monkeypatch):
-    """CPU tensors, fp16 (its range cannot hold g's split), and TENSOR_CORE_LOGITS off: transformers' fp32 GEMM."""
+    """CPU tensors take transformers' fp32 GEMM as it writes it."""
     calls = []
     monkeypatch.setattr(fast_routers._Bf16RouterLogits, "apply", lambda *a: calls.append(a))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -196,6 +196,36 @@ def test_the_fp32_linear_stays_where_bf16_logits_do_not_apply(monkeypatch):
         got = fast_routers._router_logits(x, weight)
         assert torch.equal(got, torch.nn.functional.linear(x.float(), weight.float()))
     assert not calls
+
+
+def test_bf16_logits_only_for_bf16_on_cuda_without_autocast(monkeypatch):
+    """fp16 (its range cannot hold the gradient's split), fp32, mixed dtypes, another device, autocast (transformers'
+    Linear would run in autocast's dtype) and TENSOR_CORE_LOGITS off keep the fp32 GEMM."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    takes = fast_routers._tensor_core_logits
+    assert takes("cuda", bf16, bf16)
+    assert not any(takes(device, x, w) for device, x, w in (
+        ("cuda", fp16, fp16), ("cuda", fp32, fp32), ("cuda", bf16, fp32), ("cpu", bf16, bf16), ("xpu", bf16, bf16)))
+    monkeypatch.setattr(fast_routers, "_autocast_dtype", lambda device_type: bf16)
+    assert not takes("cuda", bf16, bf16)
+    monkeypatch.undo()
+    monkeypatch.setattr(fast_routers, "TENSOR_CORE_LOGITS", False)
+    assert not takes("cuda", bf16, bf16)
+
+
+def test_bf16_router_logits_under_create_graph():
+    """A first-order gradient with create_graph=True (a gradient penalty, say) is the plain one; only a second
+    derivative through the router is refused, as moetune's other Functions refuse it."""
+    x, weight, _ = _router_case("cpu", 9, 32, 4)
+    x = x.requires_grad_()
+
+    def loss():  # its logits gradient (the logits) is itself in the graph under create_graph
+        logits = fast_routers._Bf16RouterLogits.apply(x, weight)
+        return (logits * logits).sum() / 2
+
+    (plain,) = torch.autograd.grad(loss(), x)
+    (graphed,) = torch.autograd.grad(loss(), x, create_graph=True)
+    assert torch.equal(plain, graphed)
 
 
 @pytest.mark.gpu
