@@ -197,7 +197,9 @@ def lora_sum(out: torch.Tensor, lora: tuple, bases: list, alpha: float, bias: to
             torch.addmm(bias, a, b, alpha=alpha, out=out)
         elif alpha == 1:
             torch.mm(a, b, out=out)
-        else:  # fp16 (s not folded): beta=0 reads none of out, NaN included (eager; compiled graphs take mm above)
+        else:  # fp16 (s not folded): beta=0 reads none of out, NaN included, eagerly; inductor's decomposition for
+            if torch.compiler.is_compiling():  # a rank-1 product computes beta * out, so there out starts at zero
+                out.zero_()
             torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
         for p, q in bases:
             out.addmm_(p, q)

@@ -191,8 +191,8 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
 
 
 def _sigmoid_forward(self: nn.Module, hidden_states: torch.Tensor):
-    """transformers' sigmoid router: its fp32 Linear (on tensor cores where that computes the same, _router_logits),
-    the rest in one launch each way."""
+    """transformers' sigmoid router: its fp32 Linear (a bf16 model's on bf16 tensor cores, _router_logits), the rest
+    in one launch each way."""
     from ..kernels.sigmoid_router_topk import sigmoid_router_topk
 
     hidden_states = hidden_states.view(-1, self.hidden_dim)
@@ -224,7 +224,7 @@ class _Bf16RouterLogits(torch.autograd.Function):
     """x weight^T in fp32 for bf16 x [N, H] and weight [E, H], as F.linear(x.float(), weight.float()) computes it.
 
     A bf16 x bf16 product is exact in fp32, so a bf16 tensor-core GEMM that accumulates and stores in fp32 computes
-    the same sums, without the fp32 copy of x and cuBLAS' fp32 GEMM, which runs on the FMA units (GLM-4.7-Flash at
+    those sums, without the fp32 copy of x and cuBLAS' fp32 GEMM, which runs on the FMA units (GLM-4.7-Flash at
     8K: 58 us a call and a 67 MB copy of x, run 61g's profile). Tensor cores add in fp32 but truncate: the logits
     err ~2e-6 relative on an H100 against the fp32 GEMM's ~2e-7 (run 68), both far inside the bf16 rounding of the
     hidden states they come from; a token whose k-th and (k+1)-th expert score within that may choose the other.
