@@ -101,9 +101,15 @@ def take_the_cuda_path() -> None:
     global _mm_dtype_library
     _mm_dtype_library = torch.library.Library("aten", "IMPL")
     _mm_dtype_library.impl("mm.dtype", lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)), "CPU")
-    from moetune import lora_linear
+    from moetune import lora_groups, lora_linear
+    from moetune.experts import routing
+    from moetune.models import fast_routers
 
-    lora_linear._mm_fp32 = lambda a, b: a @ b if a.dtype == torch.float32 else torch.mm(a, b, torch.float32)
+    def mm_fp32(a, b):  # fp32_matmul.mm_fp32's CUDA branch, taken by every module that imported it
+        return a @ b if a.dtype == b.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+
+    for module in (lora_linear, lora_groups, routing, fast_routers):
+        module.mm_fp32 = mm_fp32
 
     from moetune.kernels import router_topk
 

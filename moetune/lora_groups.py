@@ -42,6 +42,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import lora_linear, saved_tensors
+from .fp32_matmul import mm_fp32
 from .models import recompute
 
 __all__ = ["GROUPS", "LoRAGroupFunction", "form_groups", "grouped_layers", "linear_group_with_lora", "ungroup"]
@@ -123,7 +124,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 lora, alpha = (G * scale, A_cat), 1
             dx = lora_linear.lora_sum(x.new_empty(x.shape), lora, bases, alpha).view(shape)
 
-        dA_cat = lora_linear._mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
+        dA_cat = mm_fp32(G.t(), x) if any(need_A) else None  # [sum R, in], fp32, unscaled
         scaled = dA_cat is not None and len(set(scalings)) == 1
         if scaled:  # one launch for every member's block (the same products as scaling each block)
             dA_cat.mul_(scalings[0])
@@ -137,7 +138,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                     dA = dA_cat[start:start + rank]
                     dA = (dA if scaled else dA.mul_(s)).to(A_dtype)
                 if need[6 + 4 * i]:
-                    dB = lora_linear._mm_fp32(dy.t(), U[:, start:start + rank])
+                    dB = mm_fp32(dy.t(), U[:, start:start + rank])
                     dB = (dB if folded else dB.mul_(s)).to(B_dtype)
             grads += [None, db, dA, dB]
             start += rank

@@ -60,6 +60,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import saved_tensors
+from .fp32_matmul import mm_fp32
 from .models import instance_forward, recompute
 
 __all__ = ["LoRALinearFunction", "install_fast_lora_linear", "linear_with_lora", "uninstall_fast_lora_linear"]
@@ -81,15 +82,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, without rounding it to a's (b)f16 first."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, torch.float32)  # out_dtype: fp32 accumulate and store (CUDA only)
-    return a.float() @ b.float()
 
 
 def forward_casts(owner, factors: tuple, dtype: torch.dtype, scalings, make) -> tuple:
@@ -264,9 +256,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = lora_sum(x2.new_empty(x2.shape), (g, A_c), [(dy2, weight)], 1 if folded else s)  # folded: A_c has s
                 dx = dx.reshape(x.shape)
             if need_A:
-                dA = _mm_fp32(g.t(), x2).mul_(s).to(A_dtype)
+                dA = mm_fp32(g.t(), x2).mul_(s).to(A_dtype)
         if need_B:
-            dB = _mm_fp32(dy2.t(), u)  # folded: u has s
+            dB = mm_fp32(dy2.t(), u)  # folded: u has s
             dB = (dB if folded else dB.mul_(s)).to(B_dtype)
         if need_b:
             db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)

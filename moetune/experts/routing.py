@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..fp32_matmul import mm_fp32
+
 __all__ = ["PlanLayout", "RoutingPlan", "plan_routing"]
 
 
@@ -83,7 +85,7 @@ class RoutingPlan:
         The bias part <b2[e], d_out[t]> comes from one small [T, E] product instead of an [S, H] gather.
         """
         if down_bias_EH is not None:
-            bias_dots_TE = d_out_TH.float() @ down_bias_EH.float().T
+            bias_dots_TE = mm_fp32(d_out_TH, down_bias_EH.T)  # bf16 on tensor cores: no fp32 copy of d_out
             dots_S = dots_S + bias_dots_TE[self.token_S, self.expert_S]
         return self.scatter_pairs(dots_S).to(dtype)
 

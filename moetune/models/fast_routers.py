@@ -40,7 +40,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import saved_tensors
-from ..lora_linear import _autocast_dtype, _mm_fp32
+from ..fp32_matmul import mm_fp32
+from ..lora_linear import _autocast_dtype
 from . import instance_forward
 from .code_match import known_form, source_body_dump
 from .fast_norms import fast_norm_available
@@ -237,7 +238,7 @@ class _Bf16RouterLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         saved_tensors.save(ctx, x if ctx.needs_input_grad[1] else None, weight)  # a frozen weight is held
-        return _mm_fp32(x, weight.t())
+        return mm_fp32(x, weight.t())
 
     @staticmethod
     @once_differentiable
