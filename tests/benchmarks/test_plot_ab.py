@@ -1,0 +1,40 @@
+"""benchmarks/plot_ab.py: both A/B scripts' rows become a two-way bar plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import plot_ab  # noqa: E402
+
+
+def test_router_rows_take_the_median_of_rounds():
+    rows = [{"tokens": 8, "way": "fp32", "gpu_busy_us": u} for u in (10.0, 30.0, 20.0)]
+    rows += [{"tokens": 8, "way": "bf16", "gpu_busy_us": 5.0}]
+    labels, ways, value = plot_ab.cases(rows)
+    assert labels == ["8 tokens"] and ways == ["fp32", "bf16"] and value[("8 tokens", "fp32")] == 20.0
+
+
+def test_lora_order_rows_give_both_orders_in_us():
+    rows = [{"model": "m", "part": "qkv", "first_gpu_busy_ms": 0.5, "last_gpu_busy_ms": 0.6}]
+    labels, ways, value = plot_ab.cases(rows)
+    assert ways == ["LoRA term first", "LoRA term last"] and value[(labels[0], "LoRA term last")] == pytest.approx(600)
+
+
+def test_a_plot_is_written_beside_the_json(tmp_path):
+    path = tmp_path / "ab.json"
+    rows = [{"tokens": t, "way": w, "gpu_busy_us": 1.0 + t} for t in (8, 16) for w in ("a", "b")]
+    path.write_text(json.dumps({"environment": {"device": "cpu", "date": "2026-12-06"}, "rows": rows}))
+    assert plot_ab.plot(path) == tmp_path / "ab.png" and (tmp_path / "ab.png").stat().st_size > 0
+
+
+def test_one_way_is_refused(tmp_path):
+    path = tmp_path / "ab.json"
+    path.write_text(json.dumps({"rows": [{"tokens": 8, "way": "a", "gpu_busy_us": 1.0}]}))
+    with pytest.raises(ValueError, match="expected two ways"):
+        plot_ab.plot(path)
