@@ -124,8 +124,7 @@ class StepInBackward(torch.optim.Optimizer):
         inner.step()
         for p in params:
             p.grad = None
-        self._arrived[index].clear()
-        self._stepped.add(index)
+        self._arrived[index].clear()  # (_on_gradient marked the chunk stepped; step() ends the step after it)
 
     def step(self, closure=None):
         """Step the chunks that got only some of their gradients (an optimizer skips parameters without one),
