@@ -158,11 +158,7 @@ def base_output(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: t
     it, and a caller may change it in place (OLMoE's clip_qkv clamps the projections' outputs), which autograd
     refuses for a view made inside a Function. (F.linear of a 3-D x with a bias returns a view of its 2-D product.)"""
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    rows = y.view(-1, weight.shape[0])
-    if bias is None:
-        torch.mm(x2, weight.t(), out=rows)
-    else:
-        torch.addmm(bias, x2, weight.t(), out=rows)
+    _write_product(y.view(-1, weight.shape[0]), x2, weight.t(), bias=bias)
     return y
 
 
@@ -185,25 +181,29 @@ def lora_sum(out: torch.Tensor, lora: tuple, bases: list, alpha: float, bias: to
     (Qwen3-30B-A3B's q_proj output at 8K, [8192, 4096]: ~63 us a call on an H100, run 60c)."""
     a, b = lora
     if LORA_TERM_FIRST:
-        if bias is not None:
-            torch.addmm(bias, a, b, alpha=alpha, out=out)
-        elif alpha == 1:
-            torch.mm(a, b, out=out)
-        else:  # fp16 (s not folded): beta=0 reads none of out, NaN included, eagerly; inductor's decomposition for
-            if torch.compiler.is_compiling():  # a rank-1 product computes beta * out, so there out starts at zero
-                out.zero_()
-            torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+        _write_product(out, a, b, alpha, bias)
         for p, q in bases:
             out.addmm_(p, q)
         return out
     (p, q), *rest = bases
-    if bias is not None:
-        torch.addmm(bias, p, q, out=out)
-    else:
-        torch.mm(p, q, out=out)
+    _write_product(out, p, q, bias=bias)
     for p, q in rest:
         out.addmm_(p, q)
     return out.addmm_(a, b, alpha=alpha)
+
+
+def _write_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = alpha a b (+ bias), whatever out held before."""
+    if bias is not None:
+        return torch.addmm(bias, a, b, alpha=alpha, out=out)
+    if alpha == 1:
+        return torch.mm(a, b, out=out)
+    # fp16 (s not folded): beta=0 reads none of out, NaN included, eagerly; inductor's decomposition of a rank-1
+    # product computes beta * out, so under compile out starts at zero
+    if torch.compiler.is_compiling():
+        out.zero_()
+    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
 class LoRALinearFunction(torch.autograd.Function):
