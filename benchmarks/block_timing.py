@@ -93,6 +93,13 @@ def gaps(step, top: int = 8, steps: int = 1) -> dict:
     return idle_gaps(events, top)
 
 
+def busy_per_step(step, steps: int) -> dict:
+    """GPU busy milliseconds and GPU ops per step, from a profile of `steps` steps queued back to back (gaps): the
+    GPU's own time where a slow host makes the timed steps host-bound."""
+    busy = gaps(step, steps=steps)
+    return {"busy_ms": busy["busy_ms"] / steps, "gpu_ops": busy["gpu_ops"] / steps}
+
+
 def idle_gaps(events: list[dict], top: int = 8) -> dict:
     """From a chrome trace's events: the GPU ops' busy time against their span, and the `top` largest gaps between
     consecutive ops, each with how long after the previous op's end the host issued the next."""

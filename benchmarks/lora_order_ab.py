@@ -87,8 +87,8 @@ def main(argv=None) -> int:
                     lora_linear.LORA_TERM_FIRST = first
                     result = harness.measure(step, device, args.warmup, args.repeat)
                     if device.type == "cuda":
-                        busy = block_timing.gaps(step, steps=PROFILED)
-                        result.update(gpu_busy_ms=busy["busy_ms"] / PROFILED, gpu_ops=busy["gpu_ops"] / PROFILED)
+                        busy = block_timing.busy_per_step(step, PROFILED)
+                        result.update(gpu_busy_ms=busy["busy_ms"], gpu_ops=busy["gpu_ops"])
                     timings[first].append(result)
                     for p in params:
                         p.grad = None

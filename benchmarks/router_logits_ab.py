@@ -76,8 +76,8 @@ def main(argv=None) -> int:
             fast_routers.TENSOR_CORE_LOGITS = on
             result = harness.measure(step, device, args.warmup, args.repeat)
             if device.type == "cuda":
-                busy = block_timing.gaps(step, steps=PROFILED)
-                result.update(gpu_busy_us=busy["busy_ms"] * 1e3 / PROFILED, gpu_ops=busy["gpu_ops"] / PROFILED)
+                busy = block_timing.busy_per_step(step, PROFILED)
+                result.update(gpu_busy_us=busy["busy_ms"] * 1e3, gpu_ops=busy["gpu_ops"])
             row = {"tokens": tokens, "way": "bf16 tensor cores" if on else "fp32 (transformers)", **result,
                    **errors(x, weight, g, on)}
             rows.append(row)
