@@ -7,6 +7,9 @@ Switches (environment variables read at each launch):
   (grouped_gemm.persistent_variants) and keeps it where it measures faster (ways "one_tile" and "persistent").
 - gluon: MOETUNE_TRITON_GLUON. On Hopper, autotuning's third step tries hopper_gemm's Gluon kernel for the plain
   GEMMs over sorted rows and keeps it where it measures faster, host time counted (ways "triton" and "gluon").
+- sum: the triton backend's SUM_KERNEL (a module flag, not a variable). The sums over k by torch's reduction or by
+  kernels/sum_over_k.py (ways "torch" and "kernel"); both sum in fp32 and round once, perhaps in another order, so
+  an output may differ in its last bit: not required bitwise equal.
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import statistics
 import sys
@@ -41,11 +45,13 @@ import bench_kernels  # noqa: E402
 import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
-SWITCHES = {  # name: (environment variable, (the way with it "0", the way with it "1"))
+SWITCHES = {  # name: (environment variable or module flag, (the way with it "0" / False, the way with it "1" / True))
     "direct": ("MOETUNE_DIRECT_LAUNCH", ("triton", "direct")),
     "persistent": ("MOETUNE_TRITON_PERSISTENT", ("one_tile", "persistent")),
     "gluon": ("MOETUNE_TRITON_GLUON", ("triton", "gluon")),
+    "sum": ("moetune.experts.backends.triton.SUM_KERNEL", ("torch", "kernel")),
 }
+NOT_BITWISE = {"sum"}  # switches whose two ways may round differently
 
 
 def ways(args) -> tuple[str, str]:
@@ -54,7 +60,11 @@ def ways(args) -> tuple[str, str]:
 
 def set_way(args, way: str) -> None:
     variable, names = SWITCHES[args.switch]
-    os.environ[variable] = str(names.index(way))
+    if variable.startswith("MOETUNE_"):
+        os.environ[variable] = str(names.index(way))
+        return
+    module, _, flag = variable.rpartition(".")
+    setattr(importlib.import_module(module), flag, bool(names.index(way)))
 
 
 def block(name: str, tokens: int, args, device, dtype) -> dict:
@@ -141,14 +151,19 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     args.dtype = str(dtype).removeprefix("torch.")
+    variable = SWITCHES[args.switch][0]
+    flag = None if variable.startswith("MOETUNE_") else variable.rpartition(".")
+    before = None if flag is None else getattr(importlib.import_module(flag[0]), flag[2])
     with mock.patch.dict(os.environ):  # set_way's setting ends with the run
         blocks = [block(name, tokens, args, device, dtype) for name, tokens in cases]
         launches = {f"{name}:{tokens}": launch_host_times(name, tokens, args, device, dtype)
                     for name, tokens in launch_cases}
+    if flag is not None:
+        setattr(importlib.import_module(flag[0]), flag[2], before)
     if args.out:
         harness.write_json(args.out, {"environment": harness.environment(), "switch": SWITCHES[args.switch][0], "rounds": args.rounds,
                                       "repeat": args.repeat, "blocks": blocks, "launches": launches})
-    return 0 if all(row["bitwise_equal"] for row in blocks) else 1
+    return 0 if args.switch in NOT_BITWISE or all(row["bitwise_equal"] for row in blocks) else 1
 
 
 if __name__ == "__main__":

@@ -46,11 +46,16 @@ def test_lora_input_ab_runs_every_way_in_the_interpreter(tmp_path):
     assert sorted(row["mode"] for row in rows) == ["in loop", "measured", "own launch"]
 
 
-@pytest.mark.parametrize("switch, ways", [("direct", ("triton", "direct")), ("persistent", ("one_tile", "persistent"))])
+SWITCHED = {"direct": "MOETUNE_DIRECT_LAUNCH", "persistent": "MOETUNE_TRITON_PERSISTENT",
+            "sum": "moetune.experts.backends.triton.SUM_KERNEL"}
+
+
+@pytest.mark.parametrize("switch, ways", [("direct", ("triton", "direct")), ("persistent", ("one_tile", "persistent")),
+                                          ("sum", ("torch", "kernel"))])
 def test_switch_ab_runs_both_ways_in_the_interpreter(tmp_path, switch, ways):
     """benchmarks/switch_ab.py: both ways of a switch give the same block (in the interpreter the direct way falls
-    back to Triton's path and nothing is tuned; the script's comparison and output are what is checked here), each
-    timed."""
+    back to Triton's path and nothing is tuned; the script's comparison and output are what is checked here; the
+    tiny block's fp32 sums over k come out the same in either order), each timed."""
     out = tmp_path / "ab.json"
     proc = subprocess.run([sys.executable, str(SCRIPT.with_name("switch_ab.py")), "--switch", switch, "--tiny",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
@@ -58,7 +63,7 @@ def test_switch_ab_runs_both_ways_in_the_interpreter(tmp_path, switch, ways):
     assert "bitwise equal both ways: True" in proc.stdout
     result = json.loads(out.read_text())
     (row,) = result["blocks"]
-    assert result["switch"] == f"MOETUNE_{'DIRECT_LAUNCH' if switch == 'direct' else 'TRITON_PERSISTENT'}"
+    assert result["switch"] == SWITCHED[switch]
     assert row["bitwise_equal"] and len(row[ways[0]]["ms"]) == len(row[ways[1]]["ms"]) == 1
 
 
