@@ -243,3 +243,23 @@ def test_triton_with_the_lora_inputs_either_way(case_id, dtype, in_loop, monkeyp
     for name, g, r in zip(names, got, ref):
         if name != "topk_weights":
             assert rel_err(g, r) < TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("sum_kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("case_id", ["typical", "T=1", "one_expert_takes_all", "odd_H_I_rank"])
+def test_triton_sums_over_k_by_the_kernel_or_torch(case_id, sum_kernel, monkeypatch):
+    """The block's output and x's gradient are sums over each token's k slots: by kernels/sum_over_k.py (two
+    launches a block, forward and backward) or, with SUM_KERNEL off, by torch's sum; against float64 either way."""
+    if "triton" not in _backends(torch.float32):
+        pytest.skip("no Triton that can run here")
+    from moetune.experts.backends import triton as triton_backend
+    from moetune.kernels import sum_over_k as sum_module
+
+    calls = []
+    kernel = sum_module.sum_over_k
+    monkeypatch.setattr(sum_module, "sum_over_k", lambda y: calls.append(tuple(y.shape)) or kernel(y))
+    monkeypatch.setattr(triton_backend, "SUM_KERNEL", sum_kernel)
+    case = CASES[case_id]
+    check_against_reference(case, torch.float32, "triton")
+    # forward and backward: the block's output and x's gradient, [T, k, H] each (the reference check calls once)
+    assert calls == ([(case.T, case.k, case.H)] * 2 if sum_kernel else [])

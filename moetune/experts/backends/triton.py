@@ -41,8 +41,9 @@ from packaging.version import Version
 from ... import saved_tensors
 from ..lora import cast_factors, grads_in, refuse_create_graph
 
-# The sums over k by moetune's kernel (False: torch's `sum(dim=1)`, for benchmarks/sum_over_k_ab.py). Either sums
-# in fp32 and rounds once; the kernel in slot order; torch's reduction read [T, 4, H] bf16 at ~2.2 TB/s on an H100 (run 57e).
+# The sums over k by moetune's kernel (False: torch's `sum(dim=1)`; `switch_ab.py --switch sum` times both). Both
+# sum in fp32 and round once, the kernel in slot order; torch's reduction read [T, 4, H] bf16 at ~2.2 TB/s on an
+# H100 (run 57e).
 SUM_KERNEL = True
 
 
