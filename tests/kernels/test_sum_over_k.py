@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     reason="no Triton that can run here",
 )
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-# (T, K, H): one token, one slot, rows and columns that are not multiples of the 8 x 256 tile, k = 8, H below 16.
+# (T, K, H): one token, one slot, columns not multiples of the tile (H 300, 257, 1000; 5, below 16), k = 8.
 SHAPES = [(1, 8, 64), (13, 4, 300), (9, 1, 257), (33, 8, 1000), (5, 3, 5), (16, 2, 512)]
 
 
@@ -62,9 +62,10 @@ def test_within_a_rounding_of_float64_and_torch(dtype):
 
 
 @pytest.mark.parametrize("config", [dict(block_t=1, block_h=16, num_warps=1), dict(block_t=32, block_h=128),
-                                    dict(block_t=4, block_h=1024, num_warps=8)], ids=str)
+                                    dict(block_t=4, block_h=1024, num_warps=8), dict(block_t=8, block_h=256)],
+                         ids=str)
 def test_other_tiles_give_the_same_bits(config):
-    y = make((29, 4, 900), torch.float16, seed=2)
+    y = make((29, 4, 2500), torch.float16, seed=2)  # two column blocks of the default 2048
     assert torch.equal(sum_over_k(y, **config), sequential(y))
 
 
