@@ -33,6 +33,7 @@ def test_tensor_cores_on_a_gpu(dtype):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(4096, 2048, generator=gen).to("cuda", dtype)
     b = torch.randn(2048, 64, generator=gen).to("cuda", dtype)
+    mm_fp32(a, b)  # cuBLAS' workspace (32 MiB on Hopper) comes from the caching allocator at the first call
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -41,4 +42,4 @@ def test_tensor_cores_on_a_gpu(dtype):
     exact = a.double() @ b.double()
     scale = a.double().abs() @ b.double().abs()
     assert got.dtype == torch.float32 and ((got.double() - exact).abs() / scale).max().item() < 1e-5
-    assert peak < a.numel() * 4  # the fp32 result and cuBLAS' workspace, not a copy of a
+    assert peak < a.numel() * 2  # the fp32 result (1 MiB), not a copy of a (32 MiB)
