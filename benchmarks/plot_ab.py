@@ -1,7 +1,8 @@
 """Plot an A/B benchmark JSON: GPU busy time per case, one bar per way, the ratio printed on the second.
 
-Takes router_logits_ab.py's rows (tokens, way, gpu_busy_us) and lora_order_ab.py's (model, part, first_ / last_
-gpu_busy_ms).
+Takes router_logits_ab.py's rows (tokens, way, gpu_busy_us), lora_order_ab.py's (model, part, first_ / last_
+gpu_busy_ms) and sum_over_k_ab.py's cases (torch_us against the fastest tile of the kernel's sweep, which run 73 made
+the default: GPU time of one call, not of a forward + backward).
 
     python benchmarks/plot_ab.py benchmarks/results/router-logits-ab-run68b-H100.json   # writes the .png beside it
 """
@@ -22,7 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 def cases(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     """(case labels, way labels, {(case, way): GPU busy us}) from either script's rows; repeated rounds: median."""
     values: dict[tuple[str, str], list[float]] = {}
-    if rows and "way" in rows[0]:  # router_logits_ab: one row a (tokens, way, round)
+    if rows and "torch_us" in rows[0]:  # sum_over_k_ab: one row a case, the kernel's tiles in its sweep
+        for r in rows:
+            tile = min(r["sweep"], key=lambda t: t["us"])
+            label = f"{r['shape']} {r['tokens']}\n[{r['tokens']}, {r['K']}, {r['H']}]"
+            values[(label, "torch sum(dim=1)")] = [r["torch_us"]]
+            values[(label, "sum_over_k, the sweep's fastest tile")] = [tile["us"]]
+    elif rows and "way" in rows[0]:  # router_logits_ab: one row a (tokens, way, round)
         for r in rows:
             values.setdefault((f"{r['tokens']} tokens", r["way"]), []).append(r["gpu_busy_us"])
     else:  # lora_order_ab: one row a (model, part), both orders in it
@@ -37,7 +44,8 @@ def cases(rows: list[dict]) -> tuple[list[str], list[str], dict]:
 
 def plot(path: Path) -> Path:
     data = json.loads(path.read_text())
-    labels, ways, value = cases(data["rows"])
+    rows = data["rows"] if "rows" in data else data["cases"]
+    labels, ways, value = cases(rows)
     if len(ways) != 2:
         raise ValueError(f"{path}: expected two ways to compare, got {ways}")
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
@@ -52,7 +60,7 @@ def plot(path: Path) -> Path:
                 ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("GPU busy us per forward+backward")
+    ax.set_ylabel("GPU us a call (do_bench)" if "cases" in data else "GPU busy us per forward+backward")
     env = data.get("environment", {})
     ax.set_title(f"{path.stem}: {env.get('device', '?')}, {env.get('date', '?')[:10]}\n"
                  f"(on the second bar: the first bar's time / its own)", fontsize=9)

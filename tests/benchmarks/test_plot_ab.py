@@ -38,3 +38,15 @@ def test_one_way_is_refused(tmp_path):
     path.write_text(json.dumps({"rows": [{"tokens": 8, "way": "a", "gpu_busy_us": 1.0}]}))
     with pytest.raises(ValueError, match="expected two ways"):
         plot_ab.plot(path)
+
+
+def test_sum_over_k_cases_compare_torch_with_the_fastest_tile(tmp_path):
+    case = {"shape": "glm", "tokens": 8, "K": 4, "H": 64, "torch_us": 150.0, "kernel_us": 120.0,
+            "sweep": [{"block_t": 8, "block_h": 256, "num_warps": 4, "us": 120.0},
+                      {"block_t": 1, "block_h": 2048, "num_warps": 8, "us": 115.0}]}
+    labels, ways, value = plot_ab.cases([case])
+    assert ways == ["torch sum(dim=1)", "sum_over_k, the sweep's fastest tile"]
+    assert value[(labels[0], ways[1])] == 115.0 and value[(labels[0], ways[0])] == 150.0
+    path = tmp_path / "sum.json"
+    path.write_text(json.dumps({"environment": {"device": "cpu", "date": "2026-12-06"}, "cases": [case]}))
+    assert plot_ab.plot(path).stat().st_size > 0
