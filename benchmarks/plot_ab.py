@@ -1,14 +1,16 @@
 """Plot an A/B benchmark JSON: GPU busy time per case, one bar per way, the ratio printed on the second.
 
 Takes router_logits_ab.py's rows (tokens, way, gpu_busy_us), lora_order_ab.py's (model, part, first_ / last_
-gpu_busy_ms) and sum_over_k_ab.py's cases (torch_us against the fastest tile of the kernel's sweep, which run 73 made
-the default: GPU time of one call, not of a forward + backward).
+gpu_busy_ms) and sum_over_k_ab.py's cases (torch_us against the kernel with the run's default tile, or with --tile one
+tile of its sweep: GPU time of one call, not of a forward + backward).
 
     python benchmarks/plot_ab.py benchmarks/results/router-logits-ab-run68b-H100.json   # writes the .png beside it
+    python benchmarks/plot_ab.py benchmarks/results/sum-over-k-ab-run73-H100.json --tile 1,2048,8
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -20,15 +22,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def cases(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+def cases(rows: list[dict], tile: tuple[int, int, int] | None = None) -> tuple[list[str], list[str], dict]:
     """(case labels, way labels, {(case, way): GPU busy us}) from either script's rows; repeated rounds: median."""
     values: dict[tuple[str, str], list[float]] = {}
-    if rows and "torch_us" in rows[0]:  # sum_over_k_ab: one row a case, the kernel's tiles in its sweep
+    if rows and "bitwise_equal_torch" in rows[0]:  # sum_over_k_ab: one row a case
+        if "torch_us" not in rows[0]:
+            raise ValueError("sum_over_k_ab rows without timings (a --tiny run): nothing to plot")
         for r in rows:
-            tile = min(r["sweep"], key=lambda t: t["us"])
+            kernel_us, way = r["kernel_us"], "sum_over_k, the run's default tile"
+            if tile is not None:  # one tile of the sweep, one measurement as torch's
+                block_t, block_h, num_warps = tile
+                chosen = [t for t in r.get("sweep", []) if (t["block_t"], t["num_warps"]) == (block_t, num_warps)
+                          and t["block_h"] == min(block_h, max(16, 1 << (r["H"] - 1).bit_length()))]
+                if not chosen:
+                    raise ValueError(f"no {block_t} x {block_h} tile at {num_warps} warps in the sweep of {r['shape']}")
+                kernel_us, way = chosen[0]["us"], f"sum_over_k, {block_t} x {block_h} tile, {num_warps} warps"
             label = f"{r['shape']} {r['tokens']}\n[{r['tokens']}, {r['K']}, {r['H']}]"
             values[(label, "torch sum(dim=1)")] = [r["torch_us"]]
-            values[(label, "sum_over_k, the sweep's fastest tile")] = [tile["us"]]
+            values[(label, way)] = [kernel_us]
     elif rows and "way" in rows[0]:  # router_logits_ab: one row a (tokens, way, round)
         for r in rows:
             values.setdefault((f"{r['tokens']} tokens", r["way"]), []).append(r["gpu_busy_us"])
@@ -42,10 +53,10 @@ def cases(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     return labels, ways, {key: statistics.median(v) for key, v in values.items()}
 
 
-def plot(path: Path) -> Path:
+def plot(path: Path, tile: tuple[int, int, int] | None = None) -> Path:
     data = json.loads(path.read_text())
     rows = data["rows"] if "rows" in data else data["cases"]
-    labels, ways, value = cases(rows)
+    labels, ways, value = cases(rows, tile)
     if len(ways) != 2:
         raise ValueError(f"{path}: expected two ways to compare, got {ways}")
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
@@ -73,5 +84,11 @@ def plot(path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(plot(Path(arg)))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", type=Path)
+    parser.add_argument("--tile", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
+                        metavar="BLOCK_T,BLOCK_H,WARPS", help="sum_over_k_ab: this tile of the sweep for the kernel's "
+                        "bar (BLOCK_H capped at each case's H rounded up to a power of 2) instead of the run's default")
+    args = parser.parse_args()
+    for path in args.json:
+        print(plot(path, args.tile))

@@ -1,6 +1,7 @@
 """The experts' sum over k: torch's `y.sum(dim=1)` against moetune's kernel (kernels/sum_over_k.py), alone.
 
-For each case [T, K, H] (bf16 on the GPU): GPU time a call (do_bench, the L2 flushed), the bandwidth it reaches
+For each case [T, K, H] (bf16 on the GPU): the kernel's output against a sequential fp32 sum (bitwise, its own
+arithmetic: the exit code) and torch's sum; GPU time a call (do_bench, the L2 flushed), the bandwidth it reaches
 (K+1 tensors of [T, H] read and written) and, with --sweep, every tile config of the kernel, to choose its default.
 The block-level A/B is `switch_ab.py --switch sum`.
 
@@ -24,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
+from moetune.kernels.sizes import next_power_of_2  # noqa: E402
+
 CASES = ["qwen3-30b-a3b:16384", "qwen3-30b-a3b:4096", "gpt-oss-20b:16384", "glm-4.7-flash:16384",
          "glm-4.7-flash:8192"]
 SWEEP = [dict(block_t=t, block_h=h, num_warps=w) for t, h, w in
@@ -38,19 +41,29 @@ def gpu_us(fn) -> float:
 
 
 def case(name: str, tokens: int, args, device, dtype) -> dict:
+    from moetune.kernels import sum_over_k as module
     from moetune.kernels.sum_over_k import sum_over_k
 
     shape = SHAPES[name]
     T, K, H = (tokens, shape.k, shape.H) if not args.tiny else (37, shape.k, 96)
     y = torch.randn(T, K, H, device=device, dtype=dtype)
-    bitwise = torch.equal(sum_over_k(y), y.sum(dim=1))
-    row = {"shape": name, "tokens": T, "K": K, "H": H, "bitwise_equal_torch": bitwise}
+    out = sum_over_k(y)
+    sequential = y[:, 0].float()
+    for k in range(1, K):
+        sequential = sequential + y[:, k].float()
+    row = {"shape": name, "tokens": T, "K": K, "H": H,
+           "tile": dict(block_t=module.BLOCK_T, block_h=min(module.BLOCK_H, max(16, next_power_of_2(H))),
+                        num_warps=module.NUM_WARPS),
+           "bitwise_equal_sequential": torch.equal(out, sequential.to(dtype)),  # the kernel's own arithmetic
+           "bitwise_equal_torch": torch.equal(out, y.sum(dim=1))}  # torch may sum in another order
+    bitwise = row["bitwise_equal_torch"]
     if device.type != "cuda":
-        print(f"{name} [{T}, {K}, {H}]: kernel bitwise torch's sum: {bitwise}")
+        print(f"{name} [{T}, {K}, {H}]: kernel bitwise a sequential fp32 sum: {row['bitwise_equal_sequential']}, "
+              f"torch's sum: {bitwise}")
         return row
     gbytes = (K + 1) * T * H * y.element_size() / 1e9
     row["torch_us"] = gpu_us(lambda: y.sum(dim=1))
-    row["kernel_us"] = gpu_us(lambda: sum_over_k(y))
+    row["kernel_us"] = gpu_us(lambda: sum_over_k(y))  # the default tile (row["tile"])
     line = (f"{name:<15}{T:>7} [{T}, {K}, {H}]  torch {row['torch_us']:7.1f} us ({gbytes / row['torch_us'] * 1e3:.2f}"
             f" TB/s)  kernel {row['kernel_us']:7.1f} us ({gbytes / row['kernel_us'] * 1e3:.2f} TB/s)  bitwise {bitwise}")
     print(line, flush=True)
@@ -75,7 +88,7 @@ def main(argv=None) -> int:
     rows = [case(name, tokens, args, device, dtype) for name, tokens in cases]
     if args.out:
         harness.write_json(args.out, {"environment": harness.environment(), "cases": rows})
-    return 0
+    return 0 if all(row["bitwise_equal_sequential"] for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def check_input(y: torch.Tensor) -> str | None:
         return f"expected fp32, fp16 or bf16, got {y.dtype}"
     if not y.is_contiguous():
         return f"expected a contiguous tensor, got strides {list(y.stride())}"
+    if y.dtype == torch.bfloat16 and y.device.type != "cuda":
+        # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest: wrong sums, silently
+        return "bf16 needs a CUDA GPU (Triton's interpreter rounds it wrongly); use fp32 or fp16 on the CPU"
     return None
 
 

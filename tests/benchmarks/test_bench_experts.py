@@ -67,6 +67,33 @@ def test_switch_ab_runs_both_ways_in_the_interpreter(tmp_path, switch, ways):
     assert row["bitwise_equal"] and len(row[ways[0]]["ms"]) == len(row[ways[1]]["ms"]) == 1
 
 
+def test_switch_ab_refuses_launch_timings_for_the_sum_switch():
+    """The sum switch changes no GEMM launch: --launches would time two identical ways."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("switch_ab.py")), "--switch", "sum", "--tiny",
+                           "--launches", "qwen3-30b-a3b:16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--launches: the 'sum' switch changes no GEMM launch" in proc.stderr
+
+
+def test_switch_ab_restores_a_module_flag_when_a_case_raises(monkeypatch):
+    """--switch sum sets the triton backend's SUM_KERNEL per way; a case that raises (out of memory, say) must not
+    leave it set for the rest of the process."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import switch_ab
+
+    from moetune.experts.backends import triton as triton_backend
+
+    def failing_block(name, tokens, args, device, dtype):
+        switch_ab.set_way(args, "torch")
+        assert triton_backend.SUM_KERNEL is False
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(switch_ab, "block", failing_block)
+    before = triton_backend.SUM_KERNEL
+    with pytest.raises(RuntimeError, match="out of memory"):
+        switch_ab.main(["--switch", "sum", "--tiny"])
+    assert triton_backend.SUM_KERNEL is before
+
+
 def test_plot_draws_the_queued_times_where_measured(tmp_path):
     """benchmarks/plot.py: a panel for steps queued back to back (harness.measure's queued_ms, CUDA only), none for
     a CPU run's rows; each panel's bars carry that panel's own ratio."""

@@ -40,13 +40,24 @@ def test_one_way_is_refused(tmp_path):
         plot_ab.plot(path)
 
 
-def test_sum_over_k_cases_compare_torch_with_the_fastest_tile(tmp_path):
+def test_sum_over_k_cases_compare_torch_with_the_default_or_a_chosen_tile(tmp_path):
     case = {"shape": "glm", "tokens": 8, "K": 4, "H": 64, "torch_us": 150.0, "kernel_us": 120.0,
+            "bitwise_equal_torch": True,
             "sweep": [{"block_t": 8, "block_h": 256, "num_warps": 4, "us": 120.0},
-                      {"block_t": 1, "block_h": 2048, "num_warps": 8, "us": 115.0}]}
+                      {"block_t": 1, "block_h": 64, "num_warps": 8, "us": 115.0}]}
     labels, ways, value = plot_ab.cases([case])
-    assert ways == ["torch sum(dim=1)", "sum_over_k, the sweep's fastest tile"]
-    assert value[(labels[0], ways[1])] == 115.0 and value[(labels[0], ways[0])] == 150.0
+    assert ways == ["torch sum(dim=1)", "sum_over_k, the run's default tile"]
+    assert value[(labels[0], ways[1])] == 120.0 and value[(labels[0], ways[0])] == 150.0
+    # a chosen tile: its block_h capped at H's power of 2 (2048 -> 64 here)
+    labels, ways, value = plot_ab.cases([case], tile=(1, 2048, 8))
+    assert ways[1] == "sum_over_k, 1 x 2048 tile, 8 warps" and value[(labels[0], ways[1])] == 115.0
+    with pytest.raises(ValueError, match="no 2 x 2048 tile at 8 warps in the sweep of glm"):
+        plot_ab.cases([case], tile=(2, 2048, 8))
     path = tmp_path / "sum.json"
     path.write_text(json.dumps({"environment": {"device": "cpu", "date": "2026-12-06"}, "cases": [case]}))
     assert plot_ab.plot(path).stat().st_size > 0
+
+
+def test_sum_over_k_rows_without_timings_are_refused():
+    with pytest.raises(ValueError, match="without timings"):
+        plot_ab.cases([{"shape": "glm", "tokens": 37, "K": 4, "H": 96, "bitwise_equal_torch": True}])

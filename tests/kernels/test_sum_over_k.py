@@ -88,7 +88,9 @@ def test_infinities_and_nans_propagate():
     (torch.zeros(4, 8), "expected a [T, K, H] tensor, got shape [4, 8]"),
     (torch.zeros(2, 4, 8, dtype=torch.int32), "expected fp32, fp16 or bf16, got torch.int32"),
     (torch.zeros(2, 8, 4).transpose(1, 2), "expected a contiguous tensor"),
-], ids=["2-D", "int", "strided"])
+] + ([] if DEVICE == "cuda" else [
+    (torch.zeros(2, 4, 8, dtype=torch.bfloat16), "bf16 needs a CUDA GPU"),
+]), ids=["2-D", "int", "strided"] + ([] if DEVICE == "cuda" else ["bf16-on-cpu"]))
 def test_bad_input_is_one_line(bad, message):
     with pytest.raises(ValueError, match=r"^sum_over_k: y: " + message.replace("[", r"\[").replace("]", r"\]")):
         sum_over_k(bad.to(DEVICE))
