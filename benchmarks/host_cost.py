@@ -95,6 +95,15 @@ def take_the_cuda_path() -> None:
     triton_backend.probe = functools.lru_cache(maxsize=None)(
         lambda device_type, index, dtype: interpreted(device_type, index, torch.float32 if dtype == torch.bfloat16
                                                       else dtype))
+    from moetune.kernels import sum_over_k
+
+    checked = sum_over_k.check_input
+
+    def check_input(y):  # the sum kernel's own check makes the same refusal
+        problem = checked(y)
+        return None if problem and problem.startswith("bf16 needs a CUDA GPU") else problem
+
+    sum_over_k.check_input = check_input
 
     # lora_linear's LoRA weight gradients: on CUDA one GEMM with an fp32 result (aten::mm.dtype), which has no CPU
     # kernel; one here, so that the CPU's casts of its operands are not counted as the GPU path's.
