@@ -97,13 +97,7 @@ def take_the_cuda_path() -> None:
                                                       else dtype))
     from moetune.kernels import sum_over_k
 
-    checked = sum_over_k.check_input
-
-    def check_input(y):  # the sum kernel's own check makes the same refusal
-        problem = checked(y)
-        return None if problem and problem.startswith("bf16 needs a CUDA GPU") else problem
-
-    sum_over_k.check_input = check_input
+    sum_over_k.CPU_DTYPES = (*sum_over_k.CPU_DTYPES, torch.bfloat16)  # the sum kernel's own refusal, likewise
 
     # lora_linear's LoRA weight gradients: on CUDA one GEMM with an fp32 result (aten::mm.dtype), which has no CPU
     # kernel; one here, so that the CPU's casts of its operands are not counted as the GPU path's.

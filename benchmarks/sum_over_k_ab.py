@@ -25,8 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
-from moetune.kernels.sizes import next_power_of_2  # noqa: E402
-
 CASES = ["qwen3-30b-a3b:16384", "qwen3-30b-a3b:4096", "gpt-oss-20b:16384", "glm-4.7-flash:16384",
          "glm-4.7-flash:8192"]
 SWEEP = [dict(block_t=t, block_h=h, num_warps=w) for t, h, w in
@@ -41,8 +39,7 @@ def gpu_us(fn) -> float:
 
 
 def case(name: str, tokens: int, args, device, dtype) -> dict:
-    from moetune.kernels import sum_over_k as module
-    from moetune.kernels.sum_over_k import sum_over_k
+    from moetune.kernels.sum_over_k import default_tile, sum_over_k
 
     shape = SHAPES[name]
     T, K, H = (tokens, shape.k, shape.H) if not args.tiny else (37, shape.k, 96)
@@ -52,8 +49,7 @@ def case(name: str, tokens: int, args, device, dtype) -> dict:
     for k in range(1, K):
         sequential = sequential + y[:, k].float()
     row = {"shape": name, "tokens": T, "K": K, "H": H,
-           "tile": dict(block_t=module.BLOCK_T, block_h=min(module.BLOCK_H, max(16, next_power_of_2(H))),
-                        num_warps=module.NUM_WARPS),
+           "tile": default_tile(H),
            "bitwise_equal_sequential": torch.equal(out, sequential.to(dtype)),  # the kernel's own arithmetic
            "bitwise_equal_torch": torch.equal(out, y.sum(dim=1))}  # torch may sum in another order
     bitwise = row["bitwise_equal_torch"]
@@ -64,8 +60,8 @@ def case(name: str, tokens: int, args, device, dtype) -> dict:
     gbytes = (K + 1) * T * H * y.element_size() / 1e9
     row["torch_us"] = gpu_us(lambda: y.sum(dim=1))
     row["kernel_us"] = gpu_us(lambda: sum_over_k(y))  # the default tile (row["tile"])
-    line = (f"{name:<15}{T:>7} [{T}, {K}, {H}]  torch {row['torch_us']:7.1f} us ({gbytes / row['torch_us'] * 1e3:.2f}"
-            f" TB/s)  kernel {row['kernel_us']:7.1f} us ({gbytes / row['kernel_us'] * 1e3:.2f} TB/s)  bitwise {bitwise}")
+    line = (f"{name:<15}{T:>7} [{T}, {K}, {H}]  torch {row['torch_us']:7.1f} us "
+            f"({gbytes / row['torch_us'] * 1e3:.2f} TB/s)  kernel {row['kernel_us']:7.1f} us ({gbytes / row['kernel_us'] * 1e3:.2f} TB/s)  bitwise {bitwise}")
     print(line, flush=True)
     if args.sweep:
         row["sweep"] = []

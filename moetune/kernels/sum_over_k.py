@@ -26,9 +26,12 @@ import triton.language as tl
 from .launch import launch as launch_kernel
 from .sizes import cdiv, next_power_of_2
 
-__all__ = ["check_input", "sum_over_k"]
+__all__ = ["check_input", "default_tile", "sum_over_k"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Off CUDA only Triton's interpreter runs the kernel, and it truncates fp32 -> bf16 instead of rounding to nearest:
+# wrong sums, silently. (benchmarks/host_cost.py adds bf16 here: it skips the kernel bodies.)
+CPU_DTYPES = (torch.float32, torch.float16)
 # Rows and columns a program: one row of up to 2048 elements, 8 a thread at 8 warps (one 16-byte load a slot in
 # bf16). Run 73's sweep on an H100 (benchmarks/sum_over_k_ab.py, 11 tiles, five cases): 1 x 2048 at 8 warps was the
 # fastest in every case, 2.73-2.95 TB/s, 2-5% ahead of the 8 x 256 tile first written here.
@@ -57,17 +60,21 @@ def check_input(y: torch.Tensor) -> str | None:
         return f"expected fp32, fp16 or bf16, got {y.dtype}"
     if not y.is_contiguous():
         return f"expected a contiguous tensor, got strides {list(y.stride())}"
-    if y.dtype == torch.bfloat16 and y.device.type != "cuda":
-        # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest: wrong sums, silently
+    if y.device.type != "cuda" and y.dtype not in CPU_DTYPES:
         return "bf16 needs a CUDA GPU (Triton's interpreter rounds it wrongly); use fp32 or fp16 on the CPU"
     return None
 
 
-def sum_over_k(y: torch.Tensor, *, block_t: int = BLOCK_T, block_h: int | None = None,
-               num_warps: int = NUM_WARPS) -> torch.Tensor:
+def default_tile(H: int) -> dict:
+    """sum_over_k's launch settings for rows of H columns: BLOCK_H capped at H's next power of 2 (at least 16)."""
+    return dict(block_t=BLOCK_T, block_h=min(BLOCK_H, max(16, next_power_of_2(H))), num_warps=NUM_WARPS)
+
+
+def sum_over_k(y: torch.Tensor, *, block_t: int | None = None, block_h: int | None = None,
+               num_warps: int | None = None) -> torch.Tensor:
     """y [T, K, H] summed over dim 1 in one launch: [T, H] in y's dtype (see the module docstring). CUDA, or CPU
-    under TRITON_INTERPRET=1 (fp32 / fp16). block_t, block_h (powers of 2; default BLOCK_H, or H's next power of 2
-    where smaller) and num_warps are for the benchmark's sweep."""
+    under TRITON_INTERPRET=1 (fp32 / fp16). block_t, block_h (powers of 2) and num_warps, each default_tile(H)'s
+    where not given, are for the benchmark's sweep."""
     problem = check_input(y)
     if problem is not None:
         raise ValueError(f"sum_over_k: y: {problem}")
@@ -77,8 +84,8 @@ def sum_over_k(y: torch.Tensor, *, block_t: int = BLOCK_T, block_h: int | None =
         return out
     if K == 0:
         return out.zero_()
-    if block_h is None:
-        block_h = min(BLOCK_H, max(16, next_power_of_2(H)))
+    tile = default_tile(H)
+    block_t, block_h, num_warps = block_t or tile["block_t"], block_h or tile["block_h"], num_warps or tile["num_warps"]
     grid = (cdiv(T, block_t), cdiv(H, block_h))
     launch_kernel(sum_over_k_kernel, grid, y, out, T, H, K=K, BLOCK_T=block_t, BLOCK_H=block_h,
                   num_warps=num_warps)
