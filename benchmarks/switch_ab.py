@@ -60,13 +60,22 @@ def ways(args) -> tuple[str, str]:
     return SWITCHES[args.switch][1]
 
 
+def module_flag(args) -> tuple[object, str] | None:
+    """(module, attribute) of a switch that is a module flag; None for an environment variable."""
+    variable = SWITCHES[args.switch][0]
+    if variable.startswith("MOETUNE_"):
+        return None
+    module, _, flag = variable.rpartition(".")
+    return importlib.import_module(module), flag
+
+
 def set_way(args, way: str) -> None:
     variable, names = SWITCHES[args.switch]
-    if variable.startswith("MOETUNE_"):
+    flag = module_flag(args)
+    if flag is None:
         os.environ[variable] = str(names.index(way))
-        return
-    module, _, flag = variable.rpartition(".")
-    setattr(importlib.import_module(module), flag, bool(names.index(way)))
+    else:
+        setattr(*flag, bool(names.index(way)))
 
 
 def block(name: str, tokens: int, args, device, dtype) -> dict:
@@ -157,9 +166,8 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     args.dtype = str(dtype).removeprefix("torch.")
-    variable = SWITCHES[args.switch][0]
-    flag = None if variable.startswith("MOETUNE_") else variable.rpartition(".")
-    before = None if flag is None else getattr(importlib.import_module(flag[0]), flag[2])
+    flag = module_flag(args)
+    before = None if flag is None else getattr(*flag)
     try:
         with mock.patch.dict(os.environ):  # set_way's setting ends with the run
             blocks = [block(name, tokens, args, device, dtype) for name, tokens in cases]
@@ -167,7 +175,7 @@ def main(argv=None) -> int:
                         for name, tokens in launch_cases}
     finally:  # a module flag too, even if a case raised
         if flag is not None:
-            setattr(importlib.import_module(flag[0]), flag[2], before)
+            setattr(*flag, before)
     if args.out:
         harness.write_json(args.out, {"environment": harness.environment(), "switch": SWITCHES[args.switch][0], "rounds": args.rounds,
                                       "repeat": args.repeat, "blocks": blocks, "launches": launches})
