@@ -61,7 +61,8 @@ def case(name: str, tokens: int, args, device, dtype) -> dict:
     row["torch_us"] = gpu_us(lambda: y.sum(dim=1))
     row["kernel_us"] = gpu_us(lambda: sum_over_k(y))  # the default tile (row["tile"])
     line = (f"{name:<15}{T:>7} [{T}, {K}, {H}]  torch {row['torch_us']:7.1f} us "
-            f"({gbytes / row['torch_us'] * 1e3:.2f} TB/s)  kernel {row['kernel_us']:7.1f} us ({gbytes / row['kernel_us'] * 1e3:.2f} TB/s)  bitwise {bitwise}")
+            f"({gbytes / row['torch_us'] * 1e3:.2f} TB/s)  kernel {row['kernel_us']:7.1f} us "
+            f"({gbytes / row['kernel_us'] * 1e3:.2f} TB/s)  bitwise {bitwise}")
     print(line, flush=True)
     if args.sweep:
         row["sweep"] = []
