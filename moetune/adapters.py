@@ -100,8 +100,9 @@ def _targets(module: nn.Module) -> tuple[str, ...]:
 
 
 def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.experts",
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
+                 state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Write adapter `adapter_name` as adapter_config.json + adapter_model.safetensors that
+    `peft.PeftModel.from_pretrained` loads.
 
     Linear LoRA and modules_to_save come from peft itself; expert LoRA is converted to target_parameters. The weights
     are read from `state_dict` where given (the model's full state dict gathered across processes: what Trainer and
@@ -115,20 +116,20 @@ def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.exp
         state_dict = peft_model.state_dict()
     experts = _expert_modules(peft_model)
     targets = _targets(next(iter(experts.values()))) if experts else ()
-    config = copy.deepcopy(peft_model.peft_config["default"])
+    config = copy.deepcopy(peft_model.peft_config[adapter_name])
     if config.target_modules == DUMMY_TARGET_MODULES:  # expert-only LoRA (see fast_model.get_peft_model)
         config.target_modules = set()
     config.target_parameters = [f"{experts_module}.{p}" for p in targets] or None
     config.inference_mode = True  # as PeftModel.save_pretrained writes it
 
     own = {k: v for k, v in state_dict.items() if not _is_expert_factor(k)}
-    tensors = dict(get_peft_model_state_dict(peft_model, state_dict=own))
+    tensors = dict(get_peft_model_state_dict(peft_model, state_dict=own, adapter_name=adapter_name))
     for name in experts:
         for param, (key_A, key_B) in expert_peft_keys(name, targets).items():
             part = param.removesuffix("_proj")  # gate_up, down
-            factors = [state_dict.get(f"{name}.lora_{ab}_{part}.{DEFAULT_ADAPTER}.weight") for ab in "AB"]
+            factors = [state_dict.get(f"{name}.lora_{ab}_{part}.{adapter_name}.weight") for ab in "AB"]
             if any(f is None for f in factors):
-                raise ValueError(f"state_dict: expected {name}.lora_A_{part}.{DEFAULT_ADAPTER}.weight and its B, the "
+                raise ValueError(f"state_dict: expected {name}.lora_A_{part}.{adapter_name}.weight and its B, the "
                                  "model's expert LoRA; pass the model's full state dict")
             tensors[key_A], tensors[key_B] = expert_factors_to_peft(*(f.detach() for f in factors))
 
@@ -151,14 +152,14 @@ def _refuse_sharded(model: nn.Module) -> None:
                          "and pass it as save_pretrained(..., state_dict=...)")
 
 
-def load_adapter_weights(peft_model, adapter_dir: str) -> None:
-    """Load a saved adapter (PEFT format) into a moetune PEFT model with the same targets, in place."""
+def load_adapter_weights(peft_model, adapter_dir: str, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Load a saved adapter (PEFT format) into the model's adapter `adapter_name`, of the same targets, in place."""
     from peft import set_peft_model_state_dict
 
-    _check_saved_config(peft_model.peft_config["default"], adapter_dir)
+    _check_saved_config(peft_model.peft_config[adapter_name], adapter_dir)
     tensors = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
     for name, module in _expert_modules(peft_model).items():
-        lora = expert_lora(module, DEFAULT_ADAPTER)
+        lora = expert_lora(module, adapter_name)
         num_experts = (lora.A_gate_up if lora.has_gate_up else lora.A_down).shape[0]
         own = {"gate_up_proj": (lora.A_gate_up, lora.B_gate_up), "down_proj": (lora.A_down, lora.B_down)}
         for param, (key_A, key_B) in expert_peft_keys(name, _targets(module)).items():
@@ -168,11 +169,11 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
             with torch.no_grad():
                 own[param][0].copy_(A)
                 own[param][1].copy_(B)
-    result = set_peft_model_state_dict(peft_model, tensors)
+    result = set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"adapter_dir: unexpected keys for this model: {result.unexpected_keys[:5]}")
     missing = [key for key in getattr(result, "missing_keys", ())  # peft's own modules (the experts' loaded above)
-               if f".{DEFAULT_ADAPTER}." in key and not _is_expert_factor(key)]  # the adapter loaded into
+               if f".{adapter_name}." in key and not _is_expert_factor(key)]  # the adapter loaded into
     if missing:
         raise ValueError(f"adapter_dir: no weights for this model's {missing[:3]}; was it saved with other targets?")
 

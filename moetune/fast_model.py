@@ -267,23 +267,43 @@ def _peft_model_class():
         def _experts(self) -> list[nn.Module]:
             return [module for module in self.modules() if expert_adapters(module)]
 
-        def save_pretrained(self, save_directory: str, is_main_process: bool = True,
+        def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                            selected_adapters: list[str] | None = None, is_main_process: bool = True,
                             state_dict: dict | None = None, **kwargs) -> None:
-            """Write a PEFT adapter directory of the "default" adapter (expert LoRA in target_parameters layout).
+            """Write each adapter (`selected_adapters`, default all) as a PEFT adapter directory, expert LoRA in the
+            target_parameters layout, where peft writes it: "default" in save_directory, any other in
+            save_directory/<name>.
 
             state_dict: the model's full state dict, where the modules hold only shards (FSDP: Trainer and
-            accelerate gather it and pass it here). Other peft keyword arguments (safe_serialization, ...) are
+            accelerate gather it and pass it here). safe_serialization and other peft keyword arguments are
             accepted and ignored: the adapter is always written as safetensors.
             """
-            if is_main_process:
-                adapters.save_adapter(self, save_directory, experts_module=getattr(self, _SPEC_ATTR).experts_module,
-                                      state_dict=state_dict)
+            names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+            unknown = [name for name in names if name not in self.peft_config]
+            if unknown:
+                raise ValueError(f"selected_adapters: expected names among {list(self.peft_config)}, got {unknown}")
+            if not is_main_process:
+                return
+            for name in names:
+                adapters.save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
+                                      experts_module=getattr(self, _SPEC_ATTR).experts_module, state_dict=state_dict,
+                                      adapter_name=name)
 
-        def load_adapter(self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, **kwargs):
-            """Load saved weights into this model's "default" adapter in place (what Trainer's resume calls)."""
-            if adapter_name != DEFAULT_ADAPTER:
-                raise ValueError(f"adapter_name: moetune loads a saved adapter into {DEFAULT_ADAPTER!r}, got {adapter_name!r}")
-            adapters.load_adapter_weights(self, model_id)
+        def load_adapter(self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
+                         **kwargs) -> None:
+            """Load a saved adapter's weights into adapter `adapter_name`: in place where the model has it (what
+            Trainer's resume calls), else as a new adapter (add_adapter: frozen until set_adapter makes it active;
+            TRL loads its reference adapter so). It must have this model's rank, alpha and targets.
+            is_trainable and other peft keyword arguments are accepted and ignored."""
+            new = adapter_name not in self.peft_config
+            if new:
+                self.add_adapter(adapter_name, copy.deepcopy(next(iter(self.peft_config.values()))))
+            try:
+                adapters.load_adapter_weights(self, model_id, adapter_name)
+            except BaseException:
+                if new:  # nothing half-loaded left behind
+                    self.delete_adapter(adapter_name)
+                raise
 
         def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False, **kwargs) -> None:
             """peft's add_adapter, the expert LoRA included: a fresh adapter (A uniform, B = 0), frozen until made

@@ -309,8 +309,48 @@ def test_a_second_adapter_is_a_frozen_reference_as_trl_makes_it(targets, checkpo
         assert torch.equal(model(ids).logits, trained)
     with pytest.raises(ValueError, match="every adapter takes the first one's r, lora_alpha"):
         model.add_adapter("other", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="adapter_name: moetune loads a saved adapter into 'default', got 'x'"):
+    with pytest.raises(ValueError, match="adapter_dir: cannot read adapter_config.json in anywhere"):
         model.load_adapter("anywhere", "x")
+    assert list(model.peft_config) == ["default"]  # nothing of the failed load left behind
+
+
+@pytest.mark.parametrize("targets", ["default", "experts"])
+def test_every_adapter_saves_and_loads_where_peft_puts_it(targets, checkpoint, tmp_path):
+    """save_pretrained writes the adapters peft's would ("default" in the directory, another in a subdirectory of
+    its name; selected_adapters picks), each loading in plain peft with its own logits; load_adapter under a new
+    name adds that adapter, frozen until made active."""
+    kwargs = {} if targets == "default" else dict(target_modules=("gate_up_proj", "down_proj"))
+    model_dir = checkpoint("qwen3_moe")
+    model = _peft_model(model_dir, **kwargs)
+    ids = token_batch()
+    model.add_adapter("b", model.peft_config["default"])
+    model.set_adapter("b")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        logits_b = model(ids).logits
+        model.set_adapter("default")
+        logits_default = model(ids).logits
+    assert relative_error(logits_b, logits_default) > 1e-3
+
+    model.save_pretrained(tmp_path / "only_b", selected_adapters=["b"])
+    assert not (tmp_path / "only_b" / "adapter_config.json").exists()
+    model.save_pretrained(tmp_path / "all")
+    with torch.no_grad():
+        for adapter_dir, expected in ((tmp_path / "only_b" / "b", logits_b), (tmp_path / "all" / "b", logits_b),
+                                      (tmp_path / "all", logits_default)):
+            assert relative_error(plain_peft_model(model_dir, adapter_dir)(ids).logits, expected) < 1e-5
+    with pytest.raises(ValueError, match=r"selected_adapters: expected names among \['default', 'b'\], got \['c'\]"):
+        model.save_pretrained(tmp_path / "c", selected_adapters=["c"])
+    assert not (tmp_path / "c").exists()
+
+    fresh = _peft_model(model_dir, **kwargs)
+    fresh.load_adapter(str(tmp_path / "all" / "b"), adapter_name="reference")
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".reference." in n)
+    fresh.set_adapter("reference")
+    with torch.no_grad():
+        assert relative_error(fresh(ids).logits, logits_b) < 1e-6
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])  # gpt-oss: transposed, interleaved, biased experts
