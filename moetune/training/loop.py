@@ -35,6 +35,10 @@ __all__ = ["train", "run", "TrainingDiverged"]
 MIN_LR_RATIO = 0.1
 
 
+# fp16's loss scale starts at 2^16 and halves at each skipped step: below 1 it no longer scales the loss up.
+MIN_LOSS_SCALE = 1.0
+
+
 class TrainingDiverged(RuntimeError):
     """A step's loss or a trained weight was not finite and no loss scaler skipped the step: the weights hold NaN or
     inf, so the run stops before any checkpoint or adapter is written from them."""
@@ -49,8 +53,21 @@ def _stop_if_diverged(loss_sum: float, step: int, config: TrainConfig, params=()
         what = f"the loss is {loss_sum}"
     elif params and not bool(torch.stack([n.float() for n in torch._foreach_norm(list(params))]).isfinite().all()):
         what = "a trained weight is not finite"
-    if what is None:
-        return
+    if what is not None:
+        _diverged(what, step, config)
+
+
+def _stop_if_scaler_gave_up(scaler, step: int, config: TrainConfig) -> None:
+    """fp16's scaler skips a step whose gradients overflow and halves its scale; below MIN_LOSS_SCALE they overflow
+    however small it makes the loss (the forward itself is not finite: the weights have diverged), and every step
+    from here on would be skipped while the run reported success."""
+    scale = scaler.get_scale()
+    if scale < MIN_LOSS_SCALE:
+        _diverged(f"fp16's loss scale fell to {scale:g} (every step's gradients overflow, so each is skipped)",
+                  step, config)
+
+
+def _diverged(what: str, step: int, config: TrainConfig) -> None:
     from .checkpoint import latest_checkpoint
 
     last = latest_checkpoint(config.output_dir)
@@ -358,6 +375,8 @@ def run(plan: Plan, console=None) -> dict:
             plan_checks.after_step()
             steps_interval += 1
             done = step + 1
+            if scaler is not None:
+                _stop_if_scaler_gave_up(scaler, done, config)
             if done % config.logging_steps == 0 or done == total:
                 now = time.perf_counter()
                 row = {
@@ -406,8 +425,10 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
     plot_loss(rows, os.path.join(out, "loss.png"))
     plot_expert_load(_mean_load(rows), load.layers, os.path.join(out, "expert_load.png"))
     load.remove()
-    finite = [r for r in rows if r["loss"] is not None]  # (a non-finite loss is written as null)
-    head, tail = finite[: max(1, len(finite) // 10)], finite[-max(1, len(finite) // 10) :]
+    # The first and the last tenth of the logged rows; a non-finite loss (fp16's skipped steps) is written as null
+    # and left out of their means, so a tail of nulls has none.
+    tenth = max(1, len(rows) // 10)
+    head, tail = ([r["loss"] for r in part if r["loss"] is not None] for part in (rows[:tenth], rows[-tenth:]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     summary = {
         "model": config.model or "built-in demo (Qwen3-MoE, random init)",
@@ -429,9 +450,10 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         "train_seconds_this_session": round(elapsed, 2),  # wall time, checkpoints' writing included
         "checkpoint_seconds_this_session": round(saving_s, 2),
         "tokens_per_s_this_session": round(tokens / (elapsed - saving_s), 1) if elapsed > saving_s else None,
-        # The mean loss of the first and of the last tenth of the logged rows (at least one row each).
-        "loss_first": sum(r["loss"] for r in head) / len(head) if head else None,
-        "loss_last": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+        # The mean finite loss of the first and of the last tenth of the logged rows (at least one row each;
+        # None where all of that tenth's were null).
+        "loss_first": sum(head) / len(head) if head else None,
+        "loss_last": sum(tail) / len(tail) if tail else None,
         "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
         "outputs": {
             "adapter": os.path.join(out, "adapter"), "metrics": metrics_path,

@@ -293,7 +293,8 @@ def test_a_non_finite_loss_is_written_as_null_and_the_summary_stays_json(tmp_pat
     rows = [strict(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert rows[0]["loss"] is None and rows[1]["loss"] > 0 and rows[0]["tokens"] > 0
     summary = strict((tmp_path / "out" / "summary.json").read_text())
-    assert summary["loss_first"] == summary["loss_last"] == rows[1]["loss"]
+    # The first tenth (row 1) has no finite loss: unknown, not the next row's.
+    assert summary["loss_first"] is None and summary["loss_last"] == rows[1]["loss"]
 
 
 def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
@@ -308,6 +309,51 @@ def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
     assert len(lines) == 2 and all(line.get_marker() == "o" for line in lines)
     plots.plot_loss([{"step": s, "loss": 2.0, "lr": 1e-3} for s in range(1, 100)], str(tmp_path / "long.png"))
     assert all(line.get_marker() in ("None", None, "") for ax in figures[1].axes for line in ax.get_lines())
+
+
+def test_float16_stops_when_every_step_overflows(tmp_path, capsys, monkeypatch):
+    """Where the forward itself turns non-finite (diverged weights), fp16's scaler would skip every step from there
+    on and the run would report success: once its scale falls below 1 the run stops with one line and exit 1, and
+    writes no adapter or summary. A run whose last logged rows were skipped says its last loss is unknown."""
+    import json
+
+    import torch
+
+    from moetune.training.loop import MIN_LOSS_SCALE
+
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **kw: real_scaler(*a, init_scale=4.0 * MIN_LOSS_SCALE, **kw))
+    forwards = [0]
+    real = torch.nn.Embedding.forward
+
+    def poisoned_from(first):
+        def forward(self, ids):
+            forwards[0] += 1
+            out = real(self, ids)
+            return out * float("nan") if forwards[0] >= first else out
+        return forward
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", poisoned_from(3))
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 8, "--save-steps", 2,
+                              "--logging-steps", 1, "--dtype", "float16", "--warmup-steps", 0)
+    last = stderr.strip().splitlines()[-1]
+    # steps 3, 4, 5 skipped: the scale 4 -> 2 -> 1 -> 0.5
+    assert code == 1 and last.startswith("moetune train: error: fp16's loss scale fell to 0.5 (every step's "
+                                         "gradients overflow, so each is skipped) by step 5"), stderr
+    assert "step-000004, is intact" in last and "Traceback" not in stderr  # (skipped steps change no weight)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+    forwards[0] = 0
+    monkeypatch.setattr(torch.nn.Embedding, "forward", poisoned_from(4))  # only the last step skipped
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "tail", "--max-steps", 4,
+                                   "--logging-steps", 1, "--dtype", "float16", "--warmup-steps", 0)
+    assert code == 0, stderr
+    assert [json.loads(line)["loss"] is None for line in open(tmp_path / "tail" / "metrics.jsonl")] == [False] * 3 + [True]
+    summary = json.loads((tmp_path / "tail" / "summary.json").read_text())
+    assert summary["loss_first"] is not None and summary["loss_last"] is None
+    assert "-> n/a" in stdout
 
 
 @pytest.mark.parametrize(("step_in_backward", "logging"), [(False, 2), (True, 2), (False, 5)],
