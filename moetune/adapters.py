@@ -293,7 +293,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     spec = get_spec(config.model_type)
     try:
         model = from_pretrained_dequantized(  # (quantized experts dequantized: models/quantized.py)
-            getattr(transformers, spec.auto_class), model_dir, config, dtype=dtype, local_files_only=True,
+            getattr(transformers, spec.auto_class), model_dir, config, strict=True, dtype=dtype, local_files_only=True,
             use_kernels=False,  # no Hub kernels (5.25's default), offline
         )
     except SafetensorError as err:
@@ -321,5 +321,8 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
                 continue
             shutil.copy2(source, os.path.join(directory, entry))
 
-    atomic_dir(out_dir, write)  # a merge that fails leaves no directory that looks finished
+    try:
+        atomic_dir(out_dir, write)  # a merge that fails leaves no directory that looks finished
+    except OSError as err:
+        raise ValueError(f"out_dir: cannot write {out_dir}: {str(err).splitlines()[0]}") from None
     return out_dir

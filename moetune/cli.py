@@ -60,6 +60,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun_advice(output_dir: str) -> str:
+    """How to go on after a run stopped part-way."""
+    from .training.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(output_dir) is not None:
+        return f"continue with --resume --output-dir {output_dir}"
+    if os.path.isdir(output_dir) and os.listdir(output_dir):  # what it wrote blocks a plain rerun; nothing to resume
+        return f"no checkpoint yet; start again with --overwrite --output-dir {output_dir}"
+    return "nothing was written"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     # The demo and every --model are local: nothing may reach a model hub (set before transformers loads).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,14 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:  # not a usage error: exit 1, one line
         print(f"moetune train: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the disk or the file system (full, read-only, gone), not the input: exit 1, one line
+        print(f"moetune train: error: {str(err).splitlines()[0]}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        from .training.checkpoint import latest_checkpoint
-
-        if latest_checkpoint(config.output_dir) is not None:
-            advice = f"continue with --resume --output-dir {config.output_dir}"
-        else:  # what it wrote blocks a plain rerun, and there is nothing to resume
-            advice = f"no checkpoint yet; start again with --overwrite --output-dir {config.output_dir}"
-        print(f"moetune train: interrupted; {advice}", file=sys.stderr)
+        print(f"moetune train: interrupted; {_rerun_advice(config.output_dir)}", file=sys.stderr)
         return 130
     print(f"done: {summary['steps']} steps on {summary['device']} (experts backend {summary['moe_backend']}), "
           f"loss {_loss(summary['loss_first'])} -> {_loss(summary['loss_last'])}, "
@@ -185,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         message = (str(err).strip().splitlines() or [type(err).__name__])[0]  # (some errors carry no message)
         print(f"moetune {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a command's own handling (while torch and transformers import)
+        print(f"moetune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

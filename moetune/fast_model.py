@@ -51,7 +51,7 @@ from .models.hook import (
     remove_expert_lora,
     set_expert_adapter,
 )
-from .models.quantized import from_pretrained_dequantized
+from .models.quantized import MissingWeights, from_pretrained_dequantized
 from .models.registry import get_spec
 from .models.spec import ArchSpec
 from .training.offload import enable_offloaded_checkpointing
@@ -424,6 +424,7 @@ class FastMoEModel:
         fused_router: bool = True,
         fused_mlp: bool = True,
         fused_sinks: bool = True,
+        strict: bool = False,
         **kwargs,
     ):
         """(model, tokenizer or None) from a local checkpoint directory, or (model, None) from a config (random init).
@@ -453,6 +454,8 @@ class FastMoEModel:
           "flex_attention" function is wrapped for the whole process (calls without sinks pass through); False does
           not undo an earlier model's wrap (moetune.models.fast_sinks.uninstall_fast_sinks() does; a warning says
           so).
+        strict: refuse a checkpoint that lacks any of the model's weights (ValueError), where transformers would
+          start them at random values with a warning (`moetune train` and `moetune merge` load so).
         Extra keyword arguments go to transformers' from_pretrained / from_config.
         """
         _check_positive_int("max_seq_length", max_seq_length)
@@ -463,6 +466,7 @@ class FastMoEModel:
         _check_bool("fused_router", fused_router)
         _check_bool("fused_mlp", fused_mlp)
         _check_bool("fused_sinks", fused_sinks)
+        _check_bool("strict", strict)
         check_device_map(device_map)
         model_dir = _check_local_source(model_dir_or_config)
         if model_dir is not None:
@@ -476,10 +480,13 @@ class FastMoEModel:
             # transformers >= 5.25 swaps in the `kernels` library's Hub kernels by default (downloaded at load time,
             # replacing modules moetune patches); moetune brings its own. Accepted (default off) since 5.17.
             kwargs.setdefault("use_kernels", False)
-            model = from_pretrained_dequantized(
-                auto, model_dir, config, dtype=dtype, device_map=device_map, attn_implementation=attn,
-                local_files_only=True, **kwargs,
-            )
+            try:
+                model = from_pretrained_dequantized(
+                    auto, model_dir, config, strict=strict, dtype=dtype, device_map=device_map,
+                    attn_implementation=attn, local_files_only=True, **kwargs,
+                )
+            except MissingWeights as err:
+                raise err.naming("model_dir_or_config") from None
         else:
             if isinstance(device_map, dict) or device_map in PLACEMENT_STRATEGIES:
                 raise ValueError(f"device_map: expected a device for a config (random init), got {device_map!r}")

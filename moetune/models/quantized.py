@@ -50,7 +50,22 @@ def dequantizing_kwargs(config, kwargs: dict) -> dict:
         dequantize=True, modules_to_not_convert=_quantization(config).get("modules_to_not_convert"))}
 
 
-def from_pretrained_dequantized(auto_class, model_dir: str, config, **kwargs):
+class MissingWeights(ValueError):
+    """A checkpoint lacks weights its model has: transformers initialises those at random (with a warning), so a
+    partial or damaged checkpoint would train, or merge, on random layers."""
+
+    def __init__(self, argument: str, model_dir: str, keys: list[str]):
+        self.model_dir, self.keys = model_dir, keys
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        super().__init__(f"{argument}: {model_dir} lacks {len(keys)} of the model's weights ({shown}), which would "
+                         "start at random values: a partial or damaged checkpoint?")
+
+    def naming(self, argument: str) -> "MissingWeights":
+        """The same error, naming the caller's argument."""
+        return MissingWeights(argument, self.model_dir, self.keys)
+
+
+def from_pretrained_dequantized(auto_class, model_dir: str, config, strict: bool = False, **kwargs):
     """auto_class.from_pretrained(model_dir, **kwargs) with a quantized checkpoint's experts dequantized
     (dequantizing_kwargs) and the result made plain where transformers 5.17-5.23 leave it half-quantized:
 
@@ -59,9 +74,16 @@ def from_pretrained_dequantized(auto_class, model_dir: str, config, **kwargs):
     - 5.17-5.23 save a dequantized model through the quantizer's load conversions reversed (MXFP4 experts written
       under `gate_up_proj$` or `*_blocks` names, lost on reload; FP8 fails with "Undefined Operation"): the model
       forgets them, so save_pretrained writes the plain layout (transformers' default mapping for the architecture,
-      as for a model built from its config)."""
+      as for a model built from its config).
+
+    strict: raise MissingWeights where the checkpoint lacks any of the model's weights."""
     load_kwargs = dequantizing_kwargs(config, kwargs)
-    model = auto_class.from_pretrained(model_dir, **load_kwargs)
+    if strict:
+        model, info = auto_class.from_pretrained(model_dir, output_loading_info=True, **load_kwargs)
+        if info["missing_keys"]:
+            raise MissingWeights("model_dir", model_dir, sorted(info["missing_keys"]))
+    else:
+        model = auto_class.from_pretrained(model_dir, **load_kwargs)
     # dequantized, by moetune's request or a caller's own config asking the same
     if _dequantized_method(config) is not None and not getattr(model, "is_quantized", False):
         dtype = kwargs.get("dtype")

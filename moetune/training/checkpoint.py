@@ -176,7 +176,10 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"--resume: cannot read checkpoint {path}: {err}") from None
+    fingerprinted = "data_fingerprint" in state["settings"]
     for key, saved in state["settings"].items():  # a checkpoint's own keys: older ones have fewer
+        if key == "data" and fingerprinted:  # the same records under another name (a pipe's copy) continue the run
+            continue
         if key in _PATHS and saved is not None:
             saved = _resolved(saved)
         if key == "data_fingerprint" and settings[key] != saved:

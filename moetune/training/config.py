@@ -339,5 +339,8 @@ def resolve_config(flags: dict, config_file: str | None = None) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         output_dir = values.get("output_dir", TrainConfig.output_dir)
         saved = {name: _coerce(name, value) for name, value in saved_settings(output_dir).items() if name in known}
+        if values.get("data") is None and saved.get("data") is not None and not os.path.exists(saved["data"]):
+            raise ValueError(f"--resume: the run was trained on --data {saved['data']}, which is gone (a pipe lives "
+                             "one process); pass --data with the same records")
         values = {**saved, **values}
     return validate(TrainConfig(**values))

@@ -200,7 +200,11 @@ def _base_model_dir(plan: Plan) -> tuple[str, str | None]:
         return demo_dir, None  # a resumed demo run continues on the very weights it started with
     # Written outside --output-dir first: it moves in only once the model and its LoRA set-up are valid.
     tmp = tempfile.mkdtemp(prefix="moetune-demo-model-")
-    _write_demo_model(plan, tmp)
+    try:
+        _write_demo_model(plan, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp, tmp
 
 
@@ -208,12 +212,15 @@ def _build_model(plan: Plan, model_dir: str):
     from safetensors import SafetensorError
 
     from ..fast_model import FastMoEModel
+    from ..models.quantized import MissingWeights
 
     config = plan.config
     try:
         model, _ = FastMoEModel.from_pretrained(
-            model_dir, max_seq_length=config.max_seq_length, dtype=plan.dtype, device_map=str(plan.device)
+            model_dir, max_seq_length=config.max_seq_length, dtype=plan.dtype, device_map=str(plan.device), strict=True
         )
+    except MissingWeights as err:
+        raise err.naming("--model") from None
     except (OSError, SafetensorError) as err:
         raise ValueError(f"--model: cannot load the weights in {model_dir}: {str(err).splitlines()[0]}") from None
     with warnings.catch_warnings():
@@ -288,14 +295,20 @@ def run(plan: Plan, console=None) -> dict:
         print(f"moetune: checkpoint plan: {checkpoint_plan['why']}", file=sys.stderr)
     if plan.resume_from is None and config.overwrite:
         _clear_old_run(config.output_dir)
-    os.makedirs(config.output_dir, exist_ok=True)
     if demo_tmp:
         model_dir = os.path.join(config.output_dir, "demo-model")
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.move(demo_tmp, model_dir)
+        try:
+            os.makedirs(config.output_dir, exist_ok=True)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.move(demo_tmp, model_dir)  # (a copy where the two are on different file systems)
+        except BaseException:  # no half-copied demo model left to look like a run, nor the temporary one
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(demo_tmp, ignore_errors=True)
+            raise
         os.chmod(model_dir, 0o777 & ~_umask())  # mkdtemp made it private; the rest of the output is not
         # The adapter names its base model (AutoPeftModel loads it from there): here, not the temporary directory.
         peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
+    os.makedirs(config.output_dir, exist_ok=True)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 

@@ -28,6 +28,18 @@ def _broken_weights_dir(tmp_path) -> str:
     return path
 
 
+def _partial_weights_dir(tmp_path) -> str:
+    """A checkpoint that lost one tensor (a partial copy or download): transformers would start it at random."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint("qwen3_moe", str(tmp_path / "partial"))
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path
+
+
 def _data(tmp_path, records=(), raw=(), name="d.jsonl") -> str:
     return write_jsonl(tmp_path / name, records, raw)
 
@@ -58,6 +70,7 @@ CASES = {
     "no config.json": (lambda t: ["--model", t], "has no config.json"),
     "non-MoE model": (lambda t: ["--model", _llama_dir(t)], "is a 'llama' model, not a supported MoE architecture"),
     "broken weights": (lambda t: ["--model", _broken_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "cannot load the weights"),
+    "weights missing from the checkpoint": (lambda t: ["--model", _partial_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "lacks 1 of the model's weights (model.layers.1.self_attn.q_proj.weight), which would start at random values"),
     "missing config file": (lambda t: ["--config", t / "x.yaml"], "--config: cannot read"),
     "bad config key": (lambda t: ["--config", _yaml(t, "learning_rate: 1\n")], "unknown key 'learning_rate'"),
     "bad flag value": (lambda t: ["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
@@ -173,3 +186,60 @@ def test_a_gpu_index_this_machine_lacks(tmp_path, capsys, monkeypatch):
     assert not out.exists() or os.listdir(out) == []
     code, _, stderr = run_cli(capsys, "info", "--device", "cuda:1")
     assert code == 2 and "--device: expected a device this machine has, got cuda:1 but it has 1" in stderr, stderr
+
+
+@pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+def test_merge_refuses_missing_weights_and_names_what_it_cannot_write(tmp_path, capsys):
+    """merge loads as train does (a checkpoint missing a weight would merge onto random values), and a place it
+    cannot write is named as out_dir, not blamed on the reading."""
+    import torch
+
+    from moetune import FastMoEModel
+
+    model, _ = FastMoEModel.from_pretrained(save_checkpoint("qwen3_moe", str(tmp_path / "whole")), dtype=torch.float32)
+    FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False).save_pretrained(
+        tmp_path / "adapter")
+    capsys.readouterr()
+    code, _, stderr = run_cli(capsys, "merge", _partial_weights_dir(tmp_path), tmp_path / "adapter", tmp_path / "m")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "moetune merge: error: model_dir: " in stderr and "lacks 1 of the model's weights" in stderr
+    assert not (tmp_path / "m").exists()
+    code, _, stderr = run_cli(capsys, "merge", tmp_path / "whole", tmp_path / "adapter", _file(tmp_path) / "m")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"moetune merge: error: out_dir: cannot write {_file(tmp_path) / 'm'}: " in stderr
+
+
+def test_a_failing_write_is_one_line_and_leaves_no_half_written_demo_model(tmp_path, capsys, monkeypatch):
+    """The file system failing (full, read-only) is no bad input: one line and exit 1, with what to do next; the
+    demo model half-copied into the output is removed, and so is its temporary directory."""
+    import tempfile
+
+    import moetune.training.loop as loop
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    real_move = loop.shutil.move
+
+    def full_disk(source, target):
+        real_move(source, target)
+        os.remove(os.path.join(target, "model.safetensors"))  # the copy got part-way
+        raise OSError(28, "No space left on device", os.path.join(target, "model.safetensors"))
+
+    monkeypatch.setattr(loop.shutil, "move", full_disk)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 1)
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith("moetune train: error: [Errno 28] No space left on device: ") and \
+        stderr.rstrip().endswith("; nothing was written"), stderr
+    assert os.listdir(out) == [] and os.listdir(tmp_path / "tmp") == []
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, capsys, monkeypatch):
+    import moetune.training.config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moetune.training.config, "resolve_config", interrupted)
+    code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out")
+    assert code == 130 and stderr == "moetune train: interrupted\n"

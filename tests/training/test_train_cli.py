@@ -229,14 +229,38 @@ def test_resume_refuses_other_data_and_a_shorter_run_but_takes_another_spelling(
     assert summary(out)["resumed_from_step"] == 2
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
-def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch, checkpointed):
-    """Ctrl-C: --resume where a checkpoint exists; before the first one, --overwrite (a plain rerun is refused by
-    what the run wrote, and there is nothing to resume)."""
+def test_resume_takes_the_same_records_from_another_file_and_says_when_its_data_is_gone(tmp_path, capsys):
+    """A run trained from a pipe (`--data <(zcat ...)`: a path that lives one process) resumes from any file holding
+    the same records (the data's fingerprint decides, not its name); without --data, it says the data are gone."""
+    records = [FORMAT_RECORDS["text"][0]] * 12
+    piped = write_jsonl(tmp_path / "piped.jsonl", records)
+    out = tmp_path / "out"
+    args = ("train", "--max-steps", 4, "--save-steps", 2, "--batch-size", 2, "--output-dir", out)
+    code, _, stderr = run_cli(capsys, *args, "--data", piped)
+    assert code == 0, stderr
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    os.remove(piped)
+    before = (out / "metrics.jsonl").read_text()
+    code, _, stderr = run_cli(capsys, *args, "--resume")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"--resume: the run was trained on --data {os.path.realpath(tmp_path)}/piped.jsonl, which is gone" in stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    code, _, stderr = run_cli(capsys, *args, "--data", write_jsonl(tmp_path / "copy.jsonl", records), "--resume")
+    assert code == 0, stderr
+    assert summary(out)["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize("written", ["nothing", "metrics", "a checkpoint"])
+def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch, written):
+    """Ctrl-C: --resume where a checkpoint exists; before the first one, --overwrite where the run wrote something
+    (a plain rerun is refused by it, and there is nothing to resume); else nothing to do."""
     import moetune.training
 
     out = tmp_path / "out"
-    if checkpointed:
+    if written == "metrics":
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("")
+    if written == "a checkpoint":
         os.makedirs(out / "checkpoints" / "step-000002")
 
     def interrupted(config):
@@ -245,8 +269,10 @@ def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch, che
     monkeypatch.setattr(moetune.training, "train", interrupted)
     code, _, stderr = run_cli(capsys, "train", "--output-dir", out)
     assert code == 130
-    assert ("continue with --resume" in stderr) == checkpointed
-    assert ("no checkpoint yet; start again with --overwrite" in stderr) != checkpointed
+    advice = {"nothing": "nothing was written", "metrics": "no checkpoint yet; start again with --overwrite",
+              "a checkpoint": "continue with --resume"}
+    assert stderr.rstrip().endswith(f"interrupted; {advice[written]}" if written == "nothing" else
+                                    advice[written] + f" --output-dir {out}"), stderr
 
 
 def test_a_resume_between_logged_steps_logs_the_same_rows(tmp_path):
