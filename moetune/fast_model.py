@@ -160,6 +160,8 @@ def plan_targets(model: nn.Module, spec: ArchSpec, target_modules) -> tuple[list
         raise ValueError(f"target_modules: expected a non-empty sequence of module names, got {target_modules!r}")
     routers = {r.rsplit(".", 1)[-1] for r in spec.router_modules}
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - routers
+    if tuple(names) == DEFAULT_TARGET_MODULES:  # attention and experts: the architecture's own attention projections
+        names = (*(n for n in spec.attention_targets if n in linear), *DEFAULT_TARGET_MODULES[4:])
     for name in names:
         if name in routers:
             raise ValueError(
@@ -284,9 +286,10 @@ def _peft_model_class():
                 raise ValueError(f"selected_adapters: expected names among {list(self.peft_config)}, got {unknown}")
             if not is_main_process:
                 return
+            experts_module = getattr(self, _SPEC_ATTR).experts_module
             for name in names:
-                adapters.save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
-                                      experts_module=getattr(self, _SPEC_ATTR).experts_module, state_dict=state_dict,
+                directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+                adapters.save_adapter(self, directory, experts_module=experts_module, state_dict=state_dict,
                                       adapter_name=name)
 
         def load_adapter(self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
@@ -541,6 +544,9 @@ class FastMoEModel:
         """LoRA on the target modules; everything else frozen. Returns a peft model (PeftModelForCausalLM).
 
         r, lora_alpha: rank and alpha (scaling = lora_alpha / r), for experts and Linear layers alike.
+        target_modules: Linear module names and the experts' (gate_up_proj, down_proj). The default, attention and
+          experts, stands for each architecture's own attention projections (ArchSpec.attention_targets: DeepSeek-V3
+          and GLM-4.7-Flash's latent attention has q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).
         lora_dropout: Linear LoRA only; 0 where the experts get LoRA (PEFT's expert LoRA has none, and refuses to load
           an adapter that records one).
         train_router: train router weights in full (saved as peft modules_to_save); default frozen.

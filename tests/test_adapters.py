@@ -265,6 +265,14 @@ def test_one_of_gate_and_up_selects_the_fused_gate_up(targets, checkpoint, tmp_p
         assert relative_error(model(ids).logits, reference(ids).logits) < 1e-5
 
 
+def _step_trainable(model) -> None:
+    """What training does to the active adapter, as far as these tests see: every trainable parameter moves."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
 def _trl_reference_copy(model, name="ref"):
     """What TRL's DPO, KTO and GRPO trainers do with a PeftModel and no ref_model: a second adapter of the same
     config, then every `.default.` parameter copied into its `.ref.` twin by name."""
@@ -290,9 +298,7 @@ def test_a_second_adapter_is_a_frozen_reference_as_trl_makes_it(targets, checkpo
     _trl_reference_copy(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     with torch.no_grad():  # the default adapter trains on
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+        _step_trainable(model)
         trained = model(ids).logits
         model.set_adapter("ref")
         reference = model(ids).logits
@@ -326,9 +332,7 @@ def test_every_adapter_saves_and_loads_where_peft_puts_it(targets, checkpoint, t
     model.add_adapter("b", model.peft_config["default"])
     model.set_adapter("b")
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+        _step_trainable(model)
         logits_b = model(ids).logits
         model.set_adapter("default")
         logits_default = model(ids).logits

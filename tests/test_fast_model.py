@@ -254,6 +254,29 @@ def test_linear_targets_use_peft_lora_on_shared_experts_and_dense_mlp():
     assert experts.lora_A_gate_up.default.weight.requires_grad and experts.lora_A_down.default.weight.requires_grad
 
 
+@pytest.mark.parametrize("q_lora_rank", [16, None], ids=["q_a-q_b", "q_proj"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite"])
+@pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+def test_the_default_targets_take_latent_attentions_own_projections(model_type, q_lora_rank):
+    """Attention and experts by default: multi-head latent attention has no k_proj / v_proj (and q_proj only without
+    a low-rank query), so the default stands for its own projections instead of leaving it o_proj alone."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    config = tiny_config(model_type)
+    config.q_lora_rank = q_lora_rank
+    model, _ = _load(config)
+    model = FastMoEModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+               if isinstance(m, LoraLinear) and ".layers.1." in n}
+    queries = {"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}
+    assert wrapped == queries | {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    experts = model.base_model.model.model.layers[1].mlp.experts
+    assert experts.lora_A_gate_up.default.weight.requires_grad and experts.lora_A_down.default.weight.requires_grad
+    named = FastMoEModel.get_peft_model(_load(config)[0], r=2, use_gradient_checkpointing=False,
+                                        target_modules=("o_proj", "gate_up_proj", "down_proj"))
+    assert {n.rsplit(".", 1)[-1] for n, m in named.named_modules() if isinstance(m, LoraLinear)} == {"o_proj"}
+
+
 def _routers(model, spec):
     return {
         n: p.detach().clone()

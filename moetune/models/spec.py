@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 from ..experts.activations import Activation, GeGLU, GptOssGLU, SwiGLU
 
-__all__ = ["ArchSpec", "glu_from_hidden_act", "gpt_oss_glu"]
+__all__ = ["ArchSpec", "MLA_TARGETS", "glu_from_hidden_act", "gpt_oss_glu"]
+
+# Multi-head latent attention's projections (DeepSeek-V3, GLM-4.7-Flash): q_proj where the queries have no low-rank
+# step (q_lora_rank None), else q_a_proj and q_b_proj; the keys' and values' joint down- and up-projection; the output.
+MLA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 WEIGHT_LAYOUTS = ("E_out_in", "E_in_out")
 GATE_UP_PACKINGS = ("concat", "interleaved")
@@ -64,6 +68,10 @@ class ArchSpec:
 
     router_modules: tuple[str, ...] = ("mlp.gate",)
     """Name suffixes of the routing modules: frozen and never LoRA-adapted unless train_router=True."""
+
+    attention_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """The attention's Linear projections, which the default targets' "q_proj", "k_proj", "v_proj", "o_proj"
+    stand for (multi-head latent attention names them otherwise); those the model has get LoRA."""
 
     text_config: str | None = None
     """Attribute of the config holding the language model's config, for multimodal checkpoints."""

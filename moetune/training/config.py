@@ -72,7 +72,7 @@ class TrainConfig:
     """LoRA alpha; the LoRA update is scaled by lora_alpha / r."""
 
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
-    """Modules that get LoRA: gate_up_proj / down_proj select split LoRA on the experts, other names Linear layers."""
+    """Modules that get LoRA: gate_up_proj / down_proj select split LoRA on the experts, other names Linear layers. The default's q/k/v/o stand for the architecture's attention projections (latent attention: q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)."""
 
     train_router: bool = False
     """Train the router weights in full (saved as peft modules_to_save)."""

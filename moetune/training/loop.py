@@ -40,8 +40,8 @@ MIN_LOSS_SCALE = 1.0
 
 
 class TrainingDiverged(RuntimeError):
-    """A step's loss or a trained weight was not finite and no loss scaler skipped the step: the weights hold NaN or
-    inf, so the run stops before any checkpoint or adapter is written from them."""
+    """A step's loss or a trained weight was not finite and no loss scaler skipped the step (the weights hold NaN or
+    inf), or fp16's scaler skips every step: the run stops before any checkpoint or adapter is written from them."""
 
 
 def _stop_if_diverged(loss_sum: float, step: int, config: TrainConfig, params=()) -> None:
@@ -59,8 +59,8 @@ def _stop_if_diverged(loss_sum: float, step: int, config: TrainConfig, params=()
 
 def _stop_if_scaler_gave_up(scaler, step: int, config: TrainConfig) -> None:
     """fp16's scaler skips a step whose gradients overflow and halves its scale; below MIN_LOSS_SCALE they overflow
-    however small it makes the loss (the forward itself is not finite: the weights have diverged), and every step
-    from here on would be skipped while the run reported success."""
+    however small it makes the loss (the forward itself is not finite), and every step from here on would be
+    skipped while the run reported success."""
     scale = scaler.get_scale()
     if scale < MIN_LOSS_SCALE:
         _diverged(f"fp16's loss scale fell to {scale:g} (every step's gradients overflow, so each is skipped)",

@@ -322,7 +322,8 @@ def test_float16_stops_when_every_step_overflows(tmp_path, capsys, monkeypatch):
     from moetune.training.loop import MIN_LOSS_SCALE
 
     real_scaler = torch.amp.GradScaler
-    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **kw: real_scaler(*a, init_scale=4.0 * MIN_LOSS_SCALE, **kw))
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda *a, **kw: real_scaler(*a, init_scale=4.0 * MIN_LOSS_SCALE, **kw))
     forwards = [0]
     real = torch.nn.Embedding.forward
 
@@ -350,7 +351,8 @@ def test_float16_stops_when_every_step_overflows(tmp_path, capsys, monkeypatch):
     code, stdout, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "tail", "--max-steps", 4,
                                    "--logging-steps", 1, "--dtype", "float16", "--warmup-steps", 0)
     assert code == 0, stderr
-    assert [json.loads(line)["loss"] is None for line in open(tmp_path / "tail" / "metrics.jsonl")] == [False] * 3 + [True]
+    skipped = [json.loads(line)["loss"] is None for line in open(tmp_path / "tail" / "metrics.jsonl")]
+    assert skipped == [False, False, False, True]
     summary = json.loads((tmp_path / "tail" / "summary.json").read_text())
     assert summary["loss_first"] is not None and summary["loss_last"] is None
     assert "-> n/a" in stdout
