@@ -12,6 +12,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -187,6 +188,9 @@ def _loss(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    # A warning as one line that says who speaks, not Python's file:line and source line.
+    warnings.formatwarning = lambda message, *_, **__: f"moetune {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as err:  # user-facing: one line, exit 2
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a command's own handling (while torch and transformers import)
         print(f"moetune {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

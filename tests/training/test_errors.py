@@ -243,3 +243,15 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, capsys, monkeypa
     monkeypatch.setattr(moetune.training.config, "resolve_config", interrupted)
     code, _, stderr = run_cli(capsys, "train", "--output-dir", tmp_path / "out")
     assert code == 130 and stderr == "moetune train: interrupted\n"
+
+
+def test_a_warning_is_one_line_that_names_the_command(tmp_path):
+    """DeepSeek-V3's dense first layer has a Linear down_proj, which peft would read as the experts' weight: the
+    warning saying so is one line, not Python's file, line and source."""
+    model = save_checkpoint("deepseek_v3", str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the router picks experts"}] * 4)
+    proc = run_subprocess("train", "--model", model, "--data", data, "--max-steps", 1, "--max-seq-length", 64,
+                          "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "moetune train: warning: target_modules: on deepseek_v3 peft reads down_proj" in proc.stderr
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
