@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .messages import first_line
 from .models.hook import DEFAULT_ADAPTER, LORA_PARAMS, expert_lora
 from .models.quantized import from_pretrained_dequantized
 
@@ -135,8 +136,11 @@ def save_adapter(peft_model, save_directory: str, experts_module: str = "mlp.exp
 
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(save_directory, ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    path = os.path.join(save_directory, ADAPTER_WEIGHTS)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    except SafetensorError as err:  # (a full disk surfaces as safetensors' own error): the file system's failure
+        raise OSError(f"cannot write {path}: {err}") from None
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -323,6 +327,6 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
 
     try:
         atomic_dir(out_dir, write)  # a merge that fails leaves no directory that looks finished
-    except OSError as err:
-        raise ValueError(f"out_dir: cannot write {out_dir}: {str(err).splitlines()[0]}") from None
+    except (OSError, SafetensorError) as err:  # (transformers' writer: a full disk as safetensors' error)
+        raise ValueError(f"out_dir: cannot write {out_dir}: {first_line(err)}") from None
     return out_dir

@@ -8,6 +8,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import os
 import platform
@@ -17,6 +18,7 @@ import warnings
 import torch
 
 from . import __version__
+from .messages import first_line
 from .devices import resolve_device
 from .experts import ENV_VAR, KNOWN_BACKENDS, available_backends, select_backend
 
@@ -65,10 +67,13 @@ def _rerun_advice(output_dir: str) -> str:
     """How to go on after a run stopped part-way."""
     from .training.checkpoint import latest_checkpoint
 
-    if latest_checkpoint(output_dir) is not None:
-        return f"continue with --resume --output-dir {output_dir}"
-    if os.path.isdir(output_dir) and os.listdir(output_dir):  # what it wrote blocks a plain rerun; nothing to resume
-        return f"no checkpoint yet; start again with --overwrite --output-dir {output_dir}"
+    try:
+        if latest_checkpoint(output_dir) is not None:
+            return f"continue with --resume --output-dir {output_dir}"
+        if os.path.isdir(output_dir) and os.listdir(output_dir):  # it blocks a plain rerun; nothing to resume
+            return f"no checkpoint yet; start again with --overwrite --output-dir {output_dir}"
+    except OSError:  # the file system that stopped the run may fail this look too
+        return f"continue with --resume, or start again with --overwrite, --output-dir {output_dir}"
     return "nothing was written"
 
 
@@ -88,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"moetune train: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # the disk or the file system (full, read-only, gone), not the input: exit 1, one line
-        print(f"moetune train: error: {str(err).splitlines()[0]}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
+        print(f"moetune train: error: {first_line(err)}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moetune train: interrupted; {_rerun_advice(config.output_dir)}", file=sys.stderr)
@@ -117,7 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         merge(args.model_dir, args.adapter_dir, args.out_dir, dtype=dtype)
     except OSError as err:
-        raise ValueError(f"cannot read the checkpoint or adapter: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot read the checkpoint or adapter: {first_line(err)}") from None
     print(f"merged {args.adapter_dir} into {args.model_dir} -> {args.out_dir}")
     return 0
 
@@ -185,17 +190,21 @@ def _loss(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _one_line_warning(command: str, message, category, *_, **__) -> str:
+    """A warning as one line, not Python's file:line and source line; its category where it is no UserWarning."""
+    text = (str(message).strip().splitlines() or [""])[0]
+    return f"moetune {command}: {'warning' if category is UserWarning else category.__name__}: {text}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     formatwarning = warnings.formatwarning
-    # A warning as one line that says who speaks, not Python's file:line and source line.
-    warnings.formatwarning = lambda message, *_, **__: f"moetune {args.command}: warning: {message}\n"
+    warnings.formatwarning = functools.partial(_one_line_warning, args.command)
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as err:  # user-facing: one line, exit 2
-        message = (str(err).strip().splitlines() or [type(err).__name__])[0]  # (some errors carry no message)
-        print(f"moetune {args.command}: error: {message}", file=sys.stderr)
+        print(f"moetune {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before a command's own handling (while torch and transformers import)
         print(f"moetune {args.command}: interrupted", file=sys.stderr)

@@ -160,7 +160,7 @@ def plan_targets(model: nn.Module, spec: ArchSpec, target_modules) -> tuple[list
         raise ValueError(f"target_modules: expected a non-empty sequence of module names, got {target_modules!r}")
     routers = {r.rsplit(".", 1)[-1] for r in spec.router_modules}
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - routers
-    if tuple(names) == DEFAULT_TARGET_MODULES:  # attention and experts: the architecture's own attention projections
+    if set(names) == set(DEFAULT_TARGET_MODULES):  # attention and experts: the architecture's attention projections
         names = (*(n for n in spec.attention_targets if n in linear), *DEFAULT_TARGET_MODULES[4:])
     for name in names:
         if name in routers:
@@ -297,16 +297,24 @@ def _peft_model_class():
             """Load a saved adapter's weights into adapter `adapter_name`: in place where the model has it (what
             Trainer's resume calls), else as a new adapter (add_adapter: frozen until set_adapter makes it active;
             TRL loads its reference adapter so). It must have this model's rank, alpha and targets.
-            is_trainable and other peft keyword arguments are accepted and ignored."""
+            is_trainable: a new adapter's parameters require grad (as peft's); other peft keyword arguments are
+            accepted and ignored."""
             new = adapter_name not in self.peft_config
             if new:
+                trainable = [(p, p.requires_grad) for p in self.parameters()]
                 self.add_adapter(adapter_name, copy.deepcopy(next(iter(self.peft_config.values()))))
             try:
                 adapters.load_adapter_weights(self, model_id, adapter_name)
             except BaseException:
-                if new:  # nothing half-loaded left behind
+                if new:  # nothing half-loaded left behind, and every other parameter as it was
                     self.delete_adapter(adapter_name)
+                    for p, flag in trainable:
+                        p.requires_grad_(flag)
                 raise
+            if new and is_trainable:
+                for name, p in self.named_parameters():
+                    if f".{adapter_name}." in name:
+                        p.requires_grad_(True)
 
         def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False, **kwargs) -> None:
             """peft's add_adapter, the expert LoRA included: a fresh adapter (A uniform, B = 0), frozen until made

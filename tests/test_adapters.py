@@ -315,9 +315,11 @@ def test_a_second_adapter_is_a_frozen_reference_as_trl_makes_it(targets, checkpo
         assert torch.equal(model(ids).logits, trained)
     with pytest.raises(ValueError, match="every adapter takes the first one's r, lora_alpha"):
         model.add_adapter("other", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
+    model.requires_grad_(False)  # (a model handed to inference: nothing trainable)
     with pytest.raises(ValueError, match="adapter_dir: cannot read adapter_config.json in anywhere"):
         model.load_adapter("anywhere", "x")
-    assert list(model.peft_config) == ["default"]  # nothing of the failed load left behind
+    assert list(model.peft_config) == ["default"]  # nothing of the failed load left behind, nothing unfrozen
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("targets", ["default", "experts"])
@@ -352,6 +354,8 @@ def test_every_adapter_saves_and_loads_where_peft_puts_it(targets, checkpoint, t
     fresh = _peft_model(model_dir, **kwargs)
     fresh.load_adapter(str(tmp_path / "all" / "b"), adapter_name="reference")
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".reference." in n)
+    fresh.load_adapter(str(tmp_path / "all" / "b"), adapter_name="trainable", is_trainable=True)  # as peft's
+    assert all(p.requires_grad for n, p in fresh.named_parameters() if ".trainable." in n)
     fresh.set_adapter("reference")
     with torch.no_grad():
         assert relative_error(fresh(ids).logits, logits_b) < 1e-6

@@ -275,6 +275,11 @@ def test_the_default_targets_take_latent_attentions_own_projections(model_type, 
     named = FastMoEModel.get_peft_model(_load(config)[0], r=2, use_gradient_checkpointing=False,
                                         target_modules=("o_proj", "gate_up_proj", "down_proj"))
     assert {n.rsplit(".", 1)[-1] for n, m in named.named_modules() if isinstance(m, LoraLinear)} == {"o_proj"}
+    reordered = FastMoEModel.get_peft_model(_load(config)[0], r=2, use_gradient_checkpointing=False,
+                                            target_modules=["down_proj", "v_proj", "gate_up_proj", "o_proj", "k_proj",
+                                                            "q_proj"])  # the default's names in any order
+    assert {n.rsplit(".", 1)[-1] for n, m in reordered.named_modules()
+            if isinstance(m, LoraLinear) and ".layers.1." in n} == wrapped
 
 
 def _routers(model, spec):

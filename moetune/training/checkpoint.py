@@ -22,6 +22,8 @@ import shutil
 
 import torch
 
+from ..messages import first_line
+
 __all__ = ["CHECKPOINTS", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "atomic_dir", "resume_settings"]
 
 CHECKPOINTS = "checkpoints"
@@ -136,7 +138,10 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, kee
             "settings": {k: settings[k] for k in RESUME_KEYS},
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
-        torch.save(state, os.path.join(tmp, "state.pt"))
+        try:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+        except RuntimeError as err:  # (a full disk surfaces as torch's "enforce fail ... unexpected pos")
+            raise OSError(f"cannot write {os.path.join(tmp, 'state.pt')}: {first_line(err)}") from None
         # The run's settings, readable without the optimizer state: a bare --resume takes them (config.py).
         with open(os.path.join(tmp, RUN_SETTINGS), "w") as f:
             json.dump({k: v for k, v in settings.items() if k not in _NOT_CARRIED}, f, indent=1)
@@ -168,6 +173,11 @@ def _current_name(name: str) -> str:
     return f"{name}.{DEFAULT_ADAPTER}.weight" if name.rsplit(".", 1)[-1] in LORA_PARAMS else name
 
 
+def _modules(names) -> str:
+    """The kinds of module holding these LoRA parameters ("q_proj, experts"), for a message."""
+    return ", ".join(sorted({re.sub(r"\.(lora_|modules_to_save).*", "", name).rsplit(".", 1)[-1] for name in names}))
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_window: dict | None = None,
                     scaler=None) -> int:
     """Restore a checkpoint into the freshly built model/optimizer/scheduler; returns its step. log_window, where
@@ -190,8 +200,11 @@ def load_checkpoint(path: str, model, optimizer, scheduler, settings: dict, log_
             raise ValueError(f"--resume: {path} was trained with {flag} {saved!r}, this run has {settings[key]!r}")
     params = dict(model.named_parameters())
     state["trainable"] = {_current_name(name): value for name, value in state["trainable"].items()}
-    if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
-        raise ValueError(f"--resume: checkpoint {path} was trained with other LoRA targets or rank than this run")
+    saved, ours = set(state["trainable"]), {n for n, p in params.items() if p.requires_grad}
+    if saved != ours:  # (the default targets of latent attention took in its q/kv projections on 2026-12-06)
+        there, here = _modules(saved - ours) or "nothing more", _modules(ours - saved) or "nothing more"
+        raise ValueError(f"--resume: checkpoint {path} was trained with other LoRA targets than this run (LoRA on "
+                         f"{there} there, on {here} here): give --target-modules as it had them")
     with torch.no_grad():
         for name, value in state["trainable"].items():
             if params[name].shape != value.shape:

@@ -255,3 +255,39 @@ def test_a_warning_is_one_line_that_names_the_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "moetune train: warning: target_modules: on deepseek_v3 peft reads down_proj" in proc.stderr
     assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_full_disk_under_any_writer_is_one_line(tmp_path, capsys, monkeypatch, writer):
+    """A full disk surfaces as safetensors' own error (the adapter) or torch's RuntimeError (the optimizer state),
+    not as an OSError: the same one line and exit 1 for both, in train and in merge."""
+    from safetensors import SafetensorError
+
+    import moetune.adapters
+    import moetune.training.checkpoint
+
+    def full(*args, **kwargs):
+        if writer == "safetensors":
+            raise SafetensorError("Error while serializing: IoError(Os { code: 27, message: \"File too large\" })")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(moetune.adapters if writer == "safetensors" else moetune.training.checkpoint.torch,
+                      "save_file" if writer == "safetensors" else "save", full)
+        code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 2, "--save-steps", 1)
+    last = stderr.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert code == 1 and stderr.count("error") == 1 and "Traceback" not in stderr, stderr
+    written = "adapter_model.safetensors" if writer == "safetensors" else "state.pt"
+    assert last.startswith("moetune train: error: cannot write ") and written in last, stderr
+    assert last.endswith(f"start again with --overwrite --output-dir {out}"), stderr
+    assert not (out / "checkpoints").exists() or os.listdir(out / "checkpoints") == []
+    if writer == "safetensors":
+        code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 2, "--overwrite")
+        assert code == 0, stderr
+        import transformers.modeling_utils
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # the merged checkpoint's writer
+        code, _, stderr = run_cli(capsys, "merge", out / "demo-model", out / "adapter", tmp_path / "m")
+        assert code == 2 and stderr.startswith(f"moetune merge: error: out_dir: cannot write {tmp_path / 'm'}: ")
+        assert stderr.count("\n") == 1 and not (tmp_path / "m").exists()

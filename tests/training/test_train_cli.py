@@ -250,6 +250,26 @@ def test_resume_takes_the_same_records_from_another_file_and_says_when_its_data_
     assert summary(out)["resumed_from_step"] == 2
 
 
+@pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
+def test_a_resume_whose_targets_resolve_to_other_modules_names_them(tmp_path, capsys, monkeypatch):
+    """The same --target-modules may reach other modules (latent attention's default took in its q/kv projections on
+    2026-12-06): the refusal names the modules either side has."""
+    from moetune.models import get_spec
+
+    model = save_checkpoint("deepseek_v3", str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMAT_RECORDS["text"][0]] * 8)
+    args = ("train", "--model", model, "--data", data, "--max-seq-length", 64, "--batch-size", 2,
+            "--save-steps", 2, "--output-dir", tmp_path / "out")
+    code, _, stderr = run_cli(capsys, *args, "--max-steps", 2)
+    assert code == 0, stderr
+    old_default = ("q_proj", "k_proj", "v_proj", "o_proj")
+    monkeypatch.setitem(get_spec("deepseek_v3").__dict__, "attention_targets", old_default)
+    code, _, stderr = run_cli(capsys, *args, "--max-steps", 4, "--resume")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert ("was trained with other LoRA targets than this run (LoRA on kv_a_proj_with_mqa, kv_b_proj, q_a_proj, "
+            "q_b_proj there, on nothing more here): give --target-modules as it had them") in stderr, stderr
+
+
 @pytest.mark.parametrize("written", ["nothing", "metrics", "a checkpoint"])
 def test_an_interrupted_run_says_how_to_go_on(tmp_path, capsys, monkeypatch, written):
     """Ctrl-C: --resume where a checkpoint exists; before the first one, --overwrite where the run wrote something
