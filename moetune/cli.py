@@ -18,9 +18,9 @@ import warnings
 import torch
 
 from . import __version__
-from .messages import first_line
 from .devices import resolve_device
 from .experts import ENV_VAR, KNOWN_BACKENDS, available_backends, select_backend
+from .messages import first_line
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
