@@ -57,11 +57,10 @@ def _stop_if_diverged(loss_sum: float, step: int, config: TrainConfig, params=()
         _diverged(what, step, config)
 
 
-def _stop_if_scaler_gave_up(scaler, step: int, config: TrainConfig) -> None:
-    """fp16's scaler skips a step whose gradients overflow and halves its scale; below MIN_LOSS_SCALE they overflow
-    however small it makes the loss (the forward itself is not finite), and every step from here on would be
-    skipped while the run reported success."""
-    scale = scaler.get_scale()
+def _stop_if_scaler_gave_up(scale: float, step: int, config: TrainConfig) -> None:
+    """fp16's scaler skips a step whose gradients overflow and halves its scale (here after the step); below
+    MIN_LOSS_SCALE they overflow however small it makes the loss (the forward itself is not finite), and every step
+    from here on would be skipped while the run reported success."""
     if scale < MIN_LOSS_SCALE:
         _diverged(f"fp16's loss scale fell to {scale:g} (every step's gradients overflow, so each is skipped)",
                   step, config)
@@ -308,7 +307,8 @@ def run(plan: Plan, console=None) -> dict:
         os.chmod(model_dir, 0o777 & ~_umask())  # mkdtemp made it private; the rest of the output is not
         # The adapter names its base model (AutoPeftModel loads it from there): here, not the temporary directory.
         peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
-    os.makedirs(config.output_dir, exist_ok=True)
+    else:
+        os.makedirs(config.output_dir, exist_ok=True)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 
@@ -379,17 +379,17 @@ def run(plan: Plan, console=None) -> dict:
                 optimizer.step()
                 scheduler.step()
             else:  # a step with inf/nan gradients is skipped and lowers the scale; the schedule waits, as in Trainer
-                scale = scaler.get_scale()
+                before = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                if scaler.get_scale() >= scale:
+                scale = scaler.get_scale()  # (each read waits for the device: once a step, used twice)
+                if scale >= before:
                     scheduler.step()
+                _stop_if_scaler_gave_up(scale, step + 1, config)
             optimizer.zero_grad(set_to_none=True)
             plan_checks.after_step()
             steps_interval += 1
             done = step + 1
-            if scaler is not None:
-                _stop_if_scaler_gave_up(scaler, done, config)
             if done % config.logging_steps == 0 or done == total:
                 now = time.perf_counter()
                 row = {
