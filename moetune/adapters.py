@@ -292,7 +292,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model_dir: no transformers model config in {model_dir} ({str(err).splitlines()[0]})") \
+        raise ValueError(f"model_dir: no transformers model config in {model_dir} ({first_line(err)})") \
             from None
     spec = get_spec(config.model_type)
     try:

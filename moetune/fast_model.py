@@ -258,6 +258,17 @@ def _has_peft_layers(model) -> bool:
     return any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
 
 
+def _requires_grad_kept(model: nn.Module):
+    """A function that sets every parameter the model has now back to its requires_grad of now."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore() -> None:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore
+
+
 def _peft_model_class():
     from peft import PeftModelForCausalLM
 
@@ -301,15 +312,14 @@ def _peft_model_class():
             accepted and ignored."""
             new = adapter_name not in self.peft_config
             if new:
-                trainable = [(p, p.requires_grad) for p in self.parameters()]
+                restore_requires_grad = _requires_grad_kept(self)
                 self.add_adapter(adapter_name, copy.deepcopy(next(iter(self.peft_config.values()))))
             try:
                 adapters.load_adapter_weights(self, model_id, adapter_name)
             except BaseException:
                 if new:  # nothing half-loaded left behind, and every other parameter as it was
                     self.delete_adapter(adapter_name)
-                    for p, flag in trainable:
-                        p.requires_grad_(flag)
+                    restore_requires_grad()
                 raise
             if new and is_trainable:
                 for name, p in self.named_parameters():
@@ -329,10 +339,9 @@ def _peft_model_class():
                 raise ValueError(f"adapter_name: {adapter_name!r} exists already")
             # peft freezes every parameter where it finds none of its own layers (LoRA on the experts only): the
             # parameters there before keep their state.
-            trainable = [(p, p.requires_grad) for p in self.parameters()]
+            restore_requires_grad = _requires_grad_kept(self)
             super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
-            for p, flag in trainable:
-                p.requires_grad_(flag)
+            restore_requires_grad()
             for module in experts:
                 add_expert_adapter(module, adapter_name)
 

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from ..messages import first_line
 from . import data as data_mod
 from .checkpoint import atomic_dir, load_checkpoint, resume_settings, save_checkpoint
 from .config import TrainConfig
@@ -221,7 +222,7 @@ def _build_model(plan: Plan, model_dir: str):
     except MissingWeights as err:
         raise err.naming("--model") from None
     except (OSError, SafetensorError) as err:
-        raise ValueError(f"--model: cannot load the weights in {model_dir}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"--model: cannot load the weights in {model_dir}: {first_line(err)}") from None
     with warnings.catch_warnings():
         # peft 0.21 reads an attribute transformers >= 5.2x deprecates; not actionable for the user.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -15,6 +15,7 @@ import torch
 
 from ..devices import check_gpu_index
 from ..experts import select_backend
+from ..messages import first_line
 from . import data as data_mod
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
@@ -105,7 +106,7 @@ def _model_config(model_dir: str):
     try:
         return transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model: cannot load the config in {model_dir}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"--model: cannot load the config in {model_dir}: {first_line(err)}") from None
 
 
 def _tokenizer(model_dir: str, max_seq_length: int):
@@ -120,7 +121,7 @@ def _tokenizer(model_dir: str, max_seq_length: int):
             model_dir, local_files_only=True, model_max_length=max_seq_length
         )
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception for a corrupt tokenizer.json
-        raise ValueError(f"--model: cannot load the tokenizer in {model_dir}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"--model: cannot load the tokenizer in {model_dir}: {first_line(err)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"--model: the tokenizer in {model_dir} is not a fast tokenizer (tokenizer.json needed)")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
