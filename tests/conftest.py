@@ -16,6 +16,12 @@ if not torch.cuda.is_available():
 os.environ.pop("MOETUNE_MOE_BACKEND", None)
 # torch's metadata check of every recomputed tensor, off in moetune's checkpoint for its host time, on in the suite.
 os.environ["MOETUNE_CHECK_RECOMPUTE"] = "1"
+# Under pytest-xdist (the README's `-n auto`) the workers already fill the cores: one thread each, for the CLI
+# subprocesses too (the environment variable), so N workers do not run N x cores threads, and a run in a worker
+# and one in a subprocess it starts (the resume tests compare their losses bitwise) use the same thread count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
