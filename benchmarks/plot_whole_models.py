@@ -25,19 +25,20 @@ TARGETS = {"qwen3-30b-a3b": (13_500, 66), "gpt-oss-20b": (18_000, 46), "glm-4.7-
 VARIANTS = ("baseline", "moetune", "moetune-partial", "moetune-nockpt")
 
 
-def load(paths: list[Path]) -> tuple[dict, dict, set]:
-    rows, env, seqs = {}, {}, set()
+def load(paths: list[Path]) -> tuple[dict, dict, set, set]:
+    rows, env, seqs, optims = {}, {}, set(), set()
     for path in paths:
         data = json.loads(path.read_text())
         env = data.get("environment", env)
+        optims.add(data.get("args", {}).get("optim", "adamw"))
         for row in data["rows"]:
             rows[(row["model"], variant(row))] = row
             seqs.add(row["seq"])
-    return rows, env, seqs
+    return rows, env, seqs, optims
 
 
 def plot(out: Path, paths: list[Path]) -> Path:
-    rows, env, seqs = load(paths)
+    rows, env, seqs, optims = load(paths)
     if len(seqs) != 1:
         raise SystemExit(f"RESULT.json: expected rows of one context, got {sorted(seqs)}")
     models = [m for m in TARGETS if any(k[0] == m for k in rows)] + sorted({k[0] for k in rows} - set(TARGETS))
@@ -65,8 +66,8 @@ def plot(out: Path, paths: list[Path]) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # room for the legend above the bars
     axes[0].legend(fontsize=8, ncols=2)
-    fig.suptitle(f"whole models, {next(iter(seqs)) // 1024}K tokens, batch 1, LoRA r=16 q/k/v/o + experts, AdamW - "
-                 f"{env.get('device', '')}", fontsize=10)
+    fig.suptitle(f"whole models, {next(iter(seqs)) // 1024}K tokens, batch 1, LoRA r=16 q/k/v/o + experts, "
+                 f"{' / '.join(sorted(optims))} - {env.get('device', '')}, {env.get('date', '')[:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out
