@@ -31,8 +31,6 @@ Peak memory of each phase from torch.cuda.max_memory_allocated (the graph's priv
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import os
 import statistics
 import sys
@@ -45,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
 import torch  # noqa: E402
 import train_step  # noqa: E402
+
+from moetune.training.cuda_graph import capture_step, eager_masks, without_rng_state  # noqa: E402
 
 LR = 1e-4
 
@@ -108,12 +108,11 @@ def main(argv=None) -> int:
     lr.fill_(0.0)  # the check: parameters stay put, so an eager step and a replay see the same model
     check_eager = eager_step()
     reset_peak(device)
-    replay, static_loss = capture(step, optimizer, device)
+    replay = capture(step, optimizer, device)
     check_graph = replay()
     lr.fill_(LR)
     graph_times, graph_host, graph_losses = timed(replay, args.steps, device)
     graph_peak = peak_gib(device)
-    del static_loss
 
     tokens = args.seq
     result = {
@@ -155,61 +154,21 @@ class NoOptimizer:
             p.grad = None
 
 
-def without_rng_state(model) -> None:
-    """Checkpoints that neither save nor restore the RNG state: these layers draw no random numbers, and getting and
-    setting a generator's state inside a capture failed in earlier torch versions."""
-    for module in model.modules():
-        func = module.__dict__.get("_gradient_checkpointing_func")
-        if isinstance(func, functools.partial):
-            module._gradient_checkpointing_func = functools.partial(
-                func.func, *func.args, **{**func.keywords, "preserve_rng_state": False})
-
-
-@contextlib.contextmanager
-def eager_masks():
-    """transformers' mask functions as they decide for this unpacked batch eagerly, while a capture runs: they take
-    a CUDA stream capture for tracing (transformers.utils.import_utils.is_tracing), and then skip their packed-batch
-    check and the causal shortcut, building an explicit mask the eager step does not have."""
-    from transformers import masking_utils
-
-    saved = masking_utils.is_tracing, masking_utils.find_packed_sequence_indices
-    masking_utils.is_tracing = lambda tensor=None: False
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row: eager's answer
-    try:
-        yield
-    finally:
-        masking_utils.is_tracing, masking_utils.find_packed_sequence_indices = saved
-
-
 def capture(step, optimizer, device):
-    """(replay, the static loss): replay() runs the captured step and returns its loss. On a CPU (--dry-run) the
-    patched step runs eagerly in place of a replay."""
+    """replay() -> the loss: the step recorded by moetune.training.cuda_graph.capture_step, each run ending with the
+    gradients dropped. On a CPU (--dry-run) the patched step runs eagerly in place of a replay."""
+    def run() -> torch.Tensor:
+        loss = step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     if device.type != "cuda":
-        def run() -> torch.Tensor:
+        def patched() -> torch.Tensor:
             with eager_masks():
-                loss = step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
+                return run()
 
-        return run, None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), eager_masks():  # torch's recipe: a few steps on a side stream before capturing
-        for _ in range(3):
-            step()
-            optimizer.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # the eager steps' cached blocks, for the graph's private pool to take
-    graph = torch.cuda.CUDAGraph()
-    with eager_masks(), torch.cuda.graph(graph):
-        static_loss = step()  # the gradients it makes live in the graph's pool: every replay writes them again
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return static_loss.clone()
-
-    return replay, static_loss
+        return patched
+    return capture_step(run)
 
 
 def timed(run, steps: int, device) -> tuple[list[float], list[float], list[float]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -256,6 +257,22 @@ def make_optimizer(params, name: str, step_in_backward: bool = False):
                                                    step_in_backward=step_in_backward))
 
 
+def make_capturable_optimizer(params, name: str, step_in_backward: bool, device):
+    """make_optimizer's, for a step captured as a CUDA graph: the step counts, bias corrections and learning rate
+    (a one-element tensor) on the device."""
+    from moetune.training.bf16_adamw import AdamWBf16
+    from moetune.training.step_in_backward import StepInBackward
+
+    kwargs = dict(lr=torch.tensor(1e-4, device=device), weight_decay=0.01, capturable=True)
+    if name == "adamw_bf16":
+        optimizer_class = AdamWBf16
+    elif name == "adamw":
+        optimizer_class, kwargs["fused"] = torch.optim.AdamW, device.type == "cuda" or None
+    else:
+        raise SystemExit(f"--cuda-graph: runs --optim adamw or adamw_bf16, got {name}")
+    return StepInBackward(params, optimizer_class, **kwargs) if step_in_backward else optimizer_class(params, **kwargs)
+
+
 def thread_times() -> dict[int, tuple[float, float]]:
     """Each thread of this process: (seconds on a CPU, seconds runnable but waiting for one), from Linux's
     schedstat ({} elsewhere). Backward runs on autograd's own thread per GPU, so the main thread alone undercounts."""
@@ -339,12 +356,13 @@ def set_expandable_segments(on: bool) -> dict:
     return {name: os.environ[name] for name in ALLOC_CONF_VARS}
 
 
-def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None
+def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None, run_step=None
                ) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
     seconds of the warm-up, each timed step's host split by StepClock). Peak-memory stats restart after the
     warm-up. after_warmup_step: called after each warm-up step (the memory plan's step checks); where it returns
-    True (the plan changed), the warm-up goes on for another step, so the timed steps run a plan that was checked."""
+    True (the plan changed), the warm-up goes on for another step, so the timed steps run a plan that was checked.
+    run_step: what a step is, if not training_step (a CUDA graph's replay)."""
     times, losses = [], []
     host = {key: [] for key, _ in HOST_LABELS}
     clock = StepClock()
@@ -362,7 +380,7 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_war
                     break
             t0 = time.perf_counter()
             clock.start()
-            loss = training_step(model, optimizer, ids)
+            loss = run_step() if run_step is not None else training_step(model, optimizer, ids)
             queued = time.perf_counter() - t0
             _sync(device)
             if timing:
@@ -407,6 +425,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         fast_routers.TENSOR_CORE_LOGITS = args.router_logits == "bf16"
         lora_linear.LORA_TERM_FIRST = args.lora_term == "first"
         offload = {"auto": None, "on": True, "off": False}[args.offload]
+        if args.cuda_graph == "on":
+            offload = False  # offload's side-stream copies would hold their blocks for the whole capture
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
             None if args.checkpoint_layers == "auto" else args.checkpoint_layers, args.fused_router == "on",
@@ -436,7 +456,14 @@ def run(provider, source, config, seq, args, device) -> dict:
         model = build_baseline(source, args.model, args.rank, args.alpha, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args.optim, args.step_in_backward and provider == "moetune")
+    graphed = args.cuda_graph == "on" and provider == "moetune"
+    if graphed:
+        from moetune.training.cuda_graph import without_rng_state
+
+        without_rng_state(model)
+        optimizer = make_capturable_optimizer(params, args.optim, args.step_in_backward, device)
+    else:
+        optimizer = make_optimizer(params, args.optim, args.step_in_backward and provider == "moetune")
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
     from moetune.checkpoint_plan import StepChecks
@@ -446,8 +473,18 @@ def run(provider, source, config, seq, args, device) -> dict:
     try:
         # freeze: everything built so far (the model, its hooks) leaves the collector, as in moetune train
         with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
-            times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device,
-                                                plan_checks.after_step)
+            if graphed:  # eager warm-up (compiles, autotuning, the plan's checks, the optimizer's state), then replays
+                from moetune.training.cuda_graph import capture_step
+
+                _, eager_losses, _, _ = time_steps(model, optimizer, ids, max(args.warmup, 1), 0, device,
+                                                   plan_checks.after_step)
+                replay = capture_step(functools.partial(training_step, model, optimizer, ids))
+                times, losses, _, host = time_steps(model, optimizer, ids, 0, args.steps, device,
+                                                    run_step=replay)
+                losses = eager_losses + losses
+            else:
+                times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device,
+                                                    plan_checks.after_step)
         # the timed steps' peaks, before the profiled and memory-history steps below add theirs
         peak_allocator = allocator_peaks(device)
         peak_gib = None if peak_allocator is None else peak_allocator["allocated_gib"]  # max_memory_allocated
@@ -485,7 +522,8 @@ def run(provider, source, config, seq, args, device) -> dict:
         # process-wide swaps: the baseline must run transformers' own rotary and flex attention (sinks)
         uninstall_fast_rotary()
         fast_sinks.uninstall_fast_sinks()
-    del model, optimizer, params
+    replay = None  # a CUDA graph's pool holds its step's memory until the graph goes
+    del model, optimizer, params, replay
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -561,6 +599,9 @@ def main(argv=None) -> int:
                              "bytes would be left over, not only more than 1 MiB: does the timed steps' peak then "
                              "match the memory plan's checked one? off: without them (the runs so far). Default: as "
                              "the environment sets it (recorded)")
+    parser.add_argument("--cuda-graph", default="off", choices=["on", "off"],
+                        help="moetune's timed steps replayed from one CUDA graph captured after the warm-up (offload off; "
+                             "moetune/training/cuda_graph.py)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.expandable_segments is not None:  # read when the allocator starts: before the first CUDA allocation
@@ -569,6 +610,8 @@ def main(argv=None) -> int:
         set_expandable_segments(args.expandable_segments == "on")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA GPU (or --tiny)")
+    if args.cuda_graph == "on" and not torch.cuda.is_available():
+        parser.error("--cuda-graph on: CUDA graphs need a CUDA GPU")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = make_config(args.model, args.layers, args.tiny)
     source = config
@@ -597,7 +640,7 @@ def main(argv=None) -> int:
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,
                             "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal,
                             "lora_concat": args.lora_concat, "router_logits": args.router_logits,
-                            "lora_term": args.lora_term}
+                            "lora_term": args.lora_term, "cuda_graph": args.cuda_graph == "on"}
             rows.append({"model": args.model, "layers": config.num_hidden_layers, "seq": seq, "provider": provider,
                          **settings, **result})
             if result.get("oom"):

@@ -30,6 +30,7 @@ AdamW steps each with its own launches and Python, which cost whole Qwen3 ~95 ms
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -52,9 +53,11 @@ def _round_bf16_stochastic(x, random):
 def adamw_kernel(
     param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, seeds, corrections,
     lr, beta1, beta2, eps, weight_decay, bc1_all, bc2_all, step_all,
-    BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
+    BLOCK: tl.constexpr, UNIFORM: tl.constexpr, LR_IN_MEMORY: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if LR_IN_MEMORY:  # a one-element device tensor: a CUDA graph's replays read the schedule's current value
+        lr = tl.load(lr).to(tl.float32)
     segment = tl.load(block_segment + pid)
     if UNIFORM:
         bc1 = bc1_all
@@ -87,15 +90,18 @@ def adamw_kernel(
 
 
 def adamw_step(param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, seeds,
-               corrections, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+               corrections, *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
+               weight_decay: float) -> None:
     """One AdamW step of every parameter in the tables (see the module docstring), in place. corrections: the
-    [P, 3] device table, or (bc1, bc2, step) for every parameter."""
+    [P, 3] device table, or (bc1, bc2, step) for every parameter. lr: a float, or a one-element float32 tensor on
+    the parameters' device, read by the kernel (what a captured step needs: AdamWBf16(capturable=True))."""
     uniform = isinstance(corrections, tuple)
+    lr_in_memory = isinstance(lr, torch.Tensor)
     launch_kernel(
         adamw_kernel, (block_segment.numel(),),
         param_ptrs, grad_ptrs, exp_avg, exp_avg_sq, block_segment, block_offset, base, numel, seeds,
         base if uniform else corrections,  # not read when uniform
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        lr if lr_in_memory else float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
         *((float(c) for c in corrections) if uniform else (1.0, 1.0, 1.0)),
-        BLOCK=BLOCK, UNIFORM=uniform, num_warps=4,
+        BLOCK=BLOCK, UNIFORM=uniform, LR_IN_MEMORY=lr_in_memory, num_warps=4,
     )

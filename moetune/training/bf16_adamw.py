@@ -18,6 +18,13 @@ the group's flat buffers) and "seed" (an int: the parameter's own rounding noise
 resumed run rounds as the uninterrupted one did). state_dict() has torch's layout; load_state_dict() takes one
 written by this class or by torch's AdamW (the moments then rounded to bf16 once, to nearest; amsgrad and maximize
 are refused).
+
+CUDA graphs (`capturable=True`): a captured step replays the launches as recorded, so nothing a step needs may be a
+host number. Each parameter's step count then lives on the device (state[p]["step"] a view of the group's [P]
+float32 counts), the bias corrections are computed there from it (in float64, as the host computes them), and lr may
+be a one-element float32 tensor on the parameters' device, which the kernel reads (a scheduler fills it in place).
+Every parameter of a group must have a gradient when it steps, and the first step, which lays out the state, runs
+eagerly: capture after a warm-up step.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ __all__ = ["AdamWBf16", "round_bf16_stochastic"]
 
 class AdamWBf16(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, capturable: bool = False):
+        if isinstance(lr, torch.Tensor) and (lr.numel() != 1 or lr.dtype != torch.float32):
+            raise ValueError(f"lr: expected a float or a one-element float32 tensor, got a {lr.dtype} tensor of "
+                             f"{lr.numel()} elements")
         if not lr >= 0.0:
             raise ValueError(f"lr: expected >= 0, got {lr}")
         if not eps >= 0.0:
@@ -44,7 +54,8 @@ class AdamWBf16(torch.optim.Optimizer):
         # (group index, device) -> that part's flat moments and tables, made at its first step; a group spans
         # several devices where a device_map split the model over GPUs (each GPU's part is one launch there).
         self._layouts: dict[tuple[int, torch.device], _Layout] = {}
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      capturable=bool(capturable)))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -69,44 +80,67 @@ class AdamWBf16(torch.optim.Optimizer):
                 if not any(p.grad is not None for p in params):
                     continue
                 layout = self._layouts.get((index, device))
-                if layout is None or not layout.holds(params, self.state):
-                    layout = self._layouts[index, device] = _Layout(params, self.state)
+                capturable = group.get("capturable", False)
+                if layout is None or not layout.holds(params, self.state, capturable):
+                    if _capturing(params[0].device):  # the layout zeroes the moments: replays would zero them
+                        raise RuntimeError("AdamWBf16: the first step of a group lays out its state and cannot be "
+                                           "captured; take one step before capturing")
+                    layout = self._layouts[index, device] = _Layout(params, self.state, capturable)
                 self._step_group(group, layout)
         return loss
 
     def _step_group(self, group: dict, layout: _Layout) -> None:
         beta1, beta2 = group["betas"]
         layout.check()
-        corrections = []
-        for p in layout.params:
-            if p.grad is None:
-                corrections += [0.0, 0.0, 0.0]
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamWBf16 does not take sparse gradients")
-            t = self.state[p]["step"].item() + 1
-            corrections += [1.0 - beta1**t, 1.0 - beta2**t, t]
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if any(p.grad is not None and p.grad.is_sparse for p in layout.params):
+            raise RuntimeError("AdamWBf16 does not take sparse gradients")
+        lr = group["lr"]
+        if layout.steps is not None:  # capturable: counts, corrections and lr on the device
+            if any(p.grad is None for p in layout.params):
+                raise RuntimeError("AdamWBf16(capturable=True): every parameter of a group steps together, and one "
+                                   "has no gradient this step")
+            layout.steps.add_(1.0)
+            t = layout.steps.double()
+            table = torch.stack((1.0 - torch.pow(beta1, t), 1.0 - torch.pow(beta2, t), t), dim=1)  # float64
+            if isinstance(lr, torch.Tensor) and lr.device != layout.device:
+                raise ValueError(f"lr: a tensor learning rate of a capturable AdamWBf16 lives on the parameters' "
+                                 f"device ({layout.device}), got {lr.device}")
+        else:
+            corrections = []
+            for p in layout.params:
+                if p.grad is None:
+                    corrections += [0.0, 0.0, 0.0]
+                    continue
+                t = self.state[p]["step"].item() + 1
+                corrections += [1.0 - beta1**t, 1.0 - beta2**t, t]
+            lr = float(lr)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         if layout.use_triton:
             from ..kernels.adamw import adamw_step
 
             grads = [_flat_grad(p) for p in layout.params]  # held until the launch is queued
             grad_ptrs = layout.grad_ptrs(grads)
-            uniform = all(corrections[i:i + 3] == corrections[:3] for i in range(0, len(corrections), 3)) \
-                and corrections[0] != 0.0
-            table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
+            if layout.steps is None:
+                uniform = all(corrections[i:i + 3] == corrections[:3] for i in range(0, len(corrections), 3)) \
+                    and corrections[0] != 0.0
+                table = tuple(corrections[:3]) if uniform else _to_device(corrections, torch.float32, layout.device)
+            else:
+                table = table.float()  # what the host's float64 numbers become as the kernel's float32 arguments
             adamw_step(layout.param_ptrs(layout.params), grad_ptrs, layout.exp_avg, layout.exp_avg_sq, layout.block_segment,
                        layout.block_offset, layout.base, layout.numel, layout.seeds, table, **hyper)
         else:
+            if layout.steps is not None:
+                corrections, hyper["lr"] = table.flatten().tolist(), float(lr)
             _step_torch(layout, corrections, self.state, **hyper)
-        # Counted once the step is queued; one op for the group (the step in backward steps ~40 chunks a step).
-        steps = [self.state[p]["step"] for p in layout.params if p.grad is not None]
-        if steps:  # (step() calls this only for groups with a gradient)
-            torch._foreach_add_(steps, 1.0)
+        if layout.steps is None:
+            # Counted once the step is queued; one op for the group (the step in backward steps ~40 chunks a step).
+            steps = [self.state[p]["step"] for p in layout.params if p.grad is not None]
+            if steps:  # (step() calls this only for groups with a gradient)
+                torch._foreach_add_(steps, 1.0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         for group in state_dict["param_groups"]:
-            for option in ("amsgrad", "maximize", "capturable", "differentiable"):
+            for option in ("amsgrad", "maximize", "differentiable"):
                 if group.get(option):
                     raise ValueError(f"state_dict: AdamWBf16 has no {option} (the saved optimizer had it on)")
         super().load_state_dict(state_dict)  # the moments come back in the parameters' dtype (torch's policy)
@@ -114,7 +148,7 @@ class AdamWBf16(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for device, params in _by_device(group["params"]).items():
                 if any(p in self.state for p in params):
-                    self._layouts[index, device] = _Layout(params, self.state)
+                    self._layouts[index, device] = _Layout(params, self.state, group.get("capturable", False))
 
 
 def _by_device(params: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
@@ -153,7 +187,19 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     synchronises the stream, which inside the backward pass (the step in backward) stalls the host at every chunk."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
+    if _capturing(device):
+        # A CUDA graph would record the copy and read the pinned host buffer again at every replay, after it went
+        # back to the pinned pool: the values are written by fill launches instead, recorded with them (a chunk's
+        # ~15 addresses, a few us of a replay).
+        out = torch.empty(len(values), dtype=dtype, device=device)
+        for i, value in enumerate(values):
+            out[i].fill_(value)
+        return out
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -168,7 +214,7 @@ class _Layout:
     """One group's flat bf16 moments (parameter i at base[i]) and the kernel's tables; adopts any state the
     parameters already have (a loaded state_dict)."""
 
-    def __init__(self, params: list[torch.Tensor], state: dict):
+    def __init__(self, params: list[torch.Tensor], state: dict, capturable: bool = False):
         self.params = list(params)
         self.device = params[0].device  # one device: the optimizer lays out each device's part apart
         self.use_triton = _use_triton(self.device)
@@ -195,6 +241,12 @@ class _Layout:
                         "exp_avg_sq": v, "seed": seed}
             seeds.append(seed)
             start += n
+        # capturable: the counts on the device, one [P] tensor stepped in one op; the state holds views of it
+        self.steps = None
+        if capturable:
+            self.steps = torch.stack([state[p]["step"] for p in params]).to(self.device)
+            for i, p in enumerate(params):
+                state[p]["step"] = self.steps[i]
         if self.use_triton:
             from ..kernels.adamw import BLOCK
 
@@ -205,10 +257,11 @@ class _Layout:
             self.base, self.numel, self.seeds = as_tensor(starts), as_tensor(numel), as_tensor(seeds)
             self.param_ptrs, self.grad_ptrs = _AddressTable(self.device), _AddressTable(self.device)
 
-    def holds(self, params: list[torch.Tensor], state: dict) -> bool:
-        """Whether this layout is still the one for params and their state (a cleared state starts over)."""
+    def holds(self, params: list[torch.Tensor], state: dict, capturable: bool = False) -> bool:
+        """Whether this layout is still the one for params and their state (a cleared state starts over), with its
+        step counts where capturable asks (on the device, or on the host)."""
         return len(self.params) == len(params) and all(a is b for a, b in zip(self.params, params)) \
-            and all("step" in state.get(p, {}) for p in params)
+            and all("step" in state.get(p, {}) for p in params) and (self.steps is not None) == capturable
 
     def check(self) -> None:
         """The kernel writes fp32 through each parameter's address, for the numel it was laid out with: refuse a

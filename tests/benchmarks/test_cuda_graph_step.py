@@ -41,43 +41,6 @@ def test_dry_run_writes_both_phases_and_the_check(tmp_path, optim):
     assert result["environment"]["torch"] == torch.__version__
 
 
-def _attention_masks(model, ids) -> list:
-    """The attn_mask each scaled_dot_product_attention call of a forward gets."""
-    masks = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
-        return real(*args, **kwargs)
-
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)  # as in training: no cache, so transformers checks for packing
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real
-    return masks
-
-
-def test_eager_masks_give_a_captured_forward_the_eager_attention(monkeypatch):
-    """transformers takes a CUDA stream capture for tracing and then builds an explicit causal mask (no flash
-    path): under eager_masks a forward during capture calls attention as the eager one does, without a mask."""
-    sys.path.insert(0, str(BENCH))
-    import cuda_graph_step
-    import train_step
-    import transformers
-
-    config = train_step.make_config("qwen3-30b-a3b", 1, tiny=True)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    ids = torch.randint(0, config.vocab_size, (1, 16))
-    assert _attention_masks(model, ids) == [None]  # eager: the causal shortcut
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    captured = _attention_masks(model, ids)
-    assert isinstance(captured[0], torch.Tensor)  # what a capture would record without the patches
-    with cuda_graph_step.eager_masks():
-        assert _attention_masks(model, ids) == [None]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("optim", ["adamw", "none"])
 def test_a_tiny_step_captured_and_replayed_matches_eager(tmp_path, optim):

@@ -229,3 +229,23 @@ def test_the_baseline_runs_after_moetune_without_its_process_wide_swaps(monkeypa
                                 "--steps", "1", "--providers", "moetune", "baseline", "--out",
                                 str(tmp_path / "step.json")]) == 0
     assert seen == [False]
+
+
+def test_cuda_graph_replays_the_timed_steps_or_says_it_needs_a_gpu(tmp_path):
+    """`--cuda-graph on`: moetune's timed steps are replays of one step captured after the warm-up (bf16 AdamW
+    stepped in backward, as issue #6's whole-model runs); without a GPU, a one-line refusal."""
+    import torch
+
+    args = [str(BENCH / "train_step.py"), "--tiny", "--layers", "2", "--seq", "64", "--providers", "moetune",
+            "--optim", "adamw_bf16", "--step-in-backward", "--cuda-graph", "on", "--warmup", "2", "--steps", "3",
+            "--out", str(tmp_path / "graph.json")]
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "--cuda-graph on: CUDA graphs need a CUDA GPU" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        return
+    _run(*args)
+    (row,) = json.loads((tmp_path / "graph.json").read_text())["rows"]
+    assert row["cuda_graph"] is True and row["step_in_backward"] is True
+    assert len(row["losses"]) == 5 and row["losses"][-1] < row["losses"][0]  # warm-up, then replays that train
+    assert row["tokens_per_s"] > 0 and row["peak_gib"] > 0

@@ -6,6 +6,8 @@ parameter; on the GPU when there is one) and the torch path that runs on CPU wit
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -398,3 +400,49 @@ def test_a_group_over_two_devices_is_laid_out_per_device(device, monkeypatch):
     optimizer.step()
     assert list(optimizer._layouts) == [(0, "gpu 1")]
     assert all(optimizer.state[p]["step"].item() == 2 for p in params)  # the moved state went along
+
+
+def test_capturable_steps_as_the_host_counted_one(device, monkeypatch):
+    """capturable=True keeps the step counts and bias corrections on the device and may read lr from a tensor: the
+    same updates, bitwise, as the host-counted optimizer (both compute the corrections in float64; the two draw the
+    same rounding seeds here)."""
+    import itertools
+
+    monkeypatch.setattr(bf16_adamw, "_new_seed", functools.partial(next, itertools.cycle([11, 22, 33])))
+    params, _ = params_and_reference(device)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    lr = torch.tensor(1e-2, device=device)
+    graphable = AdamWBf16(params, lr=lr, weight_decay=0.1, capturable=True)
+    host = AdamWBf16(twins, lr=float(lr), weight_decay=0.1)  # the float32 value the tensor holds
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        if step == 2:  # a schedule's change, in place, as torch's schedulers write a tensor learning rate
+            lr.fill_(5e-3)
+            host.param_groups[0]["lr"] = float(lr)
+        set_grads(params, twins, gen)
+        graphable.step()
+        host.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        assert torch.equal(graphable.state[p]["exp_avg_sq"], host.state[q]["exp_avg_sq"])
+        step = graphable.state[p]["step"]
+        assert step.device == p.device and step.item() == 4 == host.state[q]["step"].item()
+    saved = graphable.state_dict()  # loads into a host-counted optimizer, and back
+    again = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=1e-2, weight_decay=0.1)
+    again.load_state_dict(saved)
+    assert again.param_groups[0]["capturable"] is True  # the saved group's setting, as torch's optimizers do
+    set_grads(again.param_groups[0]["params"], twins, gen)
+    again.step()
+    host.param_groups[0]["lr"] = float(lr)
+    host.step()
+    assert all(torch.equal(a, b) for a, b in zip(again.param_groups[0]["params"], twins))
+
+
+def test_capturable_refuses_a_parameter_without_a_gradient_and_a_bad_lr(device):
+    params, _ = params_and_reference(device)
+    optimizer = AdamWBf16(params, lr=1e-2, capturable=True)
+    params[0].grad = torch.ones_like(params[0])
+    with pytest.raises(RuntimeError, match=r"capturable=True\): every parameter of a group steps together"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="lr: expected a float or a one-element float32 tensor"):
+        AdamWBf16(params, lr=torch.tensor([1e-2, 1e-3]))

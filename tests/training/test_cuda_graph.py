@@ -1,0 +1,130 @@
+"""moetune.training.cuda_graph: a training step recorded once as a CUDA graph and replayed (the capture on a GPU; on a
+CPU the mask patches and the checks a capture needs)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from moetune.training.cuda_graph import capture_step, eager_masks, without_rng_state
+
+from ..models.helpers import checkpoint, randomize_lora_B, token_batch  # noqa: F401  (checkpoint: a fixture)
+
+
+def _attention_masks(model, ids) -> list:
+    """The attn_mask each scaled_dot_product_attention call of a forward gets."""
+    masks = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return real(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)  # as in training: no cache, so transformers checks for packing
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    return masks
+
+
+def test_eager_masks_give_a_captured_forward_the_eager_attention(checkpoint, monkeypatch):  # noqa: F811
+    """transformers takes a CUDA stream capture for tracing and then builds an explicit causal mask (no flash
+    path): under eager_masks a forward during capture calls attention as the eager one does, without a mask."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("qwen3_moe"), attn_implementation="sdpa")
+    ids = token_batch(1, 16)
+    assert _attention_masks(model, ids) == [None] * model.config.num_hidden_layers  # eager: the causal shortcut
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = _attention_masks(model, ids)
+    assert isinstance(captured[0], torch.Tensor)  # what a capture would record without the patches
+    with eager_masks():
+        assert _attention_masks(model, ids) == [None] * model.config.num_hidden_layers
+    assert isinstance(_attention_masks(model, ids)[0], torch.Tensor)  # restored after
+
+
+def test_without_rng_state_turns_off_the_checkpoints_rng_state_and_refuses_dropout(checkpoint):  # noqa: F811
+    from moetune import FastMoEModel
+
+    model, _ = FastMoEModel.from_pretrained(checkpoint("qwen3_moe"), dtype=torch.float32)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    funcs = [m.__dict__["_gradient_checkpointing_func"] for m in model.modules()
+             if isinstance(m.__dict__.get("_gradient_checkpointing_func"), functools.partial)]
+    assert funcs and all(f.keywords.get("preserve_rng_state", True) for f in funcs)
+    without_rng_state(model)
+    funcs = [m.__dict__["_gradient_checkpointing_func"] for m in model.modules()
+             if isinstance(m.__dict__.get("_gradient_checkpointing_func"), functools.partial)]
+    assert funcs and all(f.keywords["preserve_rng_state"] is False for f in funcs)
+    with pytest.raises(ValueError, match="model: a CUDA graph step needs no dropout"):
+        without_rng_state(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+
+
+def test_capture_step_needs_a_gpu_and_a_whole_warmup():
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="capture_step: CUDA graphs need a CUDA GPU"):
+            capture_step(lambda: torch.zeros(()))
+        return
+    with pytest.raises(ValueError, match="warmup: expected an integer >= 0"):
+        capture_step(lambda: torch.zeros(()), warmup=-1)
+
+
+def _tiny_training(model_dir: str, step_in_backward: bool, lr: float):
+    """A tiny bf16 Qwen3-MoE with LoRA through FastMoEModel (checkpointed, nothing offloaded), its capturable bf16
+    AdamW (stepped in backward or after it) and a step over one fixed batch."""
+    from moetune import FastMoEModel
+    from moetune.training.bf16_adamw import AdamWBf16
+    from moetune.training.step_in_backward import StepInBackward
+
+    model, _ = FastMoEModel.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=True,
+                                        offload_checkpoints=False)
+    randomize_lora_B(model)
+    model.train()
+    without_rng_state(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rate = torch.tensor(lr, device="cuda")
+    kwargs = dict(lr=rate, weight_decay=0.01, capturable=True)
+    optimizer = StepInBackward(params, AdamWBf16, **kwargs) if step_in_backward else AdamWBf16(params, **kwargs)
+    ids = token_batch(1, 64).cuda()
+
+    def step() -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, params, rate
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step_in_backward", [False, True], ids=["after-backward", "in-backward"])
+def test_replays_train_as_the_eager_steps(checkpoint, step_in_backward):  # noqa: F811
+    """One eager step, three warm-up steps, then four more, eagerly in one model and replayed from a graph in its
+    twin, with the learning rate changed in place before the last two: the same losses and LoRA weights within
+    cuDNN attention's run-to-run noise, which is far under what a step moves them (a replay that repeated its
+    captured step count, bias corrections or learning rate would be off by about a step)."""
+    model_dir = checkpoint("qwen3_moe")
+    eager_step, eager_params, eager_lr = _tiny_training(model_dir, step_in_backward, 1e-2)
+    graph_step, graph_params, graph_lr = _tiny_training(model_dir, step_in_backward, 1e-2)
+    start = [p.detach().clone() for p in eager_params]
+    eager_losses = [float(eager_step()) for _ in range(4)]
+    first = float(graph_step())
+    replay = capture_step(graph_step, warmup=3)
+    graph_losses = []
+    for i in range(4):
+        if i == 2:
+            eager_lr.fill_(3e-3)
+            graph_lr.fill_(3e-3)
+        eager_losses.append(float(eager_step()))
+        graph_losses.append(float(replay()))
+    assert first == pytest.approx(eager_losses[0], rel=1e-3)
+    assert graph_losses == pytest.approx(eager_losses[4:], rel=2e-3)
+    assert graph_losses[-1] < eager_losses[0]  # the replays train
+    moved = max((p - s).abs().max().item() for p, s in zip(eager_params, start))
+    apart = max((p - q).abs().max().item() for p, q in zip(eager_params, graph_params))
+    assert moved > 1e-3 and apart < 0.05 * moved, (moved, apart)
