@@ -257,6 +257,9 @@ def make_optimizer(params, name: str, step_in_backward: bool = False):
                                                    step_in_backward=step_in_backward))
 
 
+CAPTURE_WARMUP = 3  # --cuda-graph: training steps on a side stream before the capture (capture_step's default)
+
+
 def make_capturable_optimizer(params, name: str, step_in_backward: bool, device):
     """make_optimizer's, for a step captured as a CUDA graph: the step counts, bias corrections and learning rate
     (a one-element tensor) on the device."""
@@ -268,8 +271,8 @@ def make_capturable_optimizer(params, name: str, step_in_backward: bool, device)
         optimizer_class = AdamWBf16
     elif name == "adamw":
         optimizer_class, kwargs["fused"] = torch.optim.AdamW, device.type == "cuda" or None
-    else:
-        raise SystemExit(f"--cuda-graph: runs --optim adamw or adamw_bf16, got {name}")
+    else:  # main refuses the rest
+        raise ValueError(f"--optim: --cuda-graph runs adamw or adamw_bf16, got {name}")
     return StepInBackward(params, optimizer_class, **kwargs) if step_in_backward else optimizer_class(params, **kwargs)
 
 
@@ -356,13 +359,14 @@ def set_expandable_segments(on: bool) -> dict:
     return {name: os.environ[name] for name in ALLOC_CONF_VARS}
 
 
-def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None, run_step=None
-               ) -> tuple[list[float], list[float], float, dict]:
+def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_warmup_step=None, run_step=None,
+               reset_peak: bool = True) -> tuple[list[float], list[float], float, dict]:
     """warmup + steps training steps on `ids` (labels = ids): (seconds of each timed step, every step's loss,
     seconds of the warm-up, each timed step's host split by StepClock). Peak-memory stats restart after the
     warm-up. after_warmup_step: called after each warm-up step (the memory plan's step checks); where it returns
     True (the plan changed), the warm-up goes on for another step, so the timed steps run a plan that was checked.
-    run_step: what a step is, if not training_step (a CUDA graph's replay)."""
+    run_step: what a step is, if not training_step (a CUDA graph's replay); reset_peak=False keeps the peak-memory
+    statistics running from before (a graph's capture allocated its step's memory then)."""
     times, losses = [], []
     host = {key: [] for key, _ in HOST_LABELS}
     clock = StepClock()
@@ -374,7 +378,7 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int, device, after_war
                 timing = True
                 _sync(device)
                 warmup_s = time.perf_counter() - t_warmup
-                if device.type == "cuda":
+                if device.type == "cuda" and reset_peak:
                     torch.cuda.reset_peak_memory_stats()
                 if steps == 0:
                     break
@@ -478,10 +482,12 @@ def run(provider, source, config, seq, args, device) -> dict:
 
                 _, eager_losses, _, _ = time_steps(model, optimizer, ids, max(args.warmup, 1), 0, device,
                                                    plan_checks.after_step)
-                replay = capture_step(functools.partial(training_step, model, optimizer, ids))
+                # the peak from here: the capture's warm-up steps and its graph's pool (replays allocate nothing)
+                torch.cuda.reset_peak_memory_stats()
+                replay = capture_step(functools.partial(training_step, model, optimizer, ids), CAPTURE_WARMUP)
                 times, losses, _, host = time_steps(model, optimizer, ids, 0, args.steps, device,
-                                                    run_step=replay)
-                losses = eager_losses + losses
+                                                    run_step=replay, reset_peak=False)
+                losses = eager_losses + losses  # (the capture's own warm-up steps between them are not listed)
             else:
                 times, losses, _, host = time_steps(model, optimizer, ids, args.warmup, args.steps, device,
                                                     plan_checks.after_step)
@@ -610,8 +616,15 @@ def main(argv=None) -> int:
         set_expandable_segments(args.expandable_segments == "on")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA GPU (or --tiny)")
-    if args.cuda_graph == "on" and not torch.cuda.is_available():
-        parser.error("--cuda-graph on: CUDA graphs need a CUDA GPU")
+    if args.cuda_graph == "on":
+        if args.optim not in ("adamw", "adamw_bf16"):
+            parser.error(f"--optim: --cuda-graph on runs adamw or adamw_bf16, got {args.optim}")
+        if args.offload == "on":
+            parser.error("--offload on: a captured step offloads nothing (--cuda-graph on); leave it auto or off")
+        if "moetune" in args.profile or "moetune" in args.memory_peak:
+            parser.error("--profile / --memory-peak moetune: they run eager steps, not replays (--cuda-graph on)")
+        if not torch.cuda.is_available():
+            parser.error("--cuda-graph on: CUDA graphs need a CUDA GPU")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = make_config(args.model, args.layers, args.tiny)
     source = config
@@ -635,7 +648,8 @@ def main(argv=None) -> int:
             if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
                 chosen = result.get("checkpoint_plan", {}).get("checkpoint_layers", args.checkpoint_layers)
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
-                            "offload": args.offload, "recompute_skip": args.recompute_skip,
+                            "offload": "off" if args.cuda_graph == "on" else args.offload,
+                            "recompute_skip": args.recompute_skip,
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,
                             "fused_sinks": args.fused_sinks, "sink_causal": args.sink_causal,

@@ -24,7 +24,10 @@ host number. Each parameter's step count then lives on the device (state[p]["ste
 float32 counts), the bias corrections are computed there from it (in float64, as the host computes them), and lr may
 be a one-element float32 tensor on the parameters' device, which the kernel reads (a scheduler fills it in place).
 Every parameter of a group must have a gradient when it steps, and the first step, which lays out the state, runs
-eagerly: capture after a warm-up step.
+eagerly: capture after a warm-up step. Only lr is read at each replay; betas, eps and weight_decay are what they were
+at the capture. A capture of a group without capturable=True is refused (its replays would repeat one step count),
+and load_state_dict keeps the optimizer's own capturable and lr tensor (the saved lr is written into it). Without
+capturable a tensor lr is read with float() at each group's step: a wait for the device.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ class AdamWBf16(torch.optim.Optimizer):
                     continue
                 layout = self._layouts.get((index, device))
                 capturable = group.get("capturable", False)
+                if not capturable and _capturing(params[0].device):
+                    raise RuntimeError("AdamWBf16: step() is being captured as a CUDA graph, but capturable is off "
+                                       "(its step counts are host numbers a replay repeats); make it with "
+                                       "capturable=True")
                 if layout is None or not layout.holds(params, self.state, capturable):
                     if _capturing(params[0].device):  # the layout zeroes the moments: replays would zero them
                         raise RuntimeError("AdamWBf16: the first step of a group lays out its state and cannot be "
@@ -99,12 +106,14 @@ class AdamWBf16(torch.optim.Optimizer):
             if any(p.grad is None for p in layout.params):
                 raise RuntimeError("AdamWBf16(capturable=True): every parameter of a group steps together, and one "
                                    "has no gradient this step")
+            if isinstance(lr, torch.Tensor) and lr.device != layout.device:
+                if lr.device.type != layout.device.type:
+                    raise ValueError(f"lr: a tensor learning rate of a capturable AdamWBf16 lives on the "
+                                     f"parameters' device ({layout.device}), got {lr.device}")
+                lr = lr.to(layout.device, non_blocking=True)  # another GPU's part: a copy each step reads it
             layout.steps.add_(1.0)
             t = layout.steps.double()
             table = torch.stack((1.0 - torch.pow(beta1, t), 1.0 - torch.pow(beta2, t), t), dim=1)  # float64
-            if isinstance(lr, torch.Tensor) and lr.device != layout.device:
-                raise ValueError(f"lr: a tensor learning rate of a capturable AdamWBf16 lives on the parameters' "
-                                 f"device ({layout.device}), got {lr.device}")
         else:
             corrections = []
             for p in layout.params:
@@ -143,7 +152,15 @@ class AdamWBf16(torch.optim.Optimizer):
             for option in ("amsgrad", "maximize", "differentiable"):
                 if group.get(option):
                     raise ValueError(f"state_dict: AdamWBf16 has no {option} (the saved optimizer had it on)")
+        own = [(group.get("capturable", False), group["lr"]) for group in self.param_groups]
         super().load_state_dict(state_dict)  # the moments come back in the parameters' dtype (torch's policy)
+        for group, (capturable, lr) in zip(self.param_groups, own):
+            # A graph recorded this optimizer's lr tensor and needs its counts on the device: the saved group's
+            # float lr and capturable (a host-counted or torch's checkpoint) would not reach its replays.
+            group["capturable"] = capturable
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
         self._layouts.clear()
         for index, group in enumerate(self.param_groups):
             for device, params in _by_device(group["params"]).items():
@@ -281,10 +298,17 @@ class _AddressTable:
 
     def __init__(self, device: torch.device):
         self.device, self._addresses, self._table = device, None, None
+        self._captured: list[torch.Tensor] = []  # the tables CUDA graphs recorded
 
     def __call__(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
         addresses = tuple(0 if t is None else t.data_ptr() for t in tensors)
-        if addresses != self._addresses:
+        if _capturing(self.device):
+            # Always a table of the graph's own, kept for this table's life: one an eager step made would be freed
+            # when a later step's addresses change, while the graph still reads it at every replay.
+            self._table = _to_device(list(addresses), torch.int64, self.device)
+            self._captured.append(self._table)
+            self._addresses = addresses
+        elif addresses != self._addresses:
             self._table = _to_device(list(addresses), torch.int64, self.device)
             self._addresses = addresses
         return self._table

@@ -35,8 +35,13 @@ def without_rng_state(model: torch.nn.Module) -> None:
     generator's state being read and set on the host, and the layers of the models moetune trains draw no random
     numbers in training (dropout 0). A model with dropout would recompute other masks: refuse it there."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout) and module.p > 0:
-            raise ValueError(f"model: a CUDA graph step needs no dropout in the checkpointed layers, got p={module.p}")
+        # nn.Dropout and its kin (Dropout1d-3d, AlphaDropout: _DropoutNd), and attention dropout, which transformers'
+        # attention modules hold as a float and hand to the attention function
+        rate = module.p if isinstance(module, torch.nn.modules.dropout._DropoutNd) else \
+            getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            raise ValueError(f"model: a CUDA graph step needs no dropout (a recompute without the RNG state draws "
+                             f"other masks), got {type(module).__name__} with {rate}")
         func = module.__dict__.get("_gradient_checkpointing_func")
         if isinstance(func, functools.partial):
             module._gradient_checkpointing_func = functools.partial(
@@ -51,7 +56,9 @@ def eager_masks():
     from transformers import masking_utils
 
     saved = masking_utils.is_tracing, masking_utils.find_packed_sequence_indices
-    masking_utils.is_tracing = lambda tensor=None: False
+    # Without a mask tensor: not tracing, so the causal shortcut holds. With one (padded rows), transformers' own
+    # answer: taken for tracing, it builds the mask rather than read the tensor on the host to skip it.
+    masking_utils.is_tracing = lambda tensor=None: False if tensor is None else saved[0](tensor)
     masking_utils.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row: eager's answer
     try:
         yield
@@ -63,11 +70,12 @@ def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[
     """step() recorded as one CUDA graph; returns replay(), which runs it again and returns a copy of the loss it
     produced. step must leave no gradient behind (zero_grad(set_to_none=True) at its end, or the step in backward),
     and must have run eagerly before (compiles and autotuning are host work a capture cannot do). warmup: steps run
-    on a side stream first, torch's recipe for libraries that set themselves up at a first call on a stream."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("capture_step: CUDA graphs need a CUDA GPU")
+    on a side stream first, torch's recipe for libraries that set themselves up at a first call on a stream; they
+    are training steps (the optimizer steps on the batch in the input tensors). The capture itself runs nothing."""
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup: expected an integer >= 0, got {warmup!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("capture_step: CUDA graphs need a CUDA GPU")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), eager_masks():

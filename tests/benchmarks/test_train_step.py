@@ -249,3 +249,14 @@ def test_cuda_graph_replays_the_timed_steps_or_says_it_needs_a_gpu(tmp_path):
     assert row["cuda_graph"] is True and row["step_in_backward"] is True
     assert len(row["losses"]) == 5 and row["losses"][-1] < row["losses"][0]  # warm-up, then replays that train
     assert row["tokens_per_s"] > 0 and row["peak_gib"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optim", "adamw_8bit"], "--optim: --cuda-graph on runs adamw or adamw_bf16, got adamw_8bit"),
+    (["--offload", "on"], "--offload on: a captured step offloads nothing"),
+    (["--profile", "moetune"], "--profile / --memory-peak moetune: they run eager steps, not replays"),
+])
+def test_cuda_graph_refuses_what_a_replay_cannot_be(extra, message):
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--cuda-graph", "on", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

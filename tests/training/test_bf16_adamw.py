@@ -427,15 +427,28 @@ def test_capturable_steps_as_the_host_counted_one(device, monkeypatch):
         assert torch.equal(graphable.state[p]["exp_avg_sq"], host.state[q]["exp_avg_sq"])
         step = graphable.state[p]["step"]
         assert step.device == p.device and step.item() == 4 == host.state[q]["step"].item()
-    saved = graphable.state_dict()  # loads into a host-counted optimizer, and back
-    again = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=1e-2, weight_decay=0.1)
-    again.load_state_dict(saved)
-    assert again.param_groups[0]["capturable"] is True  # the saved group's setting, as torch's optimizers do
-    set_grads(again.param_groups[0]["params"], twins, gen)
-    again.step()
+    # Into a host-counted optimizer (its counts back on the host) and from it into a capturable one (its own lr
+    # tensor, given the saved value): each keeps its own setting, and both step on as the host-counted one.
+    counted = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=1.0, weight_decay=0.1)
+    counted.load_state_dict(graphable.state_dict())
+    assert counted.param_groups[0]["capturable"] is False and counted.param_groups[0]["lr"] == float(lr)
+    rate = torch.tensor(1.0, device=device)
+    graphed = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=rate, weight_decay=0.1,
+                        capturable=True)
+    graphed.load_state_dict(host.state_dict())
+    assert graphed.param_groups[0]["lr"] is rate and rate.item() == float(lr)
+    set_grads(counted.param_groups[0]["params"], twins, gen)
+    for p, q in zip(graphed.param_groups[0]["params"], twins):
+        p.grad = q.grad.clone()
+    counted.step()
+    graphed.step()
     host.param_groups[0]["lr"] = float(lr)
     host.step()
-    assert all(torch.equal(a, b) for a, b in zip(again.param_groups[0]["params"], twins))
+    for optimizer in (counted, graphed):
+        for p, q in zip(optimizer.param_groups[0]["params"], twins):
+            assert torch.equal(p, q) and optimizer.state[p]["step"].device == torch.device(
+                "cpu" if optimizer is counted else device)
+    assert all(s["step"].item() == 5 for s in graphed.state.values())
 
 
 def test_capturable_refuses_a_parameter_without_a_gradient_and_a_bad_lr(device):
@@ -446,3 +459,40 @@ def test_capturable_refuses_a_parameter_without_a_gradient_and_a_bad_lr(device):
         optimizer.step()
     with pytest.raises(ValueError, match="lr: expected a float or a one-element float32 tensor"):
         AdamWBf16(params, lr=torch.tensor([1e-2, 1e-3]))
+    if device == "cpu":
+        return
+    counted = AdamWBf16(params, lr=torch.tensor(1e-2), capturable=True)  # on the host, for parameters on a GPU
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="lr: a tensor learning rate of a capturable AdamWBf16 lives on"):
+        counted.step()
+    counted.param_groups[0]["lr"] = torch.tensor(1e-2, device=device)
+    counted.step()  # the refused step counted nothing
+    assert all(s["step"].item() == 1 for s in counted.state.values())
+
+
+def test_a_captured_step_of_a_host_counted_optimizer_is_refused(device, monkeypatch):
+    """Under a capture (faked: the flag a real one sets), a group without capturable would record one step count
+    for every replay: refused. The capturable step reads nothing on the host (no .item(), float() or bool of a
+    tensor), which a capture could not."""
+    params, _ = params_and_reference(device)
+    host = AdamWBf16(params, lr=1e-2)
+    graphed = AdamWBf16([p.detach().clone().requires_grad_() for p in params], lr=torch.tensor(1e-2, device=device),
+                        capturable=True)
+    for optimizer in (host, graphed):
+        for p in optimizer.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        optimizer.step()  # the first step lays out the state, eagerly
+    monkeypatch.setattr(bf16_adamw, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="AdamWBf16: step\\(\\) is being captured as a CUDA graph, but capturable "
+                                           "is off"):
+        host.step()
+    if not bf16_adamw._use_triton(torch.device(device)):
+        return  # the torch path reads the corrections on the host: it runs where no capture can (CPU)
+    reads = []
+    for name in ("item", "__float__", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    graphed.step()
+    assert reads == []

@@ -59,17 +59,38 @@ def test_without_rng_state_turns_off_the_checkpoints_rng_state_and_refuses_dropo
     funcs = [m.__dict__["_gradient_checkpointing_func"] for m in model.modules()
              if isinstance(m.__dict__.get("_gradient_checkpointing_func"), functools.partial)]
     assert funcs and all(f.keywords["preserve_rng_state"] is False for f in funcs)
-    with pytest.raises(ValueError, match="model: a CUDA graph step needs no dropout"):
-        without_rng_state(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    for dropout in (torch.nn.Dropout(0.1), torch.nn.Dropout1d(0.1), torch.nn.AlphaDropout(0.1)):
+        with pytest.raises(ValueError, match="model: a CUDA graph step needs no dropout"):
+            without_rng_state(torch.nn.Sequential(torch.nn.Linear(2, 2), dropout))
+    attention = next(m for m in model.modules() if hasattr(m, "attention_dropout"))
+    attention.attention_dropout = 0.1  # what config.attention_dropout > 0 gives transformers' attention modules
+    with pytest.raises(ValueError, match="got .* with 0.1"):
+        without_rng_state(model)
 
 
 def test_capture_step_needs_a_gpu_and_a_whole_warmup():
+    with pytest.raises(ValueError, match="warmup: expected an integer >= 0"):
+        capture_step(lambda: torch.zeros(()), warmup=-1)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="capture_step: CUDA graphs need a CUDA GPU"):
             capture_step(lambda: torch.zeros(()))
-        return
-    with pytest.raises(ValueError, match="warmup: expected an integer >= 0"):
-        capture_step(lambda: torch.zeros(()), warmup=-1)
+
+
+def test_eager_masks_leave_a_padded_batch_to_transformers_without_a_host_read(checkpoint, monkeypatch):  # noqa: F811
+    """With an attention mask (padded rows), a captured forward must not read it on the host to decide whether to
+    skip it (transformers' own answer under a capture: it builds the mask); faked capture, a host read raises."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("qwen3_moe"), attn_implementation="sdpa")
+    ids = token_batch(1, 16)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def host_read(self):
+        raise AssertionError("a host read of a tensor inside the (faked) capture")
+
+    with eager_masks(), torch.no_grad():
+        monkeypatch.setattr(torch.Tensor, "__bool__", host_read)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
 def _tiny_training(model_dir: str, step_in_backward: bool, lr: float):
@@ -98,6 +119,7 @@ def _tiny_training(model_dir: str, step_in_backward: bool, lr: float):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.optimizer = optimizer
     return step, params, rate
 
 
@@ -123,6 +145,8 @@ def test_replays_train_as_the_eager_steps(checkpoint, step_in_backward):  # noqa
         eager_losses.append(float(eager_step()))
         graph_losses.append(float(replay()))
     assert first == pytest.approx(eager_losses[0], rel=1e-3)
+    for optimizer in (eager_step.optimizer, graph_step.optimizer):  # 1 + 3 warm-up + 4: counted on the device
+        assert {float(s["step"]) for s in optimizer.state_dict()["state"].values()} == {8.0}
     assert graph_losses == pytest.approx(eager_losses[4:], rel=2e-3)
     assert graph_losses[-1] < eager_losses[0]  # the replays train
     moved = max((p - s).abs().max().item() for p, s in zip(eager_params, start))
