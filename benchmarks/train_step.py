@@ -257,9 +257,6 @@ def make_optimizer(params, name: str, step_in_backward: bool = False):
                                                    step_in_backward=step_in_backward))
 
 
-CAPTURE_WARMUP = 3  # --cuda-graph: training steps on a side stream before the capture (capture_step's default)
-
-
 def make_capturable_optimizer(params, name: str, step_in_backward: bool, device):
     """make_optimizer's, for a step captured as a CUDA graph: the step counts, bias corrections and learning rate
     (a one-element tensor) on the device."""
@@ -484,7 +481,7 @@ def run(provider, source, config, seq, args, device) -> dict:
                                                    plan_checks.after_step)
                 # the peak from here: the capture's warm-up steps and its graph's pool (replays allocate nothing)
                 torch.cuda.reset_peak_memory_stats()
-                replay = capture_step(functools.partial(training_step, model, optimizer, ids), CAPTURE_WARMUP)
+                replay = capture_step(functools.partial(training_step, model, optimizer, ids))
                 times, losses, _, host = time_steps(model, optimizer, ids, 0, args.steps, device,
                                                     run_step=replay, reset_peak=False)
                 losses = eager_losses + losses  # (the capture's own warm-up steps between them are not listed)
