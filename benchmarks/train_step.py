@@ -246,31 +246,18 @@ def memory_peak_step(model, optimizer, ids, provider: str, seq: int, args) -> di
     return {"start_requested_bytes": start, **summary}
 
 
-def make_optimizer(params, name: str, step_in_backward: bool = False):
+def make_optimizer(params, name: str, step_in_backward: bool = False, capturable_on=None):
     """moetune train's optimizer (adamw, adamw_bf16 or adamw_8bit) at lr 1e-4 and both libraries' default weight decay,
-    optionally stepped inside the backward pass."""
+    optionally stepped inside the backward pass. capturable_on: a device, for a step captured as a CUDA graph (adamw
+    or adamw_bf16): the step counts, bias corrections and learning rate (a one-element tensor there) on it."""
     from types import SimpleNamespace
 
     from moetune.training.loop import make_optimizer as train_optimizer
 
-    return train_optimizer(params, SimpleNamespace(optim=name, lr=1e-4, weight_decay=0.01,
-                                                   step_in_backward=step_in_backward))
-
-
-def make_capturable_optimizer(params, name: str, step_in_backward: bool, device):
-    """make_optimizer's, for a step captured as a CUDA graph: the step counts, bias corrections and learning rate
-    (a one-element tensor) on the device."""
-    from moetune.training.bf16_adamw import AdamWBf16
-    from moetune.training.step_in_backward import StepInBackward
-
-    kwargs = dict(lr=torch.tensor(1e-4, device=device), weight_decay=0.01, capturable=True)
-    if name == "adamw_bf16":
-        optimizer_class = AdamWBf16
-    elif name == "adamw":
-        optimizer_class, kwargs["fused"] = torch.optim.AdamW, device.type == "cuda" or None
-    else:  # main refuses the rest
-        raise ValueError(f"--optim: --cuda-graph runs adamw or adamw_bf16, got {name}")
-    return StepInBackward(params, optimizer_class, **kwargs) if step_in_backward else optimizer_class(params, **kwargs)
+    lr = 1e-4 if capturable_on is None else torch.tensor(1e-4, device=capturable_on)
+    return train_optimizer(params, SimpleNamespace(optim=name, lr=lr, weight_decay=0.01,
+                                                   step_in_backward=step_in_backward,
+                                                   capturable=capturable_on is not None))
 
 
 def thread_times() -> dict[int, tuple[float, float]]:
@@ -462,7 +449,7 @@ def run(provider, source, config, seq, args, device) -> dict:
         from moetune.training.cuda_graph import without_rng_state
 
         without_rng_state(model)
-        optimizer = make_capturable_optimizer(params, args.optim, args.step_in_backward, device)
+        optimizer = make_optimizer(params, args.optim, args.step_in_backward, capturable_on=device)
     else:
         optimizer = make_optimizer(params, args.optim, args.step_in_backward and provider == "moetune")
     gen = torch.Generator(device="cpu").manual_seed(1)

@@ -83,13 +83,13 @@ class AdamWBf16(torch.optim.Optimizer):
                 if not any(p.grad is not None for p in params):
                     continue
                 layout = self._layouts.get((index, device))
-                capturable = group.get("capturable", False)
-                if not capturable and _capturing(params[0].device):
+                capturable, capturing = group.get("capturable", False), _capturing(params[0].device)
+                if not capturable and capturing:
                     raise RuntimeError("AdamWBf16: step() is being captured as a CUDA graph, but capturable is off "
                                        "(its step counts are host numbers a replay repeats); make it with "
                                        "capturable=True")
                 if layout is None or not layout.holds(params, self.state, capturable):
-                    if _capturing(params[0].device):  # the layout zeroes the moments: replays would zero them
+                    if capturing:  # the layout zeroes the moments: replays would zero them
                         raise RuntimeError("AdamWBf16: the first step of a group lays out its state and cannot be "
                                            "captured; take one step before capturing")
                     layout = self._layouts[index, device] = _Layout(params, self.state, capturable)

@@ -115,6 +115,8 @@ def make_optimizer(params, config):
     params = list(params)
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
+    if getattr(config, "capturable", False):  # a step captured as a CUDA graph (benchmarks/train_step.py --cuda-graph)
+        kwargs["capturable"] = True
     if config.optim == "adamw_8bit":
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
 
