@@ -55,10 +55,13 @@ def test_collector_frozen_lets_the_blocks_cycles_go_when_the_process_had_frozen_
 
 def test_a_nested_collector_frozen_block_leaves_the_freeze_to_the_outer_one():
     with loop.collector_frozen():
-        frozen = gc.get_freeze_count()
+        assert gc.get_freeze_count() > 0
         with loop.collector_frozen():
             pass
-        assert gc.get_freeze_count() == frozen  # still frozen for the rest of the outer block
+        # still frozen for the rest of the outer block (an unfreeze empties the permanent generation). Not its exact
+        # count: frozen objects freed by reference counting meanwhile leave it (pytest-xdist's worker thread frees
+        # some: 753,405 -> 753,403 in a CI run).
+        assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
 
 
