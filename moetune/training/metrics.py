@@ -21,7 +21,7 @@ class ExpertLoad:
     Hooks the experts modules rather than the routers: every supported architecture hands its experts
     module the same `(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`, after any group-limited
     or biased selection, while router outputs differ per architecture (logits, scores, indices in varying
-    tuples). Counting stays on the device (one bincount per layer per forward); `take()` does the one
+    tuples). Counting stays on the device (one index_add_ per layer per forward, no host read); `take()` does the one
     transfer per logged step. Padding tokens are routed too, but `token_mask` weights them out.
     With gradient checkpointing every layer runs forward twice; both passes see the same tokens, so the
     shares (counts / total per layer) are unchanged.
@@ -43,10 +43,13 @@ class ExpertLoad:
         def count(module, args, kwargs):
             top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
             k = top_k_index.shape[-1]
-            weights = None
             if self.token_mask is not None and self.token_mask.numel() * k == top_k_index.numel():
                 weights = self.token_mask.repeat_interleave(k).to(torch.float64)
-            self.counts[row] += torch.bincount(top_k_index.reshape(-1), weights=weights, minlength=self.num_experts)
+            else:
+                weights = torch.ones(top_k_index.numel(), dtype=torch.float64, device=self.counts.device)
+            # index_add_, not bincount: CUDA's bincount reads the indices' min and max on the host to size its output,
+            # two waits for the GPU in every MoE layer's forward (and a CUDA graph capture cannot hold them)
+            self.counts[row].index_add_(0, top_k_index.reshape(-1).to(self.counts.device), weights)
 
         return count
 
