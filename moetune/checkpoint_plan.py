@@ -322,6 +322,11 @@ class StepChecks:
         self.earlier_peak_bytes = max(self.earlier_peak_bytes, self.memory.peak_so_far())
         self.memory.reset_peak()
 
+    @property
+    def done(self) -> bool:
+        """Whether the checks are over (or there were none): the plan holds from here on."""
+        return self.left <= 0
+
     def after_step(self) -> bool:
         """Call after each optimizer step; True where the plan changed."""
         if self.left <= 0:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from jinja2 import TemplateError
 
-__all__ = ["Example", "load_examples", "stop_token_note", "training_template", "make_units", "epoch_steps", "collate", "IGNORE"]
+__all__ = ["Example", "load_examples", "stop_token_note", "training_template", "make_units", "epoch_steps", "collate", "collate_fixed",
+           "IGNORE"]
 
 IGNORE = -100
 FORMATS = {"text": ("text",), "messages": ("messages",), "instruction": ("instruction", "output")}
@@ -367,3 +368,23 @@ def collate(units: list[list[Example]], pad_id: int, packed: bool) -> dict[str, 
         batch["attention_mask"] = torch.tensor(mask)
     batch["token_mask"] = torch.tensor(mask, dtype=torch.bool)
     return batch
+
+
+def collate_fixed(units: list[list[Example]], pad_id: int, rows: int, length: int) -> dict[str, torch.Tensor]:
+    """Unpacked rows as one fixed-shape [rows, length] batch (a CUDA graph's input buffers: --cuda-graph): each row
+    right-padded to `length`, missing rows all padding, with no attention_mask. Under the causal mask a real token
+    attends only to the tokens before it, all real where padding comes last, so its output (and the loss, with the
+    padding's labels ignored) is what the padded batch with a mask gives; the padding's own outputs go unused."""
+    if len(units) > rows or any(len(unit) != 1 for unit in units):
+        raise ValueError(f"units: expected at most {rows} rows of one example each, got {[len(u) for u in units]}")
+    ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    labels = torch.full((rows, length), IGNORE, dtype=torch.long)
+    token_mask = torch.zeros(rows, length, dtype=torch.bool)
+    for row, (e,) in enumerate(units):
+        n = len(e.input_ids)
+        if n > length:
+            raise ValueError(f"units: a row of {n} tokens does not fit in {length}")
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor([IGNORE] + e.labels[1:])
+        token_mask[row, :n] = True
+    return {"input_ids": ids, "labels": labels, "token_mask": token_mask}

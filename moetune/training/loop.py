@@ -115,7 +115,9 @@ def make_optimizer(params, config):
     params = list(params)
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
-    if getattr(config, "capturable", False):  # a step captured as a CUDA graph (benchmarks/train_step.py --cuda-graph)
+    # a step captured as a CUDA graph (--cuda-graph; benchmarks/train_step.py's config says capturable): step counts
+    # and bias corrections on the device, the learning rate a tensor there (graphed_step.lr_as_tensor)
+    if getattr(config, "capturable", False) or getattr(config, "cuda_graph", False):
         kwargs["capturable"] = True
     if config.optim == "adamw_8bit":
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
@@ -234,6 +236,8 @@ def _build_model(plan: Plan, model_dir: str):
             checkpoint_layers=None if config.checkpoint_layers == "auto" else config.checkpoint_layers,
             train_router=config.train_router,
             random_state=config.seed,
+            # a captured step cannot hold the offload's side-stream copies (their blocks stay taken for the capture)
+            offload_checkpoints=False if config.cuda_graph else None,
         )
     return model, peft_model
 
@@ -276,6 +280,13 @@ def run(plan: Plan, console=None) -> dict:
     try:  # the model and its LoRA set-up load (or fail on bad input) before anything is written
         base_model, peft_model = _build_model(plan, model_dir)
         scaler = _loss_scaler(plan, [p for p in peft_model.parameters() if p.requires_grad])
+        if config.cuda_graph:  # (before anything is written: a model with dropout is refused here)
+            from .cuda_graph import without_rng_state
+
+            try:
+                without_rng_state(peft_model)
+            except ValueError as err:
+                raise ValueError(f"--cuda-graph: {first_line(err).removeprefix('model: ')}") from None
         checkpoint_plan = None
         if config.checkpoint_layers == "auto" and config.gradient_checkpointing:
             from ..fast_model import FastMoEModel
@@ -335,6 +346,10 @@ def run(plan: Plan, console=None) -> dict:
         if start > total:  # nothing written yet: the run would report steps it did not take back
             raise ValueError(f"--max-steps: this run ends at step {total} (--max-steps or --epochs), before the step "
                              f"of the checkpoint it resumes ({start}); ask for at least {start} steps")
+    from .graphed_step import GraphedStep, lr_as_float, lr_as_tensor
+
+    # After the schedule is made (its base rates stay floats) and a checkpoint loaded (either kind of rate in it)
+    lr_as_tensor(optimizer, device) if config.cuda_graph else lr_as_float(optimizer)
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path, start if plan.resume_from else None)
     load = ExpertLoad(find_experts(base_model, spec), device)
@@ -344,6 +359,9 @@ def run(plan: Plan, console=None) -> dict:
     from ..checkpoint_plan import StepChecks
 
     plan_checks = StepChecks(peft_model, checkpoint_plan, device)  # the first real steps against the plan's budget
+    graphed = GraphedStep(peft_model, optimizer, params, load, config, device, pad_id) if config.cuda_graph else None
+    eager_steps = 0  # this session's (a graph is captured after two, and once the plan's checks are over)
+    first_replayed = None  # the step number of the first replayed step
 
     peft_model.train()
     epoch_plan, epoch_of_plan = None, None
@@ -362,34 +380,43 @@ def run(plan: Plan, console=None) -> dict:
             if epoch != epoch_of_plan:
                 epoch_plan = data_mod.epoch_steps(len(units), config.batch_size, config.grad_accum, config.seed, epoch)
                 epoch_of_plan = epoch
-            batches = [data_mod.collate([units[i] for i in mb], pad_id, config.packing) for mb in epoch_plan[index]]
-            num_labels = sum(int((b["labels"] != data_mod.IGNORE).sum()) for b in batches)
-            for batch in batches:
-                token_mask = batch.pop("token_mask")
-                tokens_interval += int(token_mask.sum())
-                load.token_mask = token_mask.reshape(-1).to(device, non_blocking=True)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                loss_interval += loss.detach()
-                del loss  # its graph, and what the graph's nodes hold (the LoRA factors' casts), would live into the next forward
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # before clipping, which reads the true gradients
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            if scaler is None:
-                optimizer.step()
+            if graphed is not None:
+                tokens_interval += graphed.fill([[units[i] for i in mb] for mb in epoch_plan[index]])
+                loss_interval += graphed.run(capture=eager_steps >= 2 and plan_checks.done)
+                eager_steps += graphed.replay is None
+                if graphed.replay is not None and first_replayed is None:
+                    first_replayed = step + 1
+                lr = scheduler.get_last_lr()[0]
                 scheduler.step()
-            else:  # a step with inf/nan gradients is skipped and lowers the scale; the schedule waits, as in Trainer
-                before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                scale = scaler.get_scale()  # (each read waits for the device: once a step, used twice)
-                if scale >= before:
+            else:
+                batches = [data_mod.collate([units[i] for i in mb], pad_id, config.packing) for mb in epoch_plan[index]]
+                num_labels = sum(int((b["labels"] != data_mod.IGNORE).sum()) for b in batches)
+                for batch in batches:
+                    token_mask = batch.pop("token_mask")
+                    tokens_interval += int(token_mask.sum())
+                    load.token_mask = token_mask.reshape(-1).to(device, non_blocking=True)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    loss_interval += loss.detach()
+                    del loss  # its graph, and what the graph's nodes hold (the LoRA factors' casts), would live into the next forward
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # before clipping, which reads the true gradients
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                if scaler is None:
+                    optimizer.step()
                     scheduler.step()
-                _stop_if_scaler_gave_up(scale, step + 1, config)
-            optimizer.zero_grad(set_to_none=True)
+                else:  # a step with inf/nan gradients is skipped and lowers the scale; the schedule waits, as in Trainer
+                    before = scaler.get_scale()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scale = scaler.get_scale()  # (each read waits for the device: once a step, used twice)
+                    if scale >= before:
+                        scheduler.step()
+                    _stop_if_scaler_gave_up(scale, step + 1, config)
+                optimizer.zero_grad(set_to_none=True)
             plan_checks.after_step()
             steps_interval += 1
             done = step + 1
@@ -399,7 +426,7 @@ def run(plan: Plan, console=None) -> dict:
                     "step": done,
                     "epoch": round(done / per_epoch, 4),
                     "loss": float(loss_interval) / steps_interval,
-                    "lr": lr,
+                    "lr": float(lr),  # (a tensor under --cuda-graph)
                     "tokens_per_s": tokens_interval / (now - t_interval),
                     "tokens": tokens_interval,  # (non-padding; weighs this row's expert load in the run's)
                     # (the first steps' peaks too, which the plan's checks took out of the device's statistics)
@@ -427,11 +454,11 @@ def run(plan: Plan, console=None) -> dict:
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,
-                   checkpoint_plan, saving_s)
+                   checkpoint_plan, saving_s, first_replayed)
 
 
 def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens,
-            checkpoint_plan=None, saving_s: float = 0.0) -> dict:
+            checkpoint_plan=None, saving_s: float = 0.0, first_replayed: int | None = None) -> dict:
     from .plots import plot_expert_load, plot_loss
 
     config = plan.config
@@ -463,6 +490,8 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         # its size (on CUDA triton only from its measured threshold up).
         "moe_backend": plan.backend,
         "moe_backend_why": plan.backend_why,
+        # --cuda-graph: the first step of this session replayed from the recorded graph (None: every step ran eagerly)
+        "cuda_graph_first_replayed_step": first_replayed,
         "train_seconds_this_session": round(elapsed, 2),  # wall time, checkpoints' writing included
         "checkpoint_seconds_this_session": round(saving_s, 2),
         "tokens_per_s_this_session": round(tokens / (elapsed - saving_s), 1) if elapsed > saving_s else None,

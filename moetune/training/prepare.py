@@ -180,6 +180,8 @@ def prepare(config: TrainConfig) -> Plan:
     dtype = _dtype(config.dtype, device)
     backend, why = select_backend(device, dtype, explain=True)  # a bad MOETUNE_MOE_BACKEND fails here
     _check_optimizer(config.optim, device, dtype, config.train_router)
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph: records the step on a CUDA GPU, but the device is {device}")
     if config.model is None:
         model_dir, source = None, DEMO_DIR
         model_config = _model_config(DEMO_DIR)

@@ -272,3 +272,22 @@ def test_a_template_that_raises_on_trls_probes_keeps_the_prefix_rule(tmp_path):
     tok = family_tokenizer("qwen3", chat_template=template)
     assert data.training_template(tok) is None
     assert trained_text(tok, load_one(tmp_path, tok, {"messages": TWO_TURNS})) == "5.<|im_end|>\n7.<|im_end|>\n"
+
+
+def test_collate_fixed_is_collate_padded_to_a_fixed_shape_without_a_mask():
+    """--cuda-graph's batches: collate's rows, right-padded to the given length, missing rows all padding; no
+    attention_mask (the causal mask keeps right padding out of every real token's attention)."""
+    units = [[data.Example(input_ids=[5, 6, 7], labels=[data.IGNORE, 6, 7])],
+             [data.Example(input_ids=[8, 9], labels=[8, 9])]]
+    loose = data.collate(units, pad_id=0, packed=False)
+    fixed = data.collate_fixed(units, pad_id=0, rows=3, length=5)
+    assert set(fixed) == {"input_ids", "labels", "token_mask"}
+    for name in fixed:
+        assert fixed[name].shape == (3, 5)
+        assert torch.equal(fixed[name][:2, :3], loose[name])
+    assert (fixed["input_ids"][:, 3:] == 0).all() and (fixed["labels"][2] == data.IGNORE).all()
+    assert not fixed["token_mask"][:, 3:].any() and not fixed["token_mask"][2].any()
+    with pytest.raises(ValueError, match="units: expected at most 1 rows of one example each"):
+        data.collate_fixed(units, pad_id=0, rows=1, length=5)
+    with pytest.raises(ValueError, match="units: a row of 3 tokens does not fit in 2"):
+        data.collate_fixed(units, pad_id=0, rows=2, length=2)

@@ -1,0 +1,97 @@
+"""moetune train's step under --cuda-graph: fixed input buffers, eager first steps, then one capture and replays.
+
+    step = GraphedStep(peft_model, optimizer, params, load, config, device, pad_id)
+    step.fill(units_of_each_micro_batch)                # the step's batches copied into the buffers
+    loss_sum = step.run(capture=ready)                  # eager (side stream) until ready, then captured once, replayed
+
+Every micro-batch is data.collate_fixed's [batch_size, max_seq_length] (right padding, no attention mask), and a
+step always runs grad_accum of them (a short last step's missing ones are all padding: every label ignored, so they
+add nothing to the loss, which is divided by the step's real labels, nor to the gradients). The buffers, the label
+count and the learning rate (a tensor the schedule fills) are what a replay reads; clipping and the optimizer step
+are inside the graph. Why a graph, and what a captured step must be: cuda_graph.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import data as data_mod
+from .cuda_graph import capture_step, without_rng_state
+
+__all__ = ["GraphedStep", "lr_as_tensor", "lr_as_float"]
+
+
+def lr_as_tensor(optimizer, device) -> None:
+    """Each group's learning rate as a one-element float32 tensor on `device`, which the schedule fills in place and a
+    replayed optimizer step reads (a float would be recorded as the value it had at the capture)."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def lr_as_float(optimizer) -> None:
+    """Each group's learning rate as a float: a checkpoint written under --cuda-graph holds tensors, which an eager
+    run's optimizers either refuse or read on the host at every step."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+
+
+class GraphedStep:
+    def __init__(self, model, optimizer, params: list, load, config, device: torch.device, pad_id: int):
+        without_rng_state(model)  # before any step: the checkpoints' recompute keeps no RNG state (no dropout)
+        self.model, self.optimizer, self.params, self.load = model, optimizer, params, load
+        self.max_grad_norm = config.max_grad_norm
+        self.rows, self.length, self.pad_id = config.batch_size, config.max_seq_length, pad_id
+        shape = (config.batch_size, config.max_seq_length)
+        self.inputs = [{"input_ids": torch.zeros(shape, dtype=torch.long, device=device),
+                        "labels": torch.zeros(shape, dtype=torch.long, device=device),
+                        "token_mask": torch.zeros(shape, dtype=torch.bool, device=device)}
+                       for _ in range(config.grad_accum)]
+        self.num_items = torch.zeros((), dtype=torch.long, device=device)  # transformers' num_items_in_batch
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.replay = None
+
+    def fill(self, micro_batches: list[list]) -> int:
+        """Copy one step's micro-batches (each a list of units) into the buffers; returns its real tokens."""
+        if len(micro_batches) > len(self.inputs):
+            raise ValueError(f"micro_batches: expected at most {len(self.inputs)}, got {len(micro_batches)}")
+        batches = [data_mod.collate_fixed(micro_batches[i] if i < len(micro_batches) else [], self.pad_id, self.rows,
+                                          self.length) for i in range(len(self.inputs))]
+        for inputs, batch in zip(self.inputs, batches):
+            for name, buffer in inputs.items():
+                # pinned: an asynchronous copy (torch keeps the pinned block until the copy is done)
+                buffer.copy_(batch[name].pin_memory() if buffer.is_cuda else batch[name], non_blocking=True)
+        self.num_items.fill_(sum(int((b["labels"] != data_mod.IGNORE).sum()) for b in batches))
+        return sum(int(b["token_mask"].sum()) for b in batches)
+
+    def _step(self) -> torch.Tensor:
+        total = None
+        for inputs in self.inputs:
+            self.load.token_mask = inputs["token_mask"].view(-1)
+            loss = self.model(input_ids=inputs["input_ids"], labels=inputs["labels"], num_items_in_batch=self.num_items,
+                              use_cache=False).loss
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            del loss  # its graph, and what its nodes hold, would live into the next micro-batch's forward
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def run(self, capture: bool) -> torch.Tensor:
+        """One step on the buffers' batches; returns the sum of its micro-batches' losses (on the device). capture:
+        record the step now (once; it must have run eagerly before) and replay it from here on."""
+        if self.replay is None and capture:
+            self.replay = capture_step(self._step, warmup=0)  # the eager steps on the side stream were its warm-up
+        if self.replay is not None:
+            return self.replay()
+        if self.side is None:
+            return self._step()
+        # Eager steps on a side stream, as torch's recipe warms up what a capture will record (libraries that set
+        # themselves up at a first call on a stream do it here, not inside the capture).
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss = self._step()
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss
