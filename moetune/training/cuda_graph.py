@@ -42,6 +42,10 @@ def without_rng_state(model: torch.nn.Module) -> None:
         if isinstance(rate, (int, float)) and rate > 0:
             raise ValueError(f"model: a CUDA graph step needs no dropout (a recompute without the RNG state draws "
                              f"other masks), got {type(module).__name__} with {rate}")
+        jitter = getattr(module, "jitter_noise", 0.0)  # Mixtral's router_jitter_noise: noise on the router's input
+        if isinstance(jitter, (int, float)) and jitter > 0:
+            raise ValueError(f"model: a CUDA graph step needs no router jitter (a recompute without the RNG state "
+                             f"draws other noise and may route otherwise), got {type(module).__name__} with {jitter}")
         func = module.__dict__.get("_gradient_checkpointing_func")
         if isinstance(func, functools.partial):
             module._gradient_checkpointing_func = functools.partial(

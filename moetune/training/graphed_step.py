@@ -15,23 +15,29 @@ from __future__ import annotations
 
 import torch
 
+from ..messages import first_line
 from . import data as data_mod
 from .cuda_graph import capture_step, without_rng_state
 
-__all__ = ["GraphedStep", "lr_as_tensor", "lr_as_float"]
+__all__ = ["GraphedStep", "for_graph", "for_eager"]
 
 
-def lr_as_tensor(optimizer, device) -> None:
-    """Each group's learning rate as a one-element float32 tensor on `device`, which the schedule fills in place and a
-    replayed optimizer step reads (a float would be recorded as the value it had at the capture)."""
+def for_graph(optimizer, device) -> None:
+    """Each group capturable (step counts and bias corrections on the device), its learning rate a one-element
+    float32 tensor on `device`, which the schedule fills in place and a replayed step reads (a float would be
+    recorded as the value it had at the capture). After a checkpoint is loaded too: torch's load_state_dict takes the
+    saved groups' capturable and lr (an eager run's False and float)."""
     for group in optimizer.param_groups:
+        group["capturable"] = True
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
-def lr_as_float(optimizer) -> None:
-    """Each group's learning rate as a float: a checkpoint written under --cuda-graph holds tensors, which an eager
-    run's optimizers either refuse or read on the host at every step."""
+def for_eager(optimizer) -> None:
+    """Each group's learning rate a float and capturable off: a checkpoint written under --cuda-graph holds tensors
+    and capturable groups, which an eager run would read on the host each step or step on the slower capturable
+    path."""
     for group in optimizer.param_groups:
+        group["capturable"] = False
         if isinstance(group["lr"], torch.Tensor):
             group["lr"] = float(group["lr"])
 
@@ -83,7 +89,11 @@ class GraphedStep:
         """One step on the buffers' batches; returns the sum of its micro-batches' losses (on the device). capture:
         record the step now (once; it must have run eagerly before) and replay it from here on."""
         if self.replay is None and capture:
-            self.replay = capture_step(self._step, warmup=0)  # the eager steps on the side stream were its warm-up
+            try:
+                self.replay = capture_step(self._step, warmup=0)  # the eager steps on the side stream were its warm-up
+            except RuntimeError as err:  # something in the step reads a result on the host, or cannot be recorded
+                raise RuntimeError(f"--cuda-graph: the training step could not be recorded as a CUDA graph "
+                                   f"({first_line(err)}); run without --cuda-graph") from err
         if self.replay is not None:
             return self.replay()
         if self.side is None:

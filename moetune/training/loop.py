@@ -116,7 +116,7 @@ def make_optimizer(params, config):
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
     # a step captured as a CUDA graph (--cuda-graph; benchmarks/train_step.py's config says capturable): step counts
-    # and bias corrections on the device, the learning rate a tensor there (graphed_step.lr_as_tensor)
+    # and bias corrections on the device, the learning rate a tensor there (graphed_step.for_graph)
     if getattr(config, "capturable", False) or getattr(config, "cuda_graph", False):
         kwargs["capturable"] = True
     if config.optim == "adamw_8bit":
@@ -346,10 +346,10 @@ def run(plan: Plan, console=None) -> dict:
         if start > total:  # nothing written yet: the run would report steps it did not take back
             raise ValueError(f"--max-steps: this run ends at step {total} (--max-steps or --epochs), before the step "
                              f"of the checkpoint it resumes ({start}); ask for at least {start} steps")
-    from .graphed_step import GraphedStep, lr_as_float, lr_as_tensor
+    from .graphed_step import GraphedStep, for_eager, for_graph
 
-    # After the schedule is made (its base rates stay floats) and a checkpoint loaded (either kind of rate in it)
-    lr_as_tensor(optimizer, device) if config.cuda_graph else lr_as_float(optimizer)
+    # After the schedule is made (its base rates stay floats) and a checkpoint loaded (written either way)
+    for_graph(optimizer, device) if config.cuda_graph else for_eager(optimizer)
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path, start if plan.resume_from else None)
     load = ExpertLoad(find_experts(base_model, spec), device)
@@ -360,7 +360,10 @@ def run(plan: Plan, console=None) -> dict:
 
     plan_checks = StepChecks(peft_model, checkpoint_plan, device)  # the first real steps against the plan's budget
     graphed = GraphedStep(peft_model, optimizer, params, load, config, device, pad_id) if config.cuda_graph else None
-    eager_steps = 0  # this session's (a graph is captured after two, and once the plan's checks are over)
+    # Eager steps since the memory plan or an autotuned pick last changed: a graph is captured after two (and once the
+    # plan's checks are over), so that nothing it records runs for the first time inside the capture.
+    eager_steps = 0
+    from ..kernels import autotune
     first_replayed = None  # the step number of the first replayed step
 
     peft_model.train()
@@ -382,8 +385,9 @@ def run(plan: Plan, console=None) -> dict:
                 epoch_of_plan = epoch
             if graphed is not None:
                 tokens_interval += graphed.fill([[units[i] for i in mb] for mb in epoch_plan[index]])
+                tunings = autotune.tunings()
                 loss_interval += graphed.run(capture=eager_steps >= 2 and plan_checks.done)
-                eager_steps += graphed.replay is None
+                eager_steps = 0 if autotune.tunings() != tunings else eager_steps + (graphed.replay is None)
                 if graphed.replay is not None and first_replayed is None:
                     first_replayed = step + 1
                 lr = scheduler.get_last_lr()[0]
@@ -417,7 +421,8 @@ def run(plan: Plan, console=None) -> dict:
                         scheduler.step()
                     _stop_if_scaler_gave_up(scale, step + 1, config)
                 optimizer.zero_grad(set_to_none=True)
-            plan_checks.after_step()
+            if plan_checks.after_step():
+                eager_steps = 0  # the next steps run another plan
             steps_interval += 1
             done = step + 1
             if done % config.logging_steps == 0 or done == total:

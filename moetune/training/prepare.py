@@ -180,14 +180,17 @@ def prepare(config: TrainConfig) -> Plan:
     dtype = _dtype(config.dtype, device)
     backend, why = select_backend(device, dtype, explain=True)  # a bad MOETUNE_MOE_BACKEND fails here
     _check_optimizer(config.optim, device, dtype, config.train_router)
-    if config.cuda_graph and device.type != "cuda":
-        raise ValueError(f"--cuda-graph: records the step on a CUDA GPU, but the device is {device}")
     if config.model is None:
         model_dir, source = None, DEMO_DIR
         model_config = _model_config(DEMO_DIR)
     else:
         model_dir = source = config.model
         model_config = _model_config(model_dir)
+    if config.cuda_graph and _language_setting(model_config, "output_router_logits"):
+        raise ValueError("--cuda-graph: not with a model whose config sets output_router_logits (its router aux loss "
+                         "needs the padding mask, which the graph's batches do not have); or leave out --cuda-graph")
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph: records the step on a CUDA GPU, but the device is {device}")
     limit = _language_setting(model_config, "max_position_embeddings")
     if limit is not None and config.max_seq_length > limit:
         raise ValueError(f"--max-seq-length: {config.max_seq_length} is longer than the model allows ({limit} positions)")

@@ -12,7 +12,7 @@ import torch
 
 from moetune.training import graphed_step
 from moetune.training.config import TrainConfig, validate
-from moetune.training.graphed_step import lr_as_float, lr_as_tensor
+from moetune.training.graphed_step import for_eager, for_graph
 from moetune.training.loop import run
 from moetune.training.prepare import prepare
 
@@ -84,29 +84,92 @@ def test_padded_batches_without_a_mask_train_as_the_eager_loop_and_the_graph_com
         assert (weights[1][name] - value).norm() <= 1e-2 * value.norm(), name
 
 
-def test_a_checkpoint_written_under_the_graph_resumes_eagerly_and_back(tmp_path, monkeypatch):
-    """The learning rate is a tensor in the graphed run's checkpoint; an eager resume takes it as a float, and a
-    graphed resume of an eager checkpoint as a tensor again: both continue the uninterrupted run's schedule."""
-    monkeypatch.setattr(graphed_step, "capture_step", lambda step, warmup: lambda: step().clone())
-    settings = dict(SETTINGS, data=_nine_records(tmp_path), max_grad_norm=0, save_steps=3)
-    _, whole = _train(tmp_path / "whole", False, max_steps=6, **settings)
+def _capturable(optimizer) -> list[bool]:
+    """Each group's capturable, and each of the step in backward's chunk optimizers' groups (the ones that step)."""
+    groups = list(optimizer.param_groups)
+    for _, inner, _ in getattr(optimizer, "_chunks", ()):
+        groups += inner.param_groups
+    return [bool(g.get("capturable")) for g in groups]
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_a_checkpoint_written_under_the_graph_resumes_eagerly_and_back(tmp_path, monkeypatch, step_in_backward):
+    """The graphed run's checkpoint holds a tensor learning rate and capturable groups; an eager resume takes a float
+    and capturable off, a graphed resume of an eager checkpoint a tensor and capturable on again (torch's
+    load_state_dict takes the saved groups' settings): at the capture every group the graph records is capturable,
+    and both continue the uninterrupted run's schedule and losses."""
+    at_capture = []
+
+    def fake_capture(step, warmup):
+        at_capture.append(_capturable(step.__self__.optimizer))
+        return lambda: step().clone()
+
+    monkeypatch.setattr(graphed_step, "capture_step", fake_capture)
+    settings = dict(SETTINGS, data=_nine_records(tmp_path), max_grad_norm=0, save_steps=3, grad_accum=1,
+                    step_in_backward=step_in_backward)
+    _, whole = _train(tmp_path / "whole", False, max_steps=7, **settings)
     for first, then in ((True, False), (False, True)):
         out = tmp_path / f"cut-{first}"
         _train(out, first, max_steps=3, **settings)
-        _, resumed = _train(out, then, max_steps=6, resume=True, **settings)
-        assert [r["step"] for r in resumed] == list(range(1, 7))
+        _, resumed = _train(out, then, max_steps=7, resume=True, **settings)
+        assert [r["step"] for r in resumed] == list(range(1, 8))
         _close(resumed, whole, "lr", 1e-7)
         _close(resumed, whole, "loss", 1e-4)
+    assert len(at_capture) == 2 and all(flags and all(flags) for flags in at_capture)
 
 
-def test_lr_as_tensor_and_back():
+def test_for_graph_and_back():
+    """for_graph: capturable groups with float32 device-tensor rates (what torch's load_state_dict took from an eager
+    checkpoint is replaced); for_eager: floats and capturable off."""
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
-    optimizer = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], lr=0.25)
-    lr_as_tensor(optimizer, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], lr=0.25, capturable=True)
+    optimizer.load_state_dict(torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}],
+                                                lr=0.25).state_dict())
+    assert not any(g["capturable"] for g in optimizer.param_groups)  # torch took the saved groups' setting
+    for_graph(optimizer, torch.device("cpu"))
     assert all(isinstance(g["lr"], torch.Tensor) and g["lr"].dtype == torch.float32 for g in optimizer.param_groups)
     assert [float(g["lr"]) for g in optimizer.param_groups] == [0.25, 0.5]
-    lr_as_float(optimizer)
+    assert all(g["capturable"] for g in optimizer.param_groups)
+    for_eager(optimizer)
     assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.5]
+    assert not any(g["capturable"] for g in optimizer.param_groups)
+
+
+def test_a_model_whose_router_aux_loss_needs_the_mask_is_refused(tmp_path, capsys):
+    """output_router_logits in the model's config: transformers' load-balancing loss leaves the padding out through
+    the attention mask, which the graph's batches do not carry."""
+    from moetune.training.prepare import DEMO_DIR
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in os.listdir(DEMO_DIR):
+        if name != "data.jsonl":
+            (model / name).write_bytes(open(os.path.join(DEMO_DIR, name), "rb").read())
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "output_router_logits": True}))
+    code, _, stderr = run_cli(capsys, "train", "--model", model, "--output-dir", tmp_path / "out", "--cuda-graph")
+    assert code == 2 and "--cuda-graph: not with a model whose config sets output_router_logits" in stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_router_jitter_is_refused_like_dropout():
+    from moetune.training.cuda_graph import without_rng_state
+
+    block = torch.nn.Module()
+    block.jitter_noise = 0.01
+    with pytest.raises(ValueError, match="needs no router jitter"):
+        without_rng_state(torch.nn.Sequential(block))
+
+
+def test_a_failed_capture_names_the_flag(monkeypatch):
+    def failing_capture(step, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(graphed_step, "capture_step", failing_capture)
+    step = graphed_step.GraphedStep(torch.nn.Linear(1, 1), None, [], None, TrainConfig(), torch.device("cpu"), pad_id=0)
+    with pytest.raises(RuntimeError, match=r"^--cuda-graph: the training step could not be recorded as a CUDA graph "
+                                           r"\(operation not permitted when stream is capturing\); run without"):
+        step.run(capture=True)
 
 
 def test_fill_pads_every_micro_batch_and_counts_the_real_labels(tmp_path):
