@@ -13,6 +13,8 @@ are inside the graph. Why a graph, and what a captured step must be: cuda_graph.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..messages import first_line
@@ -96,12 +98,15 @@ class GraphedStep:
                                    f"({first_line(err)}); run without --cuda-graph") from err
         if self.replay is not None:
             return self.replay()
-        if self.side is None:
-            return self._step()
-        # Eager steps on a side stream, as torch's recipe warms up what a capture will record (libraries that set
-        # themselves up at a first call on a stream do it here, not inside the capture).
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            loss = self._step()
-        torch.cuda.current_stream().wait_stream(self.side)
-        return loss
+        with warnings.catch_warnings():
+            # torch's optimizers warn that a capturable one steps eagerly: here on purpose, before the capture
+            warnings.filterwarnings("ignore", message=".*capturable=True.*without .* graph capture", category=UserWarning)
+            if self.side is None:
+                return self._step()
+            # Eager steps on a side stream, as torch's recipe warms up what a capture will record (libraries that set
+            # themselves up at a first call on a stream do it here, not inside the capture).
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                loss = self._step()
+            torch.cuda.current_stream().wait_stream(self.side)
+            return loss
