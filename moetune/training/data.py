@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from jinja2 import TemplateError
 
-__all__ = ["Example", "load_examples", "stop_token_note", "training_template", "make_units", "epoch_steps", "collate", "collate_fixed",
-           "IGNORE"]
+__all__ = ["Example", "load_examples", "stop_token_note", "training_template", "make_units", "epoch_steps", "collate",
+           "collate_fixed", "IGNORE"]
 
 IGNORE = -100
 FORMATS = {"text": ("text",), "messages": ("messages",), "instruction": ("instruction", "output")}

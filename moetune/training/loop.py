@@ -346,6 +346,7 @@ def run(plan: Plan, console=None) -> dict:
         if start > total:  # nothing written yet: the run would report steps it did not take back
             raise ValueError(f"--max-steps: this run ends at step {total} (--max-steps or --epochs), before the step "
                              f"of the checkpoint it resumes ({start}); ask for at least {start} steps")
+    from ..kernels import autotune
     from .graphed_step import GraphedStep, for_eager, for_graph
 
     # After the schedule is made (its base rates stay floats) and a checkpoint loaded (written either way)
@@ -363,7 +364,6 @@ def run(plan: Plan, console=None) -> dict:
     # Eager steps since the memory plan or an autotuned pick last changed: a graph is captured after two (and once the
     # plan's checks are over), so that nothing it records runs for the first time inside the capture.
     eager_steps = 0
-    from ..kernels import autotune
     first_replayed = None  # the step number of the first replayed step
 
     peft_model.train()
