@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["capture_step", "eager_masks", "without_rng_state"]
+__all__ = ["capture_step", "eager_masks", "on_side_stream", "without_rng_state"]
 
 
 def without_rng_state(model: torch.nn.Module) -> None:
@@ -70,6 +70,18 @@ def eager_masks():
         masking_utils.is_tracing, masking_utils.find_packed_sequence_indices = saved
 
 
+def on_side_stream(run: Callable, side: torch.cuda.Stream | None = None):
+    """run() on a side stream, after the work queued on the current stream and before what is queued there next:
+    torch's recipe for the eager steps before a capture (libraries that set themselves up at a first call on a
+    stream do it there, not inside the capture). Returns what run returns."""
+    side = torch.cuda.Stream() if side is None else side
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = run()
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
 def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[[], torch.Tensor]:
     """step() recorded as one CUDA graph; returns replay(), which runs it again and returns a copy of the loss it
     produced. step must leave no gradient behind (zero_grad(set_to_none=True) at its end, or the step in backward),
@@ -80,12 +92,8 @@ def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[
         raise ValueError(f"warmup: expected an integer >= 0, got {warmup!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step: CUDA graphs need a CUDA GPU")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), eager_masks():
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    with eager_masks():
+        on_side_stream(lambda: [step() for _ in range(warmup)])
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the eager steps' cached blocks, for the graph's private pool to take
     graph = torch.cuda.CUDAGraph()

@@ -19,7 +19,7 @@ import torch
 
 from ..messages import first_line
 from . import data as data_mod
-from .cuda_graph import capture_step, without_rng_state
+from .cuda_graph import capture_step, on_side_stream, without_rng_state
 
 __all__ = ["GraphedStep", "for_graph", "for_eager"]
 
@@ -101,12 +101,5 @@ class GraphedStep:
         with warnings.catch_warnings():
             # torch's optimizers warn that a capturable one steps eagerly: here on purpose, before the capture
             warnings.filterwarnings("ignore", message=".*capturable=True.*without .* graph capture", category=UserWarning)
-            if self.side is None:
-                return self._step()
-            # Eager steps on a side stream, as torch's recipe warms up what a capture will record (libraries that set
-            # themselves up at a first call on a stream do it here, not inside the capture).
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                loss = self._step()
-            torch.cuda.current_stream().wait_stream(self.side)
-            return loss
+            # (on a side stream, the eager steps the capture's warm-up would otherwise repeat on the same batch)
+            return self._step() if self.side is None else on_side_stream(self._step, self.side)

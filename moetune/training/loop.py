@@ -115,9 +115,9 @@ def make_optimizer(params, config):
     params = list(params)
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
-    # a step captured as a CUDA graph (--cuda-graph; benchmarks/train_step.py's config says capturable): step counts
-    # and bias corrections on the device, the learning rate a tensor there (graphed_step.for_graph)
-    if getattr(config, "capturable", False) or getattr(config, "cuda_graph", False):
+    # a step captured as a CUDA graph (benchmarks/train_step.py --cuda-graph on; moetune train's --cuda-graph sets
+    # its groups after any checkpoint loads, graphed_step.for_graph): step counts and corrections on the device
+    if getattr(config, "capturable", False):
         kwargs["capturable"] = True
     if config.optim == "adamw_8bit":
         import bitsandbytes  # checked importable, with a CUDA device, by prepare._check_optimizer
