@@ -341,14 +341,15 @@ def epoch_steps(num_units: int, batch_size: int, grad_accum: int, seed: int, epo
     return [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]
 
 
-def collate(units: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+def collate(units: list[list[Example]], pad_id: int, packed: bool, boundaries: bool = False) -> dict:
     """Right-padded tensors. Unpacked rows get an attention_mask where any row is padded (none where no row is:
     transformers then knows the mask is plain causal without looking at a tensor on the GPU, and gpt-oss's
     full-attention layers can leave flex attention, moetune/models/fast_sinks.py); packed rows get position_ids that
     restart at every example, from which transformers builds a block-diagonal causal mask (no cross-example
-    attention)."""
+    attention), and with `boundaries` also the examples' offsets for the varlen attention that needs no mask
+    (moetune/models/packed_attention.py; each row's padding a segment of its own)."""
     length = max(sum(len(e.input_ids) for e in unit) for unit in units)
-    ids, labels, positions, mask = [], [], [], []
+    ids, labels, positions, mask, segments = [], [], [], [], []
     for unit in units:
         row_ids, row_labels, row_pos = [], [], []
         for e in unit:
@@ -361,9 +362,14 @@ def collate(units: list[list[Example]], pad_id: int, packed: bool) -> dict[str, 
         ids.append(row_ids + [pad_id] * pad)
         labels.append(row_labels + [IGNORE] * pad)
         positions.append(row_pos + list(range(pad)))  # padding is a segment of its own
+        segments.append([len(e.input_ids) for e in unit] + ([pad] if pad else []))
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
     if packed:
         batch["position_ids"] = torch.tensor(positions)
+        if boundaries:
+            from ..models.packed_attention import boundaries as segment_offsets
+
+            batch.update(segment_offsets(segments, length))
     elif any(0 in row for row in mask):
         batch["attention_mask"] = torch.tensor(mask)
     batch["token_mask"] = torch.tensor(mask, dtype=torch.bool)

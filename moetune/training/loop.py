@@ -280,6 +280,11 @@ def run(plan: Plan, console=None) -> dict:
     try:  # the model and its LoRA set-up load (or fail on bad input) before anything is written
         base_model, peft_model = _build_model(plan, model_dir)
         scaler = _loss_scaler(plan, [p for p in peft_model.parameters() if p.requires_grad])
+        # Packed rows through varlen attention, with no [T, T] mask, where this GPU and model allow (before the
+        # memory plan, which measures this path)
+        from ..models import packed_attention
+
+        packed_varlen = config.packing and packed_attention.use_for(base_model, device, plan.dtype)
         if config.cuda_graph:  # (before anything is written: a model with dropout is refused here)
             from .cuda_graph import without_rng_state
 
@@ -393,13 +398,15 @@ def run(plan: Plan, console=None) -> dict:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
             else:
-                batches = [data_mod.collate([units[i] for i in mb], pad_id, config.packing) for mb in epoch_plan[index]]
+                batches = [data_mod.collate([units[i] for i in mb], pad_id, config.packing, packed_varlen)
+                           for mb in epoch_plan[index]]
                 num_labels = sum(int((b["labels"] != data_mod.IGNORE).sum()) for b in batches)
                 for batch in batches:
                     token_mask = batch.pop("token_mask")
                     tokens_interval += int(token_mask.sum())
                     load.token_mask = token_mask.reshape(-1).to(device, non_blocking=True)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                             for k, v in batch.items()}  # (varlen's longest segment is an int)
                     loss = peft_model(**batch, num_items_in_batch=num_labels, use_cache=False).loss
                     (loss if scaler is None else scaler.scale(loss)).backward()
                     loss_interval += loss.detach()
@@ -459,11 +466,12 @@ def run(plan: Plan, console=None) -> dict:
             progress.update(task, completed=done)
     elapsed = time.perf_counter() - t_start
     return _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens_total,
-                   checkpoint_plan, saving_s, first_replayed)
+                   checkpoint_plan, saving_s, first_replayed, base_model.config._attn_implementation)
 
 
 def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, start, elapsed, tokens,
-            checkpoint_plan=None, saving_s: float = 0.0, first_replayed: int | None = None) -> dict:
+            checkpoint_plan=None, saving_s: float = 0.0, first_replayed: int | None = None,
+            attention: str | None = None) -> dict:
     from .plots import plot_expert_load, plot_loss
 
     config = plan.config
@@ -495,6 +503,7 @@ def _finish(plan, peft_model, load, metrics_path, model_dir, total, per_epoch, s
         # its size (on CUDA triton only from its measured threshold up).
         "moe_backend": plan.backend,
         "moe_backend_why": plan.backend_why,
+        "attention": attention,  # the model's attention implementation (moetune_packed_varlen: --packing, no mask)
         # --cuda-graph: the first step of this session replayed from the recorded graph (None: every step ran eagerly)
         "cuda_graph_first_replayed_step": first_replayed,
         "train_seconds_this_session": round(elapsed, 2),  # wall time, checkpoints' writing included

@@ -168,3 +168,17 @@ def logits_and_lora_grads(model, ids):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, [dict(model.named_parameters())[n] for n in names])
     return out.logits, dict(zip(names, grads))
+
+
+def stand_in_varlen(query, key, value, cu_seq, max_len, scale, window):
+    """packed_attention.kernel's contract, for CPU (torch's varlen kernel is CUDA only): causal attention within
+    each segment of the rows laid end to end."""
+    out = query.new_empty(*query.shape[:2], value.shape[-1])
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    offsets = cu_seq.tolist()
+    assert max_len == max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+    return out

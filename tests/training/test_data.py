@@ -67,6 +67,16 @@ def test_packing_fills_rows_and_restarts_positions():
     assert "attention_mask" not in batch
 
 
+def test_packed_rows_carry_their_examples_offsets_for_varlen_attention():
+    examples = [data.Example([5, 6, 7], [5, 6, 7]), data.Example([8, 9], [8, 9]), data.Example([10, 11, 12, 13], [10, 11, 12, 13])]
+    units = data.make_units(examples, max_seq_length=6, packing=True)
+    batch = data.collate(units, pad_id=0, packed=True, boundaries=True)
+    # rows of 5 laid end to end: 3 + 2 | 4 + one padding token, a segment of its own
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10] and batch["max_length_q"] == 4
+    assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"] and batch["max_length_k"] == 4
+    assert "cu_seq_lens_q" not in data.collate(units, pad_id=0, packed=True)
+
+
 def test_unpacked_rows_get_an_attention_mask_only_where_one_is_padded():
     short, long = data.Example([5, 6], [5, 6]), data.Example([7, 8, 9], [7, 8, 9])
     padded = data.collate([[short], [long]], pad_id=0, packed=False)

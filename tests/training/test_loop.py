@@ -477,3 +477,27 @@ def test_a_step_leaves_nothing_of_its_graph_to_the_next_one(tmp_path, capsys, mo
                               "--checkpoint-layers", 0)
     assert code == 0, stderr
     assert len(alive) >= 5 and not any(alive)
+
+
+def test_packed_rows_train_as_with_the_mask_through_varlen_attention(tmp_path, capsys, monkeypatch):
+    """--packing where varlen attention is usable (a CUDA GPU: here forced, with the kernel's CPU stand-in) trains
+    step for step as transformers' block-diagonal mask does, through the checkpointed layers and the memory plan."""
+    from moetune.models import packed_attention
+
+    from ..models.helpers import stand_in_varlen
+    from .helpers import metrics, summary
+
+    args = ("train", "--max-steps", 3, "--packing", "--batch-size", 2, "--max-seq-length", 96,
+            "--checkpoint-layers", "auto")
+    code, _, stderr = run_cli(capsys, *args, "--output-dir", tmp_path / "mask")
+    assert code == 0, stderr
+    calls = []
+    monkeypatch.setattr(packed_attention, "usable", lambda *args: True)
+    monkeypatch.setattr(packed_attention, "kernel", lambda *args: calls.append(args[3]) or stand_in_varlen(*args))
+    code, _, stderr = run_cli(capsys, *args, "--output-dir", tmp_path / "varlen")
+    assert code == 0, stderr
+    assert summary(tmp_path / "mask")["attention"] == "sdpa"
+    assert summary(tmp_path / "varlen")["attention"] == packed_attention.NAME
+    assert any(len(cu) > 3 for cu in calls)  # rows of several examples: 2 rows and more than one segment
+    want, got = ([r["loss"] for r in metrics(tmp_path / run)] for run in ("mask", "varlen"))
+    assert got == pytest.approx(want, rel=1e-5)

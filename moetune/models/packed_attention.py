@@ -1,0 +1,155 @@
+"""Packed rows' attention without a [T, T] mask: torch's variable-length flash attention over each example.
+
+With `--packing` a row holds several examples, whose tokens must not attend to each other's. transformers turns the
+position_ids that restart at every example into an explicit block-diagonal mask [B, 1, T, T]
+(masking_utils.find_packed_sequence_indices, then sdpa_mask): 1 GiB of bool at 32K tokens (twice that once sdpa
+makes it additive), O(T^2) where the rest of the step is O(T), and sdpa serves an explicit mask only with its
+memory-efficient or math kernels (backward ~40 TFLOP/s at head dim 256 on an H100, against ~370 for the causal
+cuDNN kernel: NOTES, run 62b). torch's `varlen_attn` (flash attention over concatenated sequences given their
+cumulative offsets) takes the examples' boundaries instead: O(T) memory, and no work on the blocks between examples.
+
+moetune registers it with transformers' attention interface as NAME and, on purpose, not with the mask interface:
+for an attention function without a mask builder transformers builds no mask at all (masking_utils'
+`_preprocess_mask_arguments` exits early), so neither the [T, T] mask nor the host sync of the packed-sequence
+detection happens. The boundaries come as transformers' flash-attention keyword arguments (`cu_seq_lens_q/k`,
+`max_length_q/k`), which every decoder layer passes on to its attention function; `moetune train --packing` puts
+them in each batch (training/data.py `collate`). A call without them (the memory plan's probe, a plain forward)
+treats each row as one causal sequence, as sdpa with no mask does.
+
+Used for `--packing` on CUDA GPUs of compute capability 8.0 or newer, in bf16 or fp16, where the model would run
+"sdpa" (gpt-oss keeps flex attention: its sinks are not in flash attention) and torch has `varlen_attn`; elsewhere
+packed rows keep transformers' mask. Not for generation: a key/value cache or a query shorter than its keys is
+refused. Checkpointed layers recompute this attention (kept_attention.py keeps sdpa's kernels' outputs only).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = ["NAME", "boundaries", "packed_attention_forward", "register", "usable", "use_for"]
+
+NAME = "moetune_packed_varlen"
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 256  # flash attention's largest head dim
+
+
+def _varlen():
+    """torch's varlen_attn, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _parameters() -> frozenset[str]:
+    function = _varlen()
+    return frozenset() if function is None else frozenset(inspect.signature(function).parameters)
+
+
+def kernel(query, key, value, cu_seq, max_len: int, scale: float, window: int | None) -> torch.Tensor:
+    """Causal attention within each sequence of `cu_seq` (offsets into the rows of query [N, Hq, D] and of key and
+    value [N, Hkv, D]): torch's varlen_attn, whose keyword arguments changed between torch versions (`is_causal` in
+    the first, `window_size` since; `enable_gqa` in later ones). Tests put a stand-in here: torch has no CPU kernel."""
+    function, names = _varlen(), _parameters()
+    kwargs = {}
+    if "window_size" in names:
+        kwargs["window_size"] = (-1 if window is None else window - 1, 0)
+    else:  # usable() refuses sliding windows on such a torch
+        kwargs["is_causal"] = True
+    if "scale" in names:
+        kwargs["scale"] = scale
+    else:  # the default scale is 1/sqrt(D)
+        query = query * (scale * query.shape[-1] ** 0.5)
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in names:
+            kwargs["enable_gqa"] = True
+        else:  # (the kernel's own check of the head counts differs between versions)
+            repeat = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    return function(query, key, value, cu_seq, cu_seq, max_len, max_len, **kwargs)
+
+
+def usable(config, device: torch.device, dtype: torch.dtype, attn_implementation: str) -> bool:
+    """Whether packed rows of this model can take the varlen kernel here (see the module docstring)."""
+    if attn_implementation != "sdpa" or device.type != "cuda" or dtype not in DTYPES or _varlen() is None:
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dims = [getattr(text, name, None) for name in ("head_dim", "qk_head_dim", "v_head_dim")]
+    if getattr(text, "qk_nope_head_dim", None) is not None:  # latent attention: q/k heads are nope + rope wide
+        head_dims.append(text.qk_nope_head_dim + text.qk_rope_head_dim)
+    if any(d is not None and d > MAX_HEAD_DIM for d in head_dims):
+        return False
+    if getattr(text, "attention_dropout", 0.0):  # flash attention's varlen entry has no dropout
+        return False
+    sliding = getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
+    return not sliding or "window_size" in _parameters()
+
+
+def register() -> None:
+    """Register the attention function under NAME with transformers (idempotent; process-wide)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_attention_forward)
+
+
+def use_for(model, device: torch.device, dtype: torch.dtype) -> bool:
+    """Switch `model` (a transformers model) to NAME where its packed rows can take the varlen kernel here;
+    whether it did."""
+    if not usable(model.config, device, dtype, model.config._attn_implementation):
+        return False
+    register()
+    model.set_attn_implementation(NAME)
+    return True
+
+
+def boundaries(lengths: list[list[int]], row_length: int) -> dict:
+    """transformers' flash-attention keyword arguments for rows made of segments of these lengths (each row's
+    lengths summing to row_length: its examples, then its padding as one segment), as int32 offsets into the
+    rows laid end to end."""
+    offsets, position = [0], 0
+    for row in lengths:
+        if sum(row) != row_length or any(n < 1 for n in row):
+            raise ValueError(f"lengths: expected positive segment lengths summing to {row_length}, got {row}")
+        for n in row:
+            position += n
+            offsets.append(position)
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    longest = max(n for row in lengths for n in row)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             sliding_window=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                             max_length_k=None, **kwargs):
+    """transformers' attention-function interface: query [B, Hq, T, D], key and value [B, Hkv, T, D(v)] in, output
+    [B, T, Hq, Dv] and no weights out. Self-attention: the keys' segments are the queries' (cu_seq_lens_k, which
+    transformers' flash-attention path also takes, is not read; comparing it would wait for the GPU)."""
+    batch, heads, length, head_dim = query.shape
+    if key.shape[2] != length:
+        raise ValueError(f"{NAME}: packed-row attention needs as many keys as queries (no cache), got "
+                         f"{key.shape[2]} keys for {length} queries")
+    if dropout:
+        raise ValueError(f"{NAME}: attention dropout is not supported (got {dropout}); train with it off")
+    if attention_mask is not None:
+        raise ValueError(f"{NAME}: segments come as cu_seq_lens_q/k, not an attention mask")
+    if cu_seq_lens_q is None:  # each row one causal sequence
+        cu_seq_lens_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
+        max_length_q = length
+    if scaling is None:
+        scaling = head_dim**-0.5
+    v_dim = value.shape[-1]
+
+    def rows(t):  # [B, H, T, D] -> [B*T, H, D]
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3])
+
+    q, k, v = rows(query), rows(key), rows(value)
+    if v_dim != head_dim:  # latent attention's narrower values: flash attention wants one head dim
+        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
+    out = kernel(q, k, v, cu_seq_lens_q.to(device=query.device, dtype=torch.int32), int(max_length_q), scaling,
+                 sliding_window)
+    return out[..., :v_dim].reshape(batch, length, heads, v_dim), None
