@@ -19,7 +19,8 @@ treats each row as one causal sequence, as sdpa with no mask does.
 Used for `--packing` on CUDA GPUs of compute capability 8.0 or newer, in bf16 or fp16, where the model would run
 "sdpa" (gpt-oss keeps flex attention: its sinks are not in flash attention) and torch has `varlen_attn`; elsewhere
 packed rows keep transformers' mask. Not for generation: a key/value cache or a query shorter than its keys is
-refused. Checkpointed layers recompute this attention (kept_attention.py keeps sdpa's kernels' outputs only).
+refused; a non-causal call (Qwen3-VL's vision blocks) goes to transformers' sdpa function. Checkpointed layers
+recompute this attention (kept_attention.py keeps sdpa's kernels' outputs only).
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers' attention-function interface: query [B, Hq, T, D], key and value [B, Hkv, T, D(v)] in, output
     [B, T, Hq, Dv] and no weights out. Self-attention: the keys' segments are the queries' (cu_seq_lens_k, which
     transformers' flash-attention path also takes, is not read; comparing it would wait for the GPU)."""
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):  # (Qwen3-VL's vision blocks): not packed text
+        from transformers import AttentionInterface
+
+        return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                                          scaling=scaling, sliding_window=sliding_window, **kwargs)
     batch, heads, length, head_dim = query.shape
     if key.shape[2] != length:
         raise ValueError(f"{NAME}: packed-row attention needs as many keys as queries (no cache), got "

@@ -173,3 +173,11 @@ def test_the_real_kernel_matches_the_block_diagonal_mask_on_cuda(model_type, tmp
     assert relative_error(logits.float(), want_logits.float()) < 2e-2
     for got, want in zip(grads, want_grads, strict=True):
         assert relative_error(got.float(), want.float()) < 5e-2
+
+
+def test_a_non_causal_call_is_sdpas(registered):
+    """Qwen3-VL's vision blocks call the text model's attention implementation with is_causal=False."""
+    q, kv = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8)
+    got, _ = packed_attention.packed_attention_forward(None, q, kv, kv, None, is_causal=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q, kv, kv).transpose(1, 2)
+    assert relative_error(got, want) < 1e-6
