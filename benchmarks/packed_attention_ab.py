@@ -50,8 +50,8 @@ def _per_example_sdpa(query, key, value, cu_seq, max_len, scale, window):
     key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
     offsets = cu_seq.tolist()
     for a, b in zip(offsets[:-1], offsets[1:]):
-        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+        q, k, v = (t[None, a:b].transpose(1, 2) for t in (query, key, value))  # [1, H, n, D]: sdpa's fused path
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
     return out
 
 

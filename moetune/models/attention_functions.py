@@ -3,8 +3,9 @@
 transformers' attention modules look their attention function up by name at every call
 (`ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`), and its mask builders their mask
 function (`ALL_MASK_ATTENTION_FUNCTIONS[...]`), so a function registered under the same name serves every model of
-the process. moetune wraps "sdpa" (kept_attention.py, the recompute of checkpointed layers), "flex_attention"
-(fast_sinks.py, gpt-oss's sinks) and the "flex_attention" mask builder (fast_sinks.py: it marks plain causal masks).
+the process. moetune wraps "sdpa" and its own packed rows' varlen function (kept_attention.py, the recompute of
+checkpointed layers), "flex_attention" (fast_sinks.py, gpt-oss's sinks) and the "flex_attention" mask builder
+(fast_sinks.py: it marks plain causal masks).
 The wrapper is `functools.partial(wrapper, original)`: it can tell it is installed, find the original to restore,
 and leave a wrapper someone registered after it in place. interface: "attention" (AttentionInterface) or "mask"
 (masking_utils.AttentionMaskInterface).

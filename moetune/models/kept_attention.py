@@ -13,7 +13,8 @@ skip their output, see recompute.py). Its dispatch modes also see every op of th
 GPU then waits for (run 42, H200: a dispatch mode over the whole attention module, ~70 ops, made the 8-layer Qwen3
 step at 8K 5-18 ms slower although it saved 7 ms of attention kernels). Here `context_fn`
 (torch.utils.checkpoint's hook for this) only marks which checkpoint call is running and in which phase, and
-transformers' "sdpa" attention function (its AttentionInterface registry) is wrapped: inside a keeping
+transformers' "sdpa" attention function (its AttentionInterface registry; also packed rows' varlen attention,
+packed_attention.py) is wrapped: inside a keeping
 checkpoint call it runs under a dispatch mode that stores or replays the outputs of the fused attention ops
 (SDPA's flash, memory-efficient, cuDNN and CPU kernels), a handful of ops; elsewhere it is the original
 function. Attention outside those ops (eager, flex attention) is recomputed as before.
@@ -34,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import attention_functions
+from .packed_attention import NAME as PACKED_VARLEN
 
 __all__ = ["ATTENTION_OPS", "keep_attention", "kept_attention_layers", "largest_kept_bytes", "reset_kept_bytes"]
 
@@ -44,7 +46,22 @@ _NAMES = (
     "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_fused_attention_overrideable",
 )
-ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _NAMES if hasattr(torch.ops.aten, name))
+
+KEEPING = ("sdpa", PACKED_VARLEN)  # the attention implementations whose fused kernels a layer can keep
+
+
+def _varlen_ops() -> set:
+    """torch's varlen attention op (packed rows, packed_attention.py), where this torch has it."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+
+        return {torch.ops.torch_attn._varlen_attn.default}
+    except (ImportError, AttributeError, RuntimeError):
+        return set()
+
+
+ATTENTION_OPS = frozenset({getattr(torch.ops.aten, name).default for name in _NAMES if hasattr(torch.ops.aten, name)}
+                          | _varlen_ops())
 
 _state = threading.local()  # .stash: the running checkpoint call's _Stash, or None; .largest: see largest_kept_bytes
 
@@ -129,7 +146,7 @@ def _context_fn():
     return _Phase(stash, False), _Phase(stash, True)
 
 
-def _keeping_sdpa(original, *args, **kwargs):
+def _keeping(original, *args, **kwargs):
     stash = getattr(_state, "stash", None)
     if stash is None:  # not inside a keeping layer's checkpoint (eval, no grad, not checkpointed, another model)
         return original(*args, **kwargs)
@@ -137,10 +154,10 @@ def _keeping_sdpa(original, *args, **kwargs):
         return original(*args, **kwargs)
 
 
-def _wrap_sdpa() -> bool:
-    """Wrap transformers' registered "sdpa" attention function (once, process-wide; transparent outside a
-    keeping checkpoint call). False where this transformers has no such registry entry."""
-    return attention_functions.wrap("sdpa", _keeping_sdpa)
+def _wrap(implementation: str) -> bool:
+    """Wrap transformers' attention function registered under `implementation` (once, process-wide; transparent
+    outside a keeping checkpoint call). False where this transformers has no such registry entry."""
+    return attention_functions.wrap(implementation, _keeping)
 
 
 def _set_context(layer, keep: bool) -> bool:
@@ -154,14 +171,15 @@ def _set_context(layer, keep: bool) -> bool:
     if not isinstance(func, functools.partial) or attention is None:
         return False
     # Flex attention runs compiled: a dispatch mode around it would get in the way. Eager attention has no fused
-    # op to keep.
-    if getattr(getattr(attention, "config", None), "_attn_implementation", None) != "sdpa":
+    # op to keep. Packed rows' varlen attention (--packing on a GPU) has one.
+    implementation = getattr(getattr(attention, "config", None), "_attn_implementation", None)
+    if implementation not in KEEPING:
         return False
     if getattr(attention, "attention_dropout", 0.0):  # transformers passes it to SDPA in training
         return False
     if func.keywords.get("use_reentrant") or func.keywords.get("context_fn", _context_fn) is not _context_fn:
         return False  # the reentrant checkpoint takes no context_fn; a caller's own context_fn stays
-    if keep and not _wrap_sdpa():
+    if keep and not _wrap(implementation):
         return False
     for name in ("_gradient_checkpointing_func", STANDARD_ATTR):
         func = getattr(layer, name, None)

@@ -19,8 +19,8 @@ treats each row as one causal sequence, as sdpa with no mask does.
 Used for `--packing` on CUDA GPUs of compute capability 8.0 or newer, in bf16 or fp16, where the model would run
 "sdpa" (gpt-oss keeps flex attention: its sinks are not in flash attention) and torch has `varlen_attn`; elsewhere
 packed rows keep transformers' mask. Not for generation: a key/value cache or a query shorter than its keys is
-refused; a non-causal call (Qwen3-VL's vision blocks) goes to transformers' sdpa function. Checkpointed layers
-recompute this attention (kept_attention.py keeps sdpa's kernels' outputs only).
+refused; a non-causal call (Qwen3-VL's vision blocks) goes to transformers' sdpa function. Checkpointed layers may
+keep this attention's output as sdpa's (kept_attention.py).
 """
 
 from __future__ import annotations
@@ -92,10 +92,12 @@ def usable(config, device: torch.device, dtype: torch.dtype, attn_implementation
 
 
 def register() -> None:
-    """Register the attention function under NAME with transformers (idempotent; process-wide)."""
+    """Register the attention function under NAME with transformers (process-wide, once: kept_attention.py's
+    wrapper around it stays)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, packed_attention_forward)
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, packed_attention_forward)
 
 
 def use_for(model, device: torch.device, dtype: torch.dtype) -> bool:

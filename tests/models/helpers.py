@@ -179,6 +179,6 @@ def stand_in_varlen(query, key, value, cu_seq, max_len, scale, window):
     offsets = cu_seq.tolist()
     assert max_len == max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
     for a, b in zip(offsets[:-1], offsets[1:]):
-        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+        q, k, v = (t[None, a:b].transpose(1, 2) for t in (query, key, value))  # [1, H, n, D]: sdpa's fused path
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
     return out

@@ -101,7 +101,7 @@ def test_a_second_backward_replays_the_kept_outputs_again(checkpoint):
 
 
 def _attention(q, k, v, dropout_p=0.0):
-    return kept_attention._keeping_sdpa(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+    return kept_attention._keeping(torch.nn.functional.scaled_dot_product_attention, q, k, v,
                                         dropout_p=dropout_p, is_causal=True)
 
 
@@ -259,3 +259,45 @@ def test_kept_attention_on_the_gpu_in_bfloat16(tmp_path):
     for name in full:
         noise = relative_error(again[name], full[name])
         assert relative_error(kept[name], full[name]) <= max(4 * noise, 1e-6), name
+
+
+def test_packed_rows_varlen_attention_is_kept_too(checkpoint, monkeypatch):
+    """--packing's varlen attention (packed_attention.py; its CPU stand-in runs one fused sdpa op per example):
+    kept and replayed as sdpa's, the gradients bitwise those of a full recompute."""
+    import transformers
+
+    from moetune.models import packed_attention
+
+    from .helpers import stand_in_varlen
+
+    mapping = transformers.AttentionInterface._global_mapping
+    monkeypatch.setattr(packed_attention, "kernel", stand_in_varlen)
+    if packed_attention.NAME in mapping:
+        monkeypatch.setitem(mapping, packed_attention.NAME, mapping[packed_attention.NAME])
+    else:
+        monkeypatch.setattr(transformers.AttentionInterface, "_global_mapping", {**mapping})
+    packed_attention.register()
+    model = _model(checkpoint("qwen3_moe"))
+    model.get_base_model().set_attn_implementation(packed_attention.NAME)
+    lengths = [[3, 5, 1], [9]]
+    ids = token_batch(2, 9).to(DEVICE)
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths], device=DEVICE)
+    bounds = packed_attention.boundaries(lengths, 9)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with _CountAttention() as count:
+            model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False, **bounds).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, count.runs
+
+    layers = _decoder_layers(model)
+    full, full_runs = step()
+    if full_runs == 0:
+        pytest.skip("no fused attention kernel runs for this shape on this device")
+    assert full_runs == 2 * len(layers) * 4  # forward and recompute, one op per example
+    assert kept_attention.keep_attention(layers, len(layers)) == len(layers)
+    kept, kept_runs = step()
+    assert kept_runs == len(layers) * 4
+    for name in full:
+        assert torch.equal(kept[name], full[name]), name
+    kept_attention.keep_attention(layers, 0)
