@@ -180,5 +180,11 @@ def stand_in_varlen(query, key, value, cu_seq, max_len, scale, window):
     assert max_len == max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
     for a, b in zip(offsets[:-1], offsets[1:]):
         q, k, v = (t[None, a:b].transpose(1, 2) for t in (query, key, value))  # [1, H, n, D]: sdpa's fused path
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0].transpose(0, 1)
+        if window is None:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:  # a query sees its own and the window - 1 keys before it
+            i = torch.arange(b - a)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale)
+        out[a:b] = y[0].transpose(0, 1)
     return out

@@ -65,6 +65,21 @@ def test_packed_rows_match_the_block_diagonal_mask(model_type, registered, tmp_p
         assert relative_error(got, want) < 1e-5
 
 
+def test_a_sliding_window_is_the_masks(registered, tmp_path):
+    model = lora_model(save_checkpoint("qwen3_moe", str(tmp_path), use_sliding_window=True, sliding_window=3))
+    base = model.get_base_model()
+    ids, pos = token_batch(2, ROW), positions(LENGTHS)
+    want_logits, want_grads = loss_and_grads(model, ids, position_ids=pos)
+    base.set_attn_implementation(packed_attention.NAME)
+    logits, grads = loss_and_grads(model, ids, position_ids=pos, **packed_attention.boundaries(LENGTHS, ROW))
+    assert relative_error(logits, want_logits) < 1e-5
+    for got, want in zip(grads, want_grads, strict=True):
+        assert relative_error(got, want) < 1e-5
+    plain = lora_model(save_checkpoint("qwen3_moe", str(tmp_path / "plain")))  # the same weights, no window
+    unwindowed, _ = loss_and_grads(plain, ids, position_ids=pos)
+    assert relative_error(unwindowed, want_logits) > 1e-3  # the window cut some examples' context
+
+
 def test_without_boundaries_each_row_is_one_causal_sequence(registered, tmp_path):
     model = lora_model(save_checkpoint("qwen3_moe", str(tmp_path)))
     ids = token_batch(2, ROW)
