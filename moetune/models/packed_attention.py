@@ -25,6 +25,7 @@ keep this attention's output as sdpa's (kept_attention.py).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -46,7 +47,11 @@ def _varlen():
 
 
 def _parameters() -> frozenset[str]:
-    function = _varlen()
+    return _parameters_of(_varlen())
+
+
+@functools.cache  # (read at every attention call: inspect.signature costs ~20 us)
+def _parameters_of(function) -> frozenset[str]:
     return frozenset() if function is None else frozenset(inspect.signature(function).parameters)
 
 
@@ -81,6 +86,8 @@ def usable(config, device: torch.device, dtype: torch.dtype, attn_implementation
         return False
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head_dims = [getattr(text, name, None) for name in ("head_dim", "qk_head_dim", "v_head_dim")]
+    if getattr(text, "head_dim", None) is None and getattr(text, "num_attention_heads", None):
+        head_dims.append(text.hidden_size // text.num_attention_heads)  # (Qwen2-MoE, OLMoE, Mixtral)
     if getattr(text, "qk_nope_head_dim", None) is not None:  # latent attention: q/k heads are nope + rope wide
         head_dims.append(text.qk_nope_head_dim + text.qk_rope_head_dim)
     if any(d is not None and d > MAX_HEAD_DIM for d in head_dims):
@@ -107,7 +114,7 @@ def use_for(model, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     register()
     model.set_attn_implementation(NAME)
-    return True
+    return model.config._attn_implementation == NAME
 
 
 def boundaries(lengths: list[list[int]], row_length: int) -> dict:
@@ -148,6 +155,10 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu_seq_lens_q is None:  # each row one causal sequence
         cu_seq_lens_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
         max_length_q = length
+    elif max_length_q is None:
+        raise ValueError(f"{NAME}: cu_seq_lens_q needs max_length_q, the longest segment (an int)")
+    if sliding_window is None:  # Qwen2-MoE's sliding layers set it on the module and leave it out of the call
+        sliding_window = getattr(module, "sliding_window", None)
     if scaling is None:
         scaling = head_dim**-0.5
     v_dim = value.shape[-1]
@@ -156,8 +167,10 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3])
 
     q, k, v = rows(query), rows(key), rows(value)
-    if v_dim != head_dim:  # latent attention's narrower values: flash attention wants one head dim
-        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
+    if v_dim != head_dim:  # latent attention's narrower values: flash attention wants one head dim (zeros added to
+        width = max(head_dim, v_dim)  # q and k leave the scores as they are; the scale is given)
+        q, k, v = (t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+                   for t in (q, k, v))
     out = kernel(q, k, v, cu_seq_lens_q.to(device=query.device, dtype=torch.int32), int(max_length_q), scaling,
                  sliding_window)
     return out[..., :v_dim].reshape(batch, length, heads, v_dim), None

@@ -307,7 +307,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.cuda_graph:
         refused = ("--packing" if config.packing else "--dtype float16" if config.dtype == "float16"
                    else "--optim adamw_8bit" if config.optim == "adamw_8bit" else None)
-        why = {"--packing": "packed rows need a mask built from each batch's example boundaries",
+        why = {"--packing": "packed rows' example boundaries change from batch to batch",
                "--dtype float16": "its loss scaling reads the scale on the host every step",
                "--optim adamw_8bit": "bitsandbytes' step counts live on the host"}
         if refused:

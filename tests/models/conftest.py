@@ -1,1 +1,1 @@
-from .helpers import checkpoint  # noqa: F401  (the session fixture for tests/models)
+from .helpers import checkpoint, varlen_op_on_cpu  # noqa: F401  (the session fixtures for tests/models)

@@ -188,3 +188,60 @@ def stand_in_varlen(query, key, value, cu_seq, max_len, scale, window):
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale)
         out[a:b] = y[0].transpose(0, 1)
     return out
+
+
+def _op_arguments(op, args, kwargs) -> dict:
+    return {**dict(zip((a.name for a in op._schema.arguments), args)), **kwargs}
+
+
+@pytest.fixture(scope="session")
+def varlen_op_on_cpu():
+    """torch's own varlen attention op (torch_attn::_varlen_attn and its backward) given CPU kernels: stand_in_varlen
+    forward, its gradients through autograd. What runs is then this torch's varlen_attn, its signature, its
+    autograd and its op (as kept_attention sees it on a GPU); only the kernels are the tests'. Registered for the
+    session (torch has no way to take a kernel back); the op runs nowhere else on CPU."""
+    try:
+        from torch.nn.attention import varlen
+
+        forward_op = torch.ops.torch_attn._varlen_attn.default
+        backward_op = torch.ops.torch_attn._varlen_attn_backward.default
+        custom_forward, custom_backward = varlen._varlen_attn, varlen._varlen_attn_backward
+    except (ImportError, AttributeError):
+        pytest.skip("this torch has no varlen attention op")
+
+    def reference(a, query, key, value):
+        left = (a.get("window_size") or [-1, -1])[0]
+        scale = a.get("scale") or query.shape[-1] ** -0.5
+        return stand_in_varlen(query, key, value, a["cu_seq_q"], a["max_q"], scale, None if left < 0 else left + 1)
+
+    def forward(*args, **kwargs):
+        a = _op_arguments(forward_op, args, kwargs)
+        query = a["query"]
+        out = reference(a, query, a["key"], a["value"])
+        return out, query.new_zeros(query.shape[1], query.shape[0]), torch.zeros(2, dtype=torch.uint64)
+
+    def backward(*args, **kwargs):  # (autograd is off inside a kernel: the softmax's gradient written out)
+        a = _op_arguments(backward_op, args, kwargs)
+        query, key, value, grad_out = a["query"], a["key"], a["value"], a["grad_out"]
+        repeat = query.shape[1] // key.shape[1]
+        keys, values = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+        left = (a.get("window_size") or [-1, -1])[0]
+        scale = a.get("scale") or query.shape[-1] ** -0.5
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(keys), torch.zeros_like(values)
+        offsets = a["cu_seq_q"].tolist()
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            q, k, v, g = (t[start:end].transpose(0, 1) for t in (query, keys, values, grad_out))  # [H, n, D]
+            i = torch.arange(end - start)
+            allowed = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] <= left) if left >= 0 else True)
+            p = (q @ k.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf")).softmax(-1)
+            dp = g @ v.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+            dq[start:end] = (ds @ k).transpose(0, 1)
+            dk[start:end] = (ds.transpose(1, 2) @ q).transpose(0, 1)
+            dv[start:end] = (p.transpose(1, 2) @ g).transpose(0, 1)
+        grouped = (key.shape[0], key.shape[1], repeat, -1)  # the query heads of each key/value head summed
+        return dq, dk.view(grouped).sum(2), dv.view(grouped).sum(2)
+
+    custom_forward.register_kernel("cpu")(forward)
+    custom_backward.register_kernel("cpu")(backward)
+    return forward_op

@@ -301,3 +301,38 @@ def test_packed_rows_varlen_attention_is_kept_too(checkpoint, monkeypatch):
     for name in full:
         assert torch.equal(kept[name], full[name]), name
     kept_attention.keep_attention(layers, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU kernels for the op")
+def test_torchs_varlen_op_is_kept_and_replayed(checkpoint, varlen_op_on_cpu, monkeypatch):
+    """The op torch's varlen_attn dispatches (a custom op: one call each way, as on a GPU) is among the kept ones."""
+    import transformers
+
+    from moetune.models import packed_attention
+
+    assert varlen_op_on_cpu in kept_attention.ATTENTION_OPS
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, packed_attention.NAME,
+                        packed_attention.packed_attention_forward)
+    model = _model(checkpoint("qwen3_moe"))
+    model.get_base_model().set_attn_implementation(packed_attention.NAME)
+    lengths = [[3, 5, 1], [9]]
+    ids = token_batch(2, 9).to(DEVICE)
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    bounds = packed_attention.boundaries(lengths, 9)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with _CountAttention() as count:
+            model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False, **bounds).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, count.runs
+
+    layers = _decoder_layers(model)
+    full, full_runs = step()
+    assert full_runs == 2 * len(layers)  # one op a call: forward and recompute
+    assert kept_attention.keep_attention(layers, len(layers)) == len(layers)
+    kept_attention.reset_kept_bytes()
+    kept, kept_runs = step()
+    assert kept_runs == len(layers) and kept_attention.largest_kept_bytes() > 0
+    for name in full:
+        assert torch.equal(kept[name], full[name]), name
+    kept_attention.keep_attention(layers, 0)

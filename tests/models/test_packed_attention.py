@@ -8,6 +8,7 @@ runs the real kernel against transformers' masked path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -36,18 +37,19 @@ def positions(lengths):
 
 
 def loss_and_grads(model, ids, **kwargs):
+    """(loss, LoRA gradients); the loss, not the logits: in training moetune's fused loss returns placeholder logits."""
     out = model(input_ids=ids, labels=ids, use_cache=False, **kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    return out.logits.detach(), torch.autograd.grad(out.loss, params)
+    return out.loss.detach(), torch.autograd.grad(out.loss, params)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_packed_rows_match_the_block_diagonal_mask(model_type, registered, tmp_path):
-    model = lora_model(save_checkpoint(model_type, str(tmp_path)))
+    model = lora_model(save_checkpoint(model_type, str(tmp_path))).train()  # checkpointed layers recompute
     base = model.get_base_model()
     assert base.config._attn_implementation == "sdpa"
     ids, pos = token_batch(2, ROW), positions(LENGTHS)
-    want_logits, want_grads = loss_and_grads(model, ids, position_ids=pos)  # transformers' [B, 1, T, T] mask
+    want_loss, want_grads = loss_and_grads(model, ids, position_ids=pos)  # transformers' [B, 1, T, T] mask
 
     base.set_attn_implementation(packed_attention.NAME)
     built = []
@@ -56,28 +58,63 @@ def test_packed_rows_match_the_block_diagonal_mask(model_type, registered, tmp_p
     real = masking_utils.find_packed_sequence_indices
     masking_utils.find_packed_sequence_indices = lambda p: built.append(p) or real(p)
     try:
-        logits, grads = loss_and_grads(model, ids, position_ids=pos, **packed_attention.boundaries(LENGTHS, ROW))
+        loss, grads = loss_and_grads(model, ids, position_ids=pos, **packed_attention.boundaries(LENGTHS, ROW))
     finally:
         masking_utils.find_packed_sequence_indices = real
     assert not built  # no mask, and no look at the positions on the device
-    assert relative_error(logits, want_logits) < 1e-5
+    assert relative_error(loss, want_loss) < 1e-5
     for got, want in zip(grads, want_grads, strict=True):
         assert relative_error(got, want) < 1e-5
 
 
-def test_a_sliding_window_is_the_masks(registered, tmp_path):
-    model = lora_model(save_checkpoint("qwen3_moe", str(tmp_path), use_sliding_window=True, sliding_window=3))
+# Qwen3-MoE passes its window to the attention function; Qwen2-MoE sets it on its sliding layers' modules only
+WINDOWED = {"qwen3_moe": dict(use_sliding_window=True, sliding_window=3),
+            "qwen2_moe": dict(use_sliding_window=True, sliding_window=3,
+                              layer_types=["sliding_attention", "full_attention"])}
+
+
+@pytest.mark.parametrize("model_type", sorted(WINDOWED))
+def test_a_sliding_window_is_the_masks(model_type, registered, tmp_path):
+    model = lora_model(save_checkpoint(model_type, str(tmp_path), **WINDOWED[model_type])).train()
     base = model.get_base_model()
     ids, pos = token_batch(2, ROW), positions(LENGTHS)
-    want_logits, want_grads = loss_and_grads(model, ids, position_ids=pos)
+    want_loss, want_grads = loss_and_grads(model, ids, position_ids=pos)
     base.set_attn_implementation(packed_attention.NAME)
-    logits, grads = loss_and_grads(model, ids, position_ids=pos, **packed_attention.boundaries(LENGTHS, ROW))
-    assert relative_error(logits, want_logits) < 1e-5
+    loss, grads = loss_and_grads(model, ids, position_ids=pos, **packed_attention.boundaries(LENGTHS, ROW))
+    assert relative_error(loss, want_loss) < 1e-5
     for got, want in zip(grads, want_grads, strict=True):
         assert relative_error(got, want) < 1e-5
-    plain = lora_model(save_checkpoint("qwen3_moe", str(tmp_path / "plain")))  # the same weights, no window
-    unwindowed, _ = loss_and_grads(plain, ids, position_ids=pos)
-    assert relative_error(unwindowed, want_logits) > 1e-3  # the window cut some examples' context
+    plain = lora_model(save_checkpoint(model_type, str(tmp_path / "plain"))).train()  # the same weights, no window
+    unwindowed, plain_grads = loss_and_grads(plain, ids, position_ids=pos)
+    assert max(relative_error(a, b) for a, b in zip(plain_grads, want_grads)) > 1e-3  # the window cut some context
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU kernels for the op; the GPU test runs torch's own")
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_torchs_own_varlen_attn_takes_what_moetune_passes(model_type, varlen_op_on_cpu, tmp_path, monkeypatch):
+    """This torch's varlen_attn, its op and autograd (CPU kernels from the tests): the keyword arguments moetune
+    chooses for its signature (window_size, scale, enable_gqa for Qwen3's fewer key/value heads; DeepSeek-V3's
+    narrower values padded) give the mask's loss and gradients, through checkpointed layers."""
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, packed_attention.NAME,
+                        packed_attention.packed_attention_forward)
+    runs, real = [], packed_attention._varlen()
+
+    @functools.wraps(real)  # (its signature: what moetune reads to choose the keywords)
+    def recording(*args, **kwargs):
+        runs.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention, "_varlen", lambda: recording)
+    model = lora_model(save_checkpoint(model_type, str(tmp_path))).train()
+    ids, pos = token_batch(2, ROW), positions(LENGTHS)
+    want_loss, want_grads = loss_and_grads(model, ids, position_ids=pos)
+    model.get_base_model().set_attn_implementation(packed_attention.NAME)
+    loss, grads = loss_and_grads(model, ids, position_ids=pos, **packed_attention.boundaries(LENGTHS, ROW))
+    assert len(runs) == 4 and runs[0]["window_size"] == (-1, 0)  # forward and recompute of both layers
+    assert runs[0].get("enable_gqa", False) is (model_type == "qwen3_moe") and runs[0]["scale"] > 0
+    assert relative_error(loss, want_loss) < 1e-5
+    for got, want in zip(grads, want_grads, strict=True):
+        assert relative_error(got, want) < 1e-5
 
 
 def test_without_boundaries_each_row_is_one_causal_sequence(registered, tmp_path):
@@ -173,19 +210,20 @@ def test_usable_only_where_the_kernel_runs_and_the_model_fits_it(monkeypatch):
 def test_the_real_kernel_matches_the_block_diagonal_mask_on_cuda(model_type, tmp_path):
     from moetune import FastMoEModel
 
+    # (save_checkpoint updates attributes: DeepSeek-V3's derived qk_head_dim and head_dim given too)
     head = {"qwen3_moe": dict(head_dim=64), "deepseek_v3": dict(qk_nope_head_dim=64, qk_rope_head_dim=32,
-                                                                 v_head_dim=64)}[model_type]
+                                                                 v_head_dim=64, qk_head_dim=96, head_dim=32)}[model_type]
     directory = save_checkpoint(model_type, str(tmp_path), **head)
     model, _ = FastMoEModel.from_pretrained(directory, dtype=torch.bfloat16, device_map="cuda")
-    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    model = FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0).train()
     assert packed_attention.usable(model.config, torch.device("cuda"), torch.bfloat16, "sdpa")
     ids, pos = token_batch(2, ROW).cuda(), positions(LENGTHS).cuda()
-    want_logits, want_grads = loss_and_grads(model, ids, position_ids=pos)
+    want_loss, want_grads = loss_and_grads(model, ids, position_ids=pos)
     assert packed_attention.use_for(model.get_base_model(), torch.device("cuda"), torch.bfloat16)
     bounds = {k: v.cuda() if isinstance(v, torch.Tensor) else v
               for k, v in packed_attention.boundaries(LENGTHS, ROW).items()}
-    logits, grads = loss_and_grads(model, ids, position_ids=pos, **bounds)
-    assert relative_error(logits.float(), want_logits.float()) < 2e-2
+    loss, grads = loss_and_grads(model, ids, position_ids=pos, **bounds)
+    assert relative_error(loss.float(), want_loss.float()) < 2e-2
     for got, want in zip(grads, want_grads, strict=True):
         assert relative_error(got.float(), want.float()) < 5e-2
 

@@ -481,7 +481,8 @@ def test_a_step_leaves_nothing_of_its_graph_to_the_next_one(tmp_path, capsys, mo
 
 def test_packed_rows_train_as_with_the_mask_through_varlen_attention(tmp_path, capsys, monkeypatch):
     """--packing where varlen attention is usable (a CUDA GPU: here forced, with the kernel's CPU stand-in) trains
-    step for step as transformers' block-diagonal mask does, through the checkpointed layers and the memory plan."""
+    step for step as transformers' block-diagonal mask does, through the checkpointed layers (the memory plan and
+    kept attention are GPU-only: tests/models covers the latter)."""
     from moetune.models import packed_attention
 
     from ..models.helpers import stand_in_varlen
