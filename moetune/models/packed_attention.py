@@ -63,7 +63,9 @@ def kernel(query, key, value, cu_seq, max_len: int, scale: float, window: int | 
     kwargs = {}
     if "window_size" in names:
         kwargs["window_size"] = (-1 if window is None else window - 1, 0)
-    else:  # usable() refuses sliding windows on such a torch
+    elif window is not None:  # (usable() refuses sliding windows on such a torch)
+        raise ValueError(f"{NAME}: this torch's varlen_attn has no window_size for a sliding window of {window}")
+    else:
         kwargs["is_causal"] = True
     if "scale" in names:
         kwargs["scale"] = scale

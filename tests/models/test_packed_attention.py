@@ -171,11 +171,13 @@ def test_kernel_speaks_each_torch_signature(signature, monkeypatch):
     q, kv = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
     cu = torch.tensor([0, 6], dtype=torch.int32)
     packed_attention.kernel(q, kv, kv, cu, 6, 0.5, None)
-    packed_attention.kernel(q, kv, kv, cu, 6, 0.5, 4)
     if signature == "first":  # no scale, no window, no enable_gqa: scale folded into q, the heads repeated
+        with pytest.raises(ValueError, match="no window_size for a sliding window of 4"):
+            packed_attention.kernel(q, kv, kv, cu, 6, 0.5, 4)
         assert calls[0]["is_causal"] is True and calls[0]["key_heads"] == 4
         torch.testing.assert_close(calls[0]["query"], q * (0.5 * 16**0.5))
     else:
+        packed_attention.kernel(q, kv, kv, cu, 6, 0.5, 4)
         assert calls[0]["window_size"] == (-1, 0) and calls[1]["window_size"] == (3, 0)
         assert calls[0]["scale"] == 0.5 and calls[0]["enable_gqa"] is True and calls[0]["key_heads"] == 2
         assert calls[0]["query"] is q
