@@ -261,25 +261,30 @@ def test_kept_attention_on_the_gpu_in_bfloat16(tmp_path):
         assert relative_error(kept[name], full[name]) <= max(4 * noise, 1e-6), name
 
 
-def test_packed_rows_varlen_attention_is_kept_too(checkpoint, monkeypatch):
-    """--packing's varlen attention (packed_attention.py; its CPU stand-in runs one fused sdpa op per example):
-    kept and replayed as sdpa's, the gradients bitwise those of a full recompute."""
+@pytest.mark.parametrize("kernel", ["stand-in", "torch-op"])
+def test_packed_rows_varlen_attention_is_kept_too(kernel, checkpoint, monkeypatch, request):
+    """--packing's varlen attention (packed_attention.py), kept and replayed as sdpa's with the gradients bitwise
+    those of a full recompute: through the tests' stand-in (one fused sdpa op per example), and through torch's own
+    varlen op (a custom op: one call each way, as on a GPU; its CPU kernels are the tests')."""
     import transformers
 
     from moetune.models import packed_attention
 
     from .helpers import stand_in_varlen
 
-    mapping = transformers.AttentionInterface._global_mapping
-    monkeypatch.setattr(packed_attention, "kernel", stand_in_varlen)
-    if packed_attention.NAME in mapping:
-        monkeypatch.setitem(mapping, packed_attention.NAME, mapping[packed_attention.NAME])
+    lengths = [[3, 5, 1], [9]]
+    if kernel == "stand-in":
+        monkeypatch.setattr(packed_attention, "kernel", stand_in_varlen)
+        ops_per_call = 4  # examples and padding segments of both rows
+    elif torch.cuda.is_available():
+        pytest.skip("CPU kernels for the op")
     else:
-        monkeypatch.setattr(transformers.AttentionInterface, "_global_mapping", {**mapping})
-    packed_attention.register()
+        assert request.getfixturevalue("varlen_op_on_cpu") in kept_attention.ATTENTION_OPS
+        ops_per_call = 1
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, packed_attention.NAME,
+                        packed_attention.packed_attention_forward)
     model = _model(checkpoint("qwen3_moe"))
     model.get_base_model().set_attn_implementation(packed_attention.NAME)
-    lengths = [[3, 5, 1], [9]]
     ids = token_batch(2, 9).to(DEVICE)
     position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths], device=DEVICE)
     bounds = packed_attention.boundaries(lengths, 9)
@@ -294,45 +299,11 @@ def test_packed_rows_varlen_attention_is_kept_too(checkpoint, monkeypatch):
     full, full_runs = step()
     if full_runs == 0:
         pytest.skip("no fused attention kernel runs for this shape on this device")
-    assert full_runs == 2 * len(layers) * 4  # forward and recompute, one op per example
-    assert kept_attention.keep_attention(layers, len(layers)) == len(layers)
-    kept, kept_runs = step()
-    assert kept_runs == len(layers) * 4
-    for name in full:
-        assert torch.equal(kept[name], full[name]), name
-    kept_attention.keep_attention(layers, 0)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU kernels for the op")
-def test_torchs_varlen_op_is_kept_and_replayed(checkpoint, varlen_op_on_cpu, monkeypatch):
-    """The op torch's varlen_attn dispatches (a custom op: one call each way, as on a GPU) is among the kept ones."""
-    import transformers
-
-    from moetune.models import packed_attention
-
-    assert varlen_op_on_cpu in kept_attention.ATTENTION_OPS
-    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, packed_attention.NAME,
-                        packed_attention.packed_attention_forward)
-    model = _model(checkpoint("qwen3_moe"))
-    model.get_base_model().set_attn_implementation(packed_attention.NAME)
-    lengths = [[3, 5, 1], [9]]
-    ids = token_batch(2, 9).to(DEVICE)
-    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
-    bounds = packed_attention.boundaries(lengths, 9)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with _CountAttention() as count:
-            model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False, **bounds).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, count.runs
-
-    layers = _decoder_layers(model)
-    full, full_runs = step()
-    assert full_runs == 2 * len(layers)  # one op a call: forward and recompute
+    assert full_runs == 2 * len(layers) * ops_per_call  # forward and recompute
     assert kept_attention.keep_attention(layers, len(layers)) == len(layers)
     kept_attention.reset_kept_bytes()
     kept, kept_runs = step()
-    assert kept_runs == len(layers) and kept_attention.largest_kept_bytes() > 0
+    assert kept_runs == len(layers) * ops_per_call and kept_attention.largest_kept_bytes() > 0
     for name in full:
         assert torch.equal(kept[name], full[name]), name
     kept_attention.keep_attention(layers, 0)
