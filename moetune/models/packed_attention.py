@@ -13,8 +13,9 @@ for an attention function without a mask builder transformers builds no mask at 
 `_preprocess_mask_arguments` exits early), so neither the [T, T] mask nor the host sync of the packed-sequence
 detection happens. The boundaries come as transformers' flash-attention keyword arguments (`cu_seq_lens_q/k`,
 `max_length_q/k`), which every decoder layer passes on to its attention function; `moetune train --packing` puts
-them in each batch (training/data.py `collate`). A call without them (the memory plan's probe, a plain forward)
-treats each row as one causal sequence, as sdpa with no mask does.
+them in each batch (training/data.py `collate`). A call without them (the memory plan's probe, TRL's padding-free
+batches, a plain forward) finds the segments in the position_ids as transformers would (one read of the device), or
+takes each row as one causal sequence where there are none.
 
 Used for `--packing` on CUDA GPUs of compute capability 8.0 or newer, in bf16 or fp16, where the model would run
 "sdpa" (gpt-oss keeps flex attention: its sinks are not in flash attention) and torch has `varlen_attn`; elsewhere
@@ -135,6 +136,19 @@ def boundaries(lengths: list[list[int]], row_length: int) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+def _segments(position_ids, batch: int, length: int, device) -> tuple[torch.Tensor, int]:
+    """(offsets, longest) of the segments transformers would find in these position_ids (a new one wherever a
+    position is not the previous one plus 1, as masking_utils.find_packed_sequence_indices), each row one causal
+    sequence without them. Reads the device once: moetune train passes the offsets instead."""
+    if position_ids is None:
+        return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device), length
+    positions = position_ids.to(device).expand(batch, length)
+    starts = torch.ones(batch, length, dtype=torch.bool, device=device)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    offsets = torch.cat([starts.reshape(-1).nonzero().flatten(), torch.tensor([batch * length], device=device)])
+    return offsets.to(torch.int32), int((offsets[1:] - offsets[:-1]).max())
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                              max_length_k=None, **kwargs):
@@ -154,9 +168,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError(f"{NAME}: attention dropout is not supported (got {dropout}); train with it off")
     if attention_mask is not None:
         raise ValueError(f"{NAME}: segments come as cu_seq_lens_q/k, not an attention mask")
-    if cu_seq_lens_q is None:  # each row one causal sequence
-        cu_seq_lens_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
-        max_length_q = length
+    if cu_seq_lens_q is None:  # (a caller of its own: TRL's padding-free batches, the memory plan's probe)
+        cu_seq_lens_q, max_length_q = _segments(kwargs.get("position_ids"), batch, length, query.device)
     elif max_length_q is None:
         raise ValueError(f"{NAME}: cu_seq_lens_q needs max_length_q, the longest segment (an int)")
     if sliding_window is None:  # Qwen2-MoE's sliding layers set it on the module and leave it out of the call

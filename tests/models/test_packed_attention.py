@@ -117,6 +117,21 @@ def test_torchs_own_varlen_attn_takes_what_moetune_passes(model_type, varlen_op_
         assert relative_error(got, want) < 1e-5
 
 
+def test_without_boundaries_the_segments_come_from_the_positions(registered, tmp_path):
+    """A caller that passes only position_ids (TRL's padding-free batches) gets the segments transformers would
+    find in them."""
+    model = lora_model(save_checkpoint("qwen3_moe", str(tmp_path))).train()
+    ids, pos = token_batch(2, ROW), positions(LENGTHS)
+    want_loss, want_grads = loss_and_grads(model, ids, position_ids=pos)
+    model.get_base_model().set_attn_implementation(packed_attention.NAME)
+    loss, grads = loss_and_grads(model, ids, position_ids=pos)
+    assert relative_error(loss, want_loss) < 1e-5
+    for got, want in zip(grads, want_grads, strict=True):
+        assert relative_error(got, want) < 1e-5
+    offsets, longest = packed_attention._segments(pos, 2, ROW, "cpu")
+    assert offsets.tolist() == packed_attention.boundaries(LENGTHS, ROW)["cu_seq_lens_q"].tolist() and longest == 7
+
+
 def test_without_boundaries_each_row_is_one_causal_sequence(registered, tmp_path):
     model = lora_model(save_checkpoint("qwen3_moe", str(tmp_path)))
     ids = token_batch(2, ROW)
