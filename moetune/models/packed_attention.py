@@ -31,7 +31,7 @@ import inspect
 
 import torch
 
-__all__ = ["NAME", "boundaries", "packed_attention_forward", "register", "usable", "use_for"]
+__all__ = ["NAME", "boundaries", "packed_attention_forward", "reference_kernel", "register", "usable", "use_for"]
 
 NAME = "moetune_packed_varlen"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -79,6 +79,25 @@ def kernel(query, key, value, cu_seq, max_len: int, scale: float, window: int | 
             repeat = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
     return function(query, key, value, cu_seq, cu_seq, max_len, max_len, **kwargs)
+
+
+def reference_kernel(query, key, value, cu_seq, max_len: int, scale: float, window: int | None) -> torch.Tensor:
+    """kernel's contract in torch's ops, one sdpa call per sequence: what the CPU checks (tests, the benchmark's
+    --tiny) run in its place, torch having no varlen kernel there. Slow; not a fallback for training."""
+    out = query.new_empty(*query.shape[:2], value.shape[-1])
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    offsets = cu_seq.tolist()
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        q, k, v = (t[None, a:b].transpose(1, 2) for t in (query, key, value))  # [1, H, n, D]: sdpa's fused path
+        if window is None:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:  # a query sees its own and the window - 1 keys before it
+            i = torch.arange(b - a, device=query.device)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale)
+        out[a:b] = y[0].transpose(0, 1)
+    return out
 
 
 def usable(config, device: torch.device, dtype: torch.dtype, attn_implementation: str) -> bool:
@@ -137,14 +156,16 @@ def boundaries(lengths: list[list[int]], row_length: int) -> dict:
 
 
 def _segments(position_ids, batch: int, length: int, device) -> tuple[torch.Tensor, int]:
-    """(offsets, longest) of the segments transformers would find in these position_ids (a new one wherever a
-    position is not the previous one plus 1, as masking_utils.find_packed_sequence_indices), each row one causal
-    sequence without them. Reads the device once: moetune train passes the offsets instead."""
-    if position_ids is None:
+    """(offsets, longest) of the segments transformers' packed-sequence detection finds in these position_ids
+    (masking_utils.find_packed_sequence_indices), each row one causal sequence where it finds none. Reads the device:
+    moetune train passes the offsets instead."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    index = None if position_ids is None else find_packed_sequence_indices(position_ids.to(device).expand(batch, length))
+    if index is None:
         return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device), length
-    positions = position_ids.to(device).expand(batch, length)
     starts = torch.ones(batch, length, dtype=torch.bool, device=device)
-    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    starts[:, 1:] = index[:, 1:] != index[:, :-1]
     offsets = torch.cat([starts.reshape(-1).nonzero().flatten(), torch.tensor([batch * length], device=device)])
     return offsets.to(torch.int32), int((offsets[1:] - offsets[:-1]).max())
 

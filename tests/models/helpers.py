@@ -172,22 +172,12 @@ def logits_and_lora_grads(model, ids):
 
 def stand_in_varlen(query, key, value, cu_seq, max_len, scale, window):
     """packed_attention.kernel's contract, for CPU (torch's varlen kernel is CUDA only): causal attention within
-    each segment of the rows laid end to end."""
-    out = query.new_empty(*query.shape[:2], value.shape[-1])
-    repeat = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    each segment of the rows laid end to end (packed_attention.reference_kernel), its longest segment checked."""
+    from moetune.models.packed_attention import reference_kernel
+
     offsets = cu_seq.tolist()
     assert max_len == max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        q, k, v = (t[None, a:b].transpose(1, 2) for t in (query, key, value))  # [1, H, n, D]: sdpa's fused path
-        if window is None:
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:  # a query sees its own and the window - 1 keys before it
-            i = torch.arange(b - a)
-            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale)
-        out[a:b] = y[0].transpose(0, 1)
-    return out
+    return reference_kernel(query, key, value, cu_seq, max_len, scale, window)
 
 
 def _op_arguments(op, args, kwargs) -> dict:
