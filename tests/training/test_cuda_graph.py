@@ -127,28 +127,39 @@ def _tiny_training(model_dir: str, step_in_backward: bool, lr: float):
 @pytest.mark.parametrize("step_in_backward", [False, True], ids=["after-backward", "in-backward"])
 def test_replays_train_as_the_eager_steps(checkpoint, step_in_backward):  # noqa: F811
     """One eager step, three warm-up steps, then four more, eagerly in one model and replayed from a graph in its
-    twin, with the learning rate changed in place before the last two: the same losses and LoRA weights within
-    cuDNN attention's run-to-run noise, which is far under what a step moves them (a replay that repeated its
-    captured step count, bias corrections or learning rate would be off by about a step)."""
+    twin, with the learning rate changed in place before the last two: the same losses, and LoRA weights no farther
+    from the eager ones than a second eager run's are (a replay that repeated its captured step count, bias
+    corrections or learning rate would be off in every weight, by a good part of a step).
+
+    The weights are compared in norm, not by their largest difference: where a gradient is near zero, AdamW's step
+    (about lr times the sign of m / sqrt(v)) flips sign with the run-to-run noise of atomics and cuDNN's backward,
+    and such a weight ends a whole step or two apart in any two runs (H100, run 84b: 0.024 of 0.066 moved)."""
     model_dir = checkpoint("qwen3_moe")
     eager_step, eager_params, eager_lr = _tiny_training(model_dir, step_in_backward, 1e-2)
+    again_step, again_params, again_lr = _tiny_training(model_dir, step_in_backward, 1e-2)
     graph_step, graph_params, graph_lr = _tiny_training(model_dir, step_in_backward, 1e-2)
     start = [p.detach().clone() for p in eager_params]
     eager_losses = [float(eager_step()) for _ in range(4)]
+    for _ in range(4):
+        again_step()
     first = float(graph_step())
     replay = capture_step(graph_step, warmup=3)
     graph_losses = []
     for i in range(4):
         if i == 2:
-            eager_lr.fill_(3e-3)
-            graph_lr.fill_(3e-3)
+            for rate in (eager_lr, again_lr, graph_lr):
+                rate.fill_(3e-3)
         eager_losses.append(float(eager_step()))
+        again_step()
         graph_losses.append(float(replay()))
     assert first == pytest.approx(eager_losses[0], rel=1e-3)
     for optimizer in (eager_step.optimizer, graph_step.optimizer):  # 1 + 3 warm-up + 4: counted on the device
         assert {float(s["step"]) for s in optimizer.state_dict()["state"].values()} == {8.0}
     assert graph_losses == pytest.approx(eager_losses[4:], rel=2e-3)
     assert graph_losses[-1] < eager_losses[0]  # the replays train
-    moved = max((p - s).abs().max().item() for p, s in zip(eager_params, start))
-    apart = max((p - q).abs().max().item() for p, q in zip(eager_params, graph_params))
-    assert moved > 1e-3 and apart < 0.05 * moved, (moved, apart)
+
+    def distance(these, those) -> float:
+        return float(torch.linalg.vector_norm(torch.cat([(p.float() - q.float()).flatten() for p, q in zip(these, those)])))
+
+    moved, noise, apart = (distance(eager_params, other) for other in (start, again_params, graph_params))
+    assert moved > 1e-3 and apart < 2 * noise + 0.02 * moved, (moved, noise, apart)
