@@ -67,7 +67,7 @@ def case(name: str, tokens: int, args, device, dtype) -> dict:
     if args.sweep:
         row["sweep"] = []
         for config in SWEEP:
-            us = gpu_us(lambda: sum_over_k(y, **config))
+            us = gpu_us(lambda config=config: sum_over_k(y, **config))
             row["sweep"].append({**config, "us": us, "tb_s": gbytes / us * 1e3})
             print(f"    {config}  {us:7.1f} us  {gbytes / us * 1e3:.2f} TB/s", flush=True)
     row["gbytes"] = gbytes
