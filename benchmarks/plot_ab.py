@@ -1,7 +1,8 @@
 """Plot an A/B benchmark JSON: GPU busy time per case, one bar per way, the ratio printed on the second.
 
 Takes router_logits_ab.py's rows (tokens, way, gpu_busy_us), lora_order_ab.py's (model, part, first_ / last_
-gpu_busy_ms) and sum_over_k_ab.py's cases (torch_us against the kernel with the run's default tile, or with --tile one
+gpu_busy_ms), packed_attention_ab.py's (model, seq, path: mask or varlen, forward_backward_ms; a case one path could
+not run, e.g. out of memory, is left out) and sum_over_k_ab.py's cases (torch_us against the kernel with the run's default tile, or with --tile one
 tile of its sweep: GPU time of one call, not of a forward + backward).
 
     python benchmarks/plot_ab.py benchmarks/results/router-logits-ab-run68b-H100.json   # writes the .png beside it
@@ -39,6 +40,12 @@ def cases(rows: list[dict], tile: tuple[int, int, int] | None = None) -> tuple[l
             label = f"{r['shape']} {r['tokens']}\n[{r['tokens']}, {r['K']}, {r['H']}]"
             values[(label, "torch sum(dim=1)")] = [r["torch_us"]]
             values[(label, way)] = [kernel_us]
+    elif rows and "path" in rows[0]:  # packed_attention_ab: one row a (model, seq, path)
+        for r in rows:
+            if "forward_backward_ms" in r:
+                label = f"{r['model']}\n{r['seq']} tokens\n{r['examples']} examples"
+                way = "block-diagonal mask + sdpa" if r["path"] == "mask" else "varlen, no mask"
+                values[(label, way)] = [r["forward_backward_ms"] * 1e3]
     elif rows and "way" in rows[0]:  # router_logits_ab: one row a (tokens, way, round)
         for r in rows:
             values.setdefault((f"{r['tokens']} tokens", r["way"]), []).append(r["gpu_busy_us"])
@@ -47,8 +54,8 @@ def cases(rows: list[dict], tile: tuple[int, int, int] | None = None) -> tuple[l
             for way in ("first", "last"):
                 values.setdefault((f"{r['model']}\n{r['part']}", f"LoRA term {way}"), []).append(
                     r[f"{way}_gpu_busy_ms"] * 1e3)
-    labels = list(dict.fromkeys(case for case, _ in values))
     ways = list(dict.fromkeys(way for _, way in values))
+    labels = [case for case in dict.fromkeys(case for case, _ in values) if all((case, w) in values for w in ways)]
     return labels, ways, {key: statistics.median(v) for key, v in values.items()}
 
 
@@ -70,7 +77,8 @@ def plot(path: Path, tile: tuple[int, int, int] | None = None) -> Path:
                 ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("GPU us a call (do_bench)" if "cases" in data else "GPU busy us per forward+backward")
+    ax.set_ylabel("GPU us a call (do_bench)" if "cases" in data else "us per forward+backward (CUDA events)"
+                  if rows and "path" in rows[0] else "GPU busy us per forward+backward")
     env = data.get("environment", {})
     ax.set_title(f"{path.stem}: {env.get('device', '?')}, {env.get('date', '?')[:10]}\n"
                  f"(on the second bar: the first bar's time / its own)", fontsize=9)

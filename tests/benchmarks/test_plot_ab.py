@@ -1,4 +1,4 @@
-"""benchmarks/plot_ab.py: both A/B scripts' rows become a two-way bar plot."""
+"""benchmarks/plot_ab.py: the A/B scripts' rows become a two-way bar plot."""
 
 from __future__ import annotations
 
@@ -61,3 +61,16 @@ def test_sum_over_k_cases_compare_torch_with_the_default_or_a_chosen_tile(tmp_pa
 def test_sum_over_k_rows_without_timings_are_refused():
     with pytest.raises(ValueError, match="without timings"):
         plot_ab.cases([{"shape": "glm", "tokens": 37, "K": 4, "H": 96, "bitwise_equal_torch": True}])
+
+
+def test_packed_attention_rows_leave_out_a_case_one_path_could_not_run(tmp_path):
+    rows = [{"model": "qwen3", "path": "mask", "seq": 8, "examples": 2, "forward_backward_ms": 4.0},
+            {"model": "qwen3", "path": "varlen", "seq": 8, "examples": 2, "forward_backward_ms": 1.0},
+            {"model": "qwen3", "path": "mask", "seq": 32, "unsupported": "CUDA out of memory"},
+            {"model": "qwen3", "path": "varlen", "seq": 32, "examples": 5, "forward_backward_ms": 3.0}]
+    labels, ways, value = plot_ab.cases(rows)
+    assert ways == ["block-diagonal mask + sdpa", "varlen, no mask"] and labels == ["qwen3\n8 tokens\n2 examples"]
+    assert value[(labels[0], ways[0])] == 4000.0 and value[(labels[0], ways[1])] == 1000.0
+    path = tmp_path / "packed.json"
+    path.write_text(json.dumps({"environment": {"device": "cpu", "date": "2026-12-07"}, "rows": rows}))
+    assert plot_ab.plot(path).stat().st_size > 0
