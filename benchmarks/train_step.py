@@ -462,13 +462,16 @@ def run(provider, source, config, seq, args, device) -> dict:
         # freeze: everything built so far (the model, its hooks) leaves the collector, as in moetune train
         with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
             if graphed:  # eager warm-up (compiles, autotuning, the plan's checks, the optimizer's state), then replays
-                from moetune.training.cuda_graph import capture_step
+                from moetune.training.cuda_graph import capture_step, on_side_stream
 
-                _, eager_losses, _, _ = time_steps(model, optimizer, ids, max(args.warmup, 1), 0, device,
-                                                   plan_checks.after_step)
+                # on the stream the capture will use, as moetune train does: the per-stream cuBLAS workspaces the
+                # capture needs are then made, and counted by the plan's checks, here
+                side = torch.cuda.Stream(device)
+                _, eager_losses, _, _ = on_side_stream(functools.partial(
+                    time_steps, model, optimizer, ids, max(args.warmup, 1), 0, device, plan_checks.after_step), side)
                 # the peak from here: the capture's warm-up steps and its graph's pool (replays allocate nothing)
                 torch.cuda.reset_peak_memory_stats()
-                replay = capture_step(functools.partial(training_step, model, optimizer, ids))
+                replay = capture_step(functools.partial(training_step, model, optimizer, ids), stream=side)
                 times, losses, _, host = time_steps(model, optimizer, ids, 0, args.steps, device,
                                                     run_step=replay, reset_peak=False)
                 losses = eager_losses + losses  # (the capture's own warm-up steps between them are not listed)

@@ -82,22 +82,31 @@ def on_side_stream(run: Callable, side: torch.cuda.Stream | None = None):
     return result
 
 
-def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[[], torch.Tensor]:
+def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3,
+                 stream: torch.cuda.Stream | None = None) -> Callable[[], torch.Tensor]:
     """step() recorded as one CUDA graph; returns replay(), which runs it again and returns a copy of the loss it
     produced. step must leave no gradient behind (zero_grad(set_to_none=True) at its end, or the step in backward),
     and must have run eagerly before (compiles and autotuning are host work a capture cannot do). warmup: steps run
-    on a side stream first, torch's recipe for libraries that set themselves up at a first call on a stream; they
-    are training steps (the optimizer steps on the batch in the input tensors). The capture itself runs nothing."""
+    on the capture's stream first, torch's recipe for libraries that set themselves up at a first call on a stream;
+    they are training steps (the optimizer steps on the batch in the input tensors). The capture itself runs nothing.
+
+    stream: the side stream to warm up and capture on (default: a new one). Pass the stream earlier eager steps ran
+    on: cuBLAS keeps a workspace per thread (the caller's and autograd's) and stream, and a capture on a stream of
+    its own allocates new ones (tens of MB on Hopper) in the graph's pool, above the peak those steps measured (and
+    a memory plan checked)."""
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup: expected an integer >= 0, got {warmup!r}")
+    if stream is not None and not isinstance(stream, torch.cuda.Stream):
+        raise ValueError(f"stream: expected a torch.cuda.Stream or None, got {type(stream).__name__}")
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step: CUDA graphs need a CUDA GPU")
+    side = torch.cuda.Stream() if stream is None else stream
     with eager_masks():
-        on_side_stream(lambda: [step() for _ in range(warmup)])
+        on_side_stream(lambda: [step() for _ in range(warmup)], side)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the eager steps' cached blocks, for the graph's private pool to take
     graph = torch.cuda.CUDAGraph()
-    with eager_masks(), torch.cuda.graph(graph):
+    with eager_masks(), torch.cuda.graph(graph, stream=side):  # torch's own capture stream would need workspaces
         loss = step()
 
     def replay() -> torch.Tensor:

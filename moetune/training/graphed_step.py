@@ -92,7 +92,8 @@ class GraphedStep:
         record the step now (once; it must have run eagerly before) and replay it from here on."""
         if self.replay is None and capture:
             try:
-                self.replay = capture_step(self._step, warmup=0)  # the eager steps on the side stream were its warm-up
+                # the eager steps on the side stream were its warm-up, and made (and the plan counted) its workspaces
+                self.replay = capture_step(self._step, warmup=0, stream=self.side)
             except RuntimeError as err:  # something in the step reads a result on the host, or cannot be recorded
                 raise RuntimeError(f"--cuda-graph: the training step could not be recorded as a CUDA graph "
                                    f"({first_line(err)}); run without --cuda-graph") from err

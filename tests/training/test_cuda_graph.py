@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from moetune.training.cuda_graph import capture_step, eager_masks, without_rng_state
+from moetune.training.cuda_graph import capture_step, eager_masks, on_side_stream, without_rng_state
 
 from ..models.helpers import checkpoint, randomize_lora_B, token_batch  # noqa: F401  (checkpoint: a fixture)
 
@@ -68,9 +68,11 @@ def test_without_rng_state_turns_off_the_checkpoints_rng_state_and_refuses_dropo
         without_rng_state(model)
 
 
-def test_capture_step_needs_a_gpu_and_a_whole_warmup():
+def test_capture_step_needs_a_gpu_a_whole_warmup_and_a_stream():
     with pytest.raises(ValueError, match="warmup: expected an integer >= 0"):
         capture_step(lambda: torch.zeros(()), warmup=-1)
+    with pytest.raises(ValueError, match="stream: expected a torch.cuda.Stream or None, got str"):
+        capture_step(lambda: torch.zeros(()), stream="side")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="capture_step: CUDA graphs need a CUDA GPU"):
             capture_step(lambda: torch.zeros(()))
@@ -164,3 +166,22 @@ def test_replays_train_as_the_eager_steps(checkpoint, step_in_backward):  # noqa
 
     moved, noise, apart = (distance(eager_params, other) for other in (start, again_params, graph_params))
     assert moved > 1e-3 and apart < 2 * noise + 0.02 * moved, (moved, noise, apart)
+
+
+@pytest.mark.gpu
+def test_a_capture_on_the_eager_steps_stream_adds_nothing_to_their_peak(checkpoint):  # noqa: F811
+    """Captured on the stream its eager steps ran on, the step's graph allocates no more than those steps' peak
+    (its pool takes the working memory they freed): cuBLAS's per-thread, per-stream workspaces exist already. A memory
+    plan checks the eager steps, so a replay then stays within the plan (run 84b, before: a capture on a stream of
+    its own peaked 118 MB above the checked eager step, over --max-memory)."""
+    step, _, _ = _tiny_training(checkpoint("qwen3_moe"), step_in_backward=False, lr=1e-3)
+    side = torch.cuda.Stream()
+    for _ in range(2):
+        on_side_stream(step, side)
+    torch.cuda.synchronize()
+    eager_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    replay = capture_step(step, warmup=0, stream=side)
+    replay()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() <= eager_peak + 2**20, (torch.cuda.max_memory_allocated(), eager_peak)

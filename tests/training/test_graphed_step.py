@@ -58,15 +58,15 @@ def test_padded_batches_without_a_mask_train_as_the_eager_loop_and_the_graph_com
     rounding turns the last-bit differences into an ulp here and there, which grow a little each step."""
     captures = []
 
-    def fake_capture(step, warmup):
-        captures.append(warmup)
+    def fake_capture(step, warmup, stream):
+        captures.append((warmup, stream is step.__self__.side))
         return lambda: step().clone()
 
     monkeypatch.setattr(graphed_step, "capture_step", fake_capture)
     settings = dict(SETTINGS, data=_nine_records(tmp_path), max_steps=6, max_grad_norm=0.5)
     eager, eager_rows = _train(tmp_path / "eager", False, **settings)
     graphed, graphed_rows = _train(tmp_path / "graphed", True, **settings)
-    assert captures == [0]  # once, without warm-up steps of its own (the eager steps were)
+    assert captures == [(0, True)]  # once, without warm-up steps of its own (the eager steps were), on their stream
     assert graphed["cuda_graph_first_replayed_step"] == 3 and eager["cuda_graph_first_replayed_step"] is None
     assert [r["tokens"] for r in graphed_rows] == [r["tokens"] for r in eager_rows]  # real tokens, not the padding
     _close(graphed_rows, eager_rows, "loss", 1e-4)
@@ -100,7 +100,7 @@ def test_a_checkpoint_written_under_the_graph_resumes_eagerly_and_back(tmp_path,
     and both continue the uninterrupted run's schedule and losses."""
     at_capture = []
 
-    def fake_capture(step, warmup):
+    def fake_capture(step, warmup, stream):
         at_capture.append(_capturable(step.__self__.optimizer))
         return lambda: step().clone()
 
@@ -162,7 +162,7 @@ def test_router_jitter_is_refused_like_dropout():
 
 
 def test_a_failed_capture_names_the_flag(monkeypatch):
-    def failing_capture(step, warmup):
+    def failing_capture(step, warmup, stream):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     monkeypatch.setattr(graphed_step, "capture_step", failing_capture)
