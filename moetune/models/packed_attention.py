@@ -60,7 +60,8 @@ def kernel(query, key, value, cu_seq, max_len: int, scale: float, window: int | 
     """Causal attention within each sequence of `cu_seq` (offsets into the rows of query [N, Hq, D] and of key and
     value [N, Hkv, D]): torch's varlen_attn, whose keyword arguments changed between torch versions (`is_causal` in
     the first, `window_size` since; `enable_gqa` in later ones). Tests put a stand-in here: torch has no CPU kernel."""
-    function, names = _varlen(), _parameters()
+    function = _varlen()
+    names = _parameters_of(function)
     kwargs = {}
     if "window_size" in names:
         kwargs["window_size"] = (-1 if window is None else window - 1, 0)

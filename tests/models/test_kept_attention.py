@@ -102,7 +102,7 @@ def test_a_second_backward_replays_the_kept_outputs_again(checkpoint):
 
 def _attention(q, k, v, dropout_p=0.0):
     return kept_attention._keeping(torch.nn.functional.scaled_dot_product_attention, q, k, v,
-                                        dropout_p=dropout_p, is_causal=True)
+                                   dropout_p=dropout_p, is_causal=True)
 
 
 def _checkpointed_twice(context_fn, dropout_p=0.0, backward_thread=False):
