@@ -413,8 +413,6 @@ def run(provider, source, config, seq, args, device) -> dict:
         fast_routers.TENSOR_CORE_LOGITS = args.router_logits == "bf16"
         lora_linear.LORA_TERM_FIRST = args.lora_term == "first"
         offload = {"auto": None, "on": True, "off": False}[args.offload]
-        if args.cuda_graph == "on":
-            offload = False  # offload's side-stream copies would hold their blocks for the whole capture
         model = build_moetune(
             source, args.model, args.rank, args.alpha, device, offload, args.fused_rotary == "on",
             None if args.checkpoint_layers == "auto" else args.checkpoint_layers, args.fused_router == "on",
@@ -463,15 +461,20 @@ def run(provider, source, config, seq, args, device) -> dict:
         with collector_frozen() if args.gc == "freeze" else contextlib.nullcontext():
             if graphed:  # eager warm-up (compiles, autotuning, the plan's checks, the optimizer's state), then replays
                 from moetune.training.cuda_graph import capture_step, on_side_stream
+                from moetune.training.offload import StaticHostBuffers
 
                 # on the stream the capture will use, as moetune train does: the per-stream cuBLAS workspaces the
                 # capture needs are then made, and counted by the plan's checks, here
                 side = torch.cuda.Stream(device)
-                _, eager_losses, _, _ = on_side_stream(functools.partial(
-                    time_steps, model, optimizer, ids, max(args.warmup, 1), 0, device, plan_checks.after_step), side)
-                # the peak from here: the capture's warm-up steps and its graph's pool (replays allocate nothing)
-                torch.cuda.reset_peak_memory_stats()
-                replay = capture_step(functools.partial(training_step, model, optimizer, ids), stream=side)
+                host_buffers = StaticHostBuffers()  # the offloaded layer inputs', made eagerly, reused by the graph
+                with host_buffers.active():
+                    _, eager_losses, _, _ = on_side_stream(functools.partial(
+                        time_steps, model, optimizer, ids, max(args.warmup, 1), 0, device, plan_checks.after_step),
+                        side)
+                    # the peak from here: the capture's warm-up steps and its graph's pool (replays allocate nothing)
+                    torch.cuda.reset_peak_memory_stats()
+                    replay = capture_step(functools.partial(training_step, model, optimizer, ids), stream=side)
+                replay.host_buffers = host_buffers  # kept as long as the graph that copies to and from them
                 times, losses, _, host = time_steps(model, optimizer, ids, 0, args.steps, device,
                                                     run_step=replay, reset_peak=False)
                 losses = eager_losses + losses  # (the capture's own warm-up steps between them are not listed)
@@ -593,8 +596,8 @@ def main(argv=None) -> int:
                              "match the memory plan's checked one? off: without them (the runs so far). Default: as "
                              "the environment sets it (recorded)")
     parser.add_argument("--cuda-graph", default="off", choices=["on", "off"],
-                        help="moetune's timed steps replayed from one CUDA graph captured after the warm-up (offload off; "
-                             "moetune/training/cuda_graph.py)")
+                        help="moetune's timed steps replayed from one CUDA graph captured after the warm-up "
+                             "(moetune/training/cuda_graph.py)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.expandable_segments is not None:  # read when the allocator starts: before the first CUDA allocation
@@ -606,8 +609,6 @@ def main(argv=None) -> int:
     if args.cuda_graph == "on":
         if args.optim not in ("adamw", "adamw_bf16"):
             parser.error(f"--optim: --cuda-graph on runs adamw or adamw_bf16, got {args.optim}")
-        if args.offload == "on":
-            parser.error("--offload on: a captured step offloads nothing (--cuda-graph on); leave it auto or off")
         if "moetune" in args.profile or "moetune" in args.memory_peak:
             parser.error("--profile / --memory-peak moetune: they run eager steps, not replays (--cuda-graph on)")
         if not torch.cuda.is_available():
@@ -635,7 +636,7 @@ def main(argv=None) -> int:
             if provider == "moetune":  # what was on: all layers checkpointed unless checkpoint_layers says otherwise
                 chosen = result.get("checkpoint_plan", {}).get("checkpoint_layers", args.checkpoint_layers)
                 settings = {"checkpoint_layers": chosen, "checkpoint_layers_asked": args.checkpoint_layers,
-                            "offload": "off" if args.cuda_graph == "on" else args.offload,
+                            "offload": args.offload,
                             "recompute_skip": args.recompute_skip,
                             "keep_attention": args.keep_attention, "step_in_backward": args.step_in_backward,
                             "lora_groups": args.lora_groups, "fused_router": args.fused_router,

@@ -12,8 +12,9 @@ eagerly and 600 ms replayed (NOTES run 83e; on a fast H100 host 1.00-1.01x, run 
 What a step must be for its replays to be the steps it stands for: the same shapes and input buffers every time
 (copy each batch into the captured input tensors); no host number that changes from step to step inside it
 (AdamWBf16(capturable=True) or torch's optimizers with capturable=True, a tensor learning rate filled in place by the
-schedule); no synchronisation with the host (a loss read with .item() belongs after the replay); no checkpoint
-offloaded to the host (its side-stream copies hold their blocks for the whole capture). transformers' mask functions
+schedule); no synchronisation with the host (a loss read with .item() belongs after the replay); checkpoints
+offloaded to the host only with host buffers made before the capture (offload.StaticHostBuffers, active around the
+eager steps and the capture, kept as long as the graph). transformers' mask functions
 take a capture for tracing and then build an explicit [T, T] mask where the eager step has none (the causal flash
 path): `eager_masks` answers for them as they decide eagerly for one unpacked sequence per row, so inputs must be
 that (no packed batches under a graph).

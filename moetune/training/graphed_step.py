@@ -20,6 +20,7 @@ import torch
 from ..messages import first_line
 from . import data as data_mod
 from .cuda_graph import capture_step, on_side_stream, without_rng_state
+from .offload import StaticHostBuffers
 
 __all__ = ["GraphedStep", "for_graph", "for_eager"]
 
@@ -57,6 +58,8 @@ class GraphedStep:
                        for _ in range(config.grad_accum)]
         self.num_items = torch.zeros((), dtype=torch.long, device=device)  # transformers' num_items_in_batch
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # the offloaded layer inputs' host buffers: made by the eager steps, the graph's from its capture on
+        self.host_buffers = StaticHostBuffers()
         self.replay = None
 
     def fill(self, micro_batches: list[list]) -> int:
@@ -73,6 +76,10 @@ class GraphedStep:
         return sum(int(b["token_mask"].sum()) for b in batches)
 
     def _step(self) -> torch.Tensor:
+        with self.host_buffers.active():
+            return self._micro_batches()
+
+    def _micro_batches(self) -> torch.Tensor:
         total = None
         for inputs in self.inputs:
             self.load.token_mask = inputs["token_mask"].view(-1)

@@ -236,8 +236,6 @@ def _build_model(plan: Plan, model_dir: str):
             checkpoint_layers=None if config.checkpoint_layers == "auto" else config.checkpoint_layers,
             train_router=config.train_router,
             random_state=config.seed,
-            # a captured step cannot hold the offload's side-stream copies (their blocks stay taken for the capture)
-            offload_checkpoints=False if config.cuda_graph else None,
         )
     return model, peft_model
 

@@ -34,6 +34,18 @@ The pinned buffers come from torch's caching host allocator, which keeps each bl
 it are done. Elsewhere (CPU in the tests, other devices) "offload" is a plain copy into an ordinary host tensor
 and back, through the same code.
 
+Inside a CUDA graph capture (a whole step recorded and replayed, training/cuda_graph.py) two things change:
+  - record_stream would keep each block from reuse until the capture ends (the allocator cannot query events
+    while capturing), so the step would hold every layer input after all. Instead the compute stream waits for
+    the copy to the host once the layer's forward is done (it has long finished by then: a layer computes for
+    milliseconds, the copy of its input takes a fraction of one), and for the copy back before the recompute, as
+    in eager mode; then the blocks go back to the graph's pool at once.
+  - A replay writes and reads the host addresses its capture saw, and pinned memory cannot be allocated while
+    capturing. `StaticHostBuffers` holds buffers made by the eager steps before the capture (same shapes) and
+    reused from step to step; the capture takes the same ones, and they live as long as whoever holds the graph
+    holds them. Every copy to and from them runs on the one side stream, so a buffer handed to the next layer
+    input is written only after the copy that read it.
+
 Limits: eager mode (the hooks are Python); an in-place change of a layer input after its layer ran raises at
 backward time (as autograd's own version check does), not during the race with the copy; one prefetch per
 unpack, in the order inputs were packed on this thread (two graphs alive at once still prefetch correctly when
@@ -43,6 +55,7 @@ graph is freed).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
@@ -51,11 +64,17 @@ import torch
 
 from ..models.recompute import checkpoint
 
-__all__ = ["disable_offloaded_checkpointing", "enable_offloaded_checkpointing", "offloaded_checkpoint"]
+__all__ = ["StaticHostBuffers", "disable_offloaded_checkpointing", "enable_offloaded_checkpointing",
+           "offloaded_checkpoint"]
 
 STANDARD_ATTR = "_moetune_standard_checkpointing_func"  # the checkpoint function offloading replaced
 _side_streams: dict[int, torch.cuda.Stream] = {}
-_thread = threading.local()  # .last: weakref to the _Stash packed last on this thread
+_thread = threading.local()  # .last: weakref to the _Stash packed last on this thread; .buffers: StaticHostBuffers
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's work is being recorded into a CUDA graph (the current stream of x's device is capturing)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -65,10 +84,56 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[index]
 
 
+class StaticHostBuffers:
+    """Host buffers for the offloaded layer inputs of steps recorded as a CUDA graph, reused from step to step.
+
+        buffers = StaticHostBuffers()
+        with buffers.active():          # around the eager steps before the capture, and the capture
+            step(); replay = capture_step(step)
+        # keep `buffers` as long as `replay`: the graph copies to and from their addresses
+
+    Inside `active()` on this thread, each offloaded layer input takes a buffer of its shape and dtype (pinned for a
+    CUDA tensor) and gives it back when autograd lets the input go; a capture then finds the buffers its eager steps
+    made and allocates none (pinned memory cannot be allocated while capturing)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.buffers: list[torch.Tensor] = []  # every buffer made, kept alive with this object
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype, like.is_cuda)  # pinned for a CUDA tensor
+        free = self._free.setdefault(key, [])
+        if free:
+            return free.pop()
+        if _capturing(like):
+            raise RuntimeError(
+                f"offloaded_checkpoint: a layer input of shape {tuple(like.shape)} came up in a CUDA graph capture "
+                "without a host buffer from the eager steps before it; run the same step eagerly inside "
+                "StaticHostBuffers.active() first")
+        buffer = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=like.is_cuda)
+        self.buffers.append(buffer)
+        return buffer
+
+    def give_back(self, buffer: torch.Tensor, like_cuda: bool) -> None:
+        """buffer, taken for a layer input (on CUDA: like_cuda), is free for the next one."""
+        self._free[(tuple(buffer.shape), buffer.dtype, like_cuda)].append(buffer)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Offloaded layer inputs packed on this thread inside the block take their host buffers from here."""
+        outer = getattr(_thread, "buffers", None)
+        _thread.buffers = self
+        try:
+            yield self
+        finally:
+            _thread.buffers = outer
+
+
 class _Stash:
     """One offloaded layer input: its host copy, and its device copy while fetched but not yet used."""
 
-    __slots__ = ("__weakref__", "device", "fetched", "host", "previous", "ready", "source", "version")
+    __slots__ = ("__weakref__", "buffers", "copied", "device", "fetched", "host", "previous", "ready", "source",
+                 "version")
 
     def __init__(self, x: torch.Tensor):
         self.device = x.device
@@ -76,20 +141,38 @@ class _Stash:
         # in-place change, as autograd does for the tensors it saves itself.
         self.source = weakref.ref(x)
         self.version = x._version
-        self.fetched = self.ready = None
+        self.fetched = self.ready = self.copied = None
         last = getattr(_thread, "last", None)
         self.previous = last  # weakref or None: the input packed before this one, fetched after it
         _thread.last = weakref.ref(self)
         cuda = x.device.type == "cuda"
-        self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=cuda)
+        self.buffers = getattr(_thread, "buffers", None)
+        if self.buffers is not None:
+            self.host = self.buffers.take(x)
+        elif _capturing(x):
+            raise RuntimeError("offloaded_checkpoint: inside a CUDA graph capture the layer inputs need host buffers "
+                               "made before it: run the eager steps and the capture inside StaticHostBuffers.active()")
+        else:
+            self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=cuda)
         if cuda:
+            capturing = _capturing(x)
             side = _side_stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
                 self.host.copy_(x, non_blocking=True)
-            x.record_stream(side)
+                if capturing:  # offloaded_checkpoint makes the compute stream wait for it after the layer
+                    self.copied = side.record_event()
+            if not capturing:
+                x.record_stream(side)
         else:
             self.host.copy_(x)
+
+    def __del__(self):
+        # autograd let this input go: the next layer input may take the buffer (its copies queue behind this one's
+        # on the same side stream)
+        buffers = getattr(self, "buffers", None)
+        if buffers is not None and getattr(self, "host", None) is not None:
+            buffers.give_back(self.host, self.device.type == "cuda")
 
     def fetch(self) -> None:
         """Start the copy back to the device (no-op when already started)."""
@@ -102,7 +185,8 @@ class _Stash:
             with torch.cuda.stream(side):
                 x.copy_(self.host, non_blocking=True)
                 self.ready = side.record_event()
-            x.record_stream(side)
+            if not _capturing(x):  # captured: take() waits for `ready` before any use
+                x.record_stream(side)
         else:
             x.copy_(self.host)
         self.fetched = x
@@ -144,16 +228,27 @@ def offloaded_checkpoint(function, *args, use_reentrant: bool = False, **kwargs)
     # Cleared on exit: autograd keeps the pack hook alive with every tensor it packed, and a hook holding the
     # arguments would keep them on the device.
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    stashed = []
 
     def pack(t: torch.Tensor):
         # Older torch (2.9) also saves checkpoint's own 0-element dummy here: keep anything else as it is.
-        return _Stash(t) if any(t is a for a in inputs) else t
+        if not any(t is a for a in inputs):
+            return t
+        stash = _Stash(t)
+        stashed.append(stash)
+        return stash
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+            out = checkpoint(function, *args, use_reentrant=False, **kwargs)
+        for stash in stashed:  # captured: the copies to the host done before the inputs' blocks can be reused
+            if stash.copied is not None:
+                torch.cuda.current_stream(stash.device).wait_event(stash.copied)
+                stash.copied = None
+        return out
     finally:
         inputs.clear()
+        stashed.clear()
 
 
 def _checkpointable_layers(model) -> list:

@@ -253,7 +253,6 @@ def test_cuda_graph_replays_the_timed_steps_or_says_it_needs_a_gpu(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--optim", "adamw_8bit"], "--optim: --cuda-graph on runs adamw or adamw_bf16, got adamw_8bit"),
-    (["--offload", "on"], "--offload on: a captured step offloads nothing"),
     (["--profile", "moetune"], "--profile / --memory-peak moetune: they run eager steps, not replays"),
 ])
 def test_cuda_graph_refuses_what_a_replay_cannot_be(extra, message):
