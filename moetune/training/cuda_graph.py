@@ -1,8 +1,10 @@
 """A whole training step recorded once as a CUDA graph and replayed: the host then issues a step in one call.
 
     without_rng_state(model)                  # before the first step: checkpoints that keep no RNG state
-    step()                                    # eager steps first: compiles, autotuning, the optimizer's state
-    replay = capture_step(step)               # step() again, recorded (after a few warm-up runs on a side stream)
+    host_buffers = StaticHostBuffers()        # offloaded checkpoints' host buffers (offload.py); keep with replay
+    with host_buffers.active():
+        step()                                # eager steps first: compiles, autotuning, the optimizer's state
+        replay = capture_step(step)           # step() again, recorded (after a few warm-up runs on a side stream)
     loss = replay()                           # the same step on the same input buffers, one launch from the host
 
 Why: a whole-model step issues ~7,500-15,000 launches through Python, autograd and the checkpoint hooks, and on
@@ -27,6 +29,8 @@ import functools
 from collections.abc import Callable
 
 import torch
+
+from .offload import join_unused_fetches
 
 __all__ = ["capture_step", "eager_masks", "on_side_stream", "without_rng_state"]
 
@@ -109,6 +113,7 @@ def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3,
     graph = torch.cuda.CUDAGraph()
     with eager_masks(), torch.cuda.graph(graph, stream=side):  # torch's own capture stream would need workspaces
         loss = step()
+        join_unused_fetches()  # copies back of offloaded inputs that backward prefetched and never used
 
     def replay() -> torch.Tensor:
         graph.replay()

@@ -43,10 +43,14 @@ Inside a CUDA graph capture (a whole step recorded and replayed, training/cuda_g
   - A replay writes and reads the host addresses its capture saw, and pinned memory cannot be allocated while
     capturing. `StaticHostBuffers` holds buffers made by the eager steps before the capture (same shapes) and
     reused from step to step; the capture takes the same ones, and they live as long as whoever holds the graph
-    holds them. Every copy to and from them runs on the one side stream, so a buffer handed to the next layer
-    input is written only after the copy that read it.
+    holds them. Every copy to and from them runs on the device's one side stream (buffers are kept per device), so
+    a buffer handed to the next layer input is written only after the copy that read it.
+  - A copy back that backward started but never used (the prefetch of an input whose layer autograd did not reach,
+    as in torch.autograd.grad over some of the weights) must still be joined to the capture: such copies are kept,
+    with their device blocks, until `join_unused_fetches()` (which capture_step calls after the step) makes the
+    capturing stream wait for them.
 
-Limits: eager mode (the hooks are Python); an in-place change of a layer input after its layer ran raises at
+Limits: the hooks are Python (a captured step runs them once, at its capture); an in-place change of a layer input after its layer ran raises at
 backward time (as autograd's own version check does), not during the race with the copy; one prefetch per
 unpack, in the order inputs were packed on this thread (two graphs alive at once still prefetch correctly when
 backward runs through them in reverse packing order, otherwise a prefetched input waits until it is used or its
@@ -65,11 +69,13 @@ import torch
 from ..models.recompute import checkpoint
 
 __all__ = ["StaticHostBuffers", "disable_offloaded_checkpointing", "enable_offloaded_checkpointing",
-           "offloaded_checkpoint"]
+           "join_unused_fetches", "offloaded_checkpoint"]
 
 STANDARD_ATTR = "_moetune_standard_checkpointing_func"  # the checkpoint function offloading replaced
 _side_streams: dict[int, torch.cuda.Stream] = {}
 _thread = threading.local()  # .last: weakref to the _Stash packed last on this thread; .buffers: StaticHostBuffers
+# copies back to the device started while capturing and not yet used: their `ready` event -> the device copy
+_unjoined: dict[object, torch.Tensor] = {}
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -101,7 +107,7 @@ class StaticHostBuffers:
         self.buffers: list[torch.Tensor] = []  # every buffer made, kept alive with this object
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(like.shape), like.dtype, like.is_cuda)  # pinned for a CUDA tensor
+        key = (tuple(like.shape), like.dtype, like.device)  # pinned for a CUDA tensor
         free = self._free.setdefault(key, [])
         if free:
             return free.pop()
@@ -114,9 +120,9 @@ class StaticHostBuffers:
         self.buffers.append(buffer)
         return buffer
 
-    def give_back(self, buffer: torch.Tensor, like_cuda: bool) -> None:
-        """buffer, taken for a layer input (on CUDA: like_cuda), is free for the next one."""
-        self._free[(tuple(buffer.shape), buffer.dtype, like_cuda)].append(buffer)
+    def give_back(self, buffer: torch.Tensor, device: torch.device) -> None:
+        """buffer, taken for a layer input on `device`, is free for the next one there."""
+        self._free[(tuple(buffer.shape), buffer.dtype, device)].append(buffer)
 
     @contextlib.contextmanager
     def active(self):
@@ -172,7 +178,7 @@ class _Stash:
         # on the same side stream)
         buffers = getattr(self, "buffers", None)
         if buffers is not None and getattr(self, "host", None) is not None:
-            buffers.give_back(self.host, self.device.type == "cuda")
+            buffers.give_back(self.host, self.device)
 
     def fetch(self) -> None:
         """Start the copy back to the device (no-op when already started)."""
@@ -185,7 +191,9 @@ class _Stash:
             with torch.cuda.stream(side):
                 x.copy_(self.host, non_blocking=True)
                 self.ready = side.record_event()
-            if not _capturing(x):  # captured: take() waits for `ready` before any use
+            if _capturing(x):  # take() waits for `ready` before any use; join_unused_fetches() if none comes
+                _unjoined[self.ready] = x
+            else:
                 x.record_stream(side)
         else:
             x.copy_(self.host)
@@ -203,11 +211,24 @@ class _Stash:
         x, self.fetched = self.fetched, None  # a second backward (retain_graph) fetches again
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
+            _unjoined.pop(self.ready, None)
             self.ready = None
         previous = self.previous() if self.previous is not None else None
         if previous is not None and previous.device == self.device:
             previous.fetch()
         return x
+
+
+def join_unused_fetches() -> int:
+    """Make the current stream (a capturing one) wait for the copies back to the device that backward started while
+    capturing and never used, then let their device blocks go; returns how many. A capture must end with every
+    stream it forked joined, and a block must not be reused while a copy still writes it. Call it inside the capture
+    after the step (capture_step does); a no-op when every fetched input was used, as in a full backward."""
+    pending = list(_unjoined.items())
+    _unjoined.clear()
+    for ready, x in pending:
+        torch.cuda.current_stream(x.device).wait_event(ready)
+    return len(pending)
 
 
 def _unpack(packed):
