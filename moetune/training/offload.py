@@ -50,11 +50,11 @@ Inside a CUDA graph capture (a whole step recorded and replayed, training/cuda_g
     with their device blocks, until `join_unused_fetches()` (which capture_step calls after the step) makes the
     capturing stream wait for them.
 
-Limits: the hooks are Python (a captured step runs them once, at its capture); an in-place change of a layer input after its layer ran raises at
-backward time (as autograd's own version check does), not during the race with the copy; one prefetch per
-unpack, in the order inputs were packed on this thread (two graphs alive at once still prefetch correctly when
-backward runs through them in reverse packing order, otherwise a prefetched input waits until it is used or its
-graph is freed).
+Limits: the hooks are Python (a captured step runs them once, at its capture); an in-place change of a layer
+input after its layer ran raises at backward time (as autograd's own version check does), not during the race with
+the copy; one prefetch per unpack, in the order inputs were packed on this thread (two graphs alive at once still
+prefetch correctly when backward runs through them in reverse packing order, otherwise a prefetched input waits
+until it is used or its graph is freed).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ __all__ = ["StaticHostBuffers", "disable_offloaded_checkpointing", "enable_offlo
 STANDARD_ATTR = "_moetune_standard_checkpointing_func"  # the checkpoint function offloading replaced
 _side_streams: dict[int, torch.cuda.Stream] = {}
 _thread = threading.local()  # .last: weakref to the _Stash packed last on this thread; .buffers: StaticHostBuffers
-# copies back to the device started while capturing and not yet used: their `ready` event -> the device copy
-_unjoined: dict[object, torch.Tensor] = {}
+# copies back to the device started while capturing and not yet used: id(ready event) -> (the event, the device copy)
+_unjoined: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -192,7 +192,7 @@ class _Stash:
                 x.copy_(self.host, non_blocking=True)
                 self.ready = side.record_event()
             if _capturing(x):  # take() waits for `ready` before any use; join_unused_fetches() if none comes
-                _unjoined[self.ready] = x
+                _unjoined[id(self.ready)] = (self.ready, x)
             else:
                 x.record_stream(side)
         else:
@@ -211,7 +211,7 @@ class _Stash:
         x, self.fetched = self.fetched, None  # a second backward (retain_graph) fetches again
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
-            _unjoined.pop(self.ready, None)
+            _unjoined.pop(id(self.ready), None)
             self.ready = None
         previous = self.previous() if self.previous is not None else None
         if previous is not None and previous.device == self.device:
@@ -224,7 +224,7 @@ def join_unused_fetches() -> int:
     capturing and never used, then let their device blocks go; returns how many. A capture must end with every
     stream it forked joined, and a block must not be reused while a copy still writes it. Call it inside the capture
     after the step (capture_step does); a no-op when every fetched input was used, as in a full backward."""
-    pending = list(_unjoined.items())
+    pending = list(_unjoined.values())
     _unjoined.clear()
     for ready, x in pending:
         torch.cuda.current_stream(x.device).wait_event(ready)

@@ -443,7 +443,7 @@ def test_join_unused_fetches_waits_for_each_pending_copy_and_lets_it_go(monkeypa
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     events = [object(), object()]
-    monkeypatch.setattr(offload, "_unjoined", {events[0]: torch.zeros(2), events[1]: torch.zeros(3)})
+    monkeypatch.setattr(offload, "_unjoined", {id(e): (e, torch.zeros(2)) for e in events})
     assert offload.join_unused_fetches() == 2
     assert waited == events and offload._unjoined == {}
     assert offload.join_unused_fetches() == 0 and waited == events
