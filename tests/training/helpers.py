@@ -80,3 +80,17 @@ def family_tokenizer(family: str, chat_template: str | None = None):
     )
     tokenizer.chat_template = chat_template or getattr(trl.chat_template_utils, f"{family}_chat_template")
     return tokenizer
+
+
+def lm_training_step(model, optimizer, ids):
+    """A step over one fixed batch as a captured step must be: forward, backward, optimizer step, gradients set to
+    None (nothing left for the next replay); returns the loss on the device."""
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step

@@ -11,6 +11,7 @@ import torch
 from moetune.training.cuda_graph import capture_step, eager_masks, on_side_stream, without_rng_state
 
 from ..models.helpers import checkpoint, randomize_lora_B, token_batch  # noqa: F401  (checkpoint: a fixture)
+from .helpers import lm_training_step
 
 
 def _attention_masks(model, ids) -> list:
@@ -112,15 +113,7 @@ def _tiny_training(model_dir: str, step_in_backward: bool, lr: float):
     rate = torch.tensor(lr, device="cuda")
     kwargs = dict(lr=rate, weight_decay=0.01, capturable=True)
     optimizer = StepInBackward(params, AdamWBf16, **kwargs) if step_in_backward else AdamWBf16(params, **kwargs)
-    ids = token_batch(1, 64).cuda()
-
-    def step() -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    step = lm_training_step(model, optimizer, token_batch(1, 64).cuda())
     step.optimizer = optimizer
     return step, params, rate
 

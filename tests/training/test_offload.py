@@ -27,6 +27,7 @@ from ..models.helpers import (
     token_batch,
 )
 from ..models.tiny import VOCAB, tiny_config
+from .helpers import lm_training_step
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning"),
@@ -393,15 +394,7 @@ def test_a_captured_step_offloads_its_layer_inputs_and_replays_the_eager_losses(
         without_rng_state(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = AdamWBf16(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)
-
-        def step() -> torch.Tensor:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        return step
+        return lm_training_step(model, optimizer, ids)
 
     def graphed(offloaded: bool):
         """(losses of 2 eager steps then 3 replays, the memory the capture and its replays added, host buffers)."""
