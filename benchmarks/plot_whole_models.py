@@ -50,9 +50,12 @@ def plot(out: Path, paths: list[Path]) -> Path:
             labelled = False
             for j, model in enumerate(models):
                 row = rows.get((model, name))
+                x = j + (i - (len(VARIANTS) - 1) / 2) * width
+                if row is not None and row.get("oom"):  # a bar's place, with what became of it
+                    ax.text(x, 0, "out of\nmemory", ha="center", va="bottom", fontsize=7, color=COLORS[name])
+                    continue
                 if row is None or row.get(key) is None:
                     continue
-                x = j + (i - (len(VARIANTS) - 1) / 2) * width
                 ax.bar(x, row[key], width, color=COLORS[name], label=None if labelled else LABELS[name])
                 labelled = True
                 ax.text(x, row[key], f"{row[key]:,.0f}" if index == 0 else f"{row[key]:.1f}",
@@ -66,8 +69,10 @@ def plot(out: Path, paths: list[Path]) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # room for the legend above the bars
     axes[0].legend(fontsize=8, ncols=2)
+    replayed = any(r.get("cuda_graph") for (_, name), r in rows.items() if name.startswith("moetune"))
     fig.suptitle(f"whole models, {next(iter(seqs)) // 1024}K tokens, batch 1, LoRA r=16 q/k/v/o + experts, "
-                 f"{' / '.join(sorted(optims))} - {env.get('device', '')}, {env.get('date', '')[:10]}", fontsize=10)
+                 f"{' / '.join(sorted(optims))}{', moetune replayed from a CUDA graph' if replayed else ''} - "
+                 f"{env.get('device', '')}, {env.get('date', '')[:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out

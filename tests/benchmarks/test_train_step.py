@@ -130,6 +130,29 @@ def test_whole_model_plot(tmp_path):
     assert proc.returncode != 0 and "expected rows of one context" in proc.stderr
 
 
+def test_whole_model_plot_marks_out_of_memory_and_replays(tmp_path, monkeypatch):
+    """A baseline that ran out of memory keeps its place with a note; moetune's replays are named in the title."""
+    import matplotlib.figure
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import plot_whole_models
+
+    rows = [
+        {"model": "qwen3-30b-a3b", "layers": 48, "seq": 8192, "provider": "baseline", "oom": True},
+        {"model": "qwen3-30b-a3b", "layers": 48, "seq": 8192, "provider": "moetune", "tokens_per_s": 14319.0,
+         "peak_gib": 65.95, "checkpoint_plan": {"checkpoint_layers": 47}, "cuda_graph": True},
+    ]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps({"environment": {"device": "test"}, "rows": rows}))
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    plot_whole_models.plot(tmp_path / "whole.png", [data])
+    (fig,) = figures
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("out of\nmemory") == 2 and "14,319" in texts  # both panels
+    assert "moetune replayed from a CUDA graph" in fig._suptitle.get_text()
+
+
 def test_step_in_backward_ab_alternates_on_one_model(tmp_path):
     out = tmp_path / "ab.json"
     _run(str(BENCH / "step_in_backward_ab.py"), "--tiny", "--layers", "2", "--rounds", "2", "--warmup", "1",
