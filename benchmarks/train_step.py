@@ -474,7 +474,6 @@ def run(provider, source, config, seq, args, device) -> dict:
                     # the peak from here: the capture's warm-up steps and its graph's pool (replays allocate nothing)
                     torch.cuda.reset_peak_memory_stats()
                     replay = capture_step(functools.partial(training_step, model, optimizer, ids), stream=side)
-                replay.host_buffers = host_buffers  # kept as long as the graph that copies to and from them
                 times, losses, _, host = time_steps(model, optimizer, ids, 0, args.steps, device,
                                                     run_step=replay, reset_peak=False)
                 losses = eager_losses + losses  # (the capture's own warm-up steps between them are not listed)

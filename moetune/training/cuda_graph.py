@@ -1,7 +1,7 @@
 """A whole training step recorded once as a CUDA graph and replayed: the host then issues a step in one call.
 
     without_rng_state(model)                  # before the first step: checkpoints that keep no RNG state
-    host_buffers = StaticHostBuffers()        # offloaded checkpoints' host buffers (offload.py); keep with replay
+    host_buffers = StaticHostBuffers()        # offloaded checkpoints' host buffers (offload.py), kept by replay
     with host_buffers.active():
         step()                                # eager steps first: compiles, autotuning, the optimizer's state
         replay = capture_step(step)           # step() again, recorded (after a few warm-up runs on a side stream)
@@ -16,7 +16,7 @@ What a step must be for its replays to be the steps it stands for: the same shap
 (AdamWBf16(capturable=True) or torch's optimizers with capturable=True, a tensor learning rate filled in place by the
 schedule); no synchronisation with the host (a loss read with .item() belongs after the replay); checkpoints
 offloaded to the host only with host buffers made before the capture (offload.StaticHostBuffers, active around the
-eager steps and the capture, kept as long as the graph). transformers' mask functions
+eager steps and the capture; capture_step keeps them with the graph). transformers' mask functions
 take a capture for tracing and then build an explicit [T, T] mask where the eager step has none (the causal flash
 path): `eager_masks` answers for them as they decide eagerly for one unpacked sequence per row, so inputs must be
 that (no packed batches under a graph).
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from .offload import join_unused_fetches
+from .offload import active_host_buffers, join_unused_fetches
 
 __all__ = ["capture_step", "eager_masks", "on_side_stream", "without_rng_state"]
 
@@ -120,4 +120,5 @@ def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3,
         return loss.clone()
 
     replay.graph = graph  # kept alive with the function; its pool holds the step's working memory
+    replay.host_buffers = active_host_buffers()  # the graph copies offloaded inputs to and from their addresses
     return replay

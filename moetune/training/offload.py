@@ -68,8 +68,8 @@ import torch
 
 from ..models.recompute import checkpoint
 
-__all__ = ["StaticHostBuffers", "disable_offloaded_checkpointing", "enable_offloaded_checkpointing",
-           "join_unused_fetches", "offloaded_checkpoint"]
+__all__ = ["StaticHostBuffers", "active_host_buffers", "disable_offloaded_checkpointing",
+           "enable_offloaded_checkpointing", "join_unused_fetches", "offloaded_checkpoint"]
 
 STANDARD_ATTR = "_moetune_standard_checkpointing_func"  # the checkpoint function offloading replaced
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -95,8 +95,7 @@ class StaticHostBuffers:
 
         buffers = StaticHostBuffers()
         with buffers.active():          # around the eager steps before the capture, and the capture
-            step(); replay = capture_step(step)
-        # keep `buffers` as long as `replay`: the graph copies to and from their addresses
+            step(); replay = capture_step(step)   # replay keeps `buffers`: the graph copies to and from them
 
     Inside `active()` on this thread, each offloaded layer input takes a buffer of its shape and dtype (pinned for a
     CUDA tensor) and gives it back when autograd lets the input go; a capture then finds the buffers its eager steps
@@ -127,12 +126,17 @@ class StaticHostBuffers:
     @contextlib.contextmanager
     def active(self):
         """Offloaded layer inputs packed on this thread inside the block take their host buffers from here."""
-        outer = getattr(_thread, "buffers", None)
+        outer = active_host_buffers()
         _thread.buffers = self
         try:
             yield self
         finally:
             _thread.buffers = outer
+
+
+def active_host_buffers() -> StaticHostBuffers | None:
+    """The StaticHostBuffers active on this thread, if any (what a capture must keep alive with its graph)."""
+    return getattr(_thread, "buffers", None)
 
 
 class _Stash:
@@ -151,17 +155,16 @@ class _Stash:
         last = getattr(_thread, "last", None)
         self.previous = last  # weakref or None: the input packed before this one, fetched after it
         _thread.last = weakref.ref(self)
-        cuda = x.device.type == "cuda"
-        self.buffers = getattr(_thread, "buffers", None)
+        cuda, capturing = x.device.type == "cuda", _capturing(x)
+        self.buffers = active_host_buffers()
         if self.buffers is not None:
             self.host = self.buffers.take(x)
-        elif _capturing(x):
+        elif capturing:
             raise RuntimeError("offloaded_checkpoint: inside a CUDA graph capture the layer inputs need host buffers "
                                "made before it: run the eager steps and the capture inside StaticHostBuffers.active()")
         else:
             self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=cuda)
         if cuda:
-            capturing = _capturing(x)
             side = _side_stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
