@@ -58,17 +58,23 @@ from .sizes import cdiv, next_power_of_2
 
 
 @triton.jit
-def _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Expert of M tile pid_m and its row range; e == E means 'past the last tile'."""
+def tile_expert(pid_m, tile_ends_ptr, E, LOG2_E: tl.constexpr):
+    """The smallest e with tile_ends[e] > pid_m (the expert of tile pid_m), or E past the last tile."""
     lo = pid_m * 0
     hi = lo + E
-    for _ in tl.static_range(LOG2_E):  # smallest e with tile_ends[e] > pid_m, or E
+    for _ in tl.static_range(LOG2_E):
         active = lo < hi
         mid = (lo + hi) // 2
         ends = tl.load(tile_ends_ptr + tl.minimum(mid, E - 1))
         lo = tl.where(active & (ends <= pid_m), mid + 1, lo)
         hi = tl.where(active & (ends > pid_m), mid, hi)
-    e = lo
+    return lo
+
+
+@triton.jit
+def _find_tile(pid_m, tile_ends_ptr, offsets_ptr, E, LOG2_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Expert of M tile pid_m and its row range; e == E means 'past the last tile'."""
+    e = tile_expert(pid_m, tile_ends_ptr, E, LOG2_E)
     e_safe = tl.minimum(e, E - 1)
     prev = tl.maximum(e_safe - 1, 0)
     tile_start = tl.where(e_safe > 0, tl.load(tile_ends_ptr + prev), 0)
@@ -456,14 +462,20 @@ def tile_schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
     sort comes with them (remember_tile_schedule). The memo holds for the counts' version: counts written in place
     (a caller reusing its buffers) get new schedules.
     """
+    cache = schedules(counts_E)
+    if block_m not in cache:
+        cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
+    return cache[block_m]
+
+
+def schedules(counts_E: torch.Tensor) -> dict:
+    """The memo of schedules made from counts_E as it is now (tile_schedule's; grouped_wgrad keeps its own there)."""
     version, cache = counts_E.__dict__.get("_moetune_tile_ends", (None, None))
     current = _version(counts_E)
     if version != current:
         cache = {}
         counts_E.__dict__["_moetune_tile_ends"] = (current, cache)
-    if block_m not in cache:
-        cache[block_m] = torch.cumsum((counts_E + block_m - 1) // block_m, 0).to(torch.int32)
-    return cache[block_m]
+    return cache
 
 
 def remember_tile_schedule(counts_E: torch.Tensor, tile_ends: torch.Tensor) -> None:

@@ -618,6 +618,60 @@ def test_wgrad_over_several_blocks(mode):
     close(out, wgrad_reference(plan, 5, a_rows, b_rows))
 
 
+def busy_expert_problem(E, T, k, seed=0):
+    """Every token routes its first slot to expert 0 (the rest distinct, at random), expert E - 1 gets none."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(E - 2, generator=gen)[:k - 1]])
+                       for _ in range(T)])
+    return plan_routing(ids.to(DEVICE), E), gen
+
+
+@pytest.mark.parametrize("mode", ["plain", "gather_a_scale", "gather_b", "act_b", "act_b_interleaved"])
+def test_wgrad_split_into_chunks_of_each_expert(mode, monkeypatch):
+    """Chunks of 8 rows: experts of several chunks (partials summed by the last program), of one, and the empty
+    expert's one empty chunk (zeros), with every candidate config; counts_E given or not."""
+    from moetune.kernels import grouped_wgrad
+    from moetune.kernels.grouped_wgrad import wgrad_candidates
+
+    monkeypatch.setattr(importlib.import_module("moetune.kernels.grouped_wgrad"), "chunk_rows", lambda S, E: 8)
+    plan, gen = busy_expert_problem(E=6, T=29, k=2)
+    counts = plan.counts_E.tolist()
+    assert counts[0] == 29 and counts[5] == 0 and min(counts[1:5]) <= 8 < max(counts[1:5])
+    S, M, N = plan.num_rows, 17, 12
+    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, M, N)
+    ref = wgrad_reference(plan, 6, a_rows, b_rows)
+    for config in (None, *wgrad_candidates(M, N, S, 6)):
+        for counts_E in (None, plan.counts_E):
+            out = grouped_wgrad(num_rows=S, offsets_E=plan.offsets_E, counts_E=counts_E, config=config, **kwargs)
+            close(out, ref)
+            assert out[5].abs().sum() == 0  # the empty expert
+
+
+def test_wgrad_splits_a_busy_expert_at_its_own_chunk_size():
+    """Without a stand-in chunk size: one expert takes every token, 1100 rows against chunks of 512 (twice the
+    mean of 138 rows per expert, rounded up to a power of two); several M and N blocks, their tails included."""
+    from moetune.kernels import grouped_wgrad
+    from moetune.kernels.grouped_wgrad import chunk_rows
+
+    plan, gen = busy_expert_problem(E=16, T=1100, k=2, seed=3)
+    assert chunk_rows(plan.num_rows, 16) == 512 and plan.counts_E[0] == 1100
+    kwargs, a_rows, b_rows = wgrad_case("gather_a_scale", plan, gen, 40, 24)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    out = grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, config=config, **kwargs)
+    close(out, wgrad_reference(plan, 16, a_rows, b_rows))
+    assert out[15].abs().sum() == 0
+
+
+def test_wgrad_chunk_rows():
+    """About twice the mean rows per expert, a power of two, at least 256: even routing gives one chunk an expert."""
+    from moetune.kernels.grouped_wgrad import chunk_rows
+
+    assert chunk_rows(131072, 128) == 2048   # Qwen3-30B-A3B at 16K tokens: a mean of 1024 rows
+    assert chunk_rows(32768, 128) == 512     # at 4K
+    assert chunk_rows(32768, 32) == 2048     # gpt-oss-20b at 8K
+    assert chunk_rows(100, 8) == chunk_rows(0, 8) == chunk_rows(5, 0) == 256
+
+
 def test_wgrad_candidates_widen_the_wide_side():
     """The rank side keeps one block; the wide side (H or I) is tried up to 256 columns wide."""
     from moetune.kernels.grouped_wgrad import wgrad_candidates
@@ -644,14 +698,38 @@ def test_every_wgrad_candidate_in_bf16_on_gpu(mode, wide):
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
     plan = plan_routing(ids.cuda(), E)
     M, N = (333, 16) if wide == "M" else (16, 333)
-
-    def bf16(gen, *shape):
-        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
-
-    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, M, N, make=bf16)
+    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, M, N, make=bf16_cuda)
     ref = wgrad_reference(plan, E, a_rows, b_rows)
     for config in wgrad_candidates(M, N, plan.num_rows, E):
         close(grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, config=config, **kwargs), ref, tol=1e-2)
+
+
+def bf16_cuda(gen, *shape):
+    return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["plain", "gather_a_scale", "gather_b", "act_b", "act_b_interleaved"])
+@pytest.mark.parametrize("wide", ["M", "N"])
+def test_wgrad_split_in_bf16_on_gpu_is_deterministic(mode, wide):
+    """One expert takes every token (3000 rows in chunks of 512, summed by whichever program is last), in bf16 with
+    every candidate config: against float64, and two launches the same to the bit."""
+    from moetune.kernels import grouped_wgrad
+    from moetune.kernels.grouped_wgrad import chunk_rows, wgrad_candidates
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    plan, gen = busy_expert_problem(E=64, T=3000, k=4, seed=5)
+    assert chunk_rows(plan.num_rows, 64) == 512
+    M, N = (333, 16) if wide == "M" else (16, 333)
+    kwargs, a_rows, b_rows = wgrad_case(mode, plan, gen, M, N, make=bf16_cuda)
+    ref = wgrad_reference(plan, 64, a_rows, b_rows)
+    for config in wgrad_candidates(M, N, plan.num_rows, 64):
+        first, second = (grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E,
+                                       config=config, **kwargs) for _ in range(2))
+        close(first, ref, tol=1e-2)
+        assert torch.equal(first, second)
+        assert first[63].abs().sum() == 0
 
 
 def test_split_config_is_refused_outside_the_activation_gradient_epilogue():

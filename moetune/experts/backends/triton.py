@@ -133,7 +133,7 @@ class TritonExpertsFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-        wg = dict(num_rows=S, offsets_E=plan.offsets_E)
+        wg = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
         d_out = d_out.to(x.dtype).contiguous()
         dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
 
