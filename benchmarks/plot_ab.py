@@ -2,8 +2,9 @@
 
 Takes router_logits_ab.py's rows (tokens, way, gpu_busy_us), lora_order_ab.py's (model, part, first_ / last_
 gpu_busy_ms), packed_attention_ab.py's (model, seq, path: mask or varlen, forward_backward_ms; a case one path could
-not run, e.g. out of memory, is left out) and sum_over_k_ab.py's cases (torch_us against the kernel with the run's default tile, or with --tile one
-tile of its sweep: GPU time of one call, not of a forward + backward).
+not run, e.g. out of memory, is left out), sum_over_k_ab.py's cases (torch_us against the kernel with the run's default tile, or with --tile one
+tile of its sweep: GPU time of one call, not of a forward + backward) and wgrad_split_ab.py's (the four LoRA
+weight-gradient launches of a layer, unsplit against split, per routing).
 
     python benchmarks/plot_ab.py benchmarks/results/router-logits-ab-run68b-H100.json   # writes the .png beside it
     python benchmarks/plot_ab.py benchmarks/results/sum-over-k-ab-run73-H100.json --tile 1,2048,8
@@ -25,7 +26,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 def cases(rows: list[dict], tile: tuple[int, int, int] | None = None) -> tuple[list[str], list[str], dict]:
     """(case labels, way labels, {(case, way): GPU busy us}) from either script's rows; repeated rounds: median."""
     values: dict[tuple[str, str], list[float]] = {}
-    if rows and "bitwise_equal_torch" in rows[0]:  # sum_over_k_ab: one row a case
+    if rows and "routing" in rows[0]:  # wgrad_split_ab: one row a (case, routing), both ways in it
+        if "split_ms" not in rows[0]:
+            raise ValueError("wgrad_split_ab rows without timings (a --tiny run): nothing to plot")
+        for r in rows:
+            label = f"{r['shape']} {r['tokens']}\n{r['routing']}: busiest\n{r['busiest_over_mean']:.1f}x the mean"
+            values[(label, "unsplit: one program an expert")] = [r["unsplit_ms"] * 1e3]
+            values[(label, "split into chunks of rows")] = [r["split_ms"] * 1e3]
+    elif rows and "bitwise_equal_torch" in rows[0]:  # sum_over_k_ab: one row a case
         if "torch_us" not in rows[0]:
             raise ValueError("sum_over_k_ab rows without timings (a --tiny run): nothing to plot")
         for r in rows:
@@ -77,7 +85,8 @@ def plot(path: Path, tile: tuple[int, int, int] | None = None) -> Path:
                 ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("GPU us a call (do_bench)" if "cases" in data else "us per forward+backward (CUDA events)"
+    ax.set_ylabel("GPU us, a layer's four launches (do_bench)" if rows and "routing" in rows[0] else
+                  "GPU us a call (do_bench)" if "cases" in data else "us per forward+backward (CUDA events)"
                   if rows and "path" in rows[0] else "GPU busy us per forward+backward")
     env = data.get("environment", {})
     ax.set_title(f"{path.stem}: {env.get('device', '?')}, {env.get('date', '?')[:10]}\n"

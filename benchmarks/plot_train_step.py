@@ -4,7 +4,7 @@
 
 Rows of every file are pooled by (variant, seq); a later file's row replaces an earlier one's. A variant is the
 provider and its checkpointing: moetune with checkpoint_layers=0 (or some layers only) and Unsloth with
---gradient-checkpointing off are bars of their own.
+--gradient-checkpointing off are bars of their own, and so are moetune's steps replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,21 +19,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"baseline": "tab:gray", "unsloth": "tab:orange", "unsloth-nockpt": "moccasin", "moetune": "tab:green",
-          "moetune-partial": "mediumseagreen", "moetune-nockpt": "darkgreen"}
+          "moetune-partial": "mediumseagreen", "moetune-nockpt": "darkgreen", "moetune-graph": "yellowgreen",
+          "moetune-partial-graph": "darkseagreen", "moetune-nockpt-graph": "olive"}
 LABELS = {"baseline": "transformers + PEFT", "unsloth": "Unsloth", "unsloth-nockpt": "Unsloth, no checkpointing",
           "moetune": "moetune", "moetune-partial": "moetune, some layers checkpointed",
-          "moetune-nockpt": "moetune, no checkpointing"}
+          "moetune-nockpt": "moetune, no checkpointing",
+          "moetune-graph": "moetune, replayed (CUDA graph)",
+          "moetune-partial-graph": "moetune, some layers checkpointed, replayed (CUDA graph)",
+          "moetune-nockpt-graph": "moetune, no checkpointing, replayed (CUDA graph)"}
 
 
 def variant(row: dict) -> str:
     """The provider, with "-nockpt" where no layer was checkpointed and "-partial" where some were (as chosen,
-    also by checkpoint_layers auto)."""
+    also by checkpoint_layers auto), then "-graph" where the timed steps were replayed from a CUDA graph."""
     layers = (row.get("checkpoint_plan") or {}).get("checkpoint_layers", row.get("checkpoint_layers"))
+    graph = "-graph" if row.get("cuda_graph") else ""
     if layers == 0 or row.get("gradient_checkpointing") == "off":
-        return row["provider"] + "-nockpt"
+        return row["provider"] + "-nockpt" + graph
     if isinstance(layers, int) and layers < row.get("layers", layers + 1):
-        return row["provider"] + "-partial"
-    return row["provider"]
+        return row["provider"] + "-partial" + graph
+    return row["provider"] + graph
 
 
 def load_rows(paths: list[Path]) -> tuple[dict, dict, dict]:

@@ -58,9 +58,11 @@ def test_the_chosen_variants_get_their_own_arguments(tmp_path):
     assert "--gradient-checkpointing off" in unsloth and "unsloth-nockpt.json" in unsloth
 
 
-def test_default_runs_all_five(tmp_path):
+def test_default_runs_all_six(tmp_path):
     result, lines = run_script(tmp_path)
     assert result.returncode == 0, result.stderr
     outs = [line.split("--out ")[1].split()[0] for line in lines if line.startswith("benchmarks/")]
-    assert [pathlib.Path(out).stem for out in outs] == ["moetune", "moetune-auto", "baseline", "unsloth",
-                                                         "unsloth-nockpt"]
+    assert [pathlib.Path(out).stem for out in outs] == ["moetune", "moetune-auto", "moetune-graph", "baseline",
+                                                         "unsloth", "unsloth-nockpt"]
+    graph = next(line for line in lines if "moetune-graph.json" in line)
+    assert "--checkpoint-layers auto" in graph and "--cuda-graph on" in graph

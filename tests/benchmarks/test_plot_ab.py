@@ -74,3 +74,17 @@ def test_packed_attention_rows_leave_out_a_case_one_path_could_not_run(tmp_path)
     path = tmp_path / "packed.json"
     path.write_text(json.dumps({"environment": {"device": "cpu", "date": "2026-12-07"}, "rows": rows}))
     assert plot_ab.plot(path).stat().st_size > 0
+
+
+def test_wgrad_split_rows_compare_unsplit_with_split_per_routing(tmp_path):
+    rows = [{"shape": "qwen3", "tokens": 16, "routing": kind, "busiest_over_mean": busiest, "unsplit_ms": unsplit,
+             "split_ms": 0.5} for kind, busiest, unsplit in (("even", 1.1, 0.5), ("busy", 16.0, 1.5))]
+    labels, ways, value = plot_ab.cases(rows)
+    assert ways == ["unsplit: one program an expert", "split into chunks of rows"]
+    assert labels == ["qwen3 16\neven: busiest\n1.1x the mean", "qwen3 16\nbusy: busiest\n16.0x the mean"]
+    assert value[(labels[1], ways[0])] == 1500.0 and value[(labels[1], ways[1])] == 500.0
+    path = tmp_path / "wgrad.json"
+    path.write_text(json.dumps({"environment": {"device": "cpu", "date": "2026-12-07"}, "cases": rows}))
+    assert plot_ab.plot(path).stat().st_size > 0
+    with pytest.raises(ValueError, match="without timings"):
+        plot_ab.cases([{"shape": "qwen3", "tokens": 16, "routing": "even", "ok": True}])
