@@ -11,6 +11,11 @@ Switches (environment variables read at each launch):
   kernels/sum_over_k.py (ways "torch" and "kernel"); both sum in fp32 and round once, perhaps in another order, so
   an output may differ in its last bit: required equal within NOT_BITWISE_TOLERANCE (relative, each output and
   gradient), not bitwise. It changes no GEMM launch, so --launches is refused with it.
+- wgrad_split: kernels/grouped_wgrad.py's SPLIT_ROWS (a module flag). The LoRA weight gradients with every expert's
+  rows in one program, or split into chunks of about twice the mean (ways "one_program" and "split"). The cases
+  route evenly (harness.make_routing), where the split leaves every expert one chunk: this measures what the split
+  costs there (its schedule, counts and binary search); wgrad_split_ab.py measures uneven routings. Compared within
+  NOT_BITWISE_TOLERANCE, as an expert past its chunk would sum its partials in another order.
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a
@@ -51,8 +56,9 @@ SWITCHES = {  # name: (environment variable or module flag, (the way with it "0"
     "persistent": ("MOETUNE_TRITON_PERSISTENT", ("one_tile", "persistent")),
     "gluon": ("MOETUNE_TRITON_GLUON", ("triton", "gluon")),
     "sum": ("moetune.experts.backends.triton.SUM_KERNEL", ("torch", "kernel")),
+    "wgrad_split": ("moetune.kernels.grouped_wgrad.SPLIT_ROWS", ("one_program", "split")),
 }
-NOT_BITWISE = {"sum"}  # switches whose two ways may round differently
+NOT_BITWISE = {"sum", "wgrad_split"}  # switches whose two ways may round differently
 NOT_BITWISE_TOLERANCE = 1e-3  # a last-bit difference in some bf16 elements moves a norm by far less
 
 

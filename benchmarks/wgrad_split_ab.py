@@ -6,8 +6,8 @@ expert. Without the split one program walks all of an expert's rows, so the laun
 86d measured a random-initialised Qwen3-30B-A3B cut routing 16K of its 131K rows at 16K tokens to one expert, and
 the four launches of a layer at 1.41-1.50 ms against 0.53 ms under even routing. For each case (bf16 on the GPU):
 each routing, each launch (dB2 with the gather and the routing weight, dA2 with the activation recomputed on load,
-dB1, dA1 with the gather) timed split and unsplit (the chunk size set past every expert's rows: the kernel as it
-was), do_bench medians with the L2 flushed; and checks that split and unsplit agree within fp32 rounding and that
+dB1, dA1 with the gather) timed split and unsplit (grouped_wgrad.SPLIT_ROWS off: every expert one chunk, the
+kernel as it was), do_bench medians with the L2 flushed; and checks that split and unsplit agree within fp32 rounding and that
 two split launches give the same bits (the exit code).
 
 Routings: even (harness.make_routing: softmax top-k of random logits), zipf (each token draws its k experts without
@@ -95,13 +95,12 @@ def case(name: str, tokens: int, kind: str, args, device, dtype) -> dict:
     split_ok = True
     for launch_name, call in launches(shape, tokens, plan, device, dtype, gen).items():
         split, again = call(), call()
-        chunk_rows = module.chunk_rows
-        module.chunk_rows = lambda num_rows, num_experts: max(256, num_rows)  # every expert one chunk: no split
+        module.SPLIT_ROWS = False  # every expert one chunk: the kernel as it was
         try:
             whole = call()
             whole_ms = gpu_ms(call) if device.type == "cuda" else None
         finally:
-            module.chunk_rows = chunk_rows
+            module.SPLIT_ROWS = True
         err = ((split.double() - whole.double()).norm() / whole.double().norm().clamp_min(1e-30)).item()
         entry = {"bitwise_repeat": torch.equal(split, again), "rel_err_vs_unsplit": err}
         split_ok &= entry["bitwise_repeat"] and err < 1e-5

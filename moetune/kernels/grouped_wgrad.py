@@ -212,10 +212,13 @@ def grouped_wgrad(
 # Chunks of about twice the mean rows per expert: where routing is even every expert is one chunk (no partials),
 # and where it is not the busiest expert's rows spread over (its rows / mean) / 2 programs per block.
 CHUNK_OVER_MEAN = 2
+SPLIT_ROWS = True  # False: every expert one chunk, one program walking all its rows (the kernel before run 86)
 
 
 def chunk_rows(num_rows: int, num_experts: int) -> int:
     """Rows per chunk of grouped_wgrad's split: a power of two from 256 (a few BLOCK_K steps) up."""
+    if not SPLIT_ROWS:
+        return max(256, num_rows)
     return max(256, CHUNK_OVER_MEAN * next_power_of_2(cdiv(num_rows, max(1, num_experts))))
 
 

@@ -662,14 +662,17 @@ def test_wgrad_splits_a_busy_expert_at_its_own_chunk_size():
     assert out[15].abs().sum() == 0
 
 
-def test_wgrad_chunk_rows():
-    """About twice the mean rows per expert, a power of two, at least 256: even routing gives one chunk an expert."""
-    from moetune.kernels.grouped_wgrad import chunk_rows
+def test_wgrad_chunk_rows(monkeypatch):
+    """About twice the mean rows per expert, a power of two, at least 256: even routing gives one chunk an expert.
+    SPLIT_ROWS off: one chunk holds every row (each expert one program, the kernel before the split)."""
+    module = importlib.import_module("moetune.kernels.grouped_wgrad")
 
-    assert chunk_rows(131072, 128) == 2048   # Qwen3-30B-A3B at 16K tokens: a mean of 1024 rows
-    assert chunk_rows(32768, 128) == 512     # at 4K
-    assert chunk_rows(32768, 32) == 2048     # gpt-oss-20b at 8K
-    assert chunk_rows(100, 8) == chunk_rows(0, 8) == chunk_rows(5, 0) == 256
+    assert module.chunk_rows(131072, 128) == 2048   # Qwen3-30B-A3B at 16K tokens: a mean of 1024 rows
+    assert module.chunk_rows(32768, 128) == 512     # at 4K
+    assert module.chunk_rows(32768, 32) == 2048     # gpt-oss-20b at 8K
+    assert module.chunk_rows(100, 8) == module.chunk_rows(0, 8) == module.chunk_rows(5, 0) == 256
+    monkeypatch.setattr(module, "SPLIT_ROWS", False)
+    assert module.chunk_rows(131072, 128) == 131072 and module.chunk_rows(100, 8) == 256
 
 
 def test_wgrad_candidates_widen_the_wide_side():
