@@ -110,8 +110,9 @@ def grouped_wgrad_kernel(
     else:
         block = ms[:, None].to(tl.int64) * N + ns[None, :]  # this block's elements in one [M, N] partial
         tl.store(part_ptr + chunk.to(tl.int64) * M * N + block, acc, mask=mn_mask)
-        # A scalar atomic: every thread's store above, then one release / acquire at GPU scope (acq_rel) by one
-        # thread, its result shared with the rest; the partials are then read past L1 (.cg).
+        # Every thread's stores, a barrier, then one release / acquire at GPU scope (the scalar atomic's acq_rel, by
+        # one thread, its result shared with the rest): CUTLASS's semaphore pattern. The partials are read past L1.
+        tl.debug_barrier()
         arrived = tl.atomic_add(arrived_ptr + (e * m_blocks + pid_m) * tl.num_programs(1) + pid_n, 1)
         if arrived == chunks - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
