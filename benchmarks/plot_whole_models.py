@@ -31,8 +31,8 @@ def load(paths: list[Path]) -> tuple[dict, dict, set, set]:
         data = json.loads(path.read_text())
         env = data.get("environment", env)
         optims.add(data.get("args", {}).get("optim", "adamw"))
-        for row in data["rows"]:
-            rows[(row["model"], variant(row))] = row
+        for row in data["rows"]:  # replayed or not, one bar (the title says when moetune's were replayed)
+            rows[(row["model"], variant(row).removesuffix("-graph"))] = row
             seqs.add(row["seq"])
     return rows, env, seqs, optims
 
