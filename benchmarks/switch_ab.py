@@ -12,7 +12,7 @@ Switches (environment variables read at each launch):
   an output may differ in its last bit: required equal within NOT_BITWISE_TOLERANCE (relative, each output and
   gradient), not bitwise. It changes no GEMM launch, so --launches is refused with it.
 - wgrad_split: kernels/grouped_wgrad.py's SPLIT_ROWS (a module flag). The LoRA weight gradients with every expert's
-  rows in one program, or split into chunks of about twice the mean (ways "one_program" and "split"). The cases
+  rows in one program, or split into chunks of 2-4x the mean (ways "one_program" and "split"). The cases
   route evenly (harness.make_routing), where the split leaves every expert one chunk: this measures what the split
   costs there (its schedule, counts and binary search); wgrad_split_ab.py measures uneven routings. Compared within
   NOT_BITWISE_TOLERANCE, as an expert past its chunk would sum its partials in another order.

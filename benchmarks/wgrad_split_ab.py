@@ -1,13 +1,13 @@
 """The four LoRA weight-gradient launches of one experts backward, split into chunks of rows or not, under routings
 even and uneven.
 
-grouped_wgrad (kernels/grouped_wgrad.py) splits each expert's rows into chunks of about twice the mean rows per
+grouped_wgrad (kernels/grouped_wgrad.py) splits each expert's rows into chunks of 2-4x the mean rows per
 expert. Without the split one program walks all of an expert's rows, so the launch waits on the busiest expert: run
 86d measured a random-initialised Qwen3-30B-A3B cut routing 16K of its 131K rows at 16K tokens to one expert, and
 the four launches of a layer at 1.41-1.50 ms against 0.53 ms under even routing. For each case (bf16 on the GPU):
 each routing, each launch (dB2 with the gather and the routing weight, dA2 with the activation recomputed on load,
-dB1, dA1 with the gather) timed split and unsplit (grouped_wgrad.SPLIT_ROWS off: every expert one chunk, the
-kernel as it was), do_bench medians with the L2 flushed; and checks that split and unsplit agree within fp32 rounding and that
+dB1, dA1 with the gather) timed split and unsplit (grouped_wgrad.SPLIT_ROWS off: every expert one chunk, one
+program walking all its rows as before the split; its schedule launch and binary search remain), do_bench medians with the L2 flushed; and checks that split and unsplit agree within fp32 rounding and that
 two split launches give the same bits (the exit code).
 
 Routings: even (harness.make_routing: softmax top-k of random logits), zipf (each token draws its k experts without
@@ -95,7 +95,7 @@ def case(name: str, tokens: int, kind: str, args, device, dtype) -> dict:
     split_ok = True
     for launch_name, call in launches(shape, tokens, plan, device, dtype, gen).items():
         split, again = call(), call()
-        module.SPLIT_ROWS = False  # every expert one chunk: the kernel as it was
+        module.SPLIT_ROWS = False  # every expert one chunk: one program walks all its rows
         try:
             whole = call()
             whole_ms = gpu_ms(call) if device.type == "cuda" else None

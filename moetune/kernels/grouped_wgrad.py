@@ -9,14 +9,16 @@
 
 Used for dA/dB of both projections, where M or N is the LoRA rank. Experts with no rows get zeros.
 
-Split over rows: each expert's rows are cut into chunks of at most chunk_rows (about twice the mean rows per
-expert), and each program reduces one chunk for one [BLOCK_M, BLOCK_N] block. Routing is rarely even: run 86d's
+Split over rows: each expert's rows are cut into chunks of at most chunk_rows (twice the mean rows per expert,
+rounded up to a power of two), and each program reduces one chunk for one [BLOCK_M, BLOCK_N] block. Routing is rarely even: run 86d's
 random-initialised Qwen3-30B-A3B cut sent 16K of 131K rows to one expert and none to 60-83 of 128, and one program
 walking a whole expert's rows made the four launches of a layer 1.41-1.50 ms against 0.53 ms for even routing.
 An expert of one chunk (all of them where routing is even) is stored directly. Several chunks store fp32 partial
-sums; the program that finishes its expert's block last (an atomic count) adds them up in chunk order and stores
+sums (in a slab of at most twice as many chunks as rows / chunk_rows: only experts of several chunks have a place
+there); the program that finishes its expert's block last (an atomic count) adds them up in chunk order and stores
 the result: deterministic, the same bits whichever program is last. Grid: (chunk bound * M blocks, N blocks);
-chunks past the last exit at once.
+chunks past the last exit at once. The schedule (cumulative chunks per expert, and their slab places) is one small
+launch per backward, memoised on the counts.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def grouped_wgrad_kernel(
     a_index_ptr,
     b_ptr, stride_bm, stride_bn,
     b_index_ptr, scale_ptr,
-    offsets_ptr, chunk_ends_ptr, chunk_rows,
+    offsets_ptr, schedule_ptr, chunk_rows,
     c_ptr, stride_ce, stride_cm, stride_cn,
     part_ptr, arrived_ptr,
     M, N, E, alpha, act_alpha, act_limit,
@@ -54,11 +56,11 @@ def grouped_wgrad_kernel(
     m_blocks = tl.cdiv(M, BLOCK_M)
     chunk = pid // m_blocks
     pid_m = pid % m_blocks
-    e = tile_expert(chunk, chunk_ends_ptr, E, LOG2_E)
+    e = tile_expert(chunk, schedule_ptr, E, LOG2_E)  # row 0 of the schedule: cumulative chunks per expert
     if e >= E:
         return
-    first_chunk = tl.where(e > 0, tl.load(chunk_ends_ptr + tl.maximum(e - 1, 0)), 0)
-    chunks = tl.load(chunk_ends_ptr + e) - first_chunk
+    first_chunk = tl.where(e > 0, tl.load(schedule_ptr + tl.maximum(e - 1, 0)), 0)
+    chunks = tl.load(schedule_ptr + e) - first_chunk
     row_start = tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0) + (chunk - first_chunk) * chunk_rows
     row_end = tl.minimum(tl.load(offsets_ptr + e), row_start + chunk_rows)
 
@@ -109,7 +111,8 @@ def grouped_wgrad_kernel(
         tl.store(c_ptrs, (acc * alpha).to(c_ptr.dtype.element_ty), mask=mn_mask)
     else:
         block = ms[:, None].to(tl.int64) * N + ns[None, :]  # this block's elements in one [M, N] partial
-        tl.store(part_ptr + chunk.to(tl.int64) * M * N + block, acc, mask=mn_mask)
+        first_part = tl.load(schedule_ptr + E + e) - chunks  # row 1: cumulative slab places of split experts
+        tl.store(part_ptr + (first_part + chunk - first_chunk).to(tl.int64) * M * N + block, acc, mask=mn_mask)
         # Every thread's stores, a barrier, then one release / acquire at GPU scope (the scalar atomic's acq_rel, by
         # one thread, its result shared with the rest): CUTLASS's semaphore pattern. The partials are read past L1.
         tl.debug_barrier()
@@ -117,9 +120,23 @@ def grouped_wgrad_kernel(
         if arrived == chunks - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in range(0, chunks):
-                total += tl.load(part_ptr + (first_chunk + j).to(tl.int64) * M * N + block, mask=mn_mask, other=0.0,
+                total += tl.load(part_ptr + (first_part + j).to(tl.int64) * M * N + block, mask=mn_mask, other=0.0,
                                  cache_modifier=".cg")
             tl.store(c_ptrs, (total * alpha).to(c_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def chunk_schedule_kernel(rows_ptr, out_ptr, E, chunk_rows, ARE_OFFSETS: tl.constexpr, E_P2: tl.constexpr):
+    """out[0, e]: cumulative max(1, cdiv(rows of e, chunk_rows)); out[1, e]: the same over experts of several chunks
+    only (their places in the partials' slab). rows_ptr: the counts per expert, or their cumulative offsets."""
+    e = tl.arange(0, E_P2)
+    inside = e < E
+    rows = tl.load(rows_ptr + e, mask=inside, other=0).to(tl.int32)
+    if ARE_OFFSETS:
+        rows -= tl.load(rows_ptr + e - 1, mask=inside & (e > 0), other=0).to(tl.int32)
+    chunks = tl.where(inside, tl.maximum((rows + chunk_rows - 1) // chunk_rows, 1), 0)
+    tl.store(out_ptr + e, tl.cumsum(chunks, axis=0), mask=inside)
+    tl.store(out_ptr + E + e, tl.cumsum(tl.where(chunks > 1, chunks, 0), axis=0), mask=inside)
 
 
 def wgrad_candidates(M: int, N: int, num_rows: int, E: int) -> tuple[dict, ...]:
@@ -173,20 +190,23 @@ def grouped_wgrad(
     check_vector("a_index", a_index, num_rows)
     check_vector("b_index", b_index, num_rows)
     check_vector("scale", scale, num_rows)
+    check_vector("counts_E", counts_E, E)
     M = a.shape[1]
     N = b.shape[1] // 2 if b_act is not None else b.shape[1]
     out = torch.empty(E, M, N, device=a.device, dtype=out_dtype)
     act = b_act or (0, 0.0, 0.0)
     rows = chunk_rows(num_rows, E)
-    chunk_ends = chunk_schedule(offsets_E if counts_E is None else counts_E, rows, counts_E is not None)
+    schedule = chunk_schedule(offsets_E if counts_E is None else counts_E, rows, counts_E is not None)
     units = cdiv(num_rows, rows) + E  # >= sum over experts of max(1, cdiv(rows of e, rows))
     split = rows < num_rows  # else every expert is one chunk: no partials, no counts
-    partials = torch.empty(units, M, N, device=a.device, dtype=torch.float32) if split else out
+    # An expert of several chunks has more than `rows` rows, so fewer than 2 * its rows / rows chunks: all of them
+    # together fewer than 2 * num_rows / rows. At most as large as the fp32 gradient out (rows >= 2 x the mean).
+    partials = torch.empty(2 * cdiv(num_rows, rows), M, N, device=a.device, dtype=torch.float32) if split else out
     dummy = out
 
     def launch(blocks: dict):
         m_blocks, n_blocks = cdiv(M, blocks["BLOCK_M"]), cdiv(N, blocks["BLOCK_N"])
-        arrived = torch.zeros(E * m_blocks * n_blocks, device=a.device, dtype=torch.int32) if split else chunk_ends
+        arrived = torch.zeros(E * m_blocks * n_blocks, device=a.device, dtype=torch.int32) if split else schedule
         launch_kernel(
             grouped_wgrad_kernel, (units * m_blocks, n_blocks),
             a, a.stride(0), a.stride(1),
@@ -194,7 +214,7 @@ def grouped_wgrad(
             b, b.stride(0), b.stride(1),
             b_index if b_index is not None else dummy,
             scale if scale is not None else dummy,
-            offsets_E, chunk_ends, rows,
+            offsets_E, schedule, rows,
             out, out.stride(0), out.stride(1), out.stride(2),
             partials, arrived,
             M, N, E, float(alpha), float(act[1]), float(act[2]),
@@ -204,16 +224,19 @@ def grouped_wgrad(
         )
 
     candidates = wgrad_candidates(M, N, num_rows, E)
+    # The key and name are those of the kernel before the split: a program's work under even routing (one chunk an
+    # expert) is the same, so the picks cached on disk still apply, and a GPU does not tune again for the split.
     key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),
            next_power_of_2(max(1, num_rows // E)), num_rows >= 64 * E)
     launch(config if config is not None else autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
     return out
 
 
-# Chunks of about twice the mean rows per expert: where routing is even every expert is one chunk (no partials),
-# and where it is not the busiest expert's rows spread over (its rows / mean) / 2 programs per block.
+# Chunks of twice the mean rows per expert rounded up to a power of two (2-4x the mean): where routing is even every
+# expert is one chunk (no partials), and where it is not the busiest expert's rows spread over at least
+# (its rows / mean) / 4 programs per block.
 CHUNK_OVER_MEAN = 2
-SPLIT_ROWS = True  # False: every expert one chunk, one program walking all its rows (the kernel before run 86)
+SPLIT_ROWS = True  # False: every expert one chunk, one program walking all its rows (as before the split)
 
 
 def chunk_rows(num_rows: int, num_experts: int) -> int:
@@ -224,13 +247,18 @@ def chunk_rows(num_rows: int, num_experts: int) -> int:
 
 
 def chunk_schedule(rows_E: torch.Tensor, rows: int, are_counts: bool) -> torch.Tensor:
-    """Cumulative chunks per expert, max(1, cdiv(its rows, rows)) each (an expert without rows has one empty chunk,
-    whose program stores its zeros), int32 [E]; on the device, no sync. rows_E: the counts per expert, or
-    (are_counts False) their cumulative offsets. Memoised with the tile schedules made from the same tensor (the
-    four launches of a backward share it)."""
+    """int32 [2, E] on the device, no sync (chunk_schedule_kernel): row 0 the cumulative chunks per expert,
+    max(1, cdiv(its rows, rows)) each (an expert without rows has one empty chunk, whose program stores its zeros);
+    row 1 the same over experts of several chunks only (their places in the partials' slab). rows_E: the counts per
+    expert, or (are_counts False) their cumulative offsets. Memoised with the tile schedules made from the same
+    tensor (the four launches of a backward share it)."""
     cache = schedules(rows_E)
     key = ("wgrad chunks", rows)
     if key not in cache:
-        counts = rows_E if are_counts else torch.diff(rows_E, prepend=rows_E.new_zeros(1))
-        cache[key] = torch.cumsum(((counts + rows - 1) // rows).clamp_(min=1), 0, dtype=torch.int32)
+        E = rows_E.numel()
+        out = torch.empty(2, E, device=rows_E.device, dtype=torch.int32)
+        if E:
+            launch_kernel(chunk_schedule_kernel, (1,), rows_E, out, E, rows, ARE_OFFSETS=not are_counts,
+                          E_P2=next_power_of_2(E))
+        cache[key] = out
     return cache[key]

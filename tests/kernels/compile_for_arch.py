@@ -151,6 +151,8 @@ def main(argv=None) -> int:
         setattr(module, f"{module.__name__.rsplit('.', 1)[1]}_kernel", recorder)
     pointwise = modules[0].gated_backward_kernel  # the split activation gradient's second launch: not compiled here
     modules[0].gated_backward_kernel = Recorder()
+    schedule = modules[1].chunk_schedule_kernel  # the wgrad's chunk schedule (one program over E counts): not either
+    modules[1].chunk_schedule_kernel = Recorder()
     autotune = importlib.import_module("moetune.kernels.autotune")
     pick, choice, offered = autotune.pick, [0], [1]
 
@@ -175,6 +177,7 @@ def main(argv=None) -> int:
     finally:
         autotune.pick = pick
         modules[0].gated_backward_kernel = pointwise
+        modules[1].chunk_schedule_kernel = schedule
         for module, kernel in kernels.items():
             setattr(module, f"{module.__name__.rsplit('.', 1)[1]}_kernel", kernel)
     return 0

@@ -7,6 +7,7 @@ so a kernel bug shows up here with its name rather than as a wrong gradient in t
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -645,6 +646,37 @@ def test_wgrad_split_into_chunks_of_each_expert(mode, monkeypatch):
             out = grouped_wgrad(num_rows=S, offsets_E=plan.offsets_E, counts_E=counts_E, config=config, **kwargs)
             close(out, ref)
             assert out[5].abs().sum() == 0  # the empty expert
+
+
+def plan_of_counts(counts, seed=0):
+    """A plan whose experts get exactly these row counts (one slot a token, tokens in random order)."""
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)]).long()
+    gen = torch.Generator().manual_seed(seed)
+    return plan_routing(ids[torch.randperm(len(ids), generator=gen)].view(-1, 1).to(DEVICE), len(counts)), gen
+
+
+@pytest.mark.parametrize("counts", [[0, 17, 0, 8, 9, 0], [0, 0, 33], [33, 0, 0], [1, 16, 7, 0, 24], [8], [9], [0]])
+def test_wgrad_split_with_empty_experts_anywhere(counts, monkeypatch):
+    """Chunks of 8 rows: empty experts first, between and last, experts of exactly one chunk (8 rows) and one past
+    it (9), a lone expert; per expert against float64, the schedule's slab places (only experts of several chunks)."""
+    from moetune.kernels import grouped_wgrad
+
+    module = importlib.import_module("moetune.kernels.grouped_wgrad")
+    monkeypatch.setattr(module, "chunk_rows", lambda S, E: 8)
+    plan, gen = plan_of_counts(counts)
+    kwargs, a_rows, b_rows = wgrad_case("gather_a_scale", plan, gen, 17, 12)
+    ref = wgrad_reference(plan, len(counts), a_rows, b_rows)
+    out = grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E, **kwargs)
+    for e, c in enumerate(counts):
+        if c:
+            close(out[e], ref[e])
+        else:
+            assert out[e].abs().sum() == 0
+    chunks = [max(1, -(-c // 8)) for c in counts]
+    schedule = module.chunk_schedule(plan.counts_E, 8, True).tolist()
+    assert schedule[0] == list(itertools.accumulate(chunks))
+    assert schedule[1] == list(itertools.accumulate(n if n > 1 else 0 for n in chunks))
+    assert module.chunk_schedule(plan.offsets_E, 8, False).tolist() == schedule  # from the offsets, the same
 
 
 def test_wgrad_splits_a_busy_expert_at_its_own_chunk_size():
