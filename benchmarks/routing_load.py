@@ -1,0 +1,127 @@
+"""How evenly a model routes, layer by layer, and the LoRA weight-gradient launches under its routing.
+
+Builds a model as train_step.py does for moetune (random-initialised, no download; --layers cuts it), runs one
+forward over --seq random tokens, and records each MoE layer's rows per expert from its routing plan: the busiest
+expert against the mean, the empty experts. Then, for the layers given in --time-layers, times the four LoRA
+weight-gradient launches of that layer's backward (wgrad_split_ab.launches: random operands of the shape, the
+layer's own routing plan) with the rows split into chunks and not (grouped_wgrad.SPLIT_ROWS), and under even routing
+of the same size for comparison. Run 86d's one-off form of this found the random-initialised Qwen3-30B-A3B cut
+sending up to 16x the mean rows to one expert.
+
+    python benchmarks/routing_load.py --model qwen3-30b-a3b --layers 8 --seq 16384 --out routing.json
+    python benchmarks/routing_load.py --tiny --layers 2 --seq 64      # toy widths on CPU (Triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+if "--tiny" in sys.argv:  # before triton is imported: the interpreter is chosen at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import harness  # noqa: E402
+import train_step  # noqa: E402
+import wgrad_split_ab  # noqa: E402
+
+SHAPE_OF_MODEL = {"qwen3-30b-a3b": "qwen3-30b-a3b", "gpt-oss-20b": "gpt-oss-20b", "glm-4.7-flash": "glm-4.7-flash"}
+
+
+def record_plans(model, ids) -> list:
+    """The routing plan of every MoE layer call of one forward, in call order."""
+    import moetune.experts.api as api
+
+    plans, plan_routing = [], api.plan_routing
+
+    def recording(topk_ids, num_experts):
+        plan = plan_routing(topk_ids, num_experts)
+        plans.append(plan)
+        return plan
+
+    api.plan_routing = recording
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        api.plan_routing = plan_routing
+    return plans
+
+
+def load(plan) -> dict:
+    counts = plan.counts_E.double()
+    return {"rows": plan.num_rows, "experts": counts.numel(), "busiest": int(counts.max()),
+            "busiest_over_mean": (counts.max() / counts.mean()).item(), "empty_experts": int((counts == 0).sum())}
+
+
+def time_launches(shape, plan, tokens: int, device, dtype) -> dict:
+    """ms of the four launches under this plan, split and not: {launch: (unsplit, split)} and their sums."""
+    from triton.testing import do_bench
+
+    module = importlib.import_module("moetune.kernels.grouped_wgrad")
+    gen = torch.Generator().manual_seed(0)
+    times = {}
+    for name, call in wgrad_split_ab.launches(shape, tokens, plan, device, dtype, gen).items():
+        module.SPLIT_ROWS = False
+        try:
+            unsplit = do_bench(call, warmup=10, rep=60)
+        finally:
+            module.SPLIT_ROWS = True
+        times[name] = {"unsplit_ms": unsplit, "split_ms": do_bench(call, warmup=10, rep=60)}
+    return {"launches": times, "unsplit_ms": sum(t["unsplit_ms"] for t in times.values()),
+            "split_ms": sum(t["split_ms"] for t in times.values())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(SHAPE_OF_MODEL))
+    parser.add_argument("--layers", type=int, default=8, help="cut the model to this many layers")
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--time-layers", nargs="*", type=int, default=[0, 3, 7], metavar="I",
+                        help="MoE layers whose routing the wgrad launches are timed under (GPU only)")
+    args = harness.parse_gpu_args(parser, argv)
+    if args.seq < 1 or args.layers < 1:
+        parser.error(f"--seq, --layers: expected positive counts, got {args.seq}, {args.layers}")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    config = train_step.make_config(args.model, args.layers, args.tiny)
+    model = train_step.build_moetune(config, args.model, 16, 32, device)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq), device=device)
+    plans = record_plans(model, ids)
+    rows = []
+    for i, plan in enumerate(plans):
+        row = {"moe_layer": i, **load(plan)}
+        print(f"MoE layer {i}: busiest expert {row['busiest']} of {row['rows']} rows "
+              f"({row['busiest_over_mean']:.1f}x the mean), {row['empty_experts']} of {row['experts']} empty",
+              flush=True)
+        rows.append(row)
+    timed = {}
+    if device.type == "cuda":
+        from moetune.experts import plan_routing
+
+        shape = harness.SHAPES[SHAPE_OF_MODEL[args.model]]
+        k = plans[0].top_k if plans else shape.k
+        even = plan_routing(wgrad_split_ab.routing_ids("even", shape.E, k, args.seq, torch.Generator().manual_seed(0))
+                            .to(device), shape.E)
+        timed["even"] = time_launches(shape, even, args.seq, device, torch.bfloat16)
+        for i in args.time_layers:
+            if i < len(plans):
+                timed[f"moe_layer_{i}"] = time_launches(shape, plans[i], args.seq, device, torch.bfloat16)
+        for name, t in timed.items():
+            print(f"{name}: the four wgrad launches {t['unsplit_ms']:.3f} ms one program an expert, "
+                  f"{t['split_ms']:.3f} ms split", flush=True)
+    if args.out:
+        harness.write_json(args.out, {"environment": harness.environment(), "args": vars(args), "layers": rows,
+                                      "wgrad": timed})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
