@@ -10,9 +10,10 @@
 Used for dA/dB of both projections, where M or N is the LoRA rank. Experts with no rows get zeros.
 
 Split over rows: each expert's rows are cut into chunks of at most chunk_rows (twice the mean rows per expert,
-rounded up to a power of two), and each program reduces one chunk for one [BLOCK_M, BLOCK_N] block. Routing is rarely even: run 86d's
-random-initialised Qwen3-30B-A3B cut sent 16K of 131K rows to one expert and none to 60-83 of 128, and one program
-walking a whole expert's rows made the four launches of a layer 1.41-1.50 ms against 0.53 ms for even routing.
+rounded up to a power of two), and each program reduces one chunk for one [BLOCK_M, BLOCK_N] block. Routing is
+rarely even: run 86d's random-initialised Qwen3-30B-A3B cut sent 16K of 131K rows to one expert and none to 60-83
+of 128, and one program walking a whole expert's rows made the four launches of a layer 1.41-1.50 ms against
+0.53 ms for even routing.
 An expert of one chunk (all of them where routing is even) is stored directly. Several chunks store fp32 partial
 sums (in a slab of at most twice as many chunks as rows / chunk_rows: only experts of several chunks have a place
 there); the program that finishes its expert's block last (an atomic count) adds them up in chunk order and stores
@@ -259,6 +260,6 @@ def chunk_schedule(rows_E: torch.Tensor, rows: int, are_counts: bool) -> torch.T
         out = torch.empty(2, E, device=rows_E.device, dtype=torch.int32)
         if E:
             launch_kernel(chunk_schedule_kernel, (1,), rows_E, out, E, rows, ARE_OFFSETS=not are_counts,
-                          E_P2=next_power_of_2(E))
+                          E_P2=max(16, next_power_of_2(E)))
         cache[key] = out
     return cache[key]
