@@ -29,11 +29,12 @@ LABELS = {"baseline": "transformers + PEFT", "unsloth": "Unsloth", "unsloth-nock
           "moetune-nockpt-graph": "moetune, no checkpointing, replayed (CUDA graph)"}
 
 
-def variant(row: dict) -> str:
+def variant(row: dict, replays_apart: bool = True) -> str:
     """The provider, with "-nockpt" where no layer was checkpointed and "-partial" where some were (as chosen,
-    also by checkpoint_layers auto), then "-graph" where the timed steps were replayed from a CUDA graph."""
+    also by checkpoint_layers auto), then (replays_apart) "-graph" where the timed steps were replayed from a CUDA
+    graph."""
     layers = (row.get("checkpoint_plan") or {}).get("checkpoint_layers", row.get("checkpoint_layers"))
-    graph = "-graph" if row.get("cuda_graph") else ""
+    graph = "-graph" if replays_apart and row.get("cuda_graph") else ""
     if layers == 0 or row.get("gradient_checkpointing") == "off":
         return row["provider"] + "-nockpt" + graph
     if isinstance(layers, int) and layers < row.get("layers", layers + 1):

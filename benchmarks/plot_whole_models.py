@@ -32,7 +32,7 @@ def load(paths: list[Path]) -> tuple[dict, dict, set, set]:
         env = data.get("environment", env)
         optims.add(data.get("args", {}).get("optim", "adamw"))
         for row in data["rows"]:  # replayed or not, one bar (the title says when moetune's were replayed)
-            rows[(row["model"], variant(row).removesuffix("-graph"))] = row
+            rows[(row["model"], variant(row, replays_apart=False))] = row
             seqs.add(row["seq"])
     return rows, env, seqs, optims
 

@@ -3,7 +3,7 @@
 Builds a model as train_step.py does for moetune (random-initialised, no download; --layers cuts it), runs one
 forward over --seq random tokens, and records each MoE layer's rows per expert from its routing plan: the busiest
 expert against the mean, the empty experts. Then, for the layers given in --time-layers, times the four LoRA
-weight-gradient launches of that layer's backward (wgrad_split_ab.launches: random operands of the shape, the
+weight-gradient launches of that layer's backward (wgrad_split_ab.compare: random operands of the shape, the
 layer's own routing plan) with the rows split into chunks and not (grouped_wgrad.SPLIT_ROWS), and under even routing
 of the same size for comparison. Run 86d's one-off form of this found the random-initialised Qwen3-30B-A3B cut
 sending up to 16x the mean rows to one expert.
@@ -15,7 +15,6 @@ sending up to 16x the mean rows to one expert.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -31,8 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
 import train_step  # noqa: E402
 import wgrad_split_ab  # noqa: E402
-
-SHAPE_OF_MODEL = {"qwen3-30b-a3b": "qwen3-30b-a3b", "gpt-oss-20b": "gpt-oss-20b", "glm-4.7-flash": "glm-4.7-flash"}
 
 
 def record_plans(model, ids) -> list:
@@ -61,27 +58,9 @@ def load(plan) -> dict:
             "busiest_over_mean": (counts.max() / counts.mean()).item(), "empty_experts": int((counts == 0).sum())}
 
 
-def time_launches(shape, plan, tokens: int, device, dtype) -> dict:
-    """ms of the four launches under this plan, split and not: {launch: (unsplit, split)} and their sums."""
-    from triton.testing import do_bench
-
-    module = importlib.import_module("moetune.kernels.grouped_wgrad")
-    gen = torch.Generator().manual_seed(0)
-    times = {}
-    for name, call in wgrad_split_ab.launches(shape, tokens, plan, device, dtype, gen).items():
-        module.SPLIT_ROWS = False
-        try:
-            unsplit = do_bench(call, warmup=10, rep=60)
-        finally:
-            module.SPLIT_ROWS = True
-        times[name] = {"unsplit_ms": unsplit, "split_ms": do_bench(call, warmup=10, rep=60)}
-    return {"launches": times, "unsplit_ms": sum(t["unsplit_ms"] for t in times.values()),
-            "split_ms": sum(t["split_ms"] for t in times.values())}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(SHAPE_OF_MODEL))
+    parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(set(train_step.MODELS) & set(harness.SHAPES)))
     parser.add_argument("--layers", type=int, default=8, help="cut the model to this many layers")
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--time-layers", nargs="*", type=int, default=[0, 3, 7], metavar="I",
@@ -103,20 +82,17 @@ def main(argv=None) -> int:
               flush=True)
         rows.append(row)
     timed = {}
-    if device.type == "cuda":
+    if device.type == "cuda":  # wgrad_split_ab's comparison, under even routing and under these layers' own
         from moetune.experts import plan_routing
 
-        shape = harness.SHAPES[SHAPE_OF_MODEL[args.model]]
-        k = plans[0].top_k if plans else shape.k
-        even = plan_routing(wgrad_split_ab.routing_ids("even", shape.E, k, args.seq, torch.Generator().manual_seed(0))
-                            .to(device), shape.E)
-        timed["even"] = time_launches(shape, even, args.seq, device, torch.bfloat16)
-        for i in args.time_layers:
-            if i < len(plans):
-                timed[f"moe_layer_{i}"] = time_launches(shape, plans[i], args.seq, device, torch.bfloat16)
-        for name, t in timed.items():
-            print(f"{name}: the four wgrad launches {t['unsplit_ms']:.3f} ms one program an expert, "
-                  f"{t['split_ms']:.3f} ms split", flush=True)
+        shape, gen = harness.SHAPES[args.model], torch.Generator().manual_seed(0)
+        ids = wgrad_split_ab.routing_ids("even", shape.E, shape.k, args.seq, gen)
+        named = {"even": plan_routing(ids.to(device), shape.E)}
+        named.update((f"moe_layer_{i}", plans[i]) for i in args.time_layers if i < len(plans))
+        for name, plan in named.items():
+            timed[name] = wgrad_split_ab.compare(shape, args.seq, plan, device, torch.bfloat16, gen)
+            print(f"{name}: the four wgrad launches {timed[name]['unsplit_ms']:.3f} ms one program an expert, "
+                  f"{timed[name]['split_ms']:.3f} ms split", flush=True)
     if args.out:
         harness.write_json(args.out, {"environment": harness.environment(), "args": vars(args), "layers": rows,
                                       "wgrad": timed})

@@ -78,6 +78,32 @@ def launches(shape, tokens: int, plan, device, dtype, gen) -> dict:
     }
 
 
+def compare(shape, tokens: int, plan, device, dtype, gen) -> dict:
+    """The four launches under `plan`, split and unsplit: per launch the two agreeing (within fp32 rounding), two
+    split launches bitwise equal and, on a GPU, the ms of each way; "ok" and, on a GPU, the four launches' sums."""
+    module = importlib.import_module("moetune.kernels.grouped_wgrad")
+    result, ok = {"launches": {}}, True
+    for launch_name, call in launches(shape, tokens, plan, device, dtype, gen).items():
+        split, again = call(), call()
+        module.SPLIT_ROWS = False  # every expert one chunk: one program walks all its rows
+        try:
+            whole = call()
+            whole_ms = gpu_ms(call) if device.type == "cuda" else None
+        finally:
+            module.SPLIT_ROWS = True
+        err = ((split.double() - whole.double()).norm() / whole.double().norm().clamp_min(1e-30)).item()
+        entry = {"bitwise_repeat": torch.equal(split, again), "rel_err_vs_unsplit": err}
+        ok &= entry["bitwise_repeat"] and err < 1e-5
+        if device.type == "cuda":
+            entry.update(split_ms=gpu_ms(call), unsplit_ms=whole_ms)
+        result["launches"][launch_name] = entry
+    if device.type == "cuda":
+        result["split_ms"] = sum(e["split_ms"] for e in result["launches"].values())
+        result["unsplit_ms"] = sum(e["unsplit_ms"] for e in result["launches"].values())
+    result["ok"] = ok
+    return result
+
+
 def case(name: str, tokens: int, kind: str, args, device, dtype) -> dict:
     from moetune.experts import plan_routing
 
@@ -91,33 +117,15 @@ def case(name: str, tokens: int, kind: str, args, device, dtype) -> dict:
     row = {"shape": name, "tokens": tokens, "routing": kind, "rows": plan.num_rows,
            "chunk_rows": module.chunk_rows(plan.num_rows, shape.E),
            "busiest_over_mean": (counts.max() / counts.mean()).item(), "empty_experts": int((counts == 0).sum()),
-           "launches": {}}
-    split_ok = True
-    for launch_name, call in launches(shape, tokens, plan, device, dtype, gen).items():
-        split, again = call(), call()
-        module.SPLIT_ROWS = False  # every expert one chunk: one program walks all its rows
-        try:
-            whole = call()
-            whole_ms = gpu_ms(call) if device.type == "cuda" else None
-        finally:
-            module.SPLIT_ROWS = True
-        err = ((split.double() - whole.double()).norm() / whole.double().norm().clamp_min(1e-30)).item()
-        entry = {"bitwise_repeat": torch.equal(split, again), "rel_err_vs_unsplit": err}
-        split_ok &= entry["bitwise_repeat"] and err < 1e-5
-        if device.type == "cuda":
-            entry.update(split_ms=gpu_ms(call), unsplit_ms=whole_ms)
-        row["launches"][launch_name] = entry
+           **compare(shape, tokens, plan, device, dtype, gen)}
     if device.type == "cuda":
-        row["split_ms"] = sum(e["split_ms"] for e in row["launches"].values())
-        row["unsplit_ms"] = sum(e["unsplit_ms"] for e in row["launches"].values())
         print(f"{name:<15}{tokens:>7} {kind:<5} busiest/mean {row['busiest_over_mean']:5.1f}  "
               f"unsplit {row['unsplit_ms']:.3f} ms  split {row['split_ms']:.3f} ms  "
               f"({row['unsplit_ms'] / row['split_ms']:.2f}x)  "
               + "  ".join(f"{n} {e['unsplit_ms']:.3f}->{e['split_ms']:.3f}" for n, e in row["launches"].items()),
               flush=True)
     else:
-        print(f"{name} {tokens} {kind}: split agrees with unsplit and repeats to the bit: {split_ok}")
-    row["ok"] = split_ok
+        print(f"{name} {tokens} {kind}: split agrees with unsplit and repeats to the bit: {row['ok']}")
     return row
 
 

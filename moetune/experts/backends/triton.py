@@ -133,7 +133,6 @@ class TritonExpertsFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
-        wg = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
         d_out = d_out.to(x.dtype).contiguous()
         dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
 
@@ -148,9 +147,9 @@ class TritonExpertsFunction(torch.autograd.Function):
             d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
         if A2 is not None:
             if need[9]:
-                dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **wg)
+                dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
             if need[8]:
-                dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **wg)
+                dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
 
         sv1, lora1 = None, {}
         if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
@@ -160,9 +159,9 @@ class TritonExpertsFunction(torch.autograd.Function):
             d_x = _sum_over_k(dx_pairs.view(T, K, -1))
         if A1 is not None:
             if need[7]:
-                dB1 = grouped_wgrad(d_gu, su1, **wg)
+                dB1 = grouped_wgrad(d_gu, su1, **common)
             if need[6]:
-                dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **wg)
+                dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **common)
 
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
