@@ -1,8 +1,9 @@
 """The experts' sum over k: torch's `y.sum(dim=1)` against moetune's kernel (kernels/sum_over_k.py), alone.
 
 For each case [T, K, H] (bf16 on the GPU): the kernel's output against a sequential fp32 sum (bitwise, its own
-arithmetic: the exit code) and torch's sum; GPU time a call (do_bench, the L2 flushed), the bandwidth it reaches
-(K+1 tensors of [T, H] read and written) and, with --sweep, every tile config of the kernel, to choose its default.
+arithmetic: the exit code) and torch's sum; GPU time a call (do_bench's median, the L2 flushed; its mean up to run
+87), the bandwidth it reaches (K+1 tensors of [T, H] read and written) and, with --sweep, every tile config of the
+kernel, to choose its default.
 The block-level A/B is `switch_ab.py --switch sum`.
 
     python benchmarks/sum_over_k_ab.py --sweep --out benchmarks/results/sum-over-k-ab.json
@@ -35,7 +36,7 @@ SWEEP = [dict(block_t=t, block_h=h, num_warps=w) for t, h, w in
 def gpu_us(fn) -> float:
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=200) * 1e3
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
 def case(name: str, tokens: int, args, device, dtype) -> dict:

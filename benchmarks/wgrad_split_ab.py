@@ -7,8 +7,9 @@ expert. Without the split one program walks all of an expert's rows, so the laun
 the four launches of a layer at 1.41-1.50 ms against 0.53 ms under even routing. For each case (bf16 on the GPU):
 each routing, each launch (dB2 with the gather and the routing weight, dA2 with the activation recomputed on load,
 dB1, dA1 with the gather) timed split and unsplit (grouped_wgrad.SPLIT_ROWS off: every expert one chunk, one
-program walking all its rows as before the split; its schedule launch and binary search remain), do_bench medians with the L2 flushed; and checks that split and unsplit agree within fp32 rounding and that
-two split launches give the same bits (the exit code).
+program walking all its rows as before the split; its schedule launch and binary search remain), do_bench medians
+with the L2 flushed (means up to run 87c); each way's error against float64; and the exit code: every split launch
+gives the same bits twice and is no less accurate than the unsplit one.
 
 Routings: even (harness.make_routing: softmax top-k of random logits), zipf (each token draws its k experts without
 replacement with probability ~ 1 / sqrt(rank): the busiest expert gets ~5x the mean rows at Qwen3's 128 experts,
@@ -56,7 +57,8 @@ def routing_ids(kind: str, E: int, k: int, tokens: int, gen: torch.Generator) ->
 
 
 def launches(shape, tokens: int, plan, device, dtype, gen) -> dict:
-    """name -> call(**kw) of the four wgrad launches with operands of the shape (random, rank RANK)."""
+    """name -> (call(**kw), reference()) of the four wgrad launches with operands of the shape (random, rank RANK):
+    the launch, and its float64 [E, M, N] sums expert by expert."""
     from moetune.experts import get_activation
     from moetune.kernels import act_code, grouped_wgrad
 
@@ -68,22 +70,46 @@ def launches(shape, tokens: int, plan, device, dtype, gen) -> dict:
     x, d_out, d_gu, gu, su, sv = rand(tokens, H), rand(tokens, H), rand(S, 2 * I), rand(S, 2 * I), rand(S, RANK), \
         rand(S, RANK)
     w_S = torch.rand(S, generator=gen).to(device=device, dtype=dtype)
-    act = act_code(get_activation(shape.activation))
+    activation = get_activation(shape.activation)
+    act = act_code(activation)
     wg = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
+    token, w64 = plan.token_S, w_S.double()[:, None]
     return {
-        "dB2": lambda **kw: grouped_wgrad(d_out, su, a_index=plan.token_S, scale=w_S, **wg, **kw),
-        "dA2": lambda **kw: grouped_wgrad(sv, gu, b_act=act, interleaved=shape.interleaved, scale=w_S, **wg, **kw),
-        "dB1": lambda **kw: grouped_wgrad(d_gu, su, **wg, **kw),
-        "dA1": lambda **kw: grouped_wgrad(sv, x, b_index=plan.token_S, **wg, **kw),
+        "dB2": (lambda **kw: grouped_wgrad(d_out, su, a_index=token, scale=w_S, **wg, **kw),
+                lambda: expert_sums(plan, d_out.double()[token] * w64, su.double())),
+        "dA2": (lambda **kw: grouped_wgrad(sv, gu, b_act=act, interleaved=shape.interleaved, scale=w_S, **wg, **kw),
+                lambda: expert_sums(plan, sv.double() * w64, activation.forward(gu.double(), shape.interleaved))),
+        "dB1": (lambda **kw: grouped_wgrad(d_gu, su, **wg, **kw), lambda: expert_sums(plan, d_gu.double(), su.double())),
+        "dA1": (lambda **kw: grouped_wgrad(sv, x, b_index=token, **wg, **kw),
+                lambda: expert_sums(plan, sv.double(), x.double()[token])),
     }
 
 
+def expert_sums(plan, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+    """[E, M, N] float64: per expert, the sum over its (expert-sorted) rows of a_row^T b_row."""
+    out = a_rows.new_zeros(plan.offsets_E.shape[0], a_rows.shape[1], b_rows.shape[1])
+    start = 0
+    for e, end in enumerate(plan.offsets_E.tolist()):
+        out[e] = a_rows[start:end].T @ b_rows[start:end]
+        start = end
+    return out
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def compare(shape, tokens: int, plan, device, dtype, gen) -> dict:
-    """The four launches under `plan`, split and unsplit: per launch the two agreeing (within fp32 rounding), two
-    split launches bitwise equal and, on a GPU, the ms of each way; "ok" and, on a GPU, the four launches' sums."""
+    """The four launches under `plan`, split and unsplit: per launch each way's error against float64, two split
+    launches bitwise equal and, on a GPU, the ms of each way; "ok" (every split launch repeats to the bit and is no
+    less accurate than the unsplit one, within a factor of 2) and, on a GPU, the four launches' sums.
+
+    Split and unsplit add the same fp32 products in different orders, so they differ by fp32 rounding, which grows
+    with an expert's rows (1.5e-5 relative between them under a random-initialised Qwen3-30B-A3B's layer routing 16K
+    rows to one expert, run 87c): float64 is what both are judged against."""
     module = importlib.import_module("moetune.kernels.grouped_wgrad")
     result, ok = {"launches": {}}, True
-    for launch_name, call in launches(shape, tokens, plan, device, dtype, gen).items():
+    for launch_name, (call, reference) in launches(shape, tokens, plan, device, dtype, gen).items():
         split, again = call(), call()
         module.SPLIT_ROWS = False  # every expert one chunk: one program walks all its rows
         try:
@@ -91,9 +117,11 @@ def compare(shape, tokens: int, plan, device, dtype, gen) -> dict:
             whole_ms = gpu_ms(call) if device.type == "cuda" else None
         finally:
             module.SPLIT_ROWS = True
-        err = ((split.double() - whole.double()).norm() / whole.double().norm().clamp_min(1e-30)).item()
-        entry = {"bitwise_repeat": torch.equal(split, again), "rel_err_vs_unsplit": err}
-        ok &= entry["bitwise_repeat"] and err < 1e-5
+        ref = reference()
+        entry = {"bitwise_repeat": torch.equal(split, again), "rel_err_split": rel_err(split, ref),
+                 "rel_err_unsplit": rel_err(whole, ref), "rel_err_vs_unsplit": rel_err(split, whole.double())}
+        del ref
+        ok &= entry["bitwise_repeat"] and entry["rel_err_split"] <= 2 * entry["rel_err_unsplit"] + 1e-7
         if device.type == "cuda":
             entry.update(split_ms=gpu_ms(call), unsplit_ms=whole_ms)
         result["launches"][launch_name] = entry
@@ -132,7 +160,7 @@ def case(name: str, tokens: int, kind: str, args, device, dtype) -> dict:
 def gpu_ms(fn) -> float:
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=60)
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def main(argv=None) -> int:
