@@ -53,12 +53,6 @@ def record_plans(model, ids) -> list:
     return plans
 
 
-def load(plan) -> dict:
-    counts = plan.counts_E.double()
-    return {"rows": plan.num_rows, "experts": counts.numel(), "busiest": int(counts.max()),
-            "busiest_over_mean": (counts.max() / counts.mean()).item(), "empty_experts": int((counts == 0).sum())}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(set(train_step.MODELS) & set(harness.SHAPES)))
@@ -77,7 +71,7 @@ def main(argv=None) -> int:
     plans = record_plans(model, ids)
     rows = []
     for i, plan in enumerate(plans):
-        row = {"moe_layer": i, **load(plan)}
+        row = {"moe_layer": i, **wgrad_split_ab.plan_load(plan)}
         print(f"MoE layer {i}: busiest expert {row['busiest']} of {row['rows']} rows "
               f"({row['busiest_over_mean']:.1f}x the mean), {row['empty_experts']} of {row['experts']} empty",
               flush=True)

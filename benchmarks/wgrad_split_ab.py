@@ -94,12 +94,15 @@ def launches(shape, tokens: int, plan, device, dtype, gen) -> dict:
 
 def expert_sums(plan, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
     """[E, M, N] float64: per expert, the sum over its (expert-sorted) rows of a_row^T b_row."""
-    out = a_rows.new_zeros(plan.offsets_E.shape[0], a_rows.shape[1], b_rows.shape[1])
-    start = 0
-    for e, end in enumerate(plan.offsets_E.tolist()):
-        out[e] = a_rows[start:end].T @ b_rows[start:end]
-        start = end
-    return out
+    counts = plan.counts_E.tolist()
+    return torch.stack([a.T @ b for a, b in zip(a_rows.split(counts), b_rows.split(counts))])
+
+
+def plan_load(plan) -> dict:
+    """How evenly `plan` routes: its rows, experts, the busiest expert's rows and against the mean, the empty ones."""
+    counts = plan.counts_E.double()
+    return {"rows": plan.num_rows, "experts": counts.numel(), "busiest": int(counts.max()),
+            "busiest_over_mean": (counts.max() / counts.mean()).item(), "empty_experts": int((counts == 0).sum())}
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -148,11 +151,8 @@ def case(name: str, tokens: int, kind: str, args, device, dtype) -> dict:
         shape = dataclasses.replace(shape, H=48, I=40)
     gen = torch.Generator().manual_seed(0)
     plan = plan_routing(routing_ids(kind, shape.E, shape.k, tokens, gen).to(device), shape.E)
-    counts = plan.counts_E.float()
-    row = {"shape": name, "tokens": tokens, "routing": kind, "rows": plan.num_rows,
-           "chunk_rows": module.chunk_rows(plan.num_rows, shape.E),
-           "busiest_over_mean": (counts.max() / counts.mean()).item(), "empty_experts": int((counts == 0).sum()),
-           **compare(shape, tokens, plan, device, dtype, gen)}
+    row = {"shape": name, "tokens": tokens, "routing": kind, **plan_load(plan),
+           "chunk_rows": module.chunk_rows(plan.num_rows, shape.E), **compare(shape, tokens, plan, device, dtype, gen)}
     if device.type == "cuda":
         print(f"{name:<15}{tokens:>7} {kind:<5} busiest/mean {row['busiest_over_mean']:5.1f}  "
               f"unsplit {row['unsplit_ms']:.3f} ms  split {row['split_ms']:.3f} ms  "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
@@ -15,6 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "wgrad_split_ab.py
 sys.path.insert(0, str(SCRIPT.parent))
 
 import wgrad_split_ab  # noqa: E402
+
+from moetune.experts import plan_routing  # noqa: E402
 
 
 def test_runs_every_routing_in_the_interpreter(tmp_path):
@@ -36,8 +39,6 @@ def test_runs_every_routing_in_the_interpreter(tmp_path):
 def busy_case():
     shape = dataclasses.replace(wgrad_split_ab.SHAPES["qwen3-30b-a3b"], H=48, I=40)
     gen = torch.Generator().manual_seed(0)
-    from moetune.experts import plan_routing
-
     plan = plan_routing(wgrad_split_ab.routing_ids("busy", shape.E, shape.k, 300, gen), shape.E)
     return shape, plan, gen
 
@@ -54,7 +55,7 @@ def test_expert_sums_is_the_sum_of_outer_products_over_each_experts_rows():
 def test_a_split_launch_less_accurate_than_the_unsplit_one_fails(monkeypatch):
     """The exit code judges both ways against float64: a split result off by more than fp32 rounding is not ok."""
     shape, plan, gen = busy_case()
-    module = __import__("moetune.kernels.grouped_wgrad", fromlist=["SPLIT_ROWS"])
+    module = importlib.import_module("moetune.kernels.grouped_wgrad")
     real = wgrad_split_ab.launches
 
     def skewed(*args):
