@@ -16,8 +16,9 @@ of 128, and one program walking a whole expert's rows made the four launches of 
 0.53 ms for even routing.
 An expert of one chunk (all of them where routing is even) is stored directly. Several chunks store fp32 partial
 sums (in a slab of at most twice as many chunks as rows / chunk_rows: only experts of several chunks have a place
-there); the program that finishes its expert's block last (an atomic count) adds them up in chunk order and stores
-the result: deterministic, the same bits whichever program is last. Grid: (chunk bound * M blocks, N blocks);
+there); the program that finishes its expert's block last (an atomic count) adds them up in chunk order, stores
+the result and zeroes the count again: deterministic, the same bits whichever program is last, and the counts are
+filled once per set of routing counts, not once a launch. Grid: (chunk bound * M blocks, N blocks);
 chunks past the last exit at once. The schedule (cumulative chunks per expert, and their slab places) is one small
 launch per backward, memoised on the counts.
 """
@@ -117,13 +118,15 @@ def grouped_wgrad_kernel(
         # Every thread's stores, a barrier, then one release / acquire at GPU scope (the scalar atomic's acq_rel, by
         # one thread, its result shared with the rest): CUTLASS's semaphore pattern. The partials are read past L1.
         tl.debug_barrier()
-        arrived = tl.atomic_add(arrived_ptr + (e * m_blocks + pid_m) * tl.num_programs(1) + pid_n, 1)
+        counter = arrived_ptr + (e * m_blocks + pid_m) * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter, 1)
         if arrived == chunks - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in range(0, chunks):
                 total += tl.load(part_ptr + (first_part + j).to(tl.int64) * M * N + block, mask=mn_mask, other=0.0,
                                  cache_modifier=".cg")
             tl.store(c_ptrs, (total * alpha).to(c_ptr.dtype.element_ty), mask=mn_mask)
+            tl.store(counter, 0)  # every chunk has counted: zero again for the next launch (arrival_counters)
 
 
 @triton.jit
@@ -197,7 +200,8 @@ def grouped_wgrad(
     out = torch.empty(E, M, N, device=a.device, dtype=out_dtype)
     act = b_act or (0, 0.0, 0.0)
     rows = chunk_rows(num_rows, E)
-    schedule = chunk_schedule(offsets_E if counts_E is None else counts_E, rows, counts_E is not None)
+    rows_E = offsets_E if counts_E is None else counts_E
+    schedule = chunk_schedule(rows_E, rows, counts_E is not None)
     units = cdiv(num_rows, rows) + E  # >= sum over experts of max(1, cdiv(rows of e, rows))
     split = rows < num_rows  # else every expert is one chunk: no partials, no counts
     # An expert of several chunks has more than `rows` rows, so fewer than 2 * its rows / rows chunks: all of them
@@ -207,7 +211,7 @@ def grouped_wgrad(
 
     def launch(blocks: dict):
         m_blocks, n_blocks = cdiv(M, blocks["BLOCK_M"]), cdiv(N, blocks["BLOCK_N"])
-        arrived = torch.zeros(E * m_blocks * n_blocks, device=a.device, dtype=torch.int32) if split else schedule
+        arrived = arrival_counters(rows_E, E * m_blocks * n_blocks) if split else schedule
         launch_kernel(
             grouped_wgrad_kernel, (units * m_blocks, n_blocks),
             a, a.stride(0), a.stride(1),
@@ -245,6 +249,18 @@ def chunk_rows(num_rows: int, num_experts: int) -> int:
     if not SPLIT_ROWS:
         return max(256, num_rows)
     return max(256, CHUNK_OVER_MEAN * next_power_of_2(cdiv(num_rows, max(1, num_experts))))
+
+
+def arrival_counters(rows_E: torch.Tensor, size: int) -> torch.Tensor:
+    """int32 zeros (at least `size`) on rows_E's device, memoised with its chunk schedule: the program that adds
+    up a block's partials sets the block's counter back to zero, so the launches of one backward (four, from one
+    set of counts, in stream order) share one fill instead of a torch.zeros each (run 88a: eager launches of tens
+    of us took 15-25 us longer with the split, where nothing was split, than without)."""
+    cache = schedules(rows_E)
+    counters = cache.get("wgrad arrival counters")
+    if counters is None or counters.numel() < size:
+        counters = cache["wgrad arrival counters"] = torch.zeros(size, device=rows_E.device, dtype=torch.int32)
+    return counters
 
 
 def chunk_schedule(rows_E: torch.Tensor, rows: int, are_counts: bool) -> torch.Tensor:

@@ -648,6 +648,29 @@ def test_wgrad_split_into_chunks_of_each_expert(mode, monkeypatch):
             assert out[5].abs().sum() == 0  # the empty expert
 
 
+def test_wgrad_launches_of_one_backward_share_counters_left_at_zero(monkeypatch):
+    """The split's arrival counters are made once per set of counts: every launch sets each block's counter back to
+    zero when it has summed the block, so the next launch (another config, other M and N) finds them zero."""
+    from moetune.kernels import grouped_wgrad
+    from moetune.kernels.grouped_wgrad import wgrad_candidates
+
+    module = importlib.import_module("moetune.kernels.grouped_wgrad")
+    monkeypatch.setattr(module, "chunk_rows", lambda S, E: 8)
+    given, arrival_counters = [], module.arrival_counters
+    monkeypatch.setattr(module, "arrival_counters", lambda *args: given.append(arrival_counters(*args)) or given[-1])
+    plan, gen = busy_expert_problem(E=6, T=29, k=2)
+    for M, N in ((17, 12), (12, 40)):
+        kwargs, a_rows, b_rows = wgrad_case("gather_a_scale", plan, gen, M, N)
+        ref = wgrad_reference(plan, 6, a_rows, b_rows)
+        for config in wgrad_candidates(M, N, plan.num_rows, 6):
+            close(grouped_wgrad(num_rows=plan.num_rows, offsets_E=plan.offsets_E, counts_E=plan.counts_E,
+                                config=config, **kwargs), ref)
+            assert given[-1].abs().sum() == 0
+    assert len(given) >= 6
+    # one fill, and one more only where a launch needs more counters than the first
+    assert len({id(counters) for counters in given}) <= 2
+
+
 def plan_of_counts(counts, seed=0):
     """A plan whose experts get exactly these row counts (one slot a token, tokens in random order)."""
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)]).long()
