@@ -255,7 +255,7 @@ def arrival_counters(rows_E: torch.Tensor, size: int) -> torch.Tensor:
     """int32 zeros (at least `size`) on rows_E's device, memoised with its chunk schedule: the program that adds
     up a block's partials sets the block's counter back to zero, so the launches of one backward (four, from one
     set of counts, in stream order) share one fill instead of a torch.zeros each (run 88a: eager launches of tens
-    of us took 15-25 us longer with the split, where nothing was split, than without)."""
+    of us took 13-26 us longer with the split, where nothing was split, than without)."""
     cache = schedules(rows_E)
     counters = cache.get("wgrad arrival counters")
     if counters is None or counters.numel() < size:
