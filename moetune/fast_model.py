@@ -190,10 +190,13 @@ def plan_targets(model: nn.Module, spec: ArchSpec, target_modules) -> tuple[list
 def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
     """Names peft remaps from target_modules onto the fused expert parameters for this model.
 
-    peft >= 0.19 on transformers v5 rewrites v4 expert names (gate_proj, up_proj, down_proj) in
-    target_modules to target_parameters for the qwen2_moe-pattern families (qwen3_moe, olmoe, deepseek_v3,
-    glm4_moe, ...), whether or not Linear layers of that name exist. Asking peft's own converter keeps this
-    in step with the installed peft (a peft-internal module: absent -> no remapping).
+    peft >= 0.19 on transformers v5 reads v4 expert names (gate_proj, up_proj, down_proj) in target_modules as the
+    fused experts' parameters for the qwen2_moe-pattern families (qwen3_moe, olmoe, deepseek_v3, glm4_moe, ...):
+    peft 0.19-0.21 moves them to target_parameters, whether or not Linear layers of that name exist; peft 0.22 keeps
+    the Linear targets where there are some and adds the experts' parameters beside them (LoRA on the experts,
+    gate_up at twice the rank). Either way an adapter with LoRA on Linear layers of such a name does not load in
+    peft as it was trained. Asking peft's own converter, name by name, keeps this in step with the installed peft
+    (a peft-internal module: absent -> no remapping).
     """
     if not names:
         return set()
@@ -204,11 +207,18 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
     from peft import LoraConfig
 
     # peft refuses one of gate_proj / up_proj without the other where they are fused into gate_up_proj; moetune
-    # reads either as the fused weight (EXPERT_TARGETS), so ask about both.
+    # reads either as the fused weight (EXPERT_TARGETS), so ask about both together.
     pair = {"gate_proj", "up_proj"}
-    config = LoraConfig(r=1, target_modules=sorted(names | pair if names & pair else names))
-    convert_peft_config_for_transformers(config, model=model, conversions=None)
-    return names - set(config.target_modules or ())
+    groups = [{name} for name in names - pair] + ([names & pair | pair] if names & pair else [])
+    aliases = set()
+    for group in groups:
+        config = LoraConfig(r=1, target_modules=sorted(group))
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+        if config.target_parameters:
+            aliases |= group
+        else:
+            aliases |= group - set(config.target_modules or ())
+    return aliases & names
 
 
 def _enable_checkpointing(model, checkpoint_layers: int | None = None) -> None:

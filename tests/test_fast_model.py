@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -241,14 +242,29 @@ def test_shared_expert_gate_is_a_router():
 
 
 def test_linear_targets_use_peft_lora_on_shared_experts_and_dense_mlp():
-    """qwen2_moe (peft keeps its unfused names): LoRA on attention, shared expert and dense MLP Linear layers."""
+    """qwen2_moe: LoRA on attention, and on the shared expert and dense MLP Linear layers where peft keeps their
+    names (peft 0.21); peft >= 0.22 reads gate_proj / up_proj / down_proj on qwen2_moe as its fused experts' too
+    (an adapter with them on the Linear layers would load with the experts' gate_up LoRA at twice the rank): then
+    those Linear layers get none, and a warning says so."""
     from peft.tuners.lora import Linear as LoraLinear
 
+    from moetune.fast_model import peft_expert_aliases
+
     model, _ = _load(tiny_config("qwen2_moe"))
-    model = FastMoEModel.get_peft_model(model, r=2, target_modules=("q_proj", "gate_proj", "up_proj", "down_proj"))
+    mlp_names = {"gate_proj", "up_proj", "down_proj"}
+    renamed = peft_expert_aliases(model, mlp_names)
+    assert renamed in (set(), mlp_names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = FastMoEModel.get_peft_model(model, r=2, target_modules=("q_proj", *sorted(mlp_names)))
     wrapped = {n.split("model.model.", 1)[1] for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     wrapped = {n.removeprefix("model.") for n in wrapped}
-    assert "layers.0.mlp.down_proj" in wrapped and "layers.1.mlp.shared_expert.up_proj" in wrapped
+    on_mlps = {"layers.0.mlp.down_proj", "layers.1.mlp.shared_expert.up_proj"}
+    renaming = [str(w.message) for w in caught if "as the fused experts' weights" in str(w.message)]
+    if renamed:
+        assert not on_mlps & wrapped and len(renaming) == 1
+    else:
+        assert on_mlps <= wrapped and not renaming
     assert "layers.1.self_attn.q_proj" in wrapped
     experts = model.base_model.model.model.layers[1].mlp.experts
     assert experts.lora_A_gate_up.default.weight.requires_grad and experts.lora_A_down.default.weight.requires_grad
