@@ -209,7 +209,7 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
     # peft refuses one of gate_proj / up_proj without the other where they are fused into gate_up_proj; moetune
     # reads either as the fused weight (EXPERT_TARGETS), so ask about both together.
     pair = {"gate_proj", "up_proj"}
-    groups = [{name} for name in names - pair] + ([names & pair | pair] if names & pair else [])
+    groups = [{name} for name in names - pair] + ([pair] if names & pair else [])
     aliases = set()
     for group in groups:
         config = LoraConfig(r=1, target_modules=sorted(group))
