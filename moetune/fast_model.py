@@ -209,6 +209,7 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
     # peft refuses one of gate_proj / up_proj without the other where they are fused into gate_up_proj; moetune
     # reads either as the fused weight (EXPERT_TARGETS), so ask about both together.
     pair = {"gate_proj", "up_proj"}
+    # A name peft reads as the experts' always adds target_parameters (0.21 moving it there, 0.22 beside it).
     groups = [{name} for name in names - pair] + ([pair] if names & pair else [])
     aliases = set()
     for group in groups:
@@ -216,8 +217,6 @@ def peft_expert_aliases(model: nn.Module, names: set[str]) -> set[str]:
         convert_peft_config_for_transformers(config, model=model, conversions=None)
         if config.target_parameters:
             aliases |= group
-        else:
-            aliases |= group - set(config.target_modules or ())
     return aliases & names
 
 
