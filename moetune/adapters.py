@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .messages import first_line
+from .messages import config_load_errors, first_line, whole_message
 from .models.hook import DEFAULT_ADAPTER, LORA_PARAMS, expert_lora
 from .models.quantized import from_pretrained_dequantized
 
@@ -291,8 +291,8 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, *, dtype: torch.dtype 
     _adapter_config(adapter_dir)  # a file peft would read with no word of which file it was
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"model_dir: no transformers model config in {model_dir} ({first_line(err)})") \
+    except config_load_errors() as err:
+        raise ValueError(f"model_dir: no transformers model config in {model_dir} ({whole_message(err)})") \
             from None
     spec = get_spec(config.model_type)
     try:

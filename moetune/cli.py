@@ -63,6 +63,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_error_line(err: OSError) -> str:
+    """One line for a failed write: shutil's copy of a tree (the demo model moved into the output across file systems)
+    raises one error holding a list of (source, target, why), which would print as that whole list."""
+    import shutil
+
+    failures = err.args[0] if isinstance(err, shutil.Error) and err.args else None
+    if isinstance(failures, list) and failures and isinstance(failures[0], tuple) and len(failures[0]) == 3:
+        _, target, why = failures[0]
+        more = f" (and {len(failures) - 1} more files)" if len(failures) > 1 else ""
+        return f"cannot write {target}: {why}{more}"
+    return first_line(err)
+
+
 def _rerun_advice(output_dir: str) -> str:
     """How to go on after a run stopped part-way."""
     from .training.checkpoint import latest_checkpoint
@@ -77,6 +90,10 @@ def _rerun_advice(output_dir: str) -> str:
     return "nothing was written"
 
 
+# FastMoEModel's parameters whose checks reach `moetune train`'s user, by the flag that sets each.
+_API_FLAGS = {"target_modules": "--target-modules"}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     # The demo and every --model are local: nothing may reach a model hub (set before transformers loads).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,11 +106,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         summary = train(config)
+    except ValueError as err:  # the Python API names its parameter; the command line has a flag for it
+        message = first_line(err)
+        for parameter, flag in _API_FLAGS.items():
+            if message.startswith(f"{parameter}: "):
+                message = flag + message[len(parameter):]
+        raise ValueError(message) from None
     except TrainingDiverged as err:  # not a usage error: exit 1, one line
         print(f"moetune train: error: {err}", file=sys.stderr)
         return 1
-    except OSError as err:  # the disk or the file system (full, read-only, gone), not the input: exit 1, one line
+    except RuntimeError as err:  # a failure once the run has started (torch, a kernel, out of memory): not the input
         print(f"moetune train: error: {first_line(err)}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the disk or the file system (full, read-only, gone), not the input: exit 1, one line
+        print(f"moetune train: error: {_os_error_line(err)}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moetune train: interrupted; {_rerun_advice(config.output_dir)}", file=sys.stderr)

@@ -48,6 +48,13 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _free_space(directory: str) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
 def atomic_dir(final: str, write) -> None:
     """Call write(tmp_dir), then rename tmp_dir to final (replacing an older final); a write that fails leaves
     neither final nor tmp_dir behind."""
@@ -138,10 +145,14 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, kee
             "settings": {k: settings[k] for k in RESUME_KEYS},
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
+        path = os.path.join(tmp, "state.pt")
         try:
-            torch.save(state, os.path.join(tmp, "state.pt"))
-        except RuntimeError as err:  # (a full disk surfaces as torch's "enforce fail ... unexpected pos")
-            raise OSError(f"cannot write {os.path.join(tmp, 'state.pt')}: {first_line(err)}") from None
+            torch.save(state, path)
+        except RuntimeError as err:
+            why = first_line(err)
+            if "unexpected pos" in why:  # torch's zip writer's words for a write that came up short
+                why = f"the write came up short, the disk is likely full ({_free_space(tmp)} free; torch: {why})"
+            raise OSError(f"cannot write {path}: {why}") from None
         # The run's settings, readable without the optimizer state: a bare --resume takes them (config.py).
         with open(os.path.join(tmp, RUN_SETTINGS), "w") as f:
             json.dump({k: v for k, v in settings.items() if k not in _NOT_CARRIED}, f, indent=1)

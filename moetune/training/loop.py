@@ -64,17 +64,23 @@ def _stop_if_scaler_gave_up(scale: float, step: int, config: TrainConfig) -> Non
     from here on would be skipped while the run reported success."""
     if scale < MIN_LOSS_SCALE:
         _diverged(f"fp16's loss scale fell to {scale:g} (every step's gradients overflow, so each is skipped)",
-                  step, config)
+                  step, config, fp16=True)
 
 
-def _diverged(what: str, step: int, config: TrainConfig) -> None:
+def _diverged(what: str, step: int, config: TrainConfig, fp16: bool = False) -> None:
     from .checkpoint import latest_checkpoint
 
     last = latest_checkpoint(config.output_dir)
     where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
-    advice = "a lower --lr" if config.step_in_backward else "a lower --lr or --max-grad-norm 1.0"
+    # Only settings the run does not have already (clipping is off with the step in backward, which refuses it).
+    tries = [f"a lower --lr than {config.lr:g}"]
+    if config.max_grad_norm == 0 and not config.step_in_backward:
+        tries.append("--max-grad-norm 1.0")
+    if fp16:  # only fp16 runs have a loss scaler
+        tries.append("--dtype bfloat16 or float32")
+    again = "" if last else f"; start again with --overwrite --output-dir {config.output_dir}"
     raise TrainingDiverged(f"{what} by step {step}; stopped without writing the weights it stepped ({where}); try "
-                           f"{advice}, or bfloat16/float32")
+                           f"{' or '.join(tries)}{again}")
 
 
 def train(config: TrainConfig, console=None) -> dict:
@@ -326,6 +332,9 @@ def run(plan: Plan, console=None) -> dict:
         peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
     else:
         os.makedirs(config.output_dir, exist_ok=True)
+        # As the checkpoint's settings do: a relative --model would name a directory only from this one (and peft
+        # would look such a name up on the Hub from anywhere else).
+        peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 

@@ -15,7 +15,7 @@ import torch
 
 from ..devices import check_gpu_index
 from ..experts import select_backend
-from ..messages import first_line
+from ..messages import config_load_errors, first_line, whole_message
 from . import data as data_mod
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
@@ -105,8 +105,8 @@ def _model_config(model_dir: str):
         )
     try:
         return transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--model: cannot load the config in {model_dir}: {first_line(err)}") from None
+    except config_load_errors() as err:
+        raise ValueError(f"--model: cannot load the config in {model_dir}: {whole_message(err)}") from None
 
 
 def _tokenizer(model_dir: str, max_seq_length: int):
@@ -134,6 +134,19 @@ def _language_setting(model_config, name: str) -> int | None:
     from ..models.registry import get_spec
 
     return getattr(get_spec(model_config.model_type).language_config(model_config), name, None)
+
+
+def _check_routing(model_config, model_dir: str) -> None:
+    """Each token's top-k must be a choice among the model's experts (else the first forward fails in torch.topk,
+    mid-run, with "selected index k out of range")."""
+    top_k = _language_setting(model_config, "num_experts_per_tok")
+    experts = next((n for n in (_language_setting(model_config, name) for name in
+                                ("num_local_experts", "num_experts", "n_routed_experts")) if n is not None), None)
+    if top_k is None or experts is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ValueError(f"--model: {model_dir}'s config sets num_experts_per_tok {top_k!r}; expected an integer from "
+                         f"1 to its {experts} experts")
 
 
 def _check_token_ids(examples, tokenizer, model_config, source: str) -> None:
@@ -168,10 +181,10 @@ def _check_output_dir(config: TrainConfig) -> str | None:
             raise ValueError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}")
         return checkpoint
     if present and not config.overwrite:
-        raise ValueError(
-            f"--output-dir: {out} already holds a run ({', '.join(present)}); "
-            "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
-        )
+        resume = ("pass --resume to continue it, --overwrite to replace it" if latest_checkpoint(out) is not None
+                  else "it has no checkpoint to --resume from; pass --overwrite to replace it")
+        raise ValueError(f"--output-dir: {out} already holds a run ({', '.join(present)}); {resume}, or another "
+                         "--output-dir")
     return None
 
 
@@ -191,6 +204,7 @@ def prepare(config: TrainConfig) -> Plan:
                          "needs the padding mask, which the graph's batches do not have); or leave out --cuda-graph")
     if config.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph: records the step on a CUDA GPU, but the device is {device}")
+    _check_routing(model_config, model_dir or "the demo model")
     limit = _language_setting(model_config, "max_position_embeddings")
     if limit is not None and config.max_seq_length > limit:
         raise ValueError(f"--max-seq-length: {config.max_seq_length} is longer than the model allows ({limit} positions)")

@@ -40,6 +40,15 @@ def _partial_weights_dir(tmp_path) -> str:
     return path
 
 
+def _config_changed_dir(tmp_path, **changes) -> str:
+    """The tiny Qwen3-MoE with its config.json edited."""
+    path = save_checkpoint("qwen3_moe", str(tmp_path / "edited"))
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**config, **changes}, f)
+    return path
+
+
 def _data(tmp_path, records=(), raw=(), name="d.jsonl") -> str:
     return write_jsonl(tmp_path / name, records, raw)
 
@@ -69,6 +78,10 @@ CASES = {
     "missing model dir": (lambda t: ["--model", t / "none"], "--model: no such directory"),
     "no config.json": (lambda t: ["--model", t], "has no config.json"),
     "non-MoE model": (lambda t: ["--model", _llama_dir(t)], "is a 'llama' model, not a supported MoE architecture"),
+    "config field of the wrong type": (lambda t: ["--model", _config_changed_dir(t, hidden_size="big")], "Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str (value: 'big')"),
+    "top-k past the experts": (lambda t: ["--model", _config_changed_dir(t, num_experts_per_tok=16)], "config sets num_experts_per_tok 16; expected an integer from 1 to its 6 experts"),
+    "top-k of zero": (lambda t: ["--model", _config_changed_dir(t, num_experts_per_tok=0)], "config sets num_experts_per_tok 0; expected an integer from 1 to its 6 experts"),
+    "empty config path": (lambda t: ["--config", ""], "--config: expected a path to a YAML or JSON file, got ''"),
     "broken weights": (lambda t: ["--model", _broken_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "cannot load the weights"),
     "weights missing from the checkpoint": (lambda t: ["--model", _partial_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "lacks 1 of the model's weights (model.layers.1.self_attn.q_proj.weight), which would start at random values"),
     "missing config file": (lambda t: ["--config", t / "x.yaml"], "--config: cannot read"),
@@ -87,7 +100,7 @@ CASES = {
     "memory cap not a number": (lambda t: ["--max-memory", "lots"], "argument --max-memory: invalid float value: 'lots'"),
     "no kept attention without the auto plan": (lambda t: ["--no-keep-attention", "--checkpoint-layers", "2"], "--no-keep-attention: applies to --checkpoint-layers auto with gradient checkpointing on, got --checkpoint-layers 2"),
     "resume nothing": (lambda t: ["--resume"], "--resume: no checkpoint"),
-    "bad target module": (lambda t: ["--target-modules", "nonsense"], "target_modules: expected names from"),
+    "bad target module": (lambda t: ["--target-modules", "nonsense"], "error: --target-modules: expected names from"),
     "unknown optimizer": (lambda t: ["--optim", "sgd"], "argument --optim: invalid choice"),
     "8-bit optimizer on the CPU": (lambda t: ["--optim", "adamw_8bit", "--device", "cpu"], "--optim: adamw_8bit runs on a CUDA GPU"),
     "bf16-state AdamW with bf16 routers trained": (lambda t: ["--optim", "adamw_bf16", "--train-router", "--dtype", "bfloat16"], "--optim: adamw_bf16 steps float32 weights, and --train-router trains the routers in the model's bfloat16; use --optim adamw, or --dtype float32"),
@@ -190,8 +203,9 @@ def test_a_gpu_index_this_machine_lacks(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:target_modules.*:UserWarning")
 def test_merge_refuses_missing_weights_and_names_what_it_cannot_write(tmp_path, capsys):
-    """merge loads as train does (a checkpoint missing a weight would merge onto random values), and a place it
-    cannot write is named as out_dir, not blamed on the reading."""
+    """merge loads as train does (a checkpoint missing a weight would merge onto random values), a place it cannot
+    write is named as out_dir, not blamed on the reading, and a config.json with a field of the wrong type is named
+    too. (transformers' loading bar may come before the error line: it is on unless a train ran in this process.)"""
     import torch
 
     from moetune import FastMoEModel
@@ -199,14 +213,23 @@ def test_merge_refuses_missing_weights_and_names_what_it_cannot_write(tmp_path, 
     model, _ = FastMoEModel.from_pretrained(save_checkpoint("qwen3_moe", str(tmp_path / "whole")), dtype=torch.float32)
     FastMoEModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False).save_pretrained(
         tmp_path / "adapter")
+    partial, unwritable = _partial_weights_dir(tmp_path), _file(tmp_path) / "m"
+    typed = _config_changed_dir(tmp_path, hidden_size="big")
     capsys.readouterr()
-    code, _, stderr = run_cli(capsys, "merge", _partial_weights_dir(tmp_path), tmp_path / "adapter", tmp_path / "m")
-    assert code == 2 and stderr.count("\n") == 1, stderr
-    assert "moetune merge: error: model_dir: " in stderr and "lacks 1 of the model's weights" in stderr
+
+    def error_of(*args):
+        code, _, stderr = run_cli(capsys, "merge", *args)
+        assert code == 2 and stderr.count("error:") == 1 and "Traceback" not in stderr, stderr
+        return stderr.strip().splitlines()[-1]
+
+    error = error_of(partial, tmp_path / "adapter", tmp_path / "m")
+    assert error.startswith("moetune merge: error: model_dir: ") and "lacks 1 of the model's weights" in error
     assert not (tmp_path / "m").exists()
-    code, _, stderr = run_cli(capsys, "merge", tmp_path / "whole", tmp_path / "adapter", _file(tmp_path) / "m")
-    assert code == 2 and stderr.count("\n") == 1, stderr
-    assert f"moetune merge: error: out_dir: cannot write {_file(tmp_path) / 'm'}: " in stderr
+    error = error_of(tmp_path / "whole", tmp_path / "adapter", unwritable)
+    assert error.startswith(f"moetune merge: error: out_dir: cannot write {unwritable}: ")
+    error = error_of(typed, tmp_path / "adapter", tmp_path / "m")
+    assert error.startswith("moetune merge: error: model_dir: no transformers model config in ")
+    assert "Field 'hidden_size' expected int, got str (value: 'big')" in error and not (tmp_path / "m").exists()
 
 
 def test_a_failing_write_is_one_line_and_leaves_no_half_written_demo_model(tmp_path, capsys, monkeypatch):
@@ -280,6 +303,7 @@ def test_a_full_disk_under_any_writer_is_one_line(tmp_path, capsys, monkeypatch,
     assert code == 1 and stderr.count("error") == 1 and "Traceback" not in stderr, stderr
     written = "adapter_model.safetensors" if writer == "safetensors" else "state.pt"
     assert last.startswith("moetune train: error: cannot write ") and written in last, stderr
+    assert ("the disk is likely full (" in last and " MiB free; torch: [enforce fail" in last) is (writer != "safetensors")
     assert last.endswith(f"start again with --overwrite --output-dir {out}"), stderr
     assert not (out / "checkpoints").exists() or os.listdir(out / "checkpoints") == []
     if writer == "safetensors":

@@ -346,6 +346,7 @@ def test_float16_stops_when_every_step_overflows(tmp_path, capsys, monkeypatch):
     assert code == 1 and last.startswith("moetune train: error: fp16's loss scale fell to 0.5 (every step's "
                                          "gradients overflow, so each is skipped) by step 5"), stderr
     assert "step-000004, is intact" in last and "Traceback" not in stderr  # (skipped steps change no weight)
+    assert "or --dtype bfloat16 or float32" in last and "--overwrite" not in last  # (a checkpoint to resume)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
 
@@ -361,10 +362,11 @@ def test_float16_stops_when_every_step_overflows(tmp_path, capsys, monkeypatch):
     assert "-> n/a" in stdout
 
 
-@pytest.mark.parametrize(("step_in_backward", "logging"), [(False, 2), (True, 2), (False, 5)],
-                         ids=["after-backward", "in-backward", "caught-at-the-save"])
-def test_a_non_finite_loss_stops_the_run_before_it_writes_nan_weights(tmp_path, capsys, monkeypatch,
-                                                                       step_in_backward, logging):
+@pytest.mark.parametrize(("extra", "logging"), [
+    ([], 2), (["--step-in-backward", "--max-grad-norm", 0], 2), ([], 5), (["--max-grad-norm", 0], 2),
+], ids=["after-backward", "in-backward", "caught-at-the-save", "unclipped"])
+def test_a_non_finite_loss_stops_the_run_before_it_writes_nan_weights(tmp_path, capsys, monkeypatch, extra,
+                                                                       logging):
     """One step whose loss is NaN (here forced at the third step's forward) steps every trained weight to NaN: the
     run stops with one line and exit 1, writes no checkpoint, adapter or summary from those weights, and says which
     checkpoint is still good."""
@@ -379,12 +381,14 @@ def test_a_non_finite_loss_stops_the_run_before_it_writes_nan_weights(tmp_path, 
         return out * float("nan") if forwards[0] == 3 else out
 
     monkeypatch.setattr(torch.nn.Embedding, "forward", poisoned)
-    extra = ["--step-in-backward", "--max-grad-norm", 0] if step_in_backward else []
     out = tmp_path / "out"
     code, _, stderr = run_cli(capsys, "train", "--output-dir", out, "--max-steps", 6, "--save-steps", 2,
                               "--logging-steps", logging, "--checkpoint-layers", 0, *extra)
     last = stderr.strip().splitlines()[-1]  # (above it: the progress bar)
-    assert ("--max-grad-norm" in last) is not step_in_backward  # (advice the run's mode can take)
+    # Advice the run does not follow already: clipping where it is off and the step in backward (which refuses it)
+    # is not; fp16's dtype change only for fp16 runs.
+    assert ("try a lower --lr than 0.003" in last) and ("--dtype" not in last)
+    assert ("--max-grad-norm 1.0" in last) is (extra == ["--max-grad-norm", 0])
     assert code == 1 and stderr.count("error") == 1 and last.startswith("moetune train: error: the loss is nan by "
                                                                         "step 4"), stderr
     assert "step-000002" in last and "Traceback" not in stderr
@@ -414,7 +418,8 @@ def test_weights_made_non_finite_by_a_gradient_are_not_written_though_the_loss_w
                               "--logging-steps", 5, "--checkpoint-layers", 0)
     last = stderr.strip().splitlines()[-1]
     assert code == 1 and last.startswith("moetune train: error: a trained weight is not finite by step 2"), stderr
-    assert "no checkpoint was written" in last
+    assert last.endswith(f"no checkpoint was written); try a lower --lr than 0.003; start again with --overwrite "
+                         f"--output-dir {out}"), last
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
 

@@ -86,6 +86,19 @@ def test_own_model_directory_packing_and_yaml_config(tmp_path, capsys):
     assert summary(out)["epochs"] == 2.0
 
 
+def test_a_relative_model_directory_is_named_absolutely_in_the_adapter(tmp_path, capsys, monkeypatch):
+    """AutoPeftModelForCausalLM finds the base model from adapter_config.json: a relative --model would name it only
+    from the directory the run started in (and peft would look the name up on the Hub elsewhere)."""
+    save_checkpoint("qwen3_moe", str(tmp_path / "model"))
+    data_path = write_jsonl(tmp_path / "d.jsonl", [{"text": "the router picks two experts for every token"}] * 4)
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli(capsys, "train", "--model", "model", "--data", data_path, "--max-steps", 1,
+                              "--max-seq-length", 64, "--output-dir", "out")
+    assert code == 0, stderr
+    adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "model")
+
+
 def _full_run_and_its_copy_at(tmp_path, args, step: int):
     """(full, cut): a whole run of `args`, and a directory holding only its checkpoint at `step` and its demo model."""
     full, cut = tmp_path / "full", tmp_path / "cut"
