@@ -71,7 +71,7 @@ def _os_error_line(err: OSError) -> str:
     failures = err.args[0] if isinstance(err, shutil.Error) and err.args else None
     if isinstance(failures, list) and failures and isinstance(failures[0], tuple) and len(failures[0]) == 3:
         _, target, why = failures[0]
-        more = f" (and {len(failures) - 1} more files)" if len(failures) > 1 else ""
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         return f"cannot write {target}: {why}{more}"
     return first_line(err)
 

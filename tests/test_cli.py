@@ -90,6 +90,6 @@ def test_a_failed_tree_copy_is_one_line_naming_the_first_file():
     failures = [("/tmp/a/model.safetensors", "out/demo-model/model.safetensors", "[Errno 28] No space left on device"),
                 ("/tmp/a/config.json", "out/demo-model/config.json", "[Errno 28] No space left on device")]
     assert _os_error_line(shutil.Error(failures)) == ("cannot write out/demo-model/model.safetensors: [Errno 28] No "
-                                                      "space left on device (and 1 more files)")
+                                                      "space left on device (and 1 more)")
     assert _os_error_line(shutil.Error(failures[:1])).endswith("left on device")
     assert _os_error_line(OSError(28, "No space left on device", "x")) == "[Errno 28] No space left on device: 'x'"
