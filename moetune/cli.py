@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .devices import resolve_device
 from .experts import ENV_VAR, KNOWN_BACKENDS, available_backends, select_backend
-from .messages import first_line
+from .messages import first_line, os_error_line
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -63,19 +63,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _os_error_line(err: OSError) -> str:
-    """One line for a failed write: shutil's copy of a tree (the demo model moved into the output across file systems)
-    raises one error holding a list of (source, target, why), which would print as that whole list."""
-    import shutil
-
-    failures = err.args[0] if isinstance(err, shutil.Error) and err.args else None
-    if isinstance(failures, list) and failures and isinstance(failures[0], tuple) and len(failures[0]) == 3:
-        _, target, why = failures[0]
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        return f"cannot write {target}: {why}{more}"
-    return first_line(err)
-
-
 def _rerun_advice(output_dir: str) -> str:
     """How to go on after a run stopped part-way."""
     from .training.checkpoint import latest_checkpoint
@@ -90,8 +77,8 @@ def _rerun_advice(output_dir: str) -> str:
     return "nothing was written"
 
 
-# FastMoEModel's parameters whose checks reach `moetune train`'s user, by the flag that sets each.
-_API_FLAGS = {"target_modules": "--target-modules"}
+# FastMoEModel's parameters (TrainConfig fields of the same name) whose checks reach `moetune train`'s user.
+_API_PARAMETERS = ("target_modules",)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,9 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(config)
     except ValueError as err:  # the Python API names its parameter; the command line has a flag for it
         message = first_line(err)
-        for parameter, flag in _API_FLAGS.items():
+        for parameter in _API_PARAMETERS:
             if message.startswith(f"{parameter}: "):
-                message = flag + message[len(parameter):]
+                message = train_config.flag(parameter) + message[len(parameter):]
         raise ValueError(message) from None
     except TrainingDiverged as err:  # not a usage error: exit 1, one line
         print(f"moetune train: error: {err}", file=sys.stderr)
@@ -119,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"moetune train: error: {first_line(err)}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
         return 1
     except OSError as err:  # the disk or the file system (full, read-only, gone), not the input: exit 1, one line
-        print(f"moetune train: error: {_os_error_line(err)}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
+        print(f"moetune train: error: {os_error_line(err)}; {_rerun_advice(config.output_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moetune train: interrupted; {_rerun_advice(config.output_dir)}", file=sys.stderr)

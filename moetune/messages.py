@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 
 def first_line(err: BaseException) -> str:
     """The exception's message up to its first line break; its type's name where it carries no message."""
@@ -24,3 +26,14 @@ def config_load_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # an older huggingface_hub has no strict dataclasses
         return (OSError, ValueError, TypeError)
     return (OSError, ValueError, TypeError, StrictDataclassError)
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a failed write: shutil's copy of a tree (the demo model moved into the output across file systems)
+    raises one error holding a list of (source, target, why), which would print as that whole list."""
+    failures = err.args[0] if isinstance(err, shutil.Error) and err.args else None
+    if isinstance(failures, list) and failures and isinstance(failures[0], tuple) and len(failures[0]) == 3:
+        _, target, why = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        return f"cannot write {target}: {why}{more}"
+    return first_line(err)

@@ -150,7 +150,8 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
     return docs
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag that sets TrainConfig's field `name`."""
     return "--" + name.replace("_", "-")
 
 
@@ -179,14 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = help_text.replace("%", "%%")
         kwargs = dict(default=argparse.SUPPRESS, help=help_text, dest=field.name)
         if annotation is bool:
-            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is tuple:
-            parser.add_argument(_flag(field.name), nargs="+", metavar="NAME", **kwargs)
+            parser.add_argument(flag(field.name), nargs="+", metavar="NAME", **kwargs)
         elif field.name == "checkpoint_layers":
-            parser.add_argument(_flag(field.name), type=layers_or_auto, metavar="{N,auto,all}", **kwargs)
+            parser.add_argument(flag(field.name), type=layers_or_auto, metavar="{N,auto,all}", **kwargs)
         else:
             choices = {"dtype": DTYPES, "optim": OPTIMIZERS}.get(field.name)
-            parser.add_argument(_flag(field.name), type=_base_type(annotation), choices=choices, **kwargs)
+            parser.add_argument(flag(field.name), type=_base_type(annotation), choices=choices, **kwargs)
 
 
 def layers_or_auto(value: str) -> int | str | None:
@@ -276,7 +277,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     """Range checks; a bad value raises ValueError naming the flag."""
     for name in POSITIVE_INTS:
         if getattr(config, name) < 1:
-            raise ValueError(f"{_flag(name)}: expected an integer >= 1, got {getattr(config, name)}")
+            raise ValueError(f"{flag(name)}: expected an integer >= 1, got {getattr(config, name)}")
     layers = config.checkpoint_layers
     if layers is not None and layers != "auto" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
         raise ValueError(f"--checkpoint-layers: expected an integer >= 0 or auto, got {layers!r}")
@@ -291,10 +292,10 @@ def validate(config: TrainConfig) -> TrainConfig:
                          f"--checkpoint-layers {'all' if layers is None else layers} with --no-gradient-checkpointing")
     for name in ("data", "output_dir"):  # an empty value (an unset shell variable) is not the default
         if getattr(config, name) == "":
-            raise ValueError(f"{_flag(name)}: expected a path, got ''")
-    for flag, asked in (("--max-memory", config.max_memory is not None), ("--no-keep-attention", not config.keep_attention)):
+            raise ValueError(f"{flag(name)}: expected a path, got ''")
+    for option, asked in (("--max-memory", config.max_memory is not None), ("--no-keep-attention", not config.keep_attention)):
         if asked and not planned:
-            raise ValueError(f"{flag}: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
+            raise ValueError(f"{option}: applies to --checkpoint-layers auto with gradient checkpointing on, got {given}")
     if not 0 <= config.max_grad_norm < float("inf"):
         raise ValueError(f"--max-grad-norm: expected a number >= 0 (0: no clipping), got {config.max_grad_norm}")
     if config.step_in_backward and (config.max_grad_norm > 0 or config.grad_accum > 1):
@@ -317,7 +318,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     inf = float("inf")
     for name in ("epochs", "lr", "lora_alpha"):  # finite: inf and nan pass a plain > 0 or fail only mid-run
         if not 0 < getattr(config, name) < inf:
-            raise ValueError(f"{_flag(name)}: expected a finite number > 0, got {getattr(config, name)}")
+            raise ValueError(f"{flag(name)}: expected a finite number > 0, got {getattr(config, name)}")
     if config.warmup_steps < 0:
         raise ValueError(f"--warmup-steps: expected an integer >= 0, got {config.warmup_steps}")
     if not 0 <= config.weight_decay < inf:

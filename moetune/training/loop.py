@@ -328,13 +328,12 @@ def run(plan: Plan, console=None) -> dict:
             shutil.rmtree(demo_tmp, ignore_errors=True)
             raise
         os.chmod(model_dir, 0o777 & ~_umask())  # mkdtemp made it private; the rest of the output is not
-        # The adapter names its base model (AutoPeftModel loads it from there): here, not the temporary directory.
-        peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
     else:
         os.makedirs(config.output_dir, exist_ok=True)
-        # As the checkpoint's settings do: a relative --model would name a directory only from this one (and peft
-        # would look such a name up on the Hub from anywhere else).
-        peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
+    # The adapter names its base model (AutoPeftModel loads it from there): the demo where it ended up, not the
+    # temporary directory, and --model absolute, as the checkpoint's settings name it (a relative name would find
+    # it only from this directory, and peft would look it up on the Hub from anywhere else).
+    peft_model.peft_config["default"].base_model_name_or_path = os.path.abspath(model_dir)
     spec = base_model.moetune_spec
     from ..models.hook import find_experts
 
