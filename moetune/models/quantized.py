@@ -14,7 +14,14 @@ checkpoint's own settings (block size, modules it left unquantized) kept.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
+
+# transformers 5.x logs a multi-line "LOAD REPORT" table (missing, unexpected, mismatched keys) as a warning of
+# this logger at the end of from_pretrained.
+_LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
 
 def _quantization(config) -> dict:
@@ -65,6 +72,37 @@ class MissingWeights(ValueError):
         return MissingWeights(argument, self.model_dir, self.keys)
 
 
+class _HeldRecords(logging.Filter):
+    """Keeps a logger's records from its handlers until released, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def drop_report(self) -> None:
+        self.records = [record for record in self.records if "LOAD REPORT" not in record.getMessage()]
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    """Holds back what transformers' loading logs until the block ends, then passes it on (whatever the block
+    raised), less the load report where the block dropped it: a refused checkpoint then reads as moetune's one-line
+    error, not a table of keys above it, and a loaded one shows transformers' report as without moetune."""
+    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    held = _HeldRecords()
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+        for record in held.records:
+            logger.handle(record)
+
+
 def from_pretrained_dequantized(auto_class, model_dir: str, config, strict: bool = False, **kwargs):
     """auto_class.from_pretrained(model_dir, **kwargs) with a quantized checkpoint's experts dequantized
     (dequantizing_kwargs) and the result made plain where transformers 5.17-5.23 leave it half-quantized:
@@ -79,9 +117,11 @@ def from_pretrained_dequantized(auto_class, model_dir: str, config, strict: bool
     strict: raise MissingWeights where the checkpoint lacks any of the model's weights."""
     load_kwargs = dequantizing_kwargs(config, kwargs)
     if strict:
-        model, info = auto_class.from_pretrained(model_dir, output_loading_info=True, **load_kwargs)
-        if info["missing_keys"]:
-            raise MissingWeights("model_dir", model_dir, sorted(info["missing_keys"]))
+        with _held_load_report() as held:
+            model, info = auto_class.from_pretrained(model_dir, output_loading_info=True, **load_kwargs)
+            if info["missing_keys"]:
+                held.drop_report()  # the one-line error says it; the table would only precede it
+                raise MissingWeights("model_dir", model_dir, sorted(info["missing_keys"]))
     else:
         model = auto_class.from_pretrained(model_dir, **load_kwargs)
     # dequantized, by moetune's request or a caller's own config asking the same

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -12,8 +13,9 @@ from safetensors.torch import save_file
 
 from moetune import FastMoEModel
 from moetune.adapters import merge
+from moetune.models.quantized import MissingWeights, from_pretrained_dequantized
 
-from .helpers import tiny_tokenizer
+from .helpers import auto_class, save_checkpoint, tiny_tokenizer
 from .tiny import tiny_config
 
 # E2M1's sixteen values, in code order (the low nibble of a block byte is the even element).
@@ -229,3 +231,56 @@ def test_kept_fp8_experts_are_named_in_the_error():
                                          r"torch.float8_e4m3fn\); .*FineGrainedFP8Config\(dequantize=True\)"):
         hook.find_experts(model, spec)
 
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_log():
+    """What transformers' loggers pass to their handlers during the test."""
+    handler, logger = _Messages(), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def _edited_checkpoint(tmp_path, edit) -> str:
+    from safetensors.torch import load_file
+
+    path = save_checkpoint("qwen3_moe", str(tmp_path / "edited"), tokenizer=False)
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path
+
+
+def _load_strict(path: str):
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    return from_pretrained_dequantized(auto_class("qwen3_moe"), path, config, strict=True, dtype=torch.float32,
+                                       local_files_only=True)
+
+
+def test_a_checkpoint_missing_weights_is_refused_without_transformers_load_report(tmp_path, transformers_log):
+    path = _edited_checkpoint(tmp_path, lambda t: t.pop("model.layers.1.self_attn.q_proj.weight"))
+    with pytest.raises(MissingWeights, match=r"lacks 1 of the model's weights \(model.layers.1.self_attn.q_proj"):
+        _load_strict(path)
+    assert not any("LOAD REPORT" in message for message in transformers_log), transformers_log
+    assert transformers.logging.get_logger("transformers.modeling_utils").filters == []
+
+
+def test_a_loaded_checkpoint_still_shows_transformers_load_report(tmp_path, transformers_log):
+    def add_unexpected(tensors):
+        tensors["model.layers.0.unused.weight"] = torch.zeros(2)
+
+    _load_strict(_edited_checkpoint(tmp_path, add_unexpected))
+    reports = [message for message in transformers_log if "LOAD REPORT" in message]
+    assert len(reports) == 1 and "model.layers.0.unused.weight" in reports[0], transformers_log
+    assert transformers.logging.get_logger("transformers.modeling_utils").filters == []
