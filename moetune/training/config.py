@@ -340,7 +340,7 @@ def resolve_config(flags: dict, config_file: str | None = None) -> TrainConfig:
     """TrainConfig from defaults, then (with --resume) the settings of the checkpoint it continues, then the config
     file, then the flags given on the command line."""
     if config_file is not None and not str(config_file).strip():  # an unset shell variable, most likely
-        raise ValueError(f"--config: expected a path to a YAML or JSON file, got {config_file!r}")
+        raise ValueError(f"--config: expected a path to a .yaml, .yml or .toml file, got {config_file!r}")
     values = load_config_file(config_file) if config_file else {}
     try:
         values = {name: _coerce(name, value) for name, value in values.items()}

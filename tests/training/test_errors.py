@@ -81,7 +81,7 @@ CASES = {
     "config field of the wrong type": (lambda t: ["--model", _config_changed_dir(t, hidden_size="big")], "Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str (value: 'big')"),
     "top-k past the experts": (lambda t: ["--model", _config_changed_dir(t, num_experts_per_tok=16)], "config sets num_experts_per_tok 16; expected an integer from 1 to its 6 experts"),
     "top-k of zero": (lambda t: ["--model", _config_changed_dir(t, num_experts_per_tok=0)], "config sets num_experts_per_tok 0; expected an integer from 1 to its 6 experts"),
-    "empty config path": (lambda t: ["--config", ""], "--config: expected a path to a YAML or JSON file, got ''"),
+    "empty config path": (lambda t: ["--config", ""], "--config: expected a path to a .yaml, .yml or .toml file, got ''"),
     "broken weights": (lambda t: ["--model", _broken_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "cannot load the weights"),
     "weights missing from the checkpoint": (lambda t: ["--model", _partial_weights_dir(t), "--data", _data(t, [{"text": "the router"}]), "--max-seq-length", "64"], "lacks 1 of the model's weights (model.layers.1.self_attn.q_proj.weight), which would start at random values"),
     "missing config file": (lambda t: ["--config", t / "x.yaml"], "--config: cannot read"),
