@@ -10,6 +10,9 @@ Fine-grained FP8 checkpoints (quant_method "fp8": DeepSeek-V3, Qwen3-30B-A3B-FP8
 only where FP8 kernels cannot run (a CPU, a GPU below sm89); on an H100 it keeps FP8 weights and FP8Experts, whose
 weights moetune's grouped GEMMs do not read. So they are dequantized on load too (1 byte a weight becomes 2), the
 checkpoint's own settings (block size, modules it left unquantized) kept.
+
+Every model checkpoint moetune loads goes through from_pretrained_dequantized, which with strict=True (moetune train,
+merge) also refuses one that lacks weights transformers would otherwise start at random (MissingWeights).
 """
 
 from __future__ import annotations

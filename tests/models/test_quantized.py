@@ -1,4 +1,5 @@
-"""Checkpoints whose experts ship quantized: gpt-oss's MXFP4, loaded dequantized (moetune/models/quantized.py)."""
+"""Checkpoints whose experts ship quantized: gpt-oss's MXFP4, loaded dequantized; and strict loads, which refuse a
+checkpoint missing weights (moetune/models/quantized.py)."""
 
 from __future__ import annotations
 
@@ -230,7 +231,6 @@ def test_kept_fp8_experts_are_named_in_the_error():
     with pytest.raises(ValueError, match=r"^model: its experts are FP8-quantized \(mlp.experts.gate_up_proj is "
                                          r"torch.float8_e4m3fn\); .*FineGrainedFP8Config\(dequantize=True\)"):
         hook.find_experts(model, spec)
-
 
 
 class _Messages(logging.Handler):
