@@ -79,14 +79,17 @@ def test_each_item_runs_its_script_and_names_its_files_by_run_and_gpu(checkout):
 
 
 def test_suite_parts_split_the_kernel_tests_between_them(checkout):
-    result, calls = run_items(checkout, "90b", "suite:d:60", "suite:e", "suite:f", "suite:c")
+    result, calls = run_items(checkout, "90b", "suite:d:60", "suite:e", "suite:f", "suite:g:500", "suite:c")
     assert result.returncode == 0, result.stderr
-    assert calls[::2] == ["timeout 60", "timeout 300", "timeout 300", "timeout 300"]  # each part under its limit
-    d, e, f, c = (call.split() for call in calls[1::2])
+    assert calls[::2] == ["timeout 60", "timeout 300", "timeout 300", "timeout 500", "timeout 300"]  # each its limit
+    d, e, f, g, c = (call.split() for call in calls[1::2])
     assert d[:7] == ["-m", "pytest", "-q", "-rs", "-m", "gpu", "--durations=3"]
     assert d[7:] == ["tests/kernels/test_launch.py", "tests/kernels/test_rotary.py"]  # those present of part d
     assert e[7:] == ["tests/kernels/test_rms_norm.py", "tests/kernels/test_hopper_gemm.py"]
-    assert sorted(f[7:]) == ["tests/kernels/test_cross_entropy.py", "tests/kernels/test_grouped_gemm.py"]
+    # grouped_gemm's every-candidate-config tests are part g's, not f's
+    assert f[7:10] == ["-k", "not", "every_candidate_config_in_bf16"]
+    assert sorted(f[10:]) == ["tests/kernels/test_cross_entropy.py", "tests/kernels/test_grouped_gemm.py"]
+    assert g[7:] == ["-k", "every_candidate_config_in_bf16", "tests/kernels/test_grouped_gemm.py"]
     assert c[7:] == ["tests/experts", "tests/test_adapters.py", "tests/test_cli.py"]
 
 
@@ -98,7 +101,7 @@ def test_failed_items_are_counted_and_the_later_ones_still_run(checkout):
 
 
 @pytest.mark.parametrize("items, message", [
-    (["90d", "experts", "suite:g"], "item 'suite:g': expected suite:b|c|d|e|f[:SECONDS]"),
+    (["90d", "experts", "suite:h"], "item 'suite:h': expected suite:b|c|d|e|f|g[:SECONDS]"),
     (["90d", "qwen3-30b-a3b:66:maybe"], "item 'qwen3-30b-a3b:66:maybe': expected suite:"),
     (["90d", "routing:llama:8:16384"], "item 'routing:llama:8:16384': expected routing:MODEL:LAYERS:SEQ"),
     (["90d", "experts:now"], "item 'experts:now': takes no arguments"),
