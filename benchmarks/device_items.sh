@@ -15,6 +15,8 @@
 #                               `timeout LIMIT` (seconds, default 300); -rs names the skips.
 #   experts                     bench_experts.py, issue #5's block table (every shape, the baseline beside)
 #   wgrad                       wgrad_split_ab.py, the LoRA weight gradients split and not, against float64
+#   switch:NAME                 switch_ab.py --switch NAME, both ways of a launch-time switch in alternating rounds,
+#                               on issue #5's four 16K / 4K blocks (SWITCH_CASES)
 #   routing:MODEL:LAYERS:SEQ    routing_load.py, a model's rows per expert layer by layer, the launches under them
 #   cut:on|off[:OPTIM]          issue #6's 8-layer Qwen3 cut at 16K and 32K, moetune alone, replayed (on) or eager
 #   MODEL:GIB:on|off[:both]     a whole model at 8K under --max-memory GIB as issue #6's table runs it (bf16 AdamW
@@ -31,6 +33,8 @@ PARTS_D="launch rotary router_topk sigmoid_router_topk sum_over_k swiglu"
 PARTS_E="mla_inputs rms_norm shared_memory hopper_gemm"
 EVERY_CANDIDATE=every_candidate_config_in_bf16  # part g's tests (grouped_gemm's), left out of part f
 MODELS="qwen3-30b-a3b gpt-oss-20b glm-4.7-flash"
+SWITCHES="direct persistent gluon sum wgrad_split wgrad_stream"  # switch_ab.py's
+SWITCH_CASES="qwen3-30b-a3b:16384 qwen3-30b-a3b:4096 gpt-oss-20b:16384 glm-4.7-flash:16384"
 
 check() {  # check ITEM: empty if well formed, else why not
     local a b c d
@@ -38,6 +42,7 @@ check() {  # check ITEM: empty if well formed, else why not
     case "$a" in
         suite) [[ $b =~ ^[bcdefg]$ && ( -z $c || $c =~ ^[0-9]+$ ) && -z $d ]] || echo "expected suite:b|c|d|e|f|g[:SECONDS]";;
         experts|wgrad) [ "$a" = "$1" ] || echo "takes no arguments";;
+        switch) [[ " $SWITCHES " == *" $b "* && -z $c ]] || echo "expected switch:NAME, NAME one of $SWITCHES";;
         routing) [[ " $MODELS " == *" $b "* && $c =~ ^[0-9]+$ && $d =~ ^[0-9]+$ ]] \
             || echo "expected routing:MODEL:LAYERS:SEQ, MODEL one of $MODELS";;
         cut) [[ $b =~ ^(on|off)$ && ( -z $c || $c =~ ^(adamw|adamw_bf16|adamw_8bit)$ ) && -z $d ]] \
@@ -100,6 +105,9 @@ for item in "$@"; do
             run_item experts python3 benchmarks/bench_experts.py --out "$OUT/experts-run$RUN-$GPU.json";;
         wgrad)
             run_item wgrad-split python3 benchmarks/wgrad_split_ab.py --out "$OUT/wgrad-split-run$RUN-$GPU.json";;
+        switch)
+            run_item "switch-$b" python3 benchmarks/switch_ab.py --switch "$b" --cases $SWITCH_CASES \
+                --out "$OUT/switch-$b-run$RUN-$GPU.json";;
         routing)
             stem="routing-load-$b-$c-$d"
             run_item "$stem" python3 benchmarks/routing_load.py --model "$b" --layers "$c" --seq "$d" \

@@ -16,6 +16,9 @@ Switches (environment variables read at each launch):
   route evenly (harness.make_routing), where the split leaves every expert one chunk: this measures what the split
   costs there (its schedule, counts and binary search); wgrad_split_ab.py measures uneven routings. Compared within
   NOT_BITWISE_TOLERANCE, as an expert past its chunk would sum its partials in another order.
+- wgrad_stream: the triton backend's WGRAD_SIDE_STREAM (a module flag). The four LoRA weight-gradient launches of a
+  backward on the block's own stream after the dx GEMM, or on a second stream beside it (ways "one_stream" and
+  "side_stream"); the same kernels in the same order on their stream, so bitwise the same.
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a
@@ -25,6 +28,7 @@ checked first, on the cases' own inputs.
     python benchmarks/switch_ab.py --cases qwen3-30b-a3b:4096 gpt-oss-20b:4096 --launches qwen3-30b-a3b:4096
     python benchmarks/switch_ab.py --switch persistent --cases qwen3-30b-a3b:16384 --launches qwen3-30b-a3b:16384
     python benchmarks/switch_ab.py --switch gluon --cases qwen3-30b-a3b:4096 qwen3-30b-a3b:16384
+    python benchmarks/switch_ab.py --switch wgrad_stream --cases qwen3-30b-a3b:16384 glm-4.7-flash:16384
     python benchmarks/switch_ab.py --tiny      # toy sizes on CPU through the Triton interpreter (no direct path)
 """
 
@@ -57,8 +61,10 @@ SWITCHES = {  # name: (environment variable or module flag, (the way with it "0"
     "gluon": ("MOETUNE_TRITON_GLUON", ("triton", "gluon")),
     "sum": ("moetune.experts.backends.triton.SUM_KERNEL", ("torch", "kernel")),
     "wgrad_split": ("moetune.kernels.grouped_wgrad.SPLIT_ROWS", ("one_program", "split")),
+    "wgrad_stream": ("moetune.experts.backends.triton.WGRAD_SIDE_STREAM", ("one_stream", "side_stream")),
 }
 NOT_BITWISE = {"sum", "wgrad_split"}  # switches whose two ways may round differently
+SAME_LAUNCHES = NOT_BITWISE | {"wgrad_stream"}  # switches that change no GEMM launch (--launches would time it twice)
 NOT_BITWISE_TOLERANCE = 1e-3  # a last-bit difference in some bf16 elements moves a norm by far less
 
 
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
     args = harness.parse_gpu_args(parser, argv)
     cases = harness.parse_cases(parser, args.cases)
     launch_cases = harness.parse_cases(parser, args.launches, "--launches")
-    if launch_cases and args.switch in NOT_BITWISE:
+    if launch_cases and args.switch in SAME_LAUNCHES:
         parser.error(f"--launches: the {args.switch!r} switch changes no GEMM launch; time its blocks (--cases)")
     if args.tiny:
         cases, launch_cases, args.rounds, args.repeat = [(name, 37) for name, _ in cases], [], 1, 1

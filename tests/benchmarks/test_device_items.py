@@ -78,6 +78,14 @@ def test_each_item_runs_its_script_and_names_its_files_by_run_and_gpu(checkout):
     assert log[0].startswith("# run90a, NVIDIA H100 80GB HBM3, 20")
 
 
+def test_a_switch_runs_both_ways_on_the_issues_blocks(checkout):
+    result, calls = run_items(checkout, "91a", "switch:wgrad_stream")
+    assert result.returncode == 0, result.stderr
+    out = checkout[0].parent / "out"
+    assert calls == [f"benchmarks/switch_ab.py --switch wgrad_stream --cases qwen3-30b-a3b:16384 qwen3-30b-a3b:4096 "
+                     f"gpt-oss-20b:16384 glm-4.7-flash:16384 --out {out}/switch-wgrad_stream-run91a-H100.json"]
+
+
 def test_suite_parts_split_the_kernel_tests_between_them(checkout):
     result, calls = run_items(checkout, "90b", "suite:d:60", "suite:e", "suite:f", "suite:g:500", "suite:c")
     assert result.returncode == 0, result.stderr
@@ -105,6 +113,7 @@ def test_failed_items_are_counted_and_the_later_ones_still_run(checkout):
     (["90d", "qwen3-30b-a3b:66:maybe"], "item 'qwen3-30b-a3b:66:maybe': expected suite:"),
     (["90d", "routing:llama:8:16384"], "item 'routing:llama:8:16384': expected routing:MODEL:LAYERS:SEQ"),
     (["90d", "experts:now"], "item 'experts:now': takes no arguments"),
+    (["90d", "switch:fast"], "item 'switch:fast': expected switch:NAME, NAME one of direct persistent"),
     (["9 0", "experts"], "RUN: expected letters and digits (e.g. 90a), got '9 0'"),
     (["90d"], "usage: bash benchmarks/device_items.sh RUN ITEM"),
 ])

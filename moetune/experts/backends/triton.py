@@ -24,6 +24,10 @@ Backward:
     dB1, dA1    = (d_gu x su1), (sv1 x x[token])
 No base-weight gradient is computed.
 
+On a GPU the four LoRA weight gradients (bandwidth-bound reductions, ~0.5 ms at Qwen3 16K) run on a second stream
+(side_stream.py), beside the compute-bound dx GEMM and the sum over k that follow them on the block's own stream;
+the two streams join before backward returns.
+
 The LoRA inputs su1, su2, sv2, sv1 are read by the next GEMM only: grouped_gemm's lora_u_weight may accumulate each
 in that GEMM's main loop, from the A tiles it loads anyway, instead of a launch of its own (one pass over x or d_out
 gathered, h or d_gu, fewer; R more columns of MMA). Which way is faster depends on the launch and shape (run 48), so
@@ -40,11 +44,17 @@ from packaging.version import Version
 
 from ... import saved_tensors
 from ..lora import cast_factors, grads_in, refuse_create_graph
+from . import side_stream
 
 # The sums over k by moetune's kernel (False: torch's `sum(dim=1)`; `switch_ab.py --switch sum` times both). Both
 # sum in fp32 and round once, the kernel in slot order; torch's reduction read [T, 4, H] bf16 at ~2.2 TB/s on an
 # H100 (run 57e).
 SUM_KERNEL = True
+
+# The LoRA weight gradients on a second stream, beside the dx GEMM (False: all on the block's stream, one after
+# another; `switch_ab.py --switch wgrad_stream` times both; the same kernels in the same order on their stream, so
+# the same bits).
+WGRAD_SIDE_STREAM = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,25 +153,29 @@ class TritonExpertsFunction(torch.autograd.Function):
             d_out, down, a_index=plan.token_S, gu=gu, row_scale=w_S,
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
         )
+        side = side_stream.SideStream(d_out, enabled=WGRAD_SIDE_STREAM)
+        with side.work():  # everything these read is made above (su2 and su1 in forward, sv2 by the last launch)
+            if A2 is not None:
+                if need[9]:
+                    dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
+                if need[8]:
+                    dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
+            if A1 is not None and need[7]:
+                dB1 = grouped_wgrad(d_gu, su1, **common)
         if need[1]:
             d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
-        if A2 is not None:
-            if need[9]:
-                dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
-            if need[8]:
-                dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
 
         sv1, lora1 = None, {}
         if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
             sv1, lora1 = _lora_input(d_gu, B1, A1, s, need[0], common)
         if need[0]:
             dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
-            d_x = _sum_over_k(dx_pairs.view(T, K, -1))
-        if A1 is not None:
-            if need[7]:
-                dB1 = grouped_wgrad(d_gu, su1, **common)
-            if need[6]:
+        if A1 is not None and need[6]:
+            with side.work():  # after the dx GEMM, which writes sv1 from its main loop
                 dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **common)
+        if need[0]:
+            d_x = _sum_over_k(dx_pairs.view(T, K, -1))
+        side.join()
 
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)

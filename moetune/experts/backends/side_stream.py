@@ -1,0 +1,54 @@
+"""A second CUDA stream for work off a block's critical path, overlapped with the kernels on its own stream.
+
+The triton backward's LoRA weight gradients are bandwidth-bound reductions (~0.5 ms of a 7 ms Qwen3 16K block);
+the dx GEMM beside them is compute-bound. On one stream they run one after the other; on two, the GPU can run the
+reductions' programs while the GEMM's run.
+
+Memory safety without record_stream: every `work()` first makes the side stream wait for everything its caller's
+stream has issued so far, and `join()` makes the caller's stream wait for the side stream before backward returns.
+So a tensor of the caller's stream freed after the join is reused only by work issued after the side stream's
+reads; and a tensor allocated on the side stream (a gradient, a partial-sum slab) is allocated after a fork that
+follows every earlier use of the memory it may reuse. Under CUDA graph capture the fork makes the side stream
+part of the same capture, and the join brings it back before the capture ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    # One per GPU for the process: kernels of successive blocks on it stay in order (grouped_wgrad's arrival
+    # counters are shared in stream order).
+    return torch.cuda.Stream(device=device_index)
+
+
+class SideStream:
+    """`with side.work(): ...` issues its launches on the device's side stream (or, off a GPU or when not
+    `enabled`, where they would have run anyway); `side.join()` must follow before the caller's tensors are freed."""
+
+    def __init__(self, reference: torch.Tensor, enabled: bool = True):
+        self.enabled = enabled and reference.is_cuda
+        self.forked = False
+        if self.enabled:
+            self.main = torch.cuda.current_stream(reference.device)
+            self.side = _side_stream(reference.device.index)
+
+    @contextlib.contextmanager
+    def work(self):
+        if not self.enabled:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        self.forked = True
+        with torch.cuda.stream(self.side):
+            yield
+
+    def join(self) -> None:
+        if self.forked:
+            self.main.wait_stream(self.side)
+            self.forked = False
