@@ -34,8 +34,11 @@ class _Recorder:
         self.log.append(("side stream", enabled))
         return self
 
+    def mark(self):
+        return None
+
     @contextlib.contextmanager
-    def work(self):
+    def work(self, after=None):
         self.log.append("fork")
         yield
         self.log.append("back")
@@ -85,6 +88,15 @@ def test_triton_on_one_stream_matches_float64_too(case_id, monkeypatch):
     check_against_reference(CASES[case_id], torch.float32, "triton")
 
 
+@pytest.mark.parametrize("case_id", ["typical", "one_expert_takes_all", "lora_down_only"])
+def test_triton_with_those_issued_after_the_dx_gemm_matches_float64(case_id, monkeypatch):
+    """WGRAD_AFTER_DX (switch_ab.py's wgrad_order): dB2, dA2 and dB1 issued after the dx GEMM."""
+    if "triton" not in available_backends("cpu", torch.float32):
+        pytest.skip("no Triton that can run here")
+    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", True)
+    check_against_reference(CASES[case_id], torch.float32, "triton")
+
+
 def _gpu_triton():
     if not torch.cuda.is_available() or "triton" not in available_backends("cuda", torch.bfloat16):
         pytest.skip("needs a CUDA GPU with the triton backend")
@@ -123,7 +135,8 @@ def test_side_stream_gives_the_same_bits_as_one_stream_on_gpu(monkeypatch):
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", False)
     one = _grads(problem)
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
-    for _ in range(3):
+    for after_dx in (False, True, False, True):
+        monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
         two = _grads(problem)
         assert all(torch.equal(a, b) for a, b in zip(one, two))
 

@@ -38,12 +38,27 @@ class SideStream:
             self.main = torch.cuda.current_stream(reference.device)
             self.side = _side_stream(reference.device.index)
 
+    def mark(self) -> torch.cuda.Event | None:
+        """The caller's stream's present point, for a later `work(after=...)` to start from."""
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.main)
+        return event
+
     @contextlib.contextmanager
-    def work(self):
+    def work(self, after: torch.cuda.Event | None = None):
+        """Launches inside run on the side stream after everything the caller's stream has issued so far, or
+        (after: a mark()) only after what it had issued by then: work issued later on the host that need not wait
+        for launches made since. Its allocations may then reuse memory that the side stream's own tensors held and
+        that was freed since the mark: none is, inside a block's backward."""
         if not self.enabled:
             yield
             return
-        self.side.wait_stream(self.main)
+        if after is None:
+            self.side.wait_stream(self.main)
+        else:
+            self.side.wait_event(after)
         self.forked = True
         with torch.cuda.stream(self.side):
             yield
