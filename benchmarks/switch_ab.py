@@ -68,7 +68,8 @@ SWITCHES = {  # name: (environment variable or module flag, (the way with it "0"
     "wgrad_order": ("moetune.experts.backends.triton.WGRAD_AFTER_DX", ("before_dx", "after_dx")),
 }
 NOT_BITWISE = {"sum", "wgrad_split"}  # switches whose two ways may round differently
-SAME_LAUNCHES = NOT_BITWISE | {"wgrad_stream", "wgrad_order"}  # switches that change no GEMM launch (--launches would time it twice)
+# switches that change no GEMM launch (--launches would time the same launches twice)
+SAME_LAUNCHES = NOT_BITWISE | {"wgrad_stream", "wgrad_order"}
 NOT_BITWISE_TOLERANCE = 1e-3  # a last-bit difference in some bf16 elements moves a norm by far less
 
 

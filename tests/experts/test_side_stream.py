@@ -55,6 +55,7 @@ def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_strea
 
     log = []
     monkeypatch.setattr(side_stream, "SideStream", _Recorder(log))
+    monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
     for name in ("grouped_gemm", "grouped_wgrad"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name, **kw: log.append(_n) or _k(*a, **kw))
@@ -142,10 +143,33 @@ def test_side_stream_gives_the_same_bits_as_one_stream_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_side_stream_inside_a_captured_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("after_dx", [False, True], ids=["before_dx", "after_dx"])
+def test_the_side_stream_waits_for_what_it_reads_on_gpu(after_dx, monkeypatch):
+    """Every GEMM launch of the block's stream held back by a sleep: a wgrad launch that did not wait for the
+    launch writing its input (d_gu, sv2, sv1) would read the memory's stale contents, here another problem's."""
+    _gpu_triton()
+    from moetune import kernels
+
+    problem, other = (make_problem(GPU_CASE, torch.bfloat16, device="cuda", seed=seed) for seed in (6, 7))
+    monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", False)
+    one = _grads(problem)
+    monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
+    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
+    gemm = kernels.grouped_gemm
+    monkeypatch.setattr(kernels, "grouped_gemm", lambda *a, **kw: torch.cuda._sleep(20_000_000) or gemm(*a, **kw))
+    for _ in range(2):
+        _grads(other)
+        two = _grads(problem)
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("after_dx", [False, True], ids=["before_dx", "after_dx"])
+def test_side_stream_inside_a_captured_cuda_graph(after_dx, monkeypatch):
     """The fork and join inside a capture: the replay gives the eager step's bits, with new inputs copied in."""
     _gpu_triton()
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
+    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
     problem = make_problem(GPU_CASE, torch.bfloat16, device="cuda", seed=4)
     (x, ids, w, gate_up, down), kwargs, grad_out = problem
     names, inputs = differentiable((x, ids, w, gate_up, down), kwargs)

@@ -22,8 +22,7 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def _side_stream(device_index: int) -> torch.cuda.Stream:
-    # One per GPU for the process: kernels of successive blocks on it stay in order (grouped_wgrad's arrival
-    # counters are shared in stream order).
+    # One per GPU for the process, made at the first backward (eager: before any CUDA graph capture).
     return torch.cuda.Stream(device=device_index)
 
 

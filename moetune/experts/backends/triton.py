@@ -54,7 +54,7 @@ SUM_KERNEL = True
 # The LoRA weight gradients on a second stream, beside the dx GEMM (False: all on the block's stream, one after
 # another; `switch_ab.py --switch wgrad_stream` times both; the same kernels in the same order on their stream, so
 # the same bits).
-WGRAD_SIDE_STREAM = True
+WGRAD_SIDE_STREAM = False
 # Issue the first three of them (dB2, dA2, dB1) on the host after the dx GEMM rather than before it; on the side
 # stream they still wait only for the down projection's backward. Which the GPU's scheduler starts first when both
 # become ready is its own choice (`switch_ab.py --switch wgrad_order` times both). On one stream: after it.
@@ -158,37 +158,39 @@ class TritonExpertsFunction(torch.autograd.Function):
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
         )
         side = side_stream.SideStream(d_out, enabled=WGRAD_SIDE_STREAM)
-        ready = side.mark()  # everything dB2, dA2, dB1 read is made (su2 and su1 in forward, sv2 by the last launch)
+        try:  # joined even if a launch fails: nothing freed below may still be read on the side stream
+            ready = side.mark()  # everything dB2, dA2, dB1 read is made (su2 and su1 in forward, sv2 by the last launch)
 
-        def first_wgrads():
-            nonlocal dB1, dA2, dB2
-            with side.work(after=ready):
-                if A2 is not None:
-                    if need[9]:
-                        dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
-                    if need[8]:
-                        dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
-                if A1 is not None and need[7]:
-                    dB1 = grouped_wgrad(d_gu, su1, **common)
+            def first_wgrads():
+                nonlocal dB1, dA2, dB2
+                with side.work(after=ready):
+                    if A2 is not None:
+                        if need[9]:
+                            dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
+                        if need[8]:
+                            dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
+                    if A1 is not None and need[7]:
+                        dB1 = grouped_wgrad(d_gu, su1, **common)
 
-        if not WGRAD_AFTER_DX:
-            first_wgrads()
-        if need[1]:
-            d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
+            if not WGRAD_AFTER_DX:
+                first_wgrads()
+            if need[1]:
+                d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
 
-        sv1, lora1 = None, {}
-        if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
-            sv1, lora1 = _lora_input(d_gu, B1, A1, s, need[0], common)
-        if need[0]:
-            dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
-        if WGRAD_AFTER_DX:
-            first_wgrads()
-        if A1 is not None and need[6]:
-            with side.work():  # after the dx GEMM, which writes sv1 from its main loop
-                dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **common)
-        if need[0]:
-            d_x = _sum_over_k(dx_pairs.view(T, K, -1))
-        side.join()
+            sv1, lora1 = None, {}
+            if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
+                sv1, lora1 = _lora_input(d_gu, B1, A1, s, need[0], common)
+            if need[0]:
+                dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
+            if WGRAD_AFTER_DX:
+                first_wgrads()
+            if A1 is not None and need[6]:
+                with side.work():  # after the dx GEMM, which writes sv1 from its main loop
+                    dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **common)
+            if need[0]:
+                d_x = _sum_over_k(dx_pairs.view(T, K, -1))
+        finally:
+            side.join()
 
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
