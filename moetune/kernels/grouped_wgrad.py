@@ -26,6 +26,7 @@ launch per backward, memoised on the counts.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -165,7 +166,13 @@ def _wgrad_candidates(M: int, N: int, many_rows: bool) -> tuple[dict, ...]:
     return tuple(c for i, c in enumerate(candidates) if c not in candidates[:i])
 
 
-def grouped_wgrad(
+def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor, **kwargs) -> torch.Tensor:
+    """[E, M, N] per-expert sums of outer products over the expert's rows (see module docstring and wgrad_launch,
+    which takes the same arguments)."""
+    return wgrad_launch(a, b, offsets_E, **kwargs)()
+
+
+def wgrad_launch(
     a: torch.Tensor,
     b: torch.Tensor,
     offsets_E: torch.Tensor,
@@ -180,8 +187,13 @@ def grouped_wgrad(
     out_dtype: torch.dtype = torch.float32,
     counts_E: torch.Tensor | None = None,
     config: dict | None = None,
-) -> torch.Tensor:
-    """[E, M, N] per-expert sums of outer products over the expert's rows (see module docstring).
+) -> Callable[[], torch.Tensor]:
+    """grouped_wgrad in two steps. This one checks the operands and, on the current stream, allocates the result and
+    the partials' slab, makes the chunk schedule and the arrival counters, and picks the config (tuning it the first
+    time, on these operands); the function it returns launches the kernel on the stream current then, and returns
+    the result. So a launch meant for a side stream takes nothing from that stream's memory pool, which the caching
+    allocator keeps apart (the result is a gradient, kept well past the launch); the caller keeps the function, and
+    with it the slab, until its stream has waited for the side stream.
 
     counts_E: the rows per expert (the routing plan's), where the caller has them: saves their difference of
     offsets_E. config: one of wgrad_candidates(...) to use instead of the tuned one (tests, benchmarks)."""
@@ -209,9 +221,11 @@ def grouped_wgrad(
     partials = torch.empty(2 * cdiv(num_rows, rows), M, N, device=a.device, dtype=torch.float32) if split else out
     dummy = out
 
+    def counters(blocks: dict) -> torch.Tensor:
+        return arrival_counters(rows_E, E * cdiv(M, blocks["BLOCK_M"]) * cdiv(N, blocks["BLOCK_N"]))
+
     def launch(blocks: dict):
         m_blocks, n_blocks = cdiv(M, blocks["BLOCK_M"]), cdiv(N, blocks["BLOCK_N"])
-        arrived = arrival_counters(rows_E, E * m_blocks * n_blocks) if split else schedule
         launch_kernel(
             grouped_wgrad_kernel, (units * m_blocks, n_blocks),
             a, a.stride(0), a.stride(1),
@@ -221,7 +235,7 @@ def grouped_wgrad(
             scale if scale is not None else dummy,
             offsets_E, schedule, rows,
             out, out.stride(0), out.stride(1), out.stride(2),
-            partials, arrived,
+            partials, counters(blocks) if split else schedule,
             M, N, E, float(alpha), float(act[1]), float(act[2]),
             HAS_A_INDEX=a_index is not None, HAS_B_INDEX=b_index is not None, HAS_SCALE=scale is not None,
             B_ACT=b_act is not None, ACT=act[0], INTERLEAVED=interleaved, DOT_PRECISION=dot_precision(a.dtype),
@@ -233,8 +247,16 @@ def grouped_wgrad(
     # expert) is the same, so the picks cached on disk still apply, and a GPU does not tune again for the split.
     key = (a_index is not None, b_index is not None, b_act is not None, interleaved, M, N, str(a.dtype),
            next_power_of_2(max(1, num_rows // E)), num_rows >= 64 * E)
-    launch(config if config is not None else autotune.pick("grouped_wgrad", key, candidates, launch, a.device, num_rows))
-    return out
+    chosen = config if config is not None else autotune.pick("grouped_wgrad", key, candidates, launch, a.device,
+                                                             num_rows)
+    if split:
+        counters(chosen)  # made here, on this stream, if not yet
+
+    def run() -> torch.Tensor:
+        launch(chosen)
+        return out
+
+    return run
 
 
 # Chunks of twice the mean rows per expert rounded up to a power of two (2-4x the mean): where routing is even every

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ def test_off_a_gpu_the_side_stream_is_the_callers():
 
 
 class _Recorder:
-    """Stands in for SideStream: notes which kernel launches a backward issues inside work()."""
+    """Stands in for SideStream: notes the mark, the forks and the join among a backward's launches."""
 
     def __init__(self, log):
         self.log = log
@@ -35,11 +37,12 @@ class _Recorder:
         return self
 
     def mark(self):
-        return None
+        self.log.append("mark")
+        return "marked"
 
     @contextlib.contextmanager
     def work(self, after=None):
-        self.log.append("fork")
+        self.log.append(("fork", after))
         yield
         self.log.append("back")
 
@@ -47,8 +50,16 @@ class _Recorder:
         self.log.append("join")
 
 
-@pytest.mark.parametrize("case_id", ["typical", "lora_down_only", "lora_gate_up_only", "no_lora"])
-def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_stream(case_id, monkeypatch):
+WGRADS = {"typical": ["dB2", "dA2", "dB1", "dA1"], "lora_down_only": ["dB2", "dA2"],
+          "lora_gate_up_only": ["dB1", "dA1"], "no_lora": []}
+
+
+@pytest.mark.parametrize("after_dx", [False, True], ids=["before_dx", "after_dx"])
+@pytest.mark.parametrize("case_id", list(WGRADS))
+def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_stream(case_id, after_dx, monkeypatch):
+    """The order a backward issues its work in, each launch's stream, and what each fork waits for: the first three
+    wgrad launches are prepared (allocated, tuned) on the block's stream before the mark that follows the down
+    projection's backward, and wait for that mark; dA1 waits for everything before it (the dx GEMM writes sv1)."""
     if "triton" not in available_backends("cpu", torch.float32):
         pytest.skip("no Triton that can run here")
     from moetune import kernels
@@ -56,37 +67,44 @@ def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_strea
     log = []
     monkeypatch.setattr(side_stream, "SideStream", _Recorder(log))
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
-    for name in ("grouped_gemm", "grouped_wgrad"):
-        kernel = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name, **kw: log.append(_n) or _k(*a, **kw))
-    case = CASES[case_id]
+    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
+    grouped_wgrad = importlib.import_module("moetune.kernels.grouped_wgrad")  # (the package's name is the function)
+    kernel = kernels.grouped_gemm
+    monkeypatch.setattr(kernels, "grouped_gemm", lambda *a, **kw: log.append("gemm") or kernel(*a, **kw))
+    prepare = grouped_wgrad.wgrad_launch
+
+    def wgrad_launch(a, b, offsets_E, **kw):  # named by its operands' shapes, logged where prepared and where run
+        name = {(32, 8): "dB2", (8, 48): "dA2", (48, 8): "dB1", (8, 32): "dA1"}[(a.shape[1], b.shape[1])]
+        log.append(("prepare", name))
+        launch = prepare(a, b, offsets_E, **kw)
+        return lambda: log.append(name) or launch()
+
+    monkeypatch.setattr(grouped_wgrad, "wgrad_launch", wgrad_launch)
+    case = CASES[case_id]  # (typical: H=32, I=24, r=8)
+    if case_id != "typical":
+        case = dataclasses.replace(CASES["typical"], lora_parts=case.lora_parts, r=None if case.r is None else 8)
     (x, ids, w, gate_up, down), kwargs, grad_out = make_problem(case, torch.float32)
     out = moe_experts(x, ids, w, gate_up, down, **kwargs, backend="triton")
     del log[:]
     out.backward(grad_out)
 
-    assert ("side stream", True) in log and log[-1] == "join"
-    inside, launches_inside, launches_outside = False, [], []
-    for entry in log[:-1]:
-        if entry in ("fork", "back"):
-            inside = entry == "fork"
-        elif entry in ("grouped_gemm", "grouped_wgrad"):
-            (launches_inside if inside else launches_outside).append(entry)
-    wgrads = {"typical": 4, "lora_down_only": 2, "lora_gate_up_only": 2, "no_lora": 0}[case_id]
-    assert launches_inside == ["grouped_wgrad"] * wgrads
-    assert "grouped_wgrad" not in launches_outside and "grouped_gemm" in launches_outside
-    if case_id in ("typical", "lora_gate_up_only"):  # dA1 reads sv1, which the dx GEMM writes: issued after it
-        last_fork = len(log) - 1 - log[::-1].index("fork")
-        assert "grouped_gemm" in log[1:last_fork][-3:]
-
-
-@pytest.mark.parametrize("case_id", ["typical", "T=1", "one_expert_takes_all", "lora_gate_up_only"])
-def test_triton_on_one_stream_matches_float64_too(case_id, monkeypatch):
-    """WGRAD_SIDE_STREAM off (switch_ab.py's other way): every launch on the block's stream."""
-    if "triton" not in available_backends("cpu", torch.float32):
-        pytest.skip("no Triton that can run here")
-    monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", False)
-    check_against_reference(CASES[case_id], torch.float32, "triton")
+    wgrads = WGRADS[case_id]
+    first, dA1 = [n for n in wgrads if n != "dA1"], "dA1" in wgrads
+    gemms = [i for i, entry in enumerate(log) if entry == "gemm"]  # the down backward, (sv1,) the dx GEMM
+    mark = log.index("mark")
+    assert gemms[0] < mark < gemms[-1] and log[-1] == "join"
+    assert [e[1] for e in log[:mark] if isinstance(e, tuple) and e[0] == "prepare"] == first
+    on_side, inside = [], None
+    for i, entry in enumerate(log):
+        if isinstance(entry, tuple) and entry[0] == "fork":
+            inside = entry[1]
+        elif entry == "back":
+            inside = None
+        elif entry in ("dB2", "dA2", "dB1", "dA1"):
+            on_side.append((entry, inside, i > gemms[-1]))
+    expected = [(name, "marked", after_dx) for name in first] + ([("dA1", None, True)] * dA1)
+    assert on_side == expected
+    assert all(entry != "gemm" for entry in log[log.index(("fork", "marked")):log.index("back")]) if first else True
 
 
 @pytest.mark.parametrize("case_id", ["typical", "one_expert_takes_all", "lora_down_only"])

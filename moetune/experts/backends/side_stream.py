@@ -4,12 +4,14 @@ The triton backward's LoRA weight gradients are bandwidth-bound reductions (~0.5
 the dx GEMM beside them is compute-bound. On one stream they run one after the other; on two, the GPU can run the
 reductions' programs while the GEMM's run.
 
-Memory safety without record_stream: every `work()` first makes the side stream wait for everything its caller's
-stream has issued so far, and `join()` makes the caller's stream wait for the side stream before backward returns.
-So a tensor of the caller's stream freed after the join is reused only by work issued after the side stream's
-reads; and a tensor allocated on the side stream (a gradient, a partial-sum slab) is allocated after a fork that
-follows every earlier use of the memory it may reuse. Under CUDA graph capture the fork makes the side stream
-part of the same capture, and the join brings it back before the capture ends.
+Memory: what runs on the side stream is allocated beforehand on the caller's stream (grouped_wgrad.wgrad_launch
+allocates, schedules and tunes; the function it returns only launches), for the caching allocator keeps each
+stream's freed blocks to that stream: gradients allocated on the side stream would, once freed, be memory the next
+forward cannot use. Safety without record_stream: a fork waits for the caller's stream at a point after those
+allocations (everything issued so far, or a mark() made after them), so the side stream touches them only after
+every earlier use of their memory; the caller keeps them (the launch functions hold the partial sums' slabs) until
+join() has made its stream wait for the side stream, and frees them only after. Under CUDA graph capture the fork
+makes the side stream part of the same capture, and the join brings it back before the capture ends.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ class SideStream:
     def work(self, after: torch.cuda.Event | None = None):
         """Launches inside run on the side stream after everything the caller's stream has issued so far, or
         (after: a mark()) only after what it had issued by then: work issued later on the host that need not wait
-        for launches made since. Its allocations may then reuse memory that the side stream's own tensors held and
-        that was freed since the mark: none is, inside a block's backward."""
+        for launches made since (what it writes must then be allocated before the mark)."""
         if not self.enabled:
             yield
             return

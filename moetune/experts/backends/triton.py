@@ -24,9 +24,9 @@ Backward:
     dB1, dA1    = (d_gu x su1), (sv1 x x[token])
 No base-weight gradient is computed.
 
-On a GPU the four LoRA weight gradients (bandwidth-bound reductions, ~0.5 ms at Qwen3 16K) run on a second stream
-(side_stream.py), beside the compute-bound dx GEMM and the sum over k that follow them on the block's own stream;
-the two streams join before backward returns.
+With WGRAD_SIDE_STREAM, on a GPU the four LoRA weight gradients (bandwidth-bound reductions, ~0.5 ms at Qwen3 16K)
+run on a second stream (side_stream.py), beside the compute-bound dx GEMM and the sum over k on the block's own
+stream; they are allocated and tuned on the block's stream first, and the two streams join before backward returns.
 
 The LoRA inputs su1, su2, sv2, sv1 are read by the next GEMM only: grouped_gemm's lora_u_weight may accumulate each
 in that GEMM's main loop, from the A tiles it loads anyway, instead of a launch of its own (one pass over x or d_out
@@ -139,7 +139,8 @@ class TritonExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         refuse_create_graph("triton")
-        from ...kernels import grouped_gemm, grouped_wgrad
+        from ...kernels import grouped_gemm
+        from ...kernels.grouped_wgrad import wgrad_launch
 
         x, topk_weights, gate_up, down, down_bias, A1, B1, A2, B2, gu, su1, su2, w_S, plan_buffer = \
             saved_tensors.load(ctx)
@@ -148,7 +149,7 @@ class TritonExpertsFunction(torch.autograd.Function):
         S, T, K = plan.num_rows, plan.num_tokens, plan.top_k
         common = dict(num_rows=S, offsets_E=plan.offsets_E, counts_E=plan.counts_E)
         d_out = d_out.to(x.dtype).contiguous()
-        dA1 = dB1 = dA2 = dB2 = d_weights = d_x = None
+        d_weights = d_x = None
 
         sv2, lora2 = None, {}
         if A2 is not None:
@@ -157,40 +158,45 @@ class TritonExpertsFunction(torch.autograd.Function):
             d_out, down, a_index=plan.token_S, gu=gu, row_scale=w_S,
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
         )
+        # The LoRA weight gradients that read only what exists now (su2 and su1 from forward, sv2 written by the last
+        # launch), prepared here: allocated, scheduled and tuned on this stream (wgrad_launch), launched below.
+        first = {}
+        if A2 is not None:
+            if need[9]:
+                first["dB2"] = wgrad_launch(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
+            if need[8]:
+                first["dA2"] = wgrad_launch(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
+        if A1 is not None and need[7]:
+            first["dB1"] = wgrad_launch(d_gu, su1, **common)
+        grads = {}  # (the launch functions keep their partials' slabs until backward returns, after the join)
         side = side_stream.SideStream(d_out, enabled=WGRAD_SIDE_STREAM)
+        ready = side.mark()
+
+        def launch_first():
+            with side.work(after=ready):
+                grads.update((name, launch()) for name, launch in first.items())
+
         try:  # joined even if a launch fails: nothing freed below may still be read on the side stream
-            ready = side.mark()  # everything dB2, dA2, dB1 read is made (su2 and su1 in forward, sv2 by the last launch)
-
-            def first_wgrads():
-                nonlocal dB1, dA2, dB2
-                with side.work(after=ready):
-                    if A2 is not None:
-                        if need[9]:
-                            dB2 = grouped_wgrad(d_out, su2, a_index=plan.token_S, scale=w_S, **common)
-                        if need[8]:
-                            dA2 = grouped_wgrad(sv2, gu, b_act=code, interleaved=interleaved, scale=w_S, **common)
-                    if A1 is not None and need[7]:
-                        dB1 = grouped_wgrad(d_gu, su1, **common)
-
             if not WGRAD_AFTER_DX:
-                first_wgrads()
+                launch_first()
             if need[1]:
                 d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
-
             sv1, lora1 = None, {}
             if A1 is not None:  # in the dgrad's main loop only if there is a dgrad (dA1 reads sv1 either way)
                 sv1, lora1 = _lora_input(d_gu, B1, A1, s, need[0], common)
             if need[0]:
                 dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
             if WGRAD_AFTER_DX:
-                first_wgrads()
+                launch_first()
             if A1 is not None and need[6]:
+                dA1_launch = wgrad_launch(sv1, x, b_index=plan.token_S, **common)
                 with side.work():  # after the dx GEMM, which writes sv1 from its main loop
-                    dA1 = grouped_wgrad(sv1, x, b_index=plan.token_S, **common)
+                    grads["dA1"] = dA1_launch()
             if need[0]:
                 d_x = _sum_over_k(dx_pairs.view(T, K, -1))
         finally:
             side.join()
+        dA1, dB1, dA2, dB2 = (grads.get(name) for name in ("dA1", "dB1", "dA2", "dB2"))
 
         lora_grads = grads_in((dA1, dB1, dA2, dB2), ctx.factor_dtypes)
         return (d_x, d_weights, None, None, None, None, *lora_grads, None, None, None, None, None)
