@@ -20,8 +20,8 @@ Switches (environment variables read at each launch):
   backward on the block's own stream after the dx GEMM, or on a second stream beside it (ways "one_stream" and
   "side_stream"); the same kernels in the same order on their stream, so bitwise the same.
 - wgrad_order: the triton backend's WGRAD_AFTER_DX. The first three of those launches issued by the host before the
-  dx GEMM or after it (ways "before_dx" and "after_dx"); on the side stream either way they wait only for the down
-  projection's backward.
+  dx GEMM or after it (ways "before_dx" and "after_dx"); on the side stream (MOETUNE_WGRAD_SIDE_STREAM=1 in the
+  environment) either way they wait only for the down projection's backward.
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a

@@ -54,7 +54,7 @@ SUM_KERNEL = True
 # The LoRA weight gradients on a second stream, beside the dx GEMM (False: all on the block's stream, one after
 # another; `switch_ab.py --switch wgrad_stream` times both; the same kernels in the same order on their stream, so
 # the same bits).
-WGRAD_SIDE_STREAM = False
+WGRAD_SIDE_STREAM = os.environ.get("MOETUNE_WGRAD_SIDE_STREAM", "0") == "1"
 # Issue the first three of them (dB2, dA2, dB1) on the host after the dx GEMM rather than before it; on the side
 # stream they still wait only for the down projection's backward. Which the GPU's scheduler starts first when both
 # become ready is its own choice (`switch_ab.py --switch wgrad_order` times both). On one stream: after it.
