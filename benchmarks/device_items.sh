@@ -33,7 +33,7 @@ PARTS_D="launch rotary router_topk sigmoid_router_topk sum_over_k swiglu"
 PARTS_E="mla_inputs rms_norm shared_memory hopper_gemm"
 EVERY_CANDIDATE=every_candidate_config_in_bf16  # part g's tests (grouped_gemm's), left out of part f
 MODELS="qwen3-30b-a3b gpt-oss-20b glm-4.7-flash"
-SWITCHES="direct persistent gluon sum wgrad_split wgrad_stream wgrad_order"  # switch_ab.py's
+SWITCHES="direct persistent gluon sum wgrad_split wgrad_stream"  # switch_ab.py's
 SWITCH_CASES="qwen3-30b-a3b:16384 qwen3-30b-a3b:4096 gpt-oss-20b:16384 glm-4.7-flash:16384"
 
 check() {  # check ITEM: empty if well formed, else why not

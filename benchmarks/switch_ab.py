@@ -19,9 +19,6 @@ Switches (environment variables read at each launch):
 - wgrad_stream: the triton backend's WGRAD_SIDE_STREAM (a module flag). The four LoRA weight-gradient launches of a
   backward on the block's own stream after the dx GEMM, or on a second stream beside it (ways "one_stream" and
   "side_stream"); the same kernels in the same order on their stream, so bitwise the same.
-- wgrad_order: the triton backend's WGRAD_AFTER_DX. The first three of those launches issued by the host before the
-  dx GEMM or after it (ways "before_dx" and "after_dx"); on the side stream (MOETUNE_WGRAD_SIDE_STREAM=1 in the
-  environment) either way they wait only for the down projection's backward.
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a
@@ -65,11 +62,10 @@ SWITCHES = {  # name: (environment variable or module flag, (the way with it "0"
     "sum": ("moetune.experts.backends.triton.SUM_KERNEL", ("torch", "kernel")),
     "wgrad_split": ("moetune.kernels.grouped_wgrad.SPLIT_ROWS", ("one_program", "split")),
     "wgrad_stream": ("moetune.experts.backends.triton.WGRAD_SIDE_STREAM", ("one_stream", "side_stream")),
-    "wgrad_order": ("moetune.experts.backends.triton.WGRAD_AFTER_DX", ("before_dx", "after_dx")),
 }
 NOT_BITWISE = {"sum", "wgrad_split"}  # switches whose two ways may round differently
 # switches that change no GEMM launch (--launches would time the same launches twice)
-SAME_LAUNCHES = NOT_BITWISE | {"wgrad_stream", "wgrad_order"}
+SAME_LAUNCHES = NOT_BITWISE | {"wgrad_stream"}
 NOT_BITWISE_TOLERANCE = 1e-3  # a last-bit difference in some bf16 elements moves a norm by far less
 
 

@@ -49,14 +49,12 @@ def test_lora_input_ab_runs_every_way_in_the_interpreter(tmp_path):
 SWITCHED = {"direct": "MOETUNE_DIRECT_LAUNCH", "persistent": "MOETUNE_TRITON_PERSISTENT",
             "sum": "moetune.experts.backends.triton.SUM_KERNEL",
             "wgrad_split": "moetune.kernels.grouped_wgrad.SPLIT_ROWS",
-            "wgrad_stream": "moetune.experts.backends.triton.WGRAD_SIDE_STREAM",
-            "wgrad_order": "moetune.experts.backends.triton.WGRAD_AFTER_DX"}
+            "wgrad_stream": "moetune.experts.backends.triton.WGRAD_SIDE_STREAM"}
 
 
 @pytest.mark.parametrize("switch, ways", [("direct", ("triton", "direct")), ("persistent", ("one_tile", "persistent")),
                                           ("sum", ("torch", "kernel")), ("wgrad_split", ("one_program", "split")),
-                                          ("wgrad_stream", ("one_stream", "side_stream")),
-                                          ("wgrad_order", ("before_dx", "after_dx"))])
+                                          ("wgrad_stream", ("one_stream", "side_stream"))])
 def test_switch_ab_runs_both_ways_in_the_interpreter(tmp_path, switch, ways):
     """benchmarks/switch_ab.py: both ways of a switch give the same block (in the interpreter the direct way falls
     back to Triton's path and nothing is tuned; the script's comparison and output are what is checked here; the

@@ -14,7 +14,7 @@ from moetune.experts.backends import side_stream
 from moetune.experts.backends import triton as triton_backend
 
 from .cases import Case, differentiable, make_problem
-from .test_moe_experts import CASES, check_against_reference
+from .test_moe_experts import CASES
 
 
 def test_off_a_gpu_the_side_stream_is_the_callers():
@@ -27,7 +27,7 @@ def test_off_a_gpu_the_side_stream_is_the_callers():
 
 
 class _Recorder:
-    """Stands in for SideStream: notes the mark, the forks and the join among a backward's launches."""
+    """Stands in for SideStream: notes the forks and the join among a backward's launches."""
 
     def __init__(self, log):
         self.log = log
@@ -36,13 +36,9 @@ class _Recorder:
         self.log.append(("side stream", enabled))
         return self
 
-    def mark(self):
-        self.log.append("mark")
-        return "marked"
-
     @contextlib.contextmanager
-    def work(self, after=None):
-        self.log.append(("fork", after))
+    def work(self):
+        self.log.append("fork")
         yield
         self.log.append("back")
 
@@ -54,12 +50,11 @@ WGRADS = {"typical": ["dB2", "dA2", "dB1", "dA1"], "lora_down_only": ["dB2", "dA
           "lora_gate_up_only": ["dB1", "dA1"], "no_lora": []}
 
 
-@pytest.mark.parametrize("after_dx", [False, True], ids=["before_dx", "after_dx"])
 @pytest.mark.parametrize("case_id", list(WGRADS))
-def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_stream(case_id, after_dx, monkeypatch):
-    """The order a backward issues its work in, each launch's stream, and what each fork waits for: the first three
-    wgrad launches are prepared (allocated, tuned) on the block's stream before the mark that follows the down
-    projection's backward, and wait for that mark; dA1 waits for everything before it (the dx GEMM writes sv1)."""
+def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_stream(case_id, monkeypatch):
+    """The order a backward issues its work in and each launch's stream: the first three wgrad launches prepared
+    (allocated, tuned) on the block's stream after the down projection's backward, then forked; dA1 forked after the
+    dx GEMM (which writes sv1); no GEMM on the side stream."""
     if "triton" not in available_backends("cpu", torch.float32):
         pytest.skip("no Triton that can run here")
     from moetune import kernels
@@ -67,7 +62,6 @@ def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_strea
     log = []
     monkeypatch.setattr(side_stream, "SideStream", _Recorder(log))
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
-    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
     grouped_wgrad = importlib.import_module("moetune.kernels.grouped_wgrad")  # (the package's name is the function)
     kernel = kernels.grouped_gemm
     monkeypatch.setattr(kernels, "grouped_gemm", lambda *a, **kw: log.append("gemm") or kernel(*a, **kw))
@@ -91,29 +85,18 @@ def test_every_lora_weight_gradient_and_nothing_else_is_issued_on_the_side_strea
     wgrads = WGRADS[case_id]
     first, dA1 = [n for n in wgrads if n != "dA1"], "dA1" in wgrads
     gemms = [i for i, entry in enumerate(log) if entry == "gemm"]  # the down backward, (sv1,) the dx GEMM
-    mark = log.index("mark")
-    assert gemms[0] < mark < gemms[-1] and log[-1] == "join"
-    assert [e[1] for e in log[:mark] if isinstance(e, tuple) and e[0] == "prepare"] == first
-    on_side, inside = [], None
+    forks = [i for i, entry in enumerate(log) if entry == "fork"]
+    assert gemms[0] < forks[0] < gemms[-1] and log[-1] == "join"
+    assert [e[1] for e in log[:forks[0]] if isinstance(e, tuple) and e[0] == "prepare"] == first
+    on_side, inside = [], False
     for i, entry in enumerate(log):
-        if isinstance(entry, tuple) and entry[0] == "fork":
-            inside = entry[1]
-        elif entry == "back":
-            inside = None
+        if entry in ("fork", "back"):
+            inside = entry == "fork"
         elif entry in ("dB2", "dA2", "dB1", "dA1"):
             on_side.append((entry, inside, i > gemms[-1]))
-    expected = [(name, "marked", after_dx) for name in first] + ([("dA1", None, True)] * dA1)
-    assert on_side == expected
-    assert all(entry != "gemm" for entry in log[log.index(("fork", "marked")):log.index("back")]) if first else True
-
-
-@pytest.mark.parametrize("case_id", ["typical", "one_expert_takes_all", "lora_down_only"])
-def test_triton_with_those_issued_after_the_dx_gemm_matches_float64(case_id, monkeypatch):
-    """WGRAD_AFTER_DX (switch_ab.py's wgrad_order): dB2, dA2 and dB1 issued after the dx GEMM."""
-    if "triton" not in available_backends("cpu", torch.float32):
-        pytest.skip("no Triton that can run here")
-    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", True)
-    check_against_reference(CASES[case_id], torch.float32, "triton")
+        elif entry == "gemm":
+            assert not inside
+    assert on_side == [(name, True, False) for name in first] + [("dA1", True, True)] * dA1
 
 
 def _gpu_triton():
@@ -154,15 +137,13 @@ def test_side_stream_gives_the_same_bits_as_one_stream_on_gpu(monkeypatch):
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", False)
     one = _grads(problem)
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
-    for after_dx in (False, True, False, True):
-        monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
+    for _ in range(3):
         two = _grads(problem)
         assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("after_dx", [False, True], ids=["before_dx", "after_dx"])
-def test_the_side_stream_waits_for_what_it_reads_on_gpu(after_dx, monkeypatch):
+def test_the_side_stream_waits_for_what_it_reads_on_gpu(monkeypatch):
     """Every GEMM launch of the block's stream held back by a sleep: a wgrad launch that did not wait for the
     launch writing its input (d_gu, sv2, sv1) would read the memory's stale contents, here another problem's."""
     _gpu_triton()
@@ -172,7 +153,6 @@ def test_the_side_stream_waits_for_what_it_reads_on_gpu(after_dx, monkeypatch):
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", False)
     one = _grads(problem)
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
-    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
     gemm = kernels.grouped_gemm
     monkeypatch.setattr(kernels, "grouped_gemm", lambda *a, **kw: torch.cuda._sleep(20_000_000) or gemm(*a, **kw))
     for _ in range(2):
@@ -182,12 +162,10 @@ def test_the_side_stream_waits_for_what_it_reads_on_gpu(after_dx, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("after_dx", [False, True], ids=["before_dx", "after_dx"])
-def test_side_stream_inside_a_captured_cuda_graph(after_dx, monkeypatch):
+def test_side_stream_inside_a_captured_cuda_graph(monkeypatch):
     """The fork and join inside a capture: the replay gives the eager step's bits, with new inputs copied in."""
     _gpu_triton()
     monkeypatch.setattr(triton_backend, "WGRAD_SIDE_STREAM", True)
-    monkeypatch.setattr(triton_backend, "WGRAD_AFTER_DX", after_dx)
     problem = make_problem(GPU_CASE, torch.bfloat16, device="cuda", seed=4)
     (x, ids, w, gate_up, down), kwargs, grad_out = problem
     names, inputs = differentiable((x, ids, w, gate_up, down), kwargs)

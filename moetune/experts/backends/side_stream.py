@@ -8,7 +8,7 @@ Memory: what runs on the side stream is allocated beforehand on the caller's str
 allocates, schedules and tunes; the function it returns only launches), for the caching allocator keeps each
 stream's freed blocks to that stream: gradients allocated on the side stream would, once freed, be memory the next
 forward cannot use. Safety without record_stream: a fork waits for the caller's stream at a point after those
-allocations (everything issued so far, or a mark() made after them), so the side stream touches them only after
+allocations (everything issued so far), so the side stream touches them only after
 every earlier use of their memory; the caller keeps them (the launch functions hold the partial sums' slabs) until
 join() has made its stream wait for the side stream, and frees them only after. Under CUDA graph capture the fork
 makes the side stream part of the same capture, and the join brings it back before the capture ends.
@@ -39,26 +39,13 @@ class SideStream:
             self.main = torch.cuda.current_stream(reference.device)
             self.side = _side_stream(reference.device.index)
 
-    def mark(self) -> torch.cuda.Event | None:
-        """The caller's stream's present point, for a later `work(after=...)` to start from."""
-        if not self.enabled:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.main)
-        return event
-
     @contextlib.contextmanager
-    def work(self, after: torch.cuda.Event | None = None):
-        """Launches inside run on the side stream after everything the caller's stream has issued so far, or
-        (after: a mark()) only after what it had issued by then: work issued later on the host that need not wait
-        for launches made since (what it writes must then be allocated before the mark)."""
+    def work(self):
+        """Launches inside run on the side stream after everything the caller's stream has issued so far."""
         if not self.enabled:
             yield
             return
-        if after is None:
-            self.side.wait_stream(self.main)
-        else:
-            self.side.wait_event(after)
+        self.side.wait_stream(self.main)
         self.forked = True
         with torch.cuda.stream(self.side):
             yield

@@ -51,14 +51,11 @@ from . import side_stream
 # H100 (run 57e).
 SUM_KERNEL = True
 
-# The LoRA weight gradients on a second stream, beside the dx GEMM (False: all on the block's stream, one after
-# another; `switch_ab.py --switch wgrad_stream` times both; the same kernels in the same order on their stream, so
-# the same bits).
+# MOETUNE_WGRAD_SIDE_STREAM=1: the LoRA weight gradients on a second stream, beside the dx GEMM (off: all on the
+# block's stream; the same kernels in the same order on their stream, so the same bits). Off by default: it measured
+# no faster on an H100 (run 91, `switch_ab.py --switch wgrad_stream`, 7 alternating rounds: Qwen3 16K median 7.68
+# ms both ways, GLM 16K 7.17 against 7.05), nor with those launches issued after the dx GEMM (run 91b).
 WGRAD_SIDE_STREAM = os.environ.get("MOETUNE_WGRAD_SIDE_STREAM", "0") == "1"
-# Issue the first three of them (dB2, dA2, dB1) on the host after the dx GEMM rather than before it; on the side
-# stream they still wait only for the down projection's backward. Which the GPU's scheduler starts first when both
-# become ready is its own choice (`switch_ab.py --switch wgrad_order` times both). On one stream: after it.
-WGRAD_AFTER_DX = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +156,8 @@ class TritonExpertsFunction(torch.autograd.Function):
             epilogue=2, act=code, interleaved=interleaved, **lora2, **common,
         )
         # The LoRA weight gradients that read only what exists now (su2 and su1 from forward, sv2 written by the last
-        # launch), prepared here: allocated, scheduled and tuned on this stream (wgrad_launch), launched below.
+        # launch): allocated, scheduled and tuned on this stream (wgrad_launch), then launched, on the side stream
+        # if it is on.
         first = {}
         if A2 is not None:
             if need[9]:
@@ -170,15 +168,9 @@ class TritonExpertsFunction(torch.autograd.Function):
             first["dB1"] = wgrad_launch(d_gu, su1, **common)
         grads = {}  # (the launch functions keep their partials' slabs until backward returns, after the join)
         side = side_stream.SideStream(d_out, enabled=WGRAD_SIDE_STREAM)
-        ready = side.mark()
-
-        def launch_first():
-            with side.work(after=ready):
-                grads.update((name, launch()) for name, launch in first.items())
-
         try:  # joined even if a launch fails: nothing freed below may still be read on the side stream
-            if not WGRAD_AFTER_DX:
-                launch_first()
+            with side.work():
+                grads.update((name, launch()) for name, launch in first.items())
             if need[1]:
                 d_weights = plan.routing_weight_grad(dots_S, d_out, down_bias, topk_weights.dtype)
             sv1, lora1 = None, {}
@@ -186,8 +178,6 @@ class TritonExpertsFunction(torch.autograd.Function):
                 sv1, lora1 = _lora_input(d_gu, B1, A1, s, need[0], common)
             if need[0]:
                 dx_pairs = grouped_gemm(d_gu, gate_up, out_index=plan.perm_S, **lora1, **common)
-            if WGRAD_AFTER_DX:
-                launch_first()
             if A1 is not None and need[6]:
                 dA1_launch = wgrad_launch(sv1, x, b_index=plan.token_S, **common)
                 with side.work():  # after the dx GEMM, which writes sv1 from its main loop
