@@ -16,9 +16,10 @@ Switches (environment variables read at each launch):
   route evenly (harness.make_routing), where the split leaves every expert one chunk: this measures what the split
   costs there (its schedule, counts and binary search); wgrad_split_ab.py measures uneven routings. Compared within
   NOT_BITWISE_TOLERANCE, as an expert past its chunk would sum its partials in another order.
-- wgrad_stream: the triton backend's WGRAD_SIDE_STREAM (a module flag). The four LoRA weight-gradient launches of a
-  backward on the block's own stream after the dx GEMM, or on a second stream beside it (ways "one_stream" and
-  "side_stream"); the same kernels in the same order on their stream, so bitwise the same.
+- wgrad_stream: the triton backend's WGRAD_SIDE_STREAM (a module flag; MOETUNE_WGRAD_SIDE_STREAM=1 sets it at
+  import). The four LoRA weight-gradient launches of a backward on the block's own stream, or on a second stream
+  beside the dx GEMM (ways "one_stream" and "side_stream"); the same kernels in the same order on their stream, so
+  bitwise the same.
 
 This times the whole block forward + backward each way in rounds (the lent GPUs drift between calls), with the host
 time to issue a step, and with --launches each of the block's kernel launches alone (issued 50 times without a

@@ -7,11 +7,11 @@ reductions' programs while the GEMM's run.
 Memory: what runs on the side stream is allocated beforehand on the caller's stream (grouped_wgrad.wgrad_launch
 allocates, schedules and tunes; the function it returns only launches), for the caching allocator keeps each
 stream's freed blocks to that stream: gradients allocated on the side stream would, once freed, be memory the next
-forward cannot use. Safety without record_stream: a fork waits for the caller's stream at a point after those
-allocations (everything issued so far), so the side stream touches them only after
-every earlier use of their memory; the caller keeps them (the launch functions hold the partial sums' slabs) until
-join() has made its stream wait for the side stream, and frees them only after. Under CUDA graph capture the fork
-makes the side stream part of the same capture, and the join brings it back before the capture ends.
+forward cannot use. Safety without record_stream: a fork waits for everything the caller's stream has issued so
+far, those allocations' earlier uses included, so the side stream touches them only after every earlier use of
+their memory; the caller keeps them (the launch functions hold the partial sums' slabs) until join() has made its
+stream wait for the side stream, and frees them only after. Under CUDA graph capture the fork makes the side stream
+part of the same capture, and the join brings it back before the capture ends.
 """
 
 from __future__ import annotations
