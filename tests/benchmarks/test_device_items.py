@@ -86,6 +86,17 @@ def test_a_switch_runs_both_ways_on_the_issues_blocks(checkout):
                      f"gpt-oss-20b:16384 glm-4.7-flash:16384 --out {out}/switch-wgrad_stream-run91a-H100.json"]
 
 
+def test_its_switch_names_are_switch_abs(monkeypatch):
+    """The script checks a switch item before anything runs, from its own list: the list must be switch_ab.py's."""
+    import re
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import switch_ab
+
+    listed = re.search(r'^SWITCHES="([^"]*)"', (REPO / "benchmarks" / "device_items.sh").read_text(), re.M).group(1)
+    assert listed.split() == list(switch_ab.SWITCHES)
+
+
 def test_suite_parts_split_the_kernel_tests_between_them(checkout):
     result, calls = run_items(checkout, "90b", "suite:d:60", "suite:e", "suite:f", "suite:g:500", "suite:c")
     assert result.returncode == 0, result.stderr
